@@ -1,0 +1,344 @@
+//! Conversions between the protobuf contract and the domain. Incoming
+//! messages are checked here for what only the wire can get wrong (enum
+//! numbers, negative counts, missing required parts); everything else is
+//! the domain's to judge.
+
+use prost_types::Timestamp;
+
+use crate::{
+    fleet::{self, FieldViolation, FleetError, ServerView},
+    pb,
+};
+
+fn enum_violation(field: &str, value: i32) -> FieldViolation {
+    FieldViolation::new(field, format!("unknown or unspecified enum value {value}"))
+}
+
+fn non_negative(field: &str, value: i32, violations: &mut Vec<FieldViolation>) -> u32 {
+    u32::try_from(value).unwrap_or_else(|_| {
+        violations.push(FieldViolation::new(field, format!("must not be negative; got {value}")));
+        0
+    })
+}
+
+fn memory_from_pb(m: Option<pb::MemoryInfo>) -> Option<fleet::MemoryUsage> {
+    m.map(|m| fleet::MemoryUsage {
+        total_bytes: m.total_bytes,
+        used_bytes: m.used_bytes,
+    })
+}
+
+fn load_from_pb(l: Option<pb::CpuLoadAverage>) -> Option<fleet::LoadAverage> {
+    l.map(|l| fleet::LoadAverage {
+        one_minute: l.one_minute,
+        five_minutes: l.five_minutes,
+        fifteen_minutes: l.fifteen_minutes,
+    })
+}
+
+fn tags_from_pb(tags: Vec<pb::KeyValuePair>) -> Vec<fleet::Tag> {
+    tags.into_iter()
+        .map(|t| fleet::Tag {
+            key: t.key,
+            value: t.value,
+        })
+        .collect()
+}
+
+/// A registration request as the server id and the domain's description.
+pub fn registration_from_pb(
+    r: pb::RegisterServerRequest,
+) -> Result<(String, fleet::ServerDescription), FleetError> {
+    let mut v = Vec::new();
+    let host = r.host.unwrap_or_default();
+    let os = host.os.unwrap_or_default();
+    let family = fleet::OsFamily::parse(&os.family).unwrap_or_else(|| {
+        v.push(FieldViolation::new(
+            "Host.Os.Family",
+            format!("must be windows, linux or macos; got {:?}", os.family),
+        ));
+        fleet::OsFamily::Linux
+    });
+    let endpoints = r
+        .endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let protocol = match pb::Protocol::try_from(e.protocol) {
+                Ok(pb::Protocol::Unspecified) => fleet::Protocol::Unspecified,
+                Ok(pb::Protocol::Http) => fleet::Protocol::Http,
+                Ok(pb::Protocol::Quic) => fleet::Protocol::Quic,
+                Err(_) => {
+                    v.push(enum_violation(&format!("Endpoints[{i}].Protocol"), e.protocol));
+                    fleet::Protocol::Unspecified
+                }
+            };
+            let port = u16::try_from(e.port).unwrap_or_else(|_| {
+                v.push(FieldViolation::new(
+                    format!("Endpoints[{i}].Port"),
+                    format!("must be 0 to 65535; got {}", e.port),
+                ));
+                0
+            });
+            fleet::Endpoint {
+                ip_address: e.ip_address,
+                port,
+                protocol,
+                web_url_path: e.web_url_path,
+            }
+        })
+        .collect();
+    let cpu = host.cpu_info.unwrap_or_default();
+    let cpu_info = fleet::CpuInfo {
+        number_of_cpus: non_negative("Host.CpuInfo.NumberOfCpus", cpu.number_of_cpus, &mut v),
+        physical_cores_per_cpu: non_negative(
+            "Host.CpuInfo.PhysicalCoresPerCpu",
+            cpu.physical_cores_per_cpu,
+            &mut v,
+        ),
+        vendor: cpu.vendor,
+        model_name: cpu.model_name,
+        architecture: cpu.architecture,
+    };
+    let max_virtual_sessions = non_negative("MaxVirtualSessions", r.max_virtual_sessions, &mut v);
+    let max_concurrent_sessions_per_user = non_negative(
+        "MaxConcurrentSessionsPerUser",
+        r.max_concurrent_sessions_per_user,
+        &mut v,
+    );
+    if !v.is_empty() {
+        return Err(FleetError::InvalidArgument(v));
+    }
+    let description = fleet::ServerDescription {
+        ip: r.ip,
+        hostname: r.hostname,
+        default_dns_name: r.default_dns_name,
+        endpoints,
+        version: r.version,
+        agent_version: r.session_manager_agent_version,
+        host: fleet::HostInfo {
+            os: fleet::OsInfo {
+                family,
+                name: os.name,
+                version: os.version,
+                kernel_version: os.kernel_version,
+                build_number: os.build_number,
+            },
+            memory: memory_from_pb(host.memory).unwrap_or_default(),
+            swap: memory_from_pb(host.swap).unwrap_or_default(),
+            aws: host.aws.map(|a| fleet::AwsInfo {
+                region: a.region,
+                ec2_instance_type: a.ec2_instance_type,
+                ec2_instance_id: a.ec2_instance_id,
+                ec2_image_id: a.ec2_image_id,
+            }),
+            cpu_info,
+            cpu_load_average: load_from_pb(host.cpu_load_average).unwrap_or_default(),
+            gpus: host
+                .gpus
+                .into_iter()
+                .map(|g| fleet::Gpu {
+                    vendor: g.vendor,
+                    model_name: g.model_name,
+                })
+                .collect(),
+        },
+        tags: tags_from_pb(r.tags),
+        max_virtual_sessions,
+        max_concurrent_sessions_per_user,
+    };
+    Ok((r.server_id, description))
+}
+
+/// A heartbeat request as the server id and the domain's report.
+pub fn heartbeat_from_pb(h: pb::HeartbeatRequest) -> Result<(String, fleet::Heartbeat), FleetError> {
+    let mut v = Vec::new();
+    let sessions = h
+        .sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let kind = match pb::SessionType::try_from(s.r#type) {
+                Ok(pb::SessionType::Console) => fleet::SessionKind::Console,
+                Ok(pb::SessionType::Virtual) => fleet::SessionKind::Virtual,
+                _ => {
+                    v.push(enum_violation(&format!("Sessions[{i}].Type"), s.r#type));
+                    fleet::SessionKind::Console
+                }
+            };
+            let state = match pb::SessionState::try_from(s.state) {
+                Ok(pb::SessionState::Creating) => fleet::SessionState::Creating,
+                Ok(pb::SessionState::Ready) => fleet::SessionState::Ready,
+                Ok(pb::SessionState::Deleting) => fleet::SessionState::Deleting,
+                Ok(pb::SessionState::Deleted) => fleet::SessionState::Deleted,
+                Ok(pb::SessionState::Unknown) => fleet::SessionState::Unknown,
+                _ => {
+                    v.push(enum_violation(&format!("Sessions[{i}].State"), s.state));
+                    fleet::SessionState::Unknown
+                }
+            };
+            fleet::ReportedSession {
+                id: s.id,
+                owner: s.owner,
+                kind,
+                state,
+            }
+        })
+        .collect();
+    if !v.is_empty() {
+        return Err(FleetError::InvalidArgument(v));
+    }
+    Ok((
+        h.server_id,
+        fleet::Heartbeat {
+            dcv_server_healthy: h.dcv_server_healthy,
+            logged_in_users: h.logged_in_users.into_iter().map(|u| u.username).collect(),
+            sessions,
+            cpu_load_average: load_from_pb(h.cpu_load_average),
+            memory: memory_from_pb(h.memory),
+            swap: memory_from_pb(h.swap),
+        },
+    ))
+}
+
+/// The wire value of a failure code.
+pub fn failure_code_to_pb(code: fleet::FailureCode) -> pb::FailureCode {
+    match code {
+        fleet::FailureCode::ServerNotFound => pb::FailureCode::DcvServerNotFound,
+        fleet::FailureCode::HasRunningSessions => pb::FailureCode::DcvServerHasRunningSessions,
+        fleet::FailureCode::InvalidServerId => pb::FailureCode::InvalidServerId,
+        fleet::FailureCode::DuplicateServerId => pb::FailureCode::DuplicateServerId,
+        fleet::FailureCode::InvalidReason => pb::FailureCode::InvalidReason,
+    }
+}
+
+fn reason_to_pb(reason: fleet::Reason) -> pb::UnavailabilityReason {
+    match reason {
+        fleet::Reason::ServerClosed => pb::UnavailabilityReason::ServerClosed,
+        fleet::Reason::UnreachableAgent => pb::UnavailabilityReason::UnreachableAgent,
+        fleet::Reason::UnhealthyDcvServer => pb::UnavailabilityReason::UnhealthyDcvServer,
+        fleet::Reason::ExistingLoggedInUser => pb::UnavailabilityReason::ExistingLoggedInUser,
+        fleet::Reason::ServerFull => pb::UnavailabilityReason::ServerFull,
+    }
+}
+
+fn memory_to_pb(m: fleet::MemoryUsage) -> pb::MemoryInfo {
+    pb::MemoryInfo {
+        total_bytes: m.total_bytes,
+        used_bytes: m.used_bytes,
+    }
+}
+
+fn saturating_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A server as DescribeServers returns it.
+pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
+    let r = view.record;
+    let d = &r.description;
+    let h = &d.host;
+    let (consoles, virtuals) = r.session_counts();
+    pb::Server {
+        id: r.id.to_string(),
+        ip: d.ip.clone(),
+        hostname: d.hostname.clone(),
+        default_dns_name: d.default_dns_name.clone(),
+        endpoints: d
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint {
+                ip_address: e.ip_address.clone(),
+                port: i32::from(e.port),
+                protocol: match e.protocol {
+                    fleet::Protocol::Unspecified => pb::Protocol::Unspecified,
+                    fleet::Protocol::Http => pb::Protocol::Http,
+                    fleet::Protocol::Quic => pb::Protocol::Quic,
+                } as i32,
+                web_url_path: e.web_url_path.clone(),
+            })
+            .collect(),
+        version: d.version.clone(),
+        session_manager_agent_version: d.agent_version.clone(),
+        availability: if view.reasons.is_available() {
+            pb::Availability::Available
+        } else {
+            pb::Availability::Unavailable
+        } as i32,
+        unavailability_reason: view
+            .reasons
+            .primary()
+            .map_or(pb::UnavailabilityReason::Unspecified, reason_to_pb) as i32,
+        unavailability_reasons: view.reasons.iter().map(|r| reason_to_pb(r) as i32).collect(),
+        console_session_count: saturating_i32(consoles),
+        virtual_session_count: saturating_i32(virtuals),
+        host: Some(pb::Host {
+            os: Some(pb::Os {
+                family: h.os.family.as_str().to_string(),
+                name: h.os.name.clone(),
+                version: h.os.version.clone(),
+                kernel_version: h.os.kernel_version.clone(),
+                build_number: h.os.build_number.clone(),
+            }),
+            memory: Some(memory_to_pb(h.memory)),
+            swap: Some(memory_to_pb(h.swap)),
+            aws: h.aws.as_ref().map(|a| pb::Aws {
+                region: a.region.clone(),
+                ec2_instance_type: a.ec2_instance_type.clone(),
+                ec2_instance_id: a.ec2_instance_id.clone(),
+                ec2_image_id: a.ec2_image_id.clone(),
+            }),
+            cpu_info: Some(pb::CpuInfo {
+                vendor: h.cpu_info.vendor.clone(),
+                model_name: h.cpu_info.model_name.clone(),
+                architecture: h.cpu_info.architecture.clone(),
+                number_of_cpus: saturating_i32(h.cpu_info.number_of_cpus),
+                physical_cores_per_cpu: saturating_i32(h.cpu_info.physical_cores_per_cpu),
+            }),
+            cpu_load_average: Some(pb::CpuLoadAverage {
+                one_minute: h.cpu_load_average.one_minute,
+                five_minutes: h.cpu_load_average.five_minutes,
+                fifteen_minutes: h.cpu_load_average.fifteen_minutes,
+            }),
+            gpus: h
+                .gpus
+                .iter()
+                .map(|g| pb::Gpu {
+                    vendor: g.vendor.clone(),
+                    model_name: g.model_name.clone(),
+                })
+                .collect(),
+            logged_in_users: r
+                .logged_in_users
+                .iter()
+                .map(|u| pb::LoggedInUser { username: u.clone() })
+                .collect(),
+        }),
+        tags: d
+            .tags
+            .iter()
+            .cloned()
+            .chain(r.builtin_tags())
+            .map(|t| pb::KeyValuePair {
+                key: t.key,
+                value: t.value,
+            })
+            .collect(),
+        holds: r
+            .holds
+            .iter()
+            .map(|hold| pb::Hold {
+                kind: match hold.kind {
+                    fleet::HoldKind::Closed => pb::HoldKind::Closed,
+                } as i32,
+                actor: hold.actor.clone(),
+                creation_time: Some(Timestamp::from(hold.since)),
+                reason: hold.reason.clone(),
+            })
+            .collect(),
+        last_heartbeat_time: Some(Timestamp::from(r.last_seen_wall)),
+        registration_time: Some(Timestamp::from(r.registered_at)),
+        max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
+        max_concurrent_sessions_per_user: saturating_i32(d.max_concurrent_sessions_per_user),
+    }
+}

@@ -1,0 +1,132 @@
+//! The `Servers` gRPC service: CloseServers, OpenServers, DescribeServers.
+
+use tonic::{Request, Response, Status};
+
+use super::{ANONYMOUS_ACTOR, RequestId, convert};
+use crate::{
+    fleet::{CloseItem, DescribeQuery, Fleet},
+    pb::{self, servers_server::Servers},
+};
+
+/// The `Servers` service over a fleet.
+#[derive(Debug, Clone)]
+pub struct ServersApi {
+    fleet: Fleet,
+}
+
+impl ServersApi {
+    /// The service for `fleet`.
+    pub fn new(fleet: Fleet) -> Self {
+        ServersApi { fleet }
+    }
+}
+
+#[tonic::async_trait]
+impl Servers for ServersApi {
+    async fn close_servers(
+        &self,
+        request: Request<pb::CloseServersRequest>,
+    ) -> Result<Response<pb::CloseServersResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let servers = request.into_inner().servers;
+        let items: Vec<CloseItem> = servers
+            .iter()
+            .map(|s| CloseItem {
+                server_id: s.server_id.clone(),
+                force: s.force.unwrap_or(false),
+                reason: s.reason.clone(),
+            })
+            .collect();
+        let results = self.fleet.close_servers(&items, ANONYMOUS_ACTOR)?;
+        let mut response = pb::CloseServersResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (mut data, result) in servers.into_iter().zip(results) {
+            match result {
+                Ok(()) => response
+                    .successful_list
+                    .push(pb::CloseServerSuccessfulResponse {
+                        server_id: data.server_id,
+                    }),
+                Err(failure) => {
+                    // Echo Force explicitly, so JSON shows what was applied.
+                    data.force = Some(data.force.unwrap_or(false));
+                    response
+                        .unsuccessful_list
+                        .push(pb::CloseServerUnsuccessfulResponse {
+                            close_server_request_data: Some(data),
+                            failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        });
+                }
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "servers closed"
+        );
+        Ok(Response::new(response))
+    }
+
+    async fn open_servers(
+        &self,
+        request: Request<pb::OpenServersRequest>,
+    ) -> Result<Response<pb::OpenServersResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let servers = request.into_inner().servers;
+        let ids: Vec<String> = servers.iter().map(|s| s.server_id.clone()).collect();
+        let results = self.fleet.open_servers(&ids)?;
+        let mut response = pb::OpenServersResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in servers.into_iter().zip(results) {
+            match result {
+                Ok(()) => response
+                    .successful_list
+                    .push(pb::OpenServerSuccessfulResponse {
+                        server_id: data.server_id,
+                    }),
+                Err(failure) => response
+                    .unsuccessful_list
+                    .push(pb::OpenServerUnsuccessfulResponse {
+                        open_server_request_data: Some(data),
+                        failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                        failure_reason: failure.reason,
+                    }),
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "servers opened"
+        );
+        Ok(Response::new(response))
+    }
+
+    async fn describe_servers(
+        &self,
+        request: Request<pb::DescribeServersRequest>,
+    ) -> Result<Response<pb::DescribeServersResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        let query = DescribeQuery {
+            server_ids: r.server_ids,
+            next_token: r.next_token,
+            max_results: r.max_results,
+            filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
+        };
+        let mut servers = Vec::new();
+        let next_token = self
+            .fleet
+            .describe_servers(&query, |view| servers.push(convert::server_to_pb(view)))?;
+        tracing::debug!(servers = servers.len(), more = next_token.is_some(), "servers described");
+        Ok(Response::new(pb::DescribeServersResponse {
+            request_id,
+            servers,
+            next_token: next_token.unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,150 @@
+//! The broker binary's configuration: command-line flags, each with an
+//! environment-variable fallback, turned into a [`BrokerConfig`].
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+use crate::{BrokerConfig, fleet::FleetConfig};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// dcv-broker: a gRPC session broker for fleets of Amazon DCV servers.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Address to serve gRPC on. Only loopback addresses are allowed until
+    /// TLS exists, unless --allow-insecure-non-loopback is given.
+    #[arg(long, env = "DCV_BROKER_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+
+    /// Serve plaintext gRPC on a non-loopback address. Anyone who can reach
+    /// the port can then close every server: use only on a trusted network.
+    #[arg(long, env = "DCV_BROKER_ALLOW_INSECURE_NON_LOOPBACK")]
+    pub allow_insecure_non_loopback: bool,
+
+    /// Run N simulated DCV servers in-process (ids serverId1, dcv-0000001,
+    /// ...), for demos and load tests.
+    #[arg(long, env = "DCV_BROKER_DEMO_FLEET", default_value_t = 0, value_name = "N")]
+    pub demo_fleet: usize,
+
+    /// How often agents are asked to send heartbeats.
+    #[arg(long, env = "DCV_BROKER_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Heartbeat silence after which a server is UNAVAILABLE / UNREACHABLE_AGENT.
+    #[arg(long, env = "DCV_BROKER_UNREACHABLE_AFTER", default_value = "90s", value_parser = duration)]
+    pub unreachable_after: Duration,
+
+    /// Heartbeat silence after which an open server is forgotten. Closed
+    /// servers are never forgotten this way.
+    #[arg(long, env = "DCV_BROKER_REMOVE_AFTER", default_value = "1h", value_parser = duration)]
+    pub remove_after: Duration,
+
+    /// How often forgotten servers are swept in the background.
+    #[arg(long, env = "DCV_BROKER_SWEEP_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub sweep_interval: Duration,
+
+    /// How long a DescribeServers NextToken stays valid.
+    #[arg(long, env = "DCV_BROKER_PAGE_TOKEN_TTL", default_value = "1h", value_parser = duration)]
+    pub page_token_ttl: Duration,
+
+    /// Longest a request may run before it is cancelled ("0s": no limit).
+    #[arg(long, env = "DCV_BROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub request_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long to wait for open connections to finish.
+    #[arg(long, env = "DCV_BROKER_DRAIN_DEADLINE", default_value = "10s", value_parser = duration)]
+    pub drain_deadline: Duration,
+
+    /// Log format.
+    #[arg(long, env = "DCV_BROKER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (`debug` shows every
+    /// request).
+    #[arg(long, env = "DCV_BROKER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Args {
+    /// Checks the flags against each other.
+    pub fn check(&self) -> Result<(), String> {
+        check_listen(self.listen, self.allow_insecure_non_loopback)?;
+        if self.unreachable_after >= self.remove_after {
+            return Err(format!(
+                "--unreachable-after ({:?}) must be shorter than --remove-after ({:?})",
+                self.unreachable_after, self.remove_after
+            ));
+        }
+        if self.heartbeat_interval.is_zero() || self.sweep_interval.is_zero() {
+            return Err("--heartbeat-interval and --sweep-interval must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The broker configuration these flags describe.
+    pub fn broker_config(&self) -> BrokerConfig {
+        BrokerConfig {
+            fleet: FleetConfig {
+                heartbeat_interval: self.heartbeat_interval,
+                unreachable_after: self.unreachable_after,
+                remove_after: self.remove_after,
+                page_token_ttl: self.page_token_ttl,
+            },
+            request_timeout: (!self.request_timeout.is_zero()).then_some(self.request_timeout),
+            drain_deadline: self.drain_deadline,
+            sweep_interval: Some(self.sweep_interval),
+            http2_keepalive: BrokerConfig::default().http2_keepalive,
+            demo_fleet: self.demo_fleet,
+        }
+    }
+}
+
+/// Refuses a plaintext listener beyond loopback unless explicitly allowed.
+pub fn check_listen(addr: SocketAddr, allow_insecure: bool) -> Result<(), String> {
+    if addr.ip().is_loopback() || allow_insecure {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to serve plaintext gRPC on non-loopback address {addr}: anyone who reaches it could close every server. \
+             Listen on 127.0.0.1, or pass --allow-insecure-non-loopback on a trusted network"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_needs_the_insecure_flag() {
+        let public: SocketAddr = "0.0.0.0:8443".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let local6: SocketAddr = "[::1]:8443".parse().unwrap();
+        assert!(check_listen(public, false).is_err());
+        assert!(check_listen(public, true).is_ok());
+        assert!(check_listen(local, false).is_ok());
+        assert!(check_listen(local6, false).is_ok());
+    }
+
+    #[test]
+    fn defaults_parse_and_are_consistent() {
+        let args = Args::try_parse_from(["dcv-broker"]).unwrap();
+        assert!(args.check().is_ok());
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8443");
+        let bad = Args::try_parse_from(["dcv-broker", "--unreachable-after", "2h"]).unwrap();
+        assert!(bad.check().is_err());
+    }
+}

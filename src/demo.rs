@@ -1,0 +1,234 @@
+//! A simulated fleet for demos and load: in-process agents that register N
+//! fake DCV servers (mixed OS and sizes, tags, some running sessions) and
+//! keep them heartbeating. Every attribute is derived from the server's
+//! index, so the same N gives the same fleet on every run.
+//!
+//! The first server's id is `serverId1`, the id in DCV's CloseServers
+//! documentation example, so that example runs as written; the others are
+//! `dcv-0000001`, `dcv-0000002`, ...
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::fleet::{
+    AwsInfo, CpuInfo, Endpoint, Fleet, Gpu, Heartbeat, HostInfo, LoadAverage, MemoryUsage,
+    OsFamily, OsInfo, Protocol, ReportedSession, ServerDescription, ServerId, SessionKind,
+    SessionState, Tag,
+};
+
+/// Servers whose heartbeats are applied under one lock hold: big enough to
+/// be cheap, small enough not to stall readers.
+const HEARTBEAT_CHUNK: usize = 1000;
+
+/// The id of the `index`-th simulated server.
+pub fn server_id(index: usize) -> String {
+    if index == 0 {
+        "serverId1".to_string()
+    } else {
+        format!("dcv-{index:07}")
+    }
+}
+
+/// A deterministic pseudo-random number for `index` and `salt` (SplitMix64).
+fn mix(index: usize, salt: u64) -> u64 {
+    let mut z = (index as u64).wrapping_add(salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn pick<'a>(index: usize, salt: u64, options: &[&'a str]) -> &'a str {
+    options[(mix(index, salt) % options.len() as u64) as usize]
+}
+
+fn family(index: usize) -> OsFamily {
+    if index == 0 {
+        return OsFamily::Linux;
+    }
+    match mix(index, 1) % 10 {
+        0..=6 => OsFamily::Linux,
+        7..=8 => OsFamily::Windows,
+        _ => OsFamily::Macos,
+    }
+}
+
+/// The description the `index`-th simulated agent registers.
+pub fn description(index: usize) -> ServerDescription {
+    let family = family(index);
+    let cpus = [2u32, 4, 8, 16, 32, 64][(mix(index, 2) % 6) as usize];
+    let gib = 1i64 << 30;
+    let ip = format!(
+        "10.{}.{}.{}",
+        (index >> 16) & 0xff,
+        (index >> 8) & 0xff,
+        index & 0xff
+    );
+    let (os_name, os_version, kernel, build) = match family {
+        OsFamily::Linux => (
+            pick(index, 3, &["Amazon Linux", "Ubuntu", "Rocky Linux", "RHEL"]),
+            pick(index, 4, &["2023", "22.04", "9.4", "24.04"]),
+            "6.1.0",
+            "",
+        ),
+        OsFamily::Windows => ("Windows Server", "2022", "", "20348"),
+        OsFamily::Macos => ("macOS", "14.5", "", "23F79"),
+    };
+    let gpu = mix(index, 5) % 3 != 0;
+    ServerDescription {
+        ip: ip.clone(),
+        hostname: format!("dcv-host-{index}.fleet.internal"),
+        default_dns_name: format!("ip-{}.ec2.internal", ip.replace('.', "-")),
+        endpoints: vec![
+            Endpoint {
+                ip_address: ip.clone(),
+                port: 8443,
+                protocol: Protocol::Http,
+                web_url_path: "/".into(),
+            },
+            Endpoint {
+                ip_address: ip,
+                port: 8443,
+                protocol: Protocol::Quic,
+                web_url_path: String::new(),
+            },
+        ],
+        version: "2024.0.19030".into(),
+        agent_version: "2024.0.817".into(),
+        host: HostInfo {
+            os: OsInfo {
+                family,
+                name: os_name.into(),
+                version: os_version.into(),
+                kernel_version: kernel.into(),
+                build_number: build.into(),
+            },
+            memory: MemoryUsage {
+                total_bytes: i64::from(cpus) * 4 * gib,
+                used_bytes: i64::from(cpus) * gib,
+            },
+            swap: MemoryUsage {
+                total_bytes: 2 * gib,
+                used_bytes: 0,
+            },
+            aws: Some(AwsInfo {
+                region: pick(index, 6, &["us-east-1", "eu-west-1", "ap-northeast-1"]).into(),
+                ec2_instance_type: if gpu { "g4dn.xlarge" } else { "m6i.xlarge" }.into(),
+                ec2_instance_id: format!("i-{:017x}", mix(index, 7) >> 4),
+                ec2_image_id: "ami-0abcdef1234567890".into(),
+            }),
+            cpu_info: CpuInfo {
+                vendor: "GenuineIntel".into(),
+                model_name: "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz".into(),
+                architecture: "x86_64".into(),
+                number_of_cpus: cpus,
+                physical_cores_per_cpu: (cpus / 2).max(1),
+            },
+            cpu_load_average: LoadAverage::default(),
+            gpus: if gpu {
+                vec![Gpu {
+                    vendor: "NVIDIA Corporation".into(),
+                    model_name: "Tesla T4".into(),
+                }]
+            } else {
+                Vec::new()
+            },
+        },
+        tags: vec![
+            Tag {
+                key: "pool".into(),
+                value: pick(index, 8, &["engineering", "design", "training"]).into(),
+            },
+            Tag {
+                key: "city".into(),
+                value: pick(index, 9, &["London", "Seattle", "Tokyo"]).into(),
+            },
+            Tag {
+                key: "gpu".into(),
+                value: gpu.to_string(),
+            },
+        ],
+        max_virtual_sessions: if family == OsFamily::Linux { 10 } else { 0 },
+        max_concurrent_sessions_per_user: 1,
+    }
+}
+
+/// The heartbeat the `index`-th simulated agent sends. About a quarter of
+/// the servers run a session (never `serverId1`), a few report an unhealthy
+/// DCV server, and some Windows hosts have an RDP user logged in.
+pub fn heartbeat(index: usize) -> Heartbeat {
+    let family = family(index);
+    let busy = index != 0 && mix(index, 10) % 4 == 0;
+    let sessions = if busy {
+        vec![ReportedSession {
+            id: format!("session-{index}"),
+            owner: format!("user{}", mix(index, 11) % 500),
+            kind: if family == OsFamily::Linux {
+                SessionKind::Virtual
+            } else {
+                SessionKind::Console
+            },
+            state: SessionState::Ready,
+        }]
+    } else {
+        Vec::new()
+    };
+    let rdp_user = family == OsFamily::Windows && !busy && mix(index, 12) % 5 == 0;
+    let load = (mix(index, 13) % 400) as f32 / 100.0;
+    Heartbeat {
+        dcv_server_healthy: index == 0 || mix(index, 14) % 50 != 0,
+        logged_in_users: if rdp_user {
+            vec!["Administrator".into()]
+        } else {
+            Vec::new()
+        },
+        sessions,
+        cpu_load_average: Some(LoadAverage {
+            one_minute: load,
+            five_minutes: load,
+            fifteen_minutes: load,
+        }),
+        memory: None,
+        swap: None,
+    }
+}
+
+/// Registers `count` simulated servers now, then keeps them heartbeating
+/// at the fleet's heartbeat interval, spread evenly over it. A server that
+/// was forgotten (its removal timeout passed) registers again.
+pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
+    let ids: Vec<ServerId> = (0..count).map(|i| ServerId::from(server_id(i))).collect();
+    for (index, id) in ids.iter().enumerate() {
+        register(&fleet, index, id);
+    }
+    fleet.heartbeat_many(ids.iter().enumerate().map(|(i, id)| (id.clone(), heartbeat(i))));
+    tracing::info!(servers = count, "demo fleet registered");
+    tokio::spawn(async move {
+        let chunks = count.div_ceil(HEARTBEAT_CHUNK).max(1);
+        let pause = fleet.config().heartbeat_interval / chunks as u32;
+        let pause = pause.max(Duration::from_millis(1));
+        loop {
+            for (chunk_no, chunk) in ids.chunks(HEARTBEAT_CHUNK).enumerate() {
+                tokio::time::sleep(pause).await;
+                let base = chunk_no * HEARTBEAT_CHUNK;
+                let unknown = fleet.heartbeat_many(
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| (id.clone(), heartbeat(base + i))),
+                );
+                for id in unknown {
+                    if let Some(index) = ids.iter().position(|x| *x == id) {
+                        register(&fleet, index, &id);
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn register(fleet: &Fleet, index: usize, id: &str) {
+    if let Err(err) = fleet.register(id, description(index)) {
+        tracing::warn!(server_id = %id, %err, "demo server refused");
+    }
+}

@@ -1,0 +1,367 @@
+//! The domain's picture of a DCV server: what its agent describes, what its
+//! heartbeats report, and the holds operators put on it.
+
+use std::{sync::Arc, time::SystemTime};
+
+use tokio::time::Instant;
+
+/// A server id: the stable id its agent registers with. Shared between the
+/// map and the ordered index, so it is stored once.
+pub type ServerId = Arc<str>;
+
+/// The longest server id accepted, in bytes. DCV's own ids are UUIDs or
+/// host-derived names well under this; the bound keeps keys cheap to hash
+/// and page tokens small.
+pub const MAX_SERVER_ID_BYTES: usize = 256;
+
+/// The longest close reason accepted, in characters: room for a sentence and
+/// a ticket link, not for a document.
+pub const MAX_REASON_CHARS: usize = 1024;
+
+/// The operating system family of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OsFamily {
+    /// Windows: console sessions only.
+    Windows,
+    /// Linux: a console session or virtual sessions.
+    Linux,
+    /// macOS: console sessions only.
+    Macos,
+}
+
+impl OsFamily {
+    /// The lowercase name DCV uses on the wire and in `dcv:os-family`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OsFamily::Windows => "windows",
+            OsFamily::Linux => "linux",
+            OsFamily::Macos => "macos",
+        }
+    }
+
+    /// Parses DCV's lowercase name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "windows" => Some(OsFamily::Windows),
+            "linux" => Some(OsFamily::Linux),
+            "macos" => Some(OsFamily::Macos),
+            _ => None,
+        }
+    }
+}
+
+/// The transport of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Not stated by the agent.
+    Unspecified,
+    /// WebSocket over TCP.
+    Http,
+    /// QUIC over UDP.
+    Quic,
+}
+
+/// A network endpoint of a DCV server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// Address clients connect to.
+    pub ip_address: String,
+    /// Port clients connect to.
+    pub port: u16,
+    /// Transport.
+    pub protocol: Protocol,
+    /// Web path of an HTTP endpoint.
+    pub web_url_path: String,
+}
+
+/// Operating system details.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OsInfo {
+    /// Family; decides which session types the server can run.
+    pub family: OsFamily,
+    /// Distribution or product name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Kernel version (Linux).
+    pub kernel_version: String,
+    /// Build number (Windows).
+    pub build_number: String,
+}
+
+/// Memory or swap usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemoryUsage {
+    /// Total bytes.
+    pub total_bytes: i64,
+    /// Bytes in use.
+    pub used_bytes: i64,
+}
+
+/// EC2 details.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AwsInfo {
+    /// Region.
+    pub region: String,
+    /// Instance type.
+    pub ec2_instance_type: String,
+    /// Instance id.
+    pub ec2_instance_id: String,
+    /// Image id.
+    pub ec2_image_id: String,
+}
+
+/// CPU details.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuInfo {
+    /// Vendor.
+    pub vendor: String,
+    /// Model name.
+    pub model_name: String,
+    /// Architecture.
+    pub architecture: String,
+    /// Number of CPUs.
+    pub number_of_cpus: u32,
+    /// Physical cores per CPU.
+    pub physical_cores_per_cpu: u32,
+}
+
+/// Load averages.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadAverage {
+    /// One minute.
+    pub one_minute: f32,
+    /// Five minutes.
+    pub five_minutes: f32,
+    /// Fifteen minutes.
+    pub fifteen_minutes: f32,
+}
+
+/// A GPU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Gpu {
+    /// Vendor.
+    pub vendor: String,
+    /// Model name.
+    pub model_name: String,
+}
+
+/// A key and a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: String,
+}
+
+/// The host a DCV server runs on, as its agent describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostInfo {
+    /// Operating system.
+    pub os: OsInfo,
+    /// Memory usage; refreshed by heartbeats.
+    pub memory: MemoryUsage,
+    /// Swap usage; refreshed by heartbeats.
+    pub swap: MemoryUsage,
+    /// EC2 details, when on EC2.
+    pub aws: Option<AwsInfo>,
+    /// CPUs.
+    pub cpu_info: CpuInfo,
+    /// Load; refreshed by heartbeats.
+    pub cpu_load_average: LoadAverage,
+    /// GPUs.
+    pub gpus: Vec<Gpu>,
+}
+
+/// What an agent says about its server when it registers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerDescription {
+    /// IP address.
+    pub ip: String,
+    /// Host name.
+    pub hostname: String,
+    /// Default DNS name.
+    pub default_dns_name: String,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// DCV server version.
+    pub version: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Host details.
+    pub host: HostInfo,
+    /// Custom tags (never `dcv:`-prefixed; those are built in).
+    pub tags: Vec<Tag>,
+    /// Virtual session capacity.
+    pub max_virtual_sessions: u32,
+    /// Per-user session limit (0: none).
+    pub max_concurrent_sessions_per_user: u32,
+}
+
+/// The kind of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionKind {
+    /// Console session.
+    Console,
+    /// Virtual session.
+    Virtual,
+}
+
+/// The lifecycle state of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// Being created.
+    Creating,
+    /// Ready.
+    Ready,
+    /// Being deleted.
+    Deleting,
+    /// Deleted: no longer counted.
+    Deleted,
+    /// Unknown.
+    Unknown,
+}
+
+/// A session as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedSession {
+    /// Session id.
+    pub id: String,
+    /// Owner.
+    pub owner: String,
+    /// Console or virtual.
+    pub kind: SessionKind,
+    /// State.
+    pub state: SessionState,
+}
+
+/// A periodic report from an agent. It replaces the previous one.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Heartbeat {
+    /// Whether the agent can reach its DCV server.
+    pub dcv_server_healthy: bool,
+    /// Users logged in on the host.
+    pub logged_in_users: Vec<String>,
+    /// Sessions on the server.
+    pub sessions: Vec<ReportedSession>,
+    /// Current load, if reported.
+    pub cpu_load_average: Option<LoadAverage>,
+    /// Current memory, if reported.
+    pub memory: Option<MemoryUsage>,
+    /// Current swap, if reported.
+    pub swap: Option<MemoryUsage>,
+}
+
+/// Why an operator holds a server out of placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldKind {
+    /// Closed with CloseServers.
+    Closed,
+}
+
+/// An operator's hold: while a server has one, nothing is placed on it.
+/// A record rather than a flag, because who, when and why matter to the
+/// next operator, and more kinds of hold (drain, maintenance window) come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// Kind of hold.
+    pub kind: HoldKind,
+    /// Who placed it.
+    pub actor: String,
+    /// When it was placed.
+    pub since: SystemTime,
+    /// Free-text reason; may be empty.
+    pub reason: String,
+}
+
+/// Everything the broker keeps about one server.
+#[derive(Debug, Clone)]
+pub struct ServerRecord {
+    /// Stable id.
+    pub id: ServerId,
+    /// The agent's latest description.
+    pub description: ServerDescription,
+    /// Whether the DCV server was healthy at the last heartbeat (assumed
+    /// healthy from registration until the first heartbeat says otherwise).
+    pub dcv_server_healthy: bool,
+    /// Users logged in at the last heartbeat.
+    pub logged_in_users: Vec<String>,
+    /// Sessions at the last heartbeat.
+    pub sessions: Vec<ReportedSession>,
+    /// Operators' holds.
+    pub holds: Vec<Hold>,
+    /// When the server first registered.
+    pub registered_at: SystemTime,
+    /// When the agent was last heard from (monotonic, for timeouts).
+    pub last_seen: Instant,
+    /// When the agent was last heard from (wall clock, for display).
+    pub last_seen_wall: SystemTime,
+    /// The agent deregistered while the server was held; it stays
+    /// unreachable until the agent registers again.
+    pub agent_departed: bool,
+}
+
+impl ServerRecord {
+    /// Whether an operator closed the server.
+    pub fn is_closed(&self) -> bool {
+        self.holds.iter().any(|h| h.kind == HoldKind::Closed)
+    }
+
+    /// Sessions that occupy the server: every reported one not yet deleted.
+    pub fn live_sessions(&self) -> impl Iterator<Item = &ReportedSession> {
+        self.sessions
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+    }
+
+    /// Live console and virtual session counts.
+    pub fn session_counts(&self) -> (u32, u32) {
+        self.live_sessions()
+            .fold((0, 0), |(c, v), s| match s.kind {
+                SessionKind::Console => (c + 1, v),
+                SessionKind::Virtual => (c, v + 1),
+            })
+    }
+
+    /// The value of a tag, built-in `dcv:` tags included. For repeated
+    /// custom keys the last value wins, as with DCV's tag files.
+    pub fn tag(&self, key: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        match key {
+            "dcv:os-family" => Some(Cow::Borrowed(self.description.host.os.family.as_str())),
+            "dcv:max-virtual-sessions" => {
+                Some(Cow::Owned(self.description.max_virtual_sessions.to_string()))
+            }
+            "dcv:max-concurrent-sessions-per-user" => Some(Cow::Owned(
+                self.description.max_concurrent_sessions_per_user.to_string(),
+            )),
+            _ => self
+                .description
+                .tags
+                .iter()
+                .rev()
+                .find(|t| t.key == key)
+                .map(|t| Cow::Borrowed(t.value.as_str())),
+        }
+    }
+
+    /// The built-in tags, in the order DescribeServers lists them.
+    pub fn builtin_tags(&self) -> [Tag; 3] {
+        let d = &self.description;
+        [
+            Tag {
+                key: "dcv:os-family".into(),
+                value: d.host.os.family.as_str().into(),
+            },
+            Tag {
+                key: "dcv:max-virtual-sessions".into(),
+                value: d.max_virtual_sessions.to_string(),
+            },
+            Tag {
+                key: "dcv:max-concurrent-sessions-per-user".into(),
+                value: d.max_concurrent_sessions_per_user.to_string(),
+            },
+        ]
+    }
+}

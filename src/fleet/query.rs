@@ -1,0 +1,189 @@
+//! DescribeServers queries: their validation, server-side filters and the
+//! fingerprint that binds page tokens to them.
+
+use super::{
+    availability::{Reason, Reasons},
+    error::FieldViolation,
+    model::{OsFamily, ServerRecord},
+    validate_server_id,
+};
+
+/// The largest page, and the default one, as in DCV.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// The most ServerIds one DescribeServers call may name.
+pub const MAX_DESCRIBE_IDS: usize = 1000;
+/// The most filters one DescribeServers call may carry.
+pub const MAX_FILTERS: usize = 50;
+
+/// A DescribeServers request as the caller sent it.
+#[derive(Debug, Clone, Default)]
+pub struct DescribeQuery {
+    /// Only these ids (empty: all).
+    pub server_ids: Vec<String>,
+    /// Token of the previous page (empty: first page).
+    pub next_token: String,
+    /// Page size, if given.
+    pub max_results: Option<i32>,
+    /// Filters as key/value pairs.
+    pub filters: Vec<(String, String)>,
+}
+
+/// One filter predicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Predicate {
+    Available(bool),
+    Reason(Reason),
+    Closed(bool),
+    OsFamily(OsFamily),
+    Tag(String, String),
+}
+
+impl Predicate {
+    fn matches(&self, server: &ServerRecord, reasons: Reasons) -> bool {
+        match self {
+            Predicate::Available(want) => reasons.is_available() == *want,
+            Predicate::Reason(r) => reasons.contains(*r),
+            Predicate::Closed(want) => server.is_closed() == *want,
+            Predicate::OsFamily(f) => server.description.host.os.family == *f,
+            Predicate::Tag(k, v) => server.tag(k).is_some_and(|got| got == v.as_str()),
+        }
+    }
+}
+
+/// Parsed filters: groups with different keys must all match; the
+/// predicates inside one group (same key) match if any does.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    groups: Vec<(String, Vec<Predicate>)>,
+}
+
+impl Filters {
+    /// Parses filters, reporting every bad one.
+    pub fn parse(pairs: &[(String, String)], violations: &mut Vec<FieldViolation>) -> Self {
+        let mut out = Filters::default();
+        if pairs.len() > MAX_FILTERS {
+            violations.push(FieldViolation::new(
+                "Filters",
+                format!("at most {MAX_FILTERS} filters; got {}", pairs.len()),
+            ));
+            return out;
+        }
+        for (i, (key, value)) in pairs.iter().enumerate() {
+            let field = format!("Filters[{i}]");
+            let bad = |what: &str| FieldViolation::new(format!("{field}.Value"), what.to_string());
+            let predicate = match key.as_str() {
+                "availability" => match value.as_str() {
+                    "AVAILABLE" => Ok(Predicate::Available(true)),
+                    "UNAVAILABLE" => Ok(Predicate::Available(false)),
+                    _ => Err(bad("availability is AVAILABLE or UNAVAILABLE")),
+                },
+                "unavailability-reason" => Reason::parse(value).map(Predicate::Reason).ok_or_else(|| {
+                    bad("unavailability-reason is one of SERVER_CLOSED, UNREACHABLE_AGENT, UNHEALTHY_DCV_SERVER, EXISTING_LOGGED_IN_USER, SERVER_FULL")
+                }),
+                "closed" => match value.as_str() {
+                    "true" => Ok(Predicate::Closed(true)),
+                    "false" => Ok(Predicate::Closed(false)),
+                    _ => Err(bad("closed is true or false")),
+                },
+                "os-family" => OsFamily::parse(value)
+                    .map(Predicate::OsFamily)
+                    .ok_or_else(|| bad("os-family is windows, linux or macos")),
+                k if k.starts_with("tag:") && k.len() > 4 => {
+                    Ok(Predicate::Tag(k[4..].to_string(), value.clone()))
+                }
+                _ => Err(FieldViolation::new(
+                    format!("{field}.Key"),
+                    "unknown filter key; use availability, unavailability-reason, closed, os-family or tag:KEY",
+                )),
+            };
+            match predicate {
+                Ok(p) => match out.groups.iter_mut().find(|(k, _)| k == key) {
+                    Some((_, group)) => group.push(p),
+                    None => out.groups.push((key.clone(), vec![p])),
+                },
+                Err(v) => violations.push(v),
+            }
+        }
+        out
+    }
+
+    /// Whether `server`, with these availability reasons, passes.
+    pub fn matches(&self, server: &ServerRecord, reasons: Reasons) -> bool {
+        self.groups
+            .iter()
+            .all(|(_, group)| group.iter().any(|p| p.matches(server, reasons)))
+    }
+}
+
+/// A validated query, ready to run.
+#[derive(Debug, Clone)]
+pub struct ValidQuery {
+    /// Sorted, deduplicated ids; `None` for the whole fleet.
+    pub ids: Option<Vec<String>>,
+    /// Page size.
+    pub page_size: usize,
+    /// Filters.
+    pub filters: Filters,
+    /// What page tokens are bound to.
+    pub fingerprint: super::page_token::Fingerprint,
+}
+
+/// Validates a query (the token is checked separately, against the
+/// fingerprint computed here).
+pub fn validate(query: &DescribeQuery) -> Result<ValidQuery, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let page_size = match query.max_results {
+        None => MAX_PAGE_SIZE,
+        Some(n) if (1..=MAX_PAGE_SIZE as i32).contains(&n) => n as usize,
+        Some(n) => {
+            violations.push(FieldViolation::new(
+                "MaxResults",
+                format!("must be 1 to {MAX_PAGE_SIZE}; got {n}"),
+            ));
+            MAX_PAGE_SIZE
+        }
+    };
+    if query.server_ids.len() > MAX_DESCRIBE_IDS {
+        violations.push(FieldViolation::new(
+            "ServerIds",
+            format!(
+                "at most {MAX_DESCRIBE_IDS} ids; got {}",
+                query.server_ids.len()
+            ),
+        ));
+    } else {
+        for (i, id) in query.server_ids.iter().enumerate() {
+            if let Err(why) = validate_server_id(id) {
+                violations.push(FieldViolation::new(format!("ServerIds[{i}]"), why));
+            }
+        }
+    }
+    let filters = Filters::parse(&query.filters, &mut violations);
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    let ids = (!query.server_ids.is_empty()).then(|| {
+        let mut ids = query.server_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    });
+    // Counts and length-prefixed parts keep the encoding unambiguous.
+    let mut pairs: Vec<&(String, String)> = query.filters.iter().collect();
+    pairs.sort_unstable();
+    let id_count = ids.as_ref().map_or(0, Vec::len).to_string();
+    let pair_count = pairs.len().to_string();
+    let fingerprint = super::page_token::fingerprint(
+        [id_count.as_str()]
+            .into_iter()
+            .chain(ids.iter().flatten().map(String::as_str))
+            .chain([pair_count.as_str()])
+            .chain(pairs.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()])),
+    );
+    Ok(ValidQuery {
+        ids,
+        page_size,
+        filters,
+        fingerprint,
+    })
+}

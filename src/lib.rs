@@ -1,0 +1,25 @@
+//! dcv-broker: a gRPC session broker for fleets of Amazon DCV servers.
+//!
+//! Layout:
+//! - [`fleet`]: the domain. Every server the broker knows, their holds
+//!   (closed state), availability and pagination. Never imports tonic.
+//! - [`api`]: thin gRPC adapters (one per service) that convert between
+//!   the protobuf contract and the domain, plus the one error mapping.
+//! - [`server`]: composes the services, reflection, health and the server
+//!   knobs, and runs them until shutdown ([`server::serve`]).
+//! - [`demo`]: a simulated fleet of agents for demos and load.
+//! - [`config`] and [`telemetry`]: the binary's flags and logging.
+//! - [`pb`]: generated code.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms)]
+
+pub mod api;
+pub mod config;
+pub mod demo;
+pub mod fleet;
+pub mod pb;
+pub mod server;
+pub mod telemetry;
+
+pub use server::{BrokerConfig, serve};

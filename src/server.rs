@@ -1,0 +1,173 @@
+//! Runs the broker: the gRPC services, reflection, health and every server
+//! knob, until a shutdown signal, then a bounded drain.
+
+use std::{future::Future, time::Duration};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::{AgentApi, RequestSpanLayer, ServersApi},
+    demo,
+    fleet::{Fleet, FleetConfig},
+    pb::{agent_server::AgentServer, servers_server::ServersServer},
+};
+
+/// The largest request message accepted. A full CloseServers batch (1000
+/// ids of up to 256 bytes, each with a 1024-character reason) stays under
+/// 5 MiB; anything bigger is not a request we serve.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+
+/// The largest response message sent. A DescribeServers page of 1000
+/// servers with rich host descriptions is a few MiB; the cap guards against
+/// a pathological page rather than limiting normal ones. Clients whose
+/// default receive limit is 4 MiB (grpc-go, tonic) may lower MaxResults.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How the broker runs, apart from where it listens.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Fleet timeouts.
+    pub fleet: FleetConfig,
+    /// Longest time a request may run before it is cancelled (`None`: no
+    /// limit). Clients' own `grpc-timeout` applies too, whichever is less.
+    pub request_timeout: Option<Duration>,
+    /// How long shutdown waits for open connections to finish.
+    pub drain_deadline: Duration,
+    /// How often servers past the removal timeout are swept in the
+    /// background (`None`: only when an operation notices them).
+    pub sweep_interval: Option<Duration>,
+    /// HTTP/2 keepalive ping interval, to notice dead peers (`None`: off).
+    pub http2_keepalive: Option<Duration>,
+    /// Simulated servers to run in-process.
+    pub demo_fleet: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            fleet: FleetConfig::default(),
+            request_timeout: Some(Duration::from_secs(30)),
+            drain_deadline: Duration::from_secs(10),
+            sweep_interval: Some(Duration::from_secs(5)),
+            http2_keepalive: Some(Duration::from_secs(60)),
+            demo_fleet: 0,
+        }
+    }
+}
+
+/// Why the broker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Reflection could not load a descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Aborts background tasks when the server stops, however it stops.
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Serves `fleet` on `listener` until `shutdown` resolves, then reports
+/// NOT_SERVING, stops accepting, and waits up to the drain deadline for
+/// open connections before returning.
+pub async fn serve(
+    listener: TcpListener,
+    fleet: Fleet,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut tasks = TaskGuard(Vec::new());
+    if config.demo_fleet > 0 {
+        tasks.0.push(demo::spawn(fleet.clone(), config.demo_fleet));
+    }
+    if let Some(every) = config.sweep_interval {
+        let fleet = fleet.clone();
+        tasks.0.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                fleet.sweep();
+            }
+        }));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ServersServer<ServersApi>>().await;
+    health.set_serving::<AgentServer<AgentApi>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Lets grpcurl render google.rpc.BadRequest error details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl before 1.8.8, grpcui and Postman speak only v1alpha.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let servers = ServersServer::new(ServersApi::new(fleet.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let agent = AgentServer::new(AgentApi::new(fleet.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+
+    // Nagle's algorithm would hold small unary replies for delayed ACKs
+    // (tens of ms); the builder's own nodelay does not apply to our listener.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(config.http2_keepalive)
+        .http2_keepalive_timeout(config.http2_keepalive.map(|_| Duration::from_secs(20)));
+    if let Some(limit) = config.request_timeout {
+        builder = builder.timeout(limit);
+    }
+    let server = builder
+        .layer(RequestSpanLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(servers)
+        .add_service(agent)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => return result.map_err(ServeError::from),
+        () = shutdown => {}
+    }
+    tracing::info!("shutting down: reporting NOT_SERVING and draining connections");
+    health.set_not_serving::<ServersServer<ServersApi>>().await;
+    health.set_not_serving::<AgentServer<AgentApi>>().await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.drain_deadline, server).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(
+            deadline = ?config.drain_deadline,
+            "drain deadline passed; closing the remaining connections"
+        ),
+    }
+    drop(tasks);
+    tracing::info!("stopped");
+    Ok(())
+}
