@@ -36,7 +36,12 @@ pub struct Args {
 
     /// Run N simulated DCV servers in-process (ids serverId1, dcv-0000001,
     /// ...), for demos and load tests.
-    #[arg(long, env = "DCV_BROKER_DEMO_FLEET", default_value_t = 0, value_name = "N")]
+    #[arg(
+        long,
+        env = "DCV_BROKER_DEMO_FLEET",
+        default_value_t = 0,
+        value_name = "N"
+    )]
     pub demo_fleet: usize,
 
     /// How often agents are asked to send heartbeats.
@@ -69,7 +74,12 @@ pub struct Args {
     pub drain_deadline: Duration,
 
     /// Log format.
-    #[arg(long, env = "DCV_BROKER_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "DCV_BROKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 
     /// Log filter, in tracing's EnvFilter syntax (`debug` shows every

@@ -74,7 +74,7 @@ pub fn description(index: usize) -> ServerDescription {
         OsFamily::Windows => ("Windows Server", "2022", "", "20348"),
         OsFamily::Macos => ("macOS", "14.5", "", "23F79"),
     };
-    let gpu = mix(index, 5) % 3 != 0;
+    let gpu = !mix(index, 5).is_multiple_of(3);
     ServerDescription {
         ip: ip.clone(),
         hostname: format!("dcv-host-{index}.fleet.internal"),
@@ -158,7 +158,7 @@ pub fn description(index: usize) -> ServerDescription {
 /// DCV server, and some Windows hosts have an RDP user logged in.
 pub fn heartbeat(index: usize) -> Heartbeat {
     let family = family(index);
-    let busy = index != 0 && mix(index, 10) % 4 == 0;
+    let busy = index != 0 && mix(index, 10).is_multiple_of(4);
     let sessions = if busy {
         vec![ReportedSession {
             id: format!("session-{index}"),
@@ -173,10 +173,10 @@ pub fn heartbeat(index: usize) -> Heartbeat {
     } else {
         Vec::new()
     };
-    let rdp_user = family == OsFamily::Windows && !busy && mix(index, 12) % 5 == 0;
+    let rdp_user = family == OsFamily::Windows && !busy && mix(index, 12).is_multiple_of(5);
     let load = (mix(index, 13) % 400) as f32 / 100.0;
     Heartbeat {
-        dcv_server_healthy: index == 0 || mix(index, 14) % 50 != 0,
+        dcv_server_healthy: index == 0 || !mix(index, 14).is_multiple_of(50),
         logged_in_users: if rdp_user {
             vec!["Administrator".into()]
         } else {
@@ -201,7 +201,11 @@ pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
     for (index, id) in ids.iter().enumerate() {
         register(&fleet, index, id);
     }
-    fleet.heartbeat_many(ids.iter().enumerate().map(|(i, id)| (id.clone(), heartbeat(i))));
+    fleet.heartbeat_many(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), heartbeat(i))),
+    );
     tracing::info!(servers = count, "demo fleet registered");
     tokio::spawn(async move {
         let chunks = count.div_ceil(HEARTBEAT_CHUNK).max(1);

@@ -16,7 +16,10 @@ fn enum_violation(field: &str, value: i32) -> FieldViolation {
 
 fn non_negative(field: &str, value: i32, violations: &mut Vec<FieldViolation>) -> u32 {
     u32::try_from(value).unwrap_or_else(|_| {
-        violations.push(FieldViolation::new(field, format!("must not be negative; got {value}")));
+        violations.push(FieldViolation::new(
+            field,
+            format!("must not be negative; got {value}"),
+        ));
         0
     })
 }
@@ -69,7 +72,10 @@ pub fn registration_from_pb(
                 Ok(pb::Protocol::Http) => fleet::Protocol::Http,
                 Ok(pb::Protocol::Quic) => fleet::Protocol::Quic,
                 Err(_) => {
-                    v.push(enum_violation(&format!("Endpoints[{i}].Protocol"), e.protocol));
+                    v.push(enum_violation(
+                        &format!("Endpoints[{i}].Protocol"),
+                        e.protocol,
+                    ));
                     fleet::Protocol::Unspecified
                 }
             };
@@ -151,7 +157,9 @@ pub fn registration_from_pb(
 }
 
 /// A heartbeat request as the server id and the domain's report.
-pub fn heartbeat_from_pb(h: pb::HeartbeatRequest) -> Result<(String, fleet::Heartbeat), FleetError> {
+pub fn heartbeat_from_pb(
+    h: pb::HeartbeatRequest,
+) -> Result<(String, fleet::Heartbeat), FleetError> {
     let mut v = Vec::new();
     let sessions = h
         .sessions
@@ -268,8 +276,13 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
         unavailability_reason: view
             .reasons
             .primary()
-            .map_or(pb::UnavailabilityReason::Unspecified, reason_to_pb) as i32,
-        unavailability_reasons: view.reasons.iter().map(|r| reason_to_pb(r) as i32).collect(),
+            .map_or(pb::UnavailabilityReason::Unspecified, reason_to_pb)
+            as i32,
+        unavailability_reasons: view
+            .reasons
+            .iter()
+            .map(|r| reason_to_pb(r) as i32)
+            .collect(),
         console_session_count: saturating_i32(consoles),
         virtual_session_count: saturating_i32(virtuals),
         host: Some(pb::Host {
@@ -311,7 +324,9 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
             logged_in_users: r
                 .logged_in_users
                 .iter()
-                .map(|u| pb::LoggedInUser { username: u.clone() })
+                .map(|u| pb::LoggedInUser {
+                    username: u.clone(),
+                })
                 .collect(),
         }),
         tags: d

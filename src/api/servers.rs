@@ -89,13 +89,15 @@ impl Servers for ServersApi {
                     .push(pb::OpenServerSuccessfulResponse {
                         server_id: data.server_id,
                     }),
-                Err(failure) => response
-                    .unsuccessful_list
-                    .push(pb::OpenServerUnsuccessfulResponse {
-                        open_server_request_data: Some(data),
-                        failure_code: convert::failure_code_to_pb(failure.code) as i32,
-                        failure_reason: failure.reason,
-                    }),
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::OpenServerUnsuccessfulResponse {
+                            open_server_request_data: Some(data),
+                            failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
             }
         }
         tracing::debug!(
@@ -122,7 +124,11 @@ impl Servers for ServersApi {
         let next_token = self
             .fleet
             .describe_servers(&query, |view| servers.push(convert::server_to_pb(view)))?;
-        tracing::debug!(servers = servers.len(), more = next_token.is_some(), "servers described");
+        tracing::debug!(
+            servers = servers.len(),
+            more = next_token.is_some(),
+            "servers described"
+        );
         Ok(Response::new(pb::DescribeServersResponse {
             request_id,
             servers,

@@ -428,7 +428,11 @@ impl Fleet {
                     Some(a) => ids.partition_point(|id| id.as_str() <= a.as_str()),
                     None => 0,
                 };
-                Box::new(ids[start..].iter().filter_map(|id| state.servers.get(id.as_str())))
+                Box::new(
+                    ids[start..]
+                        .iter()
+                        .filter_map(|id| state.servers.get(id.as_str())),
+                )
             }
         };
         let unreachable_after = self.config.unreachable_after;
@@ -596,7 +600,10 @@ fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
     if value.len() > MAX_TEXT_BYTES {
         violations.push(FieldViolation::new(
             field,
-            format!("must be at most {MAX_TEXT_BYTES} bytes; got {}", value.len()),
+            format!(
+                "must be at most {MAX_TEXT_BYTES} bytes; got {}",
+                value.len()
+            ),
         ));
     }
 }
@@ -641,20 +648,35 @@ fn validate_description(d: &ServerDescription, violations: &mut Vec<FieldViolati
     }
     if check_count("Endpoints", d.endpoints.len(), MAX_ENDPOINTS, violations) {
         for (i, e) in d.endpoints.iter().enumerate() {
-            check_text(&format!("Endpoints[{i}].IpAddress"), &e.ip_address, violations);
-            check_text(&format!("Endpoints[{i}].WebUrlPath"), &e.web_url_path, violations);
+            check_text(
+                &format!("Endpoints[{i}].IpAddress"),
+                &e.ip_address,
+                violations,
+            );
+            check_text(
+                &format!("Endpoints[{i}].WebUrlPath"),
+                &e.web_url_path,
+                violations,
+            );
         }
     }
     if check_count("Host.Gpus", d.host.gpus.len(), MAX_GPUS, violations) {
         for (i, g) in d.host.gpus.iter().enumerate() {
             check_text(&format!("Host.Gpus[{i}].Vendor"), &g.vendor, violations);
-            check_text(&format!("Host.Gpus[{i}].ModelName"), &g.model_name, violations);
+            check_text(
+                &format!("Host.Gpus[{i}].ModelName"),
+                &g.model_name,
+                violations,
+            );
         }
     }
     if check_count("Tags", d.tags.len(), MAX_TAGS, violations) {
         for (i, t) in d.tags.iter().enumerate() {
             if t.key.is_empty() {
-                violations.push(FieldViolation::new(format!("Tags[{i}].Key"), "must not be empty"));
+                violations.push(FieldViolation::new(
+                    format!("Tags[{i}].Key"),
+                    "must not be empty",
+                ));
             } else if t.key.starts_with("dcv:") {
                 violations.push(FieldViolation::new(
                     format!("Tags[{i}].Key"),
@@ -686,7 +708,10 @@ fn validate_heartbeat(h: &Heartbeat, violations: &mut Vec<FieldViolation>) {
     ) {
         for (i, s) in h.sessions.iter().enumerate() {
             if s.id.is_empty() {
-                violations.push(FieldViolation::new(format!("Sessions[{i}].Id"), "must not be empty"));
+                violations.push(FieldViolation::new(
+                    format!("Sessions[{i}].Id"),
+                    "must not be empty",
+                ));
             }
             check_text(&format!("Sessions[{i}].Id"), &s.id, violations);
             check_text(&format!("Sessions[{i}].Owner"), &s.owner, violations);

@@ -317,11 +317,10 @@ impl ServerRecord {
 
     /// Live console and virtual session counts.
     pub fn session_counts(&self) -> (u32, u32) {
-        self.live_sessions()
-            .fold((0, 0), |(c, v), s| match s.kind {
-                SessionKind::Console => (c + 1, v),
-                SessionKind::Virtual => (c, v + 1),
-            })
+        self.live_sessions().fold((0, 0), |(c, v), s| match s.kind {
+            SessionKind::Console => (c + 1, v),
+            SessionKind::Virtual => (c, v + 1),
+        })
     }
 
     /// The value of a tag, built-in `dcv:` tags included. For repeated
@@ -330,11 +329,13 @@ impl ServerRecord {
         use std::borrow::Cow;
         match key {
             "dcv:os-family" => Some(Cow::Borrowed(self.description.host.os.family.as_str())),
-            "dcv:max-virtual-sessions" => {
-                Some(Cow::Owned(self.description.max_virtual_sessions.to_string()))
-            }
+            "dcv:max-virtual-sessions" => Some(Cow::Owned(
+                self.description.max_virtual_sessions.to_string(),
+            )),
             "dcv:max-concurrent-sessions-per-user" => Some(Cow::Owned(
-                self.description.max_concurrent_sessions_per_user.to_string(),
+                self.description
+                    .max_concurrent_sessions_per_user
+                    .to_string(),
             )),
             _ => self
                 .description
