@@ -1,0 +1,202 @@
+//! Test support: starts a real broker on 127.0.0.1:0 through the library's
+//! `serve`, and builds agent requests.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use dcv_broker::{
+    BrokerConfig,
+    fleet::{Fleet, FleetConfig},
+    pb::{self, agent_client::AgentClient, servers_client::ServersClient},
+    serve,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// A broker running in this test's runtime.
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub fleet: Fleet,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), dcv_broker::server::ServeError>>,
+}
+
+/// A configuration with no background timers, so that tests on a paused
+/// clock only see time move when they advance it.
+pub fn quiet_config() -> BrokerConfig {
+    BrokerConfig {
+        fleet: FleetConfig::default(),
+        request_timeout: None,
+        drain_deadline: Duration::from_secs(5),
+        sweep_interval: None,
+        http2_keepalive: None,
+        demo_fleet: 0,
+    }
+}
+
+impl Broker {
+    pub async fn start(config: BrokerConfig) -> Broker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fleet = Fleet::new(config.fleet.clone()).unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, fleet.clone(), config, async {
+            let _ = stopped.await;
+        }));
+        Broker {
+            addr,
+            fleet,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn quiet() -> Broker {
+        Broker::start(quiet_config()).await
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn servers(&self) -> ServersClient<Channel> {
+        ServersClient::new(self.channel().await)
+    }
+
+    pub async fn agent(&self) -> AgentClient<Channel> {
+        AgentClient::new(self.channel().await)
+    }
+
+    /// Asks the broker to shut down.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A registration for a server of `family` with room for `max_virtual`
+/// virtual sessions.
+pub fn registration(id: &str, family: &str, max_virtual: i32) -> pb::RegisterServerRequest {
+    pb::RegisterServerRequest {
+        server_id: id.to_string(),
+        ip: "192.0.2.10".into(),
+        hostname: format!("{id}.example"),
+        endpoints: vec![pb::Endpoint {
+            ip_address: "192.0.2.10".into(),
+            port: 8443,
+            protocol: pb::Protocol::Http as i32,
+            web_url_path: "/".into(),
+        }],
+        version: "2024.0.19030".into(),
+        session_manager_agent_version: "2024.0.817".into(),
+        host: Some(pb::Host {
+            os: Some(pb::Os {
+                family: family.into(),
+                name: "test os".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        tags: vec![pb::KeyValuePair {
+            key: "city".into(),
+            value: "London".into(),
+        }],
+        max_virtual_sessions: max_virtual,
+        ..Default::default()
+    }
+}
+
+/// A session report.
+pub fn session(id: &str, kind: pb::SessionType, state: pb::SessionState) -> pb::AgentSession {
+    pb::AgentSession {
+        id: id.into(),
+        owner: "alice".into(),
+        r#type: kind as i32,
+        state: state as i32,
+    }
+}
+
+/// A healthy heartbeat with these sessions.
+pub fn beat(id: &str, sessions: Vec<pb::AgentSession>) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        server_id: id.into(),
+        dcv_server_healthy: true,
+        sessions,
+        ..Default::default()
+    }
+}
+
+pub async fn register(agent: &mut AgentClient<Channel>, id: &str, family: &str, max_virtual: i32) {
+    agent
+        .register_server(registration(id, family, max_virtual))
+        .await
+        .unwrap();
+}
+
+pub fn close_item(id: &str, force: Option<bool>, reason: &str) -> pb::CloseServerRequestData {
+    pb::CloseServerRequestData {
+        server_id: id.into(),
+        force,
+        reason: reason.into(),
+    }
+}
+
+pub fn close_req(items: Vec<pb::CloseServerRequestData>) -> pb::CloseServersRequest {
+    pb::CloseServersRequest { servers: items }
+}
+
+pub fn open_req(ids: &[&str]) -> pb::OpenServersRequest {
+    pb::OpenServersRequest {
+        servers: ids
+            .iter()
+            .map(|id| pb::OpenServerRequestData {
+                server_id: id.to_string(),
+            })
+            .collect(),
+    }
+}
+
+pub fn describe_ids(ids: &[&str]) -> pb::DescribeServersRequest {
+    pb::DescribeServersRequest {
+        server_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Describes one server, which must exist.
+pub async fn describe_one(servers: &mut ServersClient<Channel>, id: &str) -> pb::Server {
+    let mut page = servers
+        .describe_servers(describe_ids(&[id]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.servers.len(), 1, "server {id} should exist");
+    page.servers.remove(0)
+}
+
+/// The BadRequest field violations of an error status, as (field, text).
+pub fn violations(status: &tonic::Status) -> Vec<(String, String)> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT must carry google.rpc.BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| (v.field, v.description))
+        .collect()
+}
+
+pub fn reasons(server: &pb::Server) -> Vec<pb::UnavailabilityReason> {
+    server
+        .unavailability_reasons
+        .iter()
+        .map(|r| pb::UnavailabilityReason::try_from(*r).unwrap())
+        .collect()
+}
