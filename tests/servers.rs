@@ -52,7 +52,10 @@ async fn seed_example_closes_one_server_and_reports_the_unknown_one() {
     );
     assert_eq!(code(failed.failure_code), FailureCode::DcvServerNotFound);
     assert_eq!(failed.failure_reason, "Dcv server not found.");
-    assert_ne!(open.request_id, r.request_id, "every response has a fresh id");
+    assert_ne!(
+        open.request_id, r.request_id,
+        "every response has a fresh id"
+    );
 }
 
 #[tokio::test]
@@ -82,14 +85,22 @@ async fn every_item_failure_code_in_one_batch() {
         .await
         .unwrap()
         .into_inner();
-    let ok: Vec<_> = r.successful_list.iter().map(|s| s.server_id.as_str()).collect();
+    let ok: Vec<_> = r
+        .successful_list
+        .iter()
+        .map(|s| s.server_id.as_str())
+        .collect();
     assert_eq!(ok, vec!["idle"]);
     let failed: Vec<_> = r
         .unsuccessful_list
         .iter()
         .map(|f| {
             (
-                f.close_server_request_data.as_ref().unwrap().server_id.len(),
+                f.close_server_request_data
+                    .as_ref()
+                    .unwrap()
+                    .server_id
+                    .len(),
                 code(f.failure_code),
             )
         })
@@ -195,9 +206,19 @@ async fn force_closes_a_busy_server_and_its_sessions_keep_running() {
         .unwrap()
         .into_inner();
     let failed = &r.unsuccessful_list[0];
-    assert_eq!(code(failed.failure_code), FailureCode::DcvServerHasRunningSessions);
-    assert!(failed.failure_reason.contains("2 running session"), "{}", failed.failure_reason);
-    assert_eq!(failed.close_server_request_data.as_ref().unwrap().force, Some(false));
+    assert_eq!(
+        code(failed.failure_code),
+        FailureCode::DcvServerHasRunningSessions
+    );
+    assert!(
+        failed.failure_reason.contains("2 running session"),
+        "{}",
+        failed.failure_reason
+    );
+    assert_eq!(
+        failed.close_server_request_data.as_ref().unwrap().force,
+        Some(false)
+    );
     assert!(describe_one(&mut servers, "busy").await.holds.is_empty());
 
     let r = servers
@@ -207,7 +228,10 @@ async fn force_closes_a_busy_server_and_its_sessions_keep_running() {
         .into_inner();
     assert_eq!(r.successful_list.len(), 1);
     let busy = describe_one(&mut servers, "busy").await;
-    assert_eq!(busy.virtual_session_count, 2, "deleted sessions do not count");
+    assert_eq!(
+        busy.virtual_session_count, 2,
+        "deleted sessions do not count"
+    );
     assert_eq!(busy.holds[0].reason, "drain");
 
     // A server whose sessions ended closes without Force.
@@ -230,7 +254,9 @@ async fn batch_limits_are_invalid_argument_with_bad_request_details() {
     let broker = Broker::quiet().await;
     let mut servers = broker.servers().await;
     for n in [0usize, 1001] {
-        let items = (0..n).map(|i| close_item(&format!("s{i}"), None, "")).collect();
+        let items = (0..n)
+            .map(|i| close_item(&format!("s{i}"), None, ""))
+            .collect();
         let err = servers.close_servers(close_req(items)).await.unwrap_err();
         let v = violations(&err);
         assert_eq!(v[0].0, "Servers");
@@ -240,9 +266,19 @@ async fn batch_limits_are_invalid_argument_with_bad_request_details() {
         let err = servers.open_servers(open_req(&ids)).await.unwrap_err();
         assert_eq!(violations(&err)[0].0, "Servers");
     }
-    let items = (0..1000).map(|i| close_item(&format!("s{i}"), None, "")).collect();
-    let r = servers.close_servers(close_req(items)).await.unwrap().into_inner();
-    assert_eq!(r.unsuccessful_list.len(), 1000, "1000 items is a valid batch");
+    let items = (0..1000)
+        .map(|i| close_item(&format!("s{i}"), None, ""))
+        .collect();
+    let r = servers
+        .close_servers(close_req(items))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.unsuccessful_list.len(),
+        1000,
+        "1000 items is a valid batch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +295,10 @@ async fn nobody_observes_half_a_batch() {
     let open = open_req(&id_refs);
     let write = tokio::spawn(async move {
         for _ in 0..100 {
-            writer.close_servers(close_req(items.clone())).await.unwrap();
+            writer
+                .close_servers(close_req(items.clone()))
+                .await
+                .unwrap();
             writer.open_servers(open.clone()).await.unwrap();
         }
     });
@@ -382,7 +421,10 @@ async fn each_filter_selects_server_side() {
 
     let cases: Vec<(Vec<pb::KeyValuePair>, Vec<&str>)> = vec![
         (vec![], vec!["a-linux", "b-windows", "c-mac", "d-unhealthy"]),
-        (vec![filter("availability", "AVAILABLE")], vec!["a-linux", "c-mac"]),
+        (
+            vec![filter("availability", "AVAILABLE")],
+            vec!["a-linux", "c-mac"],
+        ),
         (
             vec![filter("availability", "UNAVAILABLE")],
             vec!["b-windows", "d-unhealthy"],
@@ -400,7 +442,10 @@ async fn each_filter_selects_server_side() {
             vec![filter("closed", "false")],
             vec!["a-linux", "c-mac", "d-unhealthy"],
         ),
-        (vec![filter("os-family", "linux")], vec!["a-linux", "d-unhealthy"]),
+        (
+            vec![filter("os-family", "linux")],
+            vec!["a-linux", "d-unhealthy"],
+        ),
         (vec![filter("os-family", "macos")], vec!["c-mac"]),
         (vec![filter("tag:city", "Tokyo")], vec!["c-mac"]),
         (
@@ -413,7 +458,10 @@ async fn each_filter_selects_server_side() {
             vec!["b-windows", "c-mac"],
         ),
         (
-            vec![filter("os-family", "linux"), filter("availability", "AVAILABLE")],
+            vec![
+                filter("os-family", "linux"),
+                filter("availability", "AVAILABLE"),
+            ],
             vec!["a-linux"],
         ),
         (vec![filter("tag:city", "Paris")], vec![]),
@@ -510,7 +558,11 @@ async fn describe_validates_its_input_and_its_tokens() {
         })
         .await
         .unwrap_err();
-    assert!(violations(&err)[0].1.contains("different ServerIds or Filters"));
+    assert!(
+        violations(&err)[0]
+            .1
+            .contains("different ServerIds or Filters")
+    );
     // A token from another broker (a restart) is refused too.
     let other = Broker::quiet().await;
     let err = other
@@ -569,7 +621,7 @@ async fn paging_through_2500_servers_while_others_come_and_go() {
             }
             let id = format!("stable-{:05}-churn-{n}", (n * 7919) % 2500);
             register(&mut agent, &id, "linux", 10).await;
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 agent
                     .deregister_server(pb::DeregisterServerRequest { server_id: id })
                     .await
