@@ -57,7 +57,8 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_REMOVE_AFTER", default_value = "1h", value_parser = duration)]
     pub remove_after: Duration,
 
-    /// How often forgotten servers are swept in the background.
+    /// How often servers silent past --remove-after are looked for in the
+    /// background (operations also notice them on their own).
     #[arg(long, env = "DCV_BROKER_SWEEP_INTERVAL", default_value = "5s", value_parser = duration)]
     pub sweep_interval: Duration,
 

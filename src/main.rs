@@ -22,6 +22,9 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     args.check()?;
     telemetry::init(args.log_format, &args.log)?;
+    // Signal handlers go in before the port is announced: a supervisor may
+    // send SIGTERM the moment it sees the line.
+    let shutdown = shutdown_signal().map_err(|e| format!("cannot watch signals: {e}"))?;
     let config = args.broker_config();
     let fleet = Fleet::new(config.fleet.clone()).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(args.listen)
@@ -33,30 +36,30 @@ async fn run(args: Args) -> Result<(), String> {
     // The one line on stdout: scripts read the port from it.
     println!("dcv-broker listening on {addr}");
     tracing::info!(%addr, demo_fleet = config.demo_fleet, "serving");
-    serve(listener, fleet, config, shutdown_signal())
+    serve(listener, fleet, config, shutdown)
         .await
         .map_err(|e| e.to_string())
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(err) => {
-                    tracing::warn!(%err, "cannot watch SIGTERM; only SIGINT stops the broker");
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
+/// Installs SIGTERM and SIGINT handlers now; the future resolves on
+/// either.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
         }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
