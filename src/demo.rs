@@ -65,12 +65,15 @@ pub fn description(index: usize) -> ServerDescription {
         index & 0xff
     );
     let (os_name, os_version, kernel, build) = match family {
-        OsFamily::Linux => (
-            pick(index, 3, &["Amazon Linux", "Ubuntu", "Rocky Linux", "RHEL"]),
-            pick(index, 4, &["2023", "22.04", "9.4", "24.04"]),
-            "6.1.0",
-            "",
-        ),
+        OsFamily::Linux => {
+            let (name, version) = [
+                ("Amazon Linux", "2023"),
+                ("Ubuntu", "22.04"),
+                ("Rocky Linux", "9.4"),
+                ("Red Hat Enterprise Linux", "9.4"),
+            ][(mix(index, 3) % 4) as usize];
+            (name, version, "6.1.0", "")
+        }
         OsFamily::Windows => ("Windows Server", "2022", "", "20348"),
         OsFamily::Macos => ("macOS", "14.5", "", "23F79"),
     };
