@@ -63,3 +63,55 @@ fn announces_its_port_and_exits_zero_on_sigterm() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
 }
+
+#[tokio::test]
+async fn logs_each_request_in_a_span_carrying_its_request_id() {
+    use dcv_broker::pb;
+    use tokio::io::{AsyncBufReadExt, BufReader as AsyncBufReader};
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--demo-fleet", "3"])
+        .args(["--log", "debug", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = AsyncBufReader::new(child.stdout.take().unwrap()).lines();
+    let line = stdout.next_line().await.unwrap().unwrap();
+    let addr = line
+        .trim_start_matches("dcv-broker listening on ")
+        .to_string();
+    let mut client = pb::servers_client::ServersClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let reply = client
+        .close_servers(pb::CloseServersRequest {
+            servers: vec![pb::CloseServerRequestData {
+                server_id: "serverId1".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Read the log until the request's completion event shows up.
+    let mut stderr = AsyncBufReader::new(child.stderr.take().unwrap()).lines();
+    let event = loop {
+        let line = stderr.next_line().await.unwrap().expect("log ended early");
+        if line.contains("servers closed") {
+            break line;
+        }
+    };
+    assert!(
+        event.contains(&format!("\"request_id\":\"{}\"", reply.request_id)),
+        "{event}"
+    );
+    assert!(
+        event.contains("/dcv.sessionmanager.v1.Servers/CloseServers"),
+        "{event}"
+    );
+    assert!(event.contains("\"peer\":\"127.0.0.1:"), "{event}");
+    child.kill().await.unwrap();
+}
