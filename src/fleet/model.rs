@@ -298,7 +298,8 @@ pub struct ServerRecord {
     /// When the agent was last heard from (wall clock, for display).
     pub last_seen_wall: SystemTime,
     /// The agent deregistered while the server was held; it stays
-    /// unreachable until the agent registers again.
+    /// unreachable until the agent is heard from again (a registration or
+    /// a heartbeat).
     pub agent_departed: bool,
 }
 
