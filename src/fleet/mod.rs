@@ -20,6 +20,7 @@ pub mod error;
 pub mod model;
 pub mod page_token;
 pub mod query;
+pub mod requirements;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},

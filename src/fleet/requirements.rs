@@ -1,0 +1,1 @@
+//! DCV placement Requirements: parsing and evaluation (in progress).
