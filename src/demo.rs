@@ -58,11 +58,13 @@ pub fn description(index: usize) -> ServerDescription {
     let family = family(index);
     let cpus = [2u32, 4, 8, 16, 32, 64][(mix(index, 2) % 6) as usize];
     let gib = 1i64 << 30;
+    // Offset by one so that no server gets the network address 10.0.0.0.
+    let host = index + 1;
     let ip = format!(
         "10.{}.{}.{}",
-        (index >> 16) & 0xff,
-        (index >> 8) & 0xff,
-        index & 0xff
+        (host >> 16) & 0xff,
+        (host >> 8) & 0xff,
+        host & 0xff
     );
     let (os_name, os_version, kernel, build) = match family {
         OsFamily::Linux => {

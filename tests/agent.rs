@@ -232,4 +232,29 @@ async fn malformed_agent_reports_are_invalid_argument() {
     assert_eq!(fields, vec!["Sessions[0].Type", "Sessions[1].State"]);
     let err = agent.heartbeat(beat("", vec![])).await.unwrap_err();
     assert_eq!(violations(&err)[0].0, "ServerId");
+    assert_eq!(violations(&err)[0].1, "must not be empty");
+
+    use pb::{SessionState as St, SessionType as Ty};
+    let err = agent
+        .heartbeat(beat(
+            "ok",
+            vec![
+                session("c1", Ty::Console, St::Ready),
+                session("c2", Ty::Console, St::Ready),
+                session("c1", Ty::Virtual, St::Ready),
+                session("old", Ty::Console, St::Deleted),
+            ],
+        ))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(fields, vec!["Sessions[1].Type", "Sessions[2].Id"]);
+
+    let err = agent
+        .register_server(registration("win", "windows", 5))
+        .await
+        .unwrap_err();
+    let v = violations(&err);
+    assert_eq!(v[0].0, "MaxVirtualSessions");
+    assert!(v[0].1.contains("only Linux"), "{v:?}");
 }

@@ -249,6 +249,8 @@ struct Model {
 enum WholeError {
     /// InvalidArgument with a single violation of this field.
     Invalid(String),
+    /// InvalidArgument with several violations, of these fields.
+    InvalidMany(Vec<String>),
     ServerNotFound(String),
     /// Anything else (never predicted by the model).
     Other(String),
@@ -257,6 +259,9 @@ enum WholeError {
 fn whole_error(e: &FleetError) -> WholeError {
     match e {
         FleetError::InvalidArgument(v) if v.len() == 1 => WholeError::Invalid(v[0].field.clone()),
+        FleetError::InvalidArgument(v) => {
+            WholeError::InvalidMany(v.iter().map(|v| v.field.clone()).collect())
+        }
         FleetError::ServerNotFound(id) => WholeError::ServerNotFound(id.clone()),
         other => WholeError::Other(format!("{other:?}")),
     }
@@ -344,8 +349,24 @@ impl Model {
     }
 
     fn heartbeat(&mut self, id: &str, sessions: &[ReportedSession]) -> Result<(), WholeError> {
+        // A server runs at most one console session: the second live one
+        // reported is refused, as is an invalid id, before any lookup.
+        let mut bad = Vec::new();
         if !id_is_valid(id) {
-            return Err(WholeError::Invalid("ServerId".into()));
+            bad.push("ServerId".to_string());
+        }
+        let second_console = sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.kind == SessionKind::Console && s.state != SessionState::Deleted)
+            .nth(1);
+        if let Some((i, _)) = second_console {
+            bad.push(format!("Sessions[{i}].Type"));
+        }
+        match bad.len() {
+            0 => {}
+            1 => return Err(WholeError::Invalid(bad.remove(0))),
+            _ => return Err(WholeError::InvalidMany(bad)),
         }
         let server = self
             .servers
@@ -665,6 +686,9 @@ fn check_state(fleet: &Fleet, model: &Model, page_size: usize) -> TestCaseResult
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 256,
+        // Integration tests have no lib.rs beside them for proptest to store
+        // regressions next to; a failure prints its shrunk case instead.
+        failure_persistence: None,
         ..ProptestConfig::default()
     })]
 

@@ -126,6 +126,7 @@ async fn every_item_failure_code_in_one_batch() {
         .close_servers(close_req(vec![
             close_item("idle", None, &"r".repeat(1025)),
             close_item("busy", Some(true), "line\nbreak"),
+            close_item("other", Some(true), "looks \u{202E}fine"),
         ]))
         .await
         .unwrap()

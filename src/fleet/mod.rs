@@ -144,13 +144,14 @@ pub struct ServerView<'a> {
     pub reasons: Reasons,
 }
 
-/// Checks a server id's shape; the error says what is wrong.
+/// Checks a server id's shape; the error says what is wrong (without the
+/// field name, which the caller adds where it helps).
 pub fn validate_server_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
-        Err("ServerId must not be empty".into())
+        Err("must not be empty".into())
     } else if id.len() > model::MAX_SERVER_ID_BYTES {
         Err(format!(
-            "ServerId must be at most {} bytes; got {}",
+            "must be at most {} bytes; got {}",
             model::MAX_SERVER_ID_BYTES,
             id.len()
         ))
@@ -163,14 +164,23 @@ fn validate_reason(reason: &str) -> Result<(), String> {
     let chars = reason.chars().count();
     if chars > model::MAX_REASON_CHARS {
         Err(format!(
-            "Reason must be at most {} characters; got {chars}",
+            "Reason must be at most {} characters; got {chars}.",
             model::MAX_REASON_CHARS
         ))
     } else if reason.chars().any(|c| c.is_control() && c != '\t') {
-        Err("Reason must not contain control characters other than tab".into())
+        Err("Reason must not contain control characters other than tab.".into())
+    } else if reason.chars().any(is_bidi_control) {
+        Err("Reason must not contain Unicode bidirectional control characters.".into())
     } else {
         Ok(())
     }
+}
+
+/// Bidirectional overrides and isolates can make a reason display as
+/// something other than what it says, in logs and terminals ("Trojan
+/// Source"); nobody needs them in a sentence about maintenance.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn validate_batch_size(len: usize) -> Result<(), FleetError> {
@@ -189,7 +199,10 @@ fn precheck<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<Option<ItemFailure>> 
     let mut seen = HashSet::new();
     ids.map(|id| {
         if let Err(why) = validate_server_id(id) {
-            Some(ItemFailure::new(FailureCode::InvalidServerId, why))
+            Some(ItemFailure::new(
+                FailureCode::InvalidServerId,
+                format!("ServerId {why}."),
+            ))
         } else if !seen.insert(id) {
             Some(ItemFailure::new(
                 FailureCode::DuplicateServerId,
@@ -647,6 +660,15 @@ fn validate_description(d: &ServerDescription, violations: &mut Vec<FieldViolati
             check_text(field, value, violations);
         }
     }
+    if d.host.os.family != OsFamily::Linux && d.max_virtual_sessions != 0 {
+        violations.push(FieldViolation::new(
+            "MaxVirtualSessions",
+            format!(
+                "must be 0 on {}: only Linux runs virtual sessions",
+                d.host.os.family.as_str()
+            ),
+        ));
+    }
     if check_count("Endpoints", d.endpoints.len(), MAX_ENDPOINTS, violations) {
         for (i, e) in d.endpoints.iter().enumerate() {
             check_text(
@@ -707,12 +729,28 @@ fn validate_heartbeat(h: &Heartbeat, violations: &mut Vec<FieldViolation>) {
         MAX_REPORTED_SESSIONS,
         violations,
     ) {
+        let mut ids = HashSet::new();
+        let mut consoles = 0;
         for (i, s) in h.sessions.iter().enumerate() {
             if s.id.is_empty() {
                 violations.push(FieldViolation::new(
                     format!("Sessions[{i}].Id"),
                     "must not be empty",
                 ));
+            } else if !ids.insert(s.id.as_str()) {
+                violations.push(FieldViolation::new(
+                    format!("Sessions[{i}].Id"),
+                    "is reported twice",
+                ));
+            }
+            if s.kind == SessionKind::Console && s.state != SessionState::Deleted {
+                consoles += 1;
+                if consoles == 2 {
+                    violations.push(FieldViolation::new(
+                        format!("Sessions[{i}].Type"),
+                        "a server runs at most one console session",
+                    ));
+                }
             }
             check_text(&format!("Sessions[{i}].Id"), &s.id, violations);
             check_text(&format!("Sessions[{i}].Owner"), &s.owner, violations);
