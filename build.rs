@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dcv/sessionmanager/v1/types.proto",
         "proto/dcv/sessionmanager/v1/servers.proto",
         "proto/dcv/sessionmanager/v1/agent.proto",
+        "proto/dcv/sessionmanager/v1/sessions.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

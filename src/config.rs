@@ -5,7 +5,19 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::{BrokerConfig, fleet::FleetConfig};
+use crate::{
+    BrokerConfig,
+    fleet::{FleetConfig, PlacementStrategy},
+};
+
+/// How the broker chooses among servers that can take a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Placement {
+    /// The server with the fewest sessions (ties: lowest id).
+    Spread,
+    /// The fullest server that still has room (ties: lowest id).
+    Pack,
+}
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,6 +78,42 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_PAGE_TOKEN_TTL", default_value = "1h", value_parser = duration)]
     pub page_token_ttl: Duration,
 
+    /// How CreateSessions chooses among the servers that can take a
+    /// session.
+    #[arg(
+        long,
+        env = "DCV_BROKER_PLACEMENT_STRATEGY",
+        value_enum,
+        default_value = "spread"
+    )]
+    pub placement_strategy: Placement,
+
+    /// The most CreateSessions requests (EnqueueRequest) that may wait for
+    /// a server at once.
+    #[arg(long, env = "DCV_BROKER_QUEUE_MAX_SIZE", default_value_t = 1000)]
+    pub queue_max_size: usize,
+
+    /// How long a queued CreateSessions request waits before it fails.
+    #[arg(long, env = "DCV_BROKER_QUEUE_TIMEOUT", default_value = "1800s", value_parser = duration)]
+    pub queue_timeout: Duration,
+
+    /// How long an agent has to confirm a session creation before the
+    /// broker tries another server.
+    #[arg(long, env = "DCV_BROKER_AGENT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub agent_timeout: Duration,
+
+    /// How many other servers a failed session creation is retried on.
+    #[arg(long, env = "DCV_BROKER_CREATE_RETRIES", default_value_t = 2)]
+    pub create_retries: u32,
+
+    /// How long DELETED sessions stay visible in DescribeSessions.
+    #[arg(long, env = "DCV_BROKER_DELETED_SESSION_RETENTION", default_value = "1h", value_parser = duration)]
+    pub deleted_session_retention: Duration,
+
+    /// How long a connection token from GetSessionConnectionData is valid.
+    #[arg(long, env = "DCV_BROKER_CONNECTION_TOKEN_TTL", default_value = "1h", value_parser = duration)]
+    pub connection_token_ttl: Duration,
+
     /// Longest a request may run before it is cancelled ("0s": no limit).
     #[arg(long, env = "DCV_BROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub request_timeout: Duration,
@@ -113,6 +161,17 @@ impl Args {
                 unreachable_after: self.unreachable_after,
                 remove_after: self.remove_after,
                 page_token_ttl: self.page_token_ttl,
+                placement: match self.placement_strategy {
+                    Placement::Spread => PlacementStrategy::Spread,
+                    Placement::Pack => PlacementStrategy::Pack,
+                },
+                queue_max_size: self.queue_max_size,
+                queue_timeout: self.queue_timeout,
+                agent_timeout: self.agent_timeout,
+                create_retries: self.create_retries,
+                deleted_retention: self.deleted_session_retention,
+                connection_token_ttl: self.connection_token_ttl,
+                ..FleetConfig::default()
             },
             request_timeout: (!self.request_timeout.is_zero()).then_some(self.request_timeout),
             drain_deadline: self.drain_deadline,

@@ -6,16 +6,26 @@
 //! The first server's id is `serverId1`, the id in DCV's CloseServers
 //! documentation example, so that example runs as written; the others are
 //! `dcv-0000001`, `dcv-0000002`, ...
+//!
+//! The simulated agents also carry out the broker's instructions: they
+//! create and delete sessions at once, report the outcome, and list the
+//! sessions they run in their next heartbeats, so the whole session flow
+//! runs end to end in one process.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::fleet::{
-    AwsInfo, CpuInfo, Endpoint, Fleet, Gpu, Heartbeat, HostInfo, LoadAverage, MemoryUsage,
-    OsFamily, OsInfo, Protocol, ReportedSession, ServerDescription, ServerId, SessionKind,
-    SessionState, Tag,
+    AwsInfo, CpuInfo, Endpoint, Fleet, Gpu, Heartbeat, HostInfo, Instruction, InstructionKind,
+    InstructionOutcome, LoadAverage, MemoryUsage, OsFamily, OsInfo, Protocol, ReportedSession,
+    ServerDescription, ServerId, SessionKind, SessionState, Tag,
 };
+
+/// Sessions the simulated agents created on the broker's instruction, by
+/// server index.
+type Created = Arc<Mutex<HashMap<usize, Vec<ReportedSession>>>>;
 
 /// Servers whose heartbeats are applied under one lock hold: big enough to
 /// be cheap, small enough not to stall readers.
@@ -28,6 +38,15 @@ pub fn server_id(index: usize) -> String {
     } else {
         format!("dcv-{index:07}")
     }
+}
+
+/// The index of a simulated server's id, if it is one.
+pub fn index_of(id: &str) -> Option<usize> {
+    if id == "serverId1" {
+        return Some(0);
+    }
+    let index: usize = id.strip_prefix("dcv-")?.parse().ok()?;
+    (index > 0 && server_id(index) == id).then_some(index)
 }
 
 /// A deterministic pseudo-random number for `index` and `salt` (SplitMix64).
@@ -199,20 +218,33 @@ pub fn heartbeat(index: usize) -> Heartbeat {
 }
 
 /// Registers `count` simulated servers now, then keeps them heartbeating
-/// at the fleet's heartbeat interval, spread evenly over it. A server that
-/// was forgotten (its removal timeout passed) registers again.
+/// at the fleet's heartbeat interval, spread evenly over it, and carries
+/// out the broker's instructions. A server that was forgotten (its removal
+/// timeout passed) registers again.
 pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
     let ids: Vec<ServerId> = (0..count).map(|i| ServerId::from(server_id(i))).collect();
     for (index, id) in ids.iter().enumerate() {
         register(&fleet, index, id);
     }
+    let created: Created = Arc::default();
+    let instructions = fleet.subscribe_instructions_many(&ids);
+    let executor = tokio::spawn(execute(fleet.clone(), instructions, created.clone()));
+    let beat = |index: usize, created: &Created| {
+        let mut report = heartbeat(index);
+        if let Some(extra) = created.lock().get(&index) {
+            report.sessions.extend(extra.iter().cloned());
+        }
+        report
+    };
     fleet.heartbeat_many(
         ids.iter()
             .enumerate()
-            .map(|(i, id)| (id.clone(), heartbeat(i))),
+            .map(|(i, id)| (id.clone(), beat(i, &created))),
     );
     tracing::info!(servers = count, "demo fleet registered");
     tokio::spawn(async move {
+        // The executor lives as long as the heartbeats do.
+        let _executor = AbortOnDrop(executor);
         let chunks = count.div_ceil(HEARTBEAT_CHUNK).max(1);
         let pause = fleet.config().heartbeat_interval / chunks as u32;
         let pause = pause.max(Duration::from_millis(1));
@@ -224,16 +256,66 @@ pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
                     chunk
                         .iter()
                         .enumerate()
-                        .map(|(i, id)| (id.clone(), heartbeat(base + i))),
+                        .map(|(i, id)| (id.clone(), beat(base + i, &created))),
                 );
                 for id in unknown {
-                    if let Some(index) = ids.iter().position(|x| *x == id) {
+                    if let Some(index) = index_of(&id) {
                         register(&fleet, index, &id);
                     }
                 }
             }
         }
     })
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Carries out instructions as a real agent would, instantly.
+async fn execute(
+    fleet: Fleet,
+    mut instructions: tokio::sync::mpsc::UnboundedReceiver<Instruction>,
+    created: Created,
+) {
+    while let Some(instruction) = instructions.recv().await {
+        let server = instruction.server().clone();
+        let Some(index) = index_of(&server) else {
+            continue;
+        };
+        let (session, kind) = match instruction {
+            Instruction::Create { session, order, .. } => {
+                created
+                    .lock()
+                    .entry(index)
+                    .or_default()
+                    .push(ReportedSession {
+                        id: session.to_string(),
+                        owner: order.owner.clone(),
+                        kind: order.kind,
+                        state: SessionState::Ready,
+                    });
+                (session, InstructionKind::Create)
+            }
+            Instruction::Delete { session, .. } => {
+                if let Some(list) = created.lock().get_mut(&index) {
+                    list.retain(|s| *s.id != *session);
+                }
+                (session, InstructionKind::Delete)
+            }
+            Instruction::UpdatePermissions { session, .. } => {
+                (session, InstructionKind::UpdatePermissions)
+            }
+        };
+        let outcome = InstructionOutcome::Done { ready: true };
+        if let Err(err) = fleet.report_instruction(&server, &session, kind, outcome) {
+            tracing::debug!(%err, "demo agent report refused");
+        }
+    }
 }
 
 fn register(fleet: &Fleet, index: usize, id: &str) {

@@ -8,10 +8,12 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{AgentApi, RequestSpanLayer, ServersApi},
+    api::{AgentApi, RequestSpanLayer, ServersApi, SessionsApi},
     demo,
     fleet::{Fleet, FleetConfig},
-    pb::{agent_server::AgentServer, servers_server::ServersServer},
+    pb::{
+        agent_server::AgentServer, servers_server::ServersServer, sessions_server::SessionsServer,
+    },
 };
 
 /// The largest request message accepted. A full CloseServers batch (1000
@@ -107,6 +109,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ServersServer<ServersApi>>().await;
     health.set_serving::<AgentServer<AgentApi>>().await;
+    health.set_serving::<SessionsServer<SessionsApi>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection = || {
@@ -121,6 +124,9 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let servers = ServersServer::new(ServersApi::new(fleet.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let sessions = SessionsServer::new(SessionsApi::new(fleet.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let agent = AgentServer::new(AgentApi::new(fleet.clone()))
@@ -143,6 +149,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(servers)
+        .add_service(sessions)
         .add_service(agent)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -156,6 +163,9 @@ pub async fn serve(
     tracing::info!("shutting down: reporting NOT_SERVING and draining connections");
     health.set_not_serving::<ServersServer<ServersApi>>().await;
     health.set_not_serving::<AgentServer<AgentApi>>().await;
+    health
+        .set_not_serving::<SessionsServer<SessionsApi>>()
+        .await;
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;

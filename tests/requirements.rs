@@ -28,6 +28,7 @@ fn record(id: &str, description: ServerDescription) -> ServerRecord {
         dcv_server_healthy: true,
         logged_in_users: Vec::new(),
         sessions: Vec::new(),
+        placing: Vec::new(),
         holds: Vec::new(),
         registered_at: SystemTime::now(),
         last_seen: Instant::now(),

@@ -1,11 +1,14 @@
 //! The `Agent` gRPC service: registration, heartbeats and departure of the
 //! agents that run beside each DCV server.
 
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt as _, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
 use super::{RequestId, convert};
 use crate::{
-    fleet::Fleet,
+    fleet::{Fleet, InstructionKind, InstructionOutcome},
     pb::{self, agent_server::Agent},
 };
 
@@ -67,6 +70,81 @@ impl Agent for AgentApi {
         Ok(Response::new(pb::DeregisterServerResponse {
             request_id,
             removed,
+        }))
+    }
+
+    type StreamInstructionsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::StreamInstructionsResponse, Status>> + Send>>;
+
+    async fn stream_instructions(
+        &self,
+        request: Request<pb::StreamInstructionsRequest>,
+    ) -> Result<Response<Self::StreamInstructionsStream>, Status> {
+        let id = request.into_inner().server_id;
+        let receiver = self.fleet.subscribe_instructions(&id)?;
+        tracing::debug!(server_id = %id, "instruction stream opened");
+        let stream = UnboundedReceiverStream::new(receiver)
+            .map(|instruction| Ok(convert::instruction_to_pb(instruction)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_instruction_result(
+        &self,
+        request: Request<pb::ReportInstructionResultRequest>,
+    ) -> Result<Response<pb::ReportInstructionResultResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        let kind = match pb::InstructionKind::try_from(r.kind) {
+            Ok(pb::InstructionKind::CreateSession) => InstructionKind::Create,
+            Ok(pb::InstructionKind::DeleteSession) => InstructionKind::Delete,
+            Ok(pb::InstructionKind::UpdatePermissions) => InstructionKind::UpdatePermissions,
+            _ => {
+                return Err(crate::fleet::FleetError::invalid(
+                    "Kind",
+                    format!("unknown or unspecified instruction kind {}", r.kind),
+                )
+                .into());
+            }
+        };
+        let outcome = if r.success {
+            InstructionOutcome::Done {
+                ready: r.session_state == pb::SessionState::Ready as i32,
+            }
+        } else {
+            InstructionOutcome::Failed(r.failure_reason)
+        };
+        self.fleet
+            .report_instruction(&r.server_id, &r.session_id, kind, outcome)?;
+        tracing::debug!(server_id = %r.server_id, session_id = %r.session_id, ?kind, "instruction result");
+        Ok(Response::new(pb::ReportInstructionResultResponse {
+            request_id,
+        }))
+    }
+
+    async fn validate_connection_token(
+        &self,
+        request: Request<pb::ValidateConnectionTokenRequest>,
+    ) -> Result<Response<pb::ValidateConnectionTokenResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        let verdict = self.fleet.validate_connection_token(
+            &r.server_id,
+            &r.session_id,
+            &r.connection_token,
+        )?;
+        Ok(Response::new(match verdict {
+            Ok(user) => pb::ValidateConnectionTokenResponse {
+                request_id,
+                valid: true,
+                user,
+                reason: String::new(),
+            },
+            Err(reason) => pb::ValidateConnectionTokenResponse {
+                request_id,
+                valid: false,
+                user: String::new(),
+                reason,
+            },
         }))
     }
 }

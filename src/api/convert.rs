@@ -217,6 +217,12 @@ pub fn failure_code_to_pb(code: fleet::FailureCode) -> pb::FailureCode {
         fleet::FailureCode::InvalidServerId => pb::FailureCode::InvalidServerId,
         fleet::FailureCode::DuplicateServerId => pb::FailureCode::DuplicateServerId,
         fleet::FailureCode::InvalidReason => pb::FailureCode::InvalidReason,
+        fleet::FailureCode::SessionNotFound => pb::FailureCode::SessionNotFound,
+        fleet::FailureCode::DuplicateSessionId => pb::FailureCode::DuplicateSessionId,
+        fleet::FailureCode::InvalidSessionParameter => pb::FailureCode::InvalidSessionParameter,
+        fleet::FailureCode::InvalidRequirements => pb::FailureCode::InvalidRequirements,
+        fleet::FailureCode::NoServerAvailable => pb::FailureCode::NoServerAvailable,
+        fleet::FailureCode::QueueFull => pb::FailureCode::QueueFull,
     }
 }
 
@@ -241,6 +247,34 @@ fn saturating_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+fn endpoint_to_pb(e: &fleet::Endpoint) -> pb::Endpoint {
+    pb::Endpoint {
+        ip_address: e.ip_address.clone(),
+        port: i32::from(e.port),
+        protocol: match e.protocol {
+            fleet::Protocol::Unspecified => pb::Protocol::Unspecified,
+            fleet::Protocol::Http => pb::Protocol::Http,
+            fleet::Protocol::Quic => pb::Protocol::Quic,
+        } as i32,
+        web_url_path: e.web_url_path.clone(),
+    }
+}
+
+/// A server's custom tags followed by its built-in ones.
+fn tags_to_pb(server: &fleet::ServerRecord) -> Vec<pb::KeyValuePair> {
+    server
+        .description
+        .tags
+        .iter()
+        .cloned()
+        .chain(server.builtin_tags())
+        .map(|t| pb::KeyValuePair {
+            key: t.key,
+            value: t.value,
+        })
+        .collect()
+}
+
 /// A server as DescribeServers returns it.
 pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
     let r = view.record;
@@ -252,20 +286,7 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
         ip: d.ip.clone(),
         hostname: d.hostname.clone(),
         default_dns_name: d.default_dns_name.clone(),
-        endpoints: d
-            .endpoints
-            .iter()
-            .map(|e| pb::Endpoint {
-                ip_address: e.ip_address.clone(),
-                port: i32::from(e.port),
-                protocol: match e.protocol {
-                    fleet::Protocol::Unspecified => pb::Protocol::Unspecified,
-                    fleet::Protocol::Http => pb::Protocol::Http,
-                    fleet::Protocol::Quic => pb::Protocol::Quic,
-                } as i32,
-                web_url_path: e.web_url_path.clone(),
-            })
-            .collect(),
+        endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
         version: d.version.clone(),
         session_manager_agent_version: d.agent_version.clone(),
         availability: if view.reasons.is_available() {
@@ -329,16 +350,7 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
                 })
                 .collect(),
         }),
-        tags: d
-            .tags
-            .iter()
-            .cloned()
-            .chain(r.builtin_tags())
-            .map(|t| pb::KeyValuePair {
-                key: t.key,
-                value: t.value,
-            })
-            .collect(),
+        tags: tags_to_pb(r),
         holds: r
             .holds
             .iter()
@@ -355,5 +367,142 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
         registration_time: Some(Timestamp::from(r.registered_at)),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
         max_concurrent_sessions_per_user: saturating_i32(d.max_concurrent_sessions_per_user),
+    }
+}
+
+fn session_kind_to_pb(kind: fleet::SessionKind) -> pb::SessionType {
+    match kind {
+        fleet::SessionKind::Console => pb::SessionType::Console,
+        fleet::SessionKind::Virtual => pb::SessionType::Virtual,
+    }
+}
+
+/// A session type from the wire; `None` when unspecified or unknown.
+pub fn session_kind_from_pb(value: i32) -> Option<fleet::SessionKind> {
+    match pb::SessionType::try_from(value) {
+        Ok(pb::SessionType::Console) => Some(fleet::SessionKind::Console),
+        Ok(pb::SessionType::Virtual) => Some(fleet::SessionKind::Virtual),
+        _ => None,
+    }
+}
+
+/// The wire value of a session state.
+pub fn session_state_to_pb(state: fleet::SessionState) -> pb::SessionState {
+    match state {
+        fleet::SessionState::Creating => pb::SessionState::Creating,
+        fleet::SessionState::Ready => pb::SessionState::Ready,
+        fleet::SessionState::Deleting => pb::SessionState::Deleting,
+        fleet::SessionState::Deleted => pb::SessionState::Deleted,
+        fleet::SessionState::Unknown => pb::SessionState::Unknown,
+    }
+}
+
+/// A CreateSessions item as the domain's request.
+pub fn create_spec_from_pb(d: &pb::CreateSessionRequestData) -> fleet::CreateSpec {
+    fleet::CreateSpec {
+        name: d.name.clone(),
+        owner: d.owner.clone(),
+        kind: session_kind_from_pb(d.r#type),
+        init_file: d.init_file.clone(),
+        max_concurrent_clients: d.max_concurrent_clients,
+        dcv_gl_enabled: d.dcv_gl_enabled,
+        permissions_file: d.permissions_file.clone(),
+        enqueue: d.enqueue_request,
+        autorun_file: d.autorun_file.clone(),
+        autorun_file_arguments: d.autorun_file_arguments.clone(),
+        disable_retry: d.disable_retry_on_failure,
+        requirements: d.requirements.clone(),
+        storage_root: d.storage_root.clone(),
+    }
+}
+
+fn session_server_to_pb(server: &fleet::ServerRecord) -> pb::SessionServer {
+    let d = &server.description;
+    let web = d
+        .endpoints
+        .iter()
+        .find(|e| e.protocol == fleet::Protocol::Http)
+        .or(d.endpoints.first());
+    pb::SessionServer {
+        id: server.id.to_string(),
+        ip: d.ip.clone(),
+        hostname: d.hostname.clone(),
+        port: web.map(|e| e.port.to_string()).unwrap_or_default(),
+        endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
+        web_url_path: web.map(|e| e.web_url_path.clone()).unwrap_or_default(),
+        tags: tags_to_pb(server),
+    }
+}
+
+/// A session as the Sessions API returns it.
+pub fn session_to_pb(view: fleet::SessionView<'_>) -> pb::Session {
+    let r = view.record;
+    pb::Session {
+        id: r.id.to_string(),
+        name: r.name.clone(),
+        owner: r.owner.clone(),
+        server: view.server.map(session_server_to_pb),
+        r#type: session_kind_to_pb(r.kind) as i32,
+        max_concurrent_clients: r
+            .order
+            .as_ref()
+            .map_or(0, |o| saturating_i32(o.max_concurrent_clients)),
+        state: session_state_to_pb(r.state) as i32,
+        substate: match r.substate {
+            None => pb::SessionSubstate::Unspecified,
+            Some(fleet::Substate::Placing) => pb::SessionSubstate::SessionPlacing,
+            Some(fleet::Substate::PendingPreparation) => pb::SessionSubstate::PendingPreparation,
+        } as i32,
+        state_reason: r.state_reason.clone(),
+        creation_time: Some(Timestamp::from(r.created_at)),
+        last_disconnection_time: None,
+        num_of_connections: 0,
+        storage_root: r
+            .order
+            .as_ref()
+            .map(|o| o.storage_root.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// An instruction as an agent receives it.
+pub fn instruction_to_pb(instruction: fleet::Instruction) -> pb::StreamInstructionsResponse {
+    use pb::stream_instructions_response::Instruction as I;
+    let body = match instruction {
+        fleet::Instruction::Create {
+            session,
+            order,
+            permissions_file,
+            ..
+        } => I::CreateSession(pb::CreateSessionInstruction {
+            session_id: session.to_string(),
+            name: order.name.clone(),
+            owner: order.owner.clone(),
+            r#type: session_kind_to_pb(order.kind) as i32,
+            init_file: order.init_file.clone(),
+            max_concurrent_clients: saturating_i32(order.max_concurrent_clients),
+            dcv_gl_enabled: order.dcv_gl_enabled,
+            permissions_file,
+            autorun_file: order.autorun_file.clone(),
+            autorun_file_arguments: order.autorun_file_arguments.clone(),
+            storage_root: order.storage_root.clone(),
+        }),
+        fleet::Instruction::Delete { session, .. } => {
+            I::DeleteSession(pb::DeleteSessionInstruction {
+                session_id: session.to_string(),
+            })
+        }
+        fleet::Instruction::UpdatePermissions {
+            session,
+            permissions_file,
+            ..
+        } => I::UpdatePermissions(pb::UpdatePermissionsInstruction {
+            session_id: session.to_string(),
+            permissions_file,
+        }),
+    };
+    pb::StreamInstructionsResponse {
+        instruction_id: uuid::Uuid::new_v4().to_string(),
+        instruction: Some(body),
     }
 }

@@ -31,6 +31,20 @@ impl From<FleetError> for Status {
                 );
                 Status::with_error_details(Code::NotFound, message, details)
             }
+            FleetError::SessionNotFound(id) => {
+                let details = ErrorDetails::with_resource_info(
+                    "dcv.sessionmanager.v1.Session",
+                    id,
+                    "",
+                    crate::fleet::sessions::SESSION_NOT_FOUND_TEXT,
+                );
+                Status::with_error_details(
+                    Code::NotFound,
+                    crate::fleet::sessions::SESSION_NOT_FOUND_TEXT,
+                    details,
+                )
+            }
+            FleetError::FailedPrecondition(why) => Status::failed_precondition(why),
             FleetError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the broker's log")

@@ -7,10 +7,12 @@ pub mod convert;
 pub mod error;
 pub mod request_id;
 pub mod servers;
+pub mod sessions;
 
 pub use agent::AgentApi;
 pub use request_id::{RequestId, RequestSpanLayer};
 pub use servers::ServersApi;
+pub use sessions::SessionsApi;
 
 /// The identity recorded as the actor of a close until authentication
 /// exists: every caller is the same anonymous client.

@@ -32,6 +32,12 @@ pub enum FleetError {
     /// An agent spoke for a server the broker does not know.
     #[error("server {0:?} is not registered; register it first")]
     ServerNotFound(String),
+    /// No such session.
+    #[error("session {0:?} does not exist")]
+    SessionNotFound(String),
+    /// The operation does not apply in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Something failed inside the broker.
     #[error("internal error: {0}")]
     Internal(String),

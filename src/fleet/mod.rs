@@ -21,6 +21,7 @@ pub mod model;
 pub mod page_token;
 pub mod query;
 pub mod requirements;
+pub mod sessions;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -37,6 +38,11 @@ pub use self::{
     error::{FieldViolation, FleetError},
     model::*,
     query::DescribeQuery,
+    sessions::{
+        CreateSpec, DeleteItem, FleetEvent, Instruction, InstructionKind, InstructionOutcome,
+        Order, PermissionsItem, PlacementStrategy, SequencedEvent, SessionId, SessionQuery,
+        SessionRecord, SessionView, Substate,
+    },
 };
 use self::{page_token::PageTokens, query::ValidQuery};
 
@@ -68,8 +74,29 @@ pub struct FleetConfig {
     pub unreachable_after: Duration,
     /// Silence after which an open server is forgotten (closed ones never).
     pub remove_after: Duration,
-    /// How long a DescribeServers page token stays valid.
+    /// How long a DescribeServers or DescribeSessions page token stays
+    /// valid.
     pub page_token_ttl: Duration,
+    /// How the broker chooses among servers that can take a session.
+    pub placement: PlacementStrategy,
+    /// The most CreateSessions requests that may wait for a server (DCV's
+    /// `create-sessions-queue-max-size`).
+    pub queue_max_size: usize,
+    /// How long a queued request waits before it fails (DCV's
+    /// `create-sessions-queue-max-time-seconds`).
+    pub queue_timeout: Duration,
+    /// How long the broker waits for an agent to confirm a creation before
+    /// it tries elsewhere.
+    pub agent_timeout: Duration,
+    /// How many other servers a failed creation is retried on (DCV's
+    /// `create-sessions-number-of-retries-on-failure`).
+    pub create_retries: u32,
+    /// How long DELETED sessions stay visible in DescribeSessions.
+    pub deleted_retention: Duration,
+    /// How long a connection token admits its user.
+    pub connection_token_ttl: Duration,
+    /// Fleet events buffered for each slow subscriber before it lags.
+    pub event_buffer: usize,
 }
 
 impl Default for FleetConfig {
@@ -79,6 +106,14 @@ impl Default for FleetConfig {
             unreachable_after: Duration::from_secs(90),
             remove_after: Duration::from_secs(3600),
             page_token_ttl: Duration::from_secs(3600),
+            placement: PlacementStrategy::Spread,
+            queue_max_size: 1000,
+            queue_timeout: Duration::from_secs(1800),
+            agent_timeout: Duration::from_secs(30),
+            create_retries: 2,
+            deleted_retention: Duration::from_secs(3600),
+            connection_token_ttl: Duration::from_secs(3600),
+            event_buffer: 4096,
         }
     }
 }
@@ -96,6 +131,18 @@ pub enum FailureCode {
     DuplicateServerId,
     /// Over-long reason or one with control characters.
     InvalidReason,
+    /// No such session (or another owner's).
+    SessionNotFound,
+    /// Session id repeated within the batch.
+    DuplicateSessionId,
+    /// A malformed session parameter.
+    InvalidSessionParameter,
+    /// Requirements that do not parse.
+    InvalidRequirements,
+    /// No server can take the session and it may not wait.
+    NoServerAvailable,
+    /// The queue is full.
+    QueueFull,
 }
 
 /// A failed batch item: a code for programs and a reason for people.
@@ -223,6 +270,8 @@ struct State {
     /// No open server can be due for removal before this (a lower bound,
     /// refreshed by each sweep); `None` when no server is removable.
     next_removal: Option<Instant>,
+    /// Sessions, the queue, agents' instruction channels.
+    sessions: sessions::Sessions,
 }
 
 impl State {
@@ -234,8 +283,34 @@ impl State {
         self.next_removal = Some(self.next_removal.map_or(deadline, |d| d.min(deadline)));
     }
 
-    /// Forgets every open server silent for longer than `remove_after`.
-    fn sweep(&mut self, now: Instant, remove_after: Duration) -> Vec<ServerId> {
+    fn maintenance_due(&self, now: Instant) -> bool {
+        self.removal_due(now) || self.session_deadline_due(now)
+    }
+
+    /// Forgets due servers and processes due session deadlines.
+    fn maintain(&mut self, now: Instant, ctx: &sessions::Ctx<'_>) -> Vec<ServerId> {
+        let removed = if self.removal_due(now) {
+            self.sweep(now, ctx)
+        } else {
+            Vec::new()
+        };
+        self.process_session_deadlines(now, ctx);
+        log_removed(&removed);
+        removed
+    }
+
+    /// Removes a server for good, ending its sessions.
+    fn remove_server(&mut self, id: &str, now: Instant, ctx: &sessions::Ctx<'_>) {
+        if let Some(server) = self.servers.remove(id) {
+            self.order.remove(id);
+            self.server_removed(&server, now, ctx);
+        }
+    }
+
+    /// Forgets every open server silent for longer than the removal
+    /// timeout.
+    fn sweep(&mut self, now: Instant, ctx: &sessions::Ctx<'_>) -> Vec<ServerId> {
+        let remove_after = ctx.config.remove_after;
         let due: Vec<ServerId> = self
             .servers
             .values()
@@ -243,8 +318,7 @@ impl State {
             .map(|s| s.id.clone())
             .collect();
         for id in &due {
-            self.servers.remove(id);
-            self.order.remove(id);
+            self.remove_server(id, now, ctx);
         }
         self.next_removal = self
             .servers
@@ -262,6 +336,8 @@ pub struct Fleet {
     state: Arc<RwLock<State>>,
     config: Arc<FleetConfig>,
     tokens: PageTokens,
+    connection_tokens: sessions::ConnectionTokens,
+    events: tokio::sync::broadcast::Sender<SequencedEvent>,
 }
 
 impl Fleet {
@@ -269,10 +345,16 @@ impl Fleet {
     pub fn new(config: FleetConfig) -> Result<Self, FleetError> {
         let tokens = PageTokens::random(config.page_token_ttl)
             .map_err(|e| FleetError::Internal(format!("no randomness for page tokens: {e}")))?;
+        let connection_tokens = sessions::ConnectionTokens::random().map_err(|e| {
+            FleetError::Internal(format!("no randomness for connection tokens: {e}"))
+        })?;
+        let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
         Ok(Fleet {
             state: Arc::default(),
             config: Arc::new(config),
             tokens,
+            connection_tokens,
+            events,
         })
     }
 
@@ -291,20 +373,21 @@ impl Fleet {
         self.len() == 0
     }
 
-    /// Takes the write lock, first sweeping servers that are due for
-    /// removal, so no operation ever sees one.
+    /// Takes the write lock, first doing whatever is due (forgetting
+    /// silent servers, session deadlines), so no operation ever sees a
+    /// state that should already have moved on.
     fn write(&self, now: Instant) -> parking_lot::RwLockWriteGuard<'_, State> {
         let mut state = self.state.write();
-        if state.removal_due(now) {
-            log_removed(&state.sweep(now, self.config.remove_after));
+        if state.maintenance_due(now) {
+            state.maintain(now, &self.ctx());
         }
         state
     }
 
-    /// Takes the read lock, sweeping first when removal is due.
+    /// Takes the read lock, doing what is due first.
     fn read(&self, now: Instant) -> parking_lot::RwLockReadGuard<'_, State> {
         let state = self.state.read();
-        if !state.removal_due(now) {
+        if !state.maintenance_due(now) {
             return state;
         }
         drop(state);
@@ -312,14 +395,13 @@ impl Fleet {
         self.state.read()
     }
 
-    /// Forgets every open server whose agent has been silent for longer
-    /// than the removal timeout; returns their ids.
+    /// Does what is due now: forgets every open server whose agent has been
+    /// silent past the removal timeout (returning their ids) and processes
+    /// session deadlines. The server runs it periodically.
     pub fn sweep(&self) -> Vec<ServerId> {
         let now = Instant::now();
         let mut state = self.state.write();
-        let removed = state.sweep(now, self.config.remove_after);
-        log_removed(&removed);
-        removed
+        state.maintain(now, &self.ctx())
     }
 
     /// Closes servers on behalf of `actor`. See `servers.proto` for the
@@ -339,39 +421,44 @@ impl Fleet {
             }
         }
         let wall = SystemTime::now();
-        let mut state = self.write(Instant::now());
-        let results = items
-            .iter()
-            .zip(pre)
-            .map(|(item, pre)| {
-                if let Some(failure) = pre {
-                    return Err(failure);
-                }
-                let server = state
-                    .servers
-                    .get_mut(item.server_id.as_str())
-                    .ok_or_else(ItemFailure::not_found)?;
-                if server.is_closed() {
-                    return Ok(());
-                }
-                let running = server.live_sessions().count();
-                if running > 0 && !item.force {
-                    return Err(ItemFailure::new(
-                        FailureCode::HasRunningSessions,
-                        format!(
-                            "Dcv server has {running} running session(s); set Force to close it anyway (the sessions keep running)."
-                        ),
-                    ));
-                }
-                server.holds.push(Hold {
-                    kind: HoldKind::Closed,
-                    actor: actor.to_string(),
-                    since: wall,
-                    reason: item.reason.clone(),
-                });
-                Ok(())
-            })
-            .collect();
+        let now = Instant::now();
+        let ctx = self.ctx();
+        let mut state = self.write(now);
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            if let Some(failure) = pre {
+                results.push(Err(failure));
+                continue;
+            }
+            let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
+                results.push(Err(ItemFailure::not_found()));
+                continue;
+            };
+            if server.is_closed() {
+                results.push(Ok(()));
+                continue;
+            }
+            // Placements in flight count: a close never races a placement.
+            let running = server.live_sessions().count();
+            if running > 0 && !item.force {
+                results.push(Err(ItemFailure::new(
+                    FailureCode::HasRunningSessions,
+                    format!(
+                        "Dcv server has {running} running session(s); set Force to close it anyway (the sessions keep running)."
+                    ),
+                )));
+                continue;
+            }
+            server.holds.push(Hold {
+                kind: HoldKind::Closed,
+                actor: actor.to_string(),
+                since: wall,
+                reason: item.reason.clone(),
+            });
+            let id = server.id.clone();
+            state.emit_close(&id, item.force, &ctx);
+            results.push(Ok(()));
+        }
         Ok(results)
     }
 
@@ -380,28 +467,32 @@ impl Fleet {
         validate_batch_size(server_ids.len())?;
         let pre = precheck(server_ids.iter().map(String::as_str));
         let now = Instant::now();
+        let ctx = self.ctx();
         let mut state = self.write(now);
         let remove_after = self.config.remove_after;
-        let results = server_ids
-            .iter()
-            .zip(pre)
-            .map(|(id, pre)| {
-                if let Some(failure) = pre {
-                    return Err(failure);
-                }
-                let server = state
-                    .servers
-                    .get_mut(id.as_str())
-                    .ok_or_else(ItemFailure::not_found)?;
-                if !server.is_closed() {
-                    return Ok(());
-                }
-                server.holds.retain(|h| h.kind != HoldKind::Closed);
-                let deadline = server.last_seen + remove_after;
-                state.note_removable(deadline);
-                Ok(())
-            })
-            .collect();
+        let mut results = Vec::with_capacity(server_ids.len());
+        for (id, pre) in server_ids.iter().zip(pre) {
+            if let Some(failure) = pre {
+                results.push(Err(failure));
+                continue;
+            }
+            let Some(server) = state.servers.get_mut(id.as_str()) else {
+                results.push(Err(ItemFailure::not_found()));
+                continue;
+            };
+            if !server.is_closed() {
+                results.push(Ok(()));
+                continue;
+            }
+            server.holds.retain(|h| h.kind != HoldKind::Closed);
+            let deadline = server.last_seen + remove_after;
+            let id = server.id.clone();
+            state.note_removable(deadline);
+            state.emit_open(&id, &ctx);
+            // Queued sessions may fit now.
+            state.after_server_change(&id, now, &ctx);
+            results.push(Ok(()));
+        }
         Ok(results)
     }
 
@@ -411,7 +502,7 @@ impl Fleet {
     pub fn describe_servers(
         &self,
         query: &DescribeQuery,
-        mut visit: impl FnMut(ServerView<'_>),
+        visit: impl FnMut(ServerView<'_>),
     ) -> Result<Option<String>, FleetError> {
         let valid: ValidQuery = query::validate(query).map_err(FleetError::InvalidArgument)?;
         let wall = SystemTime::now();
@@ -450,25 +541,15 @@ impl Fleet {
             }
         };
         let unreachable_after = self.config.unreachable_after;
-        let mut matching = candidates.filter_map(|record| {
+        let matching = candidates.filter_map(|record| {
             let reasons = availability::reasons(record, now, unreachable_after);
             valid
                 .filters
                 .matches(record, reasons)
                 .then_some(ServerView { record, reasons })
         });
-        let mut last: Option<&ServerRecord> = None;
-        for view in matching.by_ref().take(valid.page_size) {
-            last = Some(view.record);
-            visit(view);
-        }
-        // A next page exists only if another server matches now; a walk
-        // never ends on an empty page it could have avoided.
-        let more = matching.next().is_some();
-        Ok(match (more, last) {
-            (true, Some(last)) => Some(self.tokens.issue(&valid.fingerprint, &last.id, wall)),
-            _ => None,
-        })
+        let last = query::paginate(matching, valid.page_size, |v| v.record.id.clone(), visit);
+        Ok(last.map(|id| self.tokens.issue(&valid.fingerprint, &id, wall)))
     }
 
     /// Registers a server, or refreshes a known one's description. A
@@ -485,6 +566,7 @@ impl Fleet {
         }
         let now = Instant::now();
         let wall = SystemTime::now();
+        let ctx = self.ctx();
         let mut state = self.write(now);
         let new = match state.servers.get_mut(id) {
             Some(server) => {
@@ -505,6 +587,7 @@ impl Fleet {
                         dcv_server_healthy: true,
                         logged_in_users: Vec::new(),
                         sessions: Vec::new(),
+                        placing: Vec::new(),
                         holds: Vec::new(),
                         registered_at: wall,
                         last_seen: now,
@@ -516,6 +599,9 @@ impl Fleet {
             }
         };
         state.note_removable(now + self.config.remove_after);
+        if let Some(id) = state.servers.get(id).map(|s| s.id.clone()) {
+            state.after_server_change(&id, now, &ctx);
+        }
         Ok(new)
     }
 
@@ -531,16 +617,10 @@ impl Fleet {
             return Err(FleetError::InvalidArgument(violations));
         }
         let now = Instant::now();
-        let wall = SystemTime::now();
         let mut state = self.write(now);
-        let server = state
-            .servers
-            .get_mut(id)
-            .ok_or_else(|| FleetError::ServerNotFound(id.to_string()))?;
-        apply_heartbeat(server, report);
-        server.last_seen = now;
-        server.last_seen_wall = wall;
-        server.agent_departed = false;
+        if !state.apply_heartbeat(id, report, now, &self.ctx()) {
+            return Err(FleetError::ServerNotFound(id.to_string()));
+        }
         Ok(())
     }
 
@@ -551,18 +631,12 @@ impl Fleet {
         reports: impl IntoIterator<Item = (ServerId, Heartbeat)>,
     ) -> Vec<ServerId> {
         let now = Instant::now();
-        let wall = SystemTime::now();
+        let ctx = self.ctx();
         let mut state = self.write(now);
         let mut unknown = Vec::new();
         for (id, report) in reports {
-            match state.servers.get_mut(&id) {
-                Some(server) => {
-                    apply_heartbeat(server, report);
-                    server.last_seen = now;
-                    server.last_seen_wall = wall;
-                    server.agent_departed = false;
-                }
-                None => unknown.push(id),
+            if !state.apply_heartbeat(&id, report, now, &ctx) {
+                unknown.push(id);
             }
         }
         unknown
@@ -573,7 +647,8 @@ impl Fleet {
     /// not lost (returns false).
     pub fn deregister(&self, id: &str) -> Result<bool, FleetError> {
         validate_server_id(id).map_err(|why| FleetError::invalid("ServerId", why))?;
-        let mut state = self.write(Instant::now());
+        let now = Instant::now();
+        let mut state = self.write(now);
         let server = state
             .servers
             .get_mut(id)
@@ -582,8 +657,7 @@ impl Fleet {
             server.agent_departed = true;
             return Ok(false);
         }
-        state.servers.remove(id);
-        state.order.remove(id);
+        state.remove_server(id, now, &self.ctx());
         Ok(true)
     }
 }
@@ -594,19 +668,37 @@ fn log_removed(removed: &[ServerId]) {
     }
 }
 
-fn apply_heartbeat(server: &mut ServerRecord, report: Heartbeat) {
-    server.dcv_server_healthy = report.dcv_server_healthy;
-    server.logged_in_users = report.logged_in_users;
-    server.sessions = report.sessions;
-    let host = &mut server.description.host;
-    if let Some(load) = report.cpu_load_average {
-        host.cpu_load_average = load;
-    }
-    if let Some(memory) = report.memory {
-        host.memory = memory;
-    }
-    if let Some(swap) = report.swap {
-        host.swap = swap;
+impl State {
+    /// Records a heartbeat for `id`; false if the server is unknown.
+    fn apply_heartbeat(
+        &mut self,
+        id: &str,
+        report: Heartbeat,
+        now: Instant,
+        ctx: &sessions::Ctx<'_>,
+    ) -> bool {
+        let Some(server) = self.servers.get_mut(id) else {
+            return false;
+        };
+        server.dcv_server_healthy = report.dcv_server_healthy;
+        server.logged_in_users = report.logged_in_users;
+        let old = std::mem::replace(&mut server.sessions, report.sessions);
+        let host = &mut server.description.host;
+        if let Some(load) = report.cpu_load_average {
+            host.cpu_load_average = load;
+        }
+        if let Some(memory) = report.memory {
+            host.memory = memory;
+        }
+        if let Some(swap) = report.swap {
+            host.swap = swap;
+        }
+        server.last_seen = now;
+        server.last_seen_wall = SystemTime::now();
+        server.agent_departed = false;
+        let id = server.id.clone();
+        self.reconcile_report(&id, &old, now, ctx);
+        true
     }
 }
 

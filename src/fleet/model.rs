@@ -253,6 +253,29 @@ pub struct Heartbeat {
     pub swap: Option<MemoryUsage>,
 }
 
+/// A session the broker placed on a server and is waiting for the agent to
+/// report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The session's id.
+    pub session: Arc<str>,
+    /// Console or virtual.
+    pub kind: SessionKind,
+    /// Its owner (for per-user limits).
+    pub owner: String,
+}
+
+/// One session occupying a server, reported or placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSlot<'a> {
+    /// The session's id.
+    pub id: &'a str,
+    /// Console or virtual.
+    pub kind: SessionKind,
+    /// Its owner.
+    pub owner: &'a str,
+}
+
 /// Why an operator holds a server out of placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldKind {
@@ -289,6 +312,10 @@ pub struct ServerRecord {
     pub logged_in_users: Vec<String>,
     /// Sessions at the last heartbeat.
     pub sessions: Vec<ReportedSession>,
+    /// Sessions the broker placed here that the agent has not reported
+    /// yet. They occupy the server like reported ones, so that a close and
+    /// the next placement see them at once.
+    pub placing: Vec<Placement>,
     /// Operators' holds.
     pub holds: Vec<Hold>,
     /// When the server first registered.
@@ -309,11 +336,22 @@ impl ServerRecord {
         self.holds.iter().any(|h| h.kind == HoldKind::Closed)
     }
 
-    /// Sessions that occupy the server: every reported one not yet deleted.
-    pub fn live_sessions(&self) -> impl Iterator<Item = &ReportedSession> {
+    /// Sessions that occupy the server: every reported one not yet
+    /// deleted, and every placement the agent has not reported yet.
+    pub fn live_sessions(&self) -> impl Iterator<Item = SessionSlot<'_>> {
         self.sessions
             .iter()
             .filter(|s| s.state != SessionState::Deleted)
+            .map(|s| SessionSlot {
+                id: &s.id,
+                kind: s.kind,
+                owner: &s.owner,
+            })
+            .chain(self.placing.iter().map(|p| SessionSlot {
+                id: &p.session,
+                kind: p.kind,
+                owner: &p.owner,
+            }))
     }
 
     /// Live console and virtual session counts.

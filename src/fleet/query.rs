@@ -128,11 +128,10 @@ pub struct ValidQuery {
     pub fingerprint: super::page_token::Fingerprint,
 }
 
-/// Validates a query (the token is checked separately, against the
-/// fingerprint computed here).
-pub fn validate(query: &DescribeQuery) -> Result<ValidQuery, Vec<FieldViolation>> {
-    let mut violations = Vec::new();
-    let page_size = match query.max_results {
+/// The page size a request asks for, `MaxResults` 1 to 1000 or the
+/// default 1000.
+pub fn page_size(max_results: Option<i32>, violations: &mut Vec<FieldViolation>) -> usize {
+    match max_results {
         None => MAX_PAGE_SIZE,
         Some(n) if (1..=MAX_PAGE_SIZE as i32).contains(&n) => n as usize,
         Some(n) => {
@@ -142,48 +141,96 @@ pub fn validate(query: &DescribeQuery) -> Result<ValidQuery, Vec<FieldViolation>
             ));
             MAX_PAGE_SIZE
         }
-    };
-    if query.server_ids.len() > MAX_DESCRIBE_IDS {
+    }
+}
+
+/// Checks a list of ids to describe (`ServerIds`, `SessionIds`) and
+/// returns them sorted and deduplicated, or `None` when empty (all).
+pub fn id_list(
+    field: &str,
+    ids: &[String],
+    check: impl Fn(&str) -> Result<(), String>,
+    violations: &mut Vec<FieldViolation>,
+) -> Option<Vec<String>> {
+    if ids.len() > MAX_DESCRIBE_IDS {
         violations.push(FieldViolation::new(
-            "ServerIds",
-            format!(
-                "at most {MAX_DESCRIBE_IDS} ids; got {}",
-                query.server_ids.len()
-            ),
+            field,
+            format!("at most {MAX_DESCRIBE_IDS} ids; got {}", ids.len()),
         ));
-    } else {
-        for (i, id) in query.server_ids.iter().enumerate() {
-            if let Err(why) = validate_server_id(id) {
-                violations.push(FieldViolation::new(format!("ServerIds[{i}]"), why));
-            }
+        return None;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(why) = check(id) {
+            violations.push(FieldViolation::new(format!("{field}[{i}]"), why));
         }
     }
+    (!ids.is_empty()).then(|| {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    })
+}
+
+/// What a page token is bound to: the kind of listing, the ids asked for
+/// and the filters, in a canonical order (so the same query in another
+/// order keeps its tokens valid).
+pub fn query_fingerprint(
+    listing: &str,
+    ids: Option<&[String]>,
+    filters: &[(String, String)],
+) -> super::page_token::Fingerprint {
+    // Counts and length-prefixed parts keep the encoding unambiguous.
+    let mut pairs: Vec<&(String, String)> = filters.iter().collect();
+    pairs.sort_unstable();
+    let id_count = ids.map_or(0, <[String]>::len).to_string();
+    let pair_count = pairs.len().to_string();
+    super::page_token::fingerprint(
+        [listing, id_count.as_str()]
+            .into_iter()
+            .chain(ids.into_iter().flatten().map(String::as_str))
+            .chain([pair_count.as_str()])
+            .chain(pairs.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()])),
+    )
+}
+
+/// Validates a query (the token is checked separately, against the
+/// fingerprint computed here).
+pub fn validate(query: &DescribeQuery) -> Result<ValidQuery, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let page_size = page_size(query.max_results, &mut violations);
+    let ids = id_list(
+        "ServerIds",
+        &query.server_ids,
+        validate_server_id,
+        &mut violations,
+    );
     let filters = Filters::parse(&query.filters, &mut violations);
     if !violations.is_empty() {
         return Err(violations);
     }
-    let ids = (!query.server_ids.is_empty()).then(|| {
-        let mut ids = query.server_ids.clone();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    });
-    // Counts and length-prefixed parts keep the encoding unambiguous.
-    let mut pairs: Vec<&(String, String)> = query.filters.iter().collect();
-    pairs.sort_unstable();
-    let id_count = ids.as_ref().map_or(0, Vec::len).to_string();
-    let pair_count = pairs.len().to_string();
-    let fingerprint = super::page_token::fingerprint(
-        [id_count.as_str()]
-            .into_iter()
-            .chain(ids.iter().flatten().map(String::as_str))
-            .chain([pair_count.as_str()])
-            .chain(pairs.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()])),
-    );
+    let fingerprint = query_fingerprint("servers", ids.as_deref(), &query.filters);
     Ok(ValidQuery {
         ids,
         page_size,
         filters,
         fingerprint,
     })
+}
+
+/// Hands the first `page_size` items to `visit` and returns the key of the
+/// last one when another item follows (the next page starts after it). A
+/// walk never ends on an empty page it could have avoided.
+pub fn paginate<T, K>(
+    mut items: impl Iterator<Item = T>,
+    page_size: usize,
+    key: impl Fn(&T) -> K,
+    mut visit: impl FnMut(T),
+) -> Option<K> {
+    let mut last = None;
+    for item in items.by_ref().take(page_size) {
+        last = Some(key(&item));
+        visit(item);
+    }
+    if items.next().is_some() { last } else { None }
 }

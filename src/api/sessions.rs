@@ -1,0 +1,189 @@
+//! The `Sessions` gRPC service: CreateSessions, DescribeSessions,
+//! DeleteSessions, GetSessionConnectionData, UpdateSessionPermissions.
+
+use tonic::{Request, Response, Status};
+
+use super::{RequestId, convert};
+use crate::{
+    fleet::{DeleteItem, Fleet, PermissionsItem, SessionQuery},
+    pb::{self, sessions_server::Sessions},
+};
+
+/// The `Sessions` service over a fleet.
+#[derive(Debug, Clone)]
+pub struct SessionsApi {
+    fleet: Fleet,
+}
+
+impl SessionsApi {
+    /// The service for `fleet`.
+    pub fn new(fleet: Fleet) -> Self {
+        SessionsApi { fleet }
+    }
+}
+
+#[tonic::async_trait]
+impl Sessions for SessionsApi {
+    async fn create_sessions(
+        &self,
+        request: Request<pb::CreateSessionsRequest>,
+    ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let items = request.into_inner().sessions;
+        let specs: Vec<_> = items.iter().map(convert::create_spec_from_pb).collect();
+        let mut created = Vec::new();
+        let results = self.fleet.create_sessions(&specs, |index, view| {
+            created.push((index, convert::session_to_pb(view)));
+        })?;
+        let mut response = pb::CreateSessionsResponse {
+            request_id,
+            ..Default::default()
+        };
+        response.successful_list = created.into_iter().map(|(_, s)| s).collect();
+        for (data, result) in items.into_iter().zip(results) {
+            if let Err(failure) = result {
+                response
+                    .unsuccessful_list
+                    .push(pb::CreateSessionUnsuccessfulResponse {
+                        create_session_request_data: Some(data),
+                        failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                        failure_reason: failure.reason,
+                    });
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "sessions created"
+        );
+        Ok(Response::new(response))
+    }
+
+    async fn describe_sessions(
+        &self,
+        request: Request<pb::DescribeSessionsRequest>,
+    ) -> Result<Response<pb::DescribeSessionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        let query = SessionQuery {
+            session_ids: r.session_ids,
+            filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
+            max_results: r.max_results,
+            next_token: r.next_token,
+        };
+        let mut sessions = Vec::new();
+        let next_token = self
+            .fleet
+            .describe_sessions(&query, |view| sessions.push(convert::session_to_pb(view)))?;
+        tracing::debug!(sessions = sessions.len(), "sessions described");
+        Ok(Response::new(pb::DescribeSessionsResponse {
+            request_id,
+            sessions,
+            next_token: next_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_sessions(
+        &self,
+        request: Request<pb::DeleteSessionsRequest>,
+    ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let items = request.into_inner().sessions;
+        let domain: Vec<DeleteItem> = items
+            .iter()
+            .map(|d| DeleteItem {
+                session_id: d.session_id.clone(),
+                owner: d.owner.clone(),
+                force: d.force.unwrap_or(false),
+            })
+            .collect();
+        let results = self.fleet.delete_sessions(&domain)?;
+        let mut response = pb::DeleteSessionsResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in items.into_iter().zip(results) {
+            match result {
+                Ok(state) => response
+                    .successful_list
+                    .push(pb::DeleteSessionSuccessfulResponse {
+                        session_id: data.session_id,
+                        state: convert::session_state_to_pb(state) as i32,
+                    }),
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::DeleteSessionUnsuccessfulResponse {
+                            session_id: data.session_id,
+                            failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "sessions deleted"
+        );
+        Ok(Response::new(response))
+    }
+
+    async fn get_session_connection_data(
+        &self,
+        request: Request<pb::GetSessionConnectionDataRequest>,
+    ) -> Result<Response<pb::GetSessionConnectionDataResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        let mut session = None;
+        let connection_token = self.fleet.connection_data(&r.session_id, &r.user, |view| {
+            session = Some(convert::session_to_pb(view));
+        })?;
+        tracing::debug!(session_id = %r.session_id, user = %r.user, "connection token issued");
+        Ok(Response::new(pb::GetSessionConnectionDataResponse {
+            request_id,
+            session,
+            connection_token,
+        }))
+    }
+
+    async fn update_session_permissions(
+        &self,
+        request: Request<pb::UpdateSessionPermissionsRequest>,
+    ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let items = request.into_inner().sessions;
+        let domain: Vec<PermissionsItem> = items
+            .iter()
+            .map(|d| PermissionsItem {
+                session_id: d.session_id.clone(),
+                owner: d.owner.clone(),
+                permissions_file: d.permissions_file.clone(),
+            })
+            .collect();
+        let results = self.fleet.update_session_permissions(&domain)?;
+        let mut response = pb::UpdateSessionPermissionsResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in items.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    response
+                        .successful_list
+                        .push(pb::UpdateSessionPermissionsSuccessfulResponse {
+                            session_id: data.session_id,
+                        })
+                }
+                Err(failure) => response.unsuccessful_list.push(
+                    pb::UpdateSessionPermissionsUnsuccessfulResponse {
+                        session_id: data.session_id,
+                        failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                        failure_reason: failure.reason,
+                    },
+                ),
+            }
+        }
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,1692 @@
+//! Sessions: creation and placement, the queue, the agents' instructions
+//! and answers, deletion, permissions and connection tokens.
+//!
+//! Sessions live in the same state, under the same lock, as the servers.
+//! That is what makes a close trustworthy: a placement picks a server and
+//! reserves its slot (a [`Placement`]) in one write section, and a close
+//! without Force counts those reservations as running sessions in another,
+//! so the two can never interleave.
+//!
+//! A broker-created session moves through
+//! CREATING/SESSION_PLACING (queued, or waiting for the chosen agent) →
+//! CREATING/PENDING_PREPARATION (the agent created it) → READY, and on
+//! deletion DELETING → DELETED. An agent that fails, or does not answer
+//! within the agent timeout, gets the session taken back: it is retried on
+//! another server (unless DisableRetryOnFailure, or the retries are used
+//! up), queued again (with EnqueueRequest), or DELETED with a StateReason.
+//! Sessions an agent reports that the broker did not create (a console
+//! session started by hand) are adopted and count like any other.
+//!
+//! Every deadline (queue expiry, agent answer, retention of DELETED
+//! sessions) sits in one ordered index; the first operation at or after a
+//! deadline processes it, as the periodic sweep does, so tests on a paused
+//! clock see exact timing without background timers.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    ops::Bound,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::{
+    Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD,
+};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tokio::{sync::mpsc, time::Instant};
+
+use super::{
+    FailureCode, FieldViolation, Fleet, FleetError, ItemFailure, MAX_BATCH_ITEMS, State,
+    availability,
+    model::{
+        OsFamily, Placement, ReportedSession, ServerId, ServerRecord, SessionKind, SessionState,
+    },
+    query,
+    requirements::Requirements,
+};
+
+/// A session id: assigned by the broker (a UUID) or, for sessions it
+/// adopts, by the agent.
+pub type SessionId = Arc<str>;
+
+/// The longest session id accepted, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 256;
+/// The longest name, owner or user, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+/// The longest path-like parameter (InitFile, AutorunFile, StorageRoot).
+pub const MAX_PATH_CHARS: usize = 1024;
+/// The largest permissions file, decoded: DCV permissions files are a few
+/// lines; this leaves room without letting one request bloat memory.
+pub const MAX_PERMISSIONS_BYTES: usize = 64 * 1024;
+/// DCV's broker defaults for autorun arguments: at most 50, each at most
+/// 150 characters.
+pub const MAX_AUTORUN_ARGUMENTS: usize = 50;
+/// See [`MAX_AUTORUN_ARGUMENTS`].
+pub const MAX_AUTORUN_ARGUMENT_CHARS: usize = 150;
+/// DCV's CLI range for MaxConcurrentClients.
+pub const MAX_CONCURRENT_CLIENTS: i32 = 100;
+
+/// The text DCV uses for an unknown session; clients match it.
+pub const SESSION_NOT_FOUND_TEXT: &str = "The requested dcvSession does not exist";
+
+/// How the broker chooses among the servers that can take a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementStrategy {
+    /// The server with the fewest sessions; ties go to the lowest id.
+    #[default]
+    Spread,
+    /// The server with the most sessions that still has room; ties go to
+    /// the lowest id. Keeps servers empty for scale-in.
+    Pack,
+}
+
+/// The detail of a CREATING session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Substate {
+    /// Queued, or waiting for the chosen agent to create it.
+    Placing,
+    /// Created by the agent, not yet usable.
+    PendingPreparation,
+}
+
+/// A CreateSessions item as the caller sent it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateSpec {
+    /// Name.
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Type; `None` when the caller left it unspecified.
+    pub kind: Option<SessionKind>,
+    /// Init file.
+    pub init_file: String,
+    /// Most concurrent clients.
+    pub max_concurrent_clients: Option<i32>,
+    /// DCV-GL.
+    pub dcv_gl_enabled: bool,
+    /// Permissions file, base64.
+    pub permissions_file: String,
+    /// Queue when nothing fits now.
+    pub enqueue: bool,
+    /// Autorun file.
+    pub autorun_file: String,
+    /// Autorun arguments.
+    pub autorun_file_arguments: Vec<String>,
+    /// No retry on another server.
+    pub disable_retry: bool,
+    /// Placement expression (empty: none).
+    pub requirements: String,
+    /// Storage root.
+    pub storage_root: String,
+}
+
+/// A validated creation request: what placement and the agent need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    /// Name.
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Type.
+    pub kind: SessionKind,
+    /// Init file.
+    pub init_file: String,
+    /// Most concurrent clients (0: the server's default).
+    pub max_concurrent_clients: u32,
+    /// DCV-GL.
+    pub dcv_gl_enabled: bool,
+    /// Autorun file.
+    pub autorun_file: String,
+    /// Autorun arguments.
+    pub autorun_file_arguments: Vec<String>,
+    /// Storage root.
+    pub storage_root: String,
+    /// Parsed placement expression.
+    pub requirements: Option<Requirements>,
+    /// Queue when nothing fits.
+    pub enqueue: bool,
+    /// No retry on another server.
+    pub disable_retry: bool,
+}
+
+/// Everything the broker keeps about one session.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    /// Id.
+    pub id: SessionId,
+    /// Name (the id, for adopted sessions).
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Type.
+    pub kind: SessionKind,
+    /// The server it is on or being placed on; `None` while queued.
+    pub server: Option<ServerId>,
+    /// State.
+    pub state: SessionState,
+    /// Detail of CREATING.
+    pub substate: Option<Substate>,
+    /// Why it is in its state, when that needs saying.
+    pub state_reason: String,
+    /// When the broker accepted (or adopted) it.
+    pub created_at: SystemTime,
+    /// The creation request; `None` for adopted sessions.
+    pub order: Option<Arc<Order>>,
+    /// Current permissions file, base64 (empty: the server's default).
+    pub permissions_file: String,
+    /// Servers tried so far, in order.
+    pub tried: Vec<ServerId>,
+    /// The pending deadline: queue expiry, agent answer, or the end of a
+    /// DELETED session's retention.
+    pub deadline: Option<Instant>,
+    /// Deleted with Force: if its agent still reports it, it is adopted
+    /// again (DCV's behaviour for stale-session cleanup).
+    pub forgotten: bool,
+}
+
+/// A session as DescribeSessions sees it: the record and its server.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionView<'a> {
+    /// The record.
+    pub record: &'a SessionRecord,
+    /// Its server, when it has one the broker still knows.
+    pub server: Option<&'a ServerRecord>,
+}
+
+/// An instruction for a server's agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Instruction {
+    /// Create a session.
+    Create {
+        /// The server.
+        server: ServerId,
+        /// The session.
+        session: SessionId,
+        /// What to create.
+        order: Arc<Order>,
+        /// Permissions file, base64 (empty: default).
+        permissions_file: String,
+    },
+    /// Delete a session.
+    Delete {
+        /// The server.
+        server: ServerId,
+        /// The session.
+        session: SessionId,
+    },
+    /// Replace a session's permissions.
+    UpdatePermissions {
+        /// The server.
+        server: ServerId,
+        /// The session.
+        session: SessionId,
+        /// Permissions file, base64.
+        permissions_file: String,
+    },
+}
+
+impl Instruction {
+    /// The server it is for.
+    pub fn server(&self) -> &ServerId {
+        match self {
+            Instruction::Create { server, .. }
+            | Instruction::Delete { server, .. }
+            | Instruction::UpdatePermissions { server, .. } => server,
+        }
+    }
+}
+
+/// Which instruction an agent answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstructionKind {
+    /// Create.
+    Create,
+    /// Delete.
+    Delete,
+    /// Update permissions.
+    UpdatePermissions,
+}
+
+/// An agent's answer to an instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstructionOutcome {
+    /// Done; for a create, whether the session is READY already.
+    Done {
+        /// The session is READY (else still preparing).
+        ready: bool,
+    },
+    /// Failed, with the agent's reason.
+    Failed(String),
+}
+
+/// Something that changed which sessions occupy which servers, or which
+/// servers are closed. Emitted in the order it happened, under the lock,
+/// with a gap-free sequence number: an audit trail, and what the
+/// concurrency tests check their invariants against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetEvent {
+    /// A close succeeded on a server that was open.
+    ServerClosed {
+        /// The server.
+        server: ServerId,
+        /// Whether Force was set.
+        force: bool,
+    },
+    /// An open succeeded on a server that was closed.
+    ServerOpened {
+        /// The server.
+        server: ServerId,
+    },
+    /// The broker placed a session on a server.
+    SessionPlaced {
+        /// The session.
+        session: SessionId,
+        /// The server.
+        server: ServerId,
+    },
+    /// An agent reported a session the broker had not placed there.
+    SessionAppeared {
+        /// The session.
+        session: SessionId,
+        /// The server.
+        server: ServerId,
+    },
+    /// A session stopped occupying a server.
+    SessionLeft {
+        /// The session.
+        session: SessionId,
+        /// The server.
+        server: ServerId,
+    },
+}
+
+/// A [`FleetEvent`] with its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequencedEvent {
+    /// Starts at 1, one more for each event.
+    pub seq: u64,
+    /// What happened.
+    pub event: FleetEvent,
+}
+
+/// A DeleteSessions item.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteItem {
+    /// Session id.
+    pub session_id: String,
+    /// Owner.
+    pub owner: String,
+    /// Forget without asking the agent.
+    pub force: bool,
+}
+
+/// An UpdateSessionPermissions item.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PermissionsItem {
+    /// Session id.
+    pub session_id: String,
+    /// Owner.
+    pub owner: String,
+    /// Permissions file, base64.
+    pub permissions_file: String,
+}
+
+/// A DescribeSessions request as the caller sent it.
+#[derive(Debug, Clone, Default)]
+pub struct SessionQuery {
+    /// Only these ids (empty: all).
+    pub session_ids: Vec<String>,
+    /// Filters as key/value pairs.
+    pub filters: Vec<(String, String)>,
+    /// Page size, if given.
+    pub max_results: Option<i32>,
+    /// Token of the previous page.
+    pub next_token: String,
+}
+
+/// Sessions' share of the state behind the fleet's lock.
+#[derive(Debug, Default)]
+pub(super) struct Sessions {
+    pub(super) records: HashMap<SessionId, SessionRecord>,
+    /// The same ids, ordered, for pagination.
+    order: BTreeSet<SessionId>,
+    /// Queued sessions, oldest first.
+    queue: Vec<SessionId>,
+    /// Pending deadlines, earliest first.
+    deadlines: BTreeSet<(Instant, SessionId)>,
+    /// Each connected agent's instruction channel.
+    agents: HashMap<ServerId, mpsc::UnboundedSender<Instruction>>,
+    /// The last event's sequence number.
+    seq: u64,
+}
+
+fn check_session_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        Err("must not be empty".into())
+    } else if id.len() > MAX_SESSION_ID_BYTES {
+        Err(format!(
+            "must be at most {MAX_SESSION_ID_BYTES} bytes; got {}",
+            id.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_name(what: &str, value: &str) -> Result<(), String> {
+    let chars = value.chars().count();
+    if chars == 0 {
+        Err(format!("{what} is required."))
+    } else if chars > MAX_NAME_CHARS {
+        Err(format!(
+            "{what} must be at most {MAX_NAME_CHARS} characters; got {chars}."
+        ))
+    } else if value.chars().any(char::is_control) {
+        Err(format!("{what} must not contain control characters."))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_path(what: &str, value: &str) -> Result<(), String> {
+    let chars = value.chars().count();
+    if chars > MAX_PATH_CHARS {
+        Err(format!(
+            "{what} must be at most {MAX_PATH_CHARS} characters; got {chars}."
+        ))
+    } else if value.chars().any(char::is_control) {
+        Err(format!("{what} must not contain control characters."))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_permissions(value: &str) -> Result<(), String> {
+    let decoded = STANDARD
+        .decode(value)
+        .map_err(|_| "PermissionsFile must be base64.".to_string())?;
+    if decoded.len() > MAX_PERMISSIONS_BYTES {
+        return Err(format!(
+            "PermissionsFile must be at most {MAX_PERMISSIONS_BYTES} bytes decoded; got {}.",
+            decoded.len()
+        ));
+    }
+    Ok(())
+}
+
+fn invalid(why: String) -> ItemFailure {
+    ItemFailure::new(FailureCode::InvalidSessionParameter, why)
+}
+
+/// Validates one creation request; the failure says which field.
+pub fn validate_create(spec: &CreateSpec) -> Result<Order, ItemFailure> {
+    check_name("Name", &spec.name).map_err(invalid)?;
+    check_name("Owner", &spec.owner).map_err(invalid)?;
+    let kind = spec
+        .kind
+        .ok_or_else(|| invalid("Type is required: CONSOLE or VIRTUAL.".into()))?;
+    let virtual_only = |what: &str, set: bool| {
+        if set && kind == SessionKind::Console {
+            Err(invalid(format!("{what} applies to VIRTUAL sessions only.")))
+        } else {
+            Ok(())
+        }
+    };
+    virtual_only("InitFile", !spec.init_file.is_empty())?;
+    virtual_only("DcvGlEnabled", spec.dcv_gl_enabled)?;
+    virtual_only(
+        "AutorunFileArguments",
+        !spec.autorun_file_arguments.is_empty(),
+    )?;
+    check_path("InitFile", &spec.init_file).map_err(invalid)?;
+    check_path("AutorunFile", &spec.autorun_file).map_err(invalid)?;
+    check_path("StorageRoot", &spec.storage_root).map_err(invalid)?;
+    let max_concurrent_clients = match spec.max_concurrent_clients {
+        None => 0,
+        Some(n) if (1..=MAX_CONCURRENT_CLIENTS).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(invalid(format!(
+                "MaxConcurrentClients must be 1 to {MAX_CONCURRENT_CLIENTS}; got {n}."
+            )));
+        }
+    };
+    if spec.autorun_file_arguments.len() > MAX_AUTORUN_ARGUMENTS {
+        return Err(invalid(format!(
+            "AutorunFileArguments may hold at most {MAX_AUTORUN_ARGUMENTS} arguments; got {}.",
+            spec.autorun_file_arguments.len()
+        )));
+    }
+    for (i, arg) in spec.autorun_file_arguments.iter().enumerate() {
+        let chars = arg.chars().count();
+        if chars > MAX_AUTORUN_ARGUMENT_CHARS || arg.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "AutorunFileArguments[{i}] must be at most {MAX_AUTORUN_ARGUMENT_CHARS} characters without control characters."
+            )));
+        }
+    }
+    if !spec.autorun_file_arguments.is_empty() && spec.autorun_file.is_empty() {
+        return Err(invalid("AutorunFileArguments needs an AutorunFile.".into()));
+    }
+    if !spec.permissions_file.is_empty() {
+        check_permissions(&spec.permissions_file).map_err(invalid)?;
+    }
+    let requirements = if spec.requirements.trim().is_empty() {
+        None
+    } else {
+        Some(Requirements::parse(&spec.requirements).map_err(|e| {
+            ItemFailure::new(
+                FailureCode::InvalidRequirements,
+                format!("Requirements {e}."),
+            )
+        })?)
+    };
+    Ok(Order {
+        name: spec.name.clone(),
+        owner: spec.owner.clone(),
+        kind,
+        init_file: spec.init_file.clone(),
+        max_concurrent_clients,
+        dcv_gl_enabled: spec.dcv_gl_enabled,
+        autorun_file: spec.autorun_file.clone(),
+        autorun_file_arguments: spec.autorun_file_arguments.clone(),
+        storage_root: spec.storage_root.clone(),
+        requirements,
+        enqueue: spec.enqueue,
+        disable_retry: spec.disable_retry,
+    })
+}
+
+/// Whether `server` can take a session of `order` now, leaving out the
+/// servers already tried.
+fn can_take(
+    server: &ServerRecord,
+    order: &Order,
+    now: Instant,
+    unreachable_after: Duration,
+) -> bool {
+    if !availability::reasons(server, now, unreachable_after).is_available() {
+        return false;
+    }
+    let (consoles, virtuals) = server.session_counts();
+    let fits = match order.kind {
+        SessionKind::Console => consoles + virtuals == 0,
+        SessionKind::Virtual => {
+            server.description.host.os.family == OsFamily::Linux
+                && consoles == 0
+                && virtuals < server.description.max_virtual_sessions
+        }
+    };
+    if !fits {
+        return false;
+    }
+    let per_user = server.description.max_concurrent_sessions_per_user;
+    if per_user > 0
+        && server
+            .live_sessions()
+            .filter(|s| s.owner == order.owner)
+            .count()
+            >= per_user as usize
+    {
+        return false;
+    }
+    order
+        .requirements
+        .as_ref()
+        .is_none_or(|r| r.matches(server))
+}
+
+impl State {
+    fn emit(&mut self, event: FleetEvent, events: &tokio::sync::broadcast::Sender<SequencedEvent>) {
+        self.sessions.seq += 1;
+        // No receiver is fine: nobody is auditing.
+        let _ = events.send(SequencedEvent {
+            seq: self.sessions.seq,
+            event,
+        });
+    }
+
+    fn set_deadline(&mut self, id: &SessionId, deadline: Option<Instant>) {
+        let Some(record) = self.sessions.records.get_mut(id) else {
+            return;
+        };
+        if let Some(old) = record.deadline.take() {
+            self.sessions.deadlines.remove(&(old, id.clone()));
+        }
+        if let Some(at) = deadline {
+            record.deadline = Some(at);
+            self.sessions.deadlines.insert((at, id.clone()));
+        }
+    }
+
+    fn send(&mut self, instruction: Instruction) {
+        let server = instruction.server().clone();
+        if let Some(agent) = self.sessions.agents.get(&server)
+            && agent.send(instruction).is_err()
+        {
+            // The agent's stream is gone; what it misses is resent when it
+            // reconnects, or times out and is placed elsewhere.
+            self.sessions.agents.remove(&server);
+        }
+    }
+
+    /// The best server for `order`, by the placement strategy.
+    fn choose_server(
+        &self,
+        order: &Order,
+        exclude: &[ServerId],
+        now: Instant,
+        ctx: &Ctx<'_>,
+    ) -> Option<ServerId> {
+        let candidates = self.servers.values().filter(|s| {
+            !exclude.contains(&s.id) && can_take(s, order, now, ctx.config.unreachable_after)
+        });
+        let load = |s: &ServerRecord| s.live_sessions().count();
+        match ctx.config.placement {
+            PlacementStrategy::Spread => {
+                candidates.min_by(|a, b| load(a).cmp(&load(b)).then_with(|| a.id.cmp(&b.id)))
+            }
+            PlacementStrategy::Pack => {
+                candidates.min_by(|a, b| load(b).cmp(&load(a)).then_with(|| a.id.cmp(&b.id)))
+            }
+        }
+        .map(|s| s.id.clone())
+    }
+
+    /// Reserves a slot for `session` on `server` and tells its agent.
+    fn place(&mut self, session: &SessionId, server: &ServerId, now: Instant, ctx: &Ctx<'_>) {
+        let Some(record) = self.sessions.records.get_mut(session) else {
+            return;
+        };
+        let Some(order) = record.order.clone() else {
+            return;
+        };
+        record.server = Some(server.clone());
+        record.state = SessionState::Creating;
+        record.substate = Some(Substate::Placing);
+        record.state_reason.clear();
+        record.tried.push(server.clone());
+        let permissions_file = record.permissions_file.clone();
+        if let Some(target) = self.servers.get_mut(server) {
+            target.placing.push(Placement {
+                session: session.clone(),
+                kind: order.kind,
+                owner: order.owner.clone(),
+            });
+        }
+        self.set_deadline(session, Some(now + ctx.config.agent_timeout));
+        self.emit(
+            FleetEvent::SessionPlaced {
+                session: session.clone(),
+                server: server.clone(),
+            },
+            ctx.events,
+        );
+        self.send(Instruction::Create {
+            server: server.clone(),
+            session: session.clone(),
+            order,
+            permissions_file,
+        });
+    }
+
+    /// Removes `session`'s reservation on its server, if it has one.
+    fn release(&mut self, session: &SessionId, ctx: &Ctx<'_>) {
+        let Some(server) = self
+            .sessions
+            .records
+            .get(session)
+            .and_then(|r| r.server.clone())
+        else {
+            return;
+        };
+        let Some(target) = self.servers.get_mut(&server) else {
+            return;
+        };
+        let before = target.placing.len();
+        target.placing.retain(|p| p.session != *session);
+        if target.placing.len() != before {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session: session.clone(),
+                    server,
+                },
+                ctx.events,
+            );
+        }
+    }
+
+    fn mark_deleted(&mut self, session: &SessionId, reason: String, now: Instant, ctx: &Ctx<'_>) {
+        self.release(session, ctx);
+        self.sessions.queue.retain(|q| q != session);
+        if let Some(record) = self.sessions.records.get_mut(session) {
+            record.state = SessionState::Deleted;
+            record.substate = None;
+            record.state_reason = reason;
+        }
+        self.set_deadline(session, Some(now + ctx.config.deleted_retention));
+    }
+
+    fn enqueue(&mut self, session: &SessionId, now: Instant, ctx: &Ctx<'_>) {
+        if let Some(record) = self.sessions.records.get_mut(session) {
+            record.server = None;
+            record.state = SessionState::Creating;
+            record.substate = Some(Substate::Placing);
+        }
+        self.sessions.queue.push(session.clone());
+        self.set_deadline(session, Some(now + ctx.config.queue_timeout));
+    }
+
+    /// The chosen agent failed or did not answer: take the session back
+    /// and retry, queue or fail it.
+    fn attempt_failed(&mut self, session: &SessionId, why: String, now: Instant, ctx: &Ctx<'_>) {
+        self.release(session, ctx);
+        let Some(record) = self.sessions.records.get(session) else {
+            return;
+        };
+        let Some(order) = record.order.clone() else {
+            return;
+        };
+        let tried = record.tried.clone();
+        let retries_left =
+            !order.disable_retry && tried.len() <= ctx.config.create_retries as usize;
+        if retries_left && let Some(next) = self.choose_server(&order, &tried, now, ctx) {
+            self.place(session, &next, now, ctx);
+            return;
+        }
+        if order.enqueue && retries_left {
+            self.enqueue(session, now, ctx);
+            if let Some(record) = self.sessions.records.get_mut(session) {
+                record.state_reason = why;
+            }
+            return;
+        }
+        self.mark_deleted(session, format!("Creation failed: {why}"), now, ctx);
+    }
+
+    /// Places queued sessions that `server` can take now, oldest first.
+    fn drain_queue_onto(&mut self, server: &ServerId, now: Instant, ctx: &Ctx<'_>) {
+        if self.sessions.queue.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.sessions.queue.len() {
+            let id = self.sessions.queue[i].clone();
+            let fits = match (
+                self.sessions.records.get(&id).and_then(|r| r.order.clone()),
+                self.servers.get(server),
+            ) {
+                (Some(order), Some(target)) => {
+                    can_take(target, &order, now, ctx.config.unreachable_after)
+                }
+                _ => false,
+            };
+            if fits {
+                self.sessions.queue.remove(i);
+                self.place(&id, server, now, ctx);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Processes every session deadline at or before `now`.
+    pub(super) fn process_session_deadlines(&mut self, now: Instant, ctx: &Ctx<'_>) {
+        while let Some((at, id)) = self.sessions.deadlines.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.sessions.deadlines.remove(&(at, id.clone()));
+            let Some(record) = self.sessions.records.get_mut(&id) else {
+                continue;
+            };
+            record.deadline = None;
+            match (record.state, record.substate, record.server.is_some()) {
+                (SessionState::Deleted, _, _) => {
+                    self.sessions.records.remove(&id);
+                    self.sessions.order.remove(&id);
+                }
+                (SessionState::Creating, Some(Substate::Placing), false) => {
+                    let waited = ctx.config.queue_timeout.as_secs();
+                    self.mark_deleted(
+                        &id,
+                        format!(
+                            "No DCV server could take the session within {waited} s in the queue."
+                        ),
+                        now,
+                        ctx,
+                    );
+                }
+                (SessionState::Creating, Some(Substate::Placing), true) => {
+                    let server = record.server.clone();
+                    let waited = ctx.config.agent_timeout.as_secs();
+                    if let Some(server) = server {
+                        // It may still appear later: ask for it to go.
+                        self.send(Instruction::Delete {
+                            server: server.clone(),
+                            session: id.clone(),
+                        });
+                        self.attempt_failed(
+                            &id,
+                            format!(
+                                "the agent of server {server} did not answer within {waited} s"
+                            ),
+                            now,
+                            ctx,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn session_deadline_due(&self, now: Instant) -> bool {
+        self.sessions
+            .deadlines
+            .first()
+            .is_some_and(|(at, _)| *at <= now)
+    }
+
+    /// Brings session records in line with a server's new report, then
+    /// lets queued sessions onto the server. `old` is the previous report.
+    pub(super) fn reconcile_report(
+        &mut self,
+        server: &ServerId,
+        old: &[ReportedSession],
+        now: Instant,
+        ctx: &Ctx<'_>,
+    ) {
+        let Some(target) = self.servers.get_mut(server) else {
+            return;
+        };
+        let reported: Vec<ReportedSession> = target.sessions.clone();
+        // Placements the agent now reports stop being reservations.
+        target.placing.retain(|p| {
+            !reported
+                .iter()
+                .any(|s| s.id == *p.session && s.state != SessionState::Deleted)
+        });
+        let live_now: HashSet<&str> = reported
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+            .map(|s| s.id.as_str())
+            .collect();
+        let was_live: HashSet<&str> = old
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+            .map(|s| s.id.as_str())
+            .collect();
+        let placing_ids: HashSet<SessionId> =
+            target.placing.iter().map(|p| p.session.clone()).collect();
+
+        for s in &reported {
+            let id: SessionId = Arc::from(s.id.as_str());
+            let (state, substate) = match s.state {
+                SessionState::Creating => {
+                    (SessionState::Creating, Some(Substate::PendingPreparation))
+                }
+                other => (other, None),
+            };
+            match self.sessions.records.get_mut(&id) {
+                Some(record) => {
+                    let revive = record.state == SessionState::Deleted
+                        && record.forgotten
+                        && state != SessionState::Deleted;
+                    let deleting =
+                        record.state == SessionState::Deleting && state != SessionState::Deleted;
+                    if record.state == SessionState::Deleted && !revive {
+                        continue;
+                    }
+                    if deleting {
+                        continue;
+                    }
+                    record.server = Some(server.clone());
+                    record.state = state;
+                    record.substate = substate;
+                    if revive {
+                        record.forgotten = false;
+                        record.state_reason = "Reported again by its agent.".into();
+                    }
+                    if state == SessionState::Deleted {
+                        record.state_reason = "Deleted on its server.".into();
+                        self.set_deadline(&id, Some(now + ctx.config.deleted_retention));
+                    } else {
+                        self.set_deadline(&id, None);
+                    }
+                }
+                None if state != SessionState::Deleted => {
+                    self.sessions.order.insert(id.clone());
+                    self.sessions.records.insert(
+                        id.clone(),
+                        SessionRecord {
+                            id: id.clone(),
+                            name: s.id.clone(),
+                            owner: s.owner.clone(),
+                            kind: s.kind,
+                            server: Some(server.clone()),
+                            state,
+                            substate,
+                            state_reason: "Reported by its agent; not created by the broker."
+                                .into(),
+                            created_at: SystemTime::now(),
+                            order: None,
+                            permissions_file: String::new(),
+                            tried: Vec::new(),
+                            deadline: None,
+                            forgotten: false,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+        // Sessions the agent reported before and no longer does are gone.
+        for gone in was_live.difference(&live_now) {
+            let id: SessionId = Arc::from(*gone);
+            if placing_ids.contains(&id) {
+                continue;
+            }
+            if let Some(record) = self.sessions.records.get_mut(&id)
+                && record.server.as_ref() == Some(server)
+                && record.state != SessionState::Deleted
+            {
+                let reason = if record.state == SessionState::Deleting {
+                    "Deleted on its server."
+                } else {
+                    "No longer reported by its agent."
+                };
+                record.state = SessionState::Deleted;
+                record.substate = None;
+                record.state_reason = reason.into();
+                self.set_deadline(&id, Some(now + ctx.config.deleted_retention));
+            }
+        }
+        // Occupancy changes, for the event trail.
+        let before: HashSet<&str> = was_live
+            .iter()
+            .copied()
+            .chain(placing_ids.iter().map(|p| &**p))
+            .collect();
+        let after: HashSet<&str> = live_now
+            .iter()
+            .copied()
+            .chain(placing_ids.iter().map(|p| &**p))
+            .collect();
+        let appeared: Vec<SessionId> = after.difference(&before).map(|s| Arc::from(*s)).collect();
+        let left: Vec<SessionId> = before.difference(&after).map(|s| Arc::from(*s)).collect();
+        for session in appeared {
+            self.emit(
+                FleetEvent::SessionAppeared {
+                    session,
+                    server: server.clone(),
+                },
+                ctx.events,
+            );
+        }
+        for session in left {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session,
+                    server: server.clone(),
+                },
+                ctx.events,
+            );
+        }
+        self.drain_queue_onto(server, now, ctx);
+    }
+
+    /// A server is gone for good: its reservations are placed elsewhere,
+    /// its sessions end.
+    pub(super) fn server_removed(&mut self, server: &ServerRecord, now: Instant, ctx: &Ctx<'_>) {
+        for p in &server.placing {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session: p.session.clone(),
+                    server: server.id.clone(),
+                },
+                ctx.events,
+            );
+        }
+        for s in server
+            .sessions
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+        {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session: Arc::from(s.id.as_str()),
+                    server: server.id.clone(),
+                },
+                ctx.events,
+            );
+        }
+        self.sessions.agents.remove(&server.id);
+        let ids: Vec<SessionId> = self
+            .sessions
+            .records
+            .values()
+            .filter(|r| r.server.as_ref() == Some(&server.id) && r.state != SessionState::Deleted)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            let placing = server.placing.iter().any(|p| p.session == id);
+            if placing {
+                // Already released with the server; retry elsewhere.
+                if let Some(record) = self.sessions.records.get_mut(&id) {
+                    record.server = None;
+                }
+                self.attempt_failed(&id, format!("server {} was removed", server.id), now, ctx);
+            } else {
+                if let Some(record) = self.sessions.records.get_mut(&id) {
+                    record.server = None;
+                }
+                self.mark_deleted(
+                    &id,
+                    format!("Its server {} was removed.", server.id),
+                    now,
+                    ctx,
+                );
+            }
+        }
+    }
+
+    pub(super) fn after_server_change(&mut self, server: &ServerId, now: Instant, ctx: &Ctx<'_>) {
+        self.drain_queue_onto(server, now, ctx);
+    }
+
+    pub(super) fn emit_close(&mut self, server: &ServerId, force: bool, ctx: &Ctx<'_>) {
+        self.emit(
+            FleetEvent::ServerClosed {
+                server: server.clone(),
+                force,
+            },
+            ctx.events,
+        );
+    }
+
+    pub(super) fn emit_open(&mut self, server: &ServerId, ctx: &Ctx<'_>) {
+        self.emit(
+            FleetEvent::ServerOpened {
+                server: server.clone(),
+            },
+            ctx.events,
+        );
+    }
+}
+
+/// What state methods need besides the state: configuration and the event
+/// channel.
+pub(super) struct Ctx<'a> {
+    pub(super) config: &'a super::FleetConfig,
+    pub(super) events: &'a tokio::sync::broadcast::Sender<SequencedEvent>,
+}
+
+/// Signs connection tokens: who may connect to which session until when.
+#[derive(Clone)]
+pub(super) struct ConnectionTokens {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for ConnectionTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionTokens").finish_non_exhaustive()
+    }
+}
+
+const TOKEN_MAC_BYTES: usize = 32;
+
+impl ConnectionTokens {
+    pub(super) fn random() -> Result<Self, getrandom::Error> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key)?;
+        Ok(ConnectionTokens { key })
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
+    }
+
+    /// `base64url(session \n user \n expiry) . base64url(hmac)`.
+    pub(super) fn issue(&self, session: &str, user: &str, expires: SystemTime) -> String {
+        let secs = expires
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let payload = format!("{session}\n{user}\n{secs}");
+        let tag = self
+            .mac()
+            .chain_update(payload.as_bytes())
+            .finalize()
+            .into_bytes();
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(tag)
+        )
+    }
+
+    /// The (session, user) a genuine, unexpired token admits.
+    pub(super) fn check(&self, token: &str, now: SystemTime) -> Result<(String, String), String> {
+        let (payload, tag) = token
+            .split_once('.')
+            .ok_or_else(|| "malformed token".to_string())?;
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| "malformed token".to_string())?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| "malformed token".to_string())?;
+        if tag.len() != TOKEN_MAC_BYTES {
+            return Err("malformed token".into());
+        }
+        self.mac()
+            .chain_update(&payload)
+            .verify_slice(&tag)
+            .map_err(|_| "the token was not issued by this broker".to_string())?;
+        let text = String::from_utf8(payload).map_err(|_| "malformed token".to_string())?;
+        let mut parts = text.split('\n');
+        let (Some(session), Some(user), Some(secs), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("malformed token".into());
+        };
+        let secs: u64 = secs.parse().map_err(|_| "malformed token".to_string())?;
+        if now > UNIX_EPOCH + Duration::from_secs(secs) {
+            return Err("the token has expired".into());
+        }
+        Ok((session.to_string(), user.to_string()))
+    }
+}
+
+fn dedupe_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<Option<ItemFailure>> {
+    let mut seen = HashSet::new();
+    ids.map(|id| {
+        if let Err(why) = check_session_id(id) {
+            Some(invalid(format!("SessionId {why}.")))
+        } else if !seen.insert(id) {
+            Some(ItemFailure::new(
+                FailureCode::DuplicateSessionId,
+                "SessionId appears earlier in this batch; only its first occurrence is processed.",
+            ))
+        } else {
+            None
+        }
+    })
+    .collect()
+}
+
+fn not_found() -> ItemFailure {
+    ItemFailure::new(FailureCode::SessionNotFound, SESSION_NOT_FOUND_TEXT)
+}
+
+fn check_batch(len: usize) -> Result<(), FleetError> {
+    if len == 0 || len > MAX_BATCH_ITEMS {
+        return Err(FleetError::invalid(
+            "Sessions",
+            format!("must hold 1 to {MAX_BATCH_ITEMS} items; got {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parsed DescribeSessions filters: same key any, different keys all.
+#[derive(Debug, Default)]
+struct SessionFilters {
+    groups: Vec<(String, Vec<SessionPredicate>)>,
+}
+
+#[derive(Debug)]
+enum SessionPredicate {
+    Owner(String),
+    Tag(String, String),
+    State(SessionState),
+}
+
+fn parse_state(s: &str) -> Option<SessionState> {
+    Some(match s {
+        "CREATING" => SessionState::Creating,
+        "READY" => SessionState::Ready,
+        "DELETING" => SessionState::Deleting,
+        "DELETED" => SessionState::Deleted,
+        "UNKNOWN" => SessionState::Unknown,
+        _ => return None,
+    })
+}
+
+impl SessionFilters {
+    fn parse(pairs: &[(String, String)], violations: &mut Vec<FieldViolation>) -> Self {
+        let mut out = SessionFilters::default();
+        if pairs.len() > query::MAX_FILTERS {
+            violations.push(FieldViolation::new(
+                "Filters",
+                format!(
+                    "at most {} filters; got {}",
+                    query::MAX_FILTERS,
+                    pairs.len()
+                ),
+            ));
+            return out;
+        }
+        for (i, (key, value)) in pairs.iter().enumerate() {
+            let predicate = match key.as_str() {
+                "owner" => Ok(SessionPredicate::Owner(value.clone())),
+                "state" => parse_state(value)
+                    .map(SessionPredicate::State)
+                    .ok_or_else(|| {
+                        FieldViolation::new(
+                            format!("Filters[{i}].Value"),
+                            "state is CREATING, READY, DELETING, DELETED or UNKNOWN",
+                        )
+                    }),
+                k if k.starts_with("tag:") && k.len() > 4 => {
+                    Ok(SessionPredicate::Tag(k[4..].to_string(), value.clone()))
+                }
+                _ => Err(FieldViolation::new(
+                    format!("Filters[{i}].Key"),
+                    "unknown filter key; use owner, state or tag:KEY",
+                )),
+            };
+            match predicate {
+                Ok(p) => match out.groups.iter_mut().find(|(k, _)| k == key) {
+                    Some((_, group)) => group.push(p),
+                    None => out.groups.push((key.clone(), vec![p])),
+                },
+                Err(v) => violations.push(v),
+            }
+        }
+        out
+    }
+
+    fn matches(&self, view: &SessionView<'_>) -> bool {
+        self.groups.iter().all(|(_, group)| {
+            group.iter().any(|p| match p {
+                SessionPredicate::Owner(o) => view.record.owner == *o,
+                SessionPredicate::State(s) => view.record.state == *s,
+                SessionPredicate::Tag(k, v) => view
+                    .server
+                    .and_then(|s| s.tag(k))
+                    .is_some_and(|got| got == v.as_str()),
+            })
+        })
+    }
+}
+
+impl Fleet {
+    pub(super) fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            config: &self.config,
+            events: &self.events,
+        }
+    }
+
+    /// A stream of fleet events, from now on. A receiver that falls more
+    /// than the configured buffer behind loses events and is told so.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<SequencedEvent> {
+        self.events.subscribe()
+    }
+
+    /// Creates sessions; one result per item, in order. Each accepted
+    /// session is handed to `visit` (under the lock) with its index.
+    pub fn create_sessions(
+        &self,
+        specs: &[CreateSpec],
+        mut visit: impl FnMut(usize, SessionView<'_>),
+    ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
+        check_batch(specs.len())?;
+        // Parsing and validation happen before the lock is taken.
+        let orders: Vec<Result<Order, ItemFailure>> = specs.iter().map(validate_create).collect();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let ctx = self.ctx();
+        let mut state = self.write(now);
+        let mut results = Vec::with_capacity(specs.len());
+        let mut accepted = Vec::new();
+        for (index, (spec, order)) in specs.iter().zip(orders).enumerate() {
+            let order = match order {
+                Ok(order) => Arc::new(order),
+                Err(failure) => {
+                    results.push(Err(failure));
+                    continue;
+                }
+            };
+            let target = state.choose_server(&order, &[], now, &ctx);
+            if target.is_none() && !order.enqueue {
+                results.push(Err(ItemFailure::new(
+                    FailureCode::NoServerAvailable,
+                    "No DCV server is available for the session's Type and Requirements.",
+                )));
+                continue;
+            }
+            if target.is_none() && state.sessions.queue.len() >= self.config.queue_max_size {
+                results.push(Err(ItemFailure::new(
+                    FailureCode::QueueFull,
+                    format!(
+                        "No DCV server is available and the queue already holds {} requests.",
+                        self.config.queue_max_size
+                    ),
+                )));
+                continue;
+            }
+            let id: SessionId = Arc::from(uuid::Uuid::new_v4().to_string());
+            state.sessions.order.insert(id.clone());
+            state.sessions.records.insert(
+                id.clone(),
+                SessionRecord {
+                    id: id.clone(),
+                    name: order.name.clone(),
+                    owner: order.owner.clone(),
+                    kind: order.kind,
+                    server: None,
+                    state: SessionState::Creating,
+                    substate: Some(Substate::Placing),
+                    state_reason: String::new(),
+                    created_at: wall,
+                    order: Some(order),
+                    permissions_file: spec.permissions_file.clone(),
+                    tried: Vec::new(),
+                    deadline: None,
+                    forgotten: false,
+                },
+            );
+            match target {
+                Some(server) => state.place(&id, &server, now, &ctx),
+                None => state.enqueue(&id, now, &ctx),
+            }
+            results.push(Ok(()));
+            accepted.push((index, id));
+        }
+        for (index, id) in accepted {
+            if let Some(record) = state.sessions.records.get(&id) {
+                let server = record.server.as_ref().and_then(|s| state.servers.get(s));
+                visit(index, SessionView { record, server });
+            }
+        }
+        Ok(results)
+    }
+
+    /// Deletes sessions; one result per item (the state the session is in
+    /// afterwards), in order.
+    pub fn delete_sessions(
+        &self,
+        items: &[DeleteItem],
+    ) -> Result<Vec<Result<SessionState, ItemFailure>>, FleetError> {
+        check_batch(items.len())?;
+        let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
+        for (item, slot) in items.iter().zip(pre.iter_mut()) {
+            if slot.is_none()
+                && let Err(why) = check_name("Owner", &item.owner)
+            {
+                *slot = Some(invalid(why));
+            }
+        }
+        let now = Instant::now();
+        let ctx = self.ctx();
+        let mut state = self.write(now);
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            if let Some(failure) = pre {
+                results.push(Err(failure));
+                continue;
+            }
+            let id: SessionId = Arc::from(item.session_id.as_str());
+            let Some(record) = state.sessions.records.get(&id) else {
+                results.push(Err(not_found()));
+                continue;
+            };
+            if record.owner != item.owner {
+                results.push(Err(not_found()));
+                continue;
+            }
+            let server = record.server.clone();
+            match (record.state, server) {
+                (SessionState::Deleted, _) => results.push(Ok(SessionState::Deleted)),
+                (_, None) => {
+                    state.mark_deleted(&id, "Deleted while queued.".into(), now, &ctx);
+                    results.push(Ok(SessionState::Deleted));
+                }
+                (_, Some(_)) if item.force => {
+                    state.mark_deleted(&id, "Deleted with Force.".into(), now, &ctx);
+                    if let Some(record) = state.sessions.records.get_mut(&id) {
+                        record.forgotten = true;
+                    }
+                    results.push(Ok(SessionState::Deleted));
+                }
+                (_, Some(server)) => {
+                    if let Some(record) = state.sessions.records.get_mut(&id) {
+                        record.state = SessionState::Deleting;
+                        record.substate = None;
+                        record.state_reason.clear();
+                    }
+                    state.set_deadline(&id, None);
+                    state.send(Instruction::Delete {
+                        server,
+                        session: id.clone(),
+                    });
+                    results.push(Ok(SessionState::Deleting));
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// Replaces sessions' permissions files; one result per item.
+    pub fn update_session_permissions(
+        &self,
+        items: &[PermissionsItem],
+    ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
+        check_batch(items.len())?;
+        let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
+        for (item, slot) in items.iter().zip(pre.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            if let Err(why) = check_name("Owner", &item.owner) {
+                *slot = Some(invalid(why));
+            } else if item.permissions_file.is_empty() {
+                *slot = Some(invalid("PermissionsFile is required.".into()));
+            } else if let Err(why) = check_permissions(&item.permissions_file) {
+                *slot = Some(invalid(why));
+            }
+        }
+        let now = Instant::now();
+        let mut state = self.write(now);
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            if let Some(failure) = pre {
+                results.push(Err(failure));
+                continue;
+            }
+            let id: SessionId = Arc::from(item.session_id.as_str());
+            let Some(record) = state.sessions.records.get_mut(&id) else {
+                results.push(Err(not_found()));
+                continue;
+            };
+            if record.owner != item.owner
+                || matches!(record.state, SessionState::Deleted | SessionState::Deleting)
+            {
+                results.push(Err(not_found()));
+                continue;
+            }
+            record.permissions_file = item.permissions_file.clone();
+            if let Some(server) = record.server.clone() {
+                state.send(Instruction::UpdatePermissions {
+                    server,
+                    session: id.clone(),
+                    permissions_file: item.permissions_file.clone(),
+                });
+            }
+            results.push(Ok(()));
+        }
+        Ok(results)
+    }
+
+    /// Runs a DescribeSessions query; see [`Fleet::describe_servers`].
+    pub fn describe_sessions(
+        &self,
+        query: &SessionQuery,
+        visit: impl FnMut(SessionView<'_>),
+    ) -> Result<Option<String>, FleetError> {
+        let mut violations = Vec::new();
+        let page_size = query::page_size(query.max_results, &mut violations);
+        let ids = query::id_list(
+            "SessionIds",
+            &query.session_ids,
+            check_session_id,
+            &mut violations,
+        );
+        let filters = SessionFilters::parse(&query.filters, &mut violations);
+        if !violations.is_empty() {
+            return Err(FleetError::InvalidArgument(violations));
+        }
+        let fingerprint = query::query_fingerprint("sessions", ids.as_deref(), &query.filters);
+        let wall = SystemTime::now();
+        let after = if query.next_token.is_empty() {
+            None
+        } else {
+            Some(
+                self.tokens
+                    .check(&query.next_token, &fingerprint, wall)
+                    .map_err(|e| FleetError::invalid("NextToken", e.to_string()))?,
+            )
+        };
+        let state = self.read(Instant::now());
+        let lower = match &after {
+            Some(id) => Bound::Excluded(id.as_str()),
+            None => Bound::Unbounded,
+        };
+        let records: Box<dyn Iterator<Item = &SessionRecord>> = match &ids {
+            None => Box::new(
+                state
+                    .sessions
+                    .order
+                    .range::<str, _>((lower, Bound::Unbounded))
+                    .filter_map(|id| state.sessions.records.get(id)),
+            ),
+            Some(ids) => {
+                let start = match &after {
+                    Some(a) => ids.partition_point(|id| id.as_str() <= a.as_str()),
+                    None => 0,
+                };
+                Box::new(
+                    ids[start..]
+                        .iter()
+                        .filter_map(|id| state.sessions.records.get(id.as_str())),
+                )
+            }
+        };
+        let matching = records
+            .map(|record| SessionView {
+                record,
+                server: record.server.as_ref().and_then(|s| state.servers.get(s)),
+            })
+            .filter(|view| filters.matches(view));
+        let last = query::paginate(matching, page_size, |v| v.record.id.clone(), visit);
+        Ok(last.map(|id| self.tokens.issue(&fingerprint, &id, wall)))
+    }
+
+    /// A READY session's view (to `visit`) and a connection token for
+    /// `user`.
+    pub fn connection_data(
+        &self,
+        session_id: &str,
+        user: &str,
+        visit: impl FnOnce(SessionView<'_>),
+    ) -> Result<String, FleetError> {
+        let mut violations = Vec::new();
+        if let Err(why) = check_session_id(session_id) {
+            violations.push(FieldViolation::new("SessionId", why));
+        }
+        if let Err(why) = check_name("User", user) {
+            violations.push(FieldViolation::new("User", why));
+        }
+        if !violations.is_empty() {
+            return Err(FleetError::InvalidArgument(violations));
+        }
+        let state = self.read(Instant::now());
+        let record = state
+            .sessions
+            .records
+            .get(session_id)
+            .filter(|r| r.state != SessionState::Deleted)
+            .ok_or_else(|| FleetError::SessionNotFound(session_id.to_string()))?;
+        if record.state != SessionState::Ready {
+            return Err(FleetError::FailedPrecondition(format!(
+                "session {session_id} is not READY yet; try again when it is"
+            )));
+        }
+        let server = record.server.as_ref().and_then(|s| state.servers.get(s));
+        visit(SessionView { record, server });
+        let expires = SystemTime::now() + self.config.connection_token_ttl;
+        Ok(self.connection_tokens.issue(session_id, user, expires))
+    }
+
+    /// Checks a connection token presented to `server` for `session`;
+    /// returns the user it admits, or why not.
+    pub fn validate_connection_token(
+        &self,
+        server: &str,
+        session: &str,
+        token: &str,
+    ) -> Result<Result<String, String>, FleetError> {
+        let verdict = match self.connection_tokens.check(token, SystemTime::now()) {
+            Err(why) => Err(why),
+            Ok((token_session, user)) => {
+                let state = self.read(Instant::now());
+                let on_server = state
+                    .sessions
+                    .records
+                    .get(token_session.as_str())
+                    .is_some_and(|r| {
+                        r.state == SessionState::Ready && r.server.as_deref() == Some(server)
+                    });
+                if token_session != session {
+                    Err("the token is for another session".into())
+                } else if !on_server {
+                    Err("the session is not READY on this server".into())
+                } else {
+                    Ok(user)
+                }
+            }
+        };
+        Ok(verdict)
+    }
+
+    /// Opens the instruction channel of `server`'s agent, replacing any
+    /// older one, and resends what is still waiting for an answer.
+    pub fn subscribe_instructions(
+        &self,
+        server: &str,
+    ) -> Result<mpsc::UnboundedReceiver<Instruction>, FleetError> {
+        super::validate_server_id(server).map_err(|why| FleetError::invalid("ServerId", why))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = self.write(Instant::now());
+        let id = state
+            .servers
+            .get(server)
+            .map(|s| s.id.clone())
+            .ok_or_else(|| FleetError::ServerNotFound(server.to_string()))?;
+        for record in state.sessions.records.values() {
+            if record.server.as_ref() != Some(&id) {
+                continue;
+            }
+            let resend = match (record.state, record.substate, &record.order) {
+                (SessionState::Creating, Some(Substate::Placing), Some(order)) => {
+                    Some(Instruction::Create {
+                        server: id.clone(),
+                        session: record.id.clone(),
+                        order: order.clone(),
+                        permissions_file: record.permissions_file.clone(),
+                    })
+                }
+                (SessionState::Deleting, _, _) => Some(Instruction::Delete {
+                    server: id.clone(),
+                    session: record.id.clone(),
+                }),
+                _ => None,
+            };
+            if let Some(instruction) = resend {
+                let _ = tx.send(instruction);
+            }
+        }
+        state.sessions.agents.insert(id, tx);
+        Ok(rx)
+    }
+
+    /// One instruction channel for many servers (the simulated fleet).
+    pub fn subscribe_instructions_many(
+        &self,
+        servers: &[ServerId],
+    ) -> mpsc::UnboundedReceiver<Instruction> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = self.write(Instant::now());
+        for id in servers {
+            state.sessions.agents.insert(id.clone(), tx.clone());
+        }
+        rx
+    }
+
+    /// Records an agent's answer to an instruction. Answers about sessions
+    /// that are no longer the agent's business are ignored.
+    pub fn report_instruction(
+        &self,
+        server: &str,
+        session: &str,
+        kind: InstructionKind,
+        outcome: InstructionOutcome,
+    ) -> Result<(), FleetError> {
+        let mut violations = Vec::new();
+        if let Err(why) = super::validate_server_id(server) {
+            violations.push(FieldViolation::new("ServerId", why));
+        }
+        if let Err(why) = check_session_id(session) {
+            violations.push(FieldViolation::new("SessionId", why));
+        }
+        if !violations.is_empty() {
+            return Err(FleetError::InvalidArgument(violations));
+        }
+        let now = Instant::now();
+        let ctx = self.ctx();
+        let mut state = self.write(now);
+        if !state.servers.contains_key(server) {
+            return Err(FleetError::ServerNotFound(server.to_string()));
+        }
+        let id: SessionId = Arc::from(session);
+        let Some(record) = state.sessions.records.get_mut(&id) else {
+            return Ok(());
+        };
+        if record.server.as_deref() != Some(server) {
+            return Ok(());
+        }
+        match (kind, outcome) {
+            (InstructionKind::Create, InstructionOutcome::Done { ready }) => {
+                if record.state == SessionState::Creating
+                    && record.substate == Some(Substate::Placing)
+                {
+                    if ready {
+                        record.state = SessionState::Ready;
+                        record.substate = None;
+                    } else {
+                        record.substate = Some(Substate::PendingPreparation);
+                    }
+                    state.set_deadline(&id, None);
+                }
+            }
+            (InstructionKind::Create, InstructionOutcome::Failed(why)) => {
+                if record.state == SessionState::Creating
+                    && record.substate == Some(Substate::Placing)
+                {
+                    state.set_deadline(&id, None);
+                    let why = format!("server {server} could not create it: {why}");
+                    state.attempt_failed(&id, why, now, &ctx);
+                }
+            }
+            (InstructionKind::Delete, InstructionOutcome::Done { .. }) => {
+                if record.state != SessionState::Deleted {
+                    state.mark_deleted(&id, "Deleted on its server.".into(), now, &ctx);
+                    let server_id = state.servers.get(server).map(|s| s.id.clone());
+                    if let Some(server_id) = server_id {
+                        state.drain_queue_onto(&server_id, now, &ctx);
+                    }
+                }
+            }
+            (InstructionKind::Delete, InstructionOutcome::Failed(why)) => {
+                if record.state == SessionState::Deleting {
+                    record.state = SessionState::Ready;
+                    record.state_reason = format!("Deletion failed on its server: {why}");
+                }
+            }
+            (InstructionKind::UpdatePermissions, InstructionOutcome::Failed(why)) => {
+                record.state_reason = format!("Permissions update failed on its server: {why}");
+            }
+            (InstructionKind::UpdatePermissions, InstructionOutcome::Done { .. }) => {}
+        }
+        Ok(())
+    }
+
+    /// How many requests wait in the queue.
+    pub fn queued(&self) -> usize {
+        self.state.read().sessions.queue.len()
+    }
+}
