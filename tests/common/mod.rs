@@ -200,3 +200,117 @@ pub fn reasons(server: &pb::Server) -> Vec<pb::UnavailabilityReason> {
         .map(|r| pb::UnavailabilityReason::try_from(*r).unwrap())
         .collect()
 }
+
+/// An agent driven by the test: registered, with its instruction stream
+/// open, answering only when told to.
+pub struct TestAgent {
+    pub id: String,
+    pub client: AgentClient<Channel>,
+    pub stream: tonic::Streaming<pb::StreamInstructionsResponse>,
+}
+
+pub use pb::stream_instructions_response::Instruction as Instr;
+
+impl TestAgent {
+    pub async fn connect(broker: &Broker, request: pb::RegisterServerRequest) -> TestAgent {
+        let mut client = broker.agent().await;
+        let id = request.server_id.clone();
+        client.register_server(request).await.unwrap();
+        let stream = client
+            .stream_instructions(pb::StreamInstructionsRequest {
+                server_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        TestAgent { id, client, stream }
+    }
+
+    /// The next instruction (waits for it).
+    pub async fn next(&mut self) -> Instr {
+        self.stream
+            .message()
+            .await
+            .unwrap()
+            .expect("instruction stream ended")
+            .instruction
+            .expect("instruction body")
+    }
+
+    /// The next instruction, which must be a creation; returns it.
+    pub async fn next_create(&mut self) -> pb::CreateSessionInstruction {
+        match self.next().await {
+            Instr::CreateSession(c) => c,
+            other => panic!("expected CreateSession, got {other:?}"),
+        }
+    }
+
+    pub async fn report(
+        &mut self,
+        session: &str,
+        kind: pb::InstructionKind,
+        success: bool,
+        state: pb::SessionState,
+    ) {
+        self.client
+            .report_instruction_result(pb::ReportInstructionResultRequest {
+                server_id: self.id.clone(),
+                session_id: session.into(),
+                kind: kind as i32,
+                success,
+                failure_reason: if success {
+                    String::new()
+                } else {
+                    "no such user".into()
+                },
+                session_state: state as i32,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Reports these sessions as the server's current ones.
+    pub async fn beat(&mut self, sessions: Vec<pb::AgentSession>) {
+        self.client
+            .heartbeat(beat(&self.id, sessions))
+            .await
+            .unwrap();
+    }
+}
+
+/// A CreateSessions item.
+pub fn create_item(name: &str, owner: &str, kind: pb::SessionType) -> pb::CreateSessionRequestData {
+    pb::CreateSessionRequestData {
+        name: name.into(),
+        owner: owner.into(),
+        r#type: kind as i32,
+        ..Default::default()
+    }
+}
+
+pub fn create_req(items: Vec<pb::CreateSessionRequestData>) -> pb::CreateSessionsRequest {
+    pb::CreateSessionsRequest { sessions: items }
+}
+
+/// Describes one session, which must exist.
+pub async fn describe_session(
+    sessions: &mut pb::sessions_client::SessionsClient<Channel>,
+    id: &str,
+) -> pb::Session {
+    let mut page = sessions
+        .describe_sessions(pb::DescribeSessionsRequest {
+            session_ids: vec![id.to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.sessions.len(), 1, "session {id} should exist");
+    page.sessions.remove(0)
+}
+
+impl Broker {
+    pub async fn sessions(&self) -> pb::sessions_client::SessionsClient<Channel> {
+        pb::sessions_client::SessionsClient::new(self.channel().await)
+    }
+}
