@@ -18,6 +18,7 @@ async fn health_reports_serving_for_the_server_and_each_service() {
         "",
         "dcv.sessionmanager.v1.Servers",
         "dcv.sessionmanager.v1.Agent",
+        "dcv.sessionmanager.v1.Sessions",
     ] {
         let status = health
             .check(HealthCheckRequest {
@@ -72,6 +73,7 @@ macro_rules! reflection_lists_services {
             for want in [
                 "dcv.sessionmanager.v1.Servers",
                 "dcv.sessionmanager.v1.Agent",
+                "dcv.sessionmanager.v1.Sessions",
                 "grpc.health.v1.Health",
             ] {
                 assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");

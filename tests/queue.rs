@@ -282,3 +282,27 @@ async fn deleted_sessions_are_forgotten_after_their_retention() {
         .into_inner();
     assert!(page.sessions.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn sessions_of_an_unreachable_agent_show_as_unknown() {
+    let mut config = config();
+    config.fleet.unreachable_after = Duration::from_secs(90);
+    let broker = Broker::start(config).await;
+    let mut agent = TestAgent::connect(&broker, registration("a", "linux", 4)).await;
+    agent.beat(vec![session("s", Ty::Virtual, St::Ready)]).await;
+    let mut sessions = broker.sessions().await;
+    assert_eq!(
+        state(&describe_session(&mut sessions, "s").await),
+        St::Ready
+    );
+    tokio::time::advance(Duration::from_secs(91)).await;
+    assert_eq!(
+        state(&describe_session(&mut sessions, "s").await),
+        St::Unknown
+    );
+    agent.beat(vec![session("s", Ty::Virtual, St::Ready)]).await;
+    assert_eq!(
+        state(&describe_session(&mut sessions, "s").await),
+        St::Ready
+    );
+}

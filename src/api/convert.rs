@@ -447,7 +447,7 @@ pub fn session_to_pb(view: fleet::SessionView<'_>) -> pb::Session {
             .order
             .as_ref()
             .map_or(0, |o| saturating_i32(o.max_concurrent_clients)),
-        state: session_state_to_pb(r.state) as i32,
+        state: session_state_to_pb(view.shown_state()) as i32,
         substate: match r.substate {
             None => pb::SessionSubstate::Unspecified,
             Some(fleet::Substate::Placing) => pb::SessionSubstate::SessionPlacing,

@@ -192,6 +192,40 @@ pub struct SessionView<'a> {
     pub record: &'a SessionRecord,
     /// Its server, when it has one the broker still knows.
     pub server: Option<&'a ServerRecord>,
+    /// Its server's agent is unreachable: the broker cannot vouch for the
+    /// session's state, and DescribeSessions shows it as UNKNOWN.
+    pub unreachable: bool,
+}
+
+impl<'a> SessionView<'a> {
+    fn new(
+        record: &'a SessionRecord,
+        servers: &'a HashMap<ServerId, ServerRecord>,
+        now: Instant,
+        unreachable_after: Duration,
+    ) -> Self {
+        let server = record.server.as_ref().and_then(|s| servers.get(s));
+        let unreachable = server.is_some_and(|s| {
+            availability::reasons(s, now, unreachable_after)
+                .contains(availability::Reason::UnreachableAgent)
+        });
+        SessionView {
+            record,
+            server,
+            unreachable,
+        }
+    }
+
+    /// The state to show: the record's, or UNKNOWN for a live session
+    /// whose agent is unreachable.
+    pub fn shown_state(&self) -> SessionState {
+        match self.record.state {
+            SessionState::Ready | SessionState::Creating if self.unreachable => {
+                SessionState::Unknown
+            }
+            state => state,
+        }
+    }
 }
 
 /// An instruction for a server's agent.
@@ -1203,7 +1237,7 @@ impl SessionFilters {
         self.groups.iter().all(|(_, group)| {
             group.iter().any(|p| match p {
                 SessionPredicate::Owner(o) => view.record.owner == *o,
-                SessionPredicate::State(s) => view.record.state == *s,
+                SessionPredicate::State(s) => view.shown_state() == *s,
                 SessionPredicate::Tag(k, v) => view
                     .server
                     .and_then(|s| s.tag(k))
@@ -1299,8 +1333,11 @@ impl Fleet {
         }
         for (index, id) in accepted {
             if let Some(record) = state.sessions.records.get(&id) {
-                let server = record.server.as_ref().and_then(|s| state.servers.get(s));
-                visit(index, SessionView { record, server });
+                let unreachable_after = self.config.unreachable_after;
+                visit(
+                    index,
+                    SessionView::new(record, &state.servers, now, unreachable_after),
+                );
             }
         }
         Ok(results)
@@ -1451,7 +1488,8 @@ impl Fleet {
                     .map_err(|e| FleetError::invalid("NextToken", e.to_string()))?,
             )
         };
-        let state = self.read(Instant::now());
+        let now = Instant::now();
+        let state = self.read(now);
         let lower = match &after {
             Some(id) => Bound::Excluded(id.as_str()),
             None => Bound::Unbounded,
@@ -1477,9 +1515,8 @@ impl Fleet {
             }
         };
         let matching = records
-            .map(|record| SessionView {
-                record,
-                server: record.server.as_ref().and_then(|s| state.servers.get(s)),
+            .map(|record| {
+                SessionView::new(record, &state.servers, now, self.config.unreachable_after)
             })
             .filter(|view| filters.matches(view));
         let last = query::paginate(matching, page_size, |v| v.record.id.clone(), visit);
@@ -1504,7 +1541,8 @@ impl Fleet {
         if !violations.is_empty() {
             return Err(FleetError::InvalidArgument(violations));
         }
-        let state = self.read(Instant::now());
+        let now = Instant::now();
+        let state = self.read(now);
         let record = state
             .sessions
             .records
@@ -1516,8 +1554,12 @@ impl Fleet {
                 "session {session_id} is not READY yet; try again when it is"
             )));
         }
-        let server = record.server.as_ref().and_then(|s| state.servers.get(s));
-        visit(SessionView { record, server });
+        visit(SessionView::new(
+            record,
+            &state.servers,
+            now,
+            self.config.unreachable_after,
+        ));
         let expires = SystemTime::now() + self.config.connection_token_ttl;
         Ok(self.connection_tokens.issue(session_id, user, expires))
     }
