@@ -835,6 +835,8 @@ impl State {
             return;
         };
         let reported: Vec<ReportedSession> = target.sessions.clone();
+        let placing_before: HashSet<SessionId> =
+            target.placing.iter().map(|p| p.session.clone()).collect();
         // Placements the agent now reports stop being reservations.
         target.placing.retain(|p| {
             !reported
@@ -940,7 +942,7 @@ impl State {
         let before: HashSet<&str> = was_live
             .iter()
             .copied()
-            .chain(placing_ids.iter().map(|p| &**p))
+            .chain(placing_before.iter().map(|p| &**p))
             .collect();
         let after: HashSet<&str> = live_now
             .iter()
