@@ -25,7 +25,6 @@ pub mod sessions;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    ops::Bound,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -506,40 +505,15 @@ impl Fleet {
     ) -> Result<Option<String>, FleetError> {
         let valid: ValidQuery = query::validate(query).map_err(FleetError::InvalidArgument)?;
         let wall = SystemTime::now();
-        let after = if query.next_token.is_empty() {
-            None
-        } else {
-            Some(
-                self.tokens
-                    .check(&query.next_token, &valid.fingerprint, wall)
-                    .map_err(|e| FleetError::invalid("NextToken", e.to_string()))?,
-            )
-        };
+        let after = self.resume_after(&query.next_token, &valid.fingerprint, wall)?;
         let now = Instant::now();
         let state = self.read(now);
-        let lower = match &after {
-            Some(id) => Bound::Excluded(id.as_str()),
-            None => Bound::Unbounded,
-        };
-        let candidates: Box<dyn Iterator<Item = &ServerRecord>> = match &valid.ids {
-            None => Box::new(
-                state
-                    .order
-                    .range::<str, _>((lower, Bound::Unbounded))
-                    .filter_map(|id| state.servers.get(id)),
-            ),
-            Some(ids) => {
-                let start = match &after {
-                    Some(a) => ids.partition_point(|id| id.as_str() <= a.as_str()),
-                    None => 0,
-                };
-                Box::new(
-                    ids[start..]
-                        .iter()
-                        .filter_map(|id| state.servers.get(id.as_str())),
-                )
-            }
-        };
+        let candidates = query::walk(
+            &state.order,
+            &state.servers,
+            valid.ids.as_deref(),
+            after.as_deref(),
+        );
         let unreachable_after = self.config.unreachable_after;
         let matching = candidates.filter_map(|record| {
             let reasons = availability::reasons(record, now, unreachable_after);
@@ -550,6 +524,23 @@ impl Fleet {
         });
         let last = query::paginate(matching, valid.page_size, |v| v.record.id.clone(), visit);
         Ok(last.map(|id| self.tokens.issue(&valid.fingerprint, &id, wall)))
+    }
+
+    /// Where a page starts: after the id in `token`, if the token is
+    /// genuine, fresh and issued for this query.
+    fn resume_after(
+        &self,
+        token: &str,
+        fingerprint: &page_token::Fingerprint,
+        wall: SystemTime,
+    ) -> Result<Option<String>, FleetError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        self.tokens
+            .check(token, fingerprint, wall)
+            .map(Some)
+            .map_err(|e| FleetError::invalid("NextToken", e.to_string()))
     }
 
     /// Registers a server, or refreshes a known one's description. A

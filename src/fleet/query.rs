@@ -1,6 +1,12 @@
 //! DescribeServers queries: their validation, server-side filters and the
 //! fingerprint that binds page tokens to them.
 
+use std::{
+    collections::{BTreeSet, HashMap},
+    ops::Bound,
+    sync::Arc,
+};
+
 use super::{
     availability::{Reason, Reasons},
     error::FieldViolation,
@@ -50,17 +56,28 @@ impl Predicate {
     }
 }
 
-/// Parsed filters: groups with different keys must all match; the
-/// predicates inside one group (same key) match if any does.
-#[derive(Debug, Clone, Default)]
-pub struct Filters {
-    groups: Vec<(String, Vec<Predicate>)>,
+/// Parsed `Key`/`Value` filters: groups with different keys must all
+/// match; the predicates inside one group (same key) match if any does.
+#[derive(Debug, Clone)]
+pub struct FilterGroups<P> {
+    groups: Vec<(String, Vec<P>)>,
 }
 
-impl Filters {
-    /// Parses filters, reporting every bad one.
-    pub fn parse(pairs: &[(String, String)], violations: &mut Vec<FieldViolation>) -> Self {
-        let mut out = Filters::default();
+impl<P> Default for FilterGroups<P> {
+    fn default() -> Self {
+        FilterGroups { groups: Vec::new() }
+    }
+}
+
+impl<P> FilterGroups<P> {
+    /// Parses filters with `parse_one(index, key, value)`, reporting every
+    /// bad one (and too many of them) in `violations`.
+    pub fn parse(
+        pairs: &[(String, String)],
+        violations: &mut Vec<FieldViolation>,
+        parse_one: impl Fn(usize, &str, &str) -> Result<P, FieldViolation>,
+    ) -> Self {
+        let mut out = FilterGroups::default();
         if pairs.len() > MAX_FILTERS {
             violations.push(FieldViolation::new(
                 "Filters",
@@ -69,34 +86,7 @@ impl Filters {
             return out;
         }
         for (i, (key, value)) in pairs.iter().enumerate() {
-            let field = format!("Filters[{i}]");
-            let bad = |what: &str| FieldViolation::new(format!("{field}.Value"), what.to_string());
-            let predicate = match key.as_str() {
-                "availability" => match value.as_str() {
-                    "AVAILABLE" => Ok(Predicate::Available(true)),
-                    "UNAVAILABLE" => Ok(Predicate::Available(false)),
-                    _ => Err(bad("availability is AVAILABLE or UNAVAILABLE")),
-                },
-                "unavailability-reason" => Reason::parse(value).map(Predicate::Reason).ok_or_else(|| {
-                    bad("unavailability-reason is one of SERVER_CLOSED, UNREACHABLE_AGENT, UNHEALTHY_DCV_SERVER, EXISTING_LOGGED_IN_USER, SERVER_FULL")
-                }),
-                "closed" => match value.as_str() {
-                    "true" => Ok(Predicate::Closed(true)),
-                    "false" => Ok(Predicate::Closed(false)),
-                    _ => Err(bad("closed is true or false")),
-                },
-                "os-family" => OsFamily::parse(value)
-                    .map(Predicate::OsFamily)
-                    .ok_or_else(|| bad("os-family is windows, linux or macos")),
-                k if k.starts_with("tag:") && k.len() > 4 => {
-                    Ok(Predicate::Tag(k[4..].to_string(), value.clone()))
-                }
-                _ => Err(FieldViolation::new(
-                    format!("{field}.Key"),
-                    "unknown filter key; use availability, unavailability-reason, closed, os-family or tag:KEY",
-                )),
-            };
-            match predicate {
+            match parse_one(i, key, value) {
                 Ok(p) => match out.groups.iter_mut().find(|(k, _)| k == key) {
                     Some((_, group)) => group.push(p),
                     None => out.groups.push((key.clone(), vec![p])),
@@ -107,11 +97,81 @@ impl Filters {
         out
     }
 
+    /// Whether every group has a predicate that `test` accepts.
+    pub fn matches(&self, test: impl Fn(&P) -> bool) -> bool {
+        self.groups.iter().all(|(_, group)| group.iter().any(&test))
+    }
+}
+
+/// The tag key of a `tag:KEY` filter key, if it is one.
+pub fn tag_key(key: &str) -> Option<&str> {
+    key.strip_prefix("tag:").filter(|k| !k.is_empty())
+}
+
+/// DescribeServers filters.
+#[derive(Debug, Clone, Default)]
+pub struct Filters(FilterGroups<Predicate>);
+
+impl Filters {
+    /// Parses filters, reporting every bad one.
+    pub fn parse(pairs: &[(String, String)], violations: &mut Vec<FieldViolation>) -> Self {
+        Filters(FilterGroups::parse(pairs, violations, |i, key, value| {
+            let bad = |what: &str| FieldViolation::new(format!("Filters[{i}].Value"), what);
+            match key {
+                "availability" => match value {
+                    "AVAILABLE" => Ok(Predicate::Available(true)),
+                    "UNAVAILABLE" => Ok(Predicate::Available(false)),
+                    _ => Err(bad("availability is AVAILABLE or UNAVAILABLE")),
+                },
+                "unavailability-reason" => Reason::parse(value).map(Predicate::Reason).ok_or_else(|| {
+                    bad("unavailability-reason is one of SERVER_CLOSED, UNREACHABLE_AGENT, UNHEALTHY_DCV_SERVER, EXISTING_LOGGED_IN_USER, SERVER_FULL")
+                }),
+                "closed" => match value {
+                    "true" => Ok(Predicate::Closed(true)),
+                    "false" => Ok(Predicate::Closed(false)),
+                    _ => Err(bad("closed is true or false")),
+                },
+                "os-family" => OsFamily::parse(value)
+                    .map(Predicate::OsFamily)
+                    .ok_or_else(|| bad("os-family is windows, linux or macos")),
+                _ => match tag_key(key) {
+                    Some(tag) => Ok(Predicate::Tag(tag.to_string(), value.to_string())),
+                    None => Err(FieldViolation::new(
+                        format!("Filters[{i}].Key"),
+                        "unknown filter key; use availability, unavailability-reason, closed, os-family or tag:KEY",
+                    )),
+                },
+            }
+        }))
+    }
+
     /// Whether `server`, with these availability reasons, passes.
     pub fn matches(&self, server: &ServerRecord, reasons: Reasons) -> bool {
-        self.groups
-            .iter()
-            .all(|(_, group)| group.iter().any(|p| p.matches(server, reasons)))
+        self.0.matches(|p| p.matches(server, reasons))
+    }
+}
+
+/// The records of `map` in the order of `order`, after the id `after`:
+/// the whole listing, or only `ids` (sorted) when given.
+pub fn walk<'a, V>(
+    order: &'a BTreeSet<Arc<str>>,
+    map: &'a HashMap<Arc<str>, V>,
+    ids: Option<&'a [String]>,
+    after: Option<&str>,
+) -> Box<dyn Iterator<Item = &'a V> + 'a> {
+    match ids {
+        None => {
+            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+            Box::new(
+                order
+                    .range::<str, _>((lower, Bound::Unbounded))
+                    .filter_map(|id| map.get(id)),
+            )
+        }
+        Some(ids) => {
+            let start = after.map_or(0, |a| ids.partition_point(|id| id.as_str() <= a));
+            Box::new(ids[start..].iter().filter_map(|id| map.get(id.as_str())))
+        }
     }
 }
 

@@ -24,7 +24,6 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    ops::Bound,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -1167,12 +1166,7 @@ fn check_batch(len: usize) -> Result<(), FleetError> {
     Ok(())
 }
 
-/// Parsed DescribeSessions filters: same key any, different keys all.
-#[derive(Debug, Default)]
-struct SessionFilters {
-    groups: Vec<(String, Vec<SessionPredicate>)>,
-}
-
+/// One DescribeSessions filter predicate.
 #[derive(Debug)]
 enum SessionPredicate {
     Owner(String),
@@ -1191,61 +1185,38 @@ fn parse_state(s: &str) -> Option<SessionState> {
     })
 }
 
-impl SessionFilters {
-    fn parse(pairs: &[(String, String)], violations: &mut Vec<FieldViolation>) -> Self {
-        let mut out = SessionFilters::default();
-        if pairs.len() > query::MAX_FILTERS {
-            violations.push(FieldViolation::new(
-                "Filters",
-                format!(
-                    "at most {} filters; got {}",
-                    query::MAX_FILTERS,
-                    pairs.len()
-                ),
-            ));
-            return out;
-        }
-        for (i, (key, value)) in pairs.iter().enumerate() {
-            let predicate = match key.as_str() {
-                "owner" => Ok(SessionPredicate::Owner(value.clone())),
-                "state" => parse_state(value)
-                    .map(SessionPredicate::State)
-                    .ok_or_else(|| {
-                        FieldViolation::new(
-                            format!("Filters[{i}].Value"),
-                            "state is CREATING, READY, DELETING, DELETED or UNKNOWN",
-                        )
-                    }),
-                k if k.starts_with("tag:") && k.len() > 4 => {
-                    Ok(SessionPredicate::Tag(k[4..].to_string(), value.clone()))
-                }
-                _ => Err(FieldViolation::new(
-                    format!("Filters[{i}].Key"),
-                    "unknown filter key; use owner, state or tag:KEY",
-                )),
-            };
-            match predicate {
-                Ok(p) => match out.groups.iter_mut().find(|(k, _)| k == key) {
-                    Some((_, group)) => group.push(p),
-                    None => out.groups.push((key.clone(), vec![p])),
-                },
-                Err(v) => violations.push(v),
-            }
-        }
-        out
-    }
+fn parse_session_filters(
+    pairs: &[(String, String)],
+    violations: &mut Vec<FieldViolation>,
+) -> query::FilterGroups<SessionPredicate> {
+    query::FilterGroups::parse(pairs, violations, |i, key, value| match key {
+        "owner" => Ok(SessionPredicate::Owner(value.to_string())),
+        "state" => parse_state(value)
+            .map(SessionPredicate::State)
+            .ok_or_else(|| {
+                FieldViolation::new(
+                    format!("Filters[{i}].Value"),
+                    "state is CREATING, READY, DELETING, DELETED or UNKNOWN",
+                )
+            }),
+        _ => match query::tag_key(key) {
+            Some(tag) => Ok(SessionPredicate::Tag(tag.to_string(), value.to_string())),
+            None => Err(FieldViolation::new(
+                format!("Filters[{i}].Key"),
+                "unknown filter key; use owner, state or tag:KEY",
+            )),
+        },
+    })
+}
 
-    fn matches(&self, view: &SessionView<'_>) -> bool {
-        self.groups.iter().all(|(_, group)| {
-            group.iter().any(|p| match p {
-                SessionPredicate::Owner(o) => view.record.owner == *o,
-                SessionPredicate::State(s) => view.shown_state() == *s,
-                SessionPredicate::Tag(k, v) => view
-                    .server
-                    .and_then(|s| s.tag(k))
-                    .is_some_and(|got| got == v.as_str()),
-            })
-        })
+fn session_matches(p: &SessionPredicate, view: &SessionView<'_>) -> bool {
+    match p {
+        SessionPredicate::Owner(o) => view.record.owner == *o,
+        SessionPredicate::State(s) => view.shown_state() == *s,
+        SessionPredicate::Tag(k, v) => view
+            .server
+            .and_then(|s| s.tag(k))
+            .is_some_and(|got| got == v.as_str()),
     }
 }
 
@@ -1475,52 +1446,26 @@ impl Fleet {
             check_session_id,
             &mut violations,
         );
-        let filters = SessionFilters::parse(&query.filters, &mut violations);
+        let filters = parse_session_filters(&query.filters, &mut violations);
         if !violations.is_empty() {
             return Err(FleetError::InvalidArgument(violations));
         }
         let fingerprint = query::query_fingerprint("sessions", ids.as_deref(), &query.filters);
         let wall = SystemTime::now();
-        let after = if query.next_token.is_empty() {
-            None
-        } else {
-            Some(
-                self.tokens
-                    .check(&query.next_token, &fingerprint, wall)
-                    .map_err(|e| FleetError::invalid("NextToken", e.to_string()))?,
-            )
-        };
+        let after = self.resume_after(&query.next_token, &fingerprint, wall)?;
         let now = Instant::now();
         let state = self.read(now);
-        let lower = match &after {
-            Some(id) => Bound::Excluded(id.as_str()),
-            None => Bound::Unbounded,
-        };
-        let records: Box<dyn Iterator<Item = &SessionRecord>> = match &ids {
-            None => Box::new(
-                state
-                    .sessions
-                    .order
-                    .range::<str, _>((lower, Bound::Unbounded))
-                    .filter_map(|id| state.sessions.records.get(id)),
-            ),
-            Some(ids) => {
-                let start = match &after {
-                    Some(a) => ids.partition_point(|id| id.as_str() <= a.as_str()),
-                    None => 0,
-                };
-                Box::new(
-                    ids[start..]
-                        .iter()
-                        .filter_map(|id| state.sessions.records.get(id.as_str())),
-                )
-            }
-        };
+        let records = query::walk(
+            &state.sessions.order,
+            &state.sessions.records,
+            ids.as_deref(),
+            after.as_deref(),
+        );
         let matching = records
             .map(|record| {
                 SessionView::new(record, &state.servers, now, self.config.unreachable_after)
             })
-            .filter(|view| filters.matches(view));
+            .filter(|view| filters.matches(|p| session_matches(p, view)));
         let last = query::paginate(matching, page_size, |v| v.record.id.clone(), visit);
         Ok(last.map(|id| self.tokens.issue(&fingerprint, &id, wall)))
     }
