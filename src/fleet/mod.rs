@@ -229,10 +229,11 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
-fn validate_batch_size(len: usize) -> Result<(), FleetError> {
+/// Checks a batch's size; `field` is the request's repeated field.
+fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
     if len == 0 || len > MAX_BATCH_ITEMS {
         return Err(FleetError::invalid(
-            "Servers",
+            field,
             format!("must hold 1 to {MAX_BATCH_ITEMS} items; got {len}"),
         ));
     }
@@ -410,7 +411,7 @@ impl Fleet {
         items: &[CloseItem],
         actor: &str,
     ) -> Result<Vec<ItemResult>, FleetError> {
-        validate_batch_size(items.len())?;
+        validate_batch_size("Servers", items.len())?;
         let mut pre = precheck(items.iter().map(|i| i.server_id.as_str()));
         for (item, slot) in items.iter().zip(pre.iter_mut()) {
             if slot.is_none()
@@ -463,7 +464,7 @@ impl Fleet {
 
     /// Opens servers. See `servers.proto`; one result per item, in order.
     pub fn open_servers(&self, server_ids: &[String]) -> Result<Vec<ItemResult>, FleetError> {
-        validate_batch_size(server_ids.len())?;
+        validate_batch_size("Servers", server_ids.len())?;
         let pre = precheck(server_ids.iter().map(String::as_str));
         let now = Instant::now();
         let ctx = self.ctx();

@@ -36,8 +36,7 @@ use sha2::Sha256;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    FailureCode, FieldViolation, Fleet, FleetError, ItemFailure, MAX_BATCH_ITEMS, State,
-    availability,
+    FailureCode, FieldViolation, Fleet, FleetError, ItemFailure, State, availability,
     model::{
         OsFamily, Placement, ReportedSession, ServerId, ServerRecord, SessionKind, SessionState,
     },
@@ -1156,16 +1155,6 @@ fn not_found() -> ItemFailure {
     ItemFailure::new(FailureCode::SessionNotFound, SESSION_NOT_FOUND_TEXT)
 }
 
-fn check_batch(len: usize) -> Result<(), FleetError> {
-    if len == 0 || len > MAX_BATCH_ITEMS {
-        return Err(FleetError::invalid(
-            "Sessions",
-            format!("must hold 1 to {MAX_BATCH_ITEMS} items; got {len}"),
-        ));
-    }
-    Ok(())
-}
-
 /// One DescribeSessions filter predicate.
 #[derive(Debug)]
 enum SessionPredicate {
@@ -1241,7 +1230,7 @@ impl Fleet {
         specs: &[CreateSpec],
         mut visit: impl FnMut(usize, SessionView<'_>),
     ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
-        check_batch(specs.len())?;
+        super::validate_batch_size("Sessions", specs.len())?;
         // Parsing and validation happen before the lock is taken.
         let orders: Vec<Result<Order, ItemFailure>> = specs.iter().map(validate_create).collect();
         let now = Instant::now();
@@ -1322,7 +1311,7 @@ impl Fleet {
         &self,
         items: &[DeleteItem],
     ) -> Result<Vec<Result<SessionState, ItemFailure>>, FleetError> {
-        check_batch(items.len())?;
+        super::validate_batch_size("Sessions", items.len())?;
         let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
         for (item, slot) in items.iter().zip(pre.iter_mut()) {
             if slot.is_none()
@@ -1386,7 +1375,7 @@ impl Fleet {
         &self,
         items: &[PermissionsItem],
     ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
-        check_batch(items.len())?;
+        super::validate_batch_size("Sessions", items.len())?;
         let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
         for (item, slot) in items.iter().zip(pre.iter_mut()) {
             if slot.is_some() {
