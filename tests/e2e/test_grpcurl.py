@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 SERVERS = "dcv.sessionmanager.v1.Servers"
+SESSIONS = "dcv.sessionmanager.v1.Sessions"
 AGENT = "dcv.sessionmanager.v1.Agent"
 HEALTH = "grpc.health.v1.Health"
 
@@ -104,14 +106,34 @@ def test_list_shows_the_services(grpcurl):
     res = grpcurl("list")
     assert res.returncode == 0, res.stderr
     services = set(res.stdout.split())
-    assert {SERVERS, AGENT, HEALTH} <= services, res.stdout
+    assert {SERVERS, SESSIONS, AGENT, HEALTH} <= services, res.stdout
 
 
 @pytest.mark.parametrize(
     "service, methods",
     [
         (SERVERS, {"CloseServers", "OpenServers", "DescribeServers"}),
-        (AGENT, {"RegisterServer", "Heartbeat", "DeregisterServer"}),
+        (
+            SESSIONS,
+            {
+                "CreateSessions",
+                "DescribeSessions",
+                "DeleteSessions",
+                "GetSessionConnectionData",
+                "UpdateSessionPermissions",
+            },
+        ),
+        (
+            AGENT,
+            {
+                "RegisterServer",
+                "Heartbeat",
+                "DeregisterServer",
+                "StreamInstructions",
+                "ReportInstructionResult",
+                "ValidateConnectionToken",
+            },
+        ),
     ],
 )
 def test_list_shows_the_methods(grpcurl, service, methods):
@@ -287,7 +309,7 @@ def test_oversized_batch_is_rejected_whole(grpcurl, call):
 # --- health ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("service", ["", SERVERS, AGENT])
+@pytest.mark.parametrize("service", ["", SERVERS, SESSIONS, AGENT])
 def test_health_check_is_serving(call, service):
     data = {"service": service} if service else {}
     assert call(f"{HEALTH}/Check", data) == {"status": "SERVING"}
@@ -339,3 +361,421 @@ def test_close_busy_server_needs_force(call):
         server.get("ConsoleSessionCount", 0),
         server.get("VirtualSessionCount", 0),
     ) == sessions
+
+
+# --- sessions ----------------------------------------------------------------
+
+#: How long a session may take to reach a state the simulated agents put it
+#: in at once: generous, for a loaded machine. Polling stops as soon as it
+#: gets there.
+SETTLE_TIMEOUT_S = float(os.environ.get("DCV_E2E_SETTLE_TIMEOUT", "20"))
+FAILED_PRECONDITION = 9
+
+#: DCV's wording for an unknown session; clients match it exactly.
+SESSION_NOT_FOUND_TEXT = "The requested dcvSession does not exist"
+
+#: serverId1 is a Linux server that runs nothing in the demo fleet: pinning
+#: a session to it makes placement deterministic.
+PIN_SERVER_ID1 = "server:Id = 'serverId1'"
+
+#: The keys of a session's Server, as DCV names them.
+SESSION_SERVER_KEYS = {"Id", "Ip", "Hostname", "Port", "Endpoints", "WebUrlPath", "Tags"}
+
+
+def describe_session(call, session_id: str) -> dict:
+    out = call(f"{SESSIONS}/DescribeSessions", {"SessionIds": [session_id]})
+    assert_request_id(out)
+    sessions = out.get("Sessions", [])
+    assert [s["Id"] for s in sessions] == [session_id], out
+    return sessions[0]
+
+
+def wait_for_session(call, session_id: str, state: str) -> dict:
+    """Polls DescribeSessions until the session is in `state`; fails after
+    SETTLE_TIMEOUT_S with the states seen on the way."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    pause = 0.02
+    seen: list[str] = []
+    while True:
+        session = describe_session(call, session_id)
+        if session["State"] == state:
+            return session
+        if not seen or seen[-1] != session["State"]:
+            seen.append(session["State"])
+        assert time.monotonic() < deadline, (
+            f"session {session_id} not {state} within {SETTLE_TIMEOUT_S}s; states seen: {seen}; "
+            f"last: {session}"
+        )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
+def create_one(call, item: dict) -> dict:
+    """Creates one session that must be accepted; returns it as listed."""
+    out = call(f"{SESSIONS}/CreateSessions", {"Sessions": [item]})
+    assert set(out) == {"RequestId", "SuccessfulList"}, out
+    assert_request_id(out)
+    [session] = out["SuccessfulList"]
+    return session
+
+
+def close_servers(call, *items: dict) -> dict:
+    return call(f"{SERVERS}/CloseServers", {"Servers": list(items)})
+
+
+def test_describe_sessions_service_shows_the_rpcs(grpcurl):
+    res = grpcurl("describe", SESSIONS)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.startswith(f"{SESSIONS} is a service:"), out
+    for method in [
+        "CreateSessions",
+        "DescribeSessions",
+        "DeleteSessions",
+        "GetSessionConnectionData",
+        "UpdateSessionPermissions",
+    ]:
+        assert (
+            f"rpc {method} ( .dcv.sessionmanager.v1.{method}Request ) "
+            f"returns ( .dcv.sessionmanager.v1.{method}Response );" in out
+        ), out
+    assert "// Portals' view of DCV sessions." in out
+    assert "// Creates sessions." in out
+
+
+def test_describe_agent_service_shows_the_instruction_stream(grpcurl):
+    res = grpcurl("describe", AGENT)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert (
+        "rpc StreamInstructions ( .dcv.sessionmanager.v1.StreamInstructionsRequest ) "
+        "returns ( stream .dcv.sessionmanager.v1.StreamInstructionsResponse );" in out
+    ), out
+    for method in ["ReportInstructionResult", "ValidateConnectionToken"]:
+        assert (
+            f"rpc {method} ( .dcv.sessionmanager.v1.{method}Request ) "
+            f"returns ( .dcv.sessionmanager.v1.{method}Response );" in out
+        ), out
+
+
+def test_describe_create_session_request_data_shows_dcv_json_names(grpcurl):
+    res = grpcurl("describe", "dcv.sessionmanager.v1.CreateSessionRequestData")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for line in [
+        'string name = 1 [json_name = "Name"];',
+        'string owner = 2 [json_name = "Owner"];',
+        '.dcv.sessionmanager.v1.SessionType type = 3 [json_name = "Type"];',
+        'optional int32 max_concurrent_clients = 5 [json_name = "MaxConcurrentClients"];',
+        'bool enqueue_request = 8 [json_name = "EnqueueRequest"];',
+        'string requirements = 12 [json_name = "Requirements"];',
+    ]:
+        assert line in out, out
+
+
+def test_session_flow_through_a_closed_server(call):
+    """The issue's flow: a session placed on serverId1 keeps the server from
+    closing without Force; with Force the server closes and the session keeps
+    running, nothing new is placed there, and after OpenServers it is."""
+    before = describe_one(call, "serverId1")
+    assert before["Availability"] == "AVAILABLE", before
+    assert "VirtualSessionCount" not in before, "serverId1 should start empty"
+
+    t0 = datetime.now(timezone.utc)
+    item = {
+        "Name": "e2e-flow",
+        "Owner": "alice",
+        "Type": "VIRTUAL",
+        "Requirements": PIN_SERVER_ID1,
+    }
+    created = create_one(call, item)
+    t1 = datetime.now(timezone.utc)
+    sid = created["Id"]
+    assert uuid.UUID(sid).version == 4, sid
+    # DCV's keys; the reply is taken before the agent answers.
+    assert set(created) == {
+        "Id",
+        "Name",
+        "Owner",
+        "Server",
+        "Type",
+        "State",
+        "Substate",
+        "CreationTime",
+    }, created
+    assert (created["Name"], created["Owner"]) == ("e2e-flow", "alice")
+    assert created["Type"] == "VIRTUAL"
+    assert (created["State"], created["Substate"]) == ("CREATING", "SESSION_PLACING")
+    assert set(created["Server"]) == SESSION_SERVER_KEYS, created["Server"]
+    assert created["Server"]["Id"] == "serverId1"
+    assert created["Server"]["Port"] == "8443"
+    assert created["Server"]["WebUrlPath"] == "/"
+    tags = {(t["Key"], t["Value"]) for t in created["Server"]["Tags"]}
+    assert ("dcv:os-family", "linux") in tags
+    slack = timedelta(seconds=2)
+    assert t0 - slack <= parse_time(created["CreationTime"]) <= t1 + slack
+
+    ready = wait_for_session(call, sid, "READY")
+    assert "Substate" not in ready, ready
+    assert ready["Server"]["Id"] == "serverId1"
+    assert ready["CreationTime"] == created["CreationTime"]
+    assert describe_one(call, "serverId1")["VirtualSessionCount"] == 1
+
+    # Without Force (absent or false) the close is refused and not applied.
+    for close_item in ({"ServerId": "serverId1"}, {"ServerId": "serverId1", "Force": False}):
+        out = close_servers(call, close_item)
+        assert set(out) == {"RequestId", "UnsuccessfulList"}, out
+        [failed] = out["UnsuccessfulList"]
+        assert failed["CloseServerRequestData"] == {"ServerId": "serverId1", "Force": False}
+        assert failed["FailureCode"] == "DCV_SERVER_HAS_RUNNING_SESSIONS"
+        assert failed["FailureReason"]
+        server = describe_one(call, "serverId1")
+        assert server["Availability"] == "AVAILABLE", server
+        assert "Holds" not in server
+
+    # With Force it closes; the session keeps running.
+    out = close_servers(call, {"ServerId": "serverId1", "Force": True})
+    assert set(out) == {"RequestId", "SuccessfulList"}, out
+    assert out["SuccessfulList"] == [{"ServerId": "serverId1"}]
+    server = describe_one(call, "serverId1")
+    assert server["Availability"] == "UNAVAILABLE"
+    assert server["UnavailabilityReason"] == "SERVER_CLOSED"
+    assert server["VirtualSessionCount"] == 1
+    still = describe_session(call, sid)
+    assert still["State"] == "READY", still
+    assert still["Server"]["Id"] == "serverId1"
+
+    # The only candidate is closed: a new session is refused. (Another owner,
+    # so that serverId1's one-session-per-user limit is not the reason.)
+    again = dict(item, Name="e2e-flow-2", Owner="bob")
+    out = call(f"{SESSIONS}/CreateSessions", {"Sessions": [again]})
+    assert set(out) == {"RequestId", "UnsuccessfulList"}, out
+    [failed] = out["UnsuccessfulList"]
+    assert set(failed) == {"CreateSessionRequestData", "FailureCode", "FailureReason"}
+    assert failed["CreateSessionRequestData"] == again
+    assert failed["FailureCode"] == "NO_SERVER_AVAILABLE"
+    assert failed["FailureReason"]
+    out = call(f"{SESSIONS}/DescribeSessions", {"Filters": [{"Key": "owner", "Value": "bob"}]})
+    assert "Sessions" not in out, "a refused session must not be recorded"
+
+    # Opened again, it takes the session.
+    out = call(f"{SERVERS}/OpenServers", {"Servers": [{"ServerId": "serverId1"}]})
+    assert out["SuccessfulList"] == [{"ServerId": "serverId1"}]
+    placed = create_one(call, again)
+    assert placed["Server"]["Id"] == "serverId1"
+    assert placed["Owner"] == "bob"
+    wait_for_session(call, placed["Id"], "READY")
+    assert describe_one(call, "serverId1")["VirtualSessionCount"] == 2
+    assert describe_session(call, sid)["State"] == "READY"
+
+
+def test_connection_data_then_delete(call, grpcurl):
+    session = create_one(
+        call,
+        {
+            "Name": "e2e-connect",
+            "Owner": "carol",
+            "Type": "VIRTUAL",
+            "Requirements": PIN_SERVER_ID1,
+        },
+    )
+    sid = session["Id"]
+
+    wait_for_session(call, sid, "READY")
+    out = call(f"{SESSIONS}/GetSessionConnectionData", {"SessionId": sid, "User": "carol"})
+    assert set(out) == {"RequestId", "Session", "ConnectionToken"}, out
+    assert_request_id(out)
+    assert out["Session"]["Id"] == sid
+    assert out["Session"]["State"] == "READY"
+    assert out["Session"]["Owner"] == "carol"
+    assert set(out["Session"]["Server"]) == SESSION_SERVER_KEYS
+    assert out["Session"]["Server"]["Id"] == "serverId1"
+    token = out["ConnectionToken"]
+    assert token and all(c.isalnum() or c in "-_." for c in token), token
+    # The token names its user: another user gets another token.
+    other = call(f"{SESSIONS}/GetSessionConnectionData", {"SessionId": sid, "User": "dave"})
+    assert other["ConnectionToken"] != token
+
+    out = call(
+        f"{SESSIONS}/DeleteSessions", {"Sessions": [{"SessionId": sid, "Owner": "carol"}]}
+    )
+    assert set(out) == {"RequestId", "SuccessfulList"}, out
+    assert_request_id(out)
+    assert out["SuccessfulList"] == [{"SessionId": sid, "State": "DELETING"}]
+    deleted = wait_for_session(call, sid, "DELETED")
+    assert deleted["StateReason"], deleted
+
+    # A deleted session has no connection data.
+    res = grpcurl(
+        f"{SESSIONS}/GetSessionConnectionData", data={"SessionId": sid, "User": "carol"}
+    )
+    assert res.returncode == GRPCURL_STATUS_BASE + NOT_FOUND, res
+    assert SESSION_NOT_FOUND_TEXT in res.stderr
+
+    # Deleting it again succeeds: there is nothing left to ask.
+    out = call(
+        f"{SESSIONS}/DeleteSessions", {"Sessions": [{"SessionId": sid, "Owner": "carol"}]}
+    )
+    assert out["SuccessfulList"] == [{"SessionId": sid, "State": "DELETED"}]
+
+
+def json_keys(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from json_keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from json_keys(v)
+
+
+def test_session_json_keys_are_dcvs(call):
+    """Every key grpcurl prints for sessions is DCV's PascalCase name."""
+    created = create_one(
+        call,
+        {
+            "Name": "e2e-json",
+            "Owner": "frank",
+            "Type": "VIRTUAL",
+            "MaxConcurrentClients": 2,
+            "StorageRoot": "/srv",
+            "Requirements": PIN_SERVER_ID1,
+        },
+    )
+    wait_for_session(call, created["Id"], "READY")
+    docs = [
+        call(f"{SESSIONS}/DescribeSessions", {"SessionIds": [created["Id"]]}),
+        call(f"{SESSIONS}/DescribeSessions", {"MaxResults": 1}),
+        call(
+            f"{SESSIONS}/GetSessionConnectionData", {"SessionId": created["Id"], "User": "frank"}
+        ),
+        call(
+            f"{SESSIONS}/DeleteSessions",
+            {
+                "Sessions": [
+                    {"SessionId": created["Id"], "Owner": "frank"},
+                    {"SessionId": "x", "Owner": "y"},
+                ]
+            },
+        ),
+    ]
+    keys = set(json_keys(docs))
+    assert {
+        "RequestId",
+        "Sessions",
+        "NextToken",
+        "Id",
+        "Name",
+        "Owner",
+        "Server",
+        "Type",
+        "MaxConcurrentClients",
+        "State",
+        "CreationTime",
+        "StorageRoot",
+        "Ip",
+        "Hostname",
+        "Port",
+        "Endpoints",
+        "WebUrlPath",
+        "Tags",
+        "Key",
+        "Value",
+        "IpAddress",
+        "Protocol",
+        "Session",
+        "ConnectionToken",
+        "SuccessfulList",
+        "UnsuccessfulList",
+        "SessionId",
+        "FailureCode",
+        "FailureReason",
+    } <= keys, keys
+    assert sorted(k for k in keys if not (k[:1].isupper() and k.isalnum())) == []
+
+
+def test_connection_data_of_unknown_session_is_not_found(grpcurl):
+    res = grpcurl(
+        f"{SESSIONS}/GetSessionConnectionData",
+        data={"SessionId": "no-such-session", "User": "alice"},
+        flags=["-format-error"],
+    )
+    assert res.returncode == GRPCURL_STATUS_BASE + NOT_FOUND, res
+    status = json.loads(res.stderr)
+    assert status["code"] == NOT_FOUND
+    assert status["message"] == SESSION_NOT_FOUND_TEXT
+
+
+def test_delete_unknown_session_is_session_not_found(call):
+    out = call(
+        f"{SESSIONS}/DeleteSessions",
+        {"Sessions": [{"SessionId": "no-such-session", "Owner": "alice"}]},
+    )
+    assert set(out) == {"RequestId", "UnsuccessfulList"}, out
+    assert_request_id(out)
+    assert out["UnsuccessfulList"] == [
+        {
+            "SessionId": "no-such-session",
+            "FailureCode": "SESSION_NOT_FOUND",
+            "FailureReason": SESSION_NOT_FOUND_TEXT,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "requirements, position",
+    [
+        ("server:Id = ", 13),
+        ("server:Nope = 'x'", 8),
+        ("(tag:pool = 'design'", 21),
+        ("tag:pool = 'design' and", 24),
+        ("tag:pool = 'x", 12),
+        ("bogus:x = 1", 1),
+    ],
+)
+def test_invalid_requirements_give_the_position(call, requirements, position):
+    item = {"Name": "e2e-bad", "Owner": "alice", "Type": "VIRTUAL", "Requirements": requirements}
+    out = call(f"{SESSIONS}/CreateSessions", {"Sessions": [item]})
+    assert set(out) == {"RequestId", "UnsuccessfulList"}, out
+    [failed] = out["UnsuccessfulList"]
+    assert failed["CreateSessionRequestData"] == item
+    assert failed["FailureCode"] == "INVALID_REQUIREMENTS"
+    reason = failed["FailureReason"]
+    assert reason.startswith(f"Requirements at character {position}: "), reason
+
+
+def test_empty_session_batch_is_invalid_argument(grpcurl):
+    for method in ["CreateSessions", "DeleteSessions", "UpdateSessionPermissions"]:
+        res = grpcurl(f"{SESSIONS}/{method}", data={"Sessions": []}, flags=["-format-error"])
+        assert res.returncode == GRPCURL_STATUS_BASE + INVALID_ARGUMENT, (method, res)
+        status = json.loads(res.stderr)
+        [detail] = status["details"]
+        assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        assert [v["field"] for v in detail["fieldViolations"]] == ["Sessions"], method
+
+
+def test_connection_data_of_a_creating_session_is_failed_precondition(grpcurl, call):
+    """A session queued (its only server closed) is not READY: no token."""
+    close_servers(call, {"ServerId": "serverId1", "Force": True})
+    queued = create_one(
+        call,
+        {
+            "Name": "e2e-queued",
+            "Owner": "erin",
+            "Type": "VIRTUAL",
+            "Requirements": PIN_SERVER_ID1,
+            "EnqueueRequest": True,
+        },
+    )
+    assert (queued["State"], queued["Substate"]) == ("CREATING", "SESSION_PLACING")
+    assert "Server" not in queued, "a queued session has no server yet"
+    res = grpcurl(
+        f"{SESSIONS}/GetSessionConnectionData",
+        data={"SessionId": queued["Id"], "User": "erin"},
+    )
+    assert res.returncode == GRPCURL_STATUS_BASE + FAILED_PRECONDITION, res
+
+    # Opening the server lets the queued session on.
+    call(f"{SERVERS}/OpenServers", {"Servers": [{"ServerId": "serverId1"}]})
+    ready = wait_for_session(call, queued["Id"], "READY")
+    assert ready["Server"]["Id"] == "serverId1"
