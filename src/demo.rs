@@ -12,7 +12,11 @@
 //! sessions they run in their next heartbeats, so the whole session flow
 //! runs end to end in one process.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
@@ -23,9 +27,15 @@ use crate::fleet::{
     ServerDescription, ServerId, SessionKind, SessionState, Tag,
 };
 
-/// Sessions the simulated agents created on the broker's instruction, by
-/// server index.
-type Created = Arc<Mutex<HashMap<usize, Vec<ReportedSession>>>>;
+/// What the simulated agents changed on the broker's instruction, by server
+/// index: sessions they created, and built-in sessions they deleted.
+#[derive(Debug, Default)]
+struct Changes {
+    created: HashMap<usize, Vec<ReportedSession>>,
+    deleted: HashSet<String>,
+}
+
+type Created = Arc<Mutex<Changes>>;
 
 /// Servers whose heartbeats are applied under one lock hold: big enough to
 /// be cheap, small enough not to stall readers.
@@ -231,7 +241,9 @@ pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
     let executor = tokio::spawn(execute(fleet.clone(), instructions, created.clone()));
     let beat = |index: usize, created: &Created| {
         let mut report = heartbeat(index);
-        if let Some(extra) = created.lock().get(&index) {
+        let changes = created.lock();
+        report.sessions.retain(|s| !changes.deleted.contains(&s.id));
+        if let Some(extra) = changes.created.get(&index) {
             report.sessions.extend(extra.iter().cloned());
         }
         report
@@ -291,6 +303,7 @@ async fn execute(
             Instruction::Create { session, order, .. } => {
                 created
                     .lock()
+                    .created
                     .entry(index)
                     .or_default()
                     .push(ReportedSession {
@@ -302,9 +315,18 @@ async fn execute(
                 (session, InstructionKind::Create)
             }
             Instruction::Delete { session, .. } => {
-                if let Some(list) = created.lock().get_mut(&index) {
+                let mut changes = created.lock();
+                let mut was_created = false;
+                if let Some(list) = changes.created.get_mut(&index) {
+                    let before = list.len();
                     list.retain(|s| *s.id != *session);
+                    was_created = list.len() != before;
                 }
+                if !was_created {
+                    // A built-in session deleted by the broker stays gone.
+                    changes.deleted.insert(session.to_string());
+                }
+                drop(changes);
                 (session, InstructionKind::Delete)
             }
             Instruction::UpdatePermissions { session, .. } => {

@@ -129,7 +129,8 @@ pub async fn serve(
     let sessions = SessionsServer::new(SessionsApi::new(fleet.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
-    let agent = AgentServer::new(AgentApi::new(fleet.clone()))
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping_rx))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
@@ -169,6 +170,8 @@ pub async fn serve(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // End agents' instruction streams, which never end by themselves.
+    let _ = stopping.send(true);
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.drain_deadline, server).await {
         Ok(result) => result?,

@@ -147,3 +147,19 @@ async fn shutdown_gives_up_on_stuck_connections_at_the_drain_deadline() {
     let result = (&mut broker.task).await.unwrap();
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[tokio::test]
+async fn shutdown_ends_agents_instruction_streams_instead_of_waiting_for_them() {
+    let mut broker = Broker::quiet().await;
+    let mut agent = TestAgent::connect(&broker, registration("a", "linux", 2)).await;
+    broker.stop();
+    // The stream ends cleanly, and the server returns well before the 5 s
+    // drain deadline although the agent never hung up.
+    assert!(agent.stream.message().await.unwrap().is_none());
+    drop(agent);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(4), &mut broker.task)
+        .await
+        .expect("serve returns before the drain deadline")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}

@@ -458,6 +458,14 @@ async fn delete_asks_the_agent_and_force_does_not() {
         state(&describe_session(&mut sessions, &one).await),
         St::Deleted
     );
+    // Confirmed gone: the server counts it no more, before any heartbeat.
+    let mut servers = broker.servers().await;
+    assert_eq!(
+        describe_one(&mut servers, "lin")
+            .await
+            .virtual_session_count,
+        1
+    );
     // Deleting a deleted session is not an error.
     let again = sessions
         .delete_sessions(pb::DeleteSessionsRequest {

@@ -3,7 +3,8 @@
 
 use std::pin::Pin;
 
-use tokio_stream::{Stream, StreamExt as _, wrappers::UnboundedReceiverStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use super::{RequestId, convert};
@@ -16,12 +17,16 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     fleet: Fleet,
+    /// Turns true when the broker shuts down: instruction streams then end,
+    /// so that agents reconnect elsewhere and the drain need not wait for
+    /// streams that never end by themselves.
+    stopping: watch::Receiver<bool>,
 }
 
 impl AgentApi {
     /// The service for `fleet`.
-    pub fn new(fleet: Fleet) -> Self {
-        AgentApi { fleet }
+    pub fn new(fleet: Fleet, stopping: watch::Receiver<bool>) -> Self {
+        AgentApi { fleet, stopping }
     }
 
     fn heartbeat_interval(&self) -> Option<prost_types::Duration> {
@@ -81,11 +86,34 @@ impl Agent for AgentApi {
         request: Request<pb::StreamInstructionsRequest>,
     ) -> Result<Response<Self::StreamInstructionsStream>, Status> {
         let id = request.into_inner().server_id;
-        let receiver = self.fleet.subscribe_instructions(&id)?;
+        let mut instructions = self.fleet.subscribe_instructions(&id)?;
         tracing::debug!(server_id = %id, "instruction stream opened");
-        let stream = UnboundedReceiverStream::new(receiver)
-            .map(|instruction| Ok(convert::instruction_to_pb(instruction)));
-        Ok(Response::new(Box::pin(stream)))
+        let mut stopping = self.stopping.clone();
+        // A small buffer: the agent's own pace throttles delivery, and what
+        // it has not received is resent when it reconnects.
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let instruction = tokio::select! {
+                    next = instructions.recv() => next,
+                    _ = stopping.wait_for(|stop| *stop) => None,
+                    // The agent hung up: drop the subscription at once, so
+                    // the broker sees the agent as gone.
+                    () = tx.closed() => None,
+                };
+                let Some(instruction) = instruction else {
+                    break;
+                };
+                if tx
+                    .send(Ok(convert::instruction_to_pb(instruction)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn report_instruction_result(

@@ -688,6 +688,28 @@ impl State {
         }
     }
 
+    /// Drops `session` from `server`'s last report (its agent confirmed the
+    /// deletion).
+    fn forget_reported(&mut self, server: &ServerId, session: &SessionId, ctx: &Ctx<'_>) {
+        let Some(target) = self.servers.get_mut(server) else {
+            return;
+        };
+        let live_before = target
+            .sessions
+            .iter()
+            .any(|s| *s.id == **session && s.state != SessionState::Deleted);
+        target.sessions.retain(|s| *s.id != **session);
+        if live_before {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session: session.clone(),
+                    server: server.clone(),
+                },
+                ctx.events,
+            );
+        }
+    }
+
     fn mark_deleted(&mut self, session: &SessionId, reason: String, now: Instant, ctx: &Ctx<'_>) {
         self.release(session, ctx);
         self.sessions.queue.retain(|q| q != session);
@@ -1485,17 +1507,21 @@ impl Fleet {
             .get(session_id)
             .filter(|r| r.state != SessionState::Deleted)
             .ok_or_else(|| FleetError::SessionNotFound(session_id.to_string()))?;
-        if record.state != SessionState::Ready {
-            return Err(FleetError::FailedPrecondition(format!(
-                "session {session_id} is not READY yet; try again when it is"
-            )));
+        let view = SessionView::new(record, &state.servers, now, self.config.unreachable_after);
+        match view.shown_state() {
+            SessionState::Ready => {}
+            SessionState::Unknown => {
+                return Err(FleetError::FailedPrecondition(format!(
+                    "session {session_id} is UNKNOWN: its server's agent is unreachable"
+                )));
+            }
+            _ => {
+                return Err(FleetError::FailedPrecondition(format!(
+                    "session {session_id} is not READY yet; try again when it is"
+                )));
+            }
         }
-        visit(SessionView::new(
-            record,
-            &state.servers,
-            now,
-            self.config.unreachable_after,
-        ));
+        visit(view);
         let expires = SystemTime::now() + self.config.connection_token_ttl;
         Ok(self.connection_tokens.issue(session_id, user, expires))
     }
@@ -1643,10 +1669,13 @@ impl Fleet {
             (InstructionKind::Delete, InstructionOutcome::Done { .. }) => {
                 if record.state != SessionState::Deleted {
                     state.mark_deleted(&id, "Deleted on its server.".into(), now, &ctx);
-                    let server_id = state.servers.get(server).map(|s| s.id.clone());
-                    if let Some(server_id) = server_id {
-                        state.drain_queue_onto(&server_id, now, &ctx);
-                    }
+                }
+                // The agent says it is gone: it stops occupying the server
+                // now, not at the next heartbeat.
+                let server_id = state.servers.get(server).map(|s| s.id.clone());
+                if let Some(server_id) = server_id {
+                    state.forget_reported(&server_id, &id, &ctx);
+                    state.drain_queue_onto(&server_id, now, &ctx);
                 }
             }
             (InstructionKind::Delete, InstructionOutcome::Failed(why)) => {

@@ -1099,12 +1099,6 @@ def test_agent_calls_for_unknown_servers_or_bad_input(spb, agent):
 # --- known problems ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="the broker keeps counting a session its agent confirmed deleted until the "
-    "agent's next heartbeat, if the previous heartbeat listed it",
-    raises=AssertionError,
-    strict=False,
-)
 def test_confirmed_delete_frees_the_server_at_once(pb, spb, sessions, servers, agent):
     ag, t = spb.ag, spb.t
     fc = spb.fc
@@ -1150,12 +1144,6 @@ def test_confirmed_delete_frees_the_server_at_once(pb, spb, sessions, servers, a
         assert [f.failure_code for f in again.unsuccessful_list] != [fc.NO_SERVER_AVAILABLE]
 
 
-@pytest.mark.xfail(
-    reason="GetSessionConnectionData issues a token for a session shown as UNKNOWN "
-    "(its agent unreachable); the API says FAILED_PRECONDITION unless READY",
-    raises=pytest.fail.Exception,
-    strict=False,
-)
 def test_no_connection_token_while_the_agent_is_unreachable(pb, spb, start_broker):
     ag, t = spb.ag, spb.t
     broker = start_broker("--unreachable-after", "1s")
