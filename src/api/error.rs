@@ -45,6 +45,10 @@ impl From<FleetError> for Status {
                 )
             }
             FleetError::FailedPrecondition(why) => Status::failed_precondition(why),
+            FleetError::Unavailable(why) => {
+                tracing::error!(%why, "request failed: broker unavailable");
+                Status::unavailable(why)
+            }
             FleetError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the broker's log")

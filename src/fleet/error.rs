@@ -38,6 +38,10 @@ pub enum FleetError {
     /// The operation does not apply in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The broker cannot serve the request now (for example its store
+    /// failed); it is safe to retry against a healthy broker.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Something failed inside the broker.
     #[error("internal error: {0}")]
     Internal(String),

@@ -19,6 +19,7 @@ pub mod availability;
 pub mod error;
 pub mod model;
 pub mod page_token;
+pub mod persist;
 pub mod query;
 pub mod requirements;
 pub mod sessions;
