@@ -46,6 +46,21 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_ALLOW_INSECURE_NON_LOOPBACK")]
     pub allow_insecure_non_loopback: bool,
 
+    /// Directory of the durable store (created if missing). Every change
+    /// an RPC acknowledges is on disk here first.
+    #[arg(
+        long,
+        env = "DCV_BROKER_DATA_DIR",
+        default_value = "dcv-broker-data",
+        value_name = "DIR"
+    )]
+    pub data_dir: std::path::PathBuf,
+
+    /// Keep state in memory only: a restart forgets every server, close and
+    /// session. For tests and demos.
+    #[arg(long, env = "DCV_BROKER_IN_MEMORY", conflicts_with = "data_dir")]
+    pub in_memory: bool,
+
     /// Run N simulated DCV servers in-process (ids serverId1, dcv-0000001,
     /// ...), for demos and load tests.
     #[arg(

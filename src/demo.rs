@@ -341,7 +341,11 @@ async fn execute(
 }
 
 fn register(fleet: &Fleet, index: usize, id: &str) {
-    if let Err(err) = fleet.register(id, description(index)) {
+    // Not waited for: the demo does not acknowledge anything to anyone.
+    if let Err(err) = fleet
+        .register_nowait(id, description(index))
+        .map(|(_, durable)| drop(durable))
+    {
         tracing::warn!(server_id = %id, %err, "demo server refused");
     }
 }

@@ -20,6 +20,7 @@ pub mod demo;
 pub mod fleet;
 pub mod pb;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 
 pub use server::{BrokerConfig, serve};

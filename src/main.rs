@@ -1,10 +1,10 @@
 //! The `dcv-broker` binary: parses flags, starts logging, binds the
 //! listener, and serves until SIGTERM or SIGINT.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use clap::Parser;
-use dcv_broker::{config::Args, fleet::Fleet, serve, telemetry};
+use dcv_broker::{config::Args, fleet::Fleet, serve, store::SqliteStore, telemetry};
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -26,7 +26,26 @@ async fn run(args: Args) -> Result<(), String> {
     // send SIGTERM the moment it sees the line.
     let shutdown = shutdown_signal().map_err(|e| format!("cannot watch signals: {e}"))?;
     let config = args.broker_config();
-    let fleet = Fleet::new(config.fleet.clone()).map_err(|e| e.to_string())?;
+    let (fleet, store_failed) = if args.in_memory {
+        tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
+        let fleet = Fleet::new(config.fleet.clone()).map_err(|e| e.to_string())?;
+        (fleet, None)
+    } else {
+        let started = Instant::now();
+        let (store, snapshot) = SqliteStore::open(&args.data_dir).map_err(|e| e.to_string())?;
+        let (servers, sessions) = (snapshot.servers.len(), snapshot.sessions.len());
+        let failed = store.failed();
+        let fleet = Fleet::restore(config.fleet.clone(), Arc::new(store), snapshot)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            data_dir = %args.data_dir.display(),
+            servers,
+            sessions,
+            elapsed = ?started.elapsed(),
+            "store loaded"
+        );
+        (fleet, Some(failed))
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -36,9 +55,25 @@ async fn run(args: Args) -> Result<(), String> {
     // The one line on stdout: scripts read the port from it.
     println!("dcv-broker listening on {addr}");
     tracing::info!(%addr, demo_fleet = config.demo_fleet, "serving");
-    serve(listener, fleet, config, shutdown)
+    let mut failed = store_failed.clone();
+    let stop = async move {
+        match failed.as_mut() {
+            // A store that cannot write stops the broker: nothing more may
+            // be acknowledged, and a restart reloads what is on disk.
+            Some(failed) => tokio::select! {
+                () = shutdown => {}
+                _ = failed.wait_for(Option::is_some) => {}
+            },
+            None => shutdown.await,
+        }
+    };
+    serve(listener, fleet, config, stop)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
+        return Err(format!("stopped: the store failed: {why}"));
+    }
+    Ok(())
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the future resolves on

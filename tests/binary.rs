@@ -37,7 +37,13 @@ fn rejects_inconsistent_timeouts() {
 #[test]
 fn announces_its_port_and_exits_zero_on_sigterm() {
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--demo-fleet", "10"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--demo-fleet",
+            "10",
+            "--in-memory",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -70,7 +76,13 @@ async fn logs_each_request_in_a_span_carrying_its_request_id() {
     use tokio::io::{AsyncBufReadExt, BufReader as AsyncBufReader};
 
     let mut child = tokio::process::Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--demo-fleet", "3"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--demo-fleet",
+            "3",
+            "--in-memory",
+        ])
         .args(["--log", "debug", "--log-format", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -590,13 +590,24 @@ fn compare_batch(
 // ---------------------------------------------------------------------------
 // Running a case.
 
+/// Runs a fleet operation to completion. With the in-memory store nothing
+/// waits for a disk, so a current-thread runtime finishes it at once.
+fn block<F: std::future::Future>(future: F) -> F::Output {
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime");
+    }
+    RUNTIME.with(|rt| rt.block_on(future))
+}
+
 fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
     match op {
         Op::Register { id, description } => {
             let id = id.resolve(model);
-            let actual = fleet
-                .register(&id, demo::description(*description))
-                .map_err(|e| whole_error(&e));
+            let actual = fleet.register(&id, demo::description(*description));
+            let actual = block(actual).map_err(|e| whole_error(&e));
             prop_assert_eq!(actual, model.register(&id), "register {:?}", id);
         }
         Op::Heartbeat {
@@ -622,7 +633,7 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
         }
         Op::Deregister { id } => {
             let id = id.resolve(model);
-            let actual = fleet.deregister(&id).map_err(|e| whole_error(&e));
+            let actual = block(fleet.deregister(&id)).map_err(|e| whole_error(&e));
             prop_assert_eq!(actual, model.deregister(&id), "deregister {:?}", id);
         }
         Op::Close { items, actor } => {
@@ -636,7 +647,7 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
                 .collect();
             let actor = ACTORS[*actor];
             compare_batch(
-                fleet.close_servers(&items, actor),
+                block(fleet.close_servers(&items, actor)),
                 model.close(&items, actor),
             )?;
         }
@@ -650,17 +661,17 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
                 .collect();
             let actor = ACTORS[*actor];
             compare_batch(
-                fleet.close_servers(&items, actor),
+                block(fleet.close_servers(&items, actor)),
                 model.close(&items, actor),
             )?;
         }
         Op::Open { ids } => {
             let ids: Vec<String> = ids.iter().map(|id| id.resolve(model)).collect();
-            compare_batch(fleet.open_servers(&ids), model.open(&ids))?;
+            compare_batch(block(fleet.open_servers(&ids)), model.open(&ids))?;
         }
         Op::OpenSized { len } => {
             let ids: Vec<String> = (0..*len).map(sized_id).collect();
-            compare_batch(fleet.open_servers(&ids), model.open(&ids))?;
+            compare_batch(block(fleet.open_servers(&ids)), model.open(&ids))?;
         }
     }
     Ok(())

@@ -42,7 +42,7 @@ impl Agent for AgentApi {
     ) -> Result<Response<pb::RegisterServerResponse>, Status> {
         let request_id = RequestId::of(&request);
         let (id, description) = convert::registration_from_pb(request.into_inner())?;
-        let new = self.fleet.register(&id, description)?;
+        let new = self.fleet.register(&id, description).await?;
         tracing::debug!(server_id = %id, new, "server registered");
         Ok(Response::new(pb::RegisterServerResponse {
             request_id,
@@ -70,7 +70,7 @@ impl Agent for AgentApi {
     ) -> Result<Response<pb::DeregisterServerResponse>, Status> {
         let request_id = RequestId::of(&request);
         let id = request.into_inner().server_id;
-        let removed = self.fleet.deregister(&id)?;
+        let removed = self.fleet.deregister(&id).await?;
         tracing::debug!(server_id = %id, removed, "server deregistered");
         Ok(Response::new(pb::DeregisterServerResponse {
             request_id,

@@ -37,7 +37,7 @@ impl Servers for ServersApi {
                 reason: s.reason.clone(),
             })
             .collect();
-        let results = self.fleet.close_servers(&items, ANONYMOUS_ACTOR)?;
+        let results = self.fleet.close_servers(&items, ANONYMOUS_ACTOR).await?;
         let mut response = pb::CloseServersResponse {
             request_id,
             ..Default::default()
@@ -77,7 +77,7 @@ impl Servers for ServersApi {
         let request_id = RequestId::of(&request);
         let servers = request.into_inner().servers;
         let ids: Vec<String> = servers.iter().map(|s| s.server_id.clone()).collect();
-        let results = self.fleet.open_servers(&ids)?;
+        let results = self.fleet.open_servers(&ids).await?;
         let mut response = pb::OpenServersResponse {
             request_id,
             ..Default::default()

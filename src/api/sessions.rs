@@ -32,9 +32,12 @@ impl Sessions for SessionsApi {
         let items = request.into_inner().sessions;
         let specs: Vec<_> = items.iter().map(convert::create_spec_from_pb).collect();
         let mut created = Vec::new();
-        let results = self.fleet.create_sessions(&specs, |index, view| {
-            created.push((index, convert::session_to_pb(view)));
-        })?;
+        let results = self
+            .fleet
+            .create_sessions(&specs, |index, view| {
+                created.push((index, convert::session_to_pb(view)));
+            })
+            .await?;
         let mut response = pb::CreateSessionsResponse {
             request_id,
             ..Default::default()
@@ -97,7 +100,7 @@ impl Sessions for SessionsApi {
                 force: d.force.unwrap_or(false),
             })
             .collect();
-        let results = self.fleet.delete_sessions(&domain)?;
+        let results = self.fleet.delete_sessions(&domain).await?;
         let mut response = pb::DeleteSessionsResponse {
             request_id,
             ..Default::default()
@@ -161,7 +164,7 @@ impl Sessions for SessionsApi {
                 permissions_file: d.permissions_file.clone(),
             })
             .collect();
-        let results = self.fleet.update_session_permissions(&domain)?;
+        let results = self.fleet.update_session_permissions(&domain).await?;
         let mut response = pb::UpdateSessionPermissionsResponse {
             request_id,
             ..Default::default()

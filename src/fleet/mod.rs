@@ -273,6 +273,10 @@ struct State {
     next_removal: Option<Instant>,
     /// Sessions, the queue, agents' instruction channels.
     sessions: sessions::Sessions,
+    /// Servers changed since the last submission to the store.
+    dirty_servers: HashSet<ServerId>,
+    /// Servers whose holds or departure alone changed since then.
+    dirty_server_state: HashSet<ServerId>,
 }
 
 impl State {
@@ -282,6 +286,80 @@ impl State {
 
     fn note_removable(&mut self, deadline: Instant) {
         self.next_removal = Some(self.next_removal.map_or(deadline, |d| d.min(deadline)));
+    }
+
+    /// The state a snapshot describes. Every server gets a fresh heartbeat
+    /// window: heartbeat times are not stored, and a broker that was down
+    /// cannot tell a silent agent from one it could not hear.
+    fn from_snapshot(
+        snapshot: persist::Snapshot,
+        config: &FleetConfig,
+    ) -> Result<State, FleetError> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut state = State::default();
+        for stored in snapshot.servers {
+            let id: ServerId = Arc::from(stored.id.as_str());
+            state.order.insert(id.clone());
+            state.servers.insert(
+                id.clone(),
+                ServerRecord {
+                    id,
+                    description: stored.description,
+                    dcv_server_healthy: true,
+                    logged_in_users: Vec::new(),
+                    sessions: Vec::new(),
+                    placing: Vec::new(),
+                    holds: stored.holds,
+                    registered_at: stored.registered_at,
+                    last_seen: now,
+                    last_seen_wall: stored.last_seen,
+                    agent_departed: stored.agent_departed,
+                },
+            );
+        }
+        state.restore_sessions(snapshot.sessions, now, wall)?;
+        state.next_removal = state
+            .servers
+            .values()
+            .filter(|s| !s.is_closed())
+            .map(|s| s.last_seen + config.remove_after)
+            .min();
+        Ok(state)
+    }
+
+    /// Everything changed since the last call, as store changes: the
+    /// current record of each changed server and session, or its removal.
+    fn take_changes(&mut self) -> Vec<persist::Change> {
+        use persist::Change;
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut changes = Vec::with_capacity(self.dirty_servers.len() + self.sessions.dirty.len());
+        for id in std::mem::take(&mut self.dirty_server_state) {
+            if self.dirty_servers.contains(&id) {
+                continue;
+            }
+            if let Some(server) = self.servers.get(&id) {
+                changes.push(Change::PutServerState {
+                    id: id.to_string(),
+                    holds: server.holds.clone(),
+                    agent_departed: server.agent_departed,
+                });
+            }
+        }
+        for id in std::mem::take(&mut self.dirty_servers) {
+            changes.push(match self.servers.get(&id) {
+                Some(server) => Change::PutServer(persist::stored_server(server)),
+                None => Change::DeleteServer(id.to_string()),
+            });
+        }
+        for id in std::mem::take(&mut self.sessions.dirty) {
+            changes.push(match self.sessions.records.get(&id) {
+                Some(record) => Change::PutSession(persist::stored_session(record, now, wall)),
+                None => Change::DeleteSession(id.to_string()),
+            });
+        }
+        changes
     }
 
     fn maintenance_due(&self, now: Instant) -> bool {
@@ -303,6 +381,7 @@ impl State {
     /// Removes a server for good, ending its sessions.
     fn remove_server(&mut self, id: &str, now: Instant, ctx: &sessions::Ctx<'_>) {
         if let Some(server) = self.servers.remove(id) {
+            self.dirty_servers.insert(server.id.clone());
             self.order.remove(id);
             self.server_removed(&server, now, ctx);
         }
@@ -339,23 +418,40 @@ pub struct Fleet {
     tokens: PageTokens,
     connection_tokens: sessions::ConnectionTokens,
     events: tokio::sync::broadcast::Sender<SequencedEvent>,
+    store: Arc<dyn persist::Store>,
 }
 
 impl Fleet {
-    /// An empty fleet.
+    /// An empty fleet that keeps nothing beyond memory.
     pub fn new(config: FleetConfig) -> Result<Self, FleetError> {
+        Fleet::restore(
+            config,
+            Arc::new(persist::MemoryStore),
+            persist::Snapshot::default(),
+        )
+    }
+
+    /// A fleet serving what `snapshot` holds, writing every change through
+    /// to `store`.
+    pub fn restore(
+        config: FleetConfig,
+        store: Arc<dyn persist::Store>,
+        snapshot: persist::Snapshot,
+    ) -> Result<Self, FleetError> {
         let tokens = PageTokens::random(config.page_token_ttl)
             .map_err(|e| FleetError::Internal(format!("no randomness for page tokens: {e}")))?;
         let connection_tokens = sessions::ConnectionTokens::random().map_err(|e| {
             FleetError::Internal(format!("no randomness for connection tokens: {e}"))
         })?;
         let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
+        let state = State::from_snapshot(snapshot, &config)?;
         Ok(Fleet {
-            state: Arc::default(),
+            state: Arc::new(RwLock::new(state)),
             config: Arc::new(config),
             tokens,
             connection_tokens,
             events,
+            store,
         })
     }
 
@@ -381,8 +477,22 @@ impl Fleet {
         let mut state = self.state.write();
         if state.maintenance_due(now) {
             state.maintain(now, &self.ctx());
+            // Nobody waits for housekeeping to be durable, but it goes to
+            // the store in order, before what the caller changes next.
+            drop(self.commit(&mut state));
         }
         state
+    }
+
+    /// Submits what changed under the lock `state` comes from. Call it
+    /// before the lock is released, so the store sees changes in order.
+    fn commit(&self, state: &mut State) -> persist::Durable {
+        let changes = state.take_changes();
+        if changes.is_empty() {
+            persist::Durable::done()
+        } else {
+            self.store.submit(changes)
+        }
     }
 
     /// Takes the read lock, doing what is due first.
@@ -402,16 +512,28 @@ impl Fleet {
     pub fn sweep(&self) -> Vec<ServerId> {
         let now = Instant::now();
         let mut state = self.state.write();
-        state.maintain(now, &self.ctx())
+        let removed = state.maintain(now, &self.ctx());
+        drop(self.commit(&mut state));
+        removed
     }
 
     /// Closes servers on behalf of `actor`. See `servers.proto` for the
     /// semantics; the result has one entry per item, in order.
-    pub fn close_servers(
+    pub async fn close_servers(
         &self,
         items: &[CloseItem],
         actor: &str,
     ) -> Result<Vec<ItemResult>, FleetError> {
+        let (results, durable) = self.close_servers_locked(items, actor)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    fn close_servers_locked(
+        &self,
+        items: &[CloseItem],
+        actor: &str,
+    ) -> Result<(Vec<ItemResult>, persist::Durable), FleetError> {
         validate_batch_size("Servers", items.len())?;
         let mut pre = precheck(items.iter().map(|i| i.server_id.as_str()));
         for (item, slot) in items.iter().zip(pre.iter_mut()) {
@@ -421,7 +543,7 @@ impl Fleet {
                 *slot = Some(ItemFailure::new(FailureCode::InvalidReason, why));
             }
         }
-        let wall = SystemTime::now();
+        let wall = persist::wall_clock();
         let now = Instant::now();
         let ctx = self.ctx();
         let mut state = self.write(now);
@@ -457,14 +579,25 @@ impl Fleet {
                 reason: item.reason.clone(),
             });
             let id = server.id.clone();
+            state.dirty_server_state.insert(id.clone());
             state.emit_close(&id, item.force, &ctx);
             results.push(Ok(()));
         }
-        Ok(results)
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
     }
 
     /// Opens servers. See `servers.proto`; one result per item, in order.
-    pub fn open_servers(&self, server_ids: &[String]) -> Result<Vec<ItemResult>, FleetError> {
+    pub async fn open_servers(&self, server_ids: &[String]) -> Result<Vec<ItemResult>, FleetError> {
+        let (results, durable) = self.open_servers_locked(server_ids)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    fn open_servers_locked(
+        &self,
+        server_ids: &[String],
+    ) -> Result<(Vec<ItemResult>, persist::Durable), FleetError> {
         validate_batch_size("Servers", server_ids.len())?;
         let pre = precheck(server_ids.iter().map(String::as_str));
         let now = Instant::now();
@@ -488,13 +621,15 @@ impl Fleet {
             server.holds.retain(|h| h.kind != HoldKind::Closed);
             let deadline = server.last_seen + remove_after;
             let id = server.id.clone();
+            state.dirty_server_state.insert(id.clone());
             state.note_removable(deadline);
             state.emit_open(&id, &ctx);
             // Queued sessions may fit now.
             state.after_server_change(&id, now, &ctx);
             results.push(Ok(()));
         }
-        Ok(results)
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
     }
 
     /// Runs a DescribeServers query, handing each server of the page to
@@ -548,7 +683,23 @@ impl Fleet {
     /// Registers a server, or refreshes a known one's description. A
     /// known server keeps its holds and last reported sessions. Returns
     /// whether the server was new.
-    pub fn register(&self, id: &str, description: ServerDescription) -> Result<bool, FleetError> {
+    pub async fn register(
+        &self,
+        id: &str,
+        description: ServerDescription,
+    ) -> Result<bool, FleetError> {
+        let (new, durable) = self.register_nowait(id, description)?;
+        durable.wait().await?;
+        Ok(new)
+    }
+
+    /// [`Fleet::register`] without waiting for the store (the simulated
+    /// fleet registers thousands of servers at start-up).
+    pub fn register_nowait(
+        &self,
+        id: &str,
+        description: ServerDescription,
+    ) -> Result<(bool, persist::Durable), FleetError> {
         let mut violations = Vec::new();
         if let Err(why) = validate_server_id(id) {
             violations.push(FieldViolation::new("ServerId", why));
@@ -558,7 +709,7 @@ impl Fleet {
             return Err(FleetError::InvalidArgument(violations));
         }
         let now = Instant::now();
-        let wall = SystemTime::now();
+        let wall = persist::wall_clock();
         let ctx = self.ctx();
         let mut state = self.write(now);
         let new = match state.servers.get_mut(id) {
@@ -593,9 +744,11 @@ impl Fleet {
         };
         state.note_removable(now + self.config.remove_after);
         if let Some(id) = state.servers.get(id).map(|s| s.id.clone()) {
+            state.dirty_servers.insert(id.clone());
             state.after_server_change(&id, now, &ctx);
         }
-        Ok(new)
+        let durable = self.commit(&mut state);
+        Ok((new, durable))
     }
 
     /// Records a heartbeat. Fails with `ServerNotFound` for a server the
@@ -614,6 +767,9 @@ impl Fleet {
         if !state.apply_heartbeat(id, report, now, &self.ctx()) {
             return Err(FleetError::ServerNotFound(id.to_string()));
         }
+        // Heartbeats are not acknowledged as durable: the next one repeats
+        // what the agent knows.
+        drop(self.commit(&mut state));
         Ok(())
     }
 
@@ -632,13 +788,20 @@ impl Fleet {
                 unknown.push(id);
             }
         }
+        drop(self.commit(&mut state));
         unknown
     }
 
     /// An agent leaves. An open server is forgotten at once (returns
     /// true); a closed one stays, unreachable, so the operator's close is
     /// not lost (returns false).
-    pub fn deregister(&self, id: &str) -> Result<bool, FleetError> {
+    pub async fn deregister(&self, id: &str) -> Result<bool, FleetError> {
+        let (removed, durable) = self.deregister_nowait(id)?;
+        durable.wait().await?;
+        Ok(removed)
+    }
+
+    fn deregister_nowait(&self, id: &str) -> Result<(bool, persist::Durable), FleetError> {
         validate_server_id(id).map_err(|why| FleetError::invalid("ServerId", why))?;
         let now = Instant::now();
         let mut state = self.write(now);
@@ -648,10 +811,14 @@ impl Fleet {
             .ok_or_else(|| FleetError::ServerNotFound(id.to_string()))?;
         if server.is_closed() {
             server.agent_departed = true;
-            return Ok(false);
+            let sid = server.id.clone();
+            state.dirty_server_state.insert(sid);
+            let durable = self.commit(&mut state);
+            return Ok((false, durable));
         }
         state.remove_server(id, now, &self.ctx());
-        Ok(true)
+        let durable = self.commit(&mut state);
+        Ok((true, durable))
     }
 }
 
@@ -687,9 +854,12 @@ impl State {
             host.swap = swap;
         }
         server.last_seen = now;
-        server.last_seen_wall = SystemTime::now();
-        server.agent_departed = false;
+        server.last_seen_wall = persist::wall_clock();
+        let returned = std::mem::replace(&mut server.agent_departed, false);
         let id = server.id.clone();
+        if returned {
+            self.dirty_server_state.insert(id.clone());
+        }
         self.reconcile_report(&id, &old, now, ctx);
         true
     }

@@ -19,12 +19,12 @@
 
 use std::time::SystemTime;
 
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
 use super::{
     FleetError,
-    model::{Hold, ServerDescription, SessionKind, SessionState},
-    sessions::{CreateSpec, Substate},
+    model::{Hold, ServerDescription, ServerRecord, SessionKind, SessionState},
+    sessions::{CreateSpec, SessionRecord, Substate},
 };
 
 /// A server as stored.
@@ -85,6 +85,17 @@ pub struct StoredSession {
 pub enum Change {
     /// Create or replace a server.
     PutServer(StoredServer),
+    /// Replace a stored server's operator state only (holds, departure):
+    /// what CloseServers and OpenServers change, without rewriting the
+    /// registration.
+    PutServerState {
+        /// The server, already stored.
+        id: String,
+        /// Its holds.
+        holds: Vec<Hold>,
+        /// Its agent deregistered while it was held.
+        agent_departed: bool,
+    },
     /// Remove a server (its sessions are changed separately).
     DeleteServer(String),
     /// Create or replace a session.
@@ -149,5 +160,69 @@ pub struct MemoryStore;
 impl Store for MemoryStore {
     fn submit(&self, _changes: Vec<Change>) -> Durable {
         Durable::done()
+    }
+}
+
+/// A server record as stored.
+pub(super) fn stored_server(server: &ServerRecord) -> StoredServer {
+    StoredServer {
+        id: server.id.to_string(),
+        description: server.description.clone(),
+        holds: server.holds.clone(),
+        registered_at: server.registered_at,
+        last_seen: server.last_seen_wall,
+        agent_departed: server.agent_departed,
+    }
+}
+
+/// The wall-clock time of a monotonic deadline, relative to a pair of
+/// readings of both clocks taken together.
+pub(super) fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
+    match at.checked_duration_since(now) {
+        Some(ahead) => wall + ahead,
+        None => wall - now.saturating_duration_since(at),
+    }
+}
+
+/// The monotonic time of a stored wall-clock deadline (a past one is due
+/// now).
+pub(super) fn monotonic_time(at: SystemTime, now: Instant, wall: SystemTime) -> Instant {
+    now + at.duration_since(wall).unwrap_or_default()
+}
+
+/// A session record as stored.
+pub(super) fn stored_session(
+    record: &SessionRecord,
+    now: Instant,
+    wall: SystemTime,
+) -> StoredSession {
+    StoredSession {
+        id: record.id.to_string(),
+        name: record.name.clone(),
+        owner: record.owner.clone(),
+        kind: record.kind,
+        server: record.server.as_ref().map(ToString::to_string),
+        state: record.state,
+        substate: record.substate,
+        state_reason: record.state_reason.clone(),
+        created_at: record.created_at,
+        request: record.order.as_ref().map(|o| o.to_spec()),
+        permissions_file: record.permissions_file.clone(),
+        tried: record.tried.iter().map(ToString::to_string).collect(),
+        deadline: record.deadline.map(|at| wall_time(at, now, wall)),
+        forgotten: record.forgotten,
+        queue_position: record.queue_position,
+    }
+}
+
+/// The wall clock at the precision stores keep (microseconds), so a time
+/// the broker shows is the same before and after a restart.
+pub fn wall_clock() -> SystemTime {
+    let now = SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => {
+            std::time::UNIX_EPOCH + std::time::Duration::from_micros(since.as_micros() as u64)
+        }
+        Err(_) => now,
     }
 }

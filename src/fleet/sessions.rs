@@ -40,6 +40,7 @@ use super::{
     model::{
         OsFamily, Placement, ReportedSession, ServerId, ServerRecord, SessionKind, SessionState,
     },
+    persist::Durable,
     query,
     requirements::Requirements,
 };
@@ -148,6 +149,33 @@ pub struct Order {
     pub disable_retry: bool,
 }
 
+impl Order {
+    /// The request this order was validated from (Requirements in their
+    /// canonical form), for storing.
+    pub fn to_spec(&self) -> CreateSpec {
+        CreateSpec {
+            name: self.name.clone(),
+            owner: self.owner.clone(),
+            kind: Some(self.kind),
+            init_file: self.init_file.clone(),
+            max_concurrent_clients: (self.max_concurrent_clients > 0)
+                .then(|| i32::try_from(self.max_concurrent_clients).unwrap_or(i32::MAX)),
+            dcv_gl_enabled: self.dcv_gl_enabled,
+            permissions_file: String::new(),
+            enqueue: self.enqueue,
+            autorun_file: self.autorun_file.clone(),
+            autorun_file_arguments: self.autorun_file_arguments.clone(),
+            disable_retry: self.disable_retry,
+            requirements: self
+                .requirements
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            storage_root: self.storage_root.clone(),
+        }
+    }
+}
+
 /// Everything the broker keeps about one session.
 #[derive(Debug, Clone)]
 pub struct SessionRecord {
@@ -181,6 +209,8 @@ pub struct SessionRecord {
     /// Deleted with Force: if its agent still reports it, it is adopted
     /// again (DCV's behaviour for stale-session cleanup).
     pub forgotten: bool,
+    /// Its place in the queue while queued (smaller: earlier).
+    pub queue_position: Option<u64>,
 }
 
 /// A session as DescribeSessions sees it: the record and its server.
@@ -391,6 +421,33 @@ pub(super) struct Sessions {
     agents: HashMap<ServerId, mpsc::UnboundedSender<Instruction>>,
     /// The last event's sequence number.
     seq: u64,
+    /// Sessions changed since the last submission to the store.
+    pub(super) dirty: HashSet<SessionId>,
+    /// The next queue position (queue order survives restarts).
+    pub(super) next_queue_position: u64,
+}
+
+impl Sessions {
+    /// A record to change; marks it for the store.
+    pub(super) fn record_mut(&mut self, id: &str) -> Option<&mut SessionRecord> {
+        let record = self.records.get_mut(id)?;
+        self.dirty.insert(record.id.clone());
+        Some(record)
+    }
+
+    /// Adds a record; marks it for the store.
+    pub(super) fn insert_record(&mut self, id: SessionId, record: SessionRecord) {
+        self.dirty.insert(id.clone());
+        self.order.insert(id.clone());
+        self.records.insert(id, record);
+    }
+
+    /// Removes a record; marks it for the store.
+    pub(super) fn remove_record(&mut self, id: &SessionId) {
+        self.dirty.insert(id.clone());
+        self.order.remove(id);
+        self.records.remove(id);
+    }
 }
 
 fn check_session_id(id: &str) -> Result<(), String> {
@@ -582,6 +639,7 @@ impl State {
         let Some(record) = self.sessions.records.get_mut(id) else {
             return;
         };
+        self.sessions.dirty.insert(id.clone());
         if let Some(old) = record.deadline.take() {
             self.sessions.deadlines.remove(&(old, id.clone()));
         }
@@ -627,7 +685,7 @@ impl State {
 
     /// Reserves a slot for `session` on `server` and tells its agent.
     fn place(&mut self, session: &SessionId, server: &ServerId, now: Instant, ctx: &Ctx<'_>) {
-        let Some(record) = self.sessions.records.get_mut(session) else {
+        let Some(record) = self.sessions.record_mut(session) else {
             return;
         };
         let Some(order) = record.order.clone() else {
@@ -637,6 +695,7 @@ impl State {
         record.state = SessionState::Creating;
         record.substate = Some(Substate::Placing);
         record.state_reason.clear();
+        record.queue_position = None;
         record.tried.push(server.clone());
         let permissions_file = record.permissions_file.clone();
         if let Some(target) = self.servers.get_mut(server) {
@@ -713,7 +772,7 @@ impl State {
     fn mark_deleted(&mut self, session: &SessionId, reason: String, now: Instant, ctx: &Ctx<'_>) {
         self.release(session, ctx);
         self.sessions.queue.retain(|q| q != session);
-        if let Some(record) = self.sessions.records.get_mut(session) {
+        if let Some(record) = self.sessions.record_mut(session) {
             record.state = SessionState::Deleted;
             record.substate = None;
             record.state_reason = reason;
@@ -722,7 +781,10 @@ impl State {
     }
 
     fn enqueue(&mut self, session: &SessionId, now: Instant, ctx: &Ctx<'_>) {
-        if let Some(record) = self.sessions.records.get_mut(session) {
+        let position = self.sessions.next_queue_position;
+        self.sessions.next_queue_position += 1;
+        if let Some(record) = self.sessions.record_mut(session) {
+            record.queue_position = Some(position);
             record.server = None;
             record.state = SessionState::Creating;
             record.substate = Some(Substate::Placing);
@@ -750,7 +812,7 @@ impl State {
         }
         if order.enqueue && retries_left {
             self.enqueue(session, now, ctx);
-            if let Some(record) = self.sessions.records.get_mut(session) {
+            if let Some(record) = self.sessions.record_mut(session) {
                 record.state_reason = why;
             }
             return;
@@ -784,6 +846,91 @@ impl State {
         }
     }
 
+    /// Loads stored sessions, rebuilding what depends on them: each
+    /// server's occupancy (placements in flight, and live sessions as if
+    /// its agent had just reported them, until it does), the queue in its
+    /// stored order, and the deadlines.
+    pub(super) fn restore_sessions(
+        &mut self,
+        stored: Vec<super::persist::StoredSession>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(), FleetError> {
+        let mut queued = Vec::new();
+        for s in stored {
+            let id: SessionId = Arc::from(s.id.as_str());
+            let order = match s.request {
+                Some(spec) => Some(Arc::new(validate_create(&spec).map_err(|f| {
+                    FleetError::Internal(format!(
+                        "stored session {id} has a request this broker refuses: {}",
+                        f.reason
+                    ))
+                })?)),
+                None => None,
+            };
+            let server = s
+                .server
+                .as_deref()
+                .and_then(|sid| self.servers.get(sid))
+                .map(|srv| srv.id.clone());
+            if let (Some(server_id), true) = (&server, s.state != SessionState::Deleted)
+                && let Some(target) = self.servers.get_mut(server_id)
+            {
+                if s.state == SessionState::Creating && s.substate == Some(Substate::Placing) {
+                    target.placing.push(Placement {
+                        session: id.clone(),
+                        kind: s.kind,
+                        owner: s.owner.clone(),
+                    });
+                } else {
+                    target.sessions.push(ReportedSession {
+                        id: s.id.clone(),
+                        owner: s.owner.clone(),
+                        kind: s.kind,
+                        state: s.state,
+                    });
+                }
+            }
+            if server.is_none()
+                && s.state == SessionState::Creating
+                && s.substate == Some(Substate::Placing)
+            {
+                queued.push((s.queue_position.unwrap_or(0), id.clone()));
+            }
+            let deadline = s
+                .deadline
+                .map(|at| super::persist::monotonic_time(at, now, wall));
+            if let Some(at) = deadline {
+                self.sessions.deadlines.insert((at, id.clone()));
+            }
+            self.sessions.order.insert(id.clone());
+            self.sessions.records.insert(
+                id.clone(),
+                SessionRecord {
+                    id,
+                    name: s.name,
+                    owner: s.owner,
+                    kind: s.kind,
+                    server,
+                    state: s.state,
+                    substate: s.substate,
+                    state_reason: s.state_reason,
+                    created_at: s.created_at,
+                    order,
+                    permissions_file: s.permissions_file,
+                    tried: s.tried.iter().map(|t| Arc::from(t.as_str())).collect(),
+                    deadline,
+                    forgotten: s.forgotten,
+                    queue_position: s.queue_position,
+                },
+            );
+        }
+        queued.sort();
+        self.sessions.next_queue_position = queued.last().map_or(0, |(p, _)| p + 1);
+        self.sessions.queue = queued.into_iter().map(|(_, id)| id).collect();
+        Ok(())
+    }
+
     /// Processes every session deadline at or before `now`.
     pub(super) fn process_session_deadlines(&mut self, now: Instant, ctx: &Ctx<'_>) {
         while let Some((at, id)) = self.sessions.deadlines.first().cloned() {
@@ -791,14 +938,13 @@ impl State {
                 break;
             }
             self.sessions.deadlines.remove(&(at, id.clone()));
-            let Some(record) = self.sessions.records.get_mut(&id) else {
+            let Some(record) = self.sessions.record_mut(&id) else {
                 continue;
             };
             record.deadline = None;
             match (record.state, record.substate, record.server.is_some()) {
                 (SessionState::Deleted, _, _) => {
-                    self.sessions.records.remove(&id);
-                    self.sessions.order.remove(&id);
+                    self.sessions.remove_record(&id);
                 }
                 (SessionState::Creating, Some(Substate::Placing), false) => {
                     let waited = ctx.config.queue_timeout.as_secs();
@@ -884,7 +1030,7 @@ impl State {
                 }
                 other => (other, None),
             };
-            match self.sessions.records.get_mut(&id) {
+            match self.sessions.record_mut(&id) {
                 Some(record) => {
                     let revive = record.state == SessionState::Deleted
                         && record.forgotten
@@ -912,8 +1058,7 @@ impl State {
                     }
                 }
                 None if state != SessionState::Deleted => {
-                    self.sessions.order.insert(id.clone());
-                    self.sessions.records.insert(
+                    self.sessions.insert_record(
                         id.clone(),
                         SessionRecord {
                             id: id.clone(),
@@ -925,12 +1070,13 @@ impl State {
                             substate,
                             state_reason: "Reported by its agent; not created by the broker."
                                 .into(),
-                            created_at: SystemTime::now(),
+                            created_at: super::persist::wall_clock(),
                             order: None,
                             permissions_file: String::new(),
                             tried: Vec::new(),
                             deadline: None,
                             forgotten: false,
+                            queue_position: None,
                         },
                     );
                 }
@@ -943,7 +1089,7 @@ impl State {
             if placing_ids.contains(&id) {
                 continue;
             }
-            if let Some(record) = self.sessions.records.get_mut(&id)
+            if let Some(record) = self.sessions.record_mut(&id)
                 && record.server.as_ref() == Some(server)
                 && record.state != SessionState::Deleted
             {
@@ -1029,12 +1175,12 @@ impl State {
             let placing = server.placing.iter().any(|p| p.session == id);
             if placing {
                 // Already released with the server; retry elsewhere.
-                if let Some(record) = self.sessions.records.get_mut(&id) {
+                if let Some(record) = self.sessions.record_mut(&id) {
                     record.server = None;
                 }
                 self.attempt_failed(&id, format!("server {} was removed", server.id), now, ctx);
             } else {
-                if let Some(record) = self.sessions.records.get_mut(&id) {
+                if let Some(record) = self.sessions.record_mut(&id) {
                     record.server = None;
                 }
                 self.mark_deleted(
@@ -1247,16 +1393,27 @@ impl Fleet {
 
     /// Creates sessions; one result per item, in order. Each accepted
     /// session is handed to `visit` (under the lock) with its index.
-    pub fn create_sessions(
+    pub async fn create_sessions(
+        &self,
+        specs: &[CreateSpec],
+        visit: impl FnMut(usize, SessionView<'_>),
+    ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
+        let (results, durable) = self.create_sessions_locked(specs, visit)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn create_sessions_locked(
         &self,
         specs: &[CreateSpec],
         mut visit: impl FnMut(usize, SessionView<'_>),
-    ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
+    ) -> Result<(Vec<Result<(), ItemFailure>>, Durable), FleetError> {
         super::validate_batch_size("Sessions", specs.len())?;
         // Parsing and validation happen before the lock is taken.
         let orders: Vec<Result<Order, ItemFailure>> = specs.iter().map(validate_create).collect();
         let now = Instant::now();
-        let wall = SystemTime::now();
+        let wall = super::persist::wall_clock();
         let ctx = self.ctx();
         let mut state = self.write(now);
         let mut results = Vec::with_capacity(specs.len());
@@ -1288,8 +1445,7 @@ impl Fleet {
                 continue;
             }
             let id: SessionId = Arc::from(uuid::Uuid::new_v4().to_string());
-            state.sessions.order.insert(id.clone());
-            state.sessions.records.insert(
+            state.sessions.insert_record(
                 id.clone(),
                 SessionRecord {
                     id: id.clone(),
@@ -1306,6 +1462,7 @@ impl Fleet {
                     tried: Vec::new(),
                     deadline: None,
                     forgotten: false,
+                    queue_position: None,
                 },
             );
             match target {
@@ -1324,15 +1481,26 @@ impl Fleet {
                 );
             }
         }
-        Ok(results)
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
     }
 
     /// Deletes sessions; one result per item (the state the session is in
     /// afterwards), in order.
-    pub fn delete_sessions(
+    pub async fn delete_sessions(
         &self,
         items: &[DeleteItem],
     ) -> Result<Vec<Result<SessionState, ItemFailure>>, FleetError> {
+        let (results, durable) = self.delete_sessions_locked(items)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn delete_sessions_locked(
+        &self,
+        items: &[DeleteItem],
+    ) -> Result<(Vec<Result<SessionState, ItemFailure>>, Durable), FleetError> {
         super::validate_batch_size("Sessions", items.len())?;
         let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
         for (item, slot) in items.iter().zip(pre.iter_mut()) {
@@ -1369,13 +1537,13 @@ impl Fleet {
                 }
                 (_, Some(_)) if item.force => {
                     state.mark_deleted(&id, "Deleted with Force.".into(), now, &ctx);
-                    if let Some(record) = state.sessions.records.get_mut(&id) {
+                    if let Some(record) = state.sessions.record_mut(&id) {
                         record.forgotten = true;
                     }
                     results.push(Ok(SessionState::Deleted));
                 }
                 (_, Some(server)) => {
-                    if let Some(record) = state.sessions.records.get_mut(&id) {
+                    if let Some(record) = state.sessions.record_mut(&id) {
                         record.state = SessionState::Deleting;
                         record.substate = None;
                         record.state_reason.clear();
@@ -1389,14 +1557,25 @@ impl Fleet {
                 }
             }
         }
-        Ok(results)
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
     }
 
     /// Replaces sessions' permissions files; one result per item.
-    pub fn update_session_permissions(
+    pub async fn update_session_permissions(
         &self,
         items: &[PermissionsItem],
     ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
+        let (results, durable) = self.update_session_permissions_locked(items)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn update_session_permissions_locked(
+        &self,
+        items: &[PermissionsItem],
+    ) -> Result<(Vec<Result<(), ItemFailure>>, Durable), FleetError> {
         super::validate_batch_size("Sessions", items.len())?;
         let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
         for (item, slot) in items.iter().zip(pre.iter_mut()) {
@@ -1420,7 +1599,7 @@ impl Fleet {
                 continue;
             }
             let id: SessionId = Arc::from(item.session_id.as_str());
-            let Some(record) = state.sessions.records.get_mut(&id) else {
+            let Some(record) = state.sessions.record_mut(&id) else {
                 results.push(Err(not_found()));
                 continue;
             };
@@ -1440,7 +1619,8 @@ impl Fleet {
             }
             results.push(Ok(()));
         }
-        Ok(results)
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
     }
 
     /// Runs a DescribeSessions query; see [`Fleet::describe_servers`].
@@ -1637,7 +1817,7 @@ impl Fleet {
             return Err(FleetError::ServerNotFound(server.to_string()));
         }
         let id: SessionId = Arc::from(session);
-        let Some(record) = state.sessions.records.get_mut(&id) else {
+        let Some(record) = state.sessions.record_mut(&id) else {
             return Ok(());
         };
         if record.server.as_deref() != Some(server) {
@@ -1689,6 +1869,7 @@ impl Fleet {
             }
             (InstructionKind::UpdatePermissions, InstructionOutcome::Done { .. }) => {}
         }
+        drop(self.commit(&mut state));
         Ok(())
     }
 

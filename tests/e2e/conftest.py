@@ -61,6 +61,9 @@ class Broker:
             "127.0.0.1:0",
             "--demo-fleet",
             str(DEMO_FLEET),
+            # Each broker its own durable store, so brokers never share state.
+            "--data-dir",
+            str(log_path.parent / f"{log_path.stem}-data"),
             *extra_args,
         ]
         self.proc = subprocess.Popen(

@@ -1,0 +1,299 @@
+//! How domain values become column values and back: times as integer unix
+//! microseconds, enums as their upper-case names (readable in the `sqlite3`
+//! shell, and stable if the Rust enums are reordered), a server's
+//! description as an encoded `RegisterServerRequest` and a session's
+//! creation request as an encoded `CreateSessionRequestData`.
+//!
+//! The protobuf encodings reuse the published contract, so a stored
+//! description and request evolve the way the wire does (new fields are
+//! added compatibly) instead of needing a column per field and a migration
+//! per new field. Decoding goes through the same conversions the API
+//! uses, so a stored value is checked exactly like one an agent or a
+//! portal sends.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+
+use crate::{
+    api::convert,
+    fleet::{
+        CreateSpec, Endpoint, HoldKind, Protocol, ServerDescription, SessionKind, SessionState,
+        Substate,
+    },
+    pb,
+};
+
+/// A wall-clock time as unix microseconds (saturating far outside the
+/// years any broker runs in).
+pub(super) fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
+}
+
+/// The wall-clock time of unix microseconds, if the platform can hold it.
+pub(super) fn time_from_micros(m: i64) -> Option<SystemTime> {
+    let magnitude = Duration::from_micros(m.unsigned_abs());
+    if m >= 0 {
+        UNIX_EPOCH.checked_add(magnitude)
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude)
+    }
+}
+
+pub(super) fn hold_kind_name(kind: HoldKind) -> &'static str {
+    match kind {
+        HoldKind::Closed => "CLOSED",
+    }
+}
+
+pub(super) fn hold_kind_from_name(name: &str) -> Option<HoldKind> {
+    match name {
+        "CLOSED" => Some(HoldKind::Closed),
+        _ => None,
+    }
+}
+
+pub(super) fn session_kind_name(kind: SessionKind) -> &'static str {
+    match kind {
+        SessionKind::Console => "CONSOLE",
+        SessionKind::Virtual => "VIRTUAL",
+    }
+}
+
+pub(super) fn session_kind_from_name(name: &str) -> Option<SessionKind> {
+    match name {
+        "CONSOLE" => Some(SessionKind::Console),
+        "VIRTUAL" => Some(SessionKind::Virtual),
+        _ => None,
+    }
+}
+
+pub(super) fn state_name(state: SessionState) -> &'static str {
+    match state {
+        SessionState::Creating => "CREATING",
+        SessionState::Ready => "READY",
+        SessionState::Deleting => "DELETING",
+        SessionState::Deleted => "DELETED",
+        SessionState::Unknown => "UNKNOWN",
+    }
+}
+
+pub(super) fn state_from_name(name: &str) -> Option<SessionState> {
+    match name {
+        "CREATING" => Some(SessionState::Creating),
+        "READY" => Some(SessionState::Ready),
+        "DELETING" => Some(SessionState::Deleting),
+        "DELETED" => Some(SessionState::Deleted),
+        "UNKNOWN" => Some(SessionState::Unknown),
+        _ => None,
+    }
+}
+
+pub(super) fn substate_name(substate: Substate) -> &'static str {
+    match substate {
+        Substate::Placing => "PLACING",
+        Substate::PendingPreparation => "PENDING_PREPARATION",
+    }
+}
+
+pub(super) fn substate_from_name(name: &str) -> Option<Substate> {
+    match name {
+        "PLACING" => Some(Substate::Placing),
+        "PENDING_PREPARATION" => Some(Substate::PendingPreparation),
+        _ => None,
+    }
+}
+
+/// A count as the contract's `int32`. Every count the broker holds came
+/// from an `int32` on the wire, so this fails only on a value no agent
+/// could have sent.
+fn int32(field: &str, n: u32) -> Result<i32, String> {
+    i32::try_from(n).map_err(|_| format!("{field} {n} does not fit the stored int32"))
+}
+
+fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
+    pb::Endpoint {
+        ip_address: e.ip_address.clone(),
+        port: i32::from(e.port),
+        protocol: match e.protocol {
+            Protocol::Unspecified => pb::Protocol::Unspecified,
+            Protocol::Http => pb::Protocol::Http,
+            Protocol::Quic => pb::Protocol::Quic,
+        } as i32,
+        web_url_path: e.web_url_path.clone(),
+    }
+}
+
+/// A description as the registration an agent would send for it. The id
+/// is left out: it is the row's key.
+pub(super) fn encode_description(d: &ServerDescription) -> Result<Vec<u8>, String> {
+    let h = &d.host;
+    let request = pb::RegisterServerRequest {
+        server_id: String::new(),
+        ip: d.ip.clone(),
+        hostname: d.hostname.clone(),
+        default_dns_name: d.default_dns_name.clone(),
+        endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
+        version: d.version.clone(),
+        session_manager_agent_version: d.agent_version.clone(),
+        host: Some(pb::Host {
+            os: Some(pb::Os {
+                family: h.os.family.as_str().to_string(),
+                name: h.os.name.clone(),
+                version: h.os.version.clone(),
+                kernel_version: h.os.kernel_version.clone(),
+                build_number: h.os.build_number.clone(),
+            }),
+            memory: Some(pb::MemoryInfo {
+                total_bytes: h.memory.total_bytes,
+                used_bytes: h.memory.used_bytes,
+            }),
+            swap: Some(pb::MemoryInfo {
+                total_bytes: h.swap.total_bytes,
+                used_bytes: h.swap.used_bytes,
+            }),
+            aws: h.aws.as_ref().map(|a| pb::Aws {
+                region: a.region.clone(),
+                ec2_instance_type: a.ec2_instance_type.clone(),
+                ec2_instance_id: a.ec2_instance_id.clone(),
+                ec2_image_id: a.ec2_image_id.clone(),
+            }),
+            cpu_info: Some(pb::CpuInfo {
+                vendor: h.cpu_info.vendor.clone(),
+                model_name: h.cpu_info.model_name.clone(),
+                architecture: h.cpu_info.architecture.clone(),
+                number_of_cpus: int32("Host.CpuInfo.NumberOfCpus", h.cpu_info.number_of_cpus)?,
+                physical_cores_per_cpu: int32(
+                    "Host.CpuInfo.PhysicalCoresPerCpu",
+                    h.cpu_info.physical_cores_per_cpu,
+                )?,
+            }),
+            cpu_load_average: Some(pb::CpuLoadAverage {
+                one_minute: h.cpu_load_average.one_minute,
+                five_minutes: h.cpu_load_average.five_minutes,
+                fifteen_minutes: h.cpu_load_average.fifteen_minutes,
+            }),
+            gpus: h
+                .gpus
+                .iter()
+                .map(|g| pb::Gpu {
+                    vendor: g.vendor.clone(),
+                    model_name: g.model_name.clone(),
+                })
+                .collect(),
+            logged_in_users: Vec::new(),
+        }),
+        tags: d
+            .tags
+            .iter()
+            .map(|t| pb::KeyValuePair {
+                key: t.key.clone(),
+                value: t.value.clone(),
+            })
+            .collect(),
+        max_virtual_sessions: int32("MaxVirtualSessions", d.max_virtual_sessions)?,
+        max_concurrent_sessions_per_user: int32(
+            "MaxConcurrentSessionsPerUser",
+            d.max_concurrent_sessions_per_user,
+        )?,
+    };
+    Ok(request.encode_to_vec())
+}
+
+/// A stored description, checked as a registration is.
+pub(super) fn decode_description(bytes: &[u8]) -> Result<ServerDescription, String> {
+    let request = pb::RegisterServerRequest::decode(bytes).map_err(|e| e.to_string())?;
+    convert::registration_from_pb(request)
+        .map(|(_, description)| description)
+        .map_err(|e| e.to_string())
+}
+
+/// A creation request as the CreateSessions item it came from.
+pub(super) fn encode_request(spec: &CreateSpec) -> Vec<u8> {
+    pb::CreateSessionRequestData {
+        name: spec.name.clone(),
+        owner: spec.owner.clone(),
+        r#type: spec
+            .kind
+            .map_or(pb::SessionType::Unspecified, |kind| match kind {
+                SessionKind::Console => pb::SessionType::Console,
+                SessionKind::Virtual => pb::SessionType::Virtual,
+            }) as i32,
+        init_file: spec.init_file.clone(),
+        max_concurrent_clients: spec.max_concurrent_clients,
+        dcv_gl_enabled: spec.dcv_gl_enabled,
+        permissions_file: spec.permissions_file.clone(),
+        enqueue_request: spec.enqueue,
+        autorun_file: spec.autorun_file.clone(),
+        autorun_file_arguments: spec.autorun_file_arguments.clone(),
+        disable_retry_on_failure: spec.disable_retry,
+        requirements: spec.requirements.clone(),
+        storage_root: spec.storage_root.clone(),
+    }
+    .encode_to_vec()
+}
+
+/// A stored creation request.
+pub(super) fn decode_request(bytes: &[u8]) -> Result<CreateSpec, String> {
+    pb::CreateSessionRequestData::decode(bytes)
+        .map(|data| convert::create_spec_from_pb(&data))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_at_microsecond_precision() {
+        for m in [0, 1, -1, 1_700_000_000_123_456, -86_400_000_000] {
+            assert_eq!(micros(time_from_micros(m).unwrap()), m);
+        }
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(micros(t), 1_700_000_000_123_456);
+    }
+
+    #[test]
+    fn enum_names_round_trip() {
+        for kind in [SessionKind::Console, SessionKind::Virtual] {
+            assert_eq!(session_kind_from_name(session_kind_name(kind)), Some(kind));
+        }
+        for state in [
+            SessionState::Creating,
+            SessionState::Ready,
+            SessionState::Deleting,
+            SessionState::Deleted,
+            SessionState::Unknown,
+        ] {
+            assert_eq!(state_from_name(state_name(state)), Some(state));
+        }
+        for substate in [Substate::Placing, Substate::PendingPreparation] {
+            assert_eq!(substate_from_name(substate_name(substate)), Some(substate));
+        }
+        assert_eq!(
+            hold_kind_from_name(hold_kind_name(HoldKind::Closed)),
+            Some(HoldKind::Closed)
+        );
+        assert_eq!(state_from_name("ready"), None);
+    }
+
+    #[test]
+    fn descriptions_and_requests_round_trip() {
+        for i in 0..12 {
+            let d = crate::demo::description(i);
+            assert_eq!(decode_description(&encode_description(&d).unwrap()), Ok(d));
+        }
+        let spec = CreateSpec {
+            name: "n".into(),
+            owner: "o".into(),
+            kind: None,
+            max_concurrent_clients: Some(0),
+            autorun_file_arguments: vec!["a".into(), String::new()],
+            ..CreateSpec::default()
+        };
+        assert_eq!(decode_request(&encode_request(&spec)), Ok(spec));
+    }
+}

@@ -1,0 +1,222 @@
+//! The writer thread: the only user of the connection once the store is
+//! open. It commits submissions in groups: it waits for one, takes every
+//! other already queued, applies them all in order inside one transaction
+//! and commits once, so a burst of operations pays for one fsync instead
+//! of one each. Each submission lies entirely inside one transaction, so
+//! it is atomic.
+
+use std::sync::{atomic::Ordering, mpsc};
+
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+
+use super::{Shared, Submission, codec};
+use crate::fleet::persist::{Change, StoredServer, StoredSession};
+
+/// The most submissions one transaction takes. A burst larger than this
+/// is committed in several transactions, so that the first submitter of
+/// a huge burst is not kept waiting for all of it.
+const MAX_GROUP: usize = 4096;
+
+/// Why a group could not be written.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Encode(String),
+}
+
+/// Marks the store failed if the thread panics, so the server stops
+/// instead of carrying on with a store that keeps nothing.
+struct PanicGuard<'a>(&'a Shared);
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .failed
+                .send_replace(Some("the store's writer thread panicked".into()));
+        }
+    }
+}
+
+/// Commits submissions until every handle is gone, then closes the
+/// connection (which checkpoints the write-ahead log into the database).
+pub(super) fn run(
+    mut connection: Connection,
+    submissions: mpsc::Receiver<Submission>,
+    shared: &Shared,
+) {
+    let _guard = PanicGuard(shared);
+    let mut group = Vec::new();
+    while let Ok(first) = submissions.recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP
+            && let Ok(next) = submissions.try_recv()
+        {
+            group.push(next);
+        }
+        let failed = shared.failed.borrow().clone();
+        let result = match failed {
+            Some(why) => Err(why),
+            None => match commit(&mut connection, &group) {
+                Ok(()) => {
+                    shared.commits.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    tracing::error!(error = %why, "the store could not write; nothing more will be stored");
+                    shared.failed.send_replace(Some(why.clone()));
+                    Err(why)
+                }
+            },
+        };
+        for (_, answer) in group.drain(..) {
+            // The submitter may have stopped waiting; that is its choice.
+            let _ = answer.send(result.clone());
+        }
+    }
+    if let Err((_, e)) = connection.close() {
+        tracing::warn!(error = %e, "closing the store failed; the next open recovers from the write-ahead log");
+    }
+}
+
+/// Applies a group in one transaction and commits it.
+fn commit(connection: &mut Connection, group: &[Submission]) -> Result<(), WriteError> {
+    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for change in group.iter().flat_map(|(changes, _)| changes) {
+        apply(&tx, change)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
+    match change {
+        Change::PutServer(server) => put_server(tx, server),
+        Change::PutServerState {
+            id,
+            holds,
+            agent_departed,
+        } => {
+            tx.prepare_cached("UPDATE servers SET agent_departed = ?2 WHERE id = ?1")?
+                .execute(params![id, agent_departed])?;
+            put_holds(tx, id, holds)
+        }
+        Change::DeleteServer(id) => {
+            tx.prepare_cached("DELETE FROM holds WHERE server_id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("DELETE FROM servers WHERE id = ?1")?
+                .execute([id])?;
+            Ok(())
+        }
+        Change::PutSession(session) => put_session(tx, session),
+        Change::DeleteSession(id) => {
+            tx.prepare_cached("DELETE FROM session_tried WHERE session_id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+                .execute([id])?;
+            Ok(())
+        }
+    }
+}
+
+fn put_server(tx: &Transaction<'_>, s: &StoredServer) -> Result<(), WriteError> {
+    let description = codec::encode_description(&s.description)
+        .map_err(|e| WriteError::Encode(format!("server {:?}: {e}", s.id)))?;
+    tx.prepare_cached(
+        "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET
+             description = excluded.description,
+             registered_at = excluded.registered_at,
+             last_seen = excluded.last_seen,
+             agent_departed = excluded.agent_departed",
+    )?
+    .execute(params![
+        s.id,
+        description,
+        codec::micros(s.registered_at),
+        codec::micros(s.last_seen),
+        s.agent_departed,
+    ])?;
+    put_holds(tx, &s.id, &s.holds)
+}
+
+fn put_holds(
+    tx: &Transaction<'_>,
+    id: &str,
+    holds: &[crate::fleet::Hold],
+) -> Result<(), WriteError> {
+    tx.prepare_cached("DELETE FROM holds WHERE server_id = ?1")?
+        .execute([id])?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO holds (server_id, kind, actor, since, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for hold in holds {
+        insert.execute(params![
+            id,
+            codec::hold_kind_name(hold.kind),
+            hold.actor,
+            codec::micros(hold.since),
+            hold.reason,
+        ])?;
+    }
+    Ok(())
+}
+
+fn put_session(tx: &Transaction<'_>, s: &StoredSession) -> Result<(), WriteError> {
+    let queue_position = s
+        .queue_position
+        .map(i64::try_from)
+        .transpose()
+        .map_err(|_| {
+            WriteError::Encode(format!("session {:?}: queue position out of range", s.id))
+        })?;
+    tx.prepare_cached(
+        "INSERT INTO sessions (id, name, owner, kind, server_id, state, substate, state_reason,
+                               created_at, request, permissions_file, deadline, forgotten,
+                               queue_position)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT (id) DO UPDATE SET
+             name = excluded.name,
+             owner = excluded.owner,
+             kind = excluded.kind,
+             server_id = excluded.server_id,
+             state = excluded.state,
+             substate = excluded.substate,
+             state_reason = excluded.state_reason,
+             created_at = excluded.created_at,
+             request = excluded.request,
+             permissions_file = excluded.permissions_file,
+             deadline = excluded.deadline,
+             forgotten = excluded.forgotten,
+             queue_position = excluded.queue_position",
+    )?
+    .execute(params![
+        s.id,
+        s.name,
+        s.owner,
+        codec::session_kind_name(s.kind),
+        s.server,
+        codec::state_name(s.state),
+        s.substate.map(codec::substate_name),
+        s.state_reason,
+        codec::micros(s.created_at),
+        s.request.as_ref().map(codec::encode_request),
+        s.permissions_file,
+        s.deadline.map(codec::micros),
+        s.forgotten,
+        queue_position,
+    ])?;
+    tx.prepare_cached("DELETE FROM session_tried WHERE session_id = ?1")?
+        .execute([&s.id])?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO session_tried (session_id, position, server_id) VALUES (?1, ?2, ?3)",
+    )?;
+    for (position, server) in (0_i64..).zip(&s.tried) {
+        insert.execute(params![s.id, position, server])?;
+    }
+    Ok(())
+}

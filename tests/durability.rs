@@ -1,0 +1,513 @@
+//! Durability of the real `dcv-broker` binary with its default store:
+//! acknowledged changes survive SIGKILL at random moments, batches are
+//! never half-applied, closed state (reason, actor, time) survives clean
+//! and unclean restarts and re-registration, and queued sessions come back.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use dcv_broker::pb::{
+    self, agent_client::AgentClient, servers_client::ServersClient, sessions_client::SessionsClient,
+};
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dcv-broker");
+
+/// A broker process on a data directory.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn start(dir: &Path) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+            .args(["--queue-max-size", "100000"])
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("dcv-broker listening on ")
+            .unwrap_or_else(|| panic!("broker did not start: {line:?}"))
+            .parse()
+            .unwrap();
+        Proc { child, addr }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// SIGKILL: no drain, no flush.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(self.child.wait().unwrap().code(), Some(0));
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registration(id: &str, ip: &str) -> pb::RegisterServerRequest {
+    pb::RegisterServerRequest {
+        server_id: id.into(),
+        ip: ip.into(),
+        host: Some(pb::Host {
+            os: Some(pb::Os {
+                family: "linux".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        max_virtual_sessions: 4,
+        ..Default::default()
+    }
+}
+
+async fn describe(servers: &mut ServersClient<Channel>, ids: &[String]) -> Vec<pb::Server> {
+    servers
+        .describe_servers(pb::DescribeServersRequest {
+            server_ids: ids.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .servers
+}
+
+/// A tiny deterministic generator (SplitMix64), seeded per run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What one client knows it got acknowledged.
+#[derive(Debug, Default, Clone)]
+struct ServerClient {
+    /// Its servers: all closed or all opened by each of its batches.
+    ids: Vec<String>,
+    /// Operations acknowledged so far (op k closes when k is even, with
+    /// reason `op-k`, and opens when k is odd).
+    acked: u64,
+    /// An operation was sent and not acknowledged when the broker died.
+    in_flight: bool,
+}
+
+/// Alternately closes and opens its servers, one batch per operation,
+/// until the broker dies.
+async fn run_server_client(
+    channel: Channel,
+    mut client: ServerClient,
+    acks: Arc<AtomicU64>,
+) -> ServerClient {
+    let mut servers = ServersClient::new(channel);
+    loop {
+        let k = client.acked;
+        client.in_flight = true;
+        let result = if k.is_multiple_of(2) {
+            servers
+                .close_servers(pb::CloseServersRequest {
+                    servers: client
+                        .ids
+                        .iter()
+                        .map(|id| pb::CloseServerRequestData {
+                            server_id: id.clone(),
+                            force: Some(true),
+                            reason: format!("op-{k}"),
+                        })
+                        .collect(),
+                })
+                .await
+                .map(|r| r.into_inner().unsuccessful_list.len())
+        } else {
+            servers
+                .open_servers(pb::OpenServersRequest {
+                    servers: client
+                        .ids
+                        .iter()
+                        .map(|id| pb::OpenServerRequestData {
+                            server_id: id.clone(),
+                        })
+                        .collect(),
+                })
+                .await
+                .map(|r| r.into_inner().unsuccessful_list.len())
+        };
+        match result {
+            Ok(failed) => {
+                assert_eq!(failed, 0, "every item of op {k} applies");
+                client.acked += 1;
+                client.in_flight = false;
+                acks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => return client,
+        }
+    }
+}
+
+/// Checks that a client's servers show the state after `acked` or (if one
+/// was in flight) `acked + 1` operations, all of them the same one.
+fn check_server_client(client: &ServerClient, shown: &[pb::Server]) {
+    assert_eq!(shown.len(), client.ids.len(), "every server survives");
+    let state = |s: &pb::Server| s.holds.first().map(|h| h.reason.clone());
+    let first = state(&shown[0]);
+    for s in shown {
+        assert_eq!(state(s), first, "half-applied batch: {shown:#?}");
+    }
+    let expected = |applied: u64| {
+        (applied > 0 && (applied - 1).is_multiple_of(2)).then(|| format!("op-{}", applied - 1))
+    };
+    let allowed: Vec<Option<String>> = if client.in_flight {
+        vec![expected(client.acked), expected(client.acked + 1)]
+    } else {
+        vec![expected(client.acked)]
+    };
+    assert!(
+        allowed.contains(&first),
+        "acknowledged {} ops (in flight: {}), but the store shows {first:?}",
+        client.acked,
+        client.in_flight
+    );
+}
+
+/// Creates queued sessions and deletes some, until the broker dies.
+#[derive(Debug, Default, Clone)]
+struct SessionClient {
+    created: Vec<String>,
+    deleted: Vec<String>,
+    /// A deletion sent and not acknowledged when the broker died.
+    deleting: Option<String>,
+    next: u64,
+}
+
+async fn run_session_client(
+    channel: Channel,
+    mut client: SessionClient,
+    acks: Arc<AtomicU64>,
+) -> SessionClient {
+    let mut sessions = SessionsClient::new(channel);
+    loop {
+        client.next += 1;
+        if client.next.is_multiple_of(3) && client.created.len() > client.deleted.len() {
+            let id = client.created[client.deleted.len()].clone();
+            client.deleting = Some(id.clone());
+            let r = sessions
+                .delete_sessions(pb::DeleteSessionsRequest {
+                    sessions: vec![pb::DeleteSessionRequestData {
+                        session_id: id.clone(),
+                        owner: "crash".into(),
+                        force: None,
+                    }],
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    assert_eq!(r.into_inner().successful_list.len(), 1);
+                    client.deleted.push(id);
+                    client.deleting = None;
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => return client,
+            }
+        } else {
+            // Nothing matches: the session waits in the queue.
+            let r = sessions
+                .create_sessions(pb::CreateSessionsRequest {
+                    sessions: vec![pb::CreateSessionRequestData {
+                        name: format!("s{}", client.next),
+                        owner: "crash".into(),
+                        r#type: pb::SessionType::Virtual as i32,
+                        enqueue_request: true,
+                        requirements: "tag:nowhere = 'true'".into(),
+                        ..Default::default()
+                    }],
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    assert_eq!(r.successful_list.len(), 1, "{r:?}");
+                    client.created.push(r.successful_list[0].id.clone());
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => return client,
+            }
+        }
+    }
+}
+
+async fn check_session_client(channel: Channel, client: &mut SessionClient) {
+    let mut sessions = SessionsClient::new(channel);
+    let mut shown = std::collections::HashMap::new();
+    let mut token = String::new();
+    loop {
+        let page = sessions
+            .describe_sessions(pb::DescribeSessionsRequest {
+                next_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for s in page.sessions {
+            shown.insert(s.id.clone(), s.state);
+        }
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    for id in &client.created {
+        let state = shown
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged session {id} was lost"));
+        if client.deleted.contains(id) {
+            assert_eq!(
+                *state,
+                pb::SessionState::Deleted as i32,
+                "deletion of {id} lost"
+            );
+        } else if client.deleting.as_ref() != Some(id) {
+            assert_eq!(
+                *state,
+                pb::SessionState::Creating as i32,
+                "{id} still queued"
+            );
+        }
+    }
+    // The deletion in flight either applied or not; go on from what is.
+    if let Some(id) = client.deleting.take()
+        && shown.get(&id) == Some(&(pb::SessionState::Deleted as i32))
+    {
+        client.deleted.push(id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_changes_survive_sigkill_at_random_moments() {
+    let dir = tempdir();
+    let seed = std::env::var("DURABILITY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_u64);
+    let mut rng = Rng(seed);
+    let mut broker = Proc::start(dir.path());
+
+    // Four clients, five servers each, registered (durably) up front.
+    let mut clients: Vec<ServerClient> = (0..4)
+        .map(|c| ServerClient {
+            ids: (0..5).map(|i| format!("crash-{c}-{i}")).collect(),
+            ..Default::default()
+        })
+        .collect();
+    let mut agent = AgentClient::new(broker.channel().await);
+    for id in clients.iter().flat_map(|c| c.ids.iter()) {
+        agent
+            .register_server(registration(id, "192.0.2.1"))
+            .await
+            .unwrap();
+    }
+    let mut session_client = SessionClient::default();
+
+    let cycles = 12;
+    let mut total_acks = 0;
+    for cycle in 0..cycles {
+        let acks = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for client in clients.drain(..) {
+            tasks.push(tokio::spawn(run_server_client(
+                broker.channel().await,
+                client,
+                acks.clone(),
+            )));
+        }
+        let sessions = tokio::spawn(run_session_client(
+            broker.channel().await,
+            session_client.clone(),
+            acks.clone(),
+        ));
+        // Kill after a random number of acknowledgements.
+        let threshold = 5 + rng.below(80);
+        while acks.load(Ordering::Relaxed) < threshold {
+            tokio::task::yield_now().await;
+        }
+        broker.kill();
+        for task in tasks {
+            clients.push(task.await.unwrap());
+        }
+        session_client = sessions.await.unwrap();
+        total_acks += acks.load(Ordering::Relaxed);
+
+        broker = Proc::start(dir.path());
+        let mut servers = ServersClient::new(broker.channel().await);
+        for client in &clients {
+            let shown = describe(&mut servers, &client.ids).await;
+            check_server_client(client, &shown);
+        }
+        check_session_client(broker.channel().await, &mut session_client).await;
+        // Settle what was in flight: the next cycle starts from what the
+        // store shows.
+        for client in &mut clients {
+            let shown = describe(&mut servers, &client.ids).await;
+            let reason = shown[0].holds.first().map(|h| h.reason.clone());
+            if client.in_flight {
+                let applied_next = match (&reason, client.acked % 2) {
+                    (Some(_), 0) => true, // the close in flight applied
+                    (None, 1) => true,    // the open in flight applied
+                    _ => false,
+                };
+                if applied_next {
+                    client.acked += 1;
+                }
+                client.in_flight = false;
+            }
+        }
+        eprintln!("cycle {cycle}: killed after {threshold}+ acks");
+    }
+    assert!(total_acks >= cycles * 5, "the clients made progress");
+    broker.stop();
+}
+
+#[tokio::test]
+async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() {
+    let dir = tempdir();
+    let broker = Proc::start(dir.path());
+    let mut agent = AgentClient::new(broker.channel().await);
+    for id in ["clean", "unclean", "open"] {
+        agent
+            .register_server(registration(id, "192.0.2.1"))
+            .await
+            .unwrap();
+    }
+    let mut servers = ServersClient::new(broker.channel().await);
+    let close = |id: &str, reason: &str| pb::CloseServersRequest {
+        servers: vec![pb::CloseServerRequestData {
+            server_id: id.into(),
+            force: None,
+            reason: reason.into(),
+        }],
+    };
+    servers
+        .close_servers(close("clean", "kernel patch"))
+        .await
+        .unwrap();
+    let before = describe(&mut servers, &["clean".into()]).await;
+
+    // A clean restart.
+    broker.stop();
+    let broker = Proc::start(dir.path());
+    let mut servers = ServersClient::new(broker.channel().await);
+    let after = describe(&mut servers, &["clean".into(), "open".into()]).await;
+    assert_eq!(
+        after[0].holds, before[0].holds,
+        "reason, actor and time survive"
+    );
+    assert_eq!(after[0].holds[0].reason, "kernel patch");
+    assert_eq!(after[0].holds[0].actor, "anonymous");
+    assert_eq!(
+        after[0].unavailability_reasons,
+        vec![pb::UnavailabilityReason::ServerClosed as i32],
+        "a fresh heartbeat window after a restart"
+    );
+    assert!(after[1].holds.is_empty());
+    assert_eq!(after[0].registration_time, before[0].registration_time);
+
+    // An unclean one.
+    servers
+        .close_servers(close("unclean", "disk swap"))
+        .await
+        .unwrap();
+    let before = describe(&mut servers, &["unclean".into()]).await;
+    broker.kill();
+    let broker = Proc::start(dir.path());
+    let mut servers = ServersClient::new(broker.channel().await);
+    let after = describe(&mut servers, &["unclean".into()]).await;
+    assert_eq!(after[0].holds, before[0].holds);
+
+    // The agent comes back from another address: still closed.
+    let mut agent = AgentClient::new(broker.channel().await);
+    agent
+        .register_server(registration("unclean", "198.51.100.9"))
+        .await
+        .unwrap();
+    let after = describe(&mut servers, &["unclean".into()]).await;
+    assert_eq!(after[0].ip, "198.51.100.9");
+    assert_eq!(after[0].holds, before[0].holds);
+    broker.stop();
+    let broker = Proc::start(dir.path());
+    let mut servers = ServersClient::new(broker.channel().await);
+    let after = describe(&mut servers, &["unclean".into()]).await;
+    assert_eq!(
+        after[0].ip, "198.51.100.9",
+        "the re-registration was stored"
+    );
+    assert_eq!(after[0].holds, before[0].holds);
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> TempDir {
+    let dir = std::env::temp_dir().join(format!("dcv-broker-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
