@@ -883,6 +883,9 @@ impl State {
                         owner: s.owner.clone(),
                     });
                 } else {
+                    // Whether its agent had reported it yet is not stored:
+                    // it counts as reported, and the agent's next heartbeat
+                    // says whether it still runs.
                     target.sessions.push(ReportedSession {
                         id: s.id.clone(),
                         owner: s.owner.clone(),
