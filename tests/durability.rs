@@ -511,3 +511,95 @@ fn tempdir() -> TempDir {
     std::fs::create_dir_all(&dir).unwrap();
     TempDir(dir)
 }
+
+/// Runs the broker on `dir`, expecting it to refuse to start.
+fn refused(dir: &Path) -> String {
+    let child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A watchdog, not synchronisation: a broker that wrongly starts would
+    // otherwise hang the test instead of failing it.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    drop(watchdog);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a bad store stops the broker");
+    assert!(out.stdout.is_empty(), "it never listened");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
+    // Garbage where the store should be.
+    let dir = tempdir();
+    let file = dir.path().join("broker.sqlite3");
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&file, &garbage).unwrap();
+    let message = refused(dir.path());
+    assert!(message.contains("is not a dcv-broker store"), "{message}");
+    assert!(message.contains("broker.sqlite3"), "{message}");
+    assert_eq!(std::fs::read(&file).unwrap(), garbage, "left untouched");
+
+    // A store from a newer broker.
+    let dir = tempdir();
+    Proc::start(dir.path()).stop();
+    let file = dir.path().join("broker.sqlite3");
+    {
+        let db = rusqlite::Connection::open(&file).unwrap();
+        db.pragma_update(None, "user_version", 999).unwrap();
+    }
+    let before = std::fs::read(&file).unwrap();
+    let message = refused(dir.path());
+    assert!(message.contains("schema version 999"), "{message}");
+    assert_eq!(std::fs::read(&file).unwrap(), before, "left untouched");
+
+    // A truncated store: one with data, checkpointed by a clean stop
+    // into the main file, then cut in half.
+    let dir = tempdir();
+    let broker = Proc::start(dir.path());
+    futures_block(async {
+        let mut agent = AgentClient::new(broker.channel().await);
+        for i in 0..1000 {
+            agent
+                .register_server(registration(&format!("t-{i}"), "192.0.2.1"))
+                .await
+                .unwrap();
+        }
+    });
+    broker.stop();
+    let file = dir.path().join("broker.sqlite3");
+    let whole = std::fs::read(&file).unwrap();
+    assert!(whole.len() > 32 * 1024, "the data reached the main file");
+    std::fs::write(&file, &whole[..whole.len() / 2]).unwrap();
+    let message = refused(dir.path());
+    assert!(message.contains("broker.sqlite3"), "{message}");
+    assert_eq!(std::fs::read(&file).unwrap(), &whole[..whole.len() / 2]);
+
+    // A store another broker is using.
+    let dir = tempdir();
+    let running = Proc::start(dir.path());
+    let message = refused(dir.path());
+    assert!(
+        message.contains("in use by another dcv-broker"),
+        "{message}"
+    );
+    running.stop();
+}
+
+fn futures_block<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
