@@ -585,6 +585,37 @@ fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
     assert!(message.contains("broker.sqlite3"), "{message}");
     assert_eq!(std::fs::read(&file).unwrap(), &whole[..whole.len() / 2]);
 
+    // A store in a directory the broker may not write (as root, run it as
+    // nobody, for whom the permission bits apply).
+    let dir = tempdir();
+    Proc::start(dir.path()).stop();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.path().join("broker.sqlite3");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The temp dir's parents must be reachable by nobody.
+    let before = std::fs::read(&file).unwrap();
+    let as_root = unsafe_free_is_root();
+    let mut command = if as_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let out = command
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("broker.sqlite3") || message.contains(&*dir.path().to_string_lossy()),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), before, "left untouched");
+
     // A store another broker is using.
     let dir = tempdir();
     let running = Proc::start(dir.path());
@@ -602,4 +633,13 @@ fn futures_block<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(future)
+}
+
+/// Whether the tests run as root (CI does), read from `id -u`.
+fn unsafe_free_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
