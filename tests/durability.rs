@@ -595,7 +595,7 @@ fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     // The temp dir's parents must be reachable by nobody.
     let before = std::fs::read(&file).unwrap();
-    let as_root = unsafe_free_is_root();
+    let as_root = running_as_root();
     let mut command = if as_root {
         let mut c = Command::new("setpriv");
         c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN]);
@@ -636,7 +636,7 @@ fn futures_block<F: std::future::Future>(future: F) -> F::Output {
 }
 
 /// Whether the tests run as root (CI does), read from `id -u`.
-fn unsafe_free_is_root() -> bool {
+fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
