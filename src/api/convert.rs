@@ -247,6 +247,80 @@ fn saturating_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+/// A host description on the wire, with the users the agent last
+/// reported.
+pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
+    pb::Host {
+        os: Some(pb::Os {
+            family: h.os.family.as_str().to_string(),
+            name: h.os.name.clone(),
+            version: h.os.version.clone(),
+            kernel_version: h.os.kernel_version.clone(),
+            build_number: h.os.build_number.clone(),
+        }),
+        memory: Some(memory_to_pb(h.memory)),
+        swap: Some(memory_to_pb(h.swap)),
+        aws: h.aws.as_ref().map(|a| pb::Aws {
+            region: a.region.clone(),
+            ec2_instance_type: a.ec2_instance_type.clone(),
+            ec2_instance_id: a.ec2_instance_id.clone(),
+            ec2_image_id: a.ec2_image_id.clone(),
+        }),
+        cpu_info: Some(pb::CpuInfo {
+            vendor: h.cpu_info.vendor.clone(),
+            model_name: h.cpu_info.model_name.clone(),
+            architecture: h.cpu_info.architecture.clone(),
+            number_of_cpus: saturating_i32(h.cpu_info.number_of_cpus),
+            physical_cores_per_cpu: saturating_i32(h.cpu_info.physical_cores_per_cpu),
+        }),
+        cpu_load_average: Some(pb::CpuLoadAverage {
+            one_minute: h.cpu_load_average.one_minute,
+            five_minutes: h.cpu_load_average.five_minutes,
+            fifteen_minutes: h.cpu_load_average.fifteen_minutes,
+        }),
+        gpus: h
+            .gpus
+            .iter()
+            .map(|g| pb::Gpu {
+                vendor: g.vendor.clone(),
+                model_name: g.model_name.clone(),
+            })
+            .collect(),
+        logged_in_users: logged_in_users
+            .iter()
+            .map(|u| pb::LoggedInUser {
+                username: u.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The registration an agent would send for `d` (the inverse of
+/// [`registration_from_pb`]; the counts came from the wire's int32s, so
+/// they fit back).
+pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::RegisterServerRequest {
+    pb::RegisterServerRequest {
+        server_id: id.to_string(),
+        ip: d.ip.clone(),
+        hostname: d.hostname.clone(),
+        default_dns_name: d.default_dns_name.clone(),
+        endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
+        version: d.version.clone(),
+        session_manager_agent_version: d.agent_version.clone(),
+        host: Some(host_to_pb(&d.host, &[])),
+        tags: d
+            .tags
+            .iter()
+            .map(|t| pb::KeyValuePair {
+                key: t.key.clone(),
+                value: t.value.clone(),
+            })
+            .collect(),
+        max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
+        max_concurrent_sessions_per_user: saturating_i32(d.max_concurrent_sessions_per_user),
+    }
+}
+
 fn endpoint_to_pb(e: &fleet::Endpoint) -> pb::Endpoint {
     pb::Endpoint {
         ip_address: e.ip_address.clone(),
@@ -306,50 +380,7 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
             .collect(),
         console_session_count: saturating_i32(consoles),
         virtual_session_count: saturating_i32(virtuals),
-        host: Some(pb::Host {
-            os: Some(pb::Os {
-                family: h.os.family.as_str().to_string(),
-                name: h.os.name.clone(),
-                version: h.os.version.clone(),
-                kernel_version: h.os.kernel_version.clone(),
-                build_number: h.os.build_number.clone(),
-            }),
-            memory: Some(memory_to_pb(h.memory)),
-            swap: Some(memory_to_pb(h.swap)),
-            aws: h.aws.as_ref().map(|a| pb::Aws {
-                region: a.region.clone(),
-                ec2_instance_type: a.ec2_instance_type.clone(),
-                ec2_instance_id: a.ec2_instance_id.clone(),
-                ec2_image_id: a.ec2_image_id.clone(),
-            }),
-            cpu_info: Some(pb::CpuInfo {
-                vendor: h.cpu_info.vendor.clone(),
-                model_name: h.cpu_info.model_name.clone(),
-                architecture: h.cpu_info.architecture.clone(),
-                number_of_cpus: saturating_i32(h.cpu_info.number_of_cpus),
-                physical_cores_per_cpu: saturating_i32(h.cpu_info.physical_cores_per_cpu),
-            }),
-            cpu_load_average: Some(pb::CpuLoadAverage {
-                one_minute: h.cpu_load_average.one_minute,
-                five_minutes: h.cpu_load_average.five_minutes,
-                fifteen_minutes: h.cpu_load_average.fifteen_minutes,
-            }),
-            gpus: h
-                .gpus
-                .iter()
-                .map(|g| pb::Gpu {
-                    vendor: g.vendor.clone(),
-                    model_name: g.model_name.clone(),
-                })
-                .collect(),
-            logged_in_users: r
-                .logged_in_users
-                .iter()
-                .map(|u| pb::LoggedInUser {
-                    username: u.clone(),
-                })
-                .collect(),
-        }),
+        host: Some(host_to_pb(h, &r.logged_in_users)),
         tags: tags_to_pb(r),
         holds: r
             .holds

@@ -17,10 +17,7 @@ use prost::Message as _;
 
 use crate::{
     api::convert,
-    fleet::{
-        CreateSpec, Endpoint, HoldKind, Protocol, ServerDescription, SessionKind, SessionState,
-        Substate,
-    },
+    fleet::{CreateSpec, HoldKind, ServerDescription, SessionKind, SessionState, Substate},
     pb,
 };
 
@@ -110,97 +107,10 @@ pub(super) fn substate_from_name(name: &str) -> Option<Substate> {
 /// A count as the contract's `int32`. Every count the broker holds came
 /// from an `int32` on the wire, so this fails only on a value no agent
 /// could have sent.
-fn int32(field: &str, n: u32) -> Result<i32, String> {
-    i32::try_from(n).map_err(|_| format!("{field} {n} does not fit the stored int32"))
-}
-
-fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
-    pb::Endpoint {
-        ip_address: e.ip_address.clone(),
-        port: i32::from(e.port),
-        protocol: match e.protocol {
-            Protocol::Unspecified => pb::Protocol::Unspecified,
-            Protocol::Http => pb::Protocol::Http,
-            Protocol::Quic => pb::Protocol::Quic,
-        } as i32,
-        web_url_path: e.web_url_path.clone(),
-    }
-}
-
 /// A description as the registration an agent would send for it. The id
 /// is left out: it is the row's key.
-pub(super) fn encode_description(d: &ServerDescription) -> Result<Vec<u8>, String> {
-    let h = &d.host;
-    let request = pb::RegisterServerRequest {
-        server_id: String::new(),
-        ip: d.ip.clone(),
-        hostname: d.hostname.clone(),
-        default_dns_name: d.default_dns_name.clone(),
-        endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        version: d.version.clone(),
-        session_manager_agent_version: d.agent_version.clone(),
-        host: Some(pb::Host {
-            os: Some(pb::Os {
-                family: h.os.family.as_str().to_string(),
-                name: h.os.name.clone(),
-                version: h.os.version.clone(),
-                kernel_version: h.os.kernel_version.clone(),
-                build_number: h.os.build_number.clone(),
-            }),
-            memory: Some(pb::MemoryInfo {
-                total_bytes: h.memory.total_bytes,
-                used_bytes: h.memory.used_bytes,
-            }),
-            swap: Some(pb::MemoryInfo {
-                total_bytes: h.swap.total_bytes,
-                used_bytes: h.swap.used_bytes,
-            }),
-            aws: h.aws.as_ref().map(|a| pb::Aws {
-                region: a.region.clone(),
-                ec2_instance_type: a.ec2_instance_type.clone(),
-                ec2_instance_id: a.ec2_instance_id.clone(),
-                ec2_image_id: a.ec2_image_id.clone(),
-            }),
-            cpu_info: Some(pb::CpuInfo {
-                vendor: h.cpu_info.vendor.clone(),
-                model_name: h.cpu_info.model_name.clone(),
-                architecture: h.cpu_info.architecture.clone(),
-                number_of_cpus: int32("Host.CpuInfo.NumberOfCpus", h.cpu_info.number_of_cpus)?,
-                physical_cores_per_cpu: int32(
-                    "Host.CpuInfo.PhysicalCoresPerCpu",
-                    h.cpu_info.physical_cores_per_cpu,
-                )?,
-            }),
-            cpu_load_average: Some(pb::CpuLoadAverage {
-                one_minute: h.cpu_load_average.one_minute,
-                five_minutes: h.cpu_load_average.five_minutes,
-                fifteen_minutes: h.cpu_load_average.fifteen_minutes,
-            }),
-            gpus: h
-                .gpus
-                .iter()
-                .map(|g| pb::Gpu {
-                    vendor: g.vendor.clone(),
-                    model_name: g.model_name.clone(),
-                })
-                .collect(),
-            logged_in_users: Vec::new(),
-        }),
-        tags: d
-            .tags
-            .iter()
-            .map(|t| pb::KeyValuePair {
-                key: t.key.clone(),
-                value: t.value.clone(),
-            })
-            .collect(),
-        max_virtual_sessions: int32("MaxVirtualSessions", d.max_virtual_sessions)?,
-        max_concurrent_sessions_per_user: int32(
-            "MaxConcurrentSessionsPerUser",
-            d.max_concurrent_sessions_per_user,
-        )?,
-    };
-    Ok(request.encode_to_vec())
+pub(super) fn encode_description(d: &ServerDescription) -> Vec<u8> {
+    convert::registration_to_pb("", d).encode_to_vec()
 }
 
 /// A stored description, checked as a registration is.
@@ -284,7 +194,7 @@ mod tests {
     fn descriptions_and_requests_round_trip() {
         for i in 0..12 {
             let d = crate::demo::description(i);
-            assert_eq!(decode_description(&encode_description(&d).unwrap()), Ok(d));
+            assert_eq!(decode_description(&encode_description(&d)), Ok(d));
         }
         let spec = CreateSpec {
             name: "n".into(),

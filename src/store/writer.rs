@@ -123,8 +123,7 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
 }
 
 fn put_server(tx: &Transaction<'_>, s: &StoredServer) -> Result<(), WriteError> {
-    let description = codec::encode_description(&s.description)
-        .map_err(|e| WriteError::Encode(format!("server {:?}: {e}", s.id)))?;
+    let description = codec::encode_description(&s.description);
     tx.prepare_cached(
         "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed)
          VALUES (?1, ?2, ?3, ?4, ?5)
