@@ -250,7 +250,8 @@ pub struct LimitFlags {
     pub client_burst: u32,
 
     /// Most bytes of metadata (HTTP/2 headers, 32 bytes counted per entry)
-    /// one request may carry; more is refused with HTTP 431.
+    /// one request may carry; more is refused by HTTP/2 before any handler
+    /// runs.
     #[arg(
         long,
         env = "DCV_BROKER_MAX_HEADER_LIST_BYTES",

@@ -12,7 +12,8 @@
 //!   BadRequest for an agent's registration; OUT_OF_RANGE if the message
 //!   as a whole is too big first;
 //! - metadata over `max_header_list_bytes`: refused by HTTP/2 before any
-//!   handler runs (see the test for the code tonic clients report);
+//!   handler runs: HTTP 431 (tonic: UNKNOWN), or for a header block itself
+//!   over the limit GOAWAY COMPRESSION_ERROR (tonic: INTERNAL);
 //! - more requests in flight than `max_concurrent_requests`:
 //!   RESOURCE_EXHAUSTED at once; health checks still answer;
 //! - a client over its rate: RESOURCE_EXHAUSTED with google.rpc.RetryInfo;

@@ -72,8 +72,11 @@ pub struct Limits {
     /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: the most bytes of metadata
     /// (headers) per request, counting 32 bytes per entry as HTTP/2 does.
     /// Real requests carry a few hundred bytes (a bearer token adds a few
-    /// KiB); this also caps a request at about 500 entries. Over it, the
-    /// request is answered with HTTP 431 before any handler runs.
+    /// KiB); this also caps a request at about 500 entries. Over it, h2
+    /// refuses the request before any handler runs: HTTP 431 on that
+    /// stream, or, when the encoded header block alone is over it, GOAWAY
+    /// (COMPRESSION_ERROR) for the connection, h2's defence against
+    /// CONTINUATION floods.
     pub max_header_list_bytes: u32,
     /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: requests open at once on one
     /// connection. Bounds what one connection can hold open (agents'
@@ -123,7 +126,7 @@ impl Limits {
             // unset, tonic tells hyper "no limit", not hyper's default.
             .max_concurrent_streams(self.max_concurrent_streams)
             // Bounds metadata per request: thousands of entries are
-            // refused by h2 (HTTP 431) before they reach a handler.
+            // refused by h2 before they reach a handler.
             .http2_max_header_list_size(self.max_header_list_bytes)
             // Rapid reset (CVE-2023-44487): a client opening and cancelling
             // streams faster than they are accepted gets a GOAWAY. Unlike
