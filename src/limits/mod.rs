@@ -56,10 +56,11 @@ pub struct Limits {
     /// may lower MaxResults.
     pub max_response_bytes: usize,
     /// Requests handled at once across all connections (`None`: no limit);
-    /// one more is refused at once with `RESOURCE_EXHAUSTED`. The broker
-    /// reaches its peak throughput with a few dozen requests in flight,
-    /// so more only adds latency; and each admitted request may buffer up
-    /// to `max_request_bytes`, so this also bounds that memory.
+    /// one more is refused at once with `RESOURCE_EXHAUSTED`. The store
+    /// benchmark (BENCHMARKS.md) gets its best throughput at 64 in flight
+    /// on 2 cores; 256 leaves room for bigger machines and for requests
+    /// waiting on the disk. Each admitted request may buffer up to
+    /// `max_request_bytes`, so this also bounds that memory.
     pub max_concurrent_requests: Option<usize>,
     /// Each client's request rate (`None`: no limit). Keeps one runaway
     /// client from taking the broker from everyone else.
