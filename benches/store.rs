@@ -14,6 +14,7 @@ use std::{
 use dcv_broker::{
     BrokerConfig, demo,
     fleet::{Fleet, FleetConfig, persist},
+    limits::Limits,
     pb::{self, servers_client::ServersClient},
     serve,
     store::SqliteStore,
@@ -49,6 +50,11 @@ async fn start(fleet: Fleet) -> (std::net::SocketAddr, oneshot::Sender<()>) {
         fleet: FleetConfig::default(),
         request_timeout: None,
         sweep_interval: None,
+        // The load generator is one address standing for many clients.
+        limits: Limits {
+            client_rate: None,
+            ..Limits::default()
+        },
         ..BrokerConfig::default()
     };
     tokio::spawn(serve(listener, fleet, config, async {

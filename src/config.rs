@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use crate::{
     BrokerConfig,
     fleet::{FleetConfig, PlacementStrategy},
+    limits::{ClientRate, Limits},
 };
 
 /// How the broker chooses among servers that can take a session.
@@ -133,6 +134,10 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub request_timeout: Duration,
 
+    /// Limits against abusive clients.
+    #[command(flatten)]
+    pub limits: LimitFlags,
+
     /// On SIGTERM/SIGINT, how long to wait for open connections to finish.
     #[arg(long, env = "DCV_BROKER_DRAIN_DEADLINE", default_value = "10s", value_parser = duration)]
     pub drain_deadline: Duration,
@@ -165,7 +170,7 @@ impl Args {
         if self.heartbeat_interval.is_zero() || self.sweep_interval.is_zero() {
             return Err("--heartbeat-interval and --sweep-interval must be positive".into());
         }
-        Ok(())
+        self.limits.check()
     }
 
     /// The broker configuration these flags describe.
@@ -192,7 +197,104 @@ impl Args {
             drain_deadline: self.drain_deadline,
             sweep_interval: Some(self.sweep_interval),
             http2_keepalive: BrokerConfig::default().http2_keepalive,
+            limits: self.limits.limits(),
             demo_fleet: self.demo_fleet,
+        }
+    }
+}
+
+/// The flags of [`Limits`] an operator may need to tune; the others keep
+/// their defaults. See [`Limits`] for why each exists.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitFlags {
+    /// Largest request message accepted, in bytes; a bigger one fails with
+    /// OUT_OF_RANGE before it is read.
+    #[arg(
+        long,
+        env = "DCV_BROKER_MAX_REQUEST_BYTES",
+        default_value_t = Limits::default().max_request_bytes,
+        value_name = "BYTES"
+    )]
+    pub max_request_bytes: usize,
+
+    /// Requests handled at once across all connections; more are refused
+    /// at once with RESOURCE_EXHAUSTED ("0": no limit). Health checks are
+    /// never refused.
+    #[arg(
+        long,
+        env = "DCV_BROKER_MAX_CONCURRENT_REQUESTS",
+        default_value_t = Limits::default().max_concurrent_requests.unwrap_or(0),
+        value_name = "N"
+    )]
+    pub max_concurrent_requests: usize,
+
+    /// Requests a second each client may sustain; more get
+    /// RESOURCE_EXHAUSTED with RetryInfo ("0": no limit). A client is an IP
+    /// address (IPv6: a /64) until authentication exists; behind a proxy,
+    /// all requests are one client.
+    #[arg(
+        long,
+        env = "DCV_BROKER_CLIENT_RATE",
+        default_value_t = Limits::default().client_rate.map_or(0, |r| r.per_second.get()),
+        value_name = "PER_SECOND"
+    )]
+    pub client_rate: u32,
+
+    /// Requests a client may make at once after a pause (its bucket size).
+    #[arg(
+        long,
+        env = "DCV_BROKER_CLIENT_BURST",
+        default_value_t = Limits::default().client_rate.map_or(0, |r| r.burst.get()),
+        value_name = "N"
+    )]
+    pub client_burst: u32,
+
+    /// Most bytes of metadata (HTTP/2 headers, 32 bytes counted per entry)
+    /// one request may carry; more is refused by HTTP/2 before any handler
+    /// runs.
+    #[arg(
+        long,
+        env = "DCV_BROKER_MAX_HEADER_LIST_BYTES",
+        default_value_t = Limits::default().max_header_list_bytes,
+        value_name = "BYTES"
+    )]
+    pub max_header_list_bytes: u32,
+
+    /// Most requests open at once on one HTTP/2 connection (clients queue
+    /// the rest).
+    #[arg(
+        long,
+        env = "DCV_BROKER_MAX_CONCURRENT_STREAMS",
+        default_value_t = Limits::default().max_concurrent_streams,
+        value_name = "N"
+    )]
+    pub max_concurrent_streams: u32,
+}
+
+impl LimitFlags {
+    fn check(&self) -> Result<(), String> {
+        if self.max_request_bytes == 0 || self.max_concurrent_streams == 0 {
+            return Err("--max-request-bytes and --max-concurrent-streams must be positive".into());
+        }
+        if self.client_rate > 0 && self.client_burst == 0 {
+            return Err("--client-burst must be positive when --client-rate is".into());
+        }
+        // gRPC's own request headers take a few hundred bytes.
+        if self.max_header_list_bytes < 1024 {
+            return Err("--max-header-list-bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_request_bytes: self.max_request_bytes,
+            max_concurrent_requests: (self.max_concurrent_requests > 0)
+                .then_some(self.max_concurrent_requests),
+            client_rate: ClientRate::new(self.client_rate, self.client_burst),
+            max_header_list_bytes: self.max_header_list_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            ..Limits::default()
         }
     }
 }
@@ -231,5 +333,54 @@ mod tests {
         assert_eq!(args.listen.to_string(), "127.0.0.1:8443");
         let bad = Args::try_parse_from(["dcv-broker", "--unreachable-after", "2h"]).unwrap();
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn limit_flags_default_to_the_limits_and_zero_turns_off() {
+        let args = Args::try_parse_from(["dcv-broker"]).unwrap();
+        assert_eq!(args.broker_config().limits, Limits::default());
+
+        let off = Args::try_parse_from([
+            "dcv-broker",
+            "--client-rate",
+            "0",
+            "--max-concurrent-requests",
+            "0",
+        ])
+        .unwrap();
+        assert!(off.check().is_ok());
+        let limits = off.broker_config().limits;
+        assert_eq!(limits.client_rate, None);
+        assert_eq!(limits.max_concurrent_requests, None);
+
+        let set = Args::try_parse_from([
+            "dcv-broker",
+            "--client-rate",
+            "5",
+            "--client-burst",
+            "10",
+            "--max-request-bytes",
+            "1048576",
+            "--max-header-list-bytes",
+            "8192",
+            "--max-concurrent-streams",
+            "100",
+        ])
+        .unwrap();
+        let limits = set.broker_config().limits;
+        assert_eq!(limits.client_rate, ClientRate::new(5, 10));
+        assert_eq!(limits.max_request_bytes, 1 << 20);
+        assert_eq!(limits.max_header_list_bytes, 8192);
+        assert_eq!(limits.max_concurrent_streams, 100);
+
+        for bad in [
+            &["--client-rate", "5", "--client-burst", "0"][..],
+            &["--max-header-list-bytes", "100"],
+            &["--max-concurrent-streams", "0"],
+            &["--max-request-bytes", "0"],
+        ] {
+            let args = Args::try_parse_from(["dcv-broker"].iter().chain(bad)).unwrap();
+            assert!(args.check().is_err(), "{bad:?}");
+        }
     }
 }

@@ -7,6 +7,8 @@
 //!   the protobuf contract and the domain, plus the one error mapping.
 //! - [`server`]: composes the services, reflection, health and the server
 //!   knobs, and runs them until shutdown ([`server::serve`]).
+//! - [`limits`]: every limit against abusive clients in one place, and
+//!   the rate and load-shedding layers that enforce them.
 //! - [`demo`]: a simulated fleet of agents for demos and load.
 //! - [`config`] and [`telemetry`]: the binary's flags and logging.
 //! - [`pb`]: generated code.
@@ -18,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod demo;
 pub mod fleet;
+pub mod limits;
 pub mod pb;
 pub mod server;
 pub mod store;

@@ -11,21 +11,11 @@ use crate::{
     api::{AgentApi, RequestSpanLayer, ServersApi, SessionsApi},
     demo,
     fleet::{Fleet, FleetConfig},
+    limits::{ClientRateLayer, InFlightLimitLayer, Limits},
     pb::{
         agent_server::AgentServer, servers_server::ServersServer, sessions_server::SessionsServer,
     },
 };
-
-/// The largest request message accepted. A full CloseServers batch (1000
-/// ids of up to 256 bytes, each with a 1024-character reason) stays under
-/// 5 MiB; anything bigger is not a request we serve.
-pub const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
-
-/// The largest response message sent. A DescribeServers page of 1000
-/// servers with rich host descriptions is a few MiB; the cap guards against
-/// a pathological page rather than limiting normal ones. Clients whose
-/// default receive limit is 4 MiB (grpc-go, tonic) may lower MaxResults.
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How the broker runs, apart from where it listens.
 #[derive(Debug, Clone)]
@@ -42,6 +32,9 @@ pub struct BrokerConfig {
     pub sweep_interval: Option<Duration>,
     /// HTTP/2 keepalive ping interval, to notice dead peers (`None`: off).
     pub http2_keepalive: Option<Duration>,
+    /// Limits against abusive or broken clients: message sizes, rates,
+    /// concurrency, HTTP/2 streams and headers.
+    pub limits: Limits,
     /// Simulated servers to run in-process.
     pub demo_fleet: usize,
 }
@@ -54,6 +47,7 @@ impl Default for BrokerConfig {
             drain_deadline: Duration::from_secs(10),
             sweep_interval: Some(Duration::from_secs(5)),
             http2_keepalive: Some(Duration::from_secs(60)),
+            limits: Limits::default(),
             demo_fleet: 0,
         }
     }
@@ -123,29 +117,39 @@ pub async fn serve(
     // grpcurl before 1.8.8, grpcui and Postman speak only v1alpha.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let limits = &config.limits;
     let servers = ServersServer::new(ServersApi::new(fleet.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(limits.max_request_bytes)
+        .max_encoding_message_size(limits.max_response_bytes);
     let sessions = SessionsServer::new(SessionsApi::new(fleet.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(limits.max_request_bytes)
+        .max_encoding_message_size(limits.max_response_bytes);
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping_rx))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(limits.max_request_bytes)
+        .max_encoding_message_size(limits.max_response_bytes);
 
     // Nagle's algorithm would hold small unary replies for delayed ACKs
     // (tens of ms); the builder's own nodelay does not apply to our listener.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         .http2_keepalive_interval(config.http2_keepalive)
         .http2_keepalive_timeout(config.http2_keepalive.map(|_| Duration::from_secs(20)));
+    let mut builder = limits.http2(builder);
     if let Some(limit) = config.request_timeout {
         builder = builder.timeout(limit);
     }
     let server = builder
+        // Outermost, so that refusals below are logged with the request's
+        // id; then the client's rate, so that a client over it takes no
+        // slot from the others; then the global in-flight limit.
         .layer(RequestSpanLayer)
+        .layer(ClientRateLayer::new(
+            limits.client_rate,
+            limits.max_tracked_clients,
+        ))
+        .layer(InFlightLimitLayer::new(limits.max_concurrent_requests))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

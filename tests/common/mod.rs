@@ -8,6 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use dcv_broker::{
     BrokerConfig,
     fleet::{Fleet, FleetConfig},
+    limits::Limits,
     pb::{self, agent_client::AgentClient, servers_client::ServersClient},
     serve,
 };
@@ -23,7 +24,9 @@ pub struct Broker {
 }
 
 /// A configuration with no background timers, so that tests on a paused
-/// clock only see time move when they advance it.
+/// clock only see time move when they advance it. Every test client
+/// connects from 127.0.0.1, which the rate limit would count as one
+/// client: it is off here, and on in the tests of limits.
 pub fn quiet_config() -> BrokerConfig {
     BrokerConfig {
         fleet: FleetConfig::default(),
@@ -31,15 +34,24 @@ pub fn quiet_config() -> BrokerConfig {
         drain_deadline: Duration::from_secs(5),
         sweep_interval: None,
         http2_keepalive: None,
+        limits: Limits {
+            client_rate: None,
+            ..Limits::default()
+        },
         demo_fleet: 0,
     }
 }
 
 impl Broker {
     pub async fn start(config: BrokerConfig) -> Broker {
+        let fleet = Fleet::new(config.fleet.clone()).unwrap();
+        Broker::start_with(config, fleet).await
+    }
+
+    /// Serves `fleet` (made with `config.fleet`, perhaps over a test store).
+    pub async fn start_with(config: BrokerConfig, fleet: Fleet) -> Broker {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let fleet = Fleet::new(config.fleet.clone()).unwrap();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve(listener, fleet.clone(), config, async {
             let _ = stopped.await;
