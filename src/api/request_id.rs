@@ -5,7 +5,7 @@
 
 use std::task::{Context, Poll};
 
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 use tracing::{Instrument as _, instrument::Instrumented};
 use uuid::Uuid;
@@ -58,9 +58,14 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let id = Uuid::new_v4();
-        let peer = request
-            .extensions()
+        let extensions = request.extensions();
+        let peer = extensions
             .get::<TcpConnectInfo>()
+            .or_else(|| {
+                extensions
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .map(TlsConnectInfo::get_ref)
+            })
             .and_then(TcpConnectInfo::remote_addr);
         let span = tracing::info_span!(
             "request",
