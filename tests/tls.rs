@@ -1,13 +1,15 @@
 //! TLS over real connections on 127.0.0.1: a client trusting the right CA
 //! succeeds, one trusting another CA or speaking plaintext fails, a reload
 //! swaps the certificate for new connections, a failed reload keeps the old
-//! one, and a stalled or failed handshake costs other clients nothing.
+//! one, and a stalled or failed handshake costs other clients nothing. Then
+//! the binary: `dcv-broker tls init`, serving with its files, and SIGHUP.
 
 mod common;
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    process::Stdio,
     time::Duration,
 };
 
@@ -22,7 +24,7 @@ use dcv_broker::{
     },
 };
 use tokio::{
-    io::AsyncReadExt,
+    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
     net::{TcpListener, TcpStream},
     sync::oneshot,
     task::JoinHandle,
@@ -31,6 +33,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+const BIN: &str = env!("CARGO_BIN_EXE_dcv-broker");
 
 /// Bounds every wait in these tests: a broker that misbehaves fails the
 /// test instead of hanging it.
@@ -381,4 +385,258 @@ async fn a_client_that_never_finishes_its_handshake_is_dropped() {
     // Closed: end of stream (or a reset, depending on timing).
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     call_trusting(broker.addr, &g.ca_cert).await.unwrap();
+}
+
+// --- the binary ------------------------------------------------------------
+
+fn tls_init(dir: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["tls", "init", "--names", "localhost,127.0.0.1", "--out"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn read(path: PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[cfg(unix)]
+fn mode(path: PathBuf) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn tls_init_writes_the_four_files_and_never_overwrites_without_force() {
+    let tmp = TempDir::new();
+    let dir = tmp.path().join("certs");
+    let out = tls_init(&dir, &["--days", "90"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for name in ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"] {
+        assert!(
+            stdout.contains(&*dir.join(name).to_string_lossy()),
+            "{stdout}"
+        );
+    }
+    assert!(stdout.contains("--tls-cert"), "{stdout}");
+    assert!(stdout.contains("grpcurl -cacert"), "{stdout}");
+    #[cfg(unix)]
+    {
+        assert_eq!(mode(dir.join("ca-key.pem")), 0o600);
+        assert_eq!(mode(dir.join("server-key.pem")), 0o600);
+    }
+    let ca = read(dir.join("ca.pem"));
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+
+    // Again: refused, nothing touched.
+    let again = tls_init(&dir, &[]);
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already exist"), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(read(dir.join("ca.pem")), ca);
+
+    // Refused as well when only one of them exists.
+    std::fs::remove_file(dir.join("ca.pem")).unwrap();
+    assert_eq!(tls_init(&dir, &[]).status.code(), Some(1));
+    assert!(!dir.join("ca.pem").exists(), "nothing written");
+
+    // With --force: a new CA, keys still private.
+    let forced = tls_init(&dir, &["--force"]);
+    assert!(forced.status.success(), "{forced:?}");
+    assert_ne!(read(dir.join("ca.pem")), ca);
+    #[cfg(unix)]
+    assert_eq!(mode(dir.join("server-key.pem")), 0o600);
+
+    let bad = std::process::Command::new(BIN)
+        .args(["tls", "init", "--names", "not a name", "--out"])
+        .arg(tmp.path().join("other"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"not a name\""));
+}
+
+#[test]
+fn the_binary_wants_both_tls_files_and_readable_ones() {
+    let tmp = TempDir::new();
+    let half = std::process::Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--in-memory",
+            "--tls-cert",
+            "x.pem",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(half.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&half.stderr).contains("--tls-cert and --tls-key go together"));
+    assert!(half.stdout.is_empty(), "it never listened");
+
+    let missing = std::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--in-memory", "--tls-cert"])
+        .arg(tmp.path().join("server.pem"))
+        .arg("--tls-key")
+        .arg(tmp.path().join("server-key.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("TLS: cannot read"), "{stderr}");
+    assert!(missing.stdout.is_empty(), "it never listened");
+}
+
+/// The binary as a child process, with its log lines delivered as they
+/// come.
+struct Child {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Child {
+    async fn start(args: &[&std::ffi::OsStr]) -> Child {
+        let mut child = tokio::process::Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--in-memory",
+                "--demo-fleet",
+                "3",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
+            .await
+            .expect("the broker announces its port")
+            .unwrap()
+            .expect("the broker exited before listening");
+        let addr = line
+            .strip_prefix("dcv-broker listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Child { child, addr, log }
+    }
+
+    /// Waits for a log line containing `text`; returns it.
+    async fn logged(&mut self, text: &str) -> String {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let line = self.log.recv().await.expect("log ended");
+                if line.contains(text) {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {text:?}"))
+    }
+
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([name, &self.child.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn terminate(mut self) {
+        self.signal("-TERM");
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    }
+}
+
+/// Calls until a client trusting `ca` succeeds, a bounded number of times:
+/// the reload happens in the broker's own time after the signal.
+async fn until_trusted(addr: SocketAddr, ca: &str) {
+    let mut pause = Duration::from_millis(10);
+    let mut last = String::new();
+    for _ in 0..40 {
+        match call_trusting(addr, ca).await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+    panic!("a client trusting the new CA never got through: {last}");
+}
+
+#[tokio::test]
+async fn the_binary_serves_tls_from_tls_init_files_and_reloads_on_sighup() {
+    let tmp = TempDir::new();
+    let out = tls_init(tmp.path(), &[]);
+    assert!(out.status.success(), "{out:?}");
+    let first_ca = read(tmp.path().join("ca.pem"));
+
+    let (cert, key) = (tmp.cert(), tmp.key());
+    let mut broker = Child::start(&[
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ])
+    .await;
+    let line = broker.logged("TLS only").await;
+    assert!(line.contains("sha256"), "{line}");
+    call_trusting(broker.addr, &first_ca).await.unwrap();
+    let channel = tls_channel(broker.addr, &first_ca, "127.0.0.1")
+        .await
+        .unwrap();
+    let page = ServersClient::new(channel)
+        .describe_servers(pb::DescribeServersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.servers.len(), 3, "the demo fleet, over TLS");
+    assert!(call_in_plaintext(broker.addr).await.is_err());
+
+    // Rotate: a new CA and certificate in the same files; then SIGHUP.
+    let rotated = tls_init(tmp.path(), &["--force"]);
+    assert!(rotated.status.success(), "{rotated:?}");
+    let second_ca = read(tmp.path().join("ca.pem"));
+    broker.signal("-HUP");
+    until_trusted(broker.addr, &second_ca).await;
+    broker.logged("SIGHUP: TLS certificate reloaded").await;
+    assert!(call_trusting(broker.addr, &first_ca).await.is_err());
+
+    // A bad file and another SIGHUP: logged, and the broker keeps serving
+    // the certificate it had.
+    replace(&tmp.cert(), "garbage\n");
+    broker.signal("-HUP");
+    let line = broker.logged("TLS reload failed").await;
+    assert!(line.contains("server.pem"), "{line}");
+    call_trusting(broker.addr, &second_ca).await.unwrap();
+
+    broker.terminate().await;
+}
+
+#[tokio::test]
+async fn plaintext_serving_warns_loudly() {
+    let mut broker = Child::start(&[]).await;
+    let line = broker.logged("PLAINTEXT").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("unencrypted and unauthenticated"), "{line}");
+    broker.terminate().await;
 }
