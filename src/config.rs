@@ -1,14 +1,15 @@
 //! The broker binary's configuration: command-line flags, each with an
 //! environment-variable fallback, turned into a [`BrokerConfig`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     BrokerConfig,
     fleet::{FleetConfig, PlacementStrategy},
     limits::{ClientRate, Limits},
+    tls::init::InitArgs,
 };
 
 /// How the broker chooses among servers that can take a session.
@@ -37,8 +38,8 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// Address to serve gRPC on. Only loopback addresses are allowed until
-    /// TLS exists, unless --allow-insecure-non-loopback is given.
+    /// Address to serve gRPC on. Without TLS (--tls-cert), only loopback
+    /// addresses are allowed, unless --allow-insecure-non-loopback is given.
     #[arg(long, env = "DCV_BROKER_LISTEN", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
 
@@ -46,6 +47,16 @@ pub struct Args {
     /// the port can then close every server: use only on a trusted network.
     #[arg(long, env = "DCV_BROKER_ALLOW_INSECURE_NON_LOOPBACK")]
     pub allow_insecure_non_loopback: bool,
+
+    /// Serve gRPC over TLS only, with this certificate (PEM: the server's
+    /// certificate, then any intermediates). Needs --tls-key. Both files
+    /// are read again on SIGHUP. `dcv-broker tls init` makes a pair.
+    #[arg(long, env = "DCV_BROKER_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "DCV_BROKER_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 
     /// Directory of the durable store (created if missing). Every change
     /// an RPC acknowledges is on disk here first.
@@ -155,12 +166,44 @@ pub struct Args {
     /// request).
     #[arg(long, env = "DCV_BROKER_LOG", default_value = "info")]
     pub log: String,
+
+    /// Without a subcommand, the broker serves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does instead of serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// TLS certificates for the broker.
+    Tls {
+        /// What to do.
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+/// `dcv-broker tls ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TlsCommand {
+    /// Creates a private CA and a server certificate it signs, for a first
+    /// install: ca.pem, ca-key.pem, server.pem and server-key.pem in DIR.
+    Init(InitArgs),
 }
 
 impl Args {
     /// Checks the flags against each other.
     pub fn check(&self) -> Result<(), String> {
-        check_listen(self.listen, self.allow_insecure_non_loopback)?;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), Some(_)) => {}
+            (None, None) => check_listen(self.listen, self.allow_insecure_non_loopback)?,
+            _ => {
+                return Err(
+                    "--tls-cert and --tls-key go together: give both to serve TLS, or neither"
+                        .into(),
+                );
+            }
+        }
         if self.unreachable_after >= self.remove_after {
             return Err(format!(
                 "--unreachable-after ({:?}) must be shorter than --remove-after ({:?})",
@@ -306,7 +349,8 @@ pub fn check_listen(addr: SocketAddr, allow_insecure: bool) -> Result<(), String
     } else {
         Err(format!(
             "refusing to serve plaintext gRPC on non-loopback address {addr}: anyone who reaches it could close every server. \
-             Listen on 127.0.0.1, or pass --allow-insecure-non-loopback on a trusted network"
+             Listen on 127.0.0.1, serve TLS (--tls-cert and --tls-key; `dcv-broker tls init` makes them), \
+             or pass --allow-insecure-non-loopback on a trusted network"
         ))
     }
 }
@@ -382,5 +426,46 @@ mod tests {
             let args = Args::try_parse_from(["dcv-broker"].iter().chain(bad)).unwrap();
             assert!(args.check().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn tls_allows_non_loopback_and_needs_both_files() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dcv-broker", "--listen", "0.0.0.0:8443"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap().check()
+        };
+        assert!(parse(&["--tls-cert", "s.pem", "--tls-key", "k.pem"]).is_ok());
+        let half = parse(&["--tls-cert", "s.pem"]).unwrap_err();
+        assert!(
+            half.contains("--tls-cert and --tls-key go together"),
+            "{half}"
+        );
+        assert!(parse(&["--tls-key", "k.pem"]).is_err());
+    }
+
+    #[test]
+    fn tls_init_is_a_subcommand_and_serving_stays_the_default() {
+        let args = Args::try_parse_from([
+            "dcv-broker",
+            "tls",
+            "init",
+            "--names",
+            "broker.example.com,127.0.0.1",
+            "--out",
+            "certs",
+        ])
+        .unwrap();
+        let Some(Command::Tls {
+            command: TlsCommand::Init(init),
+        }) = args.command
+        else {
+            panic!("expected tls init, got {:?}", args.command);
+        };
+        assert_eq!(init.names, ["broker.example.com", "127.0.0.1"]);
+        assert_eq!(init.days, 825);
+        assert!(!init.force);
+        let serve = Args::try_parse_from(["dcv-broker", "--demo-fleet", "3"]).unwrap();
+        assert!(serve.command.is_none());
     }
 }

@@ -6,9 +6,12 @@
 //! - [`api`]: thin gRPC adapters (one per service) that convert between
 //!   the protobuf contract and the domain, plus the one error mapping.
 //! - [`server`]: composes the services, reflection, health and the server
-//!   knobs, and runs them until shutdown ([`server::serve`]).
+//!   knobs, and runs them until shutdown ([`server::serve`], or
+//!   [`server::serve_tls`] over TLS).
 //! - [`limits`]: every limit against abusive clients in one place, and
 //!   the rate and load-shedding layers that enforce them.
+//! - [`tls`]: TLS certificates from PEM files, reloadable while serving,
+//!   and `dcv-broker tls init`, which makes a private CA and a certificate.
 //! - [`demo`]: a simulated fleet of agents for demos and load.
 //! - [`config`] and [`telemetry`]: the binary's flags and logging.
 //! - [`pb`]: generated code.
@@ -25,5 +28,6 @@ pub mod pb;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
-pub use server::{BrokerConfig, serve};
+pub use server::{BrokerConfig, serve, serve_tls};

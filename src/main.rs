@@ -1,10 +1,18 @@
 //! The `dcv-broker` binary: parses flags, starts logging, binds the
-//! listener, and serves until SIGTERM or SIGINT.
+//! listener, and serves until SIGTERM or SIGINT; or runs a subcommand
+//! (`dcv-broker tls init`).
 
 use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use clap::Parser;
-use dcv_broker::{config::Args, fleet::Fleet, serve, store::SqliteStore, telemetry};
+use dcv_broker::{
+    config::{Args, Command, TlsCommand},
+    fleet::Fleet,
+    serve, serve_tls,
+    store::SqliteStore,
+    telemetry,
+    tls::{self, ServerTls},
+};
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -20,8 +28,26 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if let Some(Command::Tls {
+        command: TlsCommand::Init(init),
+    }) = &args.command
+    {
+        print!("{}", tls::init::run(init).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
     args.check()?;
     telemetry::init(args.log_format, &args.log)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = ServerTls::load(cert, key).map_err(|e| format!("TLS: {e}"))?;
+            // Installed before the port is announced, like the handlers
+            // below: SIGHUP's default action would kill the broker.
+            #[cfg(unix)]
+            tls::reload_on_sighup(tls.clone()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+            Some(tls)
+        }
+        _ => None,
+    };
     // Signal handlers go in before the port is announced: a supervisor may
     // send SIGTERM the moment it sees the line.
     let shutdown = shutdown_signal().map_err(|e| format!("cannot watch signals: {e}"))?;
@@ -54,7 +80,28 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     // The one line on stdout: scripts read the port from it.
     println!("dcv-broker listening on {addr}");
-    tracing::info!(%addr, demo_fleet = config.demo_fleet, "serving");
+    tracing::info!(%addr, demo_fleet = config.demo_fleet, tls = tls.is_some(), "serving");
+    match &tls {
+        Some(tls) => {
+            tracing::info!(
+                cert = %tls.cert_path().display(),
+                sha256 = %tls.fingerprint(),
+                "TLS only; SIGHUP reloads the certificate and key"
+            );
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "clients are not authenticated yet: anyone who can reach {addr} can call \
+                     every RPC; limit who can reach the port"
+                );
+            }
+        }
+        None => tracing::warn!(
+            %addr,
+            "serving PLAINTEXT gRPC: traffic is unencrypted and unauthenticated; \
+             anyone who can reach {addr} can call every RPC. Serve TLS with --tls-cert and --tls-key"
+        ),
+    }
     let mut failed = store_failed.clone();
     let stop = async move {
         match failed.as_mut() {
@@ -67,9 +114,11 @@ async fn run(args: Args) -> Result<(), String> {
             None => shutdown.await,
         }
     };
-    serve(listener, fleet, config, stop)
-        .await
-        .map_err(|e| e.to_string())?;
+    match tls {
+        Some(tls) => serve_tls(listener, fleet, config, tls, stop).await,
+        None => serve(listener, fleet, config, stop).await,
+    }
+    .map_err(|e| e.to_string())?;
     if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
         return Err(format!("stopped: the store failed: {why}"));
     }

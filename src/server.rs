@@ -1,7 +1,7 @@
 //! Runs the broker: the gRPC services, reflection, health and every server
 //! knob, until a shutdown signal, then a bounded drain.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Server, server::TcpIncoming};
@@ -15,6 +15,7 @@ use crate::{
     pb::{
         agent_server::AgentServer, servers_server::ServersServer, sessions_server::SessionsServer,
     },
+    tls::ServerTls,
 };
 
 /// How the broker runs, apart from where it listens.
@@ -75,13 +76,35 @@ impl Drop for TaskGuard {
     }
 }
 
-/// Serves `fleet` on `listener` until `shutdown` resolves, then reports
-/// NOT_SERVING, stops accepting, and waits up to the drain deadline for
-/// open connections before returning.
+/// Serves `fleet` on `listener` in plaintext until `shutdown` resolves,
+/// then reports NOT_SERVING, stops accepting, and waits up to the drain
+/// deadline for open connections before returning.
 pub async fn serve(
     listener: TcpListener,
     fleet: Fleet,
     config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run(listener, fleet, config, None, shutdown).await
+}
+
+/// [`serve`], over TLS: every connection is a TLS connection with `tls`'s
+/// current certificate; nothing is served in the clear.
+pub async fn serve_tls(
+    listener: TcpListener,
+    fleet: Fleet,
+    config: BrokerConfig,
+    tls: ServerTls,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run(listener, fleet, config, Some(tls), shutdown).await
+}
+
+async fn run(
+    listener: TcpListener,
+    fleet: Fleet,
+    config: BrokerConfig,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let mut tasks = TaskGuard(Vec::new());
@@ -129,9 +152,6 @@ pub async fn serve(
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
 
-    // Nagle's algorithm would hold small unary replies for delayed ACKs
-    // (tens of ms); the builder's own nodelay does not apply to our listener.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let builder = Server::builder()
         .http2_keepalive_interval(config.http2_keepalive)
@@ -140,7 +160,7 @@ pub async fn serve(
     if let Some(limit) = config.request_timeout {
         builder = builder.timeout(limit);
     }
-    let server = builder
+    let router = builder
         // Outermost, so that refusals below are logged with the request's
         // id; then the client's rate, so that a client over it takes no
         // slot from the others; then the global in-flight limit.
@@ -155,11 +175,23 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(servers)
         .add_service(sessions)
-        .add_service(agent)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
-    tokio::pin!(server);
+        .add_service(agent);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            // Nagle's algorithm would hold small unary replies for delayed
+            // ACKs (tens of ms); the builder's own nodelay does not apply to
+            // our listener. (The TLS accept loop sets it too.)
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stopped,
+            )),
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped))
+            }
+        };
 
     tokio::select! {
         result = &mut server => return result.map_err(ServeError::from),

@@ -5,7 +5,7 @@
 
 use std::task::{Context, Poll};
 
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 use tracing::{Instrument as _, instrument::Instrumented};
 use uuid::Uuid;
@@ -24,6 +24,19 @@ impl RequestId {
             .map_or_else(Uuid::new_v4, |id| id.0)
             .to_string()
     }
+}
+
+/// The client's address, from the connection information tonic puts in a
+/// request's extensions (plaintext or TLS); `None` off TCP.
+pub fn peer_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
 }
 
 /// The tower layer that assigns request ids and spans.
@@ -58,10 +71,7 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let id = Uuid::new_v4();
-        let peer = request
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr);
+        let peer = peer_addr(request.extensions());
         let span = tracing::info_span!(
             "request",
             method = request.uri().path(),

@@ -175,12 +175,7 @@ impl ClientKey {
     /// in its extensions. A request without a peer address (not over TCP)
     /// counts against one shared "unknown" client, never against nobody.
     pub fn of(extensions: &http::Extensions) -> ClientKey {
-        // TLS connections will carry `TlsConnectInfo<TcpConnectInfo>`
-        // instead: look it up here too when TLS arrives.
-        let ip = extensions
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|info| info.remote_addr())
-            .map(|addr| addr.ip());
+        let ip = crate::api::request_id::peer_addr(extensions).map(|addr| addr.ip());
         ClientKey::from_ip(ip)
     }
 
