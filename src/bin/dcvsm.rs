@@ -1,0 +1,927 @@
+//! `dcvsm`: the command-line client of the broker, shaped like the official
+//! DCV Session Manager CLI (same commands, flags and JSON replies) but
+//! speaking the broker's own gRPC contract (`dcv_broker::pb`).
+//!
+//! Replies are printed as the protobuf JSON mapping of the proto (PascalCase
+//! `json_name`s, enum names, RFC 3339 timestamps, default values omitted):
+//! byte for byte what `grpcurl` prints, because both go through the
+//! descriptor set rather than a hand mapping.
+//!
+//! Settings come from, in order of precedence: flags, environment
+//! (`DCV_SM_BROKER_URL`), the configuration file (`--conf`, else
+//! `$XDG_CONFIG_HOME/dcvsmcli.conf`, else `~/.config/dcvsmcli.conf`), defaults.
+//!
+//! TODO(auth): the broker has no authentication yet, so `DCV_SM_CLIENT_ID`,
+//! `DCV_SM_CLIENT_PASSWORD`, `DCV_SM_AUTH_SERVER_URL` and
+//! `DCV_SM_OAUTH2_TOKEN` are not read. When the broker grows OAuth 2.0, the
+//! token goes into an `authorization` metadata header on every call.
+
+use std::{
+    collections::HashMap,
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use dcv_broker::pb::{self, servers_client::ServersClient, sessions_client::SessionsClient};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use serde_json::Value;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// The broker URL when neither flag, environment nor configuration names one.
+const DEFAULT_BROKER_URL: &str = "http://127.0.0.1:8443";
+/// How long a paginated describe runs before a progress line appears.
+const PROGRESS_AFTER: Duration = Duration::from_millis(500);
+
+/// Exit codes, documented in `--help` and the README.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const CONFIG: u8 = 1;
+    pub const PARTIAL: u8 = 3;
+    pub const INTERRUPTED: u8 = 130;
+    pub const BAD_PARAMETER: u8 = 252;
+    pub const BAD_ENVIRONMENT: u8 = 253;
+    pub const BROKER_ERROR: u8 = 254;
+    pub const OTHER: u8 = 255;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success
+  1    the configuration file is missing or corrupt
+  2    the command line could not be parsed
+  3    the call succeeded but UnsuccessfulList is not empty (0 with --compat-exit-codes)
+  130  interrupted (Ctrl-C)
+  252  a parameter value is invalid (checked before calling the broker)
+  253  the environment or configuration is invalid (e.g. an unreadable CA bundle)
+  254  the broker returned an error (a gRPC status)
+  255  anything else, e.g. the broker is unreachable
+
+Settings precedence: flags > environment (DCV_SM_BROKER_URL) > configuration file > defaults.";
+
+/// Command-line client of the dcv-broker session broker.
+#[derive(Parser, Debug)]
+#[command(name = "dcvsm", version, after_help = EXIT_CODES_HELP)]
+struct Cli {
+    /// The broker's URL; https:// uses TLS (trusting --ca-bundle, else the system roots).
+    /// Default http://127.0.0.1:8443.
+    #[arg(long, global = true, env = "DCV_SM_BROKER_URL")]
+    broker_url: Option<String>,
+    /// Configuration file (INI, sections [output], [security], [broker]). When absent,
+    /// $XDG_CONFIG_HOME/dcvsmcli.conf then ~/.config/dcvsmcli.conf are read if they exist.
+    #[arg(long, global = true)]
+    conf: Option<PathBuf>,
+    /// Log the calls (tracing) on stderr.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Output format: json (the broker's reply, as grpcurl prints it) or table. Default json.
+    #[arg(long, global = true, value_enum)]
+    output_format: Option<OutputFormat>,
+    /// A PEM file of the CA certificates to trust for an https:// broker.
+    #[arg(long, global = true)]
+    ca_bundle: Option<PathBuf>,
+    /// Skip TLS certificate verification. Not supported: rustls offers no safe way
+    /// to do it; use --ca-bundle with the broker's CA (`dcv-broker tls init` writes one).
+    #[arg(long, global = true)]
+    no_verify_ssl: bool,
+    /// Exit 0 even when some items are in UnsuccessfulList, like the official CLI.
+    #[arg(long, global = true)]
+    compat_exit_codes: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SessionTypeArg {
+    #[value(name = "CONSOLE", alias = "console")]
+    Console,
+    #[value(name = "VIRTUAL", alias = "virtual")]
+    Virtual,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Close DCV servers: no new sessions are placed on them.
+    CloseServers {
+        /// Comma-separated server ids.
+        #[arg(long, required = true)]
+        server_ids: String,
+        /// Close even servers that have running sessions.
+        #[arg(long)]
+        force: bool,
+        /// Why the servers are closed (shown by describe-servers in Holds).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Open closed DCV servers again.
+    OpenServers {
+        /// Comma-separated server ids.
+        #[arg(long, required = true)]
+        server_ids: String,
+    },
+    /// Describe DCV servers; follows every page unless --next-token or --no-paginate.
+    DescribeServers {
+        /// Comma-separated server ids (all servers when absent).
+        #[arg(long)]
+        server_ids: Option<String>,
+        /// Start from this page token (prints only that page).
+        #[arg(long)]
+        next_token: Option<String>,
+        /// Items per page, 1 to 1000.
+        #[arg(long)]
+        max_results: Option<i32>,
+        /// Print one page, with its NextToken.
+        #[arg(long)]
+        no_paginate: bool,
+        /// Filter as KEY=VALUE (repeatable), e.g. tag:team=render.
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
+    },
+    /// Create a session.
+    CreateSession {
+        /// The session's name.
+        #[arg(long, required = true)]
+        name: String,
+        /// The user who owns the session.
+        #[arg(long, required = true)]
+        owner: String,
+        /// CONSOLE or VIRTUAL.
+        #[arg(long = "type", required = true, value_enum)]
+        session_type: SessionTypeArg,
+        /// Path, on the DCV server, of a script run when a virtual session starts.
+        #[arg(long)]
+        init_file_path: Option<String>,
+        /// Path, on the DCV server, of a file run when the session starts.
+        #[arg(long)]
+        autorun_file: Option<String>,
+        /// Comma-separated arguments of --autorun-file.
+        #[arg(long)]
+        autorun_file_arguments: Option<String>,
+        /// Maximum concurrent clients, 1 to 100.
+        #[arg(long)]
+        max_concurrent_clients: Option<i32>,
+        /// Enable DCV-GL (virtual sessions on Linux).
+        #[arg(long)]
+        dcv_gl_enabled: bool,
+        /// A local permissions file; it is read and sent base64-encoded.
+        #[arg(long)]
+        permissions_file: Option<PathBuf>,
+        /// Placement requirements, e.g. "server:Host.Os.Family = 'linux'".
+        #[arg(long)]
+        requirements: Option<String>,
+        /// Storage root of the session on the DCV server.
+        #[arg(long)]
+        storage_root: Option<String>,
+        /// Queue the request when no server is available.
+        #[arg(long)]
+        enqueue_request: bool,
+        /// Do not retry the creation on another server after a failure.
+        #[arg(long)]
+        disable_retry_on_failure: bool,
+    },
+    /// Describe sessions; follows every page unless --next-token or --no-paginate.
+    DescribeSessions {
+        /// Comma-separated session ids (all sessions when absent).
+        #[arg(long)]
+        session_ids: Option<String>,
+        /// Start from this page token (prints only that page).
+        #[arg(long)]
+        next_token: Option<String>,
+        /// Only the sessions of this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Items per page, 1 to 1000.
+        #[arg(long)]
+        max_results: Option<i32>,
+        /// Print one page, with its NextToken.
+        #[arg(long)]
+        no_paginate: bool,
+    },
+    /// Delete a session.
+    DeleteSession {
+        /// The session's id.
+        #[arg(long, required = true)]
+        session_id: String,
+        /// The session's owner.
+        #[arg(long, required = true)]
+        owner: String,
+        /// Delete even when the DCV server does not answer.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Get the data a DCV client needs to connect to a session.
+    GetSessionConnectionData {
+        /// The session's id.
+        #[arg(long, required = true)]
+        session_id: String,
+        /// The user who connects.
+        #[arg(long, required = true)]
+        user: String,
+    },
+    /// Replace a session's permissions.
+    UpdateSessionPermissions {
+        /// The session's id.
+        #[arg(long, required = true)]
+        session_id: String,
+        /// The session's owner.
+        #[arg(long, required = true)]
+        owner: String,
+        /// A local permissions file; it is read and sent base64-encoded.
+        #[arg(long, required = true)]
+        permission_file: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// A failure, carrying its exit code and its one line for stderr.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The settings after flags, environment and configuration are merged.
+struct Settings {
+    broker_url: String,
+    output: OutputFormat,
+    ca_bundle: Option<PathBuf>,
+    no_verify_ssl: bool,
+    debug: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "dcvsm", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dcvsm: {e}");
+            return ExitCode::from(exit::OTHER);
+        }
+    };
+    let code = runtime.block_on(async {
+        tokio::select! {
+            result = run(cli) => match result {
+                Ok(code) => code,
+                Err(f) => {
+                    eprintln!("dcvsm: {}", f.message);
+                    f.code
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("dcvsm: interrupted");
+                exit::INTERRUPTED
+            }
+        }
+    });
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let settings = settings(&cli)?;
+    if settings.debug {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter("debug,h2=info,hyper=info,tower=info")
+            .init();
+    }
+    tracing::debug!(url = %settings.broker_url, "connecting");
+    let channel = connect(&settings).await?;
+    let mut servers = ServersClient::new(channel.clone());
+    let mut sessions = SessionsClient::new(channel);
+
+    let reply = match cli.command {
+        Command::CloseServers {
+            server_ids,
+            force,
+            reason,
+        } => {
+            let servers_data = split_ids("--server-ids", &server_ids)?
+                .into_iter()
+                .map(|server_id| pb::CloseServerRequestData {
+                    server_id,
+                    force: force.then_some(true),
+                    reason: reason.clone().unwrap_or_default(),
+                })
+                .collect();
+            let r = servers
+                .close_servers(pb::CloseServersRequest {
+                    servers: servers_data,
+                })
+                .await
+                .map_err(status_failure)?;
+            to_json("CloseServersResponse", &r.into_inner())?
+        }
+        Command::OpenServers { server_ids } => {
+            let servers_data = split_ids("--server-ids", &server_ids)?
+                .into_iter()
+                .map(|server_id| pb::OpenServerRequestData { server_id })
+                .collect();
+            let r = servers
+                .open_servers(pb::OpenServersRequest {
+                    servers: servers_data,
+                })
+                .await
+                .map_err(status_failure)?;
+            to_json("OpenServersResponse", &r.into_inner())?
+        }
+        Command::DescribeServers {
+            server_ids,
+            next_token,
+            max_results,
+            no_paginate,
+            filters,
+        } => {
+            let server_ids = match server_ids {
+                Some(ids) => split_ids("--server-ids", &ids)?,
+                None => Vec::new(),
+            };
+            let max_results = max_results.map(check_max_results).transpose()?;
+            let filters = filters
+                .iter()
+                .map(|f| parse_filter(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let single = no_paginate || next_token.is_some();
+            let mut request = pb::DescribeServersRequest {
+                server_ids,
+                next_token: next_token.unwrap_or_default(),
+                max_results,
+                filters,
+            };
+            paginate("Servers", single, |token| {
+                request.next_token = token.unwrap_or_else(|| request.next_token.clone());
+                let request = request.clone();
+                let mut servers = servers.clone();
+                async move {
+                    let r = servers.describe_servers(request).await;
+                    let r = r.map_err(status_failure)?.into_inner();
+                    Ok((to_json("DescribeServersResponse", &r)?, r.next_token))
+                }
+            })
+            .await?
+        }
+        Command::CreateSession {
+            name,
+            owner,
+            session_type,
+            init_file_path,
+            autorun_file,
+            autorun_file_arguments,
+            max_concurrent_clients,
+            dcv_gl_enabled,
+            permissions_file,
+            requirements,
+            storage_root,
+            enqueue_request,
+            disable_retry_on_failure,
+        } => {
+            if let Some(n) = max_concurrent_clients
+                && !(1..=100).contains(&n)
+            {
+                return Err(fail(
+                    exit::BAD_PARAMETER,
+                    format!("--max-concurrent-clients must be between 1 and 100, got {n}"),
+                ));
+            }
+            let permissions_file = match permissions_file {
+                Some(path) => read_base64("--permissions-file", &path)?,
+                None => String::new(),
+            };
+            let data = pb::CreateSessionRequestData {
+                name,
+                owner,
+                r#type: match session_type {
+                    SessionTypeArg::Console => pb::SessionType::Console,
+                    SessionTypeArg::Virtual => pb::SessionType::Virtual,
+                } as i32,
+                init_file: init_file_path.unwrap_or_default(),
+                max_concurrent_clients,
+                dcv_gl_enabled,
+                permissions_file,
+                enqueue_request,
+                autorun_file: autorun_file.unwrap_or_default(),
+                autorun_file_arguments: autorun_file_arguments
+                    .map(|a| a.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+                disable_retry_on_failure,
+                requirements: requirements.unwrap_or_default(),
+                storage_root: storage_root.unwrap_or_default(),
+            };
+            let r = sessions
+                .create_sessions(pb::CreateSessionsRequest {
+                    sessions: vec![data],
+                })
+                .await
+                .map_err(status_failure)?;
+            to_json("CreateSessionsResponse", &r.into_inner())?
+        }
+        Command::DescribeSessions {
+            session_ids,
+            next_token,
+            owner,
+            max_results,
+            no_paginate,
+        } => {
+            let session_ids = match session_ids {
+                Some(ids) => split_ids("--session-ids", &ids)?,
+                None => Vec::new(),
+            };
+            let max_results = max_results.map(check_max_results).transpose()?;
+            let filters = owner
+                .map(|value| {
+                    vec![pb::KeyValuePair {
+                        key: "owner".into(),
+                        value,
+                    }]
+                })
+                .unwrap_or_default();
+            let single = no_paginate || next_token.is_some();
+            let mut request = pb::DescribeSessionsRequest {
+                session_ids,
+                filters,
+                max_results,
+                next_token: next_token.unwrap_or_default(),
+            };
+            paginate("Sessions", single, |token| {
+                request.next_token = token.unwrap_or_else(|| request.next_token.clone());
+                let request = request.clone();
+                let mut sessions = sessions.clone();
+                async move {
+                    let r = sessions.describe_sessions(request).await;
+                    let r = r.map_err(status_failure)?.into_inner();
+                    Ok((to_json("DescribeSessionsResponse", &r)?, r.next_token))
+                }
+            })
+            .await?
+        }
+        Command::DeleteSession {
+            session_id,
+            owner,
+            force,
+        } => {
+            let r = sessions
+                .delete_sessions(pb::DeleteSessionsRequest {
+                    sessions: vec![pb::DeleteSessionRequestData {
+                        session_id,
+                        owner,
+                        force: force.then_some(true),
+                    }],
+                })
+                .await
+                .map_err(status_failure)?;
+            to_json("DeleteSessionsResponse", &r.into_inner())?
+        }
+        Command::GetSessionConnectionData { session_id, user } => {
+            let r = sessions
+                .get_session_connection_data(pb::GetSessionConnectionDataRequest {
+                    session_id,
+                    user,
+                })
+                .await
+                .map_err(status_failure)?;
+            to_json("GetSessionConnectionDataResponse", &r.into_inner())?
+        }
+        Command::UpdateSessionPermissions {
+            session_id,
+            owner,
+            permission_file,
+        } => {
+            let permissions_file = read_base64("--permission-file", &permission_file)?;
+            let r = sessions
+                .update_session_permissions(pb::UpdateSessionPermissionsRequest {
+                    sessions: vec![pb::UpdateSessionPermissionsRequestData {
+                        session_id,
+                        owner,
+                        permissions_file,
+                    }],
+                })
+                .await
+                .map_err(status_failure)?;
+            to_json("UpdateSessionPermissionsResponse", &r.into_inner())?
+        }
+        Command::Completion { .. } => unreachable!("handled before connecting"),
+    };
+
+    match settings.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&reply).expect("a Value always serializes")
+        ),
+        OutputFormat::Table => print!("{}", table(&reply)),
+    }
+    let partial = reply
+        .get("UnsuccessfulList")
+        .and_then(Value::as_array)
+        .is_some_and(|l| !l.is_empty());
+    Ok(if partial && !cli.compat_exit_codes {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    })
+}
+
+/// Merges flags, environment, the configuration file and defaults.
+fn settings(cli: &Cli) -> Result<Settings, Failure> {
+    let conf = match &cli.conf {
+        Some(path) => Some(read_conf(path)?),
+        None => default_conf_path()
+            .filter(|p| p.exists())
+            .map(|p| read_conf(&p))
+            .transpose()?,
+    }
+    .unwrap_or_default();
+    let get = |section: &str, key: &str| conf.get(&(section.to_owned(), key.to_owned()));
+    let truthy = |v: Option<&String>| v.is_some_and(|v| matches!(v.as_str(), "true" | "yes" | "1"));
+    let output = match cli.output_format {
+        Some(f) => f,
+        None => match get("output", "output-format").map(String::as_str) {
+            None | Some("json") => OutputFormat::Json,
+            Some("table") => OutputFormat::Table,
+            Some(other) => {
+                return Err(fail(
+                    exit::CONFIG,
+                    format!(
+                        "configuration: [output] output-format must be json or table, got {other:?}"
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(Settings {
+        broker_url: cli
+            .broker_url
+            .clone()
+            .or_else(|| get("broker", "url").cloned())
+            .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned()),
+        output,
+        ca_bundle: cli
+            .ca_bundle
+            .clone()
+            .or_else(|| get("security", "ca-bundle").map(PathBuf::from)),
+        no_verify_ssl: cli.no_verify_ssl || truthy(get("security", "no-verify-ssl")),
+        debug: cli.debug || truthy(get("output", "debug")),
+    })
+}
+
+fn default_conf_path() -> Option<PathBuf> {
+    match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => Some(PathBuf::from(dir).join("dcvsmcli.conf")),
+        None => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".config").join("dcvsmcli.conf")),
+    }
+}
+
+/// Reads an INI file into (section, key) -> value. `#` and `;` start comments.
+fn read_conf(path: &Path) -> Result<HashMap<(String, String), String>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(exit::CONFIG, format!("cannot read {}: {e}", path.display())))?;
+    parse_ini(&text)
+        .map_err(|(line, what)| fail(exit::CONFIG, format!("{}:{line}: {what}", path.display())))
+}
+
+fn parse_ini(text: &str) -> Result<HashMap<(String, String), String>, (usize, &'static str)> {
+    let mut map = HashMap::new();
+    let mut section: Option<String> = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[') {
+            let name = name
+                .strip_suffix(']')
+                .ok_or((i + 1, "unclosed section header"))?;
+            section = Some(name.trim().to_owned());
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or((i + 1, "expected key = value"))?;
+        let section = section.clone().ok_or((i + 1, "key outside of a section"))?;
+        map.insert((section, key.trim().to_owned()), value.trim().to_owned());
+    }
+    Ok(map)
+}
+
+async fn connect(settings: &Settings) -> Result<Channel, Failure> {
+    let url = &settings.broker_url;
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| {
+            fail(
+                exit::BAD_PARAMETER,
+                format!("invalid broker URL {url:?}: {e}"),
+            )
+        })?
+        .connect_timeout(Duration::from_secs(10));
+    if url.starts_with("https://") {
+        if settings.no_verify_ssl {
+            return Err(fail(
+                exit::BAD_ENVIRONMENT,
+                "--no-verify-ssl is not supported; pass the broker's CA with --ca-bundle",
+            ));
+        }
+        let tls = match &settings.ca_bundle {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    fail(
+                        exit::BAD_ENVIRONMENT,
+                        format!("cannot read the CA bundle {}: {e}", path.display()),
+                    )
+                })?;
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+            }
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| fail(exit::BAD_ENVIRONMENT, format!("TLS configuration: {e}")))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        fail(
+            exit::OTHER,
+            format!("cannot reach the broker at {url}: {}", root_cause(&e)),
+        )
+    })
+}
+
+/// The innermost cause of a transport error, in a few words.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+                _ => io.to_string(),
+            };
+        }
+        cause = next;
+    }
+    cause.to_string()
+}
+
+fn status_failure(status: tonic::Status) -> Failure {
+    fail(
+        exit::BROKER_ERROR,
+        format!(
+            "the broker returned {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    )
+}
+
+fn split_ids(flag: &str, ids: &str) -> Result<Vec<String>, Failure> {
+    let ids: Vec<String> = ids
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Err(fail(exit::BAD_PARAMETER, format!("{flag} names no id")));
+    }
+    Ok(ids)
+}
+
+fn check_max_results(n: i32) -> Result<i32, Failure> {
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(fail(
+            exit::BAD_PARAMETER,
+            format!("--max-results must be between 1 and 1000, got {n}"),
+        ))
+    }
+}
+
+fn parse_filter(f: &str) -> Result<pb::KeyValuePair, Failure> {
+    match f.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok(pb::KeyValuePair {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        }),
+        _ => Err(fail(
+            exit::BAD_PARAMETER,
+            format!("--filter expects KEY=VALUE, got {f:?}"),
+        )),
+    }
+}
+
+fn read_base64(flag: &str, path: &Path) -> Result<String, Failure> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        fail(
+            exit::BAD_PARAMETER,
+            format!("{flag}: cannot read {}: {e}", path.display()),
+        )
+    })?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Calls `page` until the last page (or once when `single`), merging the
+/// `items` arrays into the first reply and dropping its NextToken.
+async fn paginate<F, Fut>(items: &str, single: bool, mut page: F) -> Result<Value, Failure>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Value, String), Failure>>,
+{
+    let (mut merged, mut token) = page(None).await?;
+    if single {
+        return Ok(merged);
+    }
+    let started = Instant::now();
+    let show_progress = std::io::stderr().is_terminal();
+    let mut shown = false;
+    while !token.is_empty() {
+        let (next, next_token) = page(Some(token)).await?;
+        token = next_token;
+        if let Some(Value::Array(more)) = next.get(items).cloned() {
+            match merged.get_mut(items) {
+                Some(Value::Array(all)) => all.extend(more),
+                _ => {
+                    merged[items] = Value::Array(more);
+                }
+            }
+        }
+        if show_progress && started.elapsed() > PROGRESS_AFTER {
+            let n = merged
+                .get(items)
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            eprint!("\rdcvsm: {n} {} so far…", items.to_lowercase());
+            shown = true;
+        }
+    }
+    if shown {
+        eprint!("\r\x1b[K");
+    }
+    if let Some(obj) = merged.as_object_mut() {
+        obj.remove("NextToken");
+    }
+    Ok(merged)
+}
+
+/// The protobuf JSON mapping of a reply, as grpcurl prints it: through the
+/// descriptor set, so the names are the proto's `json_name`s.
+fn to_json<M: Message>(name: &str, message: &M) -> Result<Value, Failure> {
+    static POOL: std::sync::OnceLock<DescriptorPool> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).expect("the built-in descriptor set")
+    });
+    let full_name = format!("dcv.sessionmanager.v1.{name}");
+    let descriptor = pool
+        .get_message_by_name(&full_name)
+        .ok_or_else(|| fail(exit::OTHER, format!("no descriptor for {full_name}")))?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|e| fail(exit::OTHER, format!("re-decoding the reply: {e}")))?;
+    serde_json::to_value(&dynamic).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))
+}
+
+/// A reply for people: its scalars as `Key: value` lines, then one aligned
+/// table per list (or nested object), a column per scalar field (nested
+/// objects flattened one level as `Parent.Child`).
+fn table(reply: &Value) -> String {
+    let mut out = String::new();
+    let Some(obj) = reply.as_object() else {
+        return format!("{reply}\n");
+    };
+    for (key, value) in obj {
+        if let Some(s) = scalar(value) {
+            out.push_str(&format!("{key}: {s}\n"));
+        }
+    }
+    for (key, value) in obj {
+        let rows: Vec<&Value> = match value {
+            Value::Array(items) => items.iter().collect(),
+            Value::Object(_) => vec![value],
+            _ => continue,
+        };
+        out.push_str(&format!("\n{key} ({})\n", rows.len()));
+        let flat: Vec<Vec<(String, String)>> = rows.iter().map(|r| flatten(r)).collect();
+        let mut columns: Vec<String> = Vec::new();
+        for row in &flat {
+            for (c, _) in row {
+                if !columns.contains(c) {
+                    columns.push(c.clone());
+                }
+            }
+        }
+        let cells: Vec<Vec<String>> = flat
+            .iter()
+            .map(|row| {
+                columns
+                    .iter()
+                    .map(|c| {
+                        row.iter()
+                            .find(|(k, _)| k == c)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect();
+        let widths: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([c.chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |values: &[String]| {
+            let mut l = values
+                .iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ");
+            l.truncate(l.trim_end().len());
+            l.push('\n');
+            l
+        };
+        out.push_str(&line(&columns));
+        for row in &cells {
+            out.push_str(&line(row));
+        }
+    }
+    out
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn flatten(row: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Some(obj) = row.as_object() else {
+        return vec![("Value".into(), row.to_string())];
+    };
+    for (key, value) in obj {
+        if let Some(s) = scalar(value) {
+            out.push((key.clone(), s));
+        } else if let Value::Object(inner) = value {
+            for (k, v) in inner {
+                if let Some(s) = scalar(v) {
+                    out.push((format!("{key}.{k}"), s));
+                }
+            }
+        } else if let Value::Array(items) = value {
+            let parts: Vec<String> = items.iter().filter_map(scalar).collect();
+            if !parts.is_empty() {
+                out.push((key.clone(), parts.join(",")));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ini_sections_keys_and_comments() {
+        let m = parse_ini("# c\n[broker]\nurl = http://x:1\n; c\n[output]\noutput-format=table\n")
+            .unwrap();
+        assert_eq!(m[&("broker".into(), "url".into())], "http://x:1");
+        assert_eq!(m[&("output".into(), "output-format".into())], "table");
+        assert_eq!(parse_ini("url = x").unwrap_err().0, 1);
+        assert_eq!(parse_ini("[a\n").unwrap_err().1, "unclosed section header");
+        assert!(parse_ini("[a]\nnonsense\n").is_err());
+    }
+}
