@@ -598,15 +598,18 @@ fn default_conf_path() -> Option<PathBuf> {
     }
 }
 
+/// A configuration file: (section, key) -> value.
+type Conf = HashMap<(String, String), String>;
+
 /// Reads an INI file into (section, key) -> value. `#` and `;` start comments.
-fn read_conf(path: &Path) -> Result<HashMap<(String, String), String>, Failure> {
+fn read_conf(path: &Path) -> Result<Conf, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| fail(exit::CONFIG, format!("cannot read {}: {e}", path.display())))?;
     parse_ini(&text)
         .map_err(|(line, what)| fail(exit::CONFIG, format!("{}:{line}: {what}", path.display())))
 }
 
-fn parse_ini(text: &str) -> Result<HashMap<(String, String), String>, (usize, &'static str)> {
+fn parse_ini(text: &str) -> Result<Conf, (usize, &'static str)> {
     let mut map = HashMap::new();
     let mut section: Option<String> = None;
     for (i, line) in text.lines().enumerate() {
