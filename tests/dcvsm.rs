@@ -23,9 +23,14 @@ struct Broker {
 
 impl Broker {
     fn start(fleet: usize) -> Broker {
+        Broker::start_with(fleet, &[], "http")
+    }
+
+    fn start_with(fleet: usize, extra: &[&str], scheme: &str) -> Broker {
         let mut child = Command::new(BROKER)
             .args(["--listen", "127.0.0.1:0", "--in-memory", "--demo-fleet"])
             .arg(fleet.to_string())
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -41,7 +46,7 @@ impl Broker {
             .to_owned();
         Broker {
             child,
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
         }
     }
 
@@ -461,4 +466,50 @@ fn help_documents_exit_codes_and_completion_scripts_are_printed() {
         assert_eq!(out.status.code(), Some(0));
         assert!(String::from_utf8_lossy(&out.stdout).contains("describe-servers"));
     }
+}
+
+#[test]
+fn https_trusts_the_ca_bundle_from_tls_init() {
+    let dir = scratch("tls");
+    let init = Command::new(BROKER)
+        .args([
+            "tls",
+            "init",
+            "--force",
+            "--names",
+            "localhost,127.0.0.1",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (
+        path(dcv_broker::tls::init::SERVER_CERT),
+        path(dcv_broker::tls::init::SERVER_KEY),
+        path(dcv_broker::tls::init::CA_CERT),
+    );
+    let broker = Broker::start_with(2, &["--tls-cert", &cert, "--tls-key", &key], "https");
+
+    let reply = broker.json(&["--ca-bundle", &ca, "describe-servers"]);
+    assert_eq!(reply["Servers"].as_array().unwrap().len(), 2);
+
+    // The CA bundle from the configuration file.
+    let conf = dir.join("dcvsmcli.conf");
+    std::fs::write(&conf, format!("[security]\nca-bundle = {ca}\n")).unwrap();
+    let out = broker.dcvsm(&["--conf", conf.to_str().unwrap(), "describe-servers"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Untrusted (the system roots do not know this CA): not reached, 255.
+    let out = broker.dcvsm(&["describe-servers"]);
+    assert_eq!(out.status.code(), Some(255));
+    // --no-verify-ssl is refused rather than silently ignored.
+    let out = broker.dcvsm(&["--no-verify-ssl", "describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
 }

@@ -601,7 +601,8 @@ fn default_conf_path() -> Option<PathBuf> {
 /// A configuration file: (section, key) -> value.
 type Conf = HashMap<(String, String), String>;
 
-/// Reads an INI file into (section, key) -> value. `#` and `;` start comments.
+/// Reads an INI file into (section, key) -> value. `#` and `;` start
+/// comments, at the start of a line or after whitespace.
 fn read_conf(path: &Path) -> Result<Conf, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| fail(exit::CONFIG, format!("cannot read {}: {e}", path.display())))?;
@@ -628,6 +629,12 @@ fn parse_ini(text: &str) -> Result<Conf, (usize, &'static str)> {
             .split_once('=')
             .ok_or((i + 1, "expected key = value"))?;
         let section = section.clone().ok_or((i + 1, "key outside of a section"))?;
+        // An inline comment starts at a `#` or `;` after whitespace.
+        let value = [" #", "\t#", " ;", "\t;"]
+            .iter()
+            .filter_map(|marker| value.find(marker))
+            .min()
+            .map_or(value, |end| &value[..end]);
         map.insert((section, key.trim().to_owned()), value.trim().to_owned());
     }
     Ok(map)
@@ -919,8 +926,10 @@ mod tests {
 
     #[test]
     fn ini_sections_keys_and_comments() {
-        let m = parse_ini("# c\n[broker]\nurl = http://x:1\n; c\n[output]\noutput-format=table\n")
-            .unwrap();
+        let m = parse_ini(
+            "# c\n[broker]\nurl = http://x:1 # the broker\n; c\n[output]\noutput-format=table\n",
+        )
+        .unwrap();
         assert_eq!(m[&("broker".into(), "url".into())], "http://x:1");
         assert_eq!(m[&("output".into(), "output-format".into())], "table");
         assert_eq!(parse_ini("url = x").unwrap_err().0, 1);
