@@ -509,6 +509,13 @@ fn https_trusts_the_ca_bundle_from_tls_init() {
     // Untrusted (the system roots do not know this CA): not reached, 255.
     let out = broker.dcvsm(&["describe-servers"]);
     assert_eq!(out.status.code(), Some(255));
+    // Plaintext to a TLS broker: a transport failure, 255, not a broker error.
+    let plain = broker.url.replace("https://", "http://");
+    let out = dcvsm_cmd()
+        .args(["--broker-url", &plain, "describe-servers"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
     // --no-verify-ssl is refused rather than silently ignored.
     let out = broker.dcvsm(&["--no-verify-ssl", "describe-servers"]);
     assert_eq!(out.status.code(), Some(253));

@@ -696,7 +696,19 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
+/// A status from the broker is 254; one tonic made up from a transport
+/// failure (it carries the error as its source) is 255, like an unreachable
+/// broker.
 fn status_failure(status: tonic::Status) -> Failure {
+    if let Some(source) = std::error::Error::source(&status) {
+        return fail(
+            exit::OTHER,
+            format!(
+                "the connection to the broker failed: {}",
+                root_cause(source)
+            ),
+        );
+    }
     fail(
         exit::BROKER_ERROR,
         format!(
