@@ -520,3 +520,43 @@ fn https_trusts_the_ca_bundle_from_tls_init() {
     let out = broker.dcvsm(&["--no-verify-ssl", "describe-servers"]);
     assert_eq!(out.status.code(), Some(253));
 }
+
+#[test]
+fn sigint_while_waiting_for_the_broker_exits_130() {
+    // A listener that accepts and never answers: the call waits forever.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let child = dcvsm_cmd()
+        .args(["--broker-url", &url, "describe-servers"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "dcvsm: interrupted\n");
+}
+
+#[test]
+fn debug_logs_the_call_on_stderr_only() {
+    let broker = Broker::start(1);
+    let out = broker.dcvsm(&["--debug", "describe-servers"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("DEBUG") && stderr.contains("connecting"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colours when stderr is not a terminal"
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["Servers"].as_array().unwrap().len(), 1);
+}

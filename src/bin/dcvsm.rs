@@ -309,6 +309,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     if settings.debug {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_env_filter("debug,h2=info,hyper=info,tower=info")
             .init();
     }
