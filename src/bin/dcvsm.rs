@@ -823,7 +823,12 @@ fn to_json<M: Message>(name: &str, message: &M) -> Result<Value, Failure> {
         .ok_or_else(|| fail(exit::OTHER, format!("no descriptor for {full_name}")))?;
     let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
         .map_err(|e| fail(exit::OTHER, format!("re-decoding the reply: {e}")))?;
-    serde_json::to_value(&dynamic).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))
+    // Through text, not `to_value`: a float field is an f32, printed by the
+    // serializer as its shortest f32 form (2.83, as grpcurl prints it);
+    // `to_value` would widen it to an f64 first (2.8299999237060547).
+    let text =
+        serde_json::to_string(&dynamic).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))
 }
 
 /// A reply for people: its scalars as `Key: value` lines, then one aligned
