@@ -779,3 +779,57 @@ def test_connection_data_of_a_creating_session_is_failed_precondition(grpcurl, c
     call(f"{SERVERS}/OpenServers", {"Servers": [{"ServerId": "serverId1"}]})
     ready = wait_for_session(call, queued["Id"], "READY")
     assert ready["Server"]["Id"] == "serverId1"
+
+
+# --- dcvsm prints what grpcurl prints ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dcvsm_bin(broker_bin) -> Path:
+    """The dcvsm binary built beside the broker."""
+    path = broker_bin.parent / "dcvsm"
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: run `cargo build --bins`", pytrace=False)
+    return path
+
+
+def _without_request_id(text: str) -> list[str]:
+    return [line for line in text.splitlines() if '"RequestId"' not in line]
+
+
+@pytest.mark.parametrize(
+    "dcvsm_args, method, data",
+    [
+        (
+            ["describe-servers", "--server-ids", "serverId1"],
+            f"{SERVERS}/DescribeServers",
+            {"ServerIds": ["serverId1"]},
+        ),
+        (
+            ["close-servers", "--server-ids", "nope", "--reason", "maintenance"],
+            f"{SERVERS}/CloseServers",
+            {"Servers": [{"ServerId": "nope", "Reason": "maintenance"}]},
+        ),
+        (
+            ["delete-session", "--session-id", "nope", "--owner", "alice"],
+            f"{SESSIONS}/DeleteSessions",
+            {"Sessions": [{"SessionId": "nope", "Owner": "alice"}]},
+        ),
+    ],
+)
+def test_dcvsm_json_is_grpcurls_json(grpcurl, broker, dcvsm_bin, tmp_path, dcvsm_args, method, data):
+    """Same keys, order, enum names, timestamps and float forms, line for line
+    (only the fresh RequestId differs)."""
+    expected = grpcurl(method, data=data)
+    assert expected.returncode == 0, expected.stderr
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    env.pop("DCV_SM_BROKER_URL", None)
+    got = subprocess.run(
+        [str(dcvsm_bin), "--broker-url", f"http://{broker}", "--compat-exit-codes", *dcvsm_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert got.returncode == 0, got.stderr
+    assert _without_request_id(got.stdout) == _without_request_id(expected.stdout)
