@@ -291,6 +291,17 @@ fn table_output_is_aligned_for_people() {
         );
     }
     assert!(serde_json::from_str::<Value>(&text).is_err(), "not JSON");
+
+    let out = broker.dcvsm(&[
+        "--output-format",
+        "table",
+        "describe-sessions",
+        "--owner",
+        "nobody",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.ends_with("\n(no items)\n"), "{text}");
 }
 
 #[test]

@@ -844,6 +844,10 @@ fn table(reply: &Value) -> String {
             out.push_str(&format!("{key}: {s}\n"));
         }
     }
+    // Proto3 JSON omits empty lists, so a reply with none says so.
+    if !obj.values().any(|v| v.is_array() || v.is_object()) {
+        out.push_str("\n(no items)\n");
+    }
     for (key, value) in obj {
         let rows: Vec<&Value> = match value {
             Value::Array(items) => items.iter().collect(),
