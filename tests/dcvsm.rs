@@ -154,6 +154,19 @@ fn close_describe_and_open_servers_with_the_brokers_json_keys() {
         assert!(server.get(key).is_some(), "{key} in {server}");
     }
 
+    let closed = broker.json(&["describe-servers", "--filter", "closed=true"]);
+    let closed: Vec<_> = closed["Servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["Id"])
+        .collect();
+    assert_eq!(
+        closed,
+        [target.as_str()],
+        "--filter KEY=VALUE reaches the broker"
+    );
+
     let out = broker.dcvsm(&["open-servers", "--server-ids", &target]);
     assert_eq!(out.status.code(), Some(0));
     let reply: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -61,7 +61,10 @@ Exit codes:
   254  the broker returned an error (a gRPC status)
   255  anything else, e.g. the broker is unreachable
 
-Settings precedence: flags > environment (DCV_SM_BROKER_URL) > configuration file > defaults.";
+Settings precedence: flags > environment (DCV_SM_BROKER_URL) > configuration file > defaults.
+
+Authentication: not yet; the broker has none, so DCV_SM_CLIENT_ID, DCV_SM_CLIENT_PASSWORD,
+DCV_SM_AUTH_SERVER_URL and DCV_SM_OAUTH2_TOKEN are not read.";
 
 /// Command-line client of the dcv-broker session broker.
 #[derive(Parser, Debug)]
