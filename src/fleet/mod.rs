@@ -241,20 +241,37 @@ fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
     Ok(())
 }
 
-/// Per-item checks that need no state: id shape and duplicates. Returns,
-/// in order, `None` for items to apply and the failure of the others.
+/// Per-item checks of a servers batch that need no state.
 fn precheck<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<Option<ItemFailure>> {
+    precheck_ids(
+        ids,
+        "ServerId",
+        validate_server_id,
+        FailureCode::InvalidServerId,
+        FailureCode::DuplicateServerId,
+    )
+}
+
+/// Per-item id checks of any batch: the id's shape (`check`), then
+/// repeats. Returns, in order, `None` for items to apply and the failure of
+/// the others; an id's first occurrence counts even when it fails later.
+fn precheck_ids<'a>(
+    ids: impl Iterator<Item = &'a str>,
+    field: &str,
+    check: impl Fn(&str) -> Result<(), String>,
+    invalid: FailureCode,
+    duplicate: FailureCode,
+) -> Vec<Option<ItemFailure>> {
     let mut seen = HashSet::new();
     ids.map(|id| {
-        if let Err(why) = validate_server_id(id) {
-            Some(ItemFailure::new(
-                FailureCode::InvalidServerId,
-                format!("ServerId {why}."),
-            ))
+        if let Err(why) = check(id) {
+            Some(ItemFailure::new(invalid, format!("{field} {why}.")))
         } else if !seen.insert(id) {
             Some(ItemFailure::new(
-                FailureCode::DuplicateServerId,
-                "ServerId appears earlier in this batch; only its first occurrence is processed.",
+                duplicate,
+                format!(
+                    "{field} appears earlier in this batch; only its first occurrence is processed."
+                ),
             ))
         } else {
             None

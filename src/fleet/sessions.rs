@@ -1306,20 +1306,13 @@ impl ConnectionTokens {
 }
 
 fn dedupe_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<Option<ItemFailure>> {
-    let mut seen = HashSet::new();
-    ids.map(|id| {
-        if let Err(why) = check_session_id(id) {
-            Some(invalid(format!("SessionId {why}.")))
-        } else if !seen.insert(id) {
-            Some(ItemFailure::new(
-                FailureCode::DuplicateSessionId,
-                "SessionId appears earlier in this batch; only its first occurrence is processed.",
-            ))
-        } else {
-            None
-        }
-    })
-    .collect()
+    super::precheck_ids(
+        ids,
+        "SessionId",
+        check_session_id,
+        FailureCode::InvalidSessionParameter,
+        FailureCode::DuplicateSessionId,
+    )
 }
 
 fn not_found() -> ItemFailure {
