@@ -20,6 +20,7 @@
 #![warn(missing_docs, rust_2018_idioms)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod fleet;

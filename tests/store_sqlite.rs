@@ -264,7 +264,14 @@ async fn what_is_put_comes_back_after_a_reopen() {
     store.close().unwrap();
 
     let (store, found) = open(dir.path());
-    assert_snapshot(&found, Snapshot { servers, sessions });
+    assert_snapshot(
+        &found,
+        Snapshot {
+            servers,
+            sessions,
+            ..Snapshot::default()
+        },
+    );
     drop(store);
     // And again: opening a store changes nothing in it.
     let (_store, again) = open(dir.path());
@@ -320,6 +327,7 @@ async fn deletes_and_replaces_are_kept() {
         Snapshot {
             servers: vec![replaced, reheld],
             sessions: vec![s1, queued("s3", 8)],
+            ..Snapshot::default()
         },
     );
 }
@@ -349,6 +357,7 @@ async fn close_commits_every_queued_submission() {
         Snapshot {
             servers: expected,
             sessions: Vec::new(),
+            ..Snapshot::default()
         },
     );
 }
@@ -446,6 +455,7 @@ async fn a_failed_write_stops_the_store() {
         Snapshot {
             servers: vec![server(0, Vec::new())],
             sessions: Vec::new(),
+            ..Snapshot::default()
         },
     );
 }
@@ -841,6 +851,7 @@ fn what_was_durable_survives_a_crash() {
         Snapshot {
             servers: (0..CRASH_SERVERS).map(|i| server(i, Vec::new())).collect(),
             sessions: Vec::new(),
+            ..Snapshot::default()
         },
     );
 }

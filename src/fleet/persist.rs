@@ -102,6 +102,36 @@ pub enum Change {
     PutSession(StoredSession),
     /// Remove a session.
     DeleteSession(String),
+    /// Create or replace an API or agent client.
+    PutClient(StoredClient),
+    /// Create or replace a named secret (the token-signing key).
+    PutSecret {
+        /// Its name.
+        name: String,
+        /// Its bytes.
+        value: Vec<u8>,
+    },
+}
+
+/// An API or agent client, as stored: never its secret, only a slow
+/// salted hash of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClient {
+    /// The client id it authenticates with.
+    pub id: String,
+    /// The name an operator gave it.
+    pub name: String,
+    /// Its secret's hash, a PHC string (`$argon2id$...`).
+    pub secret_hash: String,
+    /// The scopes it may be granted, by name.
+    pub scopes: Vec<String>,
+    /// For an agent client: the only server it may register and report for.
+    pub server_id: Option<String>,
+    /// When it was registered.
+    pub created_at: SystemTime,
+    /// When it was revoked; a revoked client is kept so the listing shows
+    /// it, but it authenticates no more and its tokens stop working.
+    pub revoked_at: Option<SystemTime>,
 }
 
 /// Everything a store holds, to serve from after a start.
@@ -111,6 +141,10 @@ pub struct Snapshot {
     pub servers: Vec<StoredServer>,
     /// Sessions.
     pub sessions: Vec<StoredSession>,
+    /// API and agent clients, in id order.
+    pub clients: Vec<StoredClient>,
+    /// Named secrets.
+    pub secrets: Vec<(String, Vec<u8>)>,
 }
 
 /// Where the fleet's changes go to be kept.

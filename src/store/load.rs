@@ -11,7 +11,7 @@ use rusqlite::{Connection, ErrorCode, Row, types::FromSql};
 use super::{StoreOpenError, codec};
 use crate::fleet::{
     Hold,
-    persist::{Snapshot, StoredServer, StoredSession},
+    persist::{Snapshot, StoredClient, StoredServer, StoredSession},
 };
 
 /// Reads every server and session, each list in id order.
@@ -34,7 +34,54 @@ fn read_all(connection: &Connection) -> Result<Snapshot, LoadError> {
             "a tried server is listed for session {orphan:?}, which has no row"
         )));
     }
-    Ok(Snapshot { servers, sessions })
+    Ok(Snapshot {
+        servers,
+        sessions,
+        clients: read_clients(connection)?,
+        secrets: read_secrets(connection)?,
+    })
+}
+
+fn read_clients(connection: &Connection) -> Result<Vec<StoredClient>, LoadError> {
+    let mut statement = connection.prepare(
+        "SELECT id, name, secret_hash, scopes, server_id, created_at, revoked_at
+         FROM clients ORDER BY id",
+    )?;
+    let mut rows = statement.query([])?;
+    let mut clients = Vec::new();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let f = Fields {
+            row,
+            what: "the client",
+            id: &id,
+        };
+        let scopes: String = f.get(3, "scopes")?;
+        let revoked_at: Option<i64> = f.get(6, "revoked_at")?;
+        let client = StoredClient {
+            id: id.clone(),
+            name: f.get(1, "name")?,
+            secret_hash: f.get(2, "secret_hash")?,
+            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+            server_id: f.get(4, "server_id")?,
+            created_at: f.time(5, "created_at")?,
+            revoked_at: match revoked_at {
+                Some(m) => Some(
+                    codec::time_from_micros(m)
+                        .ok_or_else(|| f.bad("revoked_at", "time out of range"))?,
+                ),
+                None => None,
+            },
+        };
+        clients.push(client);
+    }
+    Ok(clients)
+}
+
+fn read_secrets(connection: &Connection) -> Result<Vec<(String, Vec<u8>)>, LoadError> {
+    let mut statement = connection.prepare("SELECT name, value FROM secrets ORDER BY name")?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// A failure while reading rows.

@@ -67,6 +67,24 @@ pub const MIGRATIONS: &[&str] = &[
         server_id TEXT NOT NULL,
         PRIMARY KEY (session_id, position)
     ) STRICT, WITHOUT ROWID;",
+    // 2: API and agent clients (secrets only as argon2 hashes), and named
+    // secrets such as the token-signing key.
+    "CREATE TABLE clients (
+        id TEXT NOT NULL PRIMARY KEY,
+        name TEXT NOT NULL,
+        -- A PHC string: $argon2id$v=19$m=...,t=...,p=...$salt$hash.
+        secret_hash TEXT NOT NULL,
+        -- Scope names separated by single spaces.
+        scopes TEXT NOT NULL,
+        -- For an agent client, the only server it may act for.
+        server_id TEXT,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    ) STRICT;
+    CREATE TABLE secrets (
+        name TEXT NOT NULL PRIMARY KEY,
+        value BLOB NOT NULL
+    ) STRICT;",
 ];
 
 /// The schema version this build writes.

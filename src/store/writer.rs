@@ -119,6 +119,28 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
                 .execute([id])?;
             Ok(())
         }
+        Change::PutClient(client) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO clients
+                     (id, name, secret_hash, scopes, server_id, created_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                client.id,
+                client.name,
+                client.secret_hash,
+                client.scopes.join(" "),
+                client.server_id,
+                codec::micros(client.created_at),
+                client.revoked_at.map(codec::micros),
+            ])?;
+            Ok(())
+        }
+        Change::PutSecret { name, value } => {
+            tx.prepare_cached("INSERT OR REPLACE INTO secrets (name, value) VALUES (?1, ?2)")?
+                .execute(params![name, value])?;
+            Ok(())
+        }
     }
 }
 
