@@ -58,6 +58,36 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_TLS_KEY", value_name = "PATH")]
     pub tls_key: Option<PathBuf>,
 
+    /// Authentication of callers by OAuth 2.0 bearer tokens (clients are
+    /// registered with `dcv-broker clients register`; tokens come from
+    /// POST /oauth2/token on this port). `auto` turns it on with TLS (a
+    /// token sent in the clear could be read and replayed); `off` lets
+    /// anyone who reaches the port call every RPC.
+    #[arg(long, env = "DCV_BROKER_AUTH", value_enum, default_value = "auto")]
+    pub auth: AuthMode,
+
+    /// How long a token from /oauth2/token is valid. Short: a leaked token
+    /// works until it expires or its client is revoked.
+    #[arg(long, env = "DCV_BROKER_TOKEN_TTL", default_value = "15m", value_parser = duration)]
+    pub token_ttl: Duration,
+
+    /// With authentication on, require a token for health checks too
+    /// (open by default: load balancers probe without credentials).
+    #[arg(long, env = "DCV_BROKER_AUTH_HEALTH")]
+    pub auth_health: bool,
+
+    /// With authentication on, require a token for server reflection too
+    /// (open by default: it describes the API, not the fleet).
+    #[arg(long, env = "DCV_BROKER_AUTH_REFLECTION")]
+    pub auth_reflection: bool,
+
+    /// Let agents authenticate with a client certificate signed by this CA
+    /// (PEM) instead of a token: the certificate's common name is the one
+    /// server id the agent may act for. Needs TLS and authentication.
+    /// `dcv-broker tls agent-cert` issues such certificates.
+    #[arg(long, env = "DCV_BROKER_AGENT_CA", value_name = "PATH")]
+    pub agent_ca: Option<PathBuf>,
+
     /// Directory of the durable store (created if missing). Every change
     /// an RPC acknowledges is on disk here first.
     #[arg(
@@ -172,6 +202,17 @@ pub struct Args {
     pub command: Option<Command>,
 }
 
+/// When callers must authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// On with TLS, off without.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
 /// What the binary does instead of serving.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
@@ -195,14 +236,27 @@ impl Args {
     /// Checks the flags against each other.
     pub fn check(&self) -> Result<(), String> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(_), Some(_)) => {}
-            (None, None) => check_listen(self.listen, self.allow_insecure_non_loopback)?,
+            (Some(_), Some(_)) | (None, None) => check_listen(
+                self.listen,
+                self.tls_cert.is_some(),
+                self.auth_enabled(),
+                self.allow_insecure_non_loopback,
+            )?,
             _ => {
                 return Err(
                     "--tls-cert and --tls-key go together: give both to serve TLS, or neither"
                         .into(),
                 );
             }
+        }
+        if self.agent_ca.is_some() && (self.tls_cert.is_none() || !self.auth_enabled()) {
+            return Err(
+                "--agent-ca needs TLS (--tls-cert, --tls-key) and authentication (not --auth off)"
+                    .into(),
+            );
+        }
+        if self.token_ttl.is_zero() {
+            return Err("--token-ttl must be positive".into());
         }
         if self.unreachable_after >= self.remove_after {
             return Err(format!(
@@ -216,7 +270,25 @@ impl Args {
         self.limits.check()
     }
 
-    /// The broker configuration these flags describe.
+    /// Whether callers must authenticate.
+    pub fn auth_enabled(&self) -> bool {
+        match self.auth {
+            AuthMode::Auto => self.tls_cert.is_some(),
+            AuthMode::On => true,
+            AuthMode::Off => false,
+        }
+    }
+
+    /// How authentication behaves (when it is on).
+    pub fn auth_config(&self) -> crate::auth::AuthConfig {
+        crate::auth::AuthConfig {
+            token_ttl: self.token_ttl,
+            ..crate::auth::AuthConfig::default()
+        }
+    }
+
+    /// The broker configuration these flags describe (without the client
+    /// registry, which the binary loads from the store).
     pub fn broker_config(&self) -> BrokerConfig {
         BrokerConfig {
             fleet: FleetConfig {
@@ -242,6 +314,11 @@ impl Args {
             http2_keepalive: BrokerConfig::default().http2_keepalive,
             limits: self.limits.limits(),
             demo_fleet: self.demo_fleet,
+            auth: None,
+            open_services: crate::api::OpenServices {
+                health: !self.auth_health,
+                reflection: !self.auth_reflection,
+            },
         }
     }
 }
@@ -342,17 +419,27 @@ impl LimitFlags {
     }
 }
 
-/// Refuses a plaintext listener beyond loopback unless explicitly allowed.
-pub fn check_listen(addr: SocketAddr, allow_insecure: bool) -> Result<(), String> {
-    if addr.ip().is_loopback() || allow_insecure {
-        Ok(())
-    } else {
-        Err(format!(
-            "refusing to serve plaintext gRPC on non-loopback address {addr}: anyone who reaches it could close every server. \
-             Listen on 127.0.0.1, serve TLS (--tls-cert and --tls-key; `dcv-broker tls init` makes them), \
-             or pass --allow-insecure-non-loopback on a trusted network"
-        ))
+/// Refuses a listener beyond loopback without both TLS and
+/// authentication, unless explicitly allowed.
+pub fn check_listen(
+    addr: SocketAddr,
+    tls: bool,
+    auth: bool,
+    allow_insecure: bool,
+) -> Result<(), String> {
+    if addr.ip().is_loopback() || (tls && auth) || allow_insecure {
+        return Ok(());
     }
+    let missing = match (tls, auth) {
+        (false, false) => "plaintext gRPC without authentication",
+        (false, true) => "plaintext gRPC (tokens would cross the network in the clear)",
+        _ => "gRPC without authentication (--auth off)",
+    };
+    Err(format!(
+        "refusing to serve {missing} on non-loopback address {addr}: anyone who reaches it could close every server. \
+         Listen on 127.0.0.1, serve TLS (--tls-cert and --tls-key; `dcv-broker tls init` makes them) with authentication on, \
+         or pass --allow-insecure-non-loopback on a trusted network"
+    ))
 }
 
 #[cfg(test)]
@@ -360,14 +447,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn non_loopback_needs_the_insecure_flag() {
+    fn non_loopback_needs_tls_and_auth_or_the_insecure_flag() {
         let public: SocketAddr = "0.0.0.0:8443".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
         let local6: SocketAddr = "[::1]:8443".parse().unwrap();
-        assert!(check_listen(public, false).is_err());
-        assert!(check_listen(public, true).is_ok());
-        assert!(check_listen(local, false).is_ok());
-        assert!(check_listen(local6, false).is_ok());
+        for (tls, auth) in [(false, false), (true, false), (false, true)] {
+            assert!(
+                check_listen(public, tls, auth, false).is_err(),
+                "{tls} {auth}"
+            );
+            assert!(check_listen(public, tls, auth, true).is_ok());
+            assert!(check_listen(local, tls, auth, false).is_ok());
+            assert!(check_listen(local6, tls, auth, false).is_ok());
+        }
+        assert!(check_listen(public, true, true, false).is_ok());
+        let why = check_listen(public, true, false, false).unwrap_err();
+        assert!(why.contains("without authentication (--auth off)"), "{why}");
+    }
+
+    #[test]
+    fn auth_follows_tls_unless_told_and_agent_ca_needs_both() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dcv-broker"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        let tls = ["--tls-cert", "s.pem", "--tls-key", "k.pem"];
+        assert!(!parse(&[]).auth_enabled());
+        assert!(parse(&tls).auth_enabled());
+        assert!(parse(&["--auth", "on"]).auth_enabled());
+        assert!(!parse(&[&tls[..], &["--auth", "off"]].concat()).auth_enabled());
+        assert!(parse(&["--agent-ca", "ca.pem"]).check().is_err());
+        assert!(
+            parse(&[&tls[..], &["--agent-ca", "ca.pem"]].concat())
+                .check()
+                .is_ok()
+        );
+        assert!(
+            parse(&[&tls[..], &["--agent-ca", "ca.pem", "--auth", "off"]].concat())
+                .check()
+                .is_err()
+        );
+        assert!(parse(&["--token-ttl", "0s"]).check().is_err());
     }
 
     #[test]

@@ -6,8 +6,9 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use clap::Parser;
 use dcv_broker::{
+    auth::Auth,
     config::{Args, Command, TlsCommand},
-    fleet::Fleet,
+    fleet::{Fleet, persist::Store},
     serve, serve_tls,
     store::SqliteStore,
     telemetry,
@@ -39,7 +40,12 @@ async fn run(args: Args) -> Result<(), String> {
     telemetry::init(args.log_format, &args.log)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            let tls = ServerTls::load(cert, key).map_err(|e| format!("TLS: {e}"))?;
+            let mut tls = ServerTls::load(cert, key).map_err(|e| format!("TLS: {e}"))?;
+            if let Some(ca) = &args.agent_ca {
+                tls = tls
+                    .with_agent_ca(ca)
+                    .map_err(|e| format!("agent CA: {e}"))?;
+            }
             // Installed before the port is announced, like the handlers
             // below: SIGHUP's default action would kill the broker.
             #[cfg(unix)]
@@ -51,18 +57,33 @@ async fn run(args: Args) -> Result<(), String> {
     // Signal handlers go in before the port is announced: a supervisor may
     // send SIGTERM the moment it sees the line.
     let shutdown = shutdown_signal().map_err(|e| format!("cannot watch signals: {e}"))?;
-    let config = args.broker_config();
+    let mut config = args.broker_config();
     let (fleet, store_failed) = if args.in_memory {
         tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
         let fleet = Fleet::new(config.fleet.clone()).map_err(|e| e.to_string())?;
+        if args.auth_enabled() {
+            config.auth = Some(
+                Auth::in_memory(args.auth_config())
+                    .await
+                    .map_err(|e| format!("authentication: {e}"))?,
+            );
+        }
         (fleet, None)
     } else {
         let started = Instant::now();
         let (store, snapshot) = SqliteStore::open(&args.data_dir).map_err(|e| e.to_string())?;
         let (servers, sessions) = (snapshot.servers.len(), snapshot.sessions.len());
         let failed = store.failed();
-        let fleet = Fleet::restore(config.fleet.clone(), Arc::new(store), snapshot)
-            .map_err(|e| e.to_string())?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        if args.auth_enabled() {
+            config.auth = Some(
+                Auth::restore(args.auth_config(), store.clone(), &snapshot)
+                    .await
+                    .map_err(|e| format!("authentication: {e}"))?,
+            );
+        }
+        let fleet =
+            Fleet::restore(config.fleet.clone(), store, snapshot).map_err(|e| e.to_string())?;
         tracing::info!(
             data_dir = %args.data_dir.display(),
             servers,
@@ -81,25 +102,31 @@ async fn run(args: Args) -> Result<(), String> {
     // The one line on stdout: scripts read the port from it.
     println!("dcv-broker listening on {addr}");
     tracing::info!(%addr, demo_fleet = config.demo_fleet, tls = tls.is_some(), "serving");
-    match &tls {
-        Some(tls) => {
-            tracing::info!(
-                cert = %tls.cert_path().display(),
-                sha256 = %tls.fingerprint(),
-                "TLS only; SIGHUP reloads the certificate and key"
-            );
-            if !addr.ip().is_loopback() {
-                tracing::warn!(
-                    %addr,
-                    "clients are not authenticated yet: anyone who can reach {addr} can call \
-                     every RPC; limit who can reach the port"
-                );
-            }
-        }
+    if let Some(tls) = &tls {
+        tracing::info!(
+            cert = %tls.cert_path().display(),
+            sha256 = %tls.fingerprint(),
+            agent_ca = tls.agent_ca_path().map(|p| p.display().to_string()),
+            "TLS only; SIGHUP reloads the certificate and key"
+        );
+    } else {
+        tracing::warn!(
+            %addr,
+            "serving PLAINTEXT gRPC: traffic (and any token) crosses the network unencrypted. \
+             Serve TLS with --tls-cert and --tls-key"
+        );
+    }
+    match &config.auth {
+        Some(auth) => tracing::info!(
+            clients = auth.list().iter().filter(|c| c.revoked_at.is_none()).count(),
+            token_ttl = ?args.token_ttl,
+            "authentication on: every call needs a bearer token from POST /oauth2/token \
+             (register clients with `dcv-broker clients register`)"
+        ),
         None => tracing::warn!(
             %addr,
-            "serving PLAINTEXT gRPC: traffic is unencrypted and unauthenticated; \
-             anyone who can reach {addr} can call every RPC. Serve TLS with --tls-cert and --tls-key"
+            "authentication OFF: anyone who can reach {addr} can call every RPC, \
+             close every server and start desktops. Turn it on with --auth on (or TLS)"
         ),
     }
     let mut failed = store_failed.clone();

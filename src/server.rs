@@ -8,7 +8,11 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{AgentApi, RequestSpanLayer, ServersApi, SessionsApi},
+    api::{
+        AgentApi, AuthLayer, OpenServices, RequestSpanLayer, ServersApi, SessionsApi,
+        oauth::TokenEndpoint,
+    },
+    auth::Auth,
     demo,
     fleet::{Fleet, FleetConfig},
     limits::{ClientRateLayer, InFlightLimitLayer, Limits},
@@ -38,6 +42,11 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// Simulated servers to run in-process.
     pub demo_fleet: usize,
+    /// The clients allowed to call, and the token endpoint's issuer
+    /// (`None`: no authentication; every caller may call every RPC).
+    pub auth: Option<Auth>,
+    /// What stays open to callers without credentials when `auth` is on.
+    pub open_services: OpenServices,
 }
 
 impl Default for BrokerConfig {
@@ -50,6 +59,8 @@ impl Default for BrokerConfig {
             http2_keepalive: Some(Duration::from_secs(60)),
             limits: Limits::default(),
             demo_fleet: 0,
+            auth: None,
+            open_services: OpenServices::default(),
         }
     }
 }
@@ -154,6 +165,9 @@ async fn run(
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let builder = Server::builder()
+        // The token endpoint is plain HTTP: OAuth clients (curl, Python's
+        // requests) speak HTTP/1.1. gRPC stays HTTP/2 only.
+        .accept_http1(true)
         .http2_keepalive_interval(config.http2_keepalive)
         .http2_keepalive_timeout(config.http2_keepalive.map(|_| Duration::from_secs(20)));
     let mut builder = limits.http2(builder);
@@ -162,14 +176,22 @@ async fn run(
     }
     let router = builder
         // Outermost, so that refusals below are logged with the request's
+        // id; then authentication, so that the rate is counted per client
         // id; then the client's rate, so that a client over it takes no
         // slot from the others; then the global in-flight limit.
         .layer(RequestSpanLayer)
+        .layer(tower::util::option_layer(
+            config
+                .auth
+                .clone()
+                .map(|auth| AuthLayer::new(auth, config.open_services)),
+        ))
         .layer(ClientRateLayer::new(
             limits.client_rate,
             limits.max_tracked_clients,
         ))
         .layer(InFlightLimitLayer::new(limits.max_concurrent_requests))
+        .add_optional_service(config.auth.clone().map(TokenEndpoint::new))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -37,12 +37,24 @@ use tokio_rustls::{
         self, ServerConfig,
         crypto::CryptoProvider,
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-        server::{ClientHello, ResolvesServerCert},
+        server::{
+            ClientHello, ResolvesServerCert, WebPkiClientVerifier, danger::ClientCertVerifier,
+        },
         sign::CertifiedKey,
     },
     server::TlsStream,
 };
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+
+/// The server id an agent's client certificate names: its subject's common
+/// name, which must be a valid server id. Only certificates rustls verified
+/// against the agent CA reach here.
+pub fn agent_server_id(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    crate::fleet::validate_server_id(name).ok()?;
+    Some(name.to_owned())
+}
 
 /// How long a client has to finish its TLS handshake. A handshake is a
 /// few round trips; a client silent for this long is a stalled or hostile
@@ -99,6 +111,7 @@ pub enum TlsError {
 pub struct ServerTls {
     cert_path: Arc<Path>,
     key_path: Arc<Path>,
+    agent_ca_path: Option<Arc<Path>>,
     provider: Arc<CryptoProvider>,
     current: Arc<CurrentCertificate>,
     config: Arc<ServerConfig>,
@@ -126,20 +139,56 @@ impl ServerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key = read_pair(&cert_path, &key_path, &provider)?;
         let current = Arc::new(CurrentCertificate(RwLock::new(key)));
-        let mut config = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(current.clone());
-        // gRPC is HTTP/2 only.
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = server_config(&provider, &current, None)?;
         Ok(ServerTls {
             cert_path,
             key_path,
+            agent_ca_path: None,
             provider,
             current,
-            config: Arc::new(config),
+            config,
             handshake_timeout: HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// The same TLS, also asking each client for a certificate signed by
+    /// the CA in `path` (PEM), for agents that authenticate by mutual TLS.
+    /// A client may still connect without one (API clients and agents with
+    /// tokens do); one that offers a certificate this CA did not sign for
+    /// client authentication fails its handshake.
+    pub fn with_agent_ca(mut self, path: impl Into<PathBuf>) -> Result<ServerTls, TlsError> {
+        let path: Arc<Path> = path.into().into();
+        let pem = std::fs::read(&path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |what: String| TlsError::Pem {
+            path: path.to_path_buf(),
+            what,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("holds no certificate".into()));
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| bad(format!("cannot verify clients with it: {e}")))?;
+        self.config = server_config(&self.provider, &self.current, Some(verifier))?;
+        self.agent_ca_path = Some(path);
+        Ok(self)
+    }
+
+    /// The agent CA file, when agents may use client certificates.
+    pub fn agent_ca_path(&self) -> Option<&Path> {
+        self.agent_ca_path.as_deref()
     }
 
     /// The same TLS with another handshake timeout (tests use a short one).
@@ -189,6 +238,23 @@ impl ServerTls {
         ));
         ReceiverStream::new(taken).map(Ok)
     }
+}
+
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    current: &Arc<CurrentCertificate>,
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(current.clone());
+    // gRPC is HTTP/2; the token endpoint also takes HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The certified key new handshakes get, swapped by [`ServerTls::reload`].

@@ -17,7 +17,7 @@ fn refuses_a_non_loopback_listener_without_the_insecure_flag() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("refusing to serve plaintext gRPC on non-loopback address 0.0.0.0:0"),
+        stderr.contains("refusing to serve plaintext gRPC without authentication on non-loopback address 0.0.0.0:0"),
         "{stderr}"
     );
     assert!(stderr.contains("--allow-insecure-non-loopback"), "{stderr}");

@@ -514,7 +514,11 @@ fn https_trusts_the_ca_bundle_from_tls_init() {
         path(dcv_broker::tls::init::SERVER_KEY),
         path(dcv_broker::tls::init::CA_CERT),
     );
-    let broker = Broker::start_with(2, &["--tls-cert", &cert, "--tls-key", &key], "https");
+    let broker = Broker::start_with(
+        2,
+        &["--tls-cert", &cert, "--tls-key", &key, "--auth", "off"],
+        "https",
+    );
 
     let reply = broker.json(&["--ca-bundle", &ca, "describe-servers"]);
     assert_eq!(reply["Servers"].as_array().unwrap().len(), 2);

@@ -591,11 +591,14 @@ async fn the_binary_serves_tls_from_tls_init_files_and_reloads_on_sighup() {
     let first_ca = read(tmp.path().join("ca.pem"));
 
     let (cert, key) = (tmp.cert(), tmp.key());
+    // Authentication has its own tests (tests/auth.rs); here only TLS.
     let mut broker = Child::start(&[
         "--tls-cert".as_ref(),
         cert.as_os_str(),
         "--tls-key".as_ref(),
         key.as_os_str(),
+        "--auth".as_ref(),
+        "off".as_ref(),
     ])
     .await;
     let line = broker.logged("TLS only").await;
@@ -637,6 +640,9 @@ async fn plaintext_serving_warns_loudly() {
     let mut broker = Child::start(&[]).await;
     let line = broker.logged("PLAINTEXT").await;
     assert!(line.contains("WARN"), "{line}");
-    assert!(line.contains("unencrypted and unauthenticated"), "{line}");
+    assert!(line.contains("unencrypted"), "{line}");
+    let line = broker.logged("authentication OFF").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("can call every RPC"), "{line}");
     broker.terminate().await;
 }

@@ -41,6 +41,7 @@ impl Agent for AgentApi {
         request: Request<pb::RegisterServerRequest>,
     ) -> Result<Response<pb::RegisterServerResponse>, Status> {
         let request_id = RequestId::of(&request);
+        super::auth::check_agent(&request, &request.get_ref().server_id)?;
         let (id, description) = convert::registration_from_pb(request.into_inner())?;
         let new = self.fleet.register(&id, description).await?;
         tracing::debug!(server_id = %id, new, "server registered");
@@ -55,6 +56,7 @@ impl Agent for AgentApi {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let request_id = RequestId::of(&request);
+        super::auth::check_agent(&request, &request.get_ref().server_id)?;
         let (id, report) = convert::heartbeat_from_pb(request.into_inner())?;
         self.fleet.heartbeat(&id, report)?;
         tracing::debug!(server_id = %id, "heartbeat");
@@ -69,6 +71,7 @@ impl Agent for AgentApi {
         request: Request<pb::DeregisterServerRequest>,
     ) -> Result<Response<pb::DeregisterServerResponse>, Status> {
         let request_id = RequestId::of(&request);
+        super::auth::check_agent(&request, &request.get_ref().server_id)?;
         let id = request.into_inner().server_id;
         let removed = self.fleet.deregister(&id).await?;
         tracing::debug!(server_id = %id, removed, "server deregistered");
@@ -85,6 +88,7 @@ impl Agent for AgentApi {
         &self,
         request: Request<pb::StreamInstructionsRequest>,
     ) -> Result<Response<Self::StreamInstructionsStream>, Status> {
+        super::auth::check_agent(&request, &request.get_ref().server_id)?;
         let id = request.into_inner().server_id;
         let mut instructions = self.fleet.subscribe_instructions(&id)?;
         tracing::debug!(server_id = %id, "instruction stream opened");
@@ -121,6 +125,7 @@ impl Agent for AgentApi {
         request: Request<pb::ReportInstructionResultRequest>,
     ) -> Result<Response<pb::ReportInstructionResultResponse>, Status> {
         let request_id = RequestId::of(&request);
+        super::auth::check_agent(&request, &request.get_ref().server_id)?;
         let r = request.into_inner();
         let kind = match pb::InstructionKind::try_from(r.kind) {
             Ok(pb::InstructionKind::CreateSession) => InstructionKind::Create,
@@ -154,6 +159,7 @@ impl Agent for AgentApi {
         request: Request<pb::ValidateConnectionTokenRequest>,
     ) -> Result<Response<pb::ValidateConnectionTokenResponse>, Status> {
         let request_id = RequestId::of(&request);
+        super::auth::check_agent(&request, &request.get_ref().server_id)?;
         let r = request.into_inner();
         let verdict = self.fleet.validate_connection_token(
             &r.server_id,

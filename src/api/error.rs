@@ -6,7 +6,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::fleet::FleetError;
+use crate::{auth::AuthError, fleet::FleetError};
 
 impl From<FleetError> for Status {
     fn from(err: FleetError) -> Self {
@@ -50,6 +50,26 @@ impl From<FleetError> for Status {
                 Status::unavailable(why)
             }
             FleetError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                Status::internal("internal error; see the broker's log")
+            }
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Missing(_) | AuthError::InvalidClient | AuthError::InvalidToken(_) => {
+                Status::unauthenticated(err.to_string())
+            }
+            AuthError::Forbidden(_) | AuthError::ScopeNotGranted(_) => {
+                Status::permission_denied(err.to_string())
+            }
+            AuthError::Invalid(_) => Status::invalid_argument(err.to_string()),
+            AuthError::NotFound(_) => Status::not_found(err.to_string()),
+            AuthError::Busy => Status::unavailable(err.to_string()),
+            AuthError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the broker's log")
             }

@@ -3,17 +3,20 @@
 //! back into DCV-shaped responses.
 
 pub mod agent;
+pub mod auth;
 pub mod convert;
 pub mod error;
+pub mod oauth;
 pub mod request_id;
 pub mod servers;
 pub mod sessions;
 
 pub use agent::AgentApi;
+pub use auth::{AuthLayer, OpenServices};
 pub use request_id::{RequestId, RequestSpanLayer};
 pub use servers::ServersApi;
 pub use sessions::SessionsApi;
 
-/// The identity recorded as the actor of a close until authentication
-/// exists: every caller is the same anonymous client.
+/// The identity recorded as the actor of a close when the broker runs
+/// without authentication: every caller is the same anonymous client.
 pub const ANONYMOUS_ACTOR: &str = "anonymous";

@@ -77,6 +77,7 @@ where
             method = request.uri().path(),
             request_id = %id,
             peer = peer.map(tracing::field::display),
+            client = tracing::field::Empty,
         );
         request.extensions_mut().insert(RequestId(id));
         tracing::debug!(parent: &span, "request received");

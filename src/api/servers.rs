@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{ANONYMOUS_ACTOR, RequestId, convert};
+use super::{RequestId, convert};
 use crate::{
     fleet::{CloseItem, DescribeQuery, Fleet},
     pb::{self, servers_server::Servers},
@@ -28,6 +28,7 @@ impl Servers for ServersApi {
         request: Request<pb::CloseServersRequest>,
     ) -> Result<Response<pb::CloseServersResponse>, Status> {
         let request_id = RequestId::of(&request);
+        let actor = super::auth::actor(&request);
         let servers = request.into_inner().servers;
         let items: Vec<CloseItem> = servers
             .iter()
@@ -37,7 +38,7 @@ impl Servers for ServersApi {
                 reason: s.reason.clone(),
             })
             .collect();
-        let results = self.fleet.close_servers(&items, ANONYMOUS_ACTOR).await?;
+        let results = self.fleet.close_servers(&items, &actor).await?;
         let mut response = pb::CloseServersResponse {
             request_id,
             ..Default::default()

@@ -162,26 +162,37 @@ impl ClientRate {
     }
 }
 
-/// Who a request counts against for its rate. Until authentication
-/// exists this is the peer's IP address (the auth work will make it the
-/// authenticated client id); an IPv6 peer counts as its /64 network,
-/// which one host or customer usually holds whole. Behind a proxy every
-/// request comes from the proxy's address: all of them are one client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientKey(Option<IpAddr>);
+/// Who a request counts against for its rate: the authenticated client
+/// id, or for a caller without credentials (the token endpoint, open
+/// services, a broker without authentication) the peer's IP address. An
+/// IPv6 peer counts as its /64 network, which one host or customer usually
+/// holds whole. Behind a proxy every unauthenticated request comes from
+/// the proxy's address: all of them are one client.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// An authenticated client, by its id.
+    Client(std::sync::Arc<str>),
+    /// An unauthenticated caller, by its address (a /64 for IPv6);
+    /// `None` off TCP.
+    Peer(Option<IpAddr>),
+}
 
 impl ClientKey {
-    /// The client of a request, from the connection information tonic puts
-    /// in its extensions. A request without a peer address (not over TCP)
-    /// counts against one shared "unknown" client, never against nobody.
+    /// The client of a request: its client id once authentication has
+    /// run, else its address from the connection information tonic puts
+    /// in its extensions. A request without either counts against one
+    /// shared "unknown" client, never against nobody.
     pub fn of(extensions: &http::Extensions) -> ClientKey {
+        if let Some(principal) = extensions.get::<crate::auth::Principal>() {
+            return ClientKey::Client(principal.client_id.clone());
+        }
         let ip = crate::api::request_id::peer_addr(extensions).map(|addr| addr.ip());
         ClientKey::from_ip(ip)
     }
 
     /// The client an address counts as.
     pub fn from_ip(ip: Option<IpAddr>) -> ClientKey {
-        ClientKey(ip.map(|ip| match ip.to_canonical() {
+        ClientKey::Peer(ip.map(|ip| match ip.to_canonical() {
             IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
             v4 => v4,
         }))
@@ -190,10 +201,11 @@ impl ClientKey {
 
 impl std::fmt::Display for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(IpAddr::V6(net)) => write!(f, "{net}/64"),
-            Some(ip) => write!(f, "{ip}"),
-            None => f.write_str("an unknown peer"),
+        match self {
+            ClientKey::Client(id) => write!(f, "client {id}"),
+            ClientKey::Peer(Some(IpAddr::V6(net))) => write!(f, "{net}/64"),
+            ClientKey::Peer(Some(ip)) => write!(f, "{ip}"),
+            ClientKey::Peer(None) => f.write_str("an unknown peer"),
         }
     }
 }

@@ -79,10 +79,10 @@ impl RateTable {
 
     /// Takes one of `client`'s tokens at `now`, or says how long until it
     /// has one.
-    pub fn admit(&self, client: ClientKey, now: Instant) -> Result<(), Duration> {
+    pub fn admit(&self, client: &ClientKey, now: Instant) -> Result<(), Duration> {
         let mut guard = self.state.lock();
         let state = &mut *guard;
-        let known = state.clients.contains_key(&client);
+        let known = state.clients.contains_key(client);
         if !known && state.clients.len() >= self.max_clients && now >= state.next_sweep {
             state.clients.retain(|_, full_at| *full_at > now);
             // Nothing becomes idle faster than a bucket refills; a floor
@@ -90,7 +90,7 @@ impl RateTable {
             state.next_sweep = now + self.span.max(Duration::from_secs(1));
         }
         let full_at = if known || state.clients.len() < self.max_clients {
-            state.clients.entry(client).or_insert(now)
+            state.clients.entry(client.clone()).or_insert(now)
         } else {
             &mut state.overflow
         };
@@ -177,7 +177,7 @@ where
             return Box::pin(self.inner.call(request));
         }
         let client = ClientKey::of(request.extensions());
-        let Err(wait) = shared.table.admit(client, Instant::now()) else {
+        let Err(wait) = shared.table.admit(&client, Instant::now()) else {
             return Box::pin(self.inner.call(request));
         };
         let rate = shared.table.rate;
@@ -224,27 +224,27 @@ mod tests {
         let alice = client("192.0.2.1");
         let now = Instant::now();
         for _ in 0..5 {
-            assert_eq!(table.admit(alice, now), Ok(()));
+            assert_eq!(table.admit(&alice, now), Ok(()));
         }
-        assert_eq!(table.admit(alice, now), Err(Duration::from_millis(200)));
+        assert_eq!(table.admit(&alice, now), Err(Duration::from_millis(200)));
         // Refusals cost nothing: the wait does not grow.
-        assert_eq!(table.admit(alice, now), Err(Duration::from_millis(200)));
+        assert_eq!(table.admit(&alice, now), Err(Duration::from_millis(200)));
         let later = now + Duration::from_millis(150);
-        assert_eq!(table.admit(alice, later), Err(Duration::from_millis(50)));
+        assert_eq!(table.admit(&alice, later), Err(Duration::from_millis(50)));
 
         let refilled = now + Duration::from_millis(200);
-        assert_eq!(table.admit(alice, refilled), Ok(()));
-        assert!(table.admit(alice, refilled).is_err());
+        assert_eq!(table.admit(&alice, refilled), Ok(()));
+        assert!(table.admit(&alice, refilled).is_err());
 
         // Another client has its own bucket.
-        assert_eq!(table.admit(client("192.0.2.2"), now), Ok(()));
+        assert_eq!(table.admit(&client("192.0.2.2"), now), Ok(()));
 
         // After a second of silence the bucket is full again.
         let idle = refilled + Duration::from_secs(1);
         for _ in 0..5 {
-            assert_eq!(table.admit(alice, idle), Ok(()));
+            assert_eq!(table.admit(&alice, idle), Ok(()));
         }
-        assert!(table.admit(alice, idle).is_err());
+        assert!(table.admit(&alice, idle).is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -252,21 +252,21 @@ mod tests {
         let table = RateTable::new(ClientRate::new(1, 2).unwrap(), 3);
         let now = Instant::now();
         for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
-            table.admit(client(ip), now).unwrap();
+            table.admit(&client(ip), now).unwrap();
         }
         assert_eq!(table.tracked(), 3);
 
         // Full of active clients: newcomers share the overflow bucket,
         // which is limited like any other.
-        assert_eq!(table.admit(client("198.51.100.1"), now), Ok(()));
-        assert_eq!(table.admit(client("198.51.100.2"), now), Ok(()));
-        assert!(table.admit(client("198.51.100.3"), now).is_err());
+        assert_eq!(table.admit(&client("198.51.100.1"), now), Ok(()));
+        assert_eq!(table.admit(&client("198.51.100.2"), now), Ok(()));
+        assert!(table.admit(&client("198.51.100.3"), now).is_err());
         assert_eq!(table.tracked(), 3);
 
         // Once their buckets have refilled, the old clients are forgotten
         // to make room.
         let later = now + Duration::from_secs(2);
-        assert_eq!(table.admit(client("198.51.100.3"), later), Ok(()));
+        assert_eq!(table.admit(&client("198.51.100.3"), later), Ok(()));
         assert_eq!(table.tracked(), 1);
     }
 

@@ -39,6 +39,8 @@ pub fn quiet_config() -> BrokerConfig {
             ..Limits::default()
         },
         demo_fleet: 0,
+        auth: None,
+        open_services: Default::default(),
     }
 }
 

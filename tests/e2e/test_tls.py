@@ -45,9 +45,11 @@ def tls_dir(broker_bin: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tls_broker(start_broker, tls_dir: Path):
-    """A broker serving TLS only; it must exit 0 on SIGTERM."""
+    """A broker serving TLS only (authentication off: test_auth.py covers
+    it); it must exit 0 on SIGTERM."""
     broker = start_broker(
-        "--tls-cert", str(tls_dir / "server.pem"), "--tls-key", str(tls_dir / "server-key.pem")
+        "--tls-cert", str(tls_dir / "server.pem"), "--tls-key", str(tls_dir / "server-key.pem"),
+        "--auth", "off",
     )
     yield broker
     rc = broker.stop(signal.SIGTERM)

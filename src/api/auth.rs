@@ -1,0 +1,320 @@
+//! Authentication and authorization of every gRPC call: a tower layer that
+//! finds the caller (a bearer token, or an agent's client certificate),
+//! checks the scope the method needs in one table ([`access`]), and hands
+//! the [`Principal`] to the handlers through the request's extensions.
+//!
+//! Deny by default: a method missing from the table is refused to every
+//! caller. Health and reflection stay open unless configured otherwise,
+//! because load balancers and service meshes probe them without
+//! credentials and they reveal nothing about the fleet.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tonic::{Status, body::Body, transport::server::TlsConnectInfo};
+use tower::{Layer, Service};
+
+use crate::auth::{Auth, AuthError, Principal, Scope, ScopeSet};
+
+use super::ANONYMOUS_ACTOR;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+const SERVERS: &str = "dcv.sessionmanager.v1.Servers";
+const SESSIONS: &str = "dcv.sessionmanager.v1.Sessions";
+const AGENT: &str = "dcv.sessionmanager.v1.Agent";
+
+/// What a call to a method needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Nothing: anyone may call it.
+    Open,
+    /// A valid token (or agent certificate), whatever its scopes.
+    Authenticated,
+    /// A caller holding this scope.
+    Scope(Scope),
+    /// Nobody: a method the broker does not know.
+    Denied,
+}
+
+/// Which unauthenticated services stay open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenServices {
+    /// `grpc.health.v1.Health`.
+    pub health: bool,
+    /// Server reflection, both versions.
+    pub reflection: bool,
+}
+
+impl Default for OpenServices {
+    fn default() -> Self {
+        OpenServices {
+            health: true,
+            reflection: true,
+        }
+    }
+}
+
+/// The scope each method needs: the one table of authorization.
+pub fn access(path: &str, open: OpenServices) -> Access {
+    let open_if = |yes: bool| {
+        if yes {
+            Access::Open
+        } else {
+            Access::Authenticated
+        }
+    };
+    if path == crate::api::oauth::TOKEN_PATH {
+        return Access::Open;
+    }
+    if path.starts_with("/grpc.health.v1.Health/") {
+        return open_if(open.health);
+    }
+    if path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+    {
+        return open_if(open.reflection);
+    }
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return Access::Denied;
+    };
+    let scope = match (service, method) {
+        (SERVERS, "DescribeServers") | (SESSIONS, "DescribeSessions") => Scope::Read,
+        (SERVERS, "CloseServers" | "OpenServers") => Scope::OperateServers,
+        (
+            SESSIONS,
+            "CreateSessions"
+            | "DeleteSessions"
+            | "GetSessionConnectionData"
+            | "UpdateSessionPermissions",
+        ) => Scope::ManageSessions,
+        (
+            AGENT,
+            "RegisterServer"
+            | "Heartbeat"
+            | "DeregisterServer"
+            | "StreamInstructions"
+            | "ReportInstructionResult"
+            | "ValidateConnectionToken",
+        ) => Scope::Agent,
+        _ => return Access::Denied,
+    };
+    Access::Scope(scope)
+}
+
+/// The layer that authenticates and authorizes every call.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    auth: Auth,
+    open: OpenServices,
+}
+
+impl AuthLayer {
+    /// Checks calls against `auth`'s clients, leaving `open` services open.
+    pub fn new(auth: Auth, open: OpenServices) -> AuthLayer {
+        AuthLayer {
+            shared: Arc::new(Shared { auth, open }),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] wraps around the routes.
+#[derive(Debug, Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B> Service<http::Request<B>> for Authorize<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let access = access(request.uri().path(), self.shared.open);
+        if access == Access::Open {
+            return Box::pin(self.inner.call(request));
+        }
+        match authorize(&self.shared.auth, &request, access) {
+            Ok(principal) => {
+                tracing::Span::current().record("client", &*principal.client_id);
+                request.extensions_mut().insert(principal);
+                Box::pin(self.inner.call(request))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "refused");
+                let response = Status::from(e).into_http();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+fn authorize<B>(
+    auth: &Auth,
+    request: &http::Request<B>,
+    access: Access,
+) -> Result<Principal, AuthError> {
+    let principal = match request.headers().get(http::header::AUTHORIZATION) {
+        Some(value) => {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim())
+                .ok_or_else(|| {
+                    AuthError::Missing(
+                        "the authorization header is not `Bearer <token>`".to_owned(),
+                    )
+                })?;
+            auth.authenticate(token)?
+        }
+        None => certificate_principal(request.extensions()).ok_or_else(|| {
+            AuthError::Missing(
+                "this call needs credentials: send `authorization: Bearer <token>` with a token \
+                 from POST /oauth2/token?grant_type=client_credentials"
+                    .to_owned(),
+            )
+        })?,
+    };
+    match access {
+        Access::Open | Access::Authenticated => Ok(principal),
+        Access::Scope(scope) if principal.scopes.contains(scope) => Ok(principal),
+        Access::Scope(scope) => Err(AuthError::Forbidden(format!(
+            "client {} lacks the scope {scope:?} that {} needs (it has: {})",
+            principal.client_id,
+            request.uri().path(),
+            if principal.scopes.is_empty() {
+                "none".to_owned()
+            } else {
+                principal.scopes.to_string()
+            }
+        ))),
+        Access::Denied => Err(AuthError::Forbidden(format!(
+            "{} is not a method any scope allows",
+            request.uri().path()
+        ))),
+    }
+}
+
+/// An agent authenticated by mutual TLS: its verified client certificate
+/// names the one server it acts for.
+fn certificate_principal(extensions: &http::Extensions) -> Option<Principal> {
+    let info = extensions.get::<TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    let server_id = crate::tls::agent_server_id(certs.first()?)?;
+    Some(Principal {
+        client_id: format!("mtls:{server_id}").into(),
+        scopes: ScopeSet::from(Scope::Agent),
+        server_id: Some(server_id.into()),
+    })
+}
+
+/// The caller of a request, once [`AuthLayer`] admitted it; `None` when the
+/// broker runs without authentication.
+pub fn principal<T>(request: &tonic::Request<T>) -> Option<&Principal> {
+    request.extensions().get::<Principal>()
+}
+
+/// Who is recorded as the actor of a change: the client id, or
+/// [`ANONYMOUS_ACTOR`] without authentication.
+pub fn actor<T>(request: &tonic::Request<T>) -> String {
+    principal(request).map_or_else(|| ANONYMOUS_ACTOR.to_owned(), |p| p.client_id.to_string())
+}
+
+/// Refuses an agent call about a server other than the caller's own.
+pub fn check_agent<T>(request: &tonic::Request<T>, server_id: &str) -> Result<(), Status> {
+    match principal(request) {
+        Some(p) if !p.may_act_for(server_id) => Err(AuthError::Forbidden(format!(
+            "agent {} may act only for server {:?}, not {server_id:?}",
+            p.client_id,
+            p.server_id.as_deref().unwrap_or_default()
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    /// Every method of every service in the published contract has an
+    /// entry in the table: a new RPC cannot ship without a scope.
+    #[test]
+    fn every_method_in_the_contract_needs_a_scope() {
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let mut methods = 0;
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    assert!(
+                        matches!(access(&path, OpenServices::default()), Access::Scope(_)),
+                        "{path} has no scope"
+                    );
+                    methods += 1;
+                }
+            }
+        }
+        assert_eq!(methods, 3 + 5 + 6);
+    }
+
+    #[test]
+    fn unknown_methods_are_denied_and_open_services_configurable() {
+        let open = OpenServices::default();
+        assert_eq!(
+            access("/dcv.sessionmanager.v1.Servers/Nuke", open),
+            Access::Denied
+        );
+        assert_eq!(access("/other.Service/Call", open), Access::Denied);
+        assert_eq!(access("/grpc.health.v1.Health/Check", open), Access::Open);
+        let closed = OpenServices {
+            health: false,
+            reflection: false,
+        };
+        assert_eq!(
+            access("/grpc.health.v1.Health/Check", closed),
+            Access::Authenticated
+        );
+        assert_eq!(
+            access(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                closed
+            ),
+            Access::Authenticated
+        );
+        assert_eq!(access("/oauth2/token", closed), Access::Open);
+    }
+}

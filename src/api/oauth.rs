@@ -1,0 +1,253 @@
+//! The OAuth 2.0 token endpoint (RFC 6749 §4.4, client credentials), served
+//! on the broker's own port beside gRPC, as DCV's broker does:
+//! `POST /oauth2/token?grant_type=client_credentials` with HTTP Basic
+//! authentication answers `{"access_token", "token_type", "expires_in",
+//! "scope"}`. It is plain HTTP (1.1 or 2), so curl, Python's requests and
+//! DCV's own clients can use it.
+//!
+//! tonic routes a service by the first path segment, so the endpoint is a
+//! service named `oauth2`.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use serde_json::json;
+use tonic::{body::Body, server::NamedService};
+use tower::Service;
+
+use crate::auth::{Auth, AuthError, ScopeSet};
+
+/// The token endpoint's path.
+pub const TOKEN_PATH: &str = "/oauth2/token";
+
+/// Largest form body read: a client id, a secret and a scope list fit in
+/// far less.
+const MAX_FORM_BYTES: usize = 8 * 1024;
+
+/// The token endpoint.
+#[derive(Debug, Clone)]
+pub struct TokenEndpoint {
+    auth: Auth,
+}
+
+impl TokenEndpoint {
+    /// Issues tokens for `auth`'s clients.
+    pub fn new(auth: Auth) -> TokenEndpoint {
+        TokenEndpoint { auth }
+    }
+}
+
+impl NamedService for TokenEndpoint {
+    const NAME: &'static str = "oauth2";
+}
+
+impl Service<http::Request<Body>> for TokenEndpoint {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let auth = self.auth.clone();
+        Box::pin(async move { Ok(token(&auth, request).await.unwrap_or_else(|e| e)) })
+    }
+}
+
+/// An OAuth error reply (RFC 6749 §5.2).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> http::Response<Body> {
+    let mut response = json_response(
+        status,
+        &json!({"error": error, "error_description": description}),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"dcv-broker\""),
+        );
+    }
+    response
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::new(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // Tokens must never sit in a cache (RFC 6749 §5.1).
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn token(
+    auth: &Auth,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, http::Response<Body>> {
+    let bad =
+        |description: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_request", description);
+    if request.uri().path() != TOKEN_PATH {
+        return Err(oauth_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request",
+            "the token endpoint is POST /oauth2/token",
+        ));
+    }
+    if request.method() != Method::POST {
+        let mut response = oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "the token endpoint takes POST",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Err(response);
+    }
+    let (parts, body) = request.into_parts();
+    let form = Limited::new(body, MAX_FORM_BYTES)
+        .collect()
+        .await
+        .map_err(|_| bad("the form body is unreadable or over 8 KiB"))?
+        .to_bytes();
+    // DCV's clients put grant_type in the query; RFC 6749 puts everything
+    // in the form body. Both are read; a parameter given twice is refused.
+    let mut params: Vec<(String, String)> = Vec::new();
+    for (name, value) in form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .chain(form_urlencoded::parse(&form))
+    {
+        if params.iter().any(|(n, _)| *n == name) {
+            return Err(bad(&format!("parameter {name:?} is given more than once")));
+        }
+        params.push((name.into_owned(), value.into_owned()));
+    }
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    match param("grant_type") {
+        Some("client_credentials") => {}
+        Some(other) => {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("grant_type {other:?} is not supported; use client_credentials"),
+            ));
+        }
+        None => return Err(bad("grant_type=client_credentials is missing")),
+    }
+    let basic = match parts.headers.get(header::AUTHORIZATION) {
+        Some(value) => Some(basic_credentials(value).ok_or_else(|| {
+            oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "the authorization header is not HTTP Basic with base64(client_id:client_secret)",
+            )
+        })?),
+        None => None,
+    };
+    let (id, secret) = match (basic, param("client_id"), param("client_secret")) {
+        (Some(basic), None, None) => basic,
+        (None, Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
+        (None, None, None) => {
+            return Err(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "send the client id and secret with HTTP Basic authentication",
+            ));
+        }
+        _ => {
+            return Err(bad(
+                "send the client credentials one way: HTTP Basic, or client_id and client_secret",
+            ));
+        }
+    };
+    let requested =
+        match param("scope") {
+            Some(scope) => Some(ScopeSet::parse(scope).map_err(|e| {
+                oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string())
+            })?),
+            None => None,
+        };
+    match auth.issue_token(&id, &secret, requested).await {
+        Ok(token) => {
+            tracing::info!(client = %id, scope = %token.scopes, "token issued");
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "access_token": token.access_token,
+                    "token_type": token.token_type,
+                    "expires_in": token.expires_in,
+                    "scope": token.scopes.to_string(),
+                }),
+            ))
+        }
+        Err(AuthError::InvalidClient) => {
+            tracing::info!(client = %id, "token refused: invalid client credentials");
+            Err(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "unknown client, wrong secret, or a revoked client",
+            ))
+        }
+        Err(AuthError::ScopeNotGranted(scope)) => Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            &format!("scope {scope:?} is not granted to this client"),
+        )),
+        Err(AuthError::Busy) => {
+            let mut response = oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "too many token requests at once; retry shortly",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Err(response)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "token endpoint failed");
+            Err(oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal error; see the broker's log",
+            ))
+        }
+    }
+}
+
+/// `Basic base64(client_id ":" client_secret)`, each part form-encoded
+/// (RFC 6749 §2.3.1).
+fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
+    let (scheme, encoded) = value.to_str().ok()?.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((unescape(id)?, unescape(secret)?))
+}
