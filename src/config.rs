@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::auth::ScopeSet;
+
 use crate::{
     BrokerConfig,
     fleet::{FleetConfig, PlacementStrategy},
@@ -65,6 +67,12 @@ pub struct Args {
     /// anyone who reaches the port call every RPC.
     #[arg(long, env = "DCV_BROKER_AUTH", value_enum, default_value = "auto")]
     pub auth: AuthMode,
+
+    /// The local admin socket `dcv-broker clients` talks to (default:
+    /// DIR/admin.sock under --data-dir; none with --in-memory unless
+    /// given). Whoever may open it may administer clients.
+    #[arg(long, env = "DCV_BROKER_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
 
     /// How long a token from /oauth2/token is valid. Short: a leaked token
     /// works until it expires or its client is revoked.
@@ -216,12 +224,88 @@ pub enum AuthMode {
 /// What the binary does instead of serving.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
+    /// API and agent clients: register, list, revoke. Works on a running
+    /// broker (through its admin socket) and on a stopped one (on its
+    /// store).
+    Clients {
+        /// What to do.
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
     /// TLS certificates for the broker.
     Tls {
         /// What to do.
         #[command(subcommand)]
         command: TlsCommand,
     },
+}
+
+/// `dcv-broker clients ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientsCommand {
+    /// Registers an API client (or an agent, with --server-id) and prints
+    /// its id and secret. The secret is shown once: only its argon2 hash
+    /// is stored.
+    Register {
+        /// A name to recognise it by.
+        #[arg(long)]
+        name: String,
+        /// What it may do, separated by commas or spaces: read (Describe*),
+        /// servers:operate (Close/OpenServers), sessions:manage
+        /// (Create/Delete sessions, connection data, permissions), agent.
+        #[arg(long, value_parser = scopes)]
+        scopes: ScopeSet,
+        /// For an agent: the one server id it may register and report for
+        /// (its only scope is then `agent`).
+        #[arg(long)]
+        server_id: Option<String>,
+        /// Where the broker keeps its clients.
+        #[command(flatten)]
+        location: AdminLocation,
+    },
+    /// Lists every client, revoked ones too (never their secrets).
+    List {
+        /// Where the broker keeps its clients.
+        #[command(flatten)]
+        location: AdminLocation,
+    },
+    /// Revokes a client: it gets no new tokens, and the tokens it holds
+    /// stop working at once on a running broker.
+    Revoke {
+        /// The client's id.
+        client_id: String,
+        /// Where the broker keeps its clients.
+        #[command(flatten)]
+        location: AdminLocation,
+    },
+}
+
+/// Where `dcv-broker clients` finds the registry: a running broker's admin
+/// socket, or else its store, opened directly.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminLocation {
+    /// The broker's data directory.
+    #[arg(
+        long,
+        env = "DCV_BROKER_DATA_DIR",
+        default_value = "dcv-broker-data",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// The running broker's admin socket (default: DIR/admin.sock).
+    #[arg(long, env = "DCV_BROKER_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn scopes(text: &str) -> Result<ScopeSet, String> {
+    match ScopeSet::parse(text) {
+        Ok(set) if set.is_empty() => Err(format!("give at least one scope ({})", ScopeSet::ALL)),
+        Ok(set) => Ok(set),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `dcv-broker tls ...`.
@@ -268,6 +352,15 @@ impl Args {
             return Err("--heartbeat-interval and --sweep-interval must be positive".into());
         }
         self.limits.check()
+    }
+
+    /// Where the admin socket listens, if anywhere.
+    pub fn admin_socket_path(&self) -> Option<PathBuf> {
+        match (&self.admin_socket, self.in_memory) {
+            (Some(path), _) => Some(path.clone()),
+            (None, false) => Some(self.data_dir.join(crate::admin::SOCKET_NAME)),
+            (None, true) => None,
+        }
     }
 
     /// Whether callers must authenticate.

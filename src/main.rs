@@ -6,8 +6,9 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use clap::Parser;
 use dcv_broker::{
+    admin::{self, AdminSocket},
     auth::Auth,
-    config::{Args, Command, TlsCommand},
+    config::{Args, ClientsCommand, Command, TlsCommand},
     fleet::{Fleet, persist::Store},
     serve, serve_tls,
     store::SqliteStore,
@@ -36,6 +37,9 @@ async fn run(args: Args) -> Result<(), String> {
         print!("{}", tls::init::run(init).map_err(|e| e.to_string())?);
         return Ok(());
     }
+    if let Some(Command::Clients { command }) = &args.command {
+        return clients(command).await;
+    }
     args.check()?;
     telemetry::init(args.log_format, &args.log)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -58,16 +62,13 @@ async fn run(args: Args) -> Result<(), String> {
     // send SIGTERM the moment it sees the line.
     let shutdown = shutdown_signal().map_err(|e| format!("cannot watch signals: {e}"))?;
     let mut config = args.broker_config();
+    let registry;
     let (fleet, store_failed) = if args.in_memory {
         tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
         let fleet = Fleet::new(config.fleet.clone()).map_err(|e| e.to_string())?;
-        if args.auth_enabled() {
-            config.auth = Some(
-                Auth::in_memory(args.auth_config())
-                    .await
-                    .map_err(|e| format!("authentication: {e}"))?,
-            );
-        }
+        registry = Auth::in_memory(args.auth_config())
+            .await
+            .map_err(|e| format!("authentication: {e}"))?;
         (fleet, None)
     } else {
         let started = Instant::now();
@@ -75,13 +76,9 @@ async fn run(args: Args) -> Result<(), String> {
         let (servers, sessions) = (snapshot.servers.len(), snapshot.sessions.len());
         let failed = store.failed();
         let store: Arc<dyn Store> = Arc::new(store);
-        if args.auth_enabled() {
-            config.auth = Some(
-                Auth::restore(args.auth_config(), store.clone(), &snapshot)
-                    .await
-                    .map_err(|e| format!("authentication: {e}"))?,
-            );
-        }
+        registry = Auth::restore(args.auth_config(), store.clone(), &snapshot)
+            .await
+            .map_err(|e| format!("authentication: {e}"))?;
         let fleet =
             Fleet::restore(config.fleet.clone(), store, snapshot).map_err(|e| e.to_string())?;
         tracing::info!(
@@ -93,6 +90,22 @@ async fn run(args: Args) -> Result<(), String> {
         );
         (fleet, Some(failed))
     };
+    if args.auth_enabled() {
+        config.auth = Some(registry.clone());
+    }
+    // Bound before the port is announced, so that `dcv-broker clients`
+    // works as soon as the broker is up.
+    let admin =
+        match args.admin_socket_path() {
+            Some(path) => Some(AdminSocket::bind(&path).await.map_err(|e| {
+                format!("cannot listen on the admin socket {}: {e}", path.display())
+            })?),
+            None => None,
+        };
+    let _admin_task = admin.map(|socket| {
+        tracing::info!(path = %socket.path().display(), "admin socket listening");
+        AbortOnDrop(tokio::spawn(socket.serve(registry.clone())))
+    });
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -149,6 +162,54 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
         return Err(format!("stopped: the store failed: {why}"));
     }
+    Ok(())
+}
+
+/// Stops a background task (and drops what it owns) when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `dcv-broker clients ...`: through the running broker's admin socket, or
+/// on its store.
+async fn clients(command: &ClientsCommand) -> Result<(), String> {
+    let (request, location) = match command {
+        ClientsCommand::Register {
+            name,
+            scopes,
+            server_id,
+            location,
+        } => (
+            admin::Request::Register {
+                name: name.clone(),
+                scopes: *scopes,
+                server_id: server_id.clone(),
+            },
+            location,
+        ),
+        ClientsCommand::List { location } => (admin::Request::List, location),
+        ClientsCommand::Revoke {
+            client_id,
+            location,
+        } => (
+            admin::Request::Revoke {
+                client_id: client_id.clone(),
+            },
+            location,
+        ),
+    };
+    let reply = admin::run(
+        &location.data_dir,
+        location.admin_socket.as_deref(),
+        &request,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    print!("{}", admin::render(&request, &reply, location.json));
     Ok(())
 }
 

@@ -210,7 +210,7 @@ fn authorize<B>(
         Access::Open | Access::Authenticated => Ok(principal),
         Access::Scope(scope) if principal.scopes.contains(scope) => Ok(principal),
         Access::Scope(scope) => Err(AuthError::Forbidden(format!(
-            "client {} lacks the scope {scope:?} that {} needs (it has: {})",
+            "client {} lacks the scope \"{scope}\" that {} needs (it has: {})",
             principal.client_id,
             request.uri().path(),
             if principal.scopes.is_empty() {

@@ -105,7 +105,13 @@ const QUICK_CHECK_LIMIT: i64 = 10;
 /// Opens, checks, migrates and loads the store at `path` in `dir`.
 pub(super) fn open(dir: &Path, path: &Path) -> Result<(Connection, Snapshot), StoreOpenError> {
     let existed = dir.is_dir();
-    fs::create_dir_all(dir).map_err(|source| {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    // The store holds client secrets' hashes and the token-signing key:
+    // a new directory is its owner's alone.
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| {
         if refused(&source) {
             StoreOpenError::ReadOnly {
                 path: dir.to_path_buf(),
