@@ -22,7 +22,7 @@ use dcv_broker::{
     demo,
     fleet::{
         CreateSpec, Hold, HoldKind, SessionKind, SessionState, Substate, Tag,
-        persist::{Change, Snapshot, Store as _, StoredServer, StoredSession},
+        persist::{Change, Snapshot, Store as _, StoredClient, StoredServer, StoredSession},
     },
     store::{FILE_NAME, SCHEMA_VERSION, SqliteStore, StoreFailed, StoreOpenError},
 };
@@ -897,5 +897,61 @@ fn startup_with_a_hundred_thousand_servers() {
     println!(
         "{SERVERS} servers: written in {written:?}, {:.1} MiB; open+load took {loaded:?}",
         size as f64 / f64::from(1 << 20)
+    );
+}
+
+#[tokio::test]
+async fn a_version_1_store_migrates_and_keeps_clients_and_secrets_after() {
+    let dir = TempDir::new("migrate-v1");
+    let (store, _) = open(dir.path());
+    let held = server(0, vec![closed("operator", at(1_700_000_000, 0), "kept")]);
+    put(&store, vec![Change::PutServer(held.clone())]).await;
+    store.close().unwrap();
+    // Make it a version 1 store, as a broker before authentication left it.
+    let connection = rusqlite::Connection::open(dir.path().join(FILE_NAME)).unwrap();
+    connection
+        .execute_batch("DROP TABLE clients; DROP TABLE secrets; PRAGMA user_version = 1;")
+        .unwrap();
+    connection.close().unwrap();
+
+    let (store, snapshot) = open(dir.path());
+    assert_eq!(snapshot.servers, vec![held.clone()], "the servers survive");
+    assert!(snapshot.clients.is_empty() && snapshot.secrets.is_empty());
+    let client = StoredClient {
+        id: "c1".into(),
+        name: "portal".into(),
+        secret_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        scopes: vec!["read".into(), "servers:operate".into()],
+        server_id: None,
+        created_at: at(1_700_000_001, 5),
+        revoked_at: None,
+    };
+    let agent = StoredClient {
+        id: "c2".into(),
+        server_id: Some("srv-1".into()),
+        scopes: vec!["agent".into()],
+        revoked_at: Some(at(1_700_000_002, 7)),
+        ..client.clone()
+    };
+    put(
+        &store,
+        vec![
+            Change::PutClient(client.clone()),
+            Change::PutClient(agent.clone()),
+            Change::PutSecret {
+                name: "key".into(),
+                value: vec![0, 1, 2, 255],
+            },
+        ],
+    )
+    .await;
+    store.close().unwrap();
+
+    let (_store, snapshot) = open(dir.path());
+    assert_eq!(snapshot.servers, vec![held]);
+    assert_eq!(snapshot.clients, vec![client, agent]);
+    assert_eq!(
+        snapshot.secrets,
+        vec![("key".to_owned(), vec![0, 1, 2, 255])]
     );
 }
