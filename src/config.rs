@@ -11,7 +11,7 @@ use crate::{
     BrokerConfig,
     fleet::{FleetConfig, PlacementStrategy},
     limits::{ClientRate, Limits},
-    tls::init::InitArgs,
+    tls::init::{AgentCertArgs, InitArgs},
 };
 
 /// How the broker chooses among servers that can take a session.
@@ -314,6 +314,9 @@ pub enum TlsCommand {
     /// Creates a private CA and a server certificate it signs, for a first
     /// install: ca.pem, ca-key.pem, server.pem and server-key.pem in DIR.
     Init(InitArgs),
+    /// Signs a client certificate for one agent with the CA `tls init`
+    /// made, for brokers started with --agent-ca.
+    AgentCert(AgentCertArgs),
 }
 
 impl Args {

@@ -37,6 +37,16 @@ async fn run(args: Args) -> Result<(), String> {
         print!("{}", tls::init::run(init).map_err(|e| e.to_string())?);
         return Ok(());
     }
+    if let Some(Command::Tls {
+        command: TlsCommand::AgentCert(agent),
+    }) = &args.command
+    {
+        print!(
+            "{}",
+            tls::init::run_agent_cert(agent).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
     if let Some(Command::Clients { command }) = &args.command {
         return clients(command).await;
     }

@@ -76,6 +76,17 @@ pub enum InitError {
         if .0.len() == 1 { "s" } else { "" },
         if .0.len() == 1 { "it" } else { "them" })]
     Exists(Vec<PathBuf>),
+    /// The agent's server id is not a valid one.
+    #[error("--server-id: {0}")]
+    BadServerId(String),
+    /// A file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// Certificate generation failed.
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
@@ -126,7 +137,7 @@ pub fn generate(names: &[String], days: u32) -> Result<Generated, InitError> {
         DnType::CommonName,
         format!("dcv-broker private CA {id} for {}", names[0]),
     );
-    // It signs server certificates, never other CAs.
+    // It signs server and agent certificates, never other CAs.
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -306,6 +317,116 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
     Ok(text)
 }
 
+/// `dcv-broker tls agent-cert`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentCertArgs {
+    /// The server id the agent acts for: the certificate's common name,
+    /// and the only server a broker with --agent-ca lets it register and
+    /// report for.
+    #[arg(long)]
+    pub server_id: String,
+
+    /// The directory `tls init` wrote (ca.pem and ca-key.pem are read).
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: PathBuf,
+
+    /// Directory to write agent-<ID>.pem and agent-<ID>-key.pem into
+    /// (default: the CA directory).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// How many days the certificate is valid.
+    #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+
+    /// Replace files that already exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Signs a client certificate for the agent of `server_id` with the CA
+/// `tls init` made: PEM certificate and key.
+pub fn agent_cert(
+    ca_cert: &str,
+    ca_key: &str,
+    server_id: &str,
+    days: u32,
+) -> Result<(String, String), InitError> {
+    crate::fleet::validate_server_id(server_id).map_err(InitError::BadServerId)?;
+    let ca_key = KeyPair::from_pem(ca_key)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert, &ca_key)?;
+    let now = OffsetDateTime::now_utc();
+    let mut agent = CertificateParams::default();
+    agent.distinguished_name = DistinguishedName::new();
+    agent
+        .distinguished_name
+        .push(DnType::CommonName, server_id.to_owned());
+    agent.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // A client certificate only: it cannot serve TLS as the broker.
+    agent.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    agent.use_authority_key_identifier_extension = true;
+    agent.not_before = now - CLOCK_SKEW;
+    agent.not_after = now + Duration::days(days.into());
+    let key = KeyPair::generate()?;
+    let cert = agent.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Runs `dcv-broker tls agent-cert`; returns what to print.
+pub fn run_agent_cert(args: &AgentCertArgs) -> Result<String, InitError> {
+    let read = |name: &str| {
+        let path = args.ca_dir.join(name);
+        fs::read_to_string(&path).map_err(|source| InitError::Read { path, source })
+    };
+    let (cert, key) = agent_cert(&read(CA_CERT)?, &read(CA_KEY)?, &args.server_id, args.days)?;
+    let dir = args.out.clone().unwrap_or_else(|| args.ca_dir.clone());
+    // The server id is a file name here; ids with '/' get a safe name.
+    let stem: String = args
+        .server_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let files = [
+        (dir.join(format!("agent-{stem}.pem")), cert, 0o644),
+        (dir.join(format!("agent-{stem}-key.pem")), key, 0o600),
+    ];
+    if !args.force {
+        let existing: Vec<PathBuf> = files
+            .iter()
+            .map(|(p, ..)| p.clone())
+            .filter(|p| p.exists())
+            .collect();
+        if !existing.is_empty() {
+            return Err(InitError::Exists(existing));
+        }
+    }
+    fs::create_dir_all(&dir).map_err(|source| InitError::Write {
+        path: dir.clone(),
+        source,
+    })?;
+    for (path, contents, mode) in &files {
+        write_file(path, contents, *mode, args.force).map_err(|source| InitError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(format!(
+        "dcv-broker tls agent-cert wrote:\n  {}  client certificate for server {:?}\n  {}  its private key (mode 0600)\n\n\
+         Serve with --agent-ca {}: this agent may then register and report for {:?} only, without a token.\n",
+        files[0].0.display(),
+        args.server_id,
+        files[1].0.display(),
+        args.ca_dir.join(CA_CERT).display(),
+        args.server_id,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +465,42 @@ mod tests {
         assert!(matches!(
             check_names(&names(&["", " "])),
             Err(InitError::NoNames)
+        ));
+    }
+
+    #[test]
+    fn agent_certificates_name_their_server_and_chain_to_the_ca() {
+        use tokio_rustls::rustls::{
+            RootCertStore,
+            crypto::ring::default_provider,
+            pki_types::{CertificateDer, UnixTime, pem::PemObject},
+            server::WebPkiClientVerifier,
+        };
+        let g = generate(&names(&["broker.example.com"]), 30).unwrap();
+        let (cert, _key) = agent_cert(&g.ca_cert, &g.ca_key, "srv-7", 30).unwrap();
+        let cert = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(crate::tls::agent_server_id(&cert).as_deref(), Some("srv-7"));
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(g.ca_cert.as_bytes()).unwrap())
+            .unwrap();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.into(), default_provider().into())
+                .build()
+                .unwrap();
+        verifier
+            .verify_client_cert(&cert, &[], UnixTime::now())
+            .expect("the CA signed it for client authentication");
+        // The server certificate is no client certificate.
+        let server = CertificateDer::from_pem_slice(g.server_cert.as_bytes()).unwrap();
+        assert!(
+            verifier
+                .verify_client_cert(&server, &[], UnixTime::now())
+                .is_err()
+        );
+        assert!(matches!(
+            agent_cert(&g.ca_cert, &g.ca_key, "", 30),
+            Err(InitError::BadServerId(_))
         ));
     }
 
