@@ -215,3 +215,73 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
     drop(fleet);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Page tokens and connection tokens issued before a restart still work
+/// after it: their keys are stored, not drawn per process.
+#[tokio::test]
+async fn tokens_issued_before_a_restart_still_work_after_it() {
+    let dir = std::env::temp_dir().join(format!("dcv-restart-keys-{}", uuid::Uuid::new_v4()));
+    let first_page = DescribeQuery {
+        max_results: Some(1),
+        ..DescribeQuery::default()
+    };
+    let (next_token, connection_token, second_page) = {
+        let fleet = open(&dir);
+        for i in 0..3 {
+            fleet
+                .register(&demo::server_id(i), demo::description(i))
+                .await
+                .unwrap();
+        }
+        fleet
+            .heartbeat(
+                "serverId1",
+                Heartbeat {
+                    dcv_server_healthy: true,
+                    sessions: vec![ReportedSession {
+                        id: "by-hand".into(),
+                        owner: "root".into(),
+                        kind: SessionKind::Virtual,
+                        state: SessionState::Ready,
+                    }],
+                    ..Heartbeat::default()
+                },
+            )
+            .unwrap();
+        let connection_token = fleet.connection_data("by-hand", "alice", |_| {}).unwrap();
+        let next = fleet
+            .describe_servers(&first_page, |_| {})
+            .unwrap()
+            .expect("three servers, one per page");
+        let mut second = Vec::new();
+        fleet
+            .describe_servers(
+                &DescribeQuery {
+                    next_token: next.clone(),
+                    ..first_page.clone()
+                },
+                |v| second.push(v.record.id.to_string()),
+            )
+            .unwrap();
+        (next, connection_token, second)
+    };
+    let fleet = open(&dir);
+    let mut again = Vec::new();
+    fleet
+        .describe_servers(
+            &DescribeQuery {
+                next_token,
+                ..first_page
+            },
+            |v| again.push(v.record.id.to_string()),
+        )
+        .expect("the page token survives the restart");
+    assert_eq!(again, second_page);
+    assert_eq!(
+        fleet
+            .validate_connection_token("serverId1", "by-hand", &connection_token)
+            .unwrap(),
+        Ok("alice".to_owned())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

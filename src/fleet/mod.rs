@@ -438,6 +438,36 @@ pub struct Fleet {
     store: Arc<dyn persist::Store>,
 }
 
+/// The stored secret keying page tokens.
+const PAGE_TOKEN_KEY: &str = "page-token-key/hmac-sha256";
+/// The stored secret keying connection tokens.
+const CONNECTION_TOKEN_KEY: &str = "connection-token-key/hmac-sha256";
+
+/// The key called `name` in the store, or a fresh random one, stored. Kept
+/// so that page and connection tokens survive a restart (a DCV server
+/// validating a user's connection token must not fail because the broker
+/// restarted). Not awaited: if the first start crashes before it is
+/// durable, the next start draws another, and only tokens issued in
+/// between are lost.
+fn stored_key(
+    snapshot: &persist::Snapshot,
+    name: &str,
+    store: &dyn persist::Store,
+) -> Result<[u8; 32], FleetError> {
+    if let Some((_, value)) = snapshot.secrets.iter().find(|(n, _)| n == name) {
+        return <[u8; 32]>::try_from(value.as_slice())
+            .map_err(|_| FleetError::Internal(format!("the stored {name} is not 32 bytes long")));
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key)
+        .map_err(|e| FleetError::Internal(format!("no randomness for {name}: {e}")))?;
+    drop(store.submit(vec![persist::Change::PutSecret {
+        name: name.to_owned(),
+        value: key.to_vec(),
+    }]));
+    Ok(key)
+}
+
 impl Fleet {
     /// An empty fleet that keeps nothing beyond memory.
     pub fn new(config: FleetConfig) -> Result<Self, FleetError> {
@@ -455,11 +485,15 @@ impl Fleet {
         store: Arc<dyn persist::Store>,
         snapshot: persist::Snapshot,
     ) -> Result<Self, FleetError> {
-        let tokens = PageTokens::random(config.page_token_ttl)
-            .map_err(|e| FleetError::Internal(format!("no randomness for page tokens: {e}")))?;
-        let connection_tokens = sessions::ConnectionTokens::random().map_err(|e| {
-            FleetError::Internal(format!("no randomness for connection tokens: {e}"))
-        })?;
+        let tokens = PageTokens::with_key(
+            stored_key(&snapshot, PAGE_TOKEN_KEY, &*store)?,
+            config.page_token_ttl,
+        );
+        let connection_tokens = sessions::ConnectionTokens::with_key(stored_key(
+            &snapshot,
+            CONNECTION_TOKEN_KEY,
+            &*store,
+        )?);
         let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
         let state = State::from_snapshot(snapshot, &config)?;
         Ok(Fleet {

@@ -78,6 +78,12 @@ impl PageTokens {
         Ok(PageTokens { key, ttl })
     }
 
+    /// Tokens under a given key (the stored one, so that tokens survive a
+    /// restart).
+    pub fn with_key(key: [u8; 32], ttl: Duration) -> Self {
+        PageTokens { key, ttl }
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
         <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
