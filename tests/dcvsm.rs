@@ -1,12 +1,17 @@
 //! The `dcvsm` binary against a real `dcv-broker` binary on loopback: each
 //! command, the JSON keys the broker's contract names (as grpcurl prints
-//! them), the table output, pagination, every exit code we can provoke, and
-//! the precedence of flags, environment and configuration file.
+//! them), the table output, pagination, every exit code we can provoke, the
+//! precedence of flags, environment and configuration file, and
+//! authentication against a broker with `--auth on` (and one serving TLS,
+//! where authentication is on by default): client credentials from the
+//! environment or the configuration file, `DCV_SM_OAUTH2_TOKEN`, the token
+//! cache and its renewal, refused, unscoped and revoked clients.
 
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
-    path::PathBuf,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
 };
 
@@ -19,6 +24,14 @@ const DCVSM: &str = env!("CARGO_BIN_EXE_dcvsm");
 struct Broker {
     child: Child,
     url: String,
+    /// With authentication: its admin socket and its log.
+    admin: Option<(PathBuf, PathBuf)>,
+}
+
+/// A registered API client.
+struct ApiClient {
+    id: String,
+    secret: String,
 }
 
 impl Broker {
@@ -27,12 +40,34 @@ impl Broker {
     }
 
     fn start_with(fleet: usize, extra: &[&str], scheme: &str) -> Broker {
+        Broker::spawn(fleet, extra, scheme, Stdio::null(), None)
+    }
+
+    /// A broker whose clients are registered through its admin socket
+    /// (in `dir`) and whose log is kept, to count the tokens it issues.
+    fn start_admin(dir: &Path, extra: &[&str], scheme: &str) -> Broker {
+        let socket = dir.join("admin.sock");
+        let log = dir.join("broker.log");
+        let stderr = std::fs::File::create(&log).unwrap();
+        let socket_arg = socket.to_str().unwrap().to_owned();
+        let mut args = vec!["--admin-socket", &socket_arg];
+        args.extend_from_slice(extra);
+        Broker::spawn(2, &args, scheme, stderr.into(), Some((socket, log)))
+    }
+
+    fn spawn(
+        fleet: usize,
+        extra: &[&str],
+        scheme: &str,
+        stderr: Stdio,
+        admin: Option<(PathBuf, PathBuf)>,
+    ) -> Broker {
         let mut child = Command::new(BROKER)
             .args(["--listen", "127.0.0.1:0", "--in-memory", "--demo-fleet"])
             .arg(fleet.to_string())
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -47,7 +82,57 @@ impl Broker {
         Broker {
             child,
             url: format!("{scheme}://{addr}"),
+            admin,
         }
+    }
+
+    fn clients(&self, args: &[&str]) -> Value {
+        let (socket, _) = self.admin.as_ref().expect("a broker with an admin socket");
+        let out = Command::new(BROKER)
+            .arg("clients")
+            .args(args)
+            .arg("--admin-socket")
+            .arg(socket)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn register(&self, name: &str, scopes: &str) -> ApiClient {
+        let reply = self.clients(&["register", "--name", name, "--scopes", scopes]);
+        ApiClient {
+            id: reply["client"]["client_id"].as_str().unwrap().to_owned(),
+            secret: reply["client"]["client_secret"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        }
+    }
+
+    /// How many tokens the broker has issued, from its log (written before
+    /// the token endpoint answers).
+    fn tokens_issued(&self) -> usize {
+        let (_, log) = self.admin.as_ref().expect("a broker with a log");
+        std::fs::read_to_string(log)
+            .unwrap()
+            .matches("token issued")
+            .count()
+    }
+
+    /// dcvsm against this broker with these client credentials in the
+    /// environment and `cache` as its XDG cache directory.
+    fn dcvsm_as(&self, client: &ApiClient, cache: &Path, args: &[&str]) -> Output {
+        dcvsm_cmd()
+            .env("DCV_SM_CLIENT_ID", &client.id)
+            .env("DCV_SM_CLIENT_PASSWORD", &client.secret)
+            .env("XDG_CACHE_HOME", cache)
+            .arg("--broker-url")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Runs dcvsm against this broker, with no configuration file around.
@@ -83,8 +168,17 @@ impl Drop for Broker {
 fn dcvsm_cmd() -> Command {
     let mut cmd = Command::new(DCVSM);
     let empty = scratch("empty-home");
-    cmd.env_remove("DCV_SM_BROKER_URL")
-        .env("XDG_CONFIG_HOME", &empty)
+    for var in [
+        "DCV_SM_BROKER_URL",
+        "DCV_SM_AUTH_SERVER_URL",
+        "DCV_SM_CLIENT_ID",
+        "DCV_SM_CLIENT_PASSWORD",
+        "DCV_SM_OAUTH2_TOKEN",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("XDG_CONFIG_HOME", &empty)
+        .env("XDG_CACHE_HOME", empty.join("cache"))
         .env("HOME", &empty);
     cmd
 }
@@ -93,6 +187,30 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dcvsm-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// An empty scratch directory.
+fn fresh(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The token cache files dcvsm wrote under `cache`.
+fn cache_files(cache: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(cache.join("dcvsm")) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn keys(v: &Value) -> BTreeSet<String> {
@@ -482,6 +600,12 @@ fn help_documents_exit_codes_and_completion_scripts_are_printed() {
         "255",
         "130",
         "--compat-exit-codes",
+        "--auth-server-url",
+        "DCV_SM_CLIENT_ID",
+        "DCV_SM_CLIENT_PASSWORD",
+        "DCV_SM_AUTH_SERVER_URL",
+        "DCV_SM_OAUTH2_TOKEN",
+        "80%",
     ] {
         assert!(help.contains(needle), "{needle} in {help}");
     }
@@ -587,4 +711,392 @@ fn debug_logs_the_call_on_stderr_only() {
     );
     let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["Servers"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn env_credentials_buy_a_token_that_is_cached_and_renewed_at_80_percent() {
+    let dir = fresh("auth-env");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let ops = broker.register("ops", "read,servers:operate");
+    let cache = dir.join("cache");
+
+    // No credentials: the broker's UNAUTHENTICATED is 253, with the way out.
+    let out = broker.dcvsm(&["describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    let err = stderr(&out);
+    assert!(
+        err.contains("requires authentication") && err.contains("DCV_SM_CLIENT_ID"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Credentials in the environment: a token is bought and the call works.
+    let out = broker.dcvsm_as(&ops, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["Servers"].as_array().unwrap().len(), 2);
+    assert_eq!(broker.tokens_issued(), 1);
+
+    // Cached: one private file in a private directory, without the secret,
+    // renewed after 80% of the broker's 15-minute lifetime.
+    let files = cache_files(&cache);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = &files[0];
+    assert_eq!(std::fs::metadata(file).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(cache.join("dcvsm")).unwrap().mode() & 0o777,
+        0o700
+    );
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(!text.contains(&ops.secret), "the secret is not cached");
+    let entry: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(entry["client_id"], ops.id.as_str());
+    let obtained = entry["obtained_at"].as_u64().unwrap();
+    assert_eq!(entry["expires_at"].as_u64().unwrap() - obtained, 900);
+    assert_eq!(entry["renew_after"].as_u64().unwrap() - obtained, 720);
+
+    // A second run (and a command of another scope) reuses the token.
+    let ids = server_ids_as(&broker, &ops, &cache);
+    let out = broker.dcvsm_as(&ops, &cache, &["close-servers", "--server-ids", &ids[0]]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(broker.tokens_issued(), 1, "the cached token was used");
+    assert_eq!(std::fs::read_to_string(file).unwrap(), text);
+
+    // Past 80% of its lifetime (here: renew_after in the past), a new one.
+    let mut stale = entry.clone();
+    stale["renew_after"] = (obtained - 1).into();
+    stale["obtained_at"] = (obtained - 800).into();
+    std::fs::write(file, stale.to_string()).unwrap();
+    let out = broker.dcvsm_as(&ops, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(broker.tokens_issued(), 2, "renewed");
+    let renewed = read_json(file);
+    assert!(renewed["renew_after"].as_u64().unwrap() >= obtained + 720);
+
+    // A cached token the broker refuses (a rotated key, say): dropped, a new
+    // one bought, the call made once more and succeeding.
+    let mut rotten = renewed.clone();
+    rotten["access_token"] = "not-a-token-the-broker-signed".into();
+    std::fs::write(file, rotten.to_string()).unwrap();
+    let out = broker.dcvsm_as(&ops, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(broker.tokens_issued(), 3);
+    assert_ne!(read_json(file)["access_token"], rotten["access_token"]);
+
+    // Lacking the scope: the broker's PERMISSION_DENIED is 254, naming it.
+    let out = broker.dcvsm_as(
+        &ops,
+        &cache,
+        &[
+            "create-session",
+            "--name",
+            "x",
+            "--owner",
+            "alice",
+            "--type",
+            "VIRTUAL",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(254));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("dcvsm: the broker returned PermissionDenied")
+            && err.contains("sessions:manage"),
+        "{err}"
+    );
+
+    // A wrong password: 253 in one line, even with a valid token cached
+    // (the cache entry is bound to the password that bought it).
+    let wrong = ApiClient {
+        id: ops.id.clone(),
+        secret: "wrong-password".into(),
+    };
+    let out = broker.dcvsm_as(&wrong, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("refused the credentials") && err.contains("invalid_client"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-password"), "{err}");
+    let out = broker.dcvsm_as(&ops, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "the good entry is still there");
+}
+
+#[test]
+fn secrets_and_tokens_never_reach_debug_output() {
+    let dir = fresh("auth-debug");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let ops = broker.register("ops", "read");
+    let cache = dir.join("cache");
+    for _ in 0..2 {
+        // The first run buys a token, the second takes it from the cache.
+        let out = broker.dcvsm_as(&ops, &cache, &["--debug", "describe-servers"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let err = stderr(&out);
+        let token = read_json(&cache_files(&cache)[0])["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(err.contains("token"), "{err}");
+        for secret in [ops.secret.as_str(), token.as_str()] {
+            assert!(!err.contains(secret), "a secret in {err}");
+        }
+    }
+    assert_eq!(broker.tokens_issued(), 1);
+}
+
+#[test]
+fn config_file_credentials_environment_overrides_and_a_token_as_it_is() {
+    let dir = fresh("auth-conf");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let reader = broker.register("reader", "read");
+    let operator = broker.register("operator", "read,servers:operate");
+    let cache = dir.join("cache");
+    let conf = dir.join("dcvsmcli.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[broker]\nurl = {}\n\n[authentication]\nclient-id = {}\nclient-password = {}\n",
+            broker.url, reader.id, reader.secret
+        ),
+    )
+    .unwrap();
+    let ids = server_ids_as(&broker, &reader, &cache);
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = dcvsm_cmd();
+        cmd.env("XDG_CACHE_HOME", &cache)
+            .arg("--conf")
+            .arg(&conf)
+            .args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let close = ["close-servers", "--server-ids", ids[0].as_str()];
+
+    // The file's credentials: the reader may describe, not close.
+    let out = run(&[], &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&[], &close);
+    assert_eq!(out.status.code(), Some(254), "{}", stderr(&out));
+    assert!(stderr(&out).contains("servers:operate"));
+
+    // The environment beats the file: the operator closes.
+    let operator_env = [
+        ("DCV_SM_CLIENT_ID", operator.id.as_str()),
+        ("DCV_SM_CLIENT_PASSWORD", operator.secret.as_str()),
+    ];
+    let out = run(&operator_env, &close);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(cache_files(&cache).len(), 2, "one entry per client");
+
+    // Each setting by its own precedence: the operator's id from the
+    // environment, the reader's password from the file, refused, and said so.
+    let out = run(&operator_env[..1], &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    let err = stderr(&out);
+    assert!(
+        err.contains("id from DCV_SM_CLIENT_ID, password from [authentication] client-password"),
+        "{err}"
+    );
+
+    // DCV_SM_OAUTH2_TOKEN is sent as it is: nothing bought, nothing cached,
+    // and it beats any client credentials.
+    let token = cache_files(&cache)
+        .iter()
+        .map(|f| read_json(f))
+        .find(|e| e["client_id"] == operator.id.as_str())
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let issued = broker.tokens_issued();
+    let other_cache = dir.join("other-cache");
+    let out = dcvsm_cmd()
+        .env("DCV_SM_OAUTH2_TOKEN", &token)
+        .env("DCV_SM_CLIENT_PASSWORD", "wrong")
+        .env("XDG_CACHE_HOME", &other_cache)
+        .args([
+            "--conf",
+            conf.to_str().unwrap(),
+            "open-servers",
+            "--server-ids",
+        ])
+        .arg(&ids[0])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(broker.tokens_issued(), issued);
+    assert!(cache_files(&other_cache).is_empty());
+    let out = run(&[("DCV_SM_OAUTH2_TOKEN", "garbage")], &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    assert!(
+        stderr(&out).contains("refused DCV_SM_OAUTH2_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The auth server URL: the file's (nobody there: 255), beaten by the
+    // environment, beaten by the flag; a URL without grant_type in its query
+    // gets it in the form body.
+    let with_dead_auth = dir.join("dead-auth.conf");
+    std::fs::write(
+        &with_dead_auth,
+        format!(
+            "{}auth-server-url = http://127.0.0.1:1/oauth2/token\n",
+            std::fs::read_to_string(&conf).unwrap()
+        ),
+    )
+    .unwrap();
+    let fresh_cache = dir.join("fresh-cache");
+    let auth_run = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = dcvsm_cmd();
+        cmd.env("XDG_CACHE_HOME", &fresh_cache)
+            .arg("--conf")
+            .arg(&with_dead_auth)
+            .args(args)
+            .arg("describe-servers");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = auth_run(&[], &[]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        stderr(&out).contains("cannot reach the auth server at http://127.0.0.1:1"),
+        "{}",
+        stderr(&out)
+    );
+    let good = format!("{}/oauth2/token", broker.url);
+    let out = auth_run(&[("DCV_SM_AUTH_SERVER_URL", &good)], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = auth_run(
+        &[("DCV_SM_AUTH_SERVER_URL", "http://127.0.0.1:1/x")],
+        &["--auth-server-url", &good],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = auth_run(&[], &["--auth-server-url", "ftp://nope"]);
+    assert_eq!(out.status.code(), Some(252));
+
+    // A half-given pair is a configuration error, before anything is sent.
+    let out = dcvsm_cmd()
+        .env("DCV_SM_CLIENT_ID", &reader.id)
+        .args(["--broker-url", &broker.url, "describe-servers"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(253));
+    assert!(stderr(&out).contains("no password"), "{}", stderr(&out));
+}
+
+fn server_ids_as(broker: &Broker, client: &ApiClient, cache: &Path) -> Vec<String> {
+    let out = broker.dcvsm_as(client, cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    reply["Servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["Id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_revoked_client_is_refused_with_its_cached_token_dropped() {
+    let dir = fresh("auth-revoked");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let ops = broker.register("ops", "read");
+    let cache = dir.join("cache");
+    server_ids_as(&broker, &ops, &cache);
+    assert_eq!(cache_files(&cache).len(), 1);
+
+    broker.clients(&["revoke", &ops.id]);
+    let out = broker.dcvsm_as(&ops, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&ops.id) && err.contains("revoked"),
+        "the broker's invalid_client description says why: {err}"
+    );
+    assert!(
+        cache_files(&cache).is_empty(),
+        "the refused token is dropped"
+    );
+}
+
+#[test]
+fn credentials_for_a_broker_without_authentication_are_a_configuration_error() {
+    let broker = Broker::start(1);
+    let cache = fresh("auth-off-cache");
+    let someone = ApiClient {
+        id: "someone".into(),
+        secret: "secret".into(),
+    };
+    let out = broker.dcvsm_as(&someone, &cache, &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    assert!(
+        stderr(&out).contains("without a token endpoint"),
+        "{}",
+        stderr(&out)
+    );
+    // Without credentials it answers, as before.
+    assert_eq!(broker.dcvsm(&["describe-servers"]).status.code(), Some(0));
+}
+
+#[test]
+fn over_tls_authentication_is_on_by_default_and_the_token_comes_over_https() {
+    let dir = fresh("auth-tls");
+    let init = Command::new(BROKER)
+        .args([
+            "tls",
+            "init",
+            "--force",
+            "--names",
+            "localhost,127.0.0.1",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (
+        path(dcv_broker::tls::init::SERVER_CERT),
+        path(dcv_broker::tls::init::SERVER_KEY),
+        path(dcv_broker::tls::init::CA_CERT),
+    );
+    let broker = Broker::start_admin(&dir, &["--tls-cert", &cert, "--tls-key", &key], "https");
+    let ops = broker.register("ops", "read");
+    let cache = dir.join("cache");
+
+    let out = broker.dcvsm(&["--ca-bundle", &ca, "describe-servers"]);
+    assert_eq!(out.status.code(), Some(253), "{}", stderr(&out));
+    let out = broker.dcvsm_as(&ops, &cache, &["--ca-bundle", &ca, "describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(broker.tokens_issued(), 1);
+    // The auth server on its own https:// URL trusts --ca-bundle too, and
+    // nothing else: without the bundle the broker itself is not reached.
+    let auth_url = format!("{}/oauth2/token?grant_type=client_credentials", broker.url);
+    let out = broker.dcvsm_as(
+        &ops,
+        &dir.join("cache2"),
+        &[
+            "--ca-bundle",
+            &ca,
+            "--auth-server-url",
+            &auth_url,
+            "describe-servers",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(broker.tokens_issued(), 2);
+    let out = broker.dcvsm_as(&ops, &dir.join("cache3"), &["describe-servers"]);
+    assert_eq!(out.status.code(), Some(255));
+    let out = broker.dcvsm_as(&ops, &cache, &["--no-verify-ssl", "describe-servers"]);
+    assert_eq!(out.status.code(), Some(253));
+    assert!(stderr(&out).contains("--ca-bundle"), "{}", stderr(&out));
 }

@@ -8,17 +8,27 @@
 //! descriptor set rather than a hand mapping.
 //!
 //! Settings come from, in order of precedence: flags, environment
-//! (`DCV_SM_BROKER_URL`), the configuration file (`--conf`, else
+//! (`DCV_SM_BROKER_URL`, `DCV_SM_AUTH_SERVER_URL`, `DCV_SM_CLIENT_ID`,
+//! `DCV_SM_CLIENT_PASSWORD`), the configuration file (`--conf`, else
 //! `$XDG_CONFIG_HOME/dcvsmcli.conf`, else `~/.config/dcvsmcli.conf`), defaults.
+//! The client id and password have no flags on purpose: a command line is
+//! visible to every user of the host in `ps`.
 //!
-//! TODO(auth): the broker has no authentication yet, so `DCV_SM_CLIENT_ID`,
-//! `DCV_SM_CLIENT_PASSWORD`, `DCV_SM_AUTH_SERVER_URL` and
-//! `DCV_SM_OAUTH2_TOKEN` are not read. When the broker grows OAuth 2.0, the
-//! token goes into an `authorization` metadata header on every call.
+//! Authentication ([`auth`]): `DCV_SM_OAUTH2_TOKEN` is sent as it is;
+//! otherwise a client id and password buy an OAuth 2.0 token from the auth
+//! server (the broker's own `/oauth2/token` by default), cached and renewed
+//! at 80% of its lifetime. The token goes into `authorization: Bearer` on
+//! every call; when the broker refuses a cached token, the cache entry is
+//! dropped and the call made once more with a new token. A call the broker
+//! refused as UNAUTHENTICATED changed nothing, so repeating it is safe.
+
+// A crate root file looks for its modules beside it; this one keeps them in dcvsm/.
+#[path = "dcvsm/auth.rs"]
+mod auth;
 
 use std::{
     collections::HashMap,
-    io::IsTerminal,
+    io::{IsTerminal, Write},
     path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
@@ -30,7 +40,13 @@ use dcv_broker::pb::{self, servers_client::ServersClient, sessions_client::Sessi
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::Value;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+use auth::{ClientCredentials, Credentials, Secret, Token, Tokens};
 
 /// The broker URL when neither flag, environment nor configuration names one.
 const DEFAULT_BROKER_URL: &str = "http://127.0.0.1:8443";
@@ -57,14 +73,25 @@ Exit codes:
   3    the call succeeded but UnsuccessfulList is not empty (0 with --compat-exit-codes)
   130  interrupted (Ctrl-C)
   252  a parameter value is invalid (checked before calling the broker)
-  253  the environment or configuration is invalid (e.g. an unreadable CA bundle)
-  254  the broker returned an error (a gRPC status)
-  255  anything else, e.g. the broker is unreachable
+  253  the environment, configuration or credentials are invalid: an unreadable CA bundle,
+       credentials the auth server refuses (invalid_client), a token the broker refuses
+       (UNAUTHENTICATED), or a broker that needs credentials and got none
+  254  the broker returned an error (a gRPC status, PERMISSION_DENIED when the client lacks
+       the scope a command needs), or the auth server failed (5xx)
+  255  anything else, e.g. the broker or the auth server is unreachable
 
-Settings precedence: flags > environment (DCV_SM_BROKER_URL) > configuration file > defaults.
+Settings precedence: flags > environment > configuration file > defaults.
 
-Authentication: not yet; the broker has none, so DCV_SM_CLIENT_ID, DCV_SM_CLIENT_PASSWORD,
-DCV_SM_AUTH_SERVER_URL and DCV_SM_OAUTH2_TOKEN are not read.";
+Authentication (a broker with --auth on, or serving TLS):
+  DCV_SM_CLIENT_ID, DCV_SM_CLIENT_PASSWORD  client credentials from `dcv-broker clients
+                           register`; else [authentication] client-id, client-password
+  DCV_SM_AUTH_SERVER_URL   the token endpoint (--auth-server-url; [authentication]
+                           auth-server-url); default BROKER_URL/oauth2/token?grant_type=
+                           client_credentials
+  DCV_SM_OAUTH2_TOKEN      a token to send as it is (nothing is fetched or cached)
+Tokens are cached per auth server and client in $XDG_CACHE_HOME/dcvsm/ (else
+~/.cache/dcvsm/), mode 0600, and renewed once 80% of their lifetime has passed. Secrets and
+tokens are never printed, not even with --debug.";
 
 /// Command-line client of the dcv-broker session broker.
 #[derive(Parser, Debug)]
@@ -74,8 +101,9 @@ struct Cli {
     /// Default http://127.0.0.1:8443.
     #[arg(long, global = true, env = "DCV_SM_BROKER_URL")]
     broker_url: Option<String>,
-    /// Configuration file (INI, sections [output], [security], [broker]). When absent,
-    /// $XDG_CONFIG_HOME/dcvsmcli.conf then ~/.config/dcvsmcli.conf are read if they exist.
+    /// Configuration file (INI, sections [output], [security], [authentication], [broker]).
+    /// When absent, $XDG_CONFIG_HOME/dcvsmcli.conf then ~/.config/dcvsmcli.conf are read if
+    /// they exist.
     #[arg(long, global = true)]
     conf: Option<PathBuf>,
     /// Log the calls (tracing) on stderr.
@@ -84,11 +112,16 @@ struct Cli {
     /// Output format: json (the broker's reply, as grpcurl prints it) or table. Default json.
     #[arg(long, global = true, value_enum)]
     output_format: Option<OutputFormat>,
-    /// A PEM file of the CA certificates to trust for an https:// broker.
+    /// A PEM file of the CA certificates to trust for an https:// broker and auth server.
     #[arg(long, global = true)]
     ca_bundle: Option<PathBuf>,
-    /// Skip TLS certificate verification. Not supported: rustls offers no safe way
-    /// to do it; use --ca-bundle with the broker's CA (`dcv-broker tls init` writes one).
+    /// The OAuth 2.0 token endpoint that client credentials buy tokens from.
+    /// Default: the broker's BROKER_URL/oauth2/token?grant_type=client_credentials.
+    #[arg(long, global = true, env = "DCV_SM_AUTH_SERVER_URL")]
+    auth_server_url: Option<String>,
+    /// Skip TLS certificate verification. Refused (exit 253): a client that trusts any
+    /// certificate hands its credentials and tokens to whoever answers. Use --ca-bundle
+    /// with the broker's CA instead (`dcv-broker tls init` writes one).
     #[arg(long, global = true)]
     no_verify_ssl: bool,
     /// Exit 0 even when some items are in UnsuccessfulList, like the official CLI.
@@ -255,12 +288,15 @@ enum Command {
 struct Failure {
     code: u8,
     message: String,
+    /// The broker's gRPC status code, when the failure is one.
+    status: Option<tonic::Code>,
 }
 
 fn fail(code: u8, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
+        status: None,
     }
 }
 
@@ -271,7 +307,47 @@ struct Settings {
     ca_bundle: Option<PathBuf>,
     no_verify_ssl: bool,
     debug: bool,
+    credentials: Credentials,
 }
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    fn new(token: Option<&Token>) -> Result<Bearer, Failure> {
+        let Some(token) = token else {
+            return Ok(Bearer(None));
+        };
+        let mut value = MetadataValue::try_from(format!("Bearer {}", token.value.expose()))
+            .map_err(|_| {
+                fail(
+                    exit::BAD_ENVIRONMENT,
+                    "the token is not a valid header value (printable ASCII only)",
+                )
+            })?;
+        // Keeps it out of HTTP/2 header compression tables and debug logs.
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Servers = ServersClient<InterceptedService<Channel, Bearer>>;
+type Sessions = SessionsClient<InterceptedService<Channel, Bearer>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -304,6 +380,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Not waiting for a token request still running on the blocking pool
+    // after Ctrl-C: its thread dies with the process.
+    runtime.shutdown_background();
     ExitCode::from(code)
 }
 
@@ -318,16 +397,89 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
     tracing::debug!(url = %settings.broker_url, "connecting");
     let channel = connect(&settings).await?;
-    let mut servers = ServersClient::new(channel.clone());
-    let mut sessions = SessionsClient::new(channel);
+    let tokens = Tokens::new(
+        settings.credentials.clone(),
+        settings.ca_bundle.clone(),
+        auth::Cache::from_env(),
+    );
+    let mut token = tokens.get().await?;
+    let mut renewed = false;
+    let reply = loop {
+        let bearer = Bearer::new(token.as_ref())?;
+        let servers = ServersClient::with_interceptor(channel.clone(), bearer.clone());
+        let sessions = SessionsClient::with_interceptor(channel.clone(), bearer);
+        match execute(&cli.command, servers, sessions).await {
+            Err(f) if f.status == Some(tonic::Code::Unauthenticated) => {
+                if token.as_ref().is_some_and(|t| t.cached) && !renewed {
+                    tracing::debug!("the broker refused the cached token; buying a new one");
+                    renewed = true;
+                    token = tokens.renew().await?;
+                    continue;
+                }
+                return Err(refused(tokens.credentials(), f));
+            }
+            other => break other?,
+        }
+    };
 
-    let reply = match cli.command {
+    let text = match settings.output {
+        OutputFormat::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(&reply).expect("a Value always serializes")
+        ),
+        OutputFormat::Table => table(&reply),
+    };
+    // A reader that stopped early (`| head`) is not an error worth a panic.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(fail(exit::OTHER, format!("writing the reply: {e}")));
+        }
+        _ => {}
+    }
+    let partial = reply
+        .get("UnsuccessfulList")
+        .and_then(Value::as_array)
+        .is_some_and(|l| !l.is_empty());
+    Ok(if partial && !cli.compat_exit_codes {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    })
+}
+
+/// An UNAUTHENTICATED from the broker, said in terms of the credentials
+/// that were sent (exit 253).
+fn refused(credentials: &Credentials, f: Failure) -> Failure {
+    let why = f.message;
+    let message = match credentials {
+        Credentials::None => format!(
+            "the broker requires authentication ({why}); set DCV_SM_CLIENT_ID and \
+             DCV_SM_CLIENT_PASSWORD (or client-id and client-password in [authentication] \
+             of dcvsmcli.conf), or DCV_SM_OAUTH2_TOKEN"
+        ),
+        Credentials::Token(_) => format!("the broker refused DCV_SM_OAUTH2_TOKEN ({why})"),
+        Credentials::Client(c) => format!(
+            "the broker refused the token of client {:?} ({why})",
+            c.client_id
+        ),
+    };
+    fail(exit::BAD_ENVIRONMENT, message)
+}
+
+/// Runs one command: the broker's reply as JSON. Called again, whole, when
+/// the broker refused a cached token.
+async fn execute(
+    command: &Command,
+    mut servers: Servers,
+    mut sessions: Sessions,
+) -> Result<Value, Failure> {
+    Ok(match command {
         Command::CloseServers {
             server_ids,
             force,
             reason,
         } => {
-            let servers_data = split_ids("--server-ids", &server_ids)?
+            let servers_data = split_ids("--server-ids", server_ids)?
                 .into_iter()
                 .map(|server_id| pb::CloseServerRequestData {
                     server_id,
@@ -344,7 +496,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             to_json("CloseServersResponse", &r.into_inner())?
         }
         Command::OpenServers { server_ids } => {
-            let servers_data = split_ids("--server-ids", &server_ids)?
+            let servers_data = split_ids("--server-ids", server_ids)?
                 .into_iter()
                 .map(|server_id| pb::OpenServerRequestData { server_id })
                 .collect();
@@ -364,7 +516,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             filters,
         } => {
             let server_ids = match server_ids {
-                Some(ids) => split_ids("--server-ids", &ids)?,
+                Some(ids) => split_ids("--server-ids", ids)?,
                 None => Vec::new(),
             };
             let max_results = max_results.map(check_max_results).transpose()?;
@@ -372,10 +524,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .iter()
                 .map(|f| parse_filter(f))
                 .collect::<Result<Vec<_>, _>>()?;
-            let single = no_paginate || next_token.is_some();
+            let single = *no_paginate || next_token.is_some();
             let mut request = pb::DescribeServersRequest {
                 server_ids,
-                next_token: next_token.unwrap_or_default(),
+                next_token: next_token.clone().unwrap_or_default(),
                 max_results,
                 filters,
             };
@@ -406,7 +558,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             enqueue_request,
             disable_retry_on_failure,
         } => {
-            if let Some(n) = max_concurrent_clients
+            if let Some(n) = *max_concurrent_clients
                 && !(1..=100).contains(&n)
             {
                 return Err(fail(
@@ -415,28 +567,29 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 ));
             }
             let permissions_file = match permissions_file {
-                Some(path) => read_base64("--permissions-file", &path)?,
+                Some(path) => read_base64("--permissions-file", path)?,
                 None => String::new(),
             };
             let data = pb::CreateSessionRequestData {
-                name,
-                owner,
+                name: name.clone(),
+                owner: owner.clone(),
                 r#type: match session_type {
                     SessionTypeArg::Console => pb::SessionType::Console,
                     SessionTypeArg::Virtual => pb::SessionType::Virtual,
                 } as i32,
-                init_file: init_file_path.unwrap_or_default(),
-                max_concurrent_clients,
-                dcv_gl_enabled,
+                init_file: init_file_path.clone().unwrap_or_default(),
+                max_concurrent_clients: *max_concurrent_clients,
+                dcv_gl_enabled: *dcv_gl_enabled,
                 permissions_file,
-                enqueue_request,
-                autorun_file: autorun_file.unwrap_or_default(),
+                enqueue_request: *enqueue_request,
+                autorun_file: autorun_file.clone().unwrap_or_default(),
                 autorun_file_arguments: autorun_file_arguments
+                    .as_ref()
                     .map(|a| a.split(',').map(str::to_owned).collect())
                     .unwrap_or_default(),
-                disable_retry_on_failure,
-                requirements: requirements.unwrap_or_default(),
-                storage_root: storage_root.unwrap_or_default(),
+                disable_retry_on_failure: *disable_retry_on_failure,
+                requirements: requirements.clone().unwrap_or_default(),
+                storage_root: storage_root.clone().unwrap_or_default(),
             };
             let r = sessions
                 .create_sessions(pb::CreateSessionsRequest {
@@ -454,11 +607,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             no_paginate,
         } => {
             let session_ids = match session_ids {
-                Some(ids) => split_ids("--session-ids", &ids)?,
+                Some(ids) => split_ids("--session-ids", ids)?,
                 None => Vec::new(),
             };
             let max_results = max_results.map(check_max_results).transpose()?;
             let filters = owner
+                .clone()
                 .map(|value| {
                     vec![pb::KeyValuePair {
                         key: "owner".into(),
@@ -466,12 +620,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     }]
                 })
                 .unwrap_or_default();
-            let single = no_paginate || next_token.is_some();
+            let single = *no_paginate || next_token.is_some();
             let mut request = pb::DescribeSessionsRequest {
                 session_ids,
                 filters,
                 max_results,
-                next_token: next_token.unwrap_or_default(),
+                next_token: next_token.clone().unwrap_or_default(),
             };
             paginate("Sessions", single, |token| {
                 request.next_token = token.unwrap_or_else(|| request.next_token.clone());
@@ -493,8 +647,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let r = sessions
                 .delete_sessions(pb::DeleteSessionsRequest {
                     sessions: vec![pb::DeleteSessionRequestData {
-                        session_id,
-                        owner,
+                        session_id: session_id.clone(),
+                        owner: owner.clone(),
                         force: force.then_some(true),
                     }],
                 })
@@ -505,8 +659,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::GetSessionConnectionData { session_id, user } => {
             let r = sessions
                 .get_session_connection_data(pb::GetSessionConnectionDataRequest {
-                    session_id,
-                    user,
+                    session_id: session_id.clone(),
+                    user: user.clone(),
                 })
                 .await
                 .map_err(status_failure)?;
@@ -517,12 +671,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             owner,
             permission_file,
         } => {
-            let permissions_file = read_base64("--permission-file", &permission_file)?;
+            let permissions_file = read_base64("--permission-file", permission_file)?;
             let r = sessions
                 .update_session_permissions(pb::UpdateSessionPermissionsRequest {
                     sessions: vec![pb::UpdateSessionPermissionsRequestData {
-                        session_id,
-                        owner,
+                        session_id: session_id.clone(),
+                        owner: owner.clone(),
                         permissions_file,
                     }],
                 })
@@ -531,23 +685,6 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             to_json("UpdateSessionPermissionsResponse", &r.into_inner())?
         }
         Command::Completion { .. } => unreachable!("handled before connecting"),
-    };
-
-    match settings.output {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&reply).expect("a Value always serializes")
-        ),
-        OutputFormat::Table => print!("{}", table(&reply)),
-    }
-    let partial = reply
-        .get("UnsuccessfulList")
-        .and_then(Value::as_array)
-        .is_some_and(|l| !l.is_empty());
-    Ok(if partial && !cli.compat_exit_codes {
-        exit::PARTIAL
-    } else {
-        exit::OK
     })
 }
 
@@ -578,12 +715,14 @@ fn settings(cli: &Cli) -> Result<Settings, Failure> {
             }
         },
     };
+    let broker_url = cli
+        .broker_url
+        .clone()
+        .or_else(|| get("broker", "url").cloned())
+        .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned());
+    let credentials = credentials(cli, &broker_url, &conf)?;
     Ok(Settings {
-        broker_url: cli
-            .broker_url
-            .clone()
-            .or_else(|| get("broker", "url").cloned())
-            .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned()),
+        broker_url,
         output,
         ca_bundle: cli
             .ca_bundle
@@ -591,7 +730,77 @@ fn settings(cli: &Cli) -> Result<Settings, Failure> {
             .or_else(|| get("security", "ca-bundle").map(PathBuf::from)),
         no_verify_ssl: cli.no_verify_ssl || truthy(get("security", "no-verify-ssl")),
         debug: cli.debug || truthy(get("output", "debug")),
+        credentials,
     })
+}
+
+/// A setting and where it came from (named in error messages).
+type Sourced = Option<(String, &'static str)>;
+
+/// The credentials, each by its own precedence: environment over the
+/// configuration file (`--auth-server-url` first for the URL). A token in
+/// DCV_SM_OAUTH2_TOKEN wins over a client id and password.
+fn credentials(cli: &Cli, broker_url: &str, conf: &Conf) -> Result<Credentials, Failure> {
+    let env = |name: &'static str| -> Sourced {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (v, name))
+    };
+    let file = |key: &str, source: &'static str| -> Sourced {
+        conf.get(&("authentication".to_owned(), key.to_owned()))
+            .filter(|v| !v.is_empty())
+            .map(|v| (v.clone(), source))
+    };
+    if let Some((token, _)) = env("DCV_SM_OAUTH2_TOKEN") {
+        return Ok(Credentials::Token(Secret::new(token)));
+    }
+    let id = env("DCV_SM_CLIENT_ID").or_else(|| file("client-id", "[authentication] client-id"));
+    let password = env("DCV_SM_CLIENT_PASSWORD")
+        .or_else(|| file("client-password", "[authentication] client-password"));
+    let (id, password) = match (id, password) {
+        (None, None) => return Ok(Credentials::None),
+        (Some(id), Some(password)) => (id, password),
+        (Some((_, source)), None) => {
+            return Err(fail(
+                exit::BAD_ENVIRONMENT,
+                format!(
+                    "a client id is set ({source}) but no password: set DCV_SM_CLIENT_PASSWORD \
+                     or [authentication] client-password"
+                ),
+            ));
+        }
+        (None, Some((_, source))) => {
+            return Err(fail(
+                exit::BAD_ENVIRONMENT,
+                format!(
+                    "a client password is set ({source}) but no client id: set \
+                     DCV_SM_CLIENT_ID or [authentication] client-id"
+                ),
+            ));
+        }
+    };
+    // --auth-server-url has DCV_SM_AUTH_SERVER_URL as its clap fallback.
+    let auth_url = cli
+        .auth_server_url
+        .clone()
+        .filter(|u| !u.is_empty())
+        .or_else(|| file("auth-server-url", "").map(|(u, _)| u))
+        .unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                broker_url.trim_end_matches('/'),
+                auth::TOKEN_PATH_AND_QUERY
+            )
+        });
+    auth::check_auth_url(&auth_url)?;
+    Ok(Credentials::Client(ClientCredentials {
+        auth_url,
+        client_id: id.0,
+        id_source: id.1,
+        password: Secret::new(password.0),
+        password_source: password.1,
+    }))
 }
 
 fn default_conf_path() -> Option<PathBuf> {
@@ -654,13 +863,16 @@ async fn connect(settings: &Settings) -> Result<Channel, Failure> {
             )
         })?
         .connect_timeout(Duration::from_secs(10));
+    let https_auth = matches!(&settings.credentials,
+        Credentials::Client(c) if c.auth_url.starts_with("https://"));
+    if settings.no_verify_ssl && (url.starts_with("https://") || https_auth) {
+        return Err(fail(
+            exit::BAD_ENVIRONMENT,
+            "--no-verify-ssl is not supported: a client that trusts any certificate hands its \
+             credentials to whoever answers; pass the broker's CA with --ca-bundle",
+        ));
+    }
     if url.starts_with("https://") {
-        if settings.no_verify_ssl {
-            return Err(fail(
-                exit::BAD_ENVIRONMENT,
-                "--no-verify-ssl is not supported; pass the broker's CA with --ca-bundle",
-            ));
-        }
         let tls = match &settings.ca_bundle {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -700,7 +912,8 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// A status from the broker is 254; one tonic made up from a transport
+/// A status from the broker is 254 (UNAUTHENTICATED: 253, credentials
+/// refused); one tonic made up from a transport
 /// failure (it carries the error as its source) is 255, like an unreachable
 /// broker.
 fn status_failure(status: tonic::Status) -> Failure {
@@ -713,14 +926,19 @@ fn status_failure(status: tonic::Status) -> Failure {
             ),
         );
     }
-    fail(
-        exit::BROKER_ERROR,
-        format!(
+    Failure {
+        code: if status.code() == tonic::Code::Unauthenticated {
+            exit::BAD_ENVIRONMENT
+        } else {
+            exit::BROKER_ERROR
+        },
+        message: format!(
             "the broker returned {:?}: {}",
             status.code(),
             status.message()
         ),
-    )
+        status: Some(status.code()),
+    }
 }
 
 fn split_ids(flag: &str, ids: &str) -> Result<Vec<String>, Failure> {
