@@ -1107,6 +1107,89 @@ async fn an_agent_token_acts_only_for_its_own_server() {
     assert_eq!(page.servers.len(), 1);
 }
 
+/// The next message of an instruction stream, within [`PATIENCE`].
+async fn next_on(
+    stream: &mut tonic::Streaming<pb::StreamInstructionsResponse>,
+) -> Result<Option<pb::StreamInstructionsResponse>, Status> {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("the instruction stream neither spoke nor ended")
+}
+
+#[tokio::test]
+async fn revoking_an_agent_ends_its_open_instruction_stream() {
+    let b = AuthBroker::start().await;
+    let agent_token = |server: &'static str| {
+        let b = &b;
+        async move {
+            let (id, secret) = b.client("agent", Some(server)).await;
+            (id.clone(), issue(b.broker.addr, &id, &secret).await)
+        }
+    };
+    let (revoked, revoked_token) = agent_token("srv-a").await;
+    let (_, spare_token) = agent_token("srv-a").await;
+    let (_, other_token) = agent_token("srv-b").await;
+    let (_, manager) = b.token("sessions:manage").await;
+
+    let mut agent = b.broker.agent().await;
+    let mut streams = Vec::new();
+    for (server, token) in [("srv-a", &revoked_token), ("srv-b", &other_token)] {
+        agent
+            .register_server(bearer(registration(server, "linux", 4), token))
+            .await
+            .unwrap();
+        let stream = agent
+            .stream_instructions(bearer(
+                pb::StreamInstructionsRequest {
+                    server_id: server.into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    let (mut stream_a, mut stream_b) = (streams.remove(0), streams.remove(0));
+
+    b.auth.revoke(&revoked).await.unwrap();
+    let ended = next_on(&mut stream_a).await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+
+    // The server's other agent client is not revoked: it takes srv-a out,
+    // and srv-b's stream, untouched, gets the next session.
+    agent
+        .deregister_server(bearer(
+            pb::DeregisterServerRequest {
+                server_id: "srv-a".into(),
+            },
+            &spare_token,
+        ))
+        .await
+        .unwrap();
+    let created = b
+        .broker
+        .sessions()
+        .await
+        .create_sessions(bearer(
+            create_req(vec![create_item("s1", "alice", pb::SessionType::Virtual)]),
+            &manager,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.successful_list.len(), 1, "{created:?}");
+    let next = next_on(&mut stream_b)
+        .await
+        .unwrap()
+        .expect("an instruction");
+    assert!(
+        matches!(next.instruction, Some(Instr::CreateSession(_))),
+        "{next:?}"
+    );
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
