@@ -15,6 +15,8 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
+use tokio_stream::{Stream as _, wrappers::WatchStream};
 use tonic::{Status, body::Body, transport::server::TlsConnectInfo};
 use tower::{Layer, Service};
 
@@ -166,8 +168,19 @@ where
         match authorize(&self.shared.auth, &request, access) {
             Ok(principal) => {
                 tracing::Span::current().record("client", &*principal.client_id);
+                let revocable = (request.uri().path() == INSTRUCTION_STREAM
+                    && request.headers().contains_key(http::header::AUTHORIZATION))
+                .then(|| (self.shared.auth.clone(), principal.client_id.clone()));
                 request.extensions_mut().insert(principal);
-                Box::pin(self.inner.call(request))
+                let response = self.inner.call(request);
+                match revocable {
+                    None => Box::pin(response),
+                    Some((auth, client_id)) => Box::pin(async move {
+                        Ok(response
+                            .await?
+                            .map(|body| Body::new(EndOnRevocation::new(body, auth, client_id))))
+                    }),
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "refused");
@@ -175,6 +188,66 @@ where
                 Box::pin(async move { Ok(response) })
             }
         }
+    }
+}
+
+/// The one call that outlives its authorization: an agent's instruction
+/// stream, open for hours.
+const INSTRUCTION_STREAM: &str = "/dcv.sessionmanager.v1.Agent/StreamInstructions";
+
+/// A response body that ends, with UNAUTHENTICATED, once its client is
+/// revoked: revocation ends a client's tokens at once, and so the streams
+/// they opened. (A certificate agent has no client to revoke.)
+struct EndOnRevocation {
+    inner: Body,
+    auth: Auth,
+    client_id: Arc<str>,
+    revocations: WatchStream<()>,
+    ended: bool,
+}
+
+impl EndOnRevocation {
+    fn new(inner: Body, auth: Auth, client_id: Arc<str>) -> EndOnRevocation {
+        // Yields at once, so a revocation since the call was authorized
+        // counts too.
+        let revocations = WatchStream::new(auth.revocations());
+        EndOnRevocation {
+            inner,
+            auth,
+            client_id,
+            revocations,
+            ended: false,
+        }
+    }
+}
+
+impl http_body::Body for EndOnRevocation {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        while let Poll::Ready(Some(())) = Pin::new(&mut this.revocations).poll_next(cx) {
+            if !this.auth.is_active(&this.client_id) {
+                this.ended = true;
+                tracing::info!(client = %this.client_id, "client revoked: ending its stream");
+                let mut trailers = http::HeaderMap::new();
+                Status::unauthenticated("invalid bearer token: its client was revoked")
+                    .add_header(&mut trailers)?;
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
     }
 }
 

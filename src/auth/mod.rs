@@ -23,7 +23,7 @@ use argon2::{
 };
 use base64::Engine as _;
 use parking_lot::RwLock;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 pub use scope::{Scope, ScopeSet, UnknownScope};
 pub use token::IssuedToken;
@@ -178,6 +178,9 @@ struct Inner {
     keys: token::Keys,
     store: Arc<dyn Store>,
     hashing: Semaphore,
+    /// Told of every revocation, so that calls still open (an agent's
+    /// instruction stream) can end when their client is revoked.
+    revocations: watch::Sender<()>,
     /// Verified against when the client is unknown or revoked, so that the
     /// answer takes as long as for a wrong secret.
     decoy_hash: String,
@@ -237,6 +240,7 @@ impl Auth {
                 clients: RwLock::new(clients),
                 store,
                 hashing: Semaphore::new(CONCURRENT_HASHES),
+                revocations: watch::Sender::new(()),
                 decoy_hash,
             }),
         })
@@ -348,6 +352,7 @@ impl Auth {
                 .submit(vec![Change::PutClient(client.clone())]);
             (info(client), durable)
         };
+        self.inner.revocations.send_modify(|()| {});
         durable.wait().await?;
         Ok(client)
     }
@@ -425,6 +430,20 @@ impl Auth {
                 .intersection(ScopeSet::parse_names(&client.scopes)),
             server_id: client.server_id.as_deref().map(Arc::from),
         })
+    }
+
+    /// Changes each time a client is revoked.
+    pub fn revocations(&self) -> watch::Receiver<()> {
+        self.inner.revocations.subscribe()
+    }
+
+    /// Whether `client_id` is registered and not revoked.
+    pub fn is_active(&self, client_id: &str) -> bool {
+        self.inner
+            .clients
+            .read()
+            .get(client_id)
+            .is_some_and(|c| c.revoked_at.is_none())
     }
 
     /// Runs argon2 off the async threads, at most [`CONCURRENT_HASHES`] at
