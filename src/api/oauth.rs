@@ -178,7 +178,9 @@ async fn token(
         }
     };
     let requested =
-        match param("scope") {
+        // An empty scope asks for nothing in particular: the client's
+        // default, all it was granted (RFC 6749 §3.3).
+        match param("scope").filter(|s| !s.trim().is_empty()) {
             Some(scope) => Some(ScopeSet::parse(scope).map_err(|e| {
                 oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string())
             })?),
