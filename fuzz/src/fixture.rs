@@ -53,9 +53,14 @@ pub fn registration(i: usize) -> pb::RegisterServerRequest {
     };
     let mut tags = vec![pb::KeyValuePair {
         key: "city".into(),
-        value: if i % 2 == 0 { "London" } else { "Paris" }.into(),
+        value: if i.is_multiple_of(2) {
+            "London"
+        } else {
+            "Paris"
+        }
+        .into(),
     }];
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         tags.push(pb::KeyValuePair {
             key: "gpu".into(),
             value: "true".into(),
@@ -136,7 +141,7 @@ pub fn heartbeat(i: usize) -> pb::HeartbeatRequest {
             pb::SessionType::Virtual,
             pb::SessionState::Ready,
         ));
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             sessions.push(agent_session(
                 format!("sess-{i:02}-b"),
                 "bob",
