@@ -69,7 +69,7 @@ cargo bench --bench load -- [OPTIONS]
   --no-h2load            skip the h2load runs
   --in-flight N          the broker's --max-concurrent-requests (default 0: off; the
                          binary's default is 256, below 16x64 = 1024)
-  --only NAME,...        only scenarios whose name starts with one of these
+  --only NAME,...        only these scenarios (NAME* : every name starting with NAME)
   --reps N  --warm-up-ms N  --window-ms N
   --out PATH             JSON output (default target/bench-load.json)
 ";
@@ -147,7 +147,11 @@ impl Opts {
     }
 
     fn wants(&self, name: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|p| name.starts_with(p.as_str()))
+        self.only.is_empty()
+            || self.only.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == p,
+            })
     }
 }
 
@@ -706,6 +710,9 @@ struct Figures {
     a_p99_us: f64,
     b_p99_us: f64,
     cpu: f64,
+    /// Server CPU time per request, in µs: unlike req/s, barely moved by
+    /// other work on the machine.
+    cpu_us_per_req: f64,
     errors: u64,
     first_error: Option<String>,
 }
@@ -839,6 +846,13 @@ async fn drive(opts: &Opts, load: &Load, target: &Target<'_>, fleet: usize) -> F
         p999_us: median(windows.iter().map(|w| q(&w.all, 0.999)).collect()),
         a_p99_us: median(windows.iter().map(|w| q(&w.a, 0.99)).collect()),
         b_p99_us: median(windows.iter().map(|w| q(&w.b, 0.99)).collect()),
+        cpu_us_per_req: median(
+            windows
+                .iter()
+                .zip(&cpu)
+                .map(|(w, c)| c * secs * 1e6 / (w.requests.max(1) as f64))
+                .collect(),
+        ),
         cpu: median(cpu),
         errors: windows.iter().map(|w| w.errors).sum(),
         first_error,
@@ -1041,16 +1055,17 @@ fn h2load(
         } else {
             Command::new("h2load")
         };
-        let window = opts.window.as_secs_f64();
-        let warm = opts.warm_up.as_secs_f64();
+        // h2load takes whole units: milliseconds.
+        let window = opts.window.as_millis();
+        let warm = opts.warm_up.as_millis();
         let mut child = command
             .args(["-t", "1", "-c"])
             .arg(load.connections.to_string())
             .arg("-m")
             .arg(load.per_connection.to_string())
             .arg("-D")
-            .arg(format!("{window}"))
-            .arg(format!("--warm-up-time={warm}"))
+            .arg(format!("{window}ms"))
+            .arg(format!("--warm-up-time={warm}ms"))
             .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
             .arg("-d")
             .arg(&body_file)
@@ -1101,10 +1116,11 @@ fn h2load(
             .and_then(|l| l.split(", ").nth(1))
             .and_then(|s| s.split_whitespace().next())
             .and_then(|s| s.parse().ok())
-            .unwrap_or(lat.len() as f64 / window);
+            .unwrap_or(lat.len() as f64 / opts.window.as_secs_f64());
         reps.push(Figures {
             rps,
             items_per_s: rps,
+            cpu_us_per_req: cpu * 1e6 / rps.max(1.0),
             p50_us: q(0.5),
             p99_us: q(0.99),
             p999_us: q(0.999),
@@ -1120,6 +1136,7 @@ fn h2load(
         p99_us: median(reps.iter().map(|f| f.p99_us).collect()),
         p999_us: median(reps.iter().map(|f| f.p999_us).collect()),
         cpu: median(reps.iter().map(|f| f.cpu).collect()),
+        cpu_us_per_req: median(reps.iter().map(|f| f.cpu_us_per_req).collect()),
         errors: reps.iter().map(|f| f.errors).sum(),
         ..Figures::default()
     }
@@ -1160,6 +1177,7 @@ impl Row {
                 "b": self.labels.1,
                 "b_p99_us": x.b_p99_us,
                 "server_cpu": (x.cpu * 1000.0).round() / 1000.0,
+                "server_cpu_us_per_request": (x.cpu_us_per_req * 10.0).round() / 10.0,
                 "errors": x.errors,
                 "first_error": x.first_error,
             })
@@ -1174,6 +1192,7 @@ impl Row {
             v["baseline"] = f(name, b);
             v["rps_ratio"] = ratio(self.broker.1.rps, b.rps).into();
             v["p99_ratio"] = ratio(self.broker.1.p99_us, b.p99_us).into();
+            v["cpu_per_request_ratio"] = ratio(self.broker.1.cpu_us_per_req, b.cpu_us_per_req).into();
         }
         v
     }
@@ -1188,34 +1207,26 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 fn print_header() {
+    let side = |name: &str| {
+        format!(
+            "{name:<9} {:>7} {:>9} {:>6} {:>6} {:>6} {:>4} {:>6} {:>4}",
+            "req/s", "items/s", "p50", "p99", "p999", "cpu", "us/req", "err"
+        )
+    };
     println!(
-        "{:<26} {:<6} {:>6} {:<10} {:>9} {:>10} {:>7} {:>7} {:>8} {:>5} {:>6}  {:<10} {:>9} {:>10} {:>7} {:>7} {:>8} {:>5} {:>6}",
+        "{:<24} {:<6} {:>5} {}  {}",
         "scenario",
         "gen",
         "load",
-        "baseline",
-        "req/s",
-        "items/s",
-        "p50",
-        "p99",
-        "p999",
-        "cpu",
-        "err",
-        "broker",
-        "req/s",
-        "items/s",
-        "p50",
-        "p99",
-        "p999",
-        "cpu",
-        "err",
+        side("baseline"),
+        side("server")
     );
 }
 
 fn print_row(row: &Row) {
     let cols = |name: &str, f: &Figures| {
         format!(
-            "{:<10} {:>9.0} {:>10.0} {:>7.0} {:>7.0} {:>8.0} {:>4.0}% {:>6}",
+            "{:<9} {:>7.0} {:>9.0} {:>6.0} {:>6.0} {:>6.0} {:>3.0}% {:>6.1} {:>4}",
             name,
             f.rps,
             f.items_per_s,
@@ -1223,15 +1234,16 @@ fn print_row(row: &Row) {
             f.p99_us,
             f.p999_us,
             f.cpu * 100.0,
+            f.cpu_us_per_req,
             f.errors
         )
     };
     let base = match &row.baseline {
         Some((name, f)) => cols(name, f),
-        None => format!("{:<10}", "-"),
+        None => format!("{:<9}", "-"),
     };
     let mut line = format!(
-        "{:<26} {:<6} {:>6} {base}  {}",
+        "{:<24} {:<6} {:>5} {base}  {}",
         row.name,
         row.generator,
         row.load,
@@ -1239,9 +1251,10 @@ fn print_row(row: &Row) {
     );
     if let Some((_, b)) = &row.baseline {
         line += &format!(
-            "   ratio req/s {:.2} p99 {:.2}",
+            "  ratio req/s {:.2} p99 {:.2} cpu/req {:.2}",
             ratio(row.broker.1.rps, b.rps),
-            ratio(row.broker.1.p99_us, b.p99_us)
+            ratio(row.broker.1.p99_us, b.p99_us),
+            ratio(row.broker.1.cpu_us_per_req, b.cpu_us_per_req)
         );
     }
     if !row.labels.1.is_empty() {
