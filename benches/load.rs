@@ -69,6 +69,7 @@ cargo bench --bench load -- [OPTIONS]
   --no-h2load            skip the h2load runs
   --in-flight N          the broker's --max-concurrent-requests (default 0: off; the
                          binary's default is 256, below 16x64 = 1024)
+  --broker-flags \"...\"   more dcv-broker flags for the brokers (e.g. \"--log warn\")
   --only NAME,...        only these scenarios (NAME* : every name starting with NAME)
   --reps N  --warm-up-ms N  --window-ms N
   --out PATH             JSON output (default target/bench-load.json)
@@ -84,6 +85,7 @@ struct Opts {
     pin: bool,
     h2load: bool,
     in_flight: usize,
+    broker_flags: Vec<String>,
     only: Vec<String>,
     reps: usize,
     warm_up: Duration,
@@ -107,6 +109,7 @@ impl Opts {
             pin: true,
             h2load: true,
             in_flight: 0,
+            broker_flags: Vec::new(),
             only: Vec::new(),
             reps: 3,
             warm_up: Duration::from_millis(if quick { 300 } else { 1000 }),
@@ -135,6 +138,9 @@ impl Opts {
                 "--no-pin" => o.pin = false,
                 "--no-h2load" => o.h2load = false,
                 "--in-flight" => o.in_flight = value().parse().unwrap(),
+                "--broker-flags" => {
+                    o.broker_flags = value().split_whitespace().map(String::from).collect()
+                }
                 "--only" => o.only = value().split(',').map(String::from).collect(),
                 "--reps" => o.reps = value().parse().unwrap(),
                 "--warm-up-ms" => o.warm_up = Duration::from_millis(value().parse().unwrap()),
@@ -235,6 +241,8 @@ mod child {
         store: Option<PathBuf>,
         tls: Option<PathBuf>,
         in_flight: usize,
+        /// More broker flags (after `--`).
+        extra: Vec<String>,
     }
 
     fn parse(args: &[String]) -> ChildOpts {
@@ -244,9 +252,14 @@ mod child {
             store: None,
             tls: None,
             in_flight: 0,
+            extra: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
+            if a == "--" {
+                o.extra = it.cloned().collect();
+                break;
+            }
             let v = it.next().cloned().unwrap_or_default();
             match a.as_str() {
                 "--threads" => o.threads = v.parse().unwrap(),
@@ -330,6 +343,7 @@ mod child {
                         Some(dir) => argv.extend(["--data-dir", dir.as_str()]),
                         None => argv.push("--in-memory"),
                     }
+                    argv.extend(o.extra.iter().map(String::as_str));
                     let cli = Args::try_parse_from(argv).unwrap();
                     cli.check().unwrap();
                     // Logging as the binary does it: INFO to stderr.
@@ -1192,7 +1206,8 @@ impl Row {
             v["baseline"] = f(name, b);
             v["rps_ratio"] = ratio(self.broker.1.rps, b.rps).into();
             v["p99_ratio"] = ratio(self.broker.1.p99_us, b.p99_us).into();
-            v["cpu_per_request_ratio"] = ratio(self.broker.1.cpu_us_per_req, b.cpu_us_per_req).into();
+            v["cpu_per_request_ratio"] =
+                ratio(self.broker.1.cpu_us_per_req, b.cpu_us_per_req).into();
         }
         v
     }
@@ -1311,6 +1326,13 @@ fn harness(opts: Opts) {
             .map(|s| s.to_string())
             .collect()
     };
+    // Broker processes get the extra flags after `--`.
+    let broker_args = |extra: &[&str]| -> Vec<String> {
+        let mut args = base_args(extra);
+        args.push("--".into());
+        args.extend(opts.broker_flags.iter().cloned());
+        args
+    };
 
     println!(
         "dcv-broker load benchmark: fleet {}, server threads {}, client threads {}, pinned {}, {} x {:?} windows after {:?} warm-up, medians; latency in us",
@@ -1326,7 +1348,7 @@ fn harness(opts: Opts) {
     let echo = ServerProcess::start("serve-echo", &base_args(&[]), opts.pin, log("echo"));
     let broker = ServerProcess::start(
         "serve-broker",
-        &base_args(&["--fleet", &fleet, "--in-flight", &in_flight]),
+        &broker_args(&["--fleet", &fleet, "--in-flight", &in_flight]),
         opts.pin,
         log("broker"),
     );
@@ -1486,7 +1508,7 @@ fn harness(opts: Opts) {
         let store_s = store.display().to_string();
         let durable = ServerProcess::start(
             "serve-broker",
-            &base_args(&[
+            &broker_args(&[
                 "--fleet",
                 &fleet,
                 "--in-flight",
@@ -1538,7 +1560,7 @@ fn harness(opts: Opts) {
         );
         let broker_tls = ServerProcess::start(
             "serve-broker",
-            &base_args(&[
+            &broker_args(&[
                 "--fleet",
                 &fleet,
                 "--in-flight",
@@ -1600,7 +1622,7 @@ fn harness(opts: Opts) {
         let rss_of = |n: usize| {
             let p = ServerProcess::start(
                 "serve-broker",
-                &base_args(&["--fleet", &n.to_string()]),
+                &broker_args(&["--fleet", &n.to_string()]),
                 opts.pin,
                 log(&format!("broker-memory-{n}")),
             );
