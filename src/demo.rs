@@ -232,9 +232,19 @@ pub fn heartbeat(index: usize) -> Heartbeat {
 /// out the broker's instructions. A server that was forgotten (its removal
 /// timeout passed) registers again.
 pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
+    spawn_with(fleet, count, description)
+}
+
+/// [`spawn`], with the servers described by `describe` instead of
+/// [`description`] (the load benchmark gives them more tags).
+pub fn spawn_with(
+    fleet: Fleet,
+    count: usize,
+    describe: fn(usize) -> ServerDescription,
+) -> JoinHandle<()> {
     let ids: Vec<ServerId> = (0..count).map(|i| ServerId::from(server_id(i))).collect();
     for (index, id) in ids.iter().enumerate() {
-        register(&fleet, index, id);
+        register(&fleet, index, id, describe);
     }
     let created: Created = Arc::default();
     let instructions = fleet.subscribe_instructions_many(&ids);
@@ -272,7 +282,7 @@ pub fn spawn(fleet: Fleet, count: usize) -> JoinHandle<()> {
                 );
                 for id in unknown {
                     if let Some(index) = index_of(&id) {
-                        register(&fleet, index, &id);
+                        register(&fleet, index, &id, describe);
                     }
                 }
             }
@@ -340,10 +350,10 @@ async fn execute(
     }
 }
 
-fn register(fleet: &Fleet, index: usize, id: &str) {
+fn register(fleet: &Fleet, index: usize, id: &str, describe: fn(usize) -> ServerDescription) {
     // Not waited for: the demo does not acknowledge anything to anyone.
     if let Err(err) = fleet
-        .register_nowait(id, description(index))
+        .register_nowait(id, describe(index))
         .map(|(_, durable)| drop(durable))
     {
         tracing::warn!(server_id = %id, %err, "demo server refused");

@@ -1,9 +1,13 @@
-//! Gives every request a fresh UUID v4 `RequestId` and a tracing span
-//! (method, request id, peer) that every event of the request carries.
-//! The id reaches handlers through the request's extensions, so the id in
-//! a response is the one in the broker's log.
+//! Gives every request a fresh UUID v4 `RequestId` and a DEBUG-level
+//! tracing span (method, request id, peer) that every event of the request
+//! carries when the log shows DEBUG. The id reaches handlers through the
+//! request's extensions, so the id in a response is the one in the
+//! broker's log.
 
-use std::task::{Context, Poll};
+use std::{
+    cell::Cell,
+    task::{Context, Poll},
+};
 
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
@@ -21,7 +25,7 @@ impl RequestId {
         request
             .extensions()
             .get::<RequestId>()
-            .map_or_else(Uuid::new_v4, |id| id.0)
+            .map_or_else(fresh_id, |id| id.0)
             .to_string()
     }
 }
@@ -70,9 +74,13 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let id = Uuid::new_v4();
+        let id = fresh_id();
         let peer = peer_addr(request.extensions());
-        let span = tracing::info_span!(
+        // DEBUG, like the per-request events: at INFO, tracing-subscriber's
+        // formatter built and tracked this span for every request, about a
+        // quarter of a single-item call's CPU in the load benchmark
+        // (BENCHMARKS.md). The id still reaches the response either way.
+        let span = tracing::debug_span!(
             "request",
             method = request.uri().path(),
             request_id = %id,
@@ -82,5 +90,56 @@ where
         request.extensions_mut().insert(RequestId(id));
         tracing::debug!(parent: &span, "request received");
         self.inner.call(request).instrument(span)
+    }
+}
+
+/// A fresh random (version 4) UUID. Request ids must be unique, not
+/// unguessable, so they come from a per-thread SplitMix64 stream seeded
+/// once by the OS: `Uuid::new_v4` makes a system call on every request.
+/// A stream never repeats a state, so one thread never repeats an id, and
+/// two randomly seeded streams overlapping is as unlikely as a v4
+/// collision.
+fn fresh_id() -> Uuid {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+    let (high, low) = STATE.with(|state| (splitmix(state), splitmix(state)));
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&high.to_le_bytes());
+    bytes[8..].copy_from_slice(&low.to_le_bytes());
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: the clock still tells threads and runs apart.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (nanos as u64).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// The next output of a SplitMix64 generator (Steele, Lea and Flood).
+fn splitmix(state: &Cell<u64>) -> u64 {
+    let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+    state.set(s);
+    let mut z = s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_ids_are_v4_and_distinct() {
+        let ids: std::collections::HashSet<Uuid> = (0..10_000).map(|_| fresh_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|id| id.get_version_num() == 4));
     }
 }

@@ -29,13 +29,16 @@ impl Servers for ServersApi {
     ) -> Result<Response<pb::CloseServersResponse>, Status> {
         let request_id = RequestId::of(&request);
         let actor = super::auth::actor(&request);
-        let servers = request.into_inner().servers;
-        let items: Vec<CloseItem> = servers
-            .iter()
+        // The request's strings move into the items and back into the
+        // response: no copy per item.
+        let items: Vec<CloseItem> = request
+            .into_inner()
+            .servers
+            .into_iter()
             .map(|s| CloseItem {
-                server_id: s.server_id.clone(),
+                server_id: s.server_id,
                 force: s.force.unwrap_or(false),
-                reason: s.reason.clone(),
+                reason: s.reason,
             })
             .collect();
         let results = self.fleet.close_servers(&items, &actor).await?;
@@ -43,16 +46,21 @@ impl Servers for ServersApi {
             request_id,
             ..Default::default()
         };
-        for (mut data, result) in servers.into_iter().zip(results) {
+        for (item, result) in items.into_iter().zip(results) {
             match result {
                 Ok(()) => response
                     .successful_list
                     .push(pb::CloseServerSuccessfulResponse {
-                        server_id: data.server_id,
+                        server_id: item.server_id,
                     }),
                 Err(failure) => {
-                    // Echo Force explicitly, so JSON shows what was applied.
-                    data.force = Some(data.force.unwrap_or(false));
+                    // Force is echoed explicitly, so JSON shows what was
+                    // applied.
+                    let data = pb::CloseServerRequestData {
+                        server_id: item.server_id,
+                        force: Some(item.force),
+                        reason: item.reason,
+                    };
                     response
                         .unsuccessful_list
                         .push(pb::CloseServerUnsuccessfulResponse {
@@ -76,25 +84,27 @@ impl Servers for ServersApi {
         request: Request<pb::OpenServersRequest>,
     ) -> Result<Response<pb::OpenServersResponse>, Status> {
         let request_id = RequestId::of(&request);
-        let servers = request.into_inner().servers;
-        let ids: Vec<String> = servers.iter().map(|s| s.server_id.clone()).collect();
+        let ids: Vec<String> = request
+            .into_inner()
+            .servers
+            .into_iter()
+            .map(|s| s.server_id)
+            .collect();
         let results = self.fleet.open_servers(&ids).await?;
         let mut response = pb::OpenServersResponse {
             request_id,
             ..Default::default()
         };
-        for (data, result) in servers.into_iter().zip(results) {
+        for (server_id, result) in ids.into_iter().zip(results) {
             match result {
                 Ok(()) => response
                     .successful_list
-                    .push(pb::OpenServerSuccessfulResponse {
-                        server_id: data.server_id,
-                    }),
+                    .push(pb::OpenServerSuccessfulResponse { server_id }),
                 Err(failure) => {
                     response
                         .unsuccessful_list
                         .push(pb::OpenServerUnsuccessfulResponse {
-                            open_server_request_data: Some(data),
+                            open_server_request_data: Some(pb::OpenServerRequestData { server_id }),
                             failure_code: convert::failure_code_to_pb(failure.code) as i32,
                             failure_reason: failure.reason,
                         })

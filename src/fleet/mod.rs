@@ -262,7 +262,9 @@ fn precheck_ids<'a>(
     invalid: FailureCode,
     duplicate: FailureCode,
 ) -> Vec<Option<ItemFailure>> {
-    let mut seen = HashSet::new();
+    // Sized up front: growing the set while a batch of 1,000 is checked
+    // rehashes it several times.
+    let mut seen = HashSet::with_capacity(ids.size_hint().0);
     ids.map(|id| {
         if let Err(why) = check(id) {
             Some(ItemFailure::new(invalid, format!("{field} {why}.")))
@@ -377,6 +379,13 @@ impl State {
             });
         }
         changes
+    }
+
+    /// Forgets what changed, for a store that keeps nothing.
+    fn forget_changes(&mut self) {
+        self.dirty_server_state.clear();
+        self.dirty_servers.clear();
+        self.sessions.dirty.clear();
     }
 
     fn maintenance_due(&self, now: Instant) -> bool {
@@ -538,6 +547,10 @@ impl Fleet {
     /// Submits what changed under the lock `state` comes from. Call it
     /// before the lock is released, so the store sees changes in order.
     fn commit(&self, state: &mut State) -> persist::Durable {
+        if !self.store.keeps_changes() {
+            state.forget_changes();
+            return persist::Durable::done();
+        }
         let changes = state.take_changes();
         if changes.is_empty() {
             persist::Durable::done()
@@ -693,7 +706,11 @@ impl Fleet {
     ) -> Result<Option<String>, FleetError> {
         let valid: ValidQuery = query::validate(query).map_err(FleetError::InvalidArgument)?;
         let wall = SystemTime::now();
-        let after = self.resume_after(&query.next_token, &valid.fingerprint, wall)?;
+        // Hashed only when a token is checked or issued: most queries (one
+        // page, or a few ids) need neither.
+        let fingerprint =
+            || query::query_fingerprint("servers", valid.ids.as_deref(), &query.filters);
+        let after = self.resume_after(&query.next_token, fingerprint, wall)?;
         let now = Instant::now();
         let state = self.read(now);
         let candidates = query::walk(
@@ -711,7 +728,7 @@ impl Fleet {
                 .then_some(ServerView { record, reasons })
         });
         let last = query::paginate(matching, valid.page_size, |v| v.record.id.clone(), visit);
-        Ok(last.map(|id| self.tokens.issue(&valid.fingerprint, &id, wall)))
+        Ok(last.map(|id| self.tokens.issue(&fingerprint(), &id, wall)))
     }
 
     /// Where a page starts: after the id in `token`, if the token is
@@ -719,14 +736,14 @@ impl Fleet {
     fn resume_after(
         &self,
         token: &str,
-        fingerprint: &page_token::Fingerprint,
+        fingerprint: impl FnOnce() -> page_token::Fingerprint,
         wall: SystemTime,
     ) -> Result<Option<String>, FleetError> {
         if token.is_empty() {
             return Ok(None);
         }
         self.tokens
-            .check(token, fingerprint, wall)
+            .check(token, &fingerprint(), wall)
             .map(Some)
             .map_err(|e| FleetError::invalid("NextToken", e.to_string()))
     }

@@ -152,6 +152,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Queues `changes` (applied in submission order, each submission
     /// atomically) and returns what resolves once they are durable.
     fn submit(&self, changes: Vec<Change>) -> Durable;
+
+    /// Whether submissions are kept at all. A store that keeps nothing
+    /// spares the fleet building them: copies of every changed record,
+    /// under the write lock, on every write.
+    fn keeps_changes(&self) -> bool {
+        true
+    }
 }
 
 /// Resolves when a submission is durable.
@@ -194,6 +201,10 @@ pub struct MemoryStore;
 impl Store for MemoryStore {
     fn submit(&self, _changes: Vec<Change>) -> Durable {
         Durable::done()
+    }
+
+    fn keeps_changes(&self) -> bool {
+        false
     }
 }
 

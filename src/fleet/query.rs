@@ -184,8 +184,6 @@ pub struct ValidQuery {
     pub page_size: usize,
     /// Filters.
     pub filters: Filters,
-    /// What page tokens are bound to.
-    pub fingerprint: super::page_token::Fingerprint,
 }
 
 /// The page size a request asks for, `MaxResults` 1 to 1000 or the
@@ -254,8 +252,8 @@ pub fn query_fingerprint(
     )
 }
 
-/// Validates a query (the token is checked separately, against the
-/// fingerprint computed here).
+/// Validates a query (the token is checked separately, against
+/// [`query_fingerprint`]).
 pub fn validate(query: &DescribeQuery) -> Result<ValidQuery, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     let page_size = page_size(query.max_results, &mut violations);
@@ -269,12 +267,10 @@ pub fn validate(query: &DescribeQuery) -> Result<ValidQuery, Vec<FieldViolation>
     if !violations.is_empty() {
         return Err(violations);
     }
-    let fingerprint = query_fingerprint("servers", ids.as_deref(), &query.filters);
     Ok(ValidQuery {
         ids,
         page_size,
         filters,
-        fingerprint,
     })
 }
 

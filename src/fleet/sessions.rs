@@ -1635,9 +1635,9 @@ impl Fleet {
         if !violations.is_empty() {
             return Err(FleetError::InvalidArgument(violations));
         }
-        let fingerprint = query::query_fingerprint("sessions", ids.as_deref(), &query.filters);
+        let fingerprint = || query::query_fingerprint("sessions", ids.as_deref(), &query.filters);
         let wall = SystemTime::now();
-        let after = self.resume_after(&query.next_token, &fingerprint, wall)?;
+        let after = self.resume_after(&query.next_token, fingerprint, wall)?;
         let now = Instant::now();
         let state = self.read(now);
         let records = query::walk(
@@ -1652,7 +1652,7 @@ impl Fleet {
             })
             .filter(|view| filters.matches(|p| session_matches(p, view)));
         let last = query::paginate(matching, page_size, |v| v.record.id.clone(), visit);
-        Ok(last.map(|id| self.tokens.issue(&fingerprint, &id, wall)))
+        Ok(last.map(|id| self.tokens.issue(&fingerprint(), &id, wall)))
     }
 
     /// A READY session's view (to `visit`) and a connection token for
