@@ -955,3 +955,27 @@ async fn a_version_1_store_migrates_and_keeps_clients_and_secrets_after() {
         vec![("key".to_owned(), vec![0, 1, 2, 255])]
     );
 }
+
+/// The store holds secrets' hashes and signing keys: whatever mode the file
+/// had (an older build's 0644), an open leaves it its owner's alone.
+#[cfg(unix)]
+#[tokio::test]
+async fn an_opened_store_file_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("private");
+    let data = dir.path().join("data");
+    let (store, _) = open(&data);
+    put(&store, vec![Change::PutServer(server(0, Vec::new()))]).await;
+    store.close().unwrap();
+    let dir_mode = fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        dir_mode, 0o700,
+        "a new data directory is private: {dir_mode:o}"
+    );
+    let file = data.join(FILE_NAME);
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let (_store, snapshot) = open(&data);
+    assert_eq!(snapshot.servers.len(), 1);
+    let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}

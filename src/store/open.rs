@@ -168,7 +168,14 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Connection, Snapshot), St
         .map_err(fail)?;
 
     match prepare(&mut connection, dir, path) {
-        Ok(snapshot) => Ok((connection, snapshot)),
+        Ok(snapshot) => {
+            // It holds client secrets' hashes and the token-signing keys:
+            // its owner's alone, even in a directory others may read (one
+            // an older build made). SQLite gives a new log the file's mode.
+            restrict(path);
+            restrict(&wal);
+            Ok((connection, snapshot))
+        }
         Err(e) => {
             // Reading a store in WAL mode creates its write-ahead log, and
             // SQLite creates it only once it holds the file's exclusive
@@ -231,6 +238,28 @@ fn prepare(
 /// Makes a newly created directory's entry durable (best effort: a
 /// failure here only matters if the machine also loses power before the
 /// file system flushes on its own).
+/// Takes group and other permissions off a store file, if it has any.
+fn restrict(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let Ok(meta) = fs::metadata(path) else {
+            return;
+        };
+        if meta.permissions().mode() & 0o077 != 0
+            && let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot make the store file private (mode 0600); it holds secrets' hashes and signing keys"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 fn sync_parent(dir: &Path) {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
