@@ -290,9 +290,6 @@ async fn through_socket(stream: UnixStream, request: &Request) -> Result<Value, 
 }
 
 async fn offline(data_dir: &Path, request: &Request) -> Result<Value, AdminError> {
-    if !data_dir.join(crate::store::FILE_NAME).exists() && *request != Request::List {
-        tracing::info!(dir = %data_dir.display(), "creating a new store for the client registry");
-    }
     let dir = data_dir.to_path_buf();
     let (store, snapshot) = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
         .await

@@ -73,12 +73,10 @@ pub fn access(path: &str, open: OpenServices) -> Access {
     if path == crate::api::oauth::TOKEN_PATH {
         return Access::Open;
     }
-    if path.starts_with("/grpc.health.v1.Health/") {
+    if crate::limits::is_health(path) {
         return open_if(open.health);
     }
-    if path.starts_with("/grpc.reflection.v1.ServerReflection/")
-        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
-    {
+    if crate::limits::is_reflection(path) {
         return open_if(open.reflection);
     }
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {

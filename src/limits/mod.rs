@@ -211,13 +211,13 @@ impl std::fmt::Display for ClientKey {
 }
 
 /// Health checks: never shed, never rate limited, so probes see the truth.
-fn is_health(path: &str) -> bool {
+pub(crate) fn is_health(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
 }
 
 /// Reflection: grpcurl asks for it before every call, so it is not
 /// counted against a client's rate.
-fn is_reflection(path: &str) -> bool {
+pub(crate) fn is_reflection(path: &str) -> bool {
     path.starts_with("/grpc.reflection.v1.ServerReflection/")
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
