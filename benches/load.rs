@@ -12,6 +12,10 @@
 //! runtime settings, pinned to one core; the load generator runs pinned to
 //! the other core and drives echo then broker for each scenario, so each
 //! ratio compares two figures taken a few seconds apart.
+//! The `tls` scenario adds a broker with `--auth on`: it registers a client
+//! for the generator and hands the parent its bearer token on the line
+//! that announces the port, and the run stops unless it refuses a call
+//! without the token.
 //!
 //! Generators: a tonic client (C connections x M requests in flight, a
 //! warm-up, then R windows; latency in an HDR histogram) for every
@@ -33,6 +37,7 @@ use std::{
 use clap::Parser as _;
 use dcv_broker::{
     api::{ServersApi, SessionsApi},
+    auth::{Auth, Scope, ScopeSet},
     config::Args,
     demo,
     fleet::{Fleet, FleetConfig, ServerDescription, Tag},
@@ -51,7 +56,8 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tonic::{
-    Request, Response, Status,
+    Code, Request, Response, Status,
+    metadata::AsciiMetadataValue,
     transport::{Certificate, Channel, ClientTlsConfig, Server, server::TcpIncoming},
 };
 
@@ -310,7 +316,7 @@ mod child {
                                 .max_encoding_message_size(64 << 20),
                         )
                         .add_service(SessionsServer::new(echo));
-                    announce(addr, Duration::ZERO);
+                    announce(addr, Duration::ZERO, None);
                     match tls {
                         None => router
                             .serve_with_incoming_shutdown(
@@ -348,7 +354,20 @@ mod child {
                     cli.check().unwrap();
                     // Logging as the binary does it: INFO to stderr.
                     telemetry::init(cli.log_format, &cli.log).unwrap();
-                    let config = cli.broker_config();
+                    let mut config = cli.broker_config();
+                    // Authentication when the flags turn it on, as the
+                    // binary does (`--tls` here is not the binary's
+                    // --tls-cert, so `--auth auto` leaves it off): one
+                    // client for the load generator, and a token for it,
+                    // announced with the port. In memory whatever the
+                    // store: the client lives as long as this process.
+                    if cli.auth_enabled() {
+                        config.auth = Some(Auth::in_memory(cli.auth_config()).await.unwrap());
+                    }
+                    let token = match &config.auth {
+                        None => None,
+                        Some(auth) => Some(bench_token(auth).await),
+                    };
                     let fleet = match &o.store {
                         None => Fleet::new(config.fleet.clone()).unwrap(),
                         Some(dir) => {
@@ -369,7 +388,7 @@ mod child {
                     } else {
                         None
                     };
-                    announce(addr, started.elapsed());
+                    announce(addr, started.elapsed(), token.as_deref());
                     match tls {
                         None => serve(listener, fleet, config, stop).await.unwrap(),
                         Some(tls) => serve_tls(listener, fleet, config, tls, stop).await.unwrap(),
@@ -387,9 +406,26 @@ mod child {
         }
     }
 
-    fn announce(addr: SocketAddr, setup: Duration) {
+    /// Registers the load generator's client, with every scope its
+    /// requests need, and issues it a token (valid for the broker's
+    /// --token-ttl, which the harness sets to outlast the run).
+    async fn bench_token(auth: &Auth) -> String {
+        let scopes = ScopeSet::from(Scope::Read) | Scope::OperateServers | Scope::ManageSessions;
+        let client = auth.register("load-bench", scopes, None).await.unwrap();
+        auth.issue_token(&client.client.id, &client.secret, None)
+            .await
+            .unwrap()
+            .access_token
+    }
+
+    /// The line the parent waits for: `ready ADDR SETUP_SECONDS [TOKEN]`.
+    fn announce(addr: SocketAddr, setup: Duration, token: Option<&str>) {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "ready {addr} {:.3}", setup.as_secs_f64()).unwrap();
+        write!(out, "ready {addr} {:.3}", setup.as_secs_f64()).unwrap();
+        if let Some(token) = token {
+            write!(out, " {token}").unwrap();
+        }
+        writeln!(out).unwrap();
         out.flush().unwrap();
     }
 
@@ -577,6 +613,9 @@ struct ServerProcess {
     child: Child,
     addr: SocketAddr,
     setup: f64,
+    /// A broker with authentication on: the bearer token it issued the
+    /// load generator.
+    token: Option<String>,
     log: PathBuf,
 }
 
@@ -610,6 +649,7 @@ impl ServerProcess {
             child,
             addr: addr.parse().unwrap(),
             setup: setup.parse().unwrap(),
+            token: words.next().map(String::from),
             log,
         }
     }
@@ -757,7 +797,51 @@ fn plain(server: &ServerProcess) -> Target<'_> {
     }
 }
 
-async fn connect(target: &Target<'_>) -> Channel {
+fn over_tls<'a>(server: &'a ServerProcess, ca: &'a str) -> Target<'a> {
+    Target {
+        server,
+        tls_ca: Some(ca),
+    }
+}
+
+/// The `authorization` metadata of a broker that wants a token, parsed
+/// once and cloned into each request. Per request rather than a tonic
+/// interceptor, so that requests to a server without a token are built
+/// exactly as before.
+#[derive(Clone, Default)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl Bearer {
+    fn of(server: &ServerProcess) -> Bearer {
+        Bearer(
+            server
+                .token
+                .as_ref()
+                .map(|token| format!("Bearer {token}").parse().unwrap()),
+        )
+    }
+
+    /// `message` as a request, with the token if there is one.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
+    }
+}
+
+/// A connection of the load generator: the channel, and the credentials
+/// its requests carry.
+#[derive(Clone)]
+struct Connection {
+    channel: Channel,
+    bearer: Bearer,
+}
+
+async fn connect(target: &Target<'_>) -> Connection {
     let endpoint = match target.tls_ca {
         None => Channel::from_shared(format!("http://{}", target.server.addr)).unwrap(),
         Some(ca) => Channel::from_shared(format!("https://{}", target.server.addr))
@@ -769,16 +853,48 @@ async fn connect(target: &Target<'_>) -> Channel {
             )
             .unwrap(),
     };
-    endpoint.tcp_nodelay(true).connect().await.unwrap()
+    Connection {
+        channel: endpoint.tcp_nodelay(true).connect().await.unwrap(),
+        bearer: Bearer::of(target.server),
+    }
+}
+
+/// Panics unless `target` refuses a call without its token and admits one
+/// with it: a broker that let anonymous calls through (or refused the
+/// generator's token) would report a meaningless figure.
+async fn check_auth_enforced(target: &Target<'_>) {
+    let Connection { channel, bearer } = connect(target).await;
+    assert!(bearer.0.is_some(), "{} issued no token", target.server.addr);
+    let mut servers = ServersClient::new(channel);
+    let describe = || pb::DescribeServersRequest {
+        server_ids: vec![demo::server_id(1)],
+        ..Default::default()
+    };
+    match servers.describe_servers(describe()).await.map(drop) {
+        Err(s) if s.code() == Code::Unauthenticated => {}
+        other => panic!(
+            "{} answered a call without a token with {other:?}, not UNAUTHENTICATED: \
+             authentication is not enforced; see {}",
+            target.server.addr,
+            target.server.log.display()
+        ),
+    }
+    if let Err(s) = servers.describe_servers(bearer.request(describe())).await {
+        panic!(
+            "{} refused the generator's token: {s:?}; see {}",
+            target.server.addr,
+            target.server.log.display()
+        );
+    }
 }
 
 type Shared = Arc<Mutex<(Vec<Window>, Option<String>)>>;
 
 /// Runs one load against one server with the tonic generator.
 async fn drive(opts: &Opts, load: &Load, target: &Target<'_>, fleet: usize) -> Figures {
-    let mut channels = Vec::new();
+    let mut connections = Vec::new();
     for _ in 0..load.connections {
-        channels.push(connect(target).await);
+        connections.push(connect(target).await);
     }
     let tasks = load.connections * load.per_connection;
     let ids = server_ids(fleet);
@@ -821,12 +937,12 @@ async fn drive(opts: &Opts, load: &Load, target: &Target<'_>, fleet: usize) -> F
     };
     let mut handles = Vec::new();
     for t in 0..tasks {
-        let channel = channels[t % channels.len()].clone();
+        let connection = connections[t % connections.len()].clone();
         let ids = ids.clone();
         let record = record.clone();
         let op = load.op;
         handles.push(tokio::spawn(async move {
-            run_task(op, t, tasks, channel, ids, end, record).await;
+            run_task(op, t, tasks, connection, ids, end, record).await;
         }));
     }
     // Server CPU at each window boundary.
@@ -878,11 +994,12 @@ async fn run_task(
     op: Op,
     t: usize,
     tasks: usize,
-    channel: Channel,
+    connection: Connection,
     ids: Arc<Vec<String>>,
     end: Instant,
     record: impl Fn(Instant, bool, usize, Result<(), String>),
 ) {
+    let Connection { channel, bearer } = connection;
     let mut servers = ServersClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     let mut sessions = SessionsClient::new(channel);
     let fleet = ids.len();
@@ -913,25 +1030,25 @@ async fn run_task(
         };
         let result: Result<(), String> = match op {
             Op::Describe(0) => servers
-                .describe_servers(pb::DescribeServersRequest {
+                .describe_servers(bearer.request(pb::DescribeServersRequest {
                     max_results: Some(1000),
                     ..Default::default()
-                })
+                }))
                 .await
                 .map(drop)
                 .map_err(status),
             Op::Describe(1) => servers
-                .describe_servers(describe_one(k))
+                .describe_servers(bearer.request(describe_one(k)))
                 .await
                 .map(drop)
                 .map_err(status),
             Op::Describe(n) => {
                 let from = (next() as usize) % (fleet - n + 1);
                 servers
-                    .describe_servers(pb::DescribeServersRequest {
+                    .describe_servers(bearer.request(pb::DescribeServersRequest {
                         server_ids: ids[from..from + n].to_vec(),
                         ..Default::default()
-                    })
+                    }))
                     .await
                     .map(drop)
                     .map_err(status)
@@ -943,7 +1060,7 @@ async fn run_task(
                 } else {
                     mine.clone()
                 };
-                close_or_open(&mut servers, &ids, &batch, which).await
+                close_or_open(&mut servers, &bearer, &ids, &batch, which).await
             }
             Op::Mixed => {
                 if next() % 10 == 0 {
@@ -951,16 +1068,19 @@ async fn run_task(
                     let i = mine[(writes as usize / 2) % mine.len()];
                     let open = writes % 2 == 1;
                     writes += 1;
-                    close_or_open(&mut servers, &ids, &[i], open).await
+                    close_or_open(&mut servers, &bearer, &ids, &[i], open).await
                 } else {
                     servers
-                        .describe_servers(describe_one(k))
+                        .describe_servers(bearer.request(describe_one(k)))
                         .await
                         .map(drop)
                         .map_err(status)
                 }
             }
-            Op::Sessions => match sessions.create_sessions(create_request(t, k)).await {
+            Op::Sessions => match sessions
+                .create_sessions(bearer.request(create_request(t, k)))
+                .await
+            {
                 Err(s) => Err(status(s)),
                 Ok(reply) => match reply.into_inner().successful_list.first() {
                     None => Err("CreateSessions: no session created".into()),
@@ -969,7 +1089,7 @@ async fn run_task(
                         let id = session.id.clone();
                         let started = Instant::now();
                         let result = sessions
-                            .delete_sessions(delete_request(&id, t))
+                            .delete_sessions(bearer.request(delete_request(&id, t)))
                             .await
                             .map_err(status)
                             .and_then(|r| {
@@ -993,6 +1113,7 @@ async fn run_task(
 
 async fn close_or_open(
     servers: &mut ServersClient<Channel>,
+    bearer: &Bearer,
     ids: &[String],
     batch: &[usize],
     open: bool,
@@ -1008,7 +1129,7 @@ async fn close_or_open(
                 .collect(),
         };
         servers
-            .open_servers(request)
+            .open_servers(bearer.request(request))
             .await
             .map_err(status)?
             .into_inner()
@@ -1026,7 +1147,7 @@ async fn close_or_open(
                 .collect(),
         };
         servers
-            .close_servers(request)
+            .close_servers(bearer.request(request))
             .await
             .map_err(status)?
             .into_inner()
@@ -1081,6 +1202,12 @@ fn h2load(
             .arg(format!("{window}ms"))
             .arg(format!("--warm-up-time={warm}ms"))
             .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .args(
+                server
+                    .token
+                    .iter()
+                    .flat_map(|token| ["-H".into(), format!("authorization: Bearer {token}")]),
+            )
             .arg("-d")
             .arg(&body_file)
             .arg(format!("--log-file={}", log_file.display()))
@@ -1542,7 +1669,8 @@ fn harness(opts: Opts) {
         let _ = std::fs::remove_dir_all(&store);
     }
 
-    // TLS against plaintext, for both servers.
+    // TLS against plaintext, for both servers; then TLS with bearer tokens
+    // against TLS without.
     if opts.wants("tls") {
         let certs = dir.join("certs");
         let generated = dcv_broker::tls::init::generate(
@@ -1572,17 +1700,13 @@ fn harness(opts: Opts) {
             log("broker-tls"),
         );
         let ca = generated.ca_cert.as_str();
-        let tls = |server| Target {
-            server,
-            tls_ca: Some(ca),
-        };
         let load = Load {
             op: Op::Describe(1),
             connections: 16,
             per_connection: 64,
         };
-        let b = runtime.block_on(drive(&opts, &load, &tls(&echo_tls), opts.fleet));
-        let r = runtime.block_on(drive(&opts, &load, &tls(&broker_tls), opts.fleet));
+        let b = runtime.block_on(drive(&opts, &load, &over_tls(&echo_tls, ca), opts.fleet));
+        let r = runtime.block_on(drive(&opts, &load, &over_tls(&broker_tls, ca), opts.fleet));
         let plain_broker = runtime.block_on(drive(&opts, &load, &plain(&broker), opts.fleet));
         for row in [
             Row {
@@ -1599,19 +1723,68 @@ fn harness(opts: Opts) {
                 load: "16x64".into(),
                 labels: load.op.labels(),
                 baseline: Some(("plaintext".into(), plain_broker)),
-                broker: ("tls".into(), r),
+                broker: ("tls".into(), r.clone()),
             },
         ] {
             print_row(&row);
             rows.push(row);
         }
-        // TODO(auth): bearer tokens. Authentication is being built on main;
-        // when the broker takes a token flag, start `broker_tls` with it
-        // here, send `authorization: Bearer ...` from `connect` (an
-        // interceptor), and add a "tls+token describe-1" row against
-        // "tls describe-1".
-        println!("tls+token describe-1: TODO, authentication is not in the broker yet");
         echo_tls.stop();
+
+        // The same broker with authentication on: every call checks a JWT
+        // (HMAC-SHA256) and its client in the registry. The token's TTL
+        // outlasts the run, so none expires under load.
+        let mut auth_args = broker_args(&[
+            "--fleet",
+            &fleet,
+            "--in-flight",
+            &in_flight,
+            "--tls",
+            &certs_s,
+        ]);
+        auth_args.extend(["--auth", "on", "--token-ttl", "24h"].map(String::from));
+        let broker_auth =
+            ServerProcess::start("serve-broker", &auth_args, opts.pin, log("broker-tls-auth"));
+        runtime.block_on(check_auth_enforced(&over_tls(&broker_auth, ca)));
+        let a = runtime.block_on(drive(&opts, &load, &over_tls(&broker_auth, ca), opts.fleet));
+        let close_open = Load {
+            op: Op::CloseOpen(1),
+            ..load
+        };
+        let close_open_tls = runtime.block_on(drive(
+            &opts,
+            &close_open,
+            &over_tls(&broker_tls, ca),
+            opts.fleet,
+        ));
+        let close_open_auth = runtime.block_on(drive(
+            &opts,
+            &close_open,
+            &over_tls(&broker_auth, ca),
+            opts.fleet,
+        ));
+        for row in [
+            Row {
+                name: "tls+token describe-1".into(),
+                generator: "tonic",
+                load: "16x64".into(),
+                labels: load.op.labels(),
+                baseline: Some(("tls".into(), r)),
+                broker: ("tls+token".into(), a),
+            },
+            Row {
+                name: "tls+token close/open-1".into(),
+                generator: "tonic",
+                load: "16x64".into(),
+                labels: close_open.op.labels(),
+                baseline: Some(("tls".into(), close_open_tls)),
+                broker: ("tls+token".into(), close_open_auth),
+            },
+        ] {
+            print_row(&row);
+            rows.push(row);
+        }
+        broker_auth.stop();
         broker_tls.stop();
     }
     broker.stop();
