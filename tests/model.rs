@@ -487,7 +487,7 @@ fn seen(view: ServerView<'_>) -> Seen {
     let hold = closed_holds
         .clone()
         .next()
-        .map(|h| (h.actor.clone(), h.reason.clone()));
+        .map(|h| (h.actor.to_string(), h.reason.clone()));
     Seen {
         id: record.id.to_string(),
         closed: record.is_closed(),

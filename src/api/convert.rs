@@ -389,7 +389,7 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
                 kind: match hold.kind {
                     fleet::HoldKind::Closed => pb::HoldKind::Closed,
                 } as i32,
-                actor: hold.actor.clone(),
+                actor: hold.actor.to_string(),
                 creation_time: Some(Timestamp::from(hold.since)),
                 reason: hold.reason.clone(),
             })

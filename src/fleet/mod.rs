@@ -264,7 +264,7 @@ fn precheck_ids<'a>(
 ) -> Vec<Option<ItemFailure>> {
     // Sized up front: growing the set while a batch of 1,000 is checked
     // rehashes it several times.
-    let mut seen = HashSet::with_capacity(ids.size_hint().0);
+    let mut seen = FastSet::with_capacity_and_hasher(ids.size_hint().0, Default::default());
     ids.map(|id| {
         if let Err(why) = check(id) {
             Some(ItemFailure::new(invalid, format!("{field} {why}.")))
@@ -282,9 +282,22 @@ fn precheck_ids<'a>(
     .collect()
 }
 
+/// A hash map on the fleet's hot paths. foldhash instead of std's SipHash:
+/// every CloseServers item costs a few lookups, and SipHash was a visible
+/// share of a batch's time. foldhash's per-process random seed still keeps
+/// collisions from being chosen by whoever picks the ids.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The set counterpart of [`FastMap`].
+pub(crate) type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// The server records by id. Boxed, so that the table holds small entries:
+/// records inline made the table's empty slots cost as much as records,
+/// and scattered every lookup over a table of hundreds of megabytes.
+pub(crate) type ServerMap = FastMap<ServerId, Box<ServerRecord>>;
+
 #[derive(Debug, Default)]
 struct State {
-    servers: HashMap<ServerId, ServerRecord>,
+    servers: ServerMap,
     /// The same ids, ordered, for pagination.
     order: BTreeSet<ServerId>,
     /// No open server can be due for removal before this (a lower bound,
@@ -293,14 +306,31 @@ struct State {
     /// Sessions, the queue, agents' instruction channels.
     sessions: sessions::Sessions,
     /// Servers changed since the last submission to the store.
-    dirty_servers: HashSet<ServerId>,
+    dirty_servers: FastSet<ServerId>,
     /// Servers whose holds or departure alone changed since then.
-    dirty_server_state: HashSet<ServerId>,
+    dirty_server_state: FastSet<ServerId>,
+    /// Whether the store keeps changes; when it does not, nothing is
+    /// marked dirty (a set insert per item of every batch, for nothing).
+    tracks_changes: bool,
 }
 
 impl State {
     fn removal_due(&self, now: Instant) -> bool {
         self.next_removal.is_some_and(|at| now > at)
+    }
+
+    /// Notes that `id`'s record changed, for the store.
+    fn server_changed(&mut self, id: &ServerId) {
+        if self.tracks_changes {
+            self.dirty_servers.insert(id.clone());
+        }
+    }
+
+    /// Notes that only `id`'s holds or departure changed, for the store.
+    fn server_state_changed(&mut self, id: &ServerId) {
+        if self.tracks_changes {
+            self.dirty_server_state.insert(id.clone());
+        }
     }
 
     fn note_removable(&mut self, deadline: Instant) {
@@ -322,7 +352,7 @@ impl State {
             state.order.insert(id.clone());
             state.servers.insert(
                 id.clone(),
-                ServerRecord {
+                Box::new(ServerRecord {
                     id,
                     description: stored.description,
                     dcv_server_healthy: true,
@@ -334,7 +364,7 @@ impl State {
                     last_seen: now,
                     last_seen_wall: stored.last_seen,
                     agent_departed: stored.agent_departed,
-                },
+                }),
             );
         }
         state.restore_sessions(snapshot.sessions, now, wall)?;
@@ -407,7 +437,7 @@ impl State {
     /// Removes a server for good, ending its sessions.
     fn remove_server(&mut self, id: &str, now: Instant, ctx: &sessions::Ctx<'_>) {
         if let Some(server) = self.servers.remove(id) {
-            self.dirty_servers.insert(server.id.clone());
+            self.server_changed(&server.id);
             self.order.remove(id);
             self.server_removed(&server, now, ctx);
         }
@@ -504,7 +534,8 @@ impl Fleet {
             &*store,
         )?);
         let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
-        let state = State::from_snapshot(snapshot, &config)?;
+        let mut state = State::from_snapshot(snapshot, &config)?;
+        state.tracks_changes = store.keeps_changes();
         Ok(Fleet {
             state: Arc::new(RwLock::new(state)),
             config: Arc::new(config),
@@ -612,6 +643,7 @@ impl Fleet {
         let ctx = self.ctx();
         let mut state = self.write(now);
         let mut results = Vec::with_capacity(items.len());
+        let actor: Arc<str> = Arc::from(actor);
         for (item, pre) in items.iter().zip(pre) {
             if let Some(failure) = pre {
                 results.push(Err(failure));
@@ -638,12 +670,12 @@ impl Fleet {
             }
             server.holds.push(Hold {
                 kind: HoldKind::Closed,
-                actor: actor.to_string(),
+                actor: actor.clone(),
                 since: wall,
                 reason: item.reason.clone(),
             });
             let id = server.id.clone();
-            state.dirty_server_state.insert(id.clone());
+            state.server_state_changed(&id);
             state.emit_close(&id, item.force, &ctx);
             results.push(Ok(()));
         }
@@ -685,7 +717,7 @@ impl Fleet {
             server.holds.retain(|h| h.kind != HoldKind::Closed);
             let deadline = server.last_seen + remove_after;
             let id = server.id.clone();
-            state.dirty_server_state.insert(id.clone());
+            state.server_state_changed(&id);
             state.note_removable(deadline);
             state.emit_open(&id, &ctx);
             // Queued sessions may fit now.
@@ -793,7 +825,7 @@ impl Fleet {
                 state.order.insert(id.clone());
                 state.servers.insert(
                     id.clone(),
-                    ServerRecord {
+                    Box::new(ServerRecord {
                         id,
                         description,
                         dcv_server_healthy: true,
@@ -805,14 +837,14 @@ impl Fleet {
                         last_seen: now,
                         last_seen_wall: wall,
                         agent_departed: false,
-                    },
+                    }),
                 );
                 true
             }
         };
         state.note_removable(now + self.config.remove_after);
         if let Some(id) = state.servers.get(id).map(|s| s.id.clone()) {
-            state.dirty_servers.insert(id.clone());
+            state.server_changed(&id);
             state.after_server_change(&id, now, &ctx);
         }
         let durable = self.commit(&mut state);
@@ -880,7 +912,7 @@ impl Fleet {
         if server.is_closed() {
             server.agent_departed = true;
             let sid = server.id.clone();
-            state.dirty_server_state.insert(sid);
+            state.server_state_changed(&sid);
             let durable = self.commit(&mut state);
             return Ok((false, durable));
         }
@@ -926,7 +958,7 @@ impl State {
         let returned = std::mem::replace(&mut server.agent_departed, false);
         let id = server.id.clone();
         if returned {
-            self.dirty_server_state.insert(id.clone());
+            self.server_state_changed(&id);
         }
         self.reconcile_report(&id, &old, now, ctx);
         true

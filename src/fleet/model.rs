@@ -290,8 +290,8 @@ pub enum HoldKind {
 pub struct Hold {
     /// Kind of hold.
     pub kind: HoldKind,
-    /// Who placed it.
-    pub actor: String,
+    /// Who placed it. Shared: every hold of a batch has the same actor.
+    pub actor: Arc<str>,
     /// When it was placed.
     pub since: SystemTime,
     /// Free-text reason; may be empty.

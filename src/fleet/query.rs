@@ -153,9 +153,9 @@ impl Filters {
 
 /// The records of `map` in the order of `order`, after the id `after`:
 /// the whole listing, or only `ids` (sorted) when given.
-pub fn walk<'a, V>(
+pub fn walk<'a, V, S: std::hash::BuildHasher>(
     order: &'a BTreeSet<Arc<str>>,
-    map: &'a HashMap<Arc<str>, V>,
+    map: &'a HashMap<Arc<str>, V, S>,
     ids: Option<&'a [String]>,
     after: Option<&str>,
 ) -> Box<dyn Iterator<Item = &'a V> + 'a> {

@@ -228,11 +228,15 @@ pub struct SessionView<'a> {
 impl<'a> SessionView<'a> {
     fn new(
         record: &'a SessionRecord,
-        servers: &'a HashMap<ServerId, ServerRecord>,
+        servers: &'a super::ServerMap,
         now: Instant,
         unreachable_after: Duration,
     ) -> Self {
-        let server = record.server.as_ref().and_then(|s| servers.get(s));
+        let server = record
+            .server
+            .as_ref()
+            .and_then(|s| servers.get(s))
+            .map(|s| &**s);
         let unreachable = server.is_some_and(|s| {
             availability::reasons(s, now, unreachable_after)
                 .contains(availability::Reason::UnreachableAgent)
@@ -626,13 +630,19 @@ fn can_take(
 }
 
 impl State {
-    fn emit(&mut self, event: FleetEvent, events: &tokio::sync::broadcast::Sender<SequencedEvent>) {
+    fn emit(
+        &mut self,
+        event: FleetEvent,
+        events: Option<&tokio::sync::broadcast::Sender<SequencedEvent>>,
+    ) {
         self.sessions.seq += 1;
-        // No receiver is fine: nobody is auditing.
-        let _ = events.send(SequencedEvent {
-            seq: self.sessions.seq,
-            event,
-        });
+        if let Some(events) = events {
+            // A receiver may have gone since; that is fine.
+            let _ = events.send(SequencedEvent {
+                seq: self.sessions.seq,
+                event,
+            });
+        }
     }
 
     fn set_deadline(&mut self, id: &SessionId, deadline: Option<Instant>) {
@@ -1224,7 +1234,8 @@ impl State {
 /// channel.
 pub(super) struct Ctx<'a> {
     pub(super) config: &'a super::FleetConfig,
-    pub(super) events: &'a tokio::sync::broadcast::Sender<SequencedEvent>,
+    /// The event channel, when anyone listens.
+    pub(super) events: Option<&'a tokio::sync::broadcast::Sender<SequencedEvent>>,
 }
 
 /// Signs connection tokens: who may connect to which session until when.
@@ -1375,7 +1386,11 @@ impl Fleet {
     pub(super) fn ctx(&self) -> Ctx<'_> {
         Ctx {
             config: &self.config,
-            events: &self.events,
+            // Asked once per operation, not per event: a send with nobody
+            // listening still takes the channel's lock, and a batch of
+            // 1,000 closes sends 1,000 events. A receiver that subscribes
+            // during an operation sees the events of the next one.
+            events: (self.events.receiver_count() > 0).then_some(&self.events),
         }
     }
 

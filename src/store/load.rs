@@ -161,7 +161,7 @@ fn read_holds(connection: &Connection) -> Result<HashMap<String, Vec<Hold>>, Loa
         };
         let hold = Hold {
             kind: f.name(1, "kind", codec::hold_kind_from_name)?,
-            actor: f.get(2, "actor")?,
+            actor: f.get::<String>(2, "actor")?.into(),
             since: f.time(3, "since")?,
             reason: f.get(4, "reason")?,
         };

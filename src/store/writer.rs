@@ -179,7 +179,7 @@ fn put_holds(
         insert.execute(params![
             id,
             codec::hold_kind_name(hold.kind),
-            hold.actor,
+            &*hold.actor,
             codec::micros(hold.since),
             hold.reason,
         ])?;
