@@ -218,7 +218,7 @@ fn bench_description(index: usize) -> ServerDescription {
     for (key, value) in extra {
         d.tags.push(Tag {
             key: key.into(),
-            value,
+            value: value.into(),
         });
     }
     d

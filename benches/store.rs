@@ -172,8 +172,8 @@ fn startup() -> f64 {
                     let mut description = demo::description(i);
                     for t in description.tags.len()..10 {
                         description.tags.push(dcv_broker::fleet::Tag {
-                            key: format!("tag{t}"),
-                            value: format!("value-{}", i % 97),
+                            key: format!("tag{t}").into(),
+                            value: format!("value-{}", i % 97).into(),
                         });
                     }
                     persist::Change::PutServer(persist::StoredServer {

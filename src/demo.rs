@@ -110,21 +110,21 @@ pub fn description(index: usize) -> ServerDescription {
     };
     let gpu = !mix(index, 5).is_multiple_of(3);
     ServerDescription {
-        ip: ip.clone(),
-        hostname: format!("dcv-host-{index}.fleet.internal"),
-        default_dns_name: format!("ip-{}.ec2.internal", ip.replace('.', "-")),
+        ip: ip.clone().into(),
+        hostname: format!("dcv-host-{index}.fleet.internal").into(),
+        default_dns_name: format!("ip-{}.ec2.internal", ip.replace('.', "-")).into(),
         endpoints: vec![
             Endpoint {
-                ip_address: ip.clone(),
+                ip_address: ip.clone().into(),
                 port: 8443,
                 protocol: Protocol::Http,
                 web_url_path: "/".into(),
             },
             Endpoint {
-                ip_address: ip,
+                ip_address: ip.into(),
                 port: 8443,
                 protocol: Protocol::Quic,
-                web_url_path: String::new(),
+                web_url_path: String::new().into(),
             },
         ],
         version: "2024.0.19030".into(),
@@ -148,7 +148,7 @@ pub fn description(index: usize) -> ServerDescription {
             aws: Some(AwsInfo {
                 region: pick(index, 6, &["us-east-1", "eu-west-1", "ap-northeast-1"]).into(),
                 ec2_instance_type: if gpu { "g4dn.xlarge" } else { "m6i.xlarge" }.into(),
-                ec2_instance_id: format!("i-{:017x}", mix(index, 7) >> 4),
+                ec2_instance_id: format!("i-{:017x}", mix(index, 7) >> 4).into(),
                 ec2_image_id: "ami-0abcdef1234567890".into(),
             }),
             cpu_info: CpuInfo {
@@ -179,7 +179,7 @@ pub fn description(index: usize) -> ServerDescription {
             },
             Tag {
                 key: "gpu".into(),
-                value: gpu.to_string(),
+                value: gpu.to_string().into(),
             },
         ],
         max_virtual_sessions: if family == OsFamily::Linux { 10 } else { 0 },

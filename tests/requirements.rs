@@ -278,20 +278,23 @@ fn every_property_resolves() {
     let aws = d.host.aws.clone().expect("demo servers are on EC2");
     let expected: Vec<(Property, String)> = vec![
         (Property::Id, server.id.to_string()),
-        (Property::Hostname, d.hostname.clone()),
-        (Property::Version, d.version.clone()),
+        (Property::Hostname, d.hostname.to_string()),
+        (Property::Version, d.version.to_string()),
         (
             Property::SessionManagerAgentVersion,
-            d.agent_version.clone(),
+            d.agent_version.to_string(),
         ),
-        (Property::HostOsBuildNumber, d.host.os.build_number.clone()),
+        (
+            Property::HostOsBuildNumber,
+            d.host.os.build_number.to_string(),
+        ),
         (Property::HostOsFamily, d.host.os.family.as_str().into()),
         (
             Property::HostOsKernelVersion,
-            d.host.os.kernel_version.clone(),
+            d.host.os.kernel_version.to_string(),
         ),
-        (Property::HostOsName, d.host.os.name.clone()),
-        (Property::HostOsVersion, d.host.os.version.clone()),
+        (Property::HostOsName, d.host.os.name.to_string()),
+        (Property::HostOsVersion, d.host.os.version.to_string()),
         (
             Property::HostMemoryTotalBytes,
             d.host.memory.total_bytes.to_string(),
@@ -311,17 +314,23 @@ fn every_property_resolves() {
         (Property::HostCpuLoadAverageOneMinute, "0".into()),
         (Property::HostCpuLoadAverageFiveMinutes, "0".into()),
         (Property::HostCpuLoadAverageFifteenMinutes, "0".into()),
-        (Property::HostAwsEc2InstanceId, aws.ec2_instance_id),
-        (Property::HostAwsEc2InstanceType, aws.ec2_instance_type),
-        (Property::HostAwsRegion, aws.region),
-        (Property::HostAwsEc2ImageId, aws.ec2_image_id),
+        (
+            Property::HostAwsEc2InstanceId,
+            aws.ec2_instance_id.to_string(),
+        ),
+        (
+            Property::HostAwsEc2InstanceType,
+            aws.ec2_instance_type.to_string(),
+        ),
+        (Property::HostAwsRegion, aws.region.to_string()),
+        (Property::HostAwsEc2ImageId, aws.ec2_image_id.to_string()),
         (
             Property::HostCpuInfoArchitecture,
-            d.host.cpu_info.architecture.clone(),
+            d.host.cpu_info.architecture.to_string(),
         ),
         (
             Property::HostCpuInfoModelName,
-            d.host.cpu_info.model_name.clone(),
+            d.host.cpu_info.model_name.to_string(),
         ),
         (
             Property::HostCpuInfoNumberOfCpus,
@@ -331,7 +340,10 @@ fn every_property_resolves() {
             Property::HostCpuInfoPhysicalCoresPerCpu,
             d.host.cpu_info.physical_cores_per_cpu.to_string(),
         ),
-        (Property::HostCpuInfoVendor, d.host.cpu_info.vendor.clone()),
+        (
+            Property::HostCpuInfoVendor,
+            d.host.cpu_info.vendor.to_string(),
+        ),
     ];
     assert_eq!(expected.len(), Property::ALL.len());
     for (property, value) in expected {
@@ -630,7 +642,7 @@ fn reference_operand(server: &ServerRecord, operand: &Operand) -> Option<(String
             _ => d
                 .tags
                 .iter()
-                .rfind(|t| t.key == *key)
+                .rfind(|t| *t.key == **key)
                 .and_then(|t| text(&t.value)),
         },
         Operand::Server(p) => match p.name() {

@@ -224,7 +224,7 @@ async fn what_is_put_comes_back_after_a_reopen() {
     let mut described = server(2, Vec::new());
     described.description.tags.push(Tag {
         key: "ünïcode".into(),
-        value: String::new(),
+        value: String::new().into(),
     });
     let before_epoch = UNIX_EPOCH - Duration::from_micros(1_500_000);
     let servers = vec![
@@ -871,8 +871,8 @@ fn startup_with_a_hundred_thousand_servers() {
                 let mut s = server(i, Vec::new());
                 let tags = &mut s.description.tags;
                 let extra = (tags.len()..10).map(|t| Tag {
-                    key: format!("tag{t}"),
-                    value: format!("value-{i}-{t}"),
+                    key: format!("tag{t}").into(),
+                    value: format!("value-{i}-{t}").into(),
                 });
                 tags.extend(extra.collect::<Vec<_>>());
                 Change::PutServer(s)

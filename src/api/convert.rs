@@ -42,8 +42,8 @@ fn load_from_pb(l: Option<pb::CpuLoadAverage>) -> Option<fleet::LoadAverage> {
 fn tags_from_pb(tags: Vec<pb::KeyValuePair>) -> Vec<fleet::Tag> {
     tags.into_iter()
         .map(|t| fleet::Tag {
-            key: t.key,
-            value: t.value,
+            key: t.key.into(),
+            value: t.value.into(),
         })
         .collect()
 }
@@ -87,10 +87,10 @@ pub fn registration_from_pb(
                 0
             });
             fleet::Endpoint {
-                ip_address: e.ip_address,
+                ip_address: e.ip_address.into(),
                 port,
                 protocol,
-                web_url_path: e.web_url_path,
+                web_url_path: e.web_url_path.into(),
             }
         })
         .collect();
@@ -102,9 +102,9 @@ pub fn registration_from_pb(
             cpu.physical_cores_per_cpu,
             &mut v,
         ),
-        vendor: cpu.vendor,
-        model_name: cpu.model_name,
-        architecture: cpu.architecture,
+        vendor: cpu.vendor.into(),
+        model_name: cpu.model_name.into(),
+        architecture: cpu.architecture.into(),
     };
     let max_virtual_sessions = non_negative("MaxVirtualSessions", r.max_virtual_sessions, &mut v);
     let max_concurrent_sessions_per_user = non_negative(
@@ -116,27 +116,27 @@ pub fn registration_from_pb(
         return Err(FleetError::InvalidArgument(v));
     }
     let description = fleet::ServerDescription {
-        ip: r.ip,
-        hostname: r.hostname,
-        default_dns_name: r.default_dns_name,
+        ip: r.ip.into(),
+        hostname: r.hostname.into(),
+        default_dns_name: r.default_dns_name.into(),
         endpoints,
-        version: r.version,
-        agent_version: r.session_manager_agent_version,
+        version: r.version.into(),
+        agent_version: r.session_manager_agent_version.into(),
         host: fleet::HostInfo {
             os: fleet::OsInfo {
                 family,
-                name: os.name,
-                version: os.version,
-                kernel_version: os.kernel_version,
-                build_number: os.build_number,
+                name: os.name.into(),
+                version: os.version.into(),
+                kernel_version: os.kernel_version.into(),
+                build_number: os.build_number.into(),
             },
             memory: memory_from_pb(host.memory).unwrap_or_default(),
             swap: memory_from_pb(host.swap).unwrap_or_default(),
             aws: host.aws.map(|a| fleet::AwsInfo {
-                region: a.region,
-                ec2_instance_type: a.ec2_instance_type,
-                ec2_instance_id: a.ec2_instance_id,
-                ec2_image_id: a.ec2_image_id,
+                region: a.region.into(),
+                ec2_instance_type: a.ec2_instance_type.into(),
+                ec2_instance_id: a.ec2_instance_id.into(),
+                ec2_image_id: a.ec2_image_id.into(),
             }),
             cpu_info,
             cpu_load_average: load_from_pb(host.cpu_load_average).unwrap_or_default(),
@@ -144,8 +144,8 @@ pub fn registration_from_pb(
                 .gpus
                 .into_iter()
                 .map(|g| fleet::Gpu {
-                    vendor: g.vendor,
-                    model_name: g.model_name,
+                    vendor: g.vendor.into(),
+                    model_name: g.model_name.into(),
                 })
                 .collect(),
         },
@@ -253,23 +253,23 @@ pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
     pb::Host {
         os: Some(pb::Os {
             family: h.os.family.as_str().to_string(),
-            name: h.os.name.clone(),
-            version: h.os.version.clone(),
-            kernel_version: h.os.kernel_version.clone(),
-            build_number: h.os.build_number.clone(),
+            name: h.os.name.to_string(),
+            version: h.os.version.to_string(),
+            kernel_version: h.os.kernel_version.to_string(),
+            build_number: h.os.build_number.to_string(),
         }),
         memory: Some(memory_to_pb(h.memory)),
         swap: Some(memory_to_pb(h.swap)),
         aws: h.aws.as_ref().map(|a| pb::Aws {
-            region: a.region.clone(),
-            ec2_instance_type: a.ec2_instance_type.clone(),
-            ec2_instance_id: a.ec2_instance_id.clone(),
-            ec2_image_id: a.ec2_image_id.clone(),
+            region: a.region.to_string(),
+            ec2_instance_type: a.ec2_instance_type.to_string(),
+            ec2_instance_id: a.ec2_instance_id.to_string(),
+            ec2_image_id: a.ec2_image_id.to_string(),
         }),
         cpu_info: Some(pb::CpuInfo {
-            vendor: h.cpu_info.vendor.clone(),
-            model_name: h.cpu_info.model_name.clone(),
-            architecture: h.cpu_info.architecture.clone(),
+            vendor: h.cpu_info.vendor.to_string(),
+            model_name: h.cpu_info.model_name.to_string(),
+            architecture: h.cpu_info.architecture.to_string(),
             number_of_cpus: saturating_i32(h.cpu_info.number_of_cpus),
             physical_cores_per_cpu: saturating_i32(h.cpu_info.physical_cores_per_cpu),
         }),
@@ -282,8 +282,8 @@ pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
             .gpus
             .iter()
             .map(|g| pb::Gpu {
-                vendor: g.vendor.clone(),
-                model_name: g.model_name.clone(),
+                vendor: g.vendor.to_string(),
+                model_name: g.model_name.to_string(),
             })
             .collect(),
         logged_in_users: logged_in_users
@@ -301,19 +301,19 @@ pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
 pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::RegisterServerRequest {
     pb::RegisterServerRequest {
         server_id: id.to_string(),
-        ip: d.ip.clone(),
-        hostname: d.hostname.clone(),
-        default_dns_name: d.default_dns_name.clone(),
+        ip: d.ip.to_string(),
+        hostname: d.hostname.to_string(),
+        default_dns_name: d.default_dns_name.to_string(),
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        version: d.version.clone(),
-        session_manager_agent_version: d.agent_version.clone(),
+        version: d.version.to_string(),
+        session_manager_agent_version: d.agent_version.to_string(),
         host: Some(host_to_pb(&d.host, &[])),
         tags: d
             .tags
             .iter()
             .map(|t| pb::KeyValuePair {
-                key: t.key.clone(),
-                value: t.value.clone(),
+                key: t.key.to_string(),
+                value: t.value.to_string(),
             })
             .collect(),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
@@ -323,14 +323,14 @@ pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::Registe
 
 fn endpoint_to_pb(e: &fleet::Endpoint) -> pb::Endpoint {
     pb::Endpoint {
-        ip_address: e.ip_address.clone(),
+        ip_address: e.ip_address.to_string(),
         port: i32::from(e.port),
         protocol: match e.protocol {
             fleet::Protocol::Unspecified => pb::Protocol::Unspecified,
             fleet::Protocol::Http => pb::Protocol::Http,
             fleet::Protocol::Quic => pb::Protocol::Quic,
         } as i32,
-        web_url_path: e.web_url_path.clone(),
+        web_url_path: e.web_url_path.to_string(),
     }
 }
 
@@ -343,8 +343,8 @@ fn tags_to_pb(server: &fleet::ServerRecord) -> Vec<pb::KeyValuePair> {
         .cloned()
         .chain(server.builtin_tags())
         .map(|t| pb::KeyValuePair {
-            key: t.key,
-            value: t.value,
+            key: t.key.to_string(),
+            value: t.value.to_string(),
         })
         .collect()
 }
@@ -357,12 +357,12 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
     let (consoles, virtuals) = r.session_counts();
     pb::Server {
         id: r.id.to_string(),
-        ip: d.ip.clone(),
-        hostname: d.hostname.clone(),
-        default_dns_name: d.default_dns_name.clone(),
+        ip: d.ip.to_string(),
+        hostname: d.hostname.to_string(),
+        default_dns_name: d.default_dns_name.to_string(),
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        version: d.version.clone(),
-        session_manager_agent_version: d.agent_version.clone(),
+        version: d.version.to_string(),
+        session_manager_agent_version: d.agent_version.to_string(),
         availability: if view.reasons.is_available() {
             pb::Availability::Available
         } else {
@@ -456,11 +456,14 @@ fn session_server_to_pb(server: &fleet::ServerRecord) -> pb::SessionServer {
         .or(d.endpoints.first());
     pb::SessionServer {
         id: server.id.to_string(),
-        ip: d.ip.clone(),
-        hostname: d.hostname.clone(),
+        ip: d.ip.to_string(),
+        hostname: d.hostname.to_string(),
         port: web.map(|e| e.port.to_string()).unwrap_or_default(),
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        web_url_path: web.map(|e| e.web_url_path.clone()).unwrap_or_default(),
+        web_url_path: web
+            .map(|e| e.web_url_path.clone())
+            .unwrap_or_default()
+            .to_string(),
         tags: tags_to_pb(server),
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod availability;
 pub mod error;
+mod intern;
 pub mod model;
 pub mod page_token;
 pub mod persist;
@@ -312,6 +313,8 @@ struct State {
     /// Whether the store keeps changes; when it does not, nothing is
     /// marked dirty (a set insert per item of every batch, for nothing).
     tracks_changes: bool,
+    /// The shared copies of description texts.
+    texts: intern::Interner,
 }
 
 impl State {
@@ -349,12 +352,14 @@ impl State {
         let mut state = State::default();
         for stored in snapshot.servers {
             let id: ServerId = Arc::from(stored.id.as_str());
+            let mut description = stored.description;
+            state.texts.description(&mut description);
             state.order.insert(id.clone());
             state.servers.insert(
                 id.clone(),
                 Box::new(ServerRecord {
                     id,
-                    description: stored.description,
+                    description,
                     dcv_server_healthy: true,
                     logged_in_users: Vec::new(),
                     sessions: Vec::new(),
@@ -798,7 +803,7 @@ impl Fleet {
     pub fn register_nowait(
         &self,
         id: &str,
-        description: ServerDescription,
+        mut description: ServerDescription,
     ) -> Result<(bool, persist::Durable), FleetError> {
         let mut violations = Vec::new();
         if let Err(why) = validate_server_id(id) {
@@ -812,6 +817,7 @@ impl Fleet {
         let wall = persist::wall_clock();
         let ctx = self.ctx();
         let mut state = self.write(now);
+        state.texts.description(&mut description);
         let new = match state.servers.get_mut(id) {
             Some(server) => {
                 server.description = description;

@@ -9,6 +9,12 @@ use tokio::time::Instant;
 /// map and the ordered index, so it is stored once.
 pub type ServerId = Arc<str>;
 
+/// A text of a server's description. Shared: most of what agents describe
+/// (OS, CPU, GPU, versions, tag keys and most tag values) is the same on
+/// thousands of servers, and the fleet keeps one copy of each such text
+/// (see `Interner`), so a large fleet costs its unique texts only.
+pub type Text = Arc<str>;
+
 /// The longest server id accepted, in bytes. DCV's own ids are UUIDs or
 /// host-derived names well under this; the bound keeps keys cheap to hash
 /// and page tokens small.
@@ -65,13 +71,13 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     /// Address clients connect to.
-    pub ip_address: String,
+    pub ip_address: Text,
     /// Port clients connect to.
     pub port: u16,
     /// Transport.
     pub protocol: Protocol,
     /// Web path of an HTTP endpoint.
-    pub web_url_path: String,
+    pub web_url_path: Text,
 }
 
 /// Operating system details.
@@ -80,13 +86,13 @@ pub struct OsInfo {
     /// Family; decides which session types the server can run.
     pub family: OsFamily,
     /// Distribution or product name.
-    pub name: String,
+    pub name: Text,
     /// Version.
-    pub version: String,
+    pub version: Text,
     /// Kernel version (Linux).
-    pub kernel_version: String,
+    pub kernel_version: Text,
     /// Build number (Windows).
-    pub build_number: String,
+    pub build_number: Text,
 }
 
 /// Memory or swap usage.
@@ -102,24 +108,24 @@ pub struct MemoryUsage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AwsInfo {
     /// Region.
-    pub region: String,
+    pub region: Text,
     /// Instance type.
-    pub ec2_instance_type: String,
+    pub ec2_instance_type: Text,
     /// Instance id.
-    pub ec2_instance_id: String,
+    pub ec2_instance_id: Text,
     /// Image id.
-    pub ec2_image_id: String,
+    pub ec2_image_id: Text,
 }
 
 /// CPU details.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CpuInfo {
     /// Vendor.
-    pub vendor: String,
+    pub vendor: Text,
     /// Model name.
-    pub model_name: String,
+    pub model_name: Text,
     /// Architecture.
-    pub architecture: String,
+    pub architecture: Text,
     /// Number of CPUs.
     pub number_of_cpus: u32,
     /// Physical cores per CPU.
@@ -141,18 +147,18 @@ pub struct LoadAverage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Gpu {
     /// Vendor.
-    pub vendor: String,
+    pub vendor: Text,
     /// Model name.
-    pub model_name: String,
+    pub model_name: Text,
 }
 
 /// A key and a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tag {
     /// Key.
-    pub key: String,
+    pub key: Text,
     /// Value.
-    pub value: String,
+    pub value: Text,
 }
 
 /// The host a DCV server runs on, as its agent describes it.
@@ -178,17 +184,17 @@ pub struct HostInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerDescription {
     /// IP address.
-    pub ip: String,
+    pub ip: Text,
     /// Host name.
-    pub hostname: String,
+    pub hostname: Text,
     /// Default DNS name.
-    pub default_dns_name: String,
+    pub default_dns_name: Text,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
     /// DCV server version.
-    pub version: String,
+    pub version: Text,
     /// Agent version.
-    pub agent_version: String,
+    pub agent_version: Text,
     /// Host details.
     pub host: HostInfo,
     /// Custom tags (never `dcv:`-prefixed; those are built in).
@@ -381,8 +387,8 @@ impl ServerRecord {
                 .tags
                 .iter()
                 .rev()
-                .find(|t| t.key == key)
-                .map(|t| Cow::Borrowed(t.value.as_str())),
+                .find(|t| t.key == key.into())
+                .map(|t| Cow::Borrowed(&*t.value)),
         }
     }
 
@@ -396,11 +402,11 @@ impl ServerRecord {
             },
             Tag {
                 key: "dcv:max-virtual-sessions".into(),
-                value: d.max_virtual_sessions.to_string(),
+                value: d.max_virtual_sessions.to_string().into(),
             },
             Tag {
                 key: "dcv:max-concurrent-sessions-per-user".into(),
-                value: d.max_concurrent_sessions_per_user.to_string(),
+                value: d.max_concurrent_sessions_per_user.to_string().into(),
             },
         ]
     }
