@@ -2,7 +2,8 @@
 //! handle.
 //!
 //! State lives in a `HashMap` (lookups by id) plus an ordered index of ids
-//! (stable pagination), both inside one `parking_lot::RwLock`. The lock is a
+//! (stable pagination) and an index of ids by load (placement without a
+//! scan of the fleet), all inside one `parking_lot::RwLock`. The lock is a
 //! synchronous one on purpose: every critical section is short, CPU-only and
 //! never spans an `.await`, so an async lock would only add cost. A batch is
 //! validated before the lock is taken and applied inside one write section,
@@ -18,6 +19,7 @@
 pub mod availability;
 pub mod error;
 mod intern;
+mod load_index;
 pub mod model;
 pub mod page_token;
 pub mod persist;
@@ -301,6 +303,8 @@ struct State {
     servers: ServerMap,
     /// The same ids, ordered, for pagination.
     order: BTreeSet<ServerId>,
+    /// The same ids by load, for placement.
+    by_load: load_index::LoadIndex,
     /// No open server can be due for removal before this (a lower bound,
     /// refreshed by each sweep); `None` when no server is removable.
     next_removal: Option<Instant>,
@@ -354,8 +358,7 @@ impl State {
             let id: ServerId = Arc::from(stored.id.as_str());
             let mut description = stored.description;
             state.texts.description(&mut description);
-            state.order.insert(id.clone());
-            state.servers.insert(
+            state.insert_server(
                 id.clone(),
                 Box::new(ServerRecord {
                     id,
@@ -439,11 +442,34 @@ impl State {
         removed
     }
 
+    /// Adds server `id` (the record's own id) to the map and to both
+    /// indexes. The only way a server enters the state, so the indexes
+    /// hold exactly its servers.
+    fn insert_server(&mut self, id: ServerId, record: Box<ServerRecord>) {
+        let load = load_index::load_of(&record);
+        if let Some(old) = self.servers.insert(id.clone(), record) {
+            // Callers insert new ids only; were one to replace a record,
+            // its entry must not linger at the old load.
+            self.by_load.remove(load_index::load_of(&old), &id);
+        }
+        self.by_load.insert(load, id.clone());
+        self.order.insert(id);
+    }
+
+    /// Takes a server out of the map and both indexes. The only way a
+    /// server leaves the state.
+    fn take_server(&mut self, id: &str) -> Option<Box<ServerRecord>> {
+        let server = self.servers.remove(id)?;
+        self.order.remove(id);
+        self.by_load
+            .remove(load_index::load_of(&server), &server.id);
+        Some(server)
+    }
+
     /// Removes a server for good, ending its sessions.
     fn remove_server(&mut self, id: &str, now: Instant, ctx: &sessions::Ctx<'_>) {
-        if let Some(server) = self.servers.remove(id) {
+        if let Some(server) = self.take_server(id) {
             self.server_changed(&server.id);
-            self.order.remove(id);
             self.server_removed(&server, now, ctx);
         }
     }
@@ -828,8 +854,7 @@ impl Fleet {
             }
             None => {
                 let id: ServerId = Arc::from(id);
-                state.order.insert(id.clone());
-                state.servers.insert(
+                state.insert_server(
                     id.clone(),
                     Box::new(ServerRecord {
                         id,
@@ -948,7 +973,9 @@ impl State {
         };
         server.dcv_server_healthy = report.dcv_server_healthy;
         server.logged_in_users = report.logged_in_users;
-        let old = std::mem::replace(&mut server.sessions, report.sessions);
+        let old = self.by_load.update(server, |server| {
+            std::mem::replace(&mut server.sessions, report.sessions)
+        });
         let host = &mut server.description.host;
         if let Some(load) = report.cpu_load_average {
             host.cpu_load_average = load;

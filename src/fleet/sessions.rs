@@ -670,8 +670,44 @@ impl State {
         }
     }
 
-    /// The best server for `order`, by the placement strategy.
-    fn choose_server(
+    /// The best server for `order`, by the placement strategy: the first
+    /// server that can take it in the load index's order for the strategy
+    /// (see `load_index`), without scanning the fleet.
+    pub(super) fn choose_server(
+        &self,
+        order: &Order,
+        exclude: &[ServerId],
+        now: Instant,
+        ctx: &Ctx<'_>,
+    ) -> Option<ServerId> {
+        let takes = |entry: &&(u32, ServerId)| {
+            let (load, id) = entry;
+            if exclude.contains(id) {
+                return false;
+            }
+            let server = self.servers.get(id);
+            debug_assert!(server.is_some(), "the load index holds unknown server {id}");
+            let Some(server) = server else {
+                return false;
+            };
+            debug_assert_eq!(
+                super::load_index::load_of(server),
+                *load,
+                "the load index is behind server {id}'s sessions"
+            );
+            can_take(server, order, now, ctx.config.unreachable_after)
+        };
+        let chosen = match ctx.config.placement {
+            PlacementStrategy::Spread => self.by_load.least_loaded_first().find(takes),
+            PlacementStrategy::Pack => self.by_load.most_loaded_first().find(takes),
+        };
+        chosen.map(|(_, id)| id.clone())
+    }
+
+    /// What [`State::choose_server`] did before the load index: a scan of
+    /// every server. The index's tests hold it to the same choices.
+    #[cfg(test)]
+    pub(super) fn choose_server_by_scan(
         &self,
         order: &Order,
         exclude: &[ServerId],
@@ -709,10 +745,12 @@ impl State {
         record.tried.push(server.clone());
         let permissions_file = record.permissions_file.clone();
         if let Some(target) = self.servers.get_mut(server) {
-            target.placing.push(Placement {
-                session: session.clone(),
-                kind: order.kind,
-                owner: order.owner.clone(),
+            self.by_load.update(target, |target| {
+                target.placing.push(Placement {
+                    session: session.clone(),
+                    kind: order.kind,
+                    owner: order.owner.clone(),
+                });
             });
         }
         self.set_deadline(session, Some(now + ctx.config.agent_timeout));
@@ -745,7 +783,9 @@ impl State {
             return;
         };
         let before = target.placing.len();
-        target.placing.retain(|p| p.session != *session);
+        self.by_load.update(target, |target| {
+            target.placing.retain(|p| p.session != *session)
+        });
         if target.placing.len() != before {
             self.emit(
                 FleetEvent::SessionLeft {
@@ -767,7 +807,9 @@ impl State {
             .sessions
             .iter()
             .any(|s| *s.id == **session && s.state != SessionState::Deleted);
-        target.sessions.retain(|s| *s.id != **session);
+        self.by_load.update(target, |target| {
+            target.sessions.retain(|s| *s.id != **session)
+        });
         if live_before {
             self.emit(
                 FleetEvent::SessionLeft {
@@ -886,23 +928,25 @@ impl State {
             if let (Some(server_id), true) = (&server, s.state != SessionState::Deleted)
                 && let Some(target) = self.servers.get_mut(server_id)
             {
-                if s.state == SessionState::Creating && s.substate == Some(Substate::Placing) {
-                    target.placing.push(Placement {
-                        session: id.clone(),
-                        kind: s.kind,
-                        owner: s.owner.clone(),
-                    });
-                } else {
-                    // Whether its agent had reported it yet is not stored:
-                    // it counts as reported, and the agent's next heartbeat
-                    // says whether it still runs.
-                    target.sessions.push(ReportedSession {
-                        id: s.id.clone(),
-                        owner: s.owner.clone(),
-                        kind: s.kind,
-                        state: s.state,
-                    });
-                }
+                self.by_load.update(target, |target| {
+                    if s.state == SessionState::Creating && s.substate == Some(Substate::Placing) {
+                        target.placing.push(Placement {
+                            session: id.clone(),
+                            kind: s.kind,
+                            owner: s.owner.clone(),
+                        });
+                    } else {
+                        // Whether its agent had reported it yet is not
+                        // stored: it counts as reported, and the agent's
+                        // next heartbeat says whether it still runs.
+                        target.sessions.push(ReportedSession {
+                            id: s.id.clone(),
+                            owner: s.owner.clone(),
+                            kind: s.kind,
+                            state: s.state,
+                        });
+                    }
+                });
             }
             if server.is_none()
                 && s.state == SessionState::Creating
@@ -1017,10 +1061,12 @@ impl State {
         let placing_before: HashSet<SessionId> =
             target.placing.iter().map(|p| p.session.clone()).collect();
         // Placements the agent now reports stop being reservations.
-        target.placing.retain(|p| {
-            !reported
-                .iter()
-                .any(|s| s.id == *p.session && s.state != SessionState::Deleted)
+        self.by_load.update(target, |target| {
+            target.placing.retain(|p| {
+                !reported
+                    .iter()
+                    .any(|s| s.id == *p.session && s.state != SessionState::Deleted)
+            });
         });
         let live_now: HashSet<&str> = reported
             .iter()
