@@ -340,12 +340,14 @@ fn tags_to_pb(server: &fleet::ServerRecord) -> Vec<pb::KeyValuePair> {
         .description
         .tags
         .iter()
-        .cloned()
-        .chain(server.builtin_tags())
         .map(|t| pb::KeyValuePair {
             key: t.key.to_string(),
             value: t.value.to_string(),
         })
+        .chain(server.builtin_tags().map(|(key, value)| pb::KeyValuePair {
+            key: key.to_string(),
+            value,
+        }))
         .collect()
 }
 

@@ -392,22 +392,20 @@ impl ServerRecord {
         }
     }
 
-    /// The built-in tags, in the order DescribeServers lists them.
-    pub fn builtin_tags(&self) -> [Tag; 3] {
+    /// The built-in tags (key, value), in the order DescribeServers lists
+    /// them.
+    pub fn builtin_tags(&self) -> [(&'static str, String); 3] {
         let d = &self.description;
         [
-            Tag {
-                key: "dcv:os-family".into(),
-                value: d.host.os.family.as_str().into(),
-            },
-            Tag {
-                key: "dcv:max-virtual-sessions".into(),
-                value: d.max_virtual_sessions.to_string().into(),
-            },
-            Tag {
-                key: "dcv:max-concurrent-sessions-per-user".into(),
-                value: d.max_concurrent_sessions_per_user.to_string().into(),
-            },
+            ("dcv:os-family", d.host.os.family.as_str().to_string()),
+            (
+                "dcv:max-virtual-sessions",
+                d.max_virtual_sessions.to_string(),
+            ),
+            (
+                "dcv:max-concurrent-sessions-per-user",
+                d.max_concurrent_sessions_per_user.to_string(),
+            ),
         ]
     }
 }
