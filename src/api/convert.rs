@@ -247,29 +247,32 @@ fn saturating_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+// Texts are copied with `String::from(&*text)`: `to_string` on an `Arc<str>`
+// goes through `Display` (a formatter and a growing buffer), which showed in
+// DescribeServers' profile.
 /// A host description on the wire, with the users the agent last
 /// reported.
 pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
     pb::Host {
         os: Some(pb::Os {
             family: h.os.family.as_str().to_string(),
-            name: h.os.name.to_string(),
-            version: h.os.version.to_string(),
-            kernel_version: h.os.kernel_version.to_string(),
-            build_number: h.os.build_number.to_string(),
+            name: String::from(&*h.os.name),
+            version: String::from(&*h.os.version),
+            kernel_version: String::from(&*h.os.kernel_version),
+            build_number: String::from(&*h.os.build_number),
         }),
         memory: Some(memory_to_pb(h.memory)),
         swap: Some(memory_to_pb(h.swap)),
         aws: h.aws.as_ref().map(|a| pb::Aws {
-            region: a.region.to_string(),
-            ec2_instance_type: a.ec2_instance_type.to_string(),
-            ec2_instance_id: a.ec2_instance_id.to_string(),
-            ec2_image_id: a.ec2_image_id.to_string(),
+            region: String::from(&*a.region),
+            ec2_instance_type: String::from(&*a.ec2_instance_type),
+            ec2_instance_id: String::from(&*a.ec2_instance_id),
+            ec2_image_id: String::from(&*a.ec2_image_id),
         }),
         cpu_info: Some(pb::CpuInfo {
-            vendor: h.cpu_info.vendor.to_string(),
-            model_name: h.cpu_info.model_name.to_string(),
-            architecture: h.cpu_info.architecture.to_string(),
+            vendor: String::from(&*h.cpu_info.vendor),
+            model_name: String::from(&*h.cpu_info.model_name),
+            architecture: String::from(&*h.cpu_info.architecture),
             number_of_cpus: saturating_i32(h.cpu_info.number_of_cpus),
             physical_cores_per_cpu: saturating_i32(h.cpu_info.physical_cores_per_cpu),
         }),
@@ -282,8 +285,8 @@ pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
             .gpus
             .iter()
             .map(|g| pb::Gpu {
-                vendor: g.vendor.to_string(),
-                model_name: g.model_name.to_string(),
+                vendor: String::from(&*g.vendor),
+                model_name: String::from(&*g.model_name),
             })
             .collect(),
         logged_in_users: logged_in_users
@@ -300,20 +303,20 @@ pub fn host_to_pb(h: &fleet::HostInfo, logged_in_users: &[String]) -> pb::Host {
 /// they fit back).
 pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::RegisterServerRequest {
     pb::RegisterServerRequest {
-        server_id: id.to_string(),
-        ip: d.ip.to_string(),
-        hostname: d.hostname.to_string(),
-        default_dns_name: d.default_dns_name.to_string(),
+        server_id: String::from(id),
+        ip: String::from(&*d.ip),
+        hostname: String::from(&*d.hostname),
+        default_dns_name: String::from(&*d.default_dns_name),
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        version: d.version.to_string(),
-        session_manager_agent_version: d.agent_version.to_string(),
+        version: String::from(&*d.version),
+        session_manager_agent_version: String::from(&*d.agent_version),
         host: Some(host_to_pb(&d.host, &[])),
         tags: d
             .tags
             .iter()
             .map(|t| pb::KeyValuePair {
-                key: t.key.to_string(),
-                value: t.value.to_string(),
+                key: String::from(&*t.key),
+                value: String::from(&*t.value),
             })
             .collect(),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
@@ -323,14 +326,14 @@ pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::Registe
 
 fn endpoint_to_pb(e: &fleet::Endpoint) -> pb::Endpoint {
     pb::Endpoint {
-        ip_address: e.ip_address.to_string(),
+        ip_address: String::from(&*e.ip_address),
         port: i32::from(e.port),
         protocol: match e.protocol {
             fleet::Protocol::Unspecified => pb::Protocol::Unspecified,
             fleet::Protocol::Http => pb::Protocol::Http,
             fleet::Protocol::Quic => pb::Protocol::Quic,
         } as i32,
-        web_url_path: e.web_url_path.to_string(),
+        web_url_path: String::from(&*e.web_url_path),
     }
 }
 
@@ -341,8 +344,8 @@ fn tags_to_pb(server: &fleet::ServerRecord) -> Vec<pb::KeyValuePair> {
         .tags
         .iter()
         .map(|t| pb::KeyValuePair {
-            key: t.key.to_string(),
-            value: t.value.to_string(),
+            key: String::from(&*t.key),
+            value: String::from(&*t.value),
         })
         .chain(server.builtin_tags().map(|(key, value)| pb::KeyValuePair {
             key: key.to_string(),
@@ -358,13 +361,13 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
     let h = &d.host;
     let (consoles, virtuals) = r.session_counts();
     pb::Server {
-        id: r.id.to_string(),
-        ip: d.ip.to_string(),
-        hostname: d.hostname.to_string(),
-        default_dns_name: d.default_dns_name.to_string(),
+        id: String::from(&*r.id),
+        ip: String::from(&*d.ip),
+        hostname: String::from(&*d.hostname),
+        default_dns_name: String::from(&*d.default_dns_name),
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        version: d.version.to_string(),
-        session_manager_agent_version: d.agent_version.to_string(),
+        version: String::from(&*d.version),
+        session_manager_agent_version: String::from(&*d.agent_version),
         availability: if view.reasons.is_available() {
             pb::Availability::Available
         } else {
@@ -391,7 +394,7 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
                 kind: match hold.kind {
                     fleet::HoldKind::Closed => pb::HoldKind::Closed,
                 } as i32,
-                actor: hold.actor.to_string(),
+                actor: String::from(&*hold.actor),
                 creation_time: Some(Timestamp::from(hold.since)),
                 reason: hold.reason.clone(),
             })
@@ -457,9 +460,9 @@ fn session_server_to_pb(server: &fleet::ServerRecord) -> pb::SessionServer {
         .find(|e| e.protocol == fleet::Protocol::Http)
         .or(d.endpoints.first());
     pb::SessionServer {
-        id: server.id.to_string(),
-        ip: d.ip.to_string(),
-        hostname: d.hostname.to_string(),
+        id: String::from(&*server.id),
+        ip: String::from(&*d.ip),
+        hostname: String::from(&*d.hostname),
         port: web.map(|e| e.port.to_string()).unwrap_or_default(),
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
         web_url_path: web
@@ -474,7 +477,7 @@ fn session_server_to_pb(server: &fleet::ServerRecord) -> pb::SessionServer {
 pub fn session_to_pb(view: fleet::SessionView<'_>) -> pb::Session {
     let r = view.record;
     pb::Session {
-        id: r.id.to_string(),
+        id: String::from(&*r.id),
         name: r.name.clone(),
         owner: r.owner.clone(),
         server: view.server.map(session_server_to_pb),
