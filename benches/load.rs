@@ -40,7 +40,7 @@ use dcv_broker::{
     auth::{Auth, Scope, ScopeSet},
     config::Args,
     demo,
-    fleet::{Fleet, FleetConfig, ServerDescription, Tag},
+    fleet::{Fleet, FleetConfig},
     pb::{
         self, servers_client::ServersClient, servers_server::Servers,
         servers_server::ServersServer, sessions_client::SessionsClient, sessions_server::Sessions,
@@ -181,48 +181,6 @@ fn main() {
 }
 
 // ------------------------------------------------------ the simulated fleet
-
-/// The servers of the benchmark: the demo fleet's realistic descriptions
-/// with seven more tags, ten in all, as the issue asks.
-fn bench_description(index: usize) -> ServerDescription {
-    let mut d = demo::description(index);
-    let pick = |salt: usize, options: &[&str]| {
-        options[(index
-            .wrapping_mul(2_654_435_761)
-            .wrapping_add(salt * 40_503)
-            >> 7)
-            % options.len()]
-        .to_string()
-    };
-    let extra = [
-        ("environment", pick(1, &["production", "staging", "test"])),
-        (
-            "cost-center",
-            pick(2, &["cc-1042", "cc-2210", "cc-3307", "cc-4419"]),
-        ),
-        (
-            "owner-team",
-            pick(3, &["vfx", "cad", "sim", "games", "research"]),
-        ),
-        ("rack", format!("r{:03}", index / 40)),
-        ("asset-id", format!("AS-{index:08}")),
-        (
-            "image",
-            pick(4, &["golden-2024.10", "golden-2024.11", "golden-2025.01"]),
-        ),
-        (
-            "department",
-            pick(5, &["engineering", "design", "training", "support"]),
-        ),
-    ];
-    for (key, value) in extra {
-        d.tags.push(Tag {
-            key: key.into(),
-            value: value.into(),
-        });
-    }
-    d
-}
 
 fn server_ids(n: usize) -> Arc<Vec<String>> {
     Arc::new((0..n).map(demo::server_id).collect())
@@ -377,11 +335,12 @@ mod child {
                     };
                     let started = Instant::now();
                     let _demo = if o.fleet > 0 {
-                        let handle = demo::spawn_with(fleet.clone(), o.fleet, bench_description);
+                        let handle =
+                            demo::spawn_with(fleet.clone(), o.fleet, demo::tagged_description);
                         // Registered again, waited for: when this is durable,
                         // every registration before it is too.
                         fleet
-                            .register(&demo::server_id(0), bench_description(0))
+                            .register(&demo::server_id(0), demo::tagged_description(0))
                             .await
                             .unwrap();
                         Some(AbortOnDrop(handle))
@@ -443,7 +402,7 @@ mod child {
     impl Canned {
         async fn build() -> Canned {
             let fleet = Fleet::new(FleetConfig::default()).unwrap();
-            let agents = demo::spawn_with(fleet.clone(), CANNED_SERVERS, bench_description);
+            let agents = demo::spawn_with(fleet.clone(), CANNED_SERVERS, demo::tagged_description);
             let servers = ServersApi::new(fleet.clone());
             let ids = server_ids(CANNED_SERVERS);
             let mut describe = HashMap::new();

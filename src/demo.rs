@@ -187,6 +187,49 @@ pub fn description(index: usize) -> ServerDescription {
     }
 }
 
+/// [`description`] with seven more tags, ten in all: the servers of the
+/// benchmarks, which measure memory and speed with realistically tagged
+/// servers.
+pub fn tagged_description(index: usize) -> ServerDescription {
+    let mut d = description(index);
+    let pick = |salt: usize, options: &[&str]| {
+        options[(index
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(salt * 40_503)
+            >> 7)
+            % options.len()]
+        .to_string()
+    };
+    let extra = [
+        ("environment", pick(1, &["production", "staging", "test"])),
+        (
+            "cost-center",
+            pick(2, &["cc-1042", "cc-2210", "cc-3307", "cc-4419"]),
+        ),
+        (
+            "owner-team",
+            pick(3, &["vfx", "cad", "sim", "games", "research"]),
+        ),
+        ("rack", format!("r{:03}", index / 40)),
+        ("asset-id", format!("AS-{index:08}")),
+        (
+            "image",
+            pick(4, &["golden-2024.10", "golden-2024.11", "golden-2025.01"]),
+        ),
+        (
+            "department",
+            pick(5, &["engineering", "design", "training", "support"]),
+        ),
+    ];
+    for (key, value) in extra {
+        d.tags.push(Tag {
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+    d
+}
+
 /// The heartbeat the `index`-th simulated agent sends. About a quarter of
 /// the servers run a session (never `serverId1`), a few report an unhealthy
 /// DCV server, and some Windows hosts have an RDP user logged in.
