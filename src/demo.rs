@@ -60,7 +60,7 @@ pub fn index_of(id: &str) -> Option<usize> {
 }
 
 /// A deterministic pseudo-random number for `index` and `salt` (SplitMix64).
-fn mix(index: usize, salt: u64) -> u64 {
+pub(crate) fn mix(index: usize, salt: u64) -> u64 {
     let mut z = (index as u64).wrapping_add(salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -200,17 +200,21 @@ mod tests {
         .expect("a valid probe order")
     }
 
-    /// Choices drawn from one seed (splitmix64), so an operation can pick
-    /// among whatever the fleet holds when it runs.
-    struct Picks(u64);
+    /// Choices drawn from one seed (the demo fleet's SplitMix64), so an
+    /// operation can pick among whatever the fleet holds when it runs.
+    struct Picks {
+        seed: u64,
+        drawn: usize,
+    }
 
     impl Picks {
+        fn new(seed: u64) -> Picks {
+            Picks { seed, drawn: 0 }
+        }
+
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            self.drawn += 1;
+            crate::demo::mix(self.drawn, self.seed)
         }
 
         fn below(&mut self, n: usize) -> usize {
@@ -326,7 +330,7 @@ mod tests {
             if self.sessions.is_empty() {
                 return None;
             }
-            Some(self.sessions[Picks(seed).below(self.sessions.len())].clone())
+            Some(self.sessions[Picks::new(seed).below(self.sessions.len())].clone())
         }
     }
 
@@ -444,11 +448,11 @@ mod tests {
                 healthy,
             } => {
                 let id = h.server(server).to_string();
-                let report = report(fleet, &id, &mut Picks(seed), h, healthy);
+                let report = report(fleet, &id, &mut Picks::new(seed), h, healthy);
                 let _ = fleet.heartbeat(&id, report);
             }
             Op::HeartbeatMany { seed } => {
-                let mut picks = Picks(seed);
+                let mut picks = Picks::new(seed);
                 let mut reports = Vec::new();
                 for id in h.servers.clone() {
                     if picks.below(2) == 0 {
@@ -698,7 +702,7 @@ mod tests {
                         .expect("registered");
                     durable.wait().await.expect("kept in memory");
                 }
-                let mut picks = Picks(placement as u64);
+                let mut picks = Picks::new(placement as u64);
                 for step in 0..1500 {
                     let (server, seed) = (picks.below(600), picks.next());
                     let op = match picks.below(12) {
