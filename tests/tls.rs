@@ -9,11 +9,12 @@ mod common;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
-use common::{close_item, close_req, describe_ids, quiet_config, registration};
+use common::{
+    close_item, close_req, describe_ids, process::BrokerProcess, quiet_config, registration,
+};
 use dcv_broker::{
     fleet::Fleet,
     pb::{self, agent_client::AgentClient, servers_client::ServersClient},
@@ -24,7 +25,7 @@ use dcv_broker::{
     },
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     sync::oneshot,
     task::JoinHandle,
@@ -490,83 +491,6 @@ fn the_binary_wants_both_tls_files_and_readable_ones() {
     assert!(missing.stdout.is_empty(), "it never listened");
 }
 
-/// The binary as a child process, with its log lines delivered as they
-/// come.
-struct Child {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl Child {
-    async fn start(args: &[&std::ffi::OsStr]) -> Child {
-        let mut child = tokio::process::Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--in-memory",
-                "--demo-fleet",
-                "3",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
-            .await
-            .expect("the broker announces its port")
-            .unwrap()
-            .expect("the broker exited before listening");
-        let addr = line
-            .strip_prefix("dcv-broker listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        Child { child, addr, log }
-    }
-
-    /// Waits for a log line containing `text`; returns it.
-    async fn logged(&mut self, text: &str) -> String {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                let line = self.log.recv().await.expect("log ended");
-                if line.contains(text) {
-                    return line;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no log line with {text:?}"))
-    }
-
-    fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .args([name, &self.child.id().unwrap().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn terminate(mut self) {
-        self.signal("-TERM");
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
-        assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
-    }
-}
-
 /// Calls until a client trusting `ca` succeeds, a bounded number of times:
 /// the reload happens in the broker's own time after the signal.
 async fn until_trusted(addr: SocketAddr, ca: &str) {
@@ -592,7 +516,7 @@ async fn the_binary_serves_tls_from_tls_init_files_and_reloads_on_sighup() {
 
     let (cert, key) = (tmp.cert(), tmp.key());
     // Authentication has its own tests (tests/auth.rs); here only TLS.
-    let mut broker = Child::start(&[
+    let mut broker = BrokerProcess::start(&[
         "--tls-cert".as_ref(),
         cert.as_os_str(),
         "--tls-key".as_ref(),
@@ -637,7 +561,7 @@ async fn the_binary_serves_tls_from_tls_init_files_and_reloads_on_sighup() {
 
 #[tokio::test]
 async fn plaintext_serving_warns_loudly() {
-    let mut broker = Child::start(&[]).await;
+    let mut broker = BrokerProcess::start::<&str>(&[]).await;
     let line = broker.logged("PLAINTEXT").await;
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("unencrypted"), "{line}");

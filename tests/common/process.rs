@@ -1,0 +1,135 @@
+//! The broker binary as a child process: started on 127.0.0.1:0, its
+//! announced address parsed, its log lines delivered as they come, and
+//! signals sent to it by PID. Tests of the real binary (attacks, shutdown,
+//! TLS, the store's files) start it through this, not a copy of their own.
+
+use std::{ffi::OsStr, net::SocketAddr, process::Stdio, time::Duration};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The broker binary cargo built for these tests.
+pub const BROKER_BIN: &str = env!("CARGO_BIN_EXE_dcv-broker");
+
+/// How long a test waits for the binary to announce itself or log a line.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A running broker binary.
+pub struct BrokerProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl BrokerProcess {
+    /// Starts the binary listening on 127.0.0.1:0, in memory, with a demo
+    /// fleet of 3 servers, plus `args` (a later flag overrides an earlier
+    /// one where clap allows, so pass `--demo-fleet 0` for none).
+    pub async fn start<S: AsRef<OsStr>>(args: &[S]) -> BrokerProcess {
+        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3"]
+            .iter()
+            .map(OsStr::new)
+            .collect();
+        all.extend(args.iter().map(AsRef::as_ref));
+        BrokerProcess::start_exactly(&all).await
+    }
+
+    /// Starts the binary listening on 127.0.0.1:0 with exactly `args`
+    /// besides `--listen`.
+    pub async fn start_exactly<S: AsRef<OsStr>>(args: &[S]) -> BrokerProcess {
+        let mut command = tokio::process::Command::new(BROKER_BIN);
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        BrokerProcess::spawn(command).await
+    }
+
+    /// Spawns `command` (the broker binary, with every flag it needs,
+    /// `--listen` included) and waits for its address.
+    pub async fn spawn(mut command: tokio::process::Command) -> BrokerProcess {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the broker binary starts");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
+            .await
+            .expect("the broker announces its port")
+            .expect("stdout is readable");
+        let Some(line) = line else {
+            let mut log = log;
+            let mut lines = Vec::new();
+            while let Ok(line) = log.try_recv() {
+                lines.push(line);
+            }
+            panic!("the broker exited before listening; stderr: {lines:#?}");
+        };
+        let addr = line
+            .strip_prefix("dcv-broker listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("an address");
+        // Keep reading stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        BrokerProcess { child, addr, log }
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
+    /// Waits for a log line containing `text`; returns it.
+    pub async fn logged(&mut self, text: &str) -> String {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let line = self.log.recv().await.expect("log ended");
+                if line.contains(text) {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {text:?}"))
+    }
+
+    /// Every log line received so far, without waiting.
+    pub fn drain_log(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.log.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// Sends `name` (`-TERM`, `-HUP`, ...) to the broker, by PID.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([name, &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit on its own; returns its status.
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the broker exits")
+            .expect("wait works")
+    }
+
+    /// SIGTERM, then waits for a graceful exit (status 0).
+    pub async fn terminate(mut self) {
+        self.signal("-TERM");
+        let status = self.exited().await;
+        assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    }
+}
