@@ -8,7 +8,7 @@ use clap::Parser;
 use dcv_broker::{
     admin::{self, AdminSocket},
     auth::Auth,
-    config::{Args, ClientsCommand, Command, TlsCommand},
+    config::{Args, ClientsCommand, Command, LogFormat, TlsCommand},
     fleet::{Fleet, persist::Store},
     serve, serve_tls,
     store::SqliteStore,
@@ -48,6 +48,9 @@ async fn run(args: Args) -> Result<(), String> {
         return Ok(());
     }
     if let Some(Command::Clients { command }) = &args.command {
+        // Warnings only (a store others could read, say): the reply is
+        // the output.
+        telemetry::init(LogFormat::Text, "warn")?;
         return clients(command).await;
     }
     args.check()?;

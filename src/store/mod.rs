@@ -43,6 +43,7 @@
 mod codec;
 mod load;
 mod open;
+mod private;
 mod writer;
 
 use std::{
@@ -130,6 +131,15 @@ pub enum StoreOpenError {
         /// The directory or file.
         path: PathBuf,
         /// What was refused.
+        detail: String,
+    },
+    /// Other users may write the data directory or a store file, or may
+    /// read a store file that this process cannot make private.
+    #[error("{} {detail}", path.display())]
+    NotPrivate {
+        /// The directory or file.
+        path: PathBuf,
+        /// Who may do what, and the remedy.
         detail: String,
     },
     /// Any other SQLite failure.
