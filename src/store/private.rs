@@ -94,9 +94,14 @@ pub(super) fn check_directory(_dir: &Path) -> Result<(), StoreOpenError> {
 #[cfg(unix)]
 pub(super) fn check_file(path: &Path) -> Result<(), StoreOpenError> {
     use std::os::unix::fs::PermissionsExt as _;
+    // What is not a file (gone, or a directory in a log's place) SQLite
+    // refuses by itself.
     let Ok(meta) = fs::metadata(path) else {
         return Ok(());
     };
+    if !meta.is_file() {
+        return Ok(());
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & OTHERS_WRITE != 0 {
         return Err(StoreOpenError::NotPrivate {
