@@ -210,7 +210,10 @@ async fn a_demo_fleet_does_not_outlive_its_process() {
     let ids = described_ids(&small).await;
     assert_eq!(ids.len(), 3, "only this run's simulated servers: {ids:?}");
     let first = client_describe_one(&small, "serverId1").await;
-    assert!(first.holds.is_empty(), "the last demo's close is gone: {first:?}");
+    assert!(
+        first.holds.is_empty(),
+        "the last demo's close is gone: {first:?}"
+    );
     small.terminate().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
