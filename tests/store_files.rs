@@ -217,7 +217,13 @@ async fn a_data_dir_or_store_others_may_use_is_refused_or_warned_about() {
     let _ = broker
         .logged("the data directory can be read by other users")
         .await;
-    for name in listing(&data) {
+    let names = listing(&data);
+    assert!(
+        names.contains(&"admin.sock".to_owned()),
+        "the admin socket is there, and its staging directory is gone: {names:?}"
+    );
+    assert!(names.iter().all(|n| !n.starts_with(".a")), "{names:?}");
+    for name in names {
         let file_mode = mode(&data.join(&name));
         assert_eq!(file_mode & 0o077, 0, "{name}: {file_mode:04o}");
     }
