@@ -136,15 +136,24 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Connection, Snapshot), St
     if !created {
         check_existing(path)?;
     }
-    for companion in companions(path) {
-        private::check_file(&companion)?;
+    let companions = companions(path);
+    for companion in &companions {
+        private::check_file(companion)?;
     }
+    let found: Vec<bool> = companions
+        .iter()
+        .map(|c| fs::symlink_metadata(c).is_ok())
+        .collect();
     match open_created(dir, path, &wal, wal_existed) {
         Ok(opened) => Ok(opened),
         Err(e) => {
             if created {
                 // Leave the directory as it was found: an empty file of
-                // ours would be refused as a store at the next start.
+                // ours would be refused as a store at the next start, and
+                // a log of ours would be taken for the next store's.
+                for (companion, _) in companions.iter().zip(found).filter(|(_, was)| !was) {
+                    let _ = fs::remove_file(companion);
+                }
                 let _ = fs::remove_file(path);
             }
             Err(e)
