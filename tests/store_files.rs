@@ -240,6 +240,24 @@ async fn a_data_dir_or_store_others_may_use_is_refused_or_warned_about() {
     assert!(line.contains("DELETE FROM secrets"), "{line}");
     assert_eq!(mode(&file), 0o600);
     broker.terminate().await;
+    // The advice works: with the keys deleted, the next start draws new
+    // ones.
+    let count = |file: &Path| -> i64 {
+        let db = rusqlite::Connection::open(file).unwrap();
+        db.query_row("SELECT count(*) FROM secrets", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(count(&file) > 0);
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute("DELETE FROM secrets", [])
+        .unwrap();
+    assert_eq!(count(&file), 0);
+    let mut broker = serve(&data).await;
+    let _ = broker.logged("store loaded").await;
+    broker.terminate().await;
+    assert!(count(&file) > 0, "new keys were drawn");
+    assert_eq!(mode(&file), 0o600);
 
     // A store others may write: refused, left as it was.
     for file_mode in [0o666, 0o620] {

@@ -128,9 +128,9 @@ pub(super) fn check_file(path: &Path) -> Result<(), StoreOpenError> {
             was = format!("{mode:04o}"),
             now = format!("{:04o}", mode & 0o700),
             "a store file could be read by other users and is private now; whoever read it may \
-             know the token-signing key and the client ids: with the broker stopped, \
-             `DELETE FROM secrets` in it (new keys are drawn at the next start; tokens and page \
-             tokens issued before stop working) and re-register clients"
+             know the token-signing keys and the client ids: to draw new keys, stop the broker \
+             and run `DELETE FROM secrets` on it with sqlite3 (bearer, page and connection \
+             tokens issued before stop working)"
         );
     }
     Ok(())
