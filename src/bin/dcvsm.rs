@@ -1244,6 +1244,32 @@ fn flatten(row: &Value) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    /// Columns line up on screen when a cell holds wide characters (CJK
+    /// takes two columns a character): a server id or a hold's reason may.
+    #[test]
+    fn table_columns_line_up_with_wide_characters() {
+        let reply = serde_json::json!({
+            "Servers": [
+                {"Id": "東京-1", "Availability": "AVAILABLE"},
+                {"Id": "oslo-1", "Availability": "UNAVAILABLE"},
+            ]
+        });
+        let text = table(&reply);
+        // The display width of the text before the Availability cell.
+        let width = |line: &str| -> usize {
+            let at =
+                line.find("AVAILABLE")
+                    .map(|i| if line[..i].ends_with("UN") { i - 2 } else { i });
+            line[..at.unwrap_or_else(|| panic!("{text}"))]
+                .chars()
+                .map(|c| if c >= '\u{1100}' { 2 } else { 1 })
+                .sum()
+        };
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains("-1")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert_eq!(width(rows[0]), width(rows[1]), "{text}");
+    }
+
     #[test]
     fn ini_sections_keys_and_comments() {
         let m = parse_ini(
