@@ -167,12 +167,7 @@ impl AdminSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(path)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let listener = bind_private(path)?;
         Ok(AdminSocket {
             path: path.to_path_buf(),
             listener,
@@ -241,6 +236,34 @@ pub enum AdminError {
     /// Neither a running broker nor the store could be reached.
     #[error("{0}")]
     Unreachable(String),
+}
+
+/// Binds a Unix socket at `path` that only its owner may connect to from
+/// the first moment: `bind` creates the file with the umask's mode (0775
+/// under umask 002, so a group member could connect before a `chmod`), so
+/// it is bound in a directory of its own (0700), made 0600 there, and only
+/// then renamed into place. A listener keeps working under its new name.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // Short names: a socket's path is limited to about 100 bytes, and the
+    // staged path must fit wherever the final one does.
+    let staging = parent.join(format!(".a{}", std::process::id()));
+    // Left by an earlier process with this pid that was killed here.
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let bound = (|| {
+        let inside = staging.join("s");
+        let listener = UnixListener::bind(&inside)?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
 }
 
 /// Runs `request` on the broker that owns `data_dir`: through its admin

@@ -8,7 +8,7 @@ use clap::Parser;
 use dcv_broker::{
     admin::{self, AdminSocket},
     auth::Auth,
-    config::{Args, ClientsCommand, Command, TlsCommand},
+    config::{Args, ClientsCommand, Command, LogFormat, TlsCommand},
     fleet::{Fleet, persist::Store},
     serve, serve_tls,
     store::SqliteStore,
@@ -48,6 +48,9 @@ async fn run(args: Args) -> Result<(), String> {
         return Ok(());
     }
     if let Some(Command::Clients { command }) = &args.command {
+        // Warnings only (a store others could read, say): the reply is
+        // the output.
+        telemetry::init(LogFormat::Text, "warn")?;
         return clients(command).await;
     }
     args.check()?;
@@ -83,14 +86,30 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         let started = Instant::now();
         let (store, snapshot) = SqliteStore::open(&args.data_dir).map_err(|e| e.to_string())?;
-        let (servers, sessions) = (snapshot.servers.len(), snapshot.sessions.len());
+        let (servers, sessions) = match config.demo_fleet {
+            0 => (snapshot.servers.len(), snapshot.sessions.len()),
+            _ => (0, 0),
+        };
         let failed = store.failed();
         let store: Arc<dyn Store> = Arc::new(store);
         registry = Auth::restore(args.auth_config(), store.clone(), &snapshot)
             .await
             .map_err(|e| format!("authentication: {e}"))?;
-        let fleet =
-            Fleet::restore(config.fleet.clone(), store, snapshot).map_err(|e| e.to_string())?;
+        // Simulated servers must not outlive the process that simulates
+        // them (a later run would show them again, silent, for an hour):
+        // a demo's fleet lives in memory. Its clients and bearer-token key
+        // are real and stay in the store.
+        let fleet = if config.demo_fleet > 0 {
+            tracing::warn!(
+                data_dir = %args.data_dir.display(),
+                "--demo-fleet: servers, holds and sessions are kept in memory only; \
+                 the store keeps API clients and the token-signing key"
+            );
+            Fleet::new(config.fleet.clone())
+        } else {
+            Fleet::restore(config.fleet.clone(), store, snapshot)
+        }
+        .map_err(|e| e.to_string())?;
         tracing::info!(
             data_dir = %args.data_dir.display(),
             servers,

@@ -1,5 +1,8 @@
 //! The `dcv-broker` binary itself: its listening line, its refusal to
-//! serve plaintext beyond loopback, and a clean exit on SIGTERM.
+//! serve plaintext beyond loopback, a clean exit on SIGTERM, and a demo
+//! fleet that is gone with its process.
+
+mod common;
 
 use std::{
     io::{BufRead, BufReader},
@@ -126,4 +129,102 @@ async fn logs_each_request_in_a_span_carrying_its_request_id() {
     );
     assert!(event.contains("\"peer\":\"127.0.0.1:"), "{event}");
     child.kill().await.unwrap();
+}
+
+/// Every server id the broker at `broker` describes, page after page.
+async fn described_ids(broker: &common::process::BrokerProcess) -> Vec<String> {
+    use dcv_broker::pb;
+    let mut client = pb::servers_client::ServersClient::connect(format!("http://{}", broker.addr))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    let mut next_token = String::new();
+    loop {
+        let reply = client
+            .describe_servers(pb::DescribeServersRequest {
+                next_token: next_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(reply.servers.into_iter().map(|s| s.id));
+        if reply.next_token.is_empty() {
+            return ids;
+        }
+        next_token = reply.next_token;
+    }
+}
+
+/// Simulated servers live as long as the process that simulates them: a
+/// run without the demo fleet on the same data directory shows none of
+/// them (not even as UNREACHABLE for an hour), and a smaller demo fleet
+/// describes only its own servers. The store still keeps what is real in a
+/// demo: its clients and bearer-token key.
+#[tokio::test]
+async fn a_demo_fleet_does_not_outlive_its_process() {
+    use common::process::BrokerProcess;
+    use dcv_broker::pb;
+    let dir = std::env::temp_dir().join(format!("dcv-broker-demo-{}", uuid::Uuid::new_v4()));
+    let start = |demo: &'static str| {
+        let dir = dir.clone();
+        async move {
+            let mut args = vec!["--data-dir".into(), dir.into_os_string()];
+            if demo != "0" {
+                args.extend(["--demo-fleet".into(), demo.into()]);
+            }
+            BrokerProcess::start_exactly(&args).await
+        }
+    };
+
+    let mut big = start("40").await;
+    let _ = big.logged("demo fleet registered").await;
+    assert_eq!(described_ids(&big).await.len(), 40);
+    let mut client = pb::servers_client::ServersClient::connect(format!("http://{}", big.addr))
+        .await
+        .unwrap();
+    let closed = client
+        .close_servers(pb::CloseServersRequest {
+            servers: vec![pb::CloseServerRequestData {
+                server_id: "serverId1".into(),
+                reason: "demo".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.successful_list.len(), 1);
+    big.terminate().await;
+
+    let plain = start("0").await;
+    assert_eq!(
+        described_ids(&plain).await,
+        Vec::<String>::new(),
+        "a run without the demo fleet shows none of its servers"
+    );
+    plain.terminate().await;
+
+    let mut small = start("3").await;
+    let _ = small.logged("demo fleet registered").await;
+    let ids = described_ids(&small).await;
+    assert_eq!(ids.len(), 3, "only this run's simulated servers: {ids:?}");
+    let first = client_describe_one(&small, "serverId1").await;
+    assert!(
+        first.holds.is_empty(),
+        "the last demo's close is gone: {first:?}"
+    );
+    small.terminate().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn client_describe_one(
+    broker: &common::process::BrokerProcess,
+    id: &str,
+) -> dcv_broker::pb::Server {
+    let mut client =
+        dcv_broker::pb::servers_client::ServersClient::connect(format!("http://{}", broker.addr))
+            .await
+            .unwrap();
+    common::describe_one(&mut client, id).await
 }

@@ -435,6 +435,81 @@ fn table_output_is_aligned_for_people() {
     assert!(text.ends_with("\n(no items)\n"), "{text}");
 }
 
+/// The README's maintenance-window check, as written: the table shows who
+/// closed a server, when and why, and its tags, endpoints and host, each
+/// in one cell of the server's row.
+#[test]
+fn the_table_shows_holds_tags_endpoints_and_host() {
+    let broker = Broker::start(3);
+    let reason = "maintenance window 保守";
+    let out = broker.dcvsm(&[
+        "close-servers",
+        "--server-ids",
+        "serverId1",
+        "--reason",
+        reason,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: Value = serde_json::from_slice(
+        &broker
+            .dcvsm(&["describe-servers", "--server-ids", "serverId1"])
+            .stdout,
+    )
+    .unwrap();
+    let server = &json["Servers"][0];
+    let hold = &server["Holds"][0];
+
+    let out = broker.dcvsm(&["--output-format", "table", "describe-servers"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .find(|l| l.starts_with("Id "))
+        .unwrap_or_else(|| panic!("{text}"));
+    for column in ["Holds", "Tags", "Endpoints", "Host"] {
+        assert!(
+            header.split_whitespace().any(|c| c == column),
+            "a {column} column: {header}"
+        );
+    }
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with("serverId1 "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let expected_hold = format!(
+        "CLOSED by {} at {}: {reason}",
+        hold["Actor"].as_str().unwrap(),
+        hold["CreationTime"].as_str().unwrap()
+    );
+    assert!(row.contains(&expected_hold), "{expected_hold:?} in {row}");
+    for tag in server["Tags"].as_array().unwrap() {
+        let cell = format!(
+            "{}={}",
+            tag["Key"].as_str().unwrap(),
+            tag["Value"].as_str().unwrap()
+        );
+        assert!(row.contains(&cell), "{cell} in {row}");
+    }
+    let endpoint = &server["Endpoints"][0];
+    let cell = format!(
+        "{}:{} {}",
+        endpoint["IpAddress"].as_str().unwrap(),
+        endpoint["Port"],
+        endpoint["Protocol"].as_str().unwrap()
+    );
+    assert!(row.contains(&cell), "{cell} in {row}");
+    let os = server["Host"]["Os"]["Name"].as_str().unwrap();
+    assert!(row.contains(os), "{os} in {row}");
+    // Each server is one line: the rows are the three servers.
+    let rows = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("Id "))
+        .skip(1)
+        .count();
+    assert_eq!(rows, 3, "{text}");
+}
+
 #[test]
 fn follows_every_page_of_2500_servers_unless_told_not_to() {
     let broker = Broker::start(2500);
@@ -671,6 +746,40 @@ fn https_trusts_the_ca_bundle_from_tls_init() {
     // --no-verify-ssl is refused rather than silently ignored.
     let out = broker.dcvsm(&["--no-verify-ssl", "describe-servers"]);
     assert_eq!(out.status.code(), Some(253));
+}
+
+/// `--no-verify-ssl` (or `no-verify-ssl = true` in the config file) is
+/// refused the same way for a plaintext broker as for a TLS one: the same
+/// command line must not turn insecure the day the URL becomes https://.
+#[test]
+fn no_verify_ssl_is_refused_for_every_broker_url() {
+    let broker = Broker::start(1);
+    assert!(broker.url.starts_with("http://"));
+    let conf_dir = fresh("no-verify-ssl-conf");
+    let conf = conf_dir.join("dcvsm.conf");
+    std::fs::write(&conf, "[security]\nno-verify-ssl = true\n").unwrap();
+    let conf = conf.to_str().unwrap();
+    let mut messages = Vec::new();
+    for url in [broker.url.as_str(), "https://127.0.0.1:1"] {
+        for flags in [&["--no-verify-ssl"][..], &["--conf", conf][..]] {
+            let out = dcvsm_cmd()
+                .args(["--broker-url", url])
+                .args(flags)
+                .arg("describe-servers")
+                .output()
+                .unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(253), "{url} {flags:?}: {err}");
+            assert!(out.stdout.is_empty(), "{url} {flags:?}");
+            assert!(err.contains("--no-verify-ssl is not supported"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            messages.push(err);
+        }
+    }
+    messages.dedup();
+    assert_eq!(messages.len(), 1, "one message for every URL: {messages:?}");
+    // Without it, the plaintext broker answers.
+    assert_eq!(broker.dcvsm(&["describe-servers"]).status.code(), Some(0));
 }
 
 #[test]

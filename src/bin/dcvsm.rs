@@ -855,6 +855,15 @@ fn parse_ini(text: &str) -> Result<Conf, (usize, &'static str)> {
 
 async fn connect(settings: &Settings) -> Result<Channel, Failure> {
     let url = &settings.broker_url;
+    // Refused whatever the URL: accepted silently for http://, the same
+    // command line would turn insecure the day the URL becomes https://.
+    if settings.no_verify_ssl {
+        return Err(fail(
+            exit::BAD_ENVIRONMENT,
+            "--no-verify-ssl is not supported: a client that trusts any certificate hands its \
+             credentials to whoever answers; pass the broker's CA with --ca-bundle",
+        ));
+    }
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| {
             fail(
@@ -863,15 +872,6 @@ async fn connect(settings: &Settings) -> Result<Channel, Failure> {
             )
         })?
         .connect_timeout(Duration::from_secs(10));
-    let https_auth = matches!(&settings.credentials,
-        Credentials::Client(c) if c.auth_url.starts_with("https://"));
-    if settings.no_verify_ssl && (url.starts_with("https://") || https_auth) {
-        return Err(fail(
-            exit::BAD_ENVIRONMENT,
-            "--no-verify-ssl is not supported: a client that trusts any certificate hands its \
-             credentials to whoever answers; pass the broker's CA with --ca-bundle",
-        ));
-    }
     if url.starts_with("https://") {
         let tls = match &settings.ca_bundle {
             Some(path) => {
@@ -1053,8 +1053,12 @@ fn to_json<M: Message>(name: &str, message: &M) -> Result<Value, Failure> {
 }
 
 /// A reply for people: its scalars as `Key: value` lines, then one aligned
-/// table per list (or nested object), a column per scalar field (nested
-/// objects flattened one level as `Parent.Child`).
+/// table per list (or nested object), a column per field. Nested objects
+/// are flattened one level as `Parent.Child`; lists of objects (a server's
+/// Holds, Tags and Endpoints) and a server's Host are summed up in one
+/// cell each, so that what the JSON says about a server fits on its row.
+/// comfy-table measures the cells, wide characters included (a reason may
+/// be in any script).
 fn table(reply: &Value) -> String {
     let mut out = String::new();
     let Some(obj) = reply.as_object() else {
@@ -1085,47 +1089,22 @@ fn table(reply: &Value) -> String {
                 }
             }
         }
-        let cells: Vec<Vec<String>> = flat
-            .iter()
-            .map(|row| {
-                columns
-                    .iter()
-                    .map(|c| {
-                        row.iter()
-                            .find(|(k, _)| k == c)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default()
-                    })
-                    .collect()
-            })
-            .collect();
-        let widths: Vec<usize> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                cells
-                    .iter()
-                    .map(|r| r[i].chars().count())
-                    .chain([c.chars().count()])
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        let line = |values: &[String]| {
-            let mut l = values
-                .iter()
-                .zip(&widths)
-                .map(|(v, w)| format!("{v:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ");
-            l.truncate(l.trim_end().len());
-            l.push('\n');
-            l
-        };
-        out.push_str(&line(&columns));
-        for row in &cells {
-            out.push_str(&line(row));
+        let mut grid = comfy_table::Table::new();
+        grid.load_style(comfy_table::presets::NOTHING)
+            .set_header(columns.clone());
+        for row in &flat {
+            grid.add_row(columns.iter().map(|c| {
+                row.iter()
+                    .find(|(k, _)| k == c)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            }));
         }
+        for column in grid.column_iter_mut() {
+            column.set_padding((0, 2));
+        }
+        out.push_str(&grid.trim_fmt());
+        out.push('\n');
     }
     out
 }
@@ -1139,6 +1118,93 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// A field of `object` as text ("" if absent or not a scalar).
+fn field(object: &serde_json::Map<String, Value>, key: &str) -> String {
+    object.get(key).and_then(scalar).unwrap_or_default()
+}
+
+/// One element of a list of objects in a cell: a hold as "KIND by ACTOR at
+/// TIME: REASON", a tag as "KEY=VALUE", an endpoint as "IP:PORT PROTOCOL
+/// PATH", anything else as its "Key=value" scalars.
+fn summary(item: &Value) -> String {
+    let Some(o) = item.as_object() else {
+        return scalar(item).unwrap_or_else(|| item.to_string());
+    };
+    if o.contains_key("Actor") || o.contains_key("CreationTime") {
+        let mut text = format!(
+            "{} by {} at {}",
+            field(o, "Kind"),
+            field(o, "Actor"),
+            field(o, "CreationTime")
+        );
+        let reason = field(o, "Reason");
+        if !reason.is_empty() {
+            text.push_str(&format!(": {reason}"));
+        }
+        return text;
+    }
+    if o.contains_key("Key") && o.len() <= 2 {
+        return format!("{}={}", field(o, "Key"), field(o, "Value"));
+    }
+    if o.contains_key("IpAddress") && o.contains_key("Port") {
+        let mut text = format!(
+            "{}:{} {}",
+            field(o, "IpAddress"),
+            field(o, "Port"),
+            field(o, "Protocol")
+        );
+        let path = field(o, "WebUrlPath");
+        if !path.is_empty() {
+            text.push_str(&format!(" {path}"));
+        }
+        return text;
+    }
+    o.iter()
+        .filter_map(|(k, v)| scalar(v).map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A server's Host in a few words: OS, CPUs, memory, GPUs.
+fn host_summary(host: &serde_json::Map<String, Value>) -> String {
+    let part = |key: &str| host.get(key).and_then(Value::as_object);
+    let mut parts = Vec::new();
+    if let Some(os) = part("Os") {
+        let name = [field(os, "Family"), field(os, "Name"), field(os, "Version")]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !name.is_empty() {
+            parts.push(name);
+        }
+    }
+    if let Some(cpu) = part("CpuInfo") {
+        let cpus = field(cpu, "NumberOfCpus");
+        if !cpus.is_empty() {
+            parts.push(
+                format!("{cpus} CPU {}", field(cpu, "Architecture"))
+                    .trim_end()
+                    .to_owned(),
+            );
+        }
+    }
+    if let Some(memory) = part("Memory")
+        && let Ok(bytes) = field(memory, "TotalBytes").parse::<u64>()
+    {
+        parts.push(format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)));
+    }
+    if let Some(Value::Array(gpus)) = host.get("Gpus") {
+        parts.extend(
+            gpus.iter()
+                .filter_map(Value::as_object)
+                .map(|g| field(g, "ModelName"))
+                .filter(|m| !m.is_empty()),
+        );
+    }
+    parts.join(", ")
+}
+
 fn flatten(row: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let Some(obj) = row.as_object() else {
@@ -1147,6 +1213,8 @@ fn flatten(row: &Value) -> Vec<(String, String)> {
     for (key, value) in obj {
         if let Some(s) = scalar(value) {
             out.push((key.clone(), s));
+        } else if let (Value::Object(inner), "Host") = (value, key.as_str()) {
+            out.push((key.clone(), host_summary(inner)));
         } else if let Value::Object(inner) = value {
             for (k, v) in inner {
                 if let Some(s) = scalar(v) {
@@ -1154,9 +1222,18 @@ fn flatten(row: &Value) -> Vec<(String, String)> {
                 }
             }
         } else if let Value::Array(items) = value {
-            let parts: Vec<String> = items.iter().filter_map(scalar).collect();
+            let parts: Vec<String> = items
+                .iter()
+                .map(summary)
+                .filter(|s| !s.is_empty())
+                .collect();
             if !parts.is_empty() {
-                out.push((key.clone(), parts.join(",")));
+                let separator = if items.iter().all(Value::is_object) {
+                    "; "
+                } else {
+                    ","
+                };
+                out.push((key.clone(), parts.join(separator)));
             }
         }
     }
@@ -1166,6 +1243,32 @@ fn flatten(row: &Value) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Columns line up on screen when a cell holds wide characters (CJK
+    /// takes two columns a character): a server id or a hold's reason may.
+    #[test]
+    fn table_columns_line_up_with_wide_characters() {
+        let reply = serde_json::json!({
+            "Servers": [
+                {"Id": "東京-1", "Availability": "AVAILABLE"},
+                {"Id": "oslo-1", "Availability": "UNAVAILABLE"},
+            ]
+        });
+        let text = table(&reply);
+        // The display width of the text before the Availability cell.
+        let width = |line: &str| -> usize {
+            let at =
+                line.find("AVAILABLE")
+                    .map(|i| if line[..i].ends_with("UN") { i - 2 } else { i });
+            line[..at.unwrap_or_else(|| panic!("{text}"))]
+                .chars()
+                .map(|c| if c >= '\u{1100}' { 2 } else { 1 })
+                .sum()
+        };
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains("-1")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert_eq!(width(rows[0]), width(rows[1]), "{text}");
+    }
 
     #[test]
     fn ini_sections_keys_and_comments() {

@@ -21,13 +21,17 @@
 //!   into the next transaction: under load, durability costs one fsync per
 //!   group, not one per operation.
 //!
-//! How it runs. [`SqliteStore::open`] checks the file before it writes
-//! anything: that it is a SQLite database made by dcv-broker, that it
-//! passes `PRAGMA quick_check`, that its schema is not newer than this
+//! How it runs. [`SqliteStore::open`] creates a new store file its owner's
+//! alone (0600) before SQLite opens it, refuses a directory or store others
+//! may write, and makes one they may read private (see `private.rs`). It
+//! checks the file before it writes anything: that it is a SQLite database
+//! made by dcv-broker (an empty file it did not just create is not), that
+//! it passes `PRAGMA quick_check`, that its schema is not newer than this
 //! build's, and that no other broker is using it (the store holds
 //! SQLite's exclusive lock for as long as the process runs, so two brokers
-//! can never interleave writes). On any failure the file is left as it was
-//! and the error says, in one sentence, which file and what to do. Only
+//! can never interleave writes). On any failure the file's contents are
+//! left as they were (a file the open created is removed again) and the
+//! error says, in one sentence, which file and what to do. Only
 //! then does it switch to WAL with `synchronous=FULL`, run the schema
 //! migrations this build knows ([`MIGRATIONS`]), and load everything into
 //! a [`Snapshot`].
@@ -43,6 +47,7 @@
 mod codec;
 mod load;
 mod open;
+mod private;
 mod writer;
 
 use std::{
@@ -130,6 +135,15 @@ pub enum StoreOpenError {
         /// The directory or file.
         path: PathBuf,
         /// What was refused.
+        detail: String,
+    },
+    /// Other users may write the data directory or a store file, or may
+    /// read a store file that this process cannot make private.
+    #[error("{} {detail}", path.display())]
+    NotPrivate {
+        /// The directory or file.
+        path: PathBuf,
+        /// Who may do what, and the remedy.
         detail: String,
     },
     /// Any other SQLite failure.

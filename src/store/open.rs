@@ -13,7 +13,7 @@ use std::{
 
 use rusqlite::{Connection, ErrorCode, MAIN_DB, OpenFlags, TransactionBehavior, config::DbConfig};
 
-use super::{StoreOpenError, load};
+use super::{StoreOpenError, load, private};
 use crate::fleet::persist::Snapshot;
 
 /// The schema, one migration per version: `MIGRATIONS[i]` takes a store
@@ -129,16 +129,105 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Connection, Snapshot), St
         // directory's own entry in its parent.
         sync_parent(dir);
     }
-    if let Ok(meta) = fs::metadata(path)
-        && !meta.is_file()
-    {
+    private::check_directory(dir)?;
+    let wal = write_ahead_log(path);
+    let wal_existed = fs::symlink_metadata(&wal).is_ok();
+    let created = create_private(dir, path)?;
+    if !created {
+        check_existing(path)?;
+    }
+    let companions = companions(path);
+    for companion in &companions {
+        private::check_file(companion)?;
+    }
+    let found: Vec<bool> = companions
+        .iter()
+        .map(|c| fs::symlink_metadata(c).is_ok())
+        .collect();
+    match open_created(dir, path, &wal, wal_existed) {
+        Ok(opened) => Ok(opened),
+        Err(e) => {
+            if created {
+                // Leave the directory as it was found: an empty file of
+                // ours would be refused as a store at the next start, and
+                // a log of ours would be taken for the next store's.
+                for (companion, _) in companions.iter().zip(found).filter(|(_, was)| !was) {
+                    let _ = fs::remove_file(companion);
+                }
+                let _ = fs::remove_file(path);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Creates the store file, its owner's alone (0600) from the first moment,
+/// unless there is one. SQLite gives the journal and the write-ahead log it
+/// creates beside the file the file's mode, so none of the store's files is
+/// ever readable by others, not even between creation and a `chmod`.
+/// Returns whether it created the file (and so whether an empty file is
+/// a new store rather than a damaged one).
+fn create_private(dir: &Path, path: &Path) -> Result<bool, StoreOpenError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if refused(&e) => Err(StoreOpenError::ReadOnly {
+            path: dir.to_path_buf(),
+            detail: format!("cannot create files in {}: {e}", dir.display()),
+        }),
+        Err(source) => Err(StoreOpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Checks a store file that was there before this open: a regular file,
+/// not empty (SQLite would silently take an empty file for a new store,
+/// with new signing keys and no clients), its owner's alone.
+fn check_existing(path: &Path) -> Result<(), StoreOpenError> {
+    let meta = fs::metadata(path).map_err(|source| StoreOpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
         return Err(StoreOpenError::NotAStore {
             path: path.to_path_buf(),
             reason: "it is not a regular file".into(),
         });
     }
-    let wal = write_ahead_log(path);
-    let wal_existed = fs::symlink_metadata(&wal).is_ok();
+    if meta.len() == 0 {
+        return Err(StoreOpenError::NotAStore {
+            path: path.to_path_buf(),
+            reason: "it is empty, which a store never is; if a first start was interrupted, \
+                     remove the file"
+                .into(),
+        });
+    }
+    private::check_file(path)
+}
+
+/// The files SQLite may keep beside the store: its write-ahead log, its
+/// shared-memory index and its rollback journal.
+fn companions(path: &Path) -> [PathBuf; 3] {
+    ["-wal", "-shm", "-journal"].map(|suffix| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    })
+}
+
+/// The rest of [`open`], once the store's file exists and is private.
+fn open_created(
+    dir: &Path,
+    path: &Path,
+    wal: &Path,
+    wal_existed: bool,
+) -> Result<(Connection, Snapshot), StoreOpenError> {
     let fail = |e: rusqlite::Error| classify(e, dir, path);
     let mut connection = Connection::open_with_flags(
         path,
@@ -168,14 +257,7 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Connection, Snapshot), St
         .map_err(fail)?;
 
     match prepare(&mut connection, dir, path) {
-        Ok(snapshot) => {
-            // It holds client secrets' hashes and the token-signing keys:
-            // its owner's alone, even in a directory others may read (one
-            // an older build made). SQLite gives a new log the file's mode.
-            restrict(path);
-            restrict(&wal);
-            Ok((connection, snapshot))
-        }
+        Ok(snapshot) => Ok((connection, snapshot)),
         Err(e) => {
             // Reading a store in WAL mode creates its write-ahead log, and
             // SQLite creates it only once it holds the file's exclusive
@@ -183,8 +265,8 @@ pub(super) fn open(dir: &Path, path: &Path) -> Result<(Connection, Snapshot), St
             // lock was someone else's, remove the log if it is still empty,
             // before closing, so a refused store is left as it was found.
             let ours = !matches!(e, StoreOpenError::Locked { .. }) && !wal_existed;
-            if ours && fs::metadata(&wal).is_ok_and(|m| m.len() == 0) {
-                let _ = fs::remove_file(&wal);
+            if ours && fs::metadata(wal).is_ok_and(|m| m.len() == 0) {
+                let _ = fs::remove_file(wal);
             }
             Err(e)
         }
@@ -238,28 +320,6 @@ fn prepare(
 /// Makes a newly created directory's entry durable (best effort: a
 /// failure here only matters if the machine also loses power before the
 /// file system flushes on its own).
-/// Takes group and other permissions off a store file, if it has any.
-fn restrict(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let Ok(meta) = fs::metadata(path) else {
-            return;
-        };
-        if meta.permissions().mode() & 0o077 != 0
-            && let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        {
-            tracing::warn!(
-                path = %path.display(),
-                error = %e,
-                "cannot make the store file private (mode 0600); it holds secrets' hashes and signing keys"
-            );
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-}
-
 fn sync_parent(dir: &Path) {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -339,10 +399,23 @@ fn check(connection: &Connection, path: &Path, objects: i64) -> Result<i64, Chec
     if problems != ["ok"] {
         return Err(verdict(StoreOpenError::Corrupt {
             path,
-            detail: format!("SQLite's quick_check found: {}", problems.join("; ")),
+            detail: format!("SQLite's quick_check found: {}", one_line(&problems)),
         }));
     }
     Ok(version)
+}
+
+/// SQLite's problem reports as one line: they span several (a header
+/// naming the database, then one line per problem), and the error they go
+/// into is one line on the terminal and one record in a log.
+fn one_line(problems: &[String]) -> String {
+    problems
+        .iter()
+        .flat_map(|p| p.lines())
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("***"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Runs the migrations from `version` on, each in its own transaction.
@@ -400,7 +473,7 @@ fn classify(e: rusqlite::Error, dir: &Path, path: &Path) -> StoreOpenError {
         },
         Some(ErrorCode::DatabaseCorrupt) => StoreOpenError::Corrupt {
             path,
-            detail: e.to_string(),
+            detail: one_line(&[e.to_string()]),
         },
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
             StoreOpenError::Locked { path }
