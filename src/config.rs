@@ -50,6 +50,17 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_ALLOW_INSECURE_NON_LOOPBACK")]
     pub allow_insecure_non_loopback: bool,
 
+    /// A host name a plaintext broker on loopback answers to, besides IP
+    /// addresses and localhost (repeat, or separate with commas). Any other
+    /// Host is refused (HTTP 421), against DNS rebinding from web pages.
+    #[arg(
+        long = "allowed-host",
+        env = "DCV_BROKER_ALLOWED_HOSTS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
     /// Serve gRPC over TLS only, with this certificate (PEM: the server's
     /// certificate, then any intermediates). Needs --tls-key. Both files
     /// are read again on SIGHUP. `dcv-broker tls init` makes a pair.
@@ -415,6 +426,7 @@ impl Args {
                 health: !self.auth_health,
                 reflection: !self.auth_reflection,
             },
+            allowed_hosts: self.allowed_hosts.clone(),
         }
     }
 }

@@ -103,6 +103,28 @@ impl RateTable {
         Ok(())
     }
 
+    /// Whether `client` has a token at `now`, without taking it; else how
+    /// long until it has one. For rates charged only after the fact (a
+    /// failed secret is known to be one after it was checked).
+    pub fn check(&self, client: &ClientKey, now: Instant) -> Result<(), Duration> {
+        let state = self.state.lock();
+        let full_at = match state.clients.get(client) {
+            Some(full_at) => *full_at,
+            None if state.clients.len() < self.max_clients => now,
+            None => state.overflow,
+        };
+        let ahead = full_at.max(now) + self.interval - now;
+        if ahead > self.span {
+            return Err(ahead - self.span);
+        }
+        Ok(())
+    }
+
+    /// The rate this table gives each client.
+    pub fn rate(&self) -> ClientRate {
+        self.rate
+    }
+
     /// How many clients the table remembers.
     pub fn tracked(&self) -> usize {
         self.state.lock().clients.len()
