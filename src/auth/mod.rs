@@ -466,7 +466,7 @@ impl Auth {
             work()
         })
         .await
-            .map_err(|e| AuthError::Internal(format!("hashing failed: {e}")))
+        .map_err(|e| AuthError::Internal(format!("hashing failed: {e}")))
     }
 }
 

@@ -103,21 +103,14 @@ impl RateTable {
         Ok(())
     }
 
-    /// Whether `client` has a token at `now`, without taking it; else how
-    /// long until it has one. For rates charged only after the fact (a
-    /// failed secret is known to be one after it was checked).
-    pub fn check(&self, client: &ClientKey, now: Instant) -> Result<(), Duration> {
-        let state = self.state.lock();
-        let full_at = match state.clients.get(client) {
-            Some(full_at) => *full_at,
-            None if state.clients.len() < self.max_clients => now,
-            None => state.overflow,
-        };
-        let ahead = full_at.max(now) + self.interval - now;
-        if ahead > self.span {
-            return Err(ahead - self.span);
+    /// Gives back a token [`RateTable::admit`] took from `client` at
+    /// `now`, for rates charged in advance and refunded when the request
+    /// turns out not to count (a secret that was right after all).
+    pub fn refund(&self, client: &ClientKey, now: Instant) {
+        let mut state = self.state.lock();
+        if let Some(full_at) = state.clients.get_mut(client) {
+            *full_at = full_at.checked_sub(self.interval).unwrap_or(now).max(now);
         }
-        Ok(())
     }
 
     /// The rate this table gives each client.
@@ -267,6 +260,26 @@ mod tests {
             assert_eq!(table.admit(&alice, idle), Ok(()));
         }
         assert!(table.admit(&alice, idle).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_a_token_back() {
+        let table = RateTable::new(ClientRate::new(1, 2).unwrap(), 100);
+        let alice = client("192.0.2.1");
+        let now = Instant::now();
+        table.admit(&alice, now).unwrap();
+        table.admit(&alice, now).unwrap();
+        assert!(table.admit(&alice, now).is_err());
+        table.refund(&alice, now);
+        assert_eq!(table.admit(&alice, now), Ok(()));
+        assert!(table.admit(&alice, now).is_err());
+        // Refunds never store more than a full bucket.
+        for _ in 0..5 {
+            table.refund(&alice, now);
+        }
+        table.admit(&alice, now).unwrap();
+        table.admit(&alice, now).unwrap();
+        assert!(table.admit(&alice, now).is_err());
     }
 
     #[tokio::test(start_paused = true)]
