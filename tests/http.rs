@@ -23,7 +23,6 @@ use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioIo},
 };
-use prost::Message as _;
 use tonic::transport::Channel;
 
 /// A data directory removed at the end of the test.

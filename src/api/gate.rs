@@ -162,7 +162,7 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Route {
+    fn route(status: StatusCode, error: &'static str, description: impl Into<String>) -> Route {
         Route::Refuse(Refusal {
             status,
             error,
@@ -189,7 +189,7 @@ impl Shared {
             match host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) {
                 Some(authority) => authorities.push(authority),
                 None => {
-                    return Refusal::new(
+                    return Refusal::route(
                         StatusCode::BAD_REQUEST,
                         "invalid_request",
                         "the Host header is not a host name",
@@ -202,7 +202,7 @@ impl Shared {
                 .iter()
                 .find(|authority| !host_allowed(authority.host(), allowed))
         {
-            return Refusal::new(
+            return Refusal::route(
                 StatusCode::MISDIRECTED_REQUEST,
                 "invalid_request",
                 format!(
@@ -221,7 +221,7 @@ impl Shared {
         if is_oauth_path(path) {
             return match &self.token {
                 Some(endpoint) => Route::Token(endpoint.clone()),
-                None => Refusal::new(
+                None => Refusal::route(
                     StatusCode::NOT_FOUND,
                     "invalid_request",
                     "authentication is off on this broker: it issues no tokens",
@@ -230,13 +230,13 @@ impl Shared {
         }
         if !is_grpc_content_type(headers) {
             return if is_grpc_method_path(path) {
-                Refusal::new(
+                Refusal::route(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "invalid_request",
                     "this is a gRPC method: send application/grpc over HTTP/2",
                 )
             } else {
-                Refusal::new(
+                Refusal::route(
                     StatusCode::NOT_FOUND,
                     "invalid_request",
                     format!("nothing is served at {path:?}"),
@@ -244,7 +244,7 @@ impl Shared {
             };
         }
         if request.version() != Version::HTTP_2 {
-            return Refusal::new(
+            return Refusal::route(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "invalid_request",
                 "gRPC is served over HTTP/2 only",
@@ -259,7 +259,7 @@ impl Shared {
         // own word that no other site is behind the request.
         for value in headers.get_all("sec-fetch-site") {
             if !matches!(value.as_bytes(), b"same-origin" | b"none") {
-                return Some(Refusal::new(
+                return Some(Refusal::route(
                     StatusCode::FORBIDDEN,
                     "invalid_request",
                     "cross-site requests are refused (Sec-Fetch-Site)",
@@ -274,7 +274,7 @@ impl Shared {
                 .zip(own)
                 .is_some_and(|(origin, own)| self.is_own_origin(&origin, own));
             if !same {
-                return Some(Refusal::new(
+                return Some(Refusal::route(
                     StatusCode::FORBIDDEN,
                     "invalid_request",
                     "cross-origin requests are refused (Origin is not this broker)",
