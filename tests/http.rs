@@ -370,11 +370,12 @@ impl Calls {
     }
 }
 
-/// GRPC callers at work: `CALLERS` operators each calling DescribeServers
-/// every `PACE`, `CALLS` times.
+/// gRPC callers at work: `CALLERS` operators (one client) each calling
+/// DescribeServers every `PACE`, `CALLS` times: 160 calls a second in all,
+/// under the client's own rate (200 a second), for 3 s.
 const CALLERS: usize = 4;
-const CALLS: usize = 250;
-const PACE: Duration = Duration::from_millis(10);
+const CALLS: usize = 120;
+const PACE: Duration = Duration::from_millis(25);
 
 async fn grpc_callers(addr: SocketAddr, token: &str) -> Calls {
     let channel = channel(format!("http://{addr}")).await;
@@ -432,7 +433,7 @@ async fn flood(
     addr: SocketAddr,
     id: String,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> Vec<(StatusCode, Duration)> {
+) -> Vec<(StatusCode, bool)> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let wrong = basic(&id, "not-the-secret");
     let mut pace = tokio::time::interval(Duration::from_secs(1) / FLOOD_RATE);
@@ -450,17 +451,11 @@ async fn flood(
         );
         let client = client.clone();
         sent.push(tokio::spawn(async move {
-            let started = Instant::now();
             let response = client.request(request).await.unwrap();
             let status = response.status();
-            if status != StatusCode::UNAUTHORIZED {
-                assert!(
-                    response.headers().contains_key(header::RETRY_AFTER),
-                    "{response:?}"
-                );
-            }
+            let retry_after = response.headers().contains_key(header::RETRY_AFTER);
             let _ = response.into_body().collect().await;
-            (status, started.elapsed())
+            (status, retry_after)
         }));
     }
     let mut replies = Vec::new();
@@ -508,6 +503,23 @@ async fn a_wrong_secret_token_flood_does_not_starve_grpc_callers() {
     let flood = flooding.await.unwrap();
     let flooded_for = flood_started.elapsed();
 
+    for (name, calls) in [("quiet", &quiet), ("flooded", &loaded)] {
+        assert_eq!(calls.total(), CALLERS * CALLS);
+        assert!(
+            calls.failed.is_empty(),
+            "{name}: {} of {} calls failed, e.g. {:?}",
+            calls.failed.len(),
+            calls.total(),
+            calls.failed.first()
+        );
+    }
+    let bound = quiet.p99() * 3 + Duration::from_millis(50);
+    assert!(
+        loaded.p99() <= bound,
+        "p99 {:?} under the flood, {:?} without",
+        loaded.p99(),
+        quiet.p99()
+    );
     // The flood happened: 401 while the address had failures left, then
     // 429 without hashing (503 if the token budget was full meanwhile).
     assert!(flood.len() >= 100, "only {} flood requests", flood.len());
@@ -526,8 +538,14 @@ async fn a_wrong_secret_token_flood_does_not_starve_grpc_callers() {
     assert_eq!(
         hashed + limited + busy,
         flood.len(),
-        "only 401 or 429: {:?}",
+        "only 401, 429 or 503: {:?}",
         flood.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    );
+    assert!(
+        flood
+            .iter()
+            .all(|(status, retry_after)| *status == StatusCode::UNAUTHORIZED || *retry_after),
+        "a 429 or 503 without Retry-After"
     );
     // The failed-secret rate: a burst of 10, then one a second.
     let seconds = flooded_for.as_secs_f64().ceil() as usize;
@@ -536,23 +554,6 @@ async fn a_wrong_secret_token_flood_does_not_starve_grpc_callers() {
         "{hashed} wrong secrets were checked in {flooded_for:?}"
     );
 
-    for (name, calls) in [("quiet", &quiet), ("flooded", &loaded)] {
-        assert_eq!(calls.total(), CALLERS * CALLS);
-        assert!(
-            calls.failed.is_empty(),
-            "{name}: {} of {} calls failed, e.g. {:?}",
-            calls.failed.len(),
-            calls.total(),
-            calls.failed.first()
-        );
-    }
-    let bound = quiet.p99() * 3 + Duration::from_millis(50);
-    assert!(
-        loaded.p99() <= bound,
-        "p99 {:?} under the flood, {:?} without",
-        loaded.p99(),
-        quiet.p99()
-    );
     eprintln!(
         "p99 quiet {:?}, flooded {:?}; flood: {} requests in {flooded_for:?}, \
          {hashed} checked, {limited} limited, {busy} busy",
