@@ -224,7 +224,7 @@ impl Shared {
                 None => Refusal::route(
                     StatusCode::NOT_FOUND,
                     "invalid_request",
-                    "authentication is off on this broker: it issues no tokens",
+                    "this broker runs without a token endpoint: authentication is off",
                 ),
             };
         }
