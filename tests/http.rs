@@ -44,8 +44,13 @@ impl Drop for TempDir {
 
 /// Registers a client in a stopped broker's store: its id and secret.
 fn register(dir: &Path, scopes: &str) -> (String, String) {
+    register_with(dir, &["--scopes", scopes])
+}
+
+fn register_with(dir: &Path, args: &[&str]) -> (String, String) {
     let out = std::process::Command::new(BROKER_BIN)
-        .args(["clients", "register", "--name", "test", "--scopes", scopes])
+        .args(["clients", "register", "--name", "test"])
+        .args(args)
         .args(["--json", "--data-dir"])
         .arg(dir)
         .output()
@@ -371,44 +376,60 @@ impl Calls {
 }
 
 /// gRPC callers at work: `CALLERS` operators (one client) each calling
-/// DescribeServers every `PACE`, `CALLS` times: 160 calls a second in all,
-/// under the client's own rate (200 a second), for 3 s.
+/// DescribeServers every `PACE`, `CALLS` times, and as many agents (one
+/// client, one server) heartbeating at the same pace: 160 calls a second
+/// per client, under each client's own rate (200 a second), for 3 s.
 const CALLERS: usize = 4;
 const CALLS: usize = 120;
 const PACE: Duration = Duration::from_millis(25);
 
-async fn grpc_callers(addr: SocketAddr, token: &str) -> Calls {
+/// The agent's server.
+const AGENT_SERVER: &str = "flood-agent";
+
+async fn grpc_callers(addr: SocketAddr, operator: &str, agent: &str) -> Calls {
     let channel = channel(format!("http://{addr}")).await;
-    let tasks: Vec<_> = (0..CALLERS)
-        .map(|_| {
-            let mut servers = ServersClient::new(channel.clone());
-            let bearer: tonic::metadata::MetadataValue<_> =
-                format!("Bearer {token}").parse().unwrap();
-            tokio::spawn(async move {
-                let mut calls = Calls {
-                    ok: 0,
-                    failed: Vec::new(),
-                    latencies: Vec::new(),
-                };
-                let mut pace = tokio::time::interval(PACE);
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                for _ in 0..CALLS {
-                    pace.tick().await;
+    let bearer = |token: &str| -> tonic::metadata::MetadataValue<_> {
+        format!("Bearer {token}").parse().unwrap()
+    };
+    let (operator, agent) = (bearer(operator), bearer(agent));
+    let mut tasks = Vec::new();
+    for caller in 0..2 * CALLERS {
+        let mut servers = ServersClient::new(channel.clone());
+        let mut agents = pb::agent_client::AgentClient::new(channel.clone());
+        let (operator, agent) = (operator.clone(), agent.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut calls = Calls {
+                ok: 0,
+                failed: Vec::new(),
+                latencies: Vec::new(),
+            };
+            let mut pace = tokio::time::interval(PACE);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for _ in 0..CALLS {
+                pace.tick().await;
+                let started = Instant::now();
+                let result = if caller % 2 == 0 {
                     let mut request = tonic::Request::new(pb::DescribeServersRequest::default());
                     request
                         .metadata_mut()
-                        .insert("authorization", bearer.clone());
-                    let started = Instant::now();
-                    match servers.describe_servers(request).await {
-                        Ok(_) => calls.ok += 1,
-                        Err(status) => calls.failed.push(status),
-                    }
-                    calls.latencies.push(started.elapsed());
+                        .insert("authorization", operator.clone());
+                    servers.describe_servers(request).await.map(drop)
+                } else {
+                    let mut request = tonic::Request::new(common::beat(AGENT_SERVER, vec![]));
+                    request
+                        .metadata_mut()
+                        .insert("authorization", agent.clone());
+                    agents.heartbeat(request).await.map(drop)
+                };
+                match result {
+                    Ok(()) => calls.ok += 1,
+                    Err(status) => calls.failed.push(status),
                 }
-                calls
-            })
-        })
-        .collect();
+                calls.latencies.push(started.elapsed());
+            }
+            calls
+        }));
+    }
     let mut all = Calls {
         ok: 0,
         failed: Vec::new(),
@@ -425,15 +446,21 @@ async fn grpc_callers(addr: SocketAddr, token: &str) -> Calls {
 
 /// The flood: wrong-secret token requests from one address at
 /// `FLOOD_RATE` a second (under the address's request rate, 200 a
-/// second), over keep-alive HTTP/1.1, until `stop` or `FLOOD_MAX`.
+/// second), over keep-alive HTTP/1.1, until `stop` or `FLOOD_MAX`;
+/// `under_way` is told once `FLOOD_HEAD_START` requests are out, so that
+/// the callers meet a flood in full swing (before the fix, token requests
+/// piled up in the gRPC slots for 5 s each).
 const FLOOD_RATE: u32 = 100;
-const FLOOD_MAX: usize = 1000;
+const FLOOD_HEAD_START: usize = 200;
+const FLOOD_MAX: usize = 1500;
 
 async fn flood(
     addr: SocketAddr,
     id: String,
+    under_way: tokio::sync::oneshot::Sender<()>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Vec<(StatusCode, bool)> {
+    let mut under_way = Some(under_way);
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let wrong = basic(&id, "not-the-secret");
     let mut pace = tokio::time::interval(Duration::from_secs(1) / FLOOD_RATE);
@@ -457,6 +484,11 @@ async fn flood(
             let _ = response.into_body().collect().await;
             (status, retry_after)
         }));
+        if sent.len() == FLOOD_HEAD_START
+            && let Some(under_way) = under_way.take()
+        {
+            let _ = under_way.send(());
+        }
     }
     let mut replies = Vec::new();
     for reply in sent {
@@ -465,46 +497,64 @@ async fn flood(
     replies
 }
 
-/// The bound: under the flood, every gRPC call still succeeds (as without
-/// it), and the p99 latency is at most 3 times the quiet p99 plus 50 ms
+/// The bound: under the flood, every gRPC call (operators' DescribeServers
+/// and agents' heartbeats) still succeeds, as without it, and the p99 latency is at most 3 times the quiet p99 plus 50 ms
 /// (slack for a shared 2-core machine; before the fix, 85% of calls
 /// failed with RESOURCE_EXHAUSTED).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_secret_token_flood_does_not_starve_grpc_callers() {
     let dir = TempDir::new();
     let (id, secret) = register(&dir.0, "read");
+    let agent = register_with(&dir.0, &["--scopes", "agent", "--server-id", AGENT_SERVER]);
     let broker = auth_broker(&dir.0, &[]).await;
     let addr = broker.addr;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let response = client
-        .request(request(
-            Method::POST,
-            &format!("http://{addr}{TOKEN_TARGET}"),
-            &[
-                ("content-type", FORM),
-                ("authorization", &basic(&id, &secret)),
-            ],
-            "",
-        ))
+    let token_of = |(id, secret): (String, String)| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .request(request(
+                    Method::POST,
+                    &format!("http://{addr}{TOKEN_TARGET}"),
+                    &[
+                        ("content-type", FORM),
+                        ("authorization", &basic(&id, &secret)),
+                    ],
+                    "",
+                ))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            reply["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let operator = token_of((id.clone(), secret)).await;
+    let agent = token_of(agent).await;
+    let mut request = tonic::Request::new(common::registration(AGENT_SERVER, "linux", 4));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {agent}").parse().unwrap());
+    pb::agent_client::AgentClient::new(channel(format!("http://{addr}")).await)
+        .register_server(request)
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let token = reply["access_token"].as_str().unwrap().to_owned();
 
-    let quiet = grpc_callers(addr, &token).await;
+    let quiet = grpc_callers(addr, &operator, &agent).await;
 
     let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (under_way, in_full_swing) = tokio::sync::oneshot::channel();
     let flood_started = Instant::now();
-    let flooding = tokio::spawn(flood(addr, id.clone(), stopped));
-    let loaded = grpc_callers(addr, &token).await;
+    let flooding = tokio::spawn(flood(addr, id.clone(), under_way, stopped));
+    in_full_swing.await.expect("the flood got going");
+    let loaded = grpc_callers(addr, &operator, &agent).await;
     let _ = stop.send(());
     let flood = flooding.await.unwrap();
     let flooded_for = flood_started.elapsed();
 
     for (name, calls) in [("quiet", &quiet), ("flooded", &loaded)] {
-        assert_eq!(calls.total(), CALLERS * CALLS);
+        assert_eq!(calls.total(), 2 * CALLERS * CALLS);
         assert!(
             calls.failed.is_empty(),
             "{name}: {} of {} calls failed, e.g. {:?}",
