@@ -94,6 +94,33 @@ impl TokenEndpoint {
             }),
         }
     }
+
+    /// A 429 or 503 for `source`, logged at WARN only now and then so that a
+    /// flood shows without flooding the log.
+    fn refuse(
+        &self,
+        source: &ClientKey,
+        status: StatusCode,
+        description: &str,
+        retry_after: Duration,
+    ) -> http::Response<Body> {
+        let refused = self.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused.is_power_of_two() {
+            tracing::warn!(
+                %source,
+                refused,
+                status = status.as_u16(),
+                "token request refused: {description}"
+            );
+        } else {
+            tracing::debug!(
+                %source,
+                status = status.as_u16(),
+                "token request refused: {description}"
+            );
+        }
+        retry_later(status, description, retry_after)
+    }
 }
 
 impl Service<http::Request<Body>> for TokenEndpoint {
@@ -107,7 +134,7 @@ impl Service<http::Request<Body>> for TokenEndpoint {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let endpoint = self.clone();
-        Box::pin(async move { Ok(endpoint.token(request).await.unwrap_or_else(|e| e)) })
+        Box::pin(async move { Ok(token(&endpoint, request).await.unwrap_or_else(|e| e)) })
     }
 }
 
@@ -160,81 +187,79 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> http::Response
     response
 }
 
-impl TokenEndpoint {
-    async fn token(
-        &self,
-        request: http::Request<Body>,
-    ) -> Result<http::Response<Body>, http::Response<Body>> {
-        let budget = &*self.budget;
-        let bad = |description: &str| {
-            oauth_error(StatusCode::BAD_REQUEST, "invalid_request", description)
-        };
-        if request.uri().path() != TOKEN_PATH {
+async fn token(
+    endpoint: &TokenEndpoint,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, http::Response<Body>> {
+    let budget = &*endpoint.budget;
+    let bad =
+        |description: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_request", description);
+    if request.uri().path() != TOKEN_PATH {
+        return Err(oauth_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request",
+            "the token endpoint is POST /oauth2/token",
+        ));
+    }
+    if request.method() != Method::POST {
+        let mut response = oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "the token endpoint takes POST",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Err(response);
+    }
+    let source = ClientKey::of(request.extensions());
+    if let Some(Err(wait)) = budget
+        .requests
+        .as_ref()
+        .map(|table| table.admit(&source, Instant::now()))
+    {
+        return Err(endpoint.refuse(
+            &source,
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("too many requests from {source}; retry later"),
+            wait,
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let form = Limited::new(body, MAX_FORM_BYTES)
+        .collect()
+        .await
+        .map_err(|_| bad("the form body is unreadable or over 8 KiB"))?
+        .to_bytes();
+    // DCV's clients put grant_type in the query; RFC 6749 puts everything
+    // in the form body. Both are read; a parameter given twice is refused.
+    let mut params: Vec<(String, String)> = Vec::new();
+    for (name, value) in form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .chain(form_urlencoded::parse(&form))
+    {
+        if params.iter().any(|(n, _)| *n == name) {
+            return Err(bad(&format!("parameter {name:?} is given more than once")));
+        }
+        params.push((name.into_owned(), value.into_owned()));
+    }
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    match param("grant_type") {
+        Some("client_credentials") => {}
+        Some(other) => {
             return Err(oauth_error(
-                StatusCode::NOT_FOUND,
-                "invalid_request",
-                "the token endpoint is POST /oauth2/token",
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("grant_type {other:?} is not supported; use client_credentials"),
             ));
         }
-        if request.method() != Method::POST {
-            let mut response = oauth_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request",
-                "the token endpoint takes POST",
-            );
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("POST"));
-            return Err(response);
-        }
-        let source = ClientKey::of(request.extensions());
-        if let Some(Err(wait)) = budget
-            .requests
-            .as_ref()
-            .map(|table| table.admit(&source, Instant::now()))
-        {
-            return Err(self.refuse(
-                &source,
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!("too many requests from {source}; retry later"),
-                wait,
-            ));
-        }
-        let (parts, body) = request.into_parts();
-        let form = Limited::new(body, MAX_FORM_BYTES)
-            .collect()
-            .await
-            .map_err(|_| bad("the form body is unreadable or over 8 KiB"))?
-            .to_bytes();
-        // DCV's clients put grant_type in the query; RFC 6749 puts everything
-        // in the form body. Both are read; a parameter given twice is refused.
-        let mut params: Vec<(String, String)> = Vec::new();
-        for (name, value) in form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-            .chain(form_urlencoded::parse(&form))
-        {
-            if params.iter().any(|(n, _)| *n == name) {
-                return Err(bad(&format!("parameter {name:?} is given more than once")));
-            }
-            params.push((name.into_owned(), value.into_owned()));
-        }
-        let param = |name: &str| {
-            params
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        };
-        match param("grant_type") {
-            Some("client_credentials") => {}
-            Some(other) => {
-                return Err(oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "unsupported_grant_type",
-                    &format!("grant_type {other:?} is not supported; use client_credentials"),
-                ));
-            }
-            None => return Err(bad("grant_type=client_credentials is missing")),
-        }
-        let basic = match parts.headers.get(header::AUTHORIZATION) {
+        None => return Err(bad("grant_type=client_credentials is missing")),
+    }
+    let basic = match parts.headers.get(header::AUTHORIZATION) {
         Some(value) => Some(basic_credentials(value).ok_or_else(|| {
             oauth_error(
                 StatusCode::UNAUTHORIZED,
@@ -244,23 +269,23 @@ impl TokenEndpoint {
         })?),
         None => None,
     };
-        let (id, secret) = match (basic, param("client_id"), param("client_secret")) {
-            (Some(basic), None, None) => basic,
-            (None, Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
-            (None, None, None) => {
-                return Err(oauth_error(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_client",
-                    "send the client id and secret with HTTP Basic authentication",
-                ));
-            }
-            _ => {
-                return Err(bad(
-                    "send the client credentials one way: HTTP Basic, or client_id and client_secret",
-                ));
-            }
-        };
-        let requested =
+    let (id, secret) = match (basic, param("client_id"), param("client_secret")) {
+        (Some(basic), None, None) => basic,
+        (None, Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
+        (None, None, None) => {
+            return Err(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "send the client id and secret with HTTP Basic authentication",
+            ));
+        }
+        _ => {
+            return Err(bad(
+                "send the client credentials one way: HTTP Basic, or client_id and client_secret",
+            ));
+        }
+    };
+    let requested =
         // An empty scope asks for nothing in particular: the client's
         // default, all it was granted (RFC 6749 §3.3).
         match param("scope").filter(|s| !s.trim().is_empty()) {
@@ -269,107 +294,90 @@ impl TokenEndpoint {
             })?),
             None => None,
         };
-        // Charged before any hashing, refunded if the secret was right: an
-        // address out of failures costs nothing, however many requests it
-        // sends at once.
-        if let Some(Err(wait)) = budget
-            .failures
-            .as_ref()
-            .map(|table| table.admit(&source, Instant::now()))
-        {
-            return Err(self.refuse(
-                &source,
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!("too many failed client authentications from {source}; retry later"),
-                wait,
-            ));
-        }
-        let refund = || {
-            if let Some(failures) = &budget.failures {
-                failures.refund(&source, Instant::now());
-            }
-        };
-        let Ok(_checking) = Arc::clone(&budget.checking).try_acquire_owned() else {
-            refund();
-            return Err(self.refuse(
-                &source,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "{} token requests are being checked already; retry shortly",
-                    budget.max_checking
-                ),
-                Duration::from_secs(1),
-            ));
-        };
-        let issued =
-            tokio::time::timeout(budget.wait, self.auth.issue_token(&id, &secret, requested))
-                .await
-                .unwrap_or(Err(AuthError::Busy));
-        if !matches!(issued, Err(AuthError::InvalidClient)) {
-            refund();
-        }
-        match issued {
-            Ok(token) => {
-                tracing::info!(client = %id, scope = %token.scopes, "token issued");
-                Ok(json_response(
-                    StatusCode::OK,
-                    &json!({
-                        "access_token": token.access_token,
-                        "token_type": token.token_type,
-                        "expires_in": token.expires_in,
-                        "scope": token.scopes.to_string(),
-                    }),
-                ))
-            }
-            Err(AuthError::InvalidClient) => {
-                tracing::info!(client = %id, %source, "token refused: invalid client credentials");
-                Err(oauth_error(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_client",
-                    "unknown client, wrong secret, or a revoked client",
-                ))
-            }
-            Err(AuthError::ScopeNotGranted(scope)) => Err(oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_scope",
-                &format!("scope {scope:?} is not granted to this client"),
-            )),
-            Err(AuthError::Busy) => Err(self.refuse(
-                &source,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "the secret could not be checked within {} ms; retry shortly",
-                    budget.wait.as_millis()
-                ),
-                Duration::from_secs(1),
-            )),
-            Err(e) => {
-                tracing::error!(error = %e, "token endpoint failed");
-                Err(oauth_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "internal error; see the broker's log",
-                ))
-            }
-        }
+    // Charged before any hashing, refunded if the secret was right: an
+    // address out of failures costs nothing, however many requests it
+    // sends at once.
+    if let Some(Err(wait)) = budget
+        .failures
+        .as_ref()
+        .map(|table| table.admit(&source, Instant::now()))
+    {
+        return Err(endpoint.refuse(
+            &source,
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("too many failed client authentications from {source}; retry later"),
+            wait,
+        ));
     }
-
-    /// A 429 or 503 for `source`, logged at WARN only now and then so that a
-    /// flood shows without flooding the log.
-    fn refuse(
-        &self,
-        source: &ClientKey,
-        status: StatusCode,
-        description: &str,
-        retry_after: Duration,
-    ) -> http::Response<Body> {
-        let refused = self.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        if refused.is_power_of_two() {
-            tracing::warn!(%source, refused, status = status.as_u16(), "token request refused: {description}");
-        } else {
-            tracing::debug!(%source, status = status.as_u16(), "token request refused: {description}");
+    let refund = || {
+        if let Some(failures) = &budget.failures {
+            failures.refund(&source, Instant::now());
         }
-        retry_later(status, description, retry_after)
+    };
+    let Ok(_checking) = Arc::clone(&budget.checking).try_acquire_owned() else {
+        refund();
+        return Err(endpoint.refuse(
+            &source,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "{} token requests are being checked already; retry shortly",
+                budget.max_checking
+            ),
+            Duration::from_secs(1),
+        ));
+    };
+    let issued = tokio::time::timeout(
+        budget.wait,
+        endpoint.auth.issue_token(&id, &secret, requested),
+    )
+    .await
+    .unwrap_or(Err(AuthError::Busy));
+    if !matches!(issued, Err(AuthError::InvalidClient)) {
+        refund();
+    }
+    match issued {
+        Ok(token) => {
+            tracing::info!(client = %id, scope = %token.scopes, "token issued");
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "access_token": token.access_token,
+                    "token_type": token.token_type,
+                    "expires_in": token.expires_in,
+                    "scope": token.scopes.to_string(),
+                }),
+            ))
+        }
+        Err(AuthError::InvalidClient) => {
+            tracing::info!(client = %id, %source, "token refused: invalid client credentials");
+            Err(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "unknown client, wrong secret, or a revoked client",
+            ))
+        }
+        Err(AuthError::ScopeNotGranted(scope)) => Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            &format!("scope {scope:?} is not granted to this client"),
+        )),
+        Err(AuthError::Busy) => Err(endpoint.refuse(
+            &source,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "the secret could not be checked within {} ms; retry shortly",
+                budget.wait.as_millis()
+            ),
+            Duration::from_secs(1),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "token endpoint failed");
+            Err(oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal error; see the broker's log",
+            ))
+        }
     }
 }
 

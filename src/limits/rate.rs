@@ -113,11 +113,6 @@ impl RateTable {
         }
     }
 
-    /// The rate this table gives each client.
-    pub fn rate(&self) -> ClientRate {
-        self.rate
-    }
-
     /// How many clients the table remembers.
     pub fn tracked(&self) -> usize {
         self.state.lock().clients.len()
