@@ -609,6 +609,24 @@ mod tests {
     }
 
     #[test]
+    fn allowed_hosts_repeat_or_split_on_commas() {
+        let none = Args::try_parse_from(["dcv-broker"]).unwrap();
+        assert!(none.broker_config().allowed_hosts.is_empty());
+        let some = Args::try_parse_from([
+            "dcv-broker",
+            "--allowed-host",
+            "broker.internal",
+            "--allowed-host",
+            "a.test,b.test",
+        ])
+        .unwrap();
+        assert_eq!(
+            some.broker_config().allowed_hosts,
+            ["broker.internal", "a.test", "b.test"]
+        );
+    }
+
+    #[test]
     fn limit_flags_default_to_the_limits_and_zero_turns_off() {
         let args = Args::try_parse_from(["dcv-broker"]).unwrap();
         assert_eq!(args.broker_config().limits, Limits::default());

@@ -312,6 +312,16 @@ mod tests {
         assert!(rate.burst.get() >= rate.per_second.get());
         assert!(limits.max_concurrent_streams >= 100, "RFC 9113's advice");
         assert!(limits.max_request_bytes <= limits.max_response_bytes);
+        let failed = limits.failed_secret_rate.unwrap();
+        assert!(
+            failed.per_second < rate.per_second && failed.burst < rate.burst,
+            "failed secrets are held to a stricter rate than requests"
+        );
+        assert!(limits.max_token_requests >= 1);
+        assert!(
+            limits.token_wait < Duration::from_secs(5),
+            "under auth's own queue wait"
+        );
         assert_eq!(ClientRate::new(0, 5), None);
         assert_eq!(ClientRate::new(5, 0), None);
     }
