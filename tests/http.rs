@@ -178,7 +178,7 @@ const CLOSED: i32 = pb::UnavailabilityReason::ServerClosed as i32;
 #[tokio::test]
 async fn a_web_page_cannot_close_a_server_and_grpc_clients_still_can() {
     // The default broker: plaintext on loopback, no authentication.
-    let broker = BrokerProcess::start(&[] as &[&str]).await;
+    let mut broker = BrokerProcess::start(&[] as &[&str]).await;
     let addr = broker.addr;
     let target = dcv_broker::demo::server_id(1);
     let frame = grpc_frame(&close_request(&target));
@@ -228,6 +228,9 @@ async fn a_web_page_cannot_close_a_server_and_grpc_clients_still_can() {
         let reply = http1(addr, request(Method::POST, path, headers, frame.clone())).await;
         reply.assert_http_error(expected);
     }
+    // The operator sees it in the log.
+    let warning = broker.logged("refused by the HTTP gate").await;
+    assert!(warning.contains("attacker.example"), "{warning}");
 
     // The server is still open, as a tonic client (the name grpcurl users
     // type, localhost) sees it.

@@ -31,7 +31,10 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -58,6 +61,7 @@ struct Shared {
     /// `None`: any Host. `Some(names)`: IP literals, `localhost` and these
     /// (lowercase) only.
     hosts: Option<Vec<String>>,
+    refused: AtomicU64,
 }
 
 impl HttpGateLayer {
@@ -83,6 +87,7 @@ impl HttpGateLayer {
                         .map(|name| name.trim_end_matches('.').to_ascii_lowercase())
                         .collect()
                 }),
+                refused: AtomicU64::new(0),
             }),
         }
     }
@@ -132,12 +137,25 @@ where
                 })
             }
             Route::Refuse(refusal) => {
-                tracing::debug!(
-                    status = refusal.status.as_u16(),
-                    path = request.uri().path(),
-                    "refused by the HTTP gate: {}",
-                    refusal.description
-                );
+                // A web page probing the broker is worth seeing, but not
+                // once per request of a flood.
+                let refused = self.shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        status = refusal.status.as_u16(),
+                        path = request.uri().path(),
+                        refused,
+                        "refused by the HTTP gate: {}",
+                        refusal.description
+                    );
+                } else {
+                    tracing::debug!(
+                        status = refusal.status.as_u16(),
+                        path = request.uri().path(),
+                        "refused by the HTTP gate: {}",
+                        refusal.description
+                    );
+                }
                 let response = refusal.response();
                 Box::pin(async move { Ok(response) })
             }
