@@ -50,6 +50,17 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_ALLOW_INSECURE_NON_LOOPBACK")]
     pub allow_insecure_non_loopback: bool,
 
+    /// A host name a plaintext broker on loopback answers to, besides IP
+    /// addresses and localhost (repeat, or separate with commas). Any other
+    /// Host is refused (HTTP 421), against DNS rebinding from web pages.
+    #[arg(
+        long = "allowed-host",
+        env = "DCV_BROKER_ALLOWED_HOSTS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
     /// Serve gRPC over TLS only, with this certificate (PEM: the server's
     /// certificate, then any intermediates). Needs --tls-key. Both files
     /// are read again on SIGHUP. `dcv-broker tls init` makes a pair.
@@ -415,6 +426,7 @@ impl Args {
                 health: !self.auth_health,
                 reflection: !self.auth_reflection,
             },
+            allowed_hosts: self.allowed_hosts.clone(),
         }
     }
 }
@@ -594,6 +606,24 @@ mod tests {
         assert_eq!(args.listen.to_string(), "127.0.0.1:8443");
         let bad = Args::try_parse_from(["dcv-broker", "--unreachable-after", "2h"]).unwrap();
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn allowed_hosts_repeat_or_split_on_commas() {
+        let none = Args::try_parse_from(["dcv-broker"]).unwrap();
+        assert!(none.broker_config().allowed_hosts.is_empty());
+        let some = Args::try_parse_from([
+            "dcv-broker",
+            "--allowed-host",
+            "broker.internal",
+            "--allowed-host",
+            "a.test,b.test",
+        ])
+        .unwrap();
+        assert_eq!(
+            some.broker_config().allowed_hosts,
+            ["broker.internal", "a.test", "b.test"]
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use tonic_health::ServingStatus;
 
 use crate::{
     api::{
-        AgentApi, AuthLayer, OpenServices, RequestSpanLayer, ServersApi, SessionsApi,
-        oauth::TokenEndpoint,
+        AgentApi, AuthLayer, HttpGateLayer, OpenServices, RequestSpanLayer, ServersApi,
+        SessionsApi, oauth::TokenEndpoint,
     },
     auth::Auth,
     demo,
@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     pub auth: Option<Auth>,
     /// What stays open to callers without credentials when `auth` is on.
     pub open_services: OpenServices,
+    /// Host names a plaintext broker on loopback answers besides IP
+    /// literals and `localhost` (see `api::gate`: DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -61,6 +64,7 @@ impl Default for BrokerConfig {
             demo_fleet: 0,
             auth: None,
             open_services: OpenServices::default(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -163,10 +167,27 @@ async fn run(
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
 
+    // Rebinding checks need to know whether this is a loopback listener;
+    // one whose address cannot be read is treated as one (the strict side).
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let gate = HttpGateLayer::new(
+        config
+            .auth
+            .clone()
+            .map(|auth| TokenEndpoint::new(auth, &config.limits)),
+        local,
+        tls.is_some(),
+        &config.allowed_hosts,
+    );
+
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let builder = Server::builder()
         // The token endpoint is plain HTTP: OAuth clients (curl, Python's
-        // requests) speak HTTP/1.1. gRPC stays HTTP/2 only.
+        // requests) speak HTTP/1.1. hyper then accepts HTTP/1.1 for every
+        // path; the HTTP gate below keeps gRPC to HTTP/2 and
+        // application/grpc.
         .accept_http1(true)
         .http2_keepalive_interval(config.http2_keepalive)
         .http2_keepalive_timeout(config.http2_keepalive.map(|_| Duration::from_secs(20)));
@@ -176,10 +197,14 @@ async fn run(
     }
     let router = builder
         // Outermost, so that refusals below are logged with the request's
-        // id; then authentication, so that the rate is counted per client
-        // id; then the client's rate, so that a client over it takes no
-        // slot from the others; then the global in-flight limit.
+        // id; then the HTTP gate, which refuses what is not for us (other
+        // hosts, other sites, non-gRPC on gRPC paths) and answers the token
+        // endpoint itself, outside the gRPC limits; then authentication,
+        // so that the rate is counted per client id; then the client's
+        // rate, so that a client over it takes no slot from the others;
+        // then the global in-flight limit.
         .layer(RequestSpanLayer)
+        .layer(gate)
         .layer(tower::util::option_layer(
             config
                 .auth
@@ -191,7 +216,6 @@ async fn run(
             limits.max_tracked_clients,
         ))
         .layer(InFlightLimitLayer::new(limits.max_concurrent_requests))
-        .add_optional_service(config.auth.clone().map(TokenEndpoint::new))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -677,6 +677,200 @@ async fn bad_token_requests_get_the_rfc_6749_errors() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
 }
 
+/// A refusal for load or rate: `status`, OAuth JSON, `Retry-After` in
+/// whole seconds, no gRPC.
+fn assert_retry_later(reply: &Reply, status: StatusCode) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert_eq!(reply.headers[header::CONTENT_TYPE], "application/json");
+    assert!(reply.headers.get("grpc-status").is_none(), "{reply:?}");
+    assert_eq!(reply.error(), "temporarily_unavailable");
+    let retry: u64 = reply.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{reply:?}");
+}
+
+/// [`request_token`] from the local address `local` (another client, as
+/// far as per-address limits can tell).
+async fn request_token_from(addr: SocketAddr, local: &str, id: &str, secret: &str) -> Reply {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(local.parse().unwrap()));
+    let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
+    let request = http::Request::post(format!(
+        "http://{addr}/oauth2/token?grant_type=client_credentials"
+    ))
+    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+    .header(header::AUTHORIZATION, basic(id, secret))
+    .body(Full::new(Bytes::new()))
+    .unwrap();
+    let (parts, body) = client.request(request).await.unwrap().into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn a_token_request_past_its_wait_or_queue_bound_is_503_at_once() {
+    // The wait bound: no time at all to check a secret.
+    let b = AuthBroker::with(BrokerConfig {
+        limits: Limits {
+            token_wait: Duration::ZERO,
+            ..quiet_config().limits
+        },
+        ..quiet_config()
+    })
+    .await;
+    let (id, secret) = b.client("read", None).await;
+    let reply = request_token(b.broker.addr, Http::One, &id, &secret, "").await;
+    assert_retry_later(&reply, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The queue bound: one token request checked at a time; the others
+    // arriving meanwhile are refused, not queued. Concurrent rounds until
+    // two overlap (almost always the first: a check takes milliseconds).
+    let b = AuthBroker::with(BrokerConfig {
+        limits: Limits {
+            max_token_requests: 1,
+            ..quiet_config().limits
+        },
+        ..quiet_config()
+    })
+    .await;
+    let (id, secret) = b.client("read", None).await;
+    let mut refused = None;
+    for _ in 0..20 {
+        let round: Vec<_> = (0..8)
+            .map(|_| {
+                let (id, secret) = (id.clone(), secret.clone());
+                let addr = b.broker.addr;
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let reply = request_token(addr, Http::One, &id, &secret, "").await;
+                    (reply, started.elapsed())
+                })
+            })
+            .collect();
+        for reply in round {
+            let (reply, took) = reply.await.unwrap();
+            if reply.status == StatusCode::OK {
+                continue;
+            }
+            assert_retry_later(&reply, StatusCode::SERVICE_UNAVAILABLE);
+            refused = Some(took);
+        }
+        if refused.is_some() {
+            break;
+        }
+    }
+    let took = refused.expect("no token request was ever refused with 503");
+    // At once: not after the 2 s wait bound.
+    assert!(took < Limits::default().token_wait, "{took:?}");
+    // And the endpoint serves on.
+    issue(b.broker.addr, &id, &secret).await;
+}
+
+#[tokio::test]
+async fn failed_secrets_are_limited_per_address_before_any_hashing() {
+    const BURST: usize = 3;
+    let b = AuthBroker::with(BrokerConfig {
+        limits: Limits {
+            failed_secret_rate: ClientRate::new(1, BURST as u32),
+            ..quiet_config().limits
+        },
+        ..quiet_config()
+    })
+    .await;
+    let (id, secret) = b.client("read", None).await;
+    let addr = b.broker.addr;
+    // Right secrets are not failures, however many.
+    for _ in 0..BURST + 2 {
+        issue(addr, &id, &secret).await;
+    }
+    let started = Instant::now();
+    let mut failed = 0;
+    let limited = loop {
+        let reply = request_token_from(addr, "127.0.0.1", &id, "wrong").await;
+        if reply.status != StatusCode::UNAUTHORIZED {
+            break reply;
+        }
+        assert_eq!(reply.error(), "invalid_client");
+        failed += 1;
+        assert!(failed <= 50, "never limited");
+    };
+    // One failure a second accrues while the requests run.
+    let accrued = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (BURST..=BURST + accrued).contains(&failed),
+        "{failed} failures before the limit"
+    );
+    assert_retry_later(&limited, StatusCode::TOO_MANY_REQUESTS);
+    // Another address is not limited by this one's failures.
+    let other = request_token_from(addr, "127.0.0.2", &id, &secret).await;
+    assert_eq!(other.status, StatusCode::OK, "{other:?}");
+    // This address is refused before its secret is checked, so even a
+    // right one waits for the Retry-After (unless it passed meanwhile).
+    let limited_at = Instant::now();
+    let again = request_token_from(addr, "127.0.0.1", &id, &secret).await;
+    if limited_at.elapsed() < Duration::from_millis(500) {
+        assert_retry_later(&again, StatusCode::TOO_MANY_REQUESTS);
+    }
+}
+
+#[tokio::test]
+async fn a_token_request_takes_no_grpc_slot() {
+    let b = AuthBroker::with(BrokerConfig {
+        limits: Limits {
+            max_concurrent_requests: Some(1),
+            ..quiet_config().limits
+        },
+        ..quiet_config()
+    })
+    .await;
+    let (id, secret) = b.client("read", None).await;
+    let token = b.auth.issue_token(&id, &secret, None).await.unwrap();
+    // A gRPC call whose body never ends holds the one slot.
+    let tcp = tokio::net::TcpStream::connect(b.broker.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::Builder::new()
+        .handshake::<_, &'static [u8]>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let held = http::Request::post(format!(
+        "http://{}/dcv.sessionmanager.v1.Servers/DescribeServers",
+        b.broker.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {}", token.access_token))
+    .body(())
+    .unwrap();
+    let (_reply, _body) = h2.send_request(held, false).unwrap();
+    // Bounded polling until the slot is seen taken.
+    let mut shed = false;
+    for _ in 0..200 {
+        let code = describe_with(&b.broker, &token.access_token).await;
+        if code == Code::ResourceExhausted {
+            shed = true;
+            break;
+        }
+        assert_eq!(code, Code::Ok);
+        tokio::task::yield_now().await;
+    }
+    assert!(shed, "the held call never took the slot");
+    // The token endpoint is answered all the same, in HTTP.
+    let reply = request_token(b.broker.addr, Http::One, &id, &secret, "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(
+        describe_with(&b.broker, &token.access_token).await,
+        Code::ResourceExhausted,
+        "the slot was still held"
+    );
+}
+
 // ---------------------------------------------------------------------
 // 2. The scope of every RPC.
 // ---------------------------------------------------------------------

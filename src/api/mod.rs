@@ -6,6 +6,7 @@ pub mod agent;
 pub mod auth;
 pub mod convert;
 pub mod error;
+pub mod gate;
 pub mod oauth;
 pub mod request_id;
 pub mod servers;
@@ -13,6 +14,7 @@ pub mod sessions;
 
 pub use agent::AgentApi;
 pub use auth::{AuthLayer, OpenServices};
+pub use gate::HttpGateLayer;
 pub use request_id::{RequestId, RequestSpanLayer};
 pub use servers::ServersApi;
 pub use sessions::SessionsApi;

@@ -5,14 +5,24 @@
 //! "scope"}`. It is plain HTTP (1.1 or 2), so curl, Python's requests and
 //! DCV's own clients can use it.
 //!
-//! tonic routes a service by the first path segment, so the endpoint is a
-//! service named `oauth2`.
+//! The HTTP gate (`api::gate`) routes `/oauth2/...` here, in front of the
+//! gRPC layers: a token request takes no gRPC concurrency slot and is
+//! never answered in gRPC. It has a budget of its own instead
+//! ([`Limits`]): a bounded number of requests waiting for a secret check,
+//! each for a bounded time, and a strict per-address rate of failed
+//! secrets; past them it answers HTTP 503 or 429 with `Retry-After` at
+//! once.
 
 use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use base64::Engine as _;
@@ -20,10 +30,14 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use serde_json::json;
-use tonic::{body::Body, server::NamedService};
+use tokio::{sync::Semaphore, time::Instant};
+use tonic::body::Body;
 use tower::Service;
 
-use crate::auth::{Auth, AuthError, ScopeSet};
+use crate::{
+    auth::{Auth, AuthError, ScopeSet},
+    limits::{ClientKey, Limits, RateTable},
+};
 
 /// The token endpoint's path.
 pub const TOKEN_PATH: &str = "/oauth2/token";
@@ -32,21 +46,81 @@ pub const TOKEN_PATH: &str = "/oauth2/token";
 /// far less.
 const MAX_FORM_BYTES: usize = 8 * 1024;
 
-/// The token endpoint.
+/// The paths the endpoint answers: every one under `/oauth2/` (unknown
+/// ones with 404), none of them gRPC.
+pub fn is_oauth_path(path: &str) -> bool {
+    path == "/oauth2" || path.starts_with("/oauth2/")
+}
+
+/// The token endpoint. Cheap to clone; clones share the budget.
 #[derive(Debug, Clone)]
 pub struct TokenEndpoint {
     auth: Auth,
+    budget: Arc<Budget>,
+}
+
+/// What token requests may cost, shared by every connection.
+#[derive(Debug)]
+struct Budget {
+    /// Requests waiting for or running a secret check.
+    checking: Arc<Semaphore>,
+    max_checking: usize,
+    wait: Duration,
+    /// Every token request, per address (the gRPC clients' rate).
+    requests: Option<RateTable>,
+    /// Failed secrets, per address.
+    failures: Option<RateTable>,
+    refused: AtomicU64,
 }
 
 impl TokenEndpoint {
-    /// Issues tokens for `auth`'s clients.
-    pub fn new(auth: Auth) -> TokenEndpoint {
-        TokenEndpoint { auth }
+    /// Issues tokens for `auth`'s clients within `limits`' token budget
+    /// (and its per-client rate, per address).
+    pub fn new(auth: Auth, limits: &Limits) -> TokenEndpoint {
+        let max_checking = limits.max_token_requests.clamp(1, Semaphore::MAX_PERMITS);
+        TokenEndpoint {
+            auth,
+            budget: Arc::new(Budget {
+                checking: Arc::new(Semaphore::new(max_checking)),
+                max_checking,
+                wait: limits.token_wait,
+                requests: limits
+                    .client_rate
+                    .map(|rate| RateTable::new(rate, limits.max_tracked_clients)),
+                failures: limits
+                    .failed_secret_rate
+                    .map(|rate| RateTable::new(rate, limits.max_tracked_clients)),
+                refused: AtomicU64::new(0),
+            }),
+        }
     }
-}
 
-impl NamedService for TokenEndpoint {
-    const NAME: &'static str = "oauth2";
+    /// A 429 or 503 for `source`, logged at WARN only now and then so that a
+    /// flood shows without flooding the log.
+    fn refuse(
+        &self,
+        source: &ClientKey,
+        status: StatusCode,
+        description: &str,
+        retry_after: Duration,
+    ) -> http::Response<Body> {
+        let refused = self.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused.is_power_of_two() {
+            tracing::warn!(
+                %source,
+                refused,
+                status = status.as_u16(),
+                "token request refused: {description}"
+            );
+        } else {
+            tracing::debug!(
+                %source,
+                status = status.as_u16(),
+                "token request refused: {description}"
+            );
+        }
+        retry_later(status, description, retry_after)
+    }
 }
 
 impl Service<http::Request<Body>> for TokenEndpoint {
@@ -59,13 +133,18 @@ impl Service<http::Request<Body>> for TokenEndpoint {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let auth = self.auth.clone();
-        Box::pin(async move { Ok(token(&auth, request).await.unwrap_or_else(|e| e)) })
+        let endpoint = self.clone();
+        Box::pin(async move { Ok(token(&endpoint, request).await.unwrap_or_else(|e| e)) })
     }
 }
 
-/// An OAuth error reply (RFC 6749 §5.2).
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> http::Response<Body> {
+/// An OAuth error reply (RFC 6749 §5.2), also the shape of the HTTP gate's
+/// refusals.
+pub(crate) fn oauth_error(
+    status: StatusCode,
+    error: &str,
+    description: &str,
+) -> http::Response<Body> {
     let mut response = json_response(
         status,
         &json!({"error": error, "error_description": description}),
@@ -75,6 +154,21 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> http::Resp
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"dcv-broker\""),
         );
+    }
+    response
+}
+
+/// A refusal for load (503) or rate (429): the client may retry after
+/// `retry_after`, rounded up to whole seconds as `Retry-After` needs.
+fn retry_later(
+    status: StatusCode,
+    description: &str,
+    retry_after: Duration,
+) -> http::Response<Body> {
+    let mut response = oauth_error(status, "temporarily_unavailable", description);
+    let seconds = retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
     }
     response
 }
@@ -94,9 +188,10 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> http::Response
 }
 
 async fn token(
-    auth: &Auth,
+    endpoint: &TokenEndpoint,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, http::Response<Body>> {
+    let budget = &*endpoint.budget;
     let bad =
         |description: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_request", description);
     if request.uri().path() != TOKEN_PATH {
@@ -116,6 +211,19 @@ async fn token(
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return Err(response);
+    }
+    let source = ClientKey::of(request.extensions());
+    if let Some(Err(wait)) = budget
+        .requests
+        .as_ref()
+        .map(|table| table.admit(&source, Instant::now()))
+    {
+        return Err(endpoint.refuse(
+            &source,
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("too many requests from {source}; retry later"),
+            wait,
+        ));
     }
     let (parts, body) = request.into_parts();
     let form = Limited::new(body, MAX_FORM_BYTES)
@@ -186,7 +294,48 @@ async fn token(
             })?),
             None => None,
         };
-    match auth.issue_token(&id, &secret, requested).await {
+    // Charged before any hashing, refunded if the secret was right: an
+    // address out of failures costs nothing, however many requests it
+    // sends at once.
+    if let Some(Err(wait)) = budget
+        .failures
+        .as_ref()
+        .map(|table| table.admit(&source, Instant::now()))
+    {
+        return Err(endpoint.refuse(
+            &source,
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("too many failed client authentications from {source}; retry later"),
+            wait,
+        ));
+    }
+    let refund = || {
+        if let Some(failures) = &budget.failures {
+            failures.refund(&source, Instant::now());
+        }
+    };
+    let Ok(_checking) = Arc::clone(&budget.checking).try_acquire_owned() else {
+        refund();
+        return Err(endpoint.refuse(
+            &source,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "{} token requests are being checked already; retry shortly",
+                budget.max_checking
+            ),
+            Duration::from_secs(1),
+        ));
+    };
+    let issued = tokio::time::timeout(
+        budget.wait,
+        endpoint.auth.issue_token(&id, &secret, requested),
+    )
+    .await
+    .unwrap_or(Err(AuthError::Busy));
+    if !matches!(issued, Err(AuthError::InvalidClient)) {
+        refund();
+    }
+    match issued {
         Ok(token) => {
             tracing::info!(client = %id, scope = %token.scopes, "token issued");
             Ok(json_response(
@@ -200,7 +349,7 @@ async fn token(
             ))
         }
         Err(AuthError::InvalidClient) => {
-            tracing::info!(client = %id, "token refused: invalid client credentials");
+            tracing::info!(client = %id, %source, "token refused: invalid client credentials");
             Err(oauth_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
@@ -212,17 +361,15 @@ async fn token(
             "invalid_scope",
             &format!("scope {scope:?} is not granted to this client"),
         )),
-        Err(AuthError::Busy) => {
-            let mut response = oauth_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
-                "too many token requests at once; retry shortly",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            Err(response)
-        }
+        Err(AuthError::Busy) => Err(endpoint.refuse(
+            &source,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "the secret could not be checked within {} ms; retry shortly",
+                budget.wait.as_millis()
+            ),
+            Duration::from_secs(1),
+        )),
         Err(e) => {
             tracing::error!(error = %e, "token endpoint failed");
             Err(oauth_error(

@@ -177,7 +177,7 @@ struct Inner {
     clients: RwLock<HashMap<String, StoredClient>>,
     keys: token::Keys,
     store: Arc<dyn Store>,
-    hashing: Semaphore,
+    hashing: Arc<Semaphore>,
     /// Told of every revocation, so that calls still open (an agent's
     /// instruction stream) can end when their client is revoked.
     revocations: watch::Sender<()>,
@@ -239,7 +239,7 @@ impl Auth {
                 config,
                 clients: RwLock::new(clients),
                 store,
-                hashing: Semaphore::new(CONCURRENT_HASHES),
+                hashing: Arc::new(Semaphore::new(CONCURRENT_HASHES)),
                 revocations: watch::Sender::new(()),
                 decoy_hash,
             }),
@@ -447,18 +447,26 @@ impl Auth {
     }
 
     /// Runs argon2 off the async threads, at most [`CONCURRENT_HASHES`] at
-    /// once.
+    /// once. The slot goes with the work, not with the caller: a caller
+    /// that gives up (the token endpoint's wait bound) frees nothing until
+    /// its hash really ends, so giving up never lets more hashes run.
     async fn hashing<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
-        let _permit = tokio::time::timeout(HASH_QUEUE_WAIT, self.inner.hashing.acquire())
-            .await
-            .map_err(|_| AuthError::Busy)?
-            .map_err(|_| AuthError::Busy)?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| AuthError::Internal(format!("hashing failed: {e}")))
+        let permit = tokio::time::timeout(
+            HASH_QUEUE_WAIT,
+            Arc::clone(&self.inner.hashing).acquire_owned(),
+        )
+        .await
+        .map_err(|_| AuthError::Busy)?
+        .map_err(|_| AuthError::Busy)?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| AuthError::Internal(format!("hashing failed: {e}")))
     }
 }
 

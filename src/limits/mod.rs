@@ -13,6 +13,9 @@
 //!   request at once with `RESOURCE_EXHAUSTED` when the broker already
 //!   handles `max_concurrent_requests` of them (load shedding: overload
 //!   shows as fast errors, never as an unbounded queue);
+//! - the token endpoint's own budget (requests queued for a secret check,
+//!   how long they wait, failed secrets per address): `api::oauth`,
+//!   answering HTTP 503 or 429 with `Retry-After`, never a gRPC slot;
 //! - the request timeout: tonic (`BrokerConfig::request_timeout`);
 //! - batch sizes and string lengths: the domain ([`crate::fleet`]), item by
 //!   item, with typed failure codes.
@@ -95,6 +98,24 @@ pub struct Limits {
     /// defence against "MadeYouReset" (CVE-2025-8671), where a client
     /// provokes the resets instead of sending them.
     pub max_local_error_reset_streams: usize,
+    /// Token requests (`POST /oauth2/token`) waiting for or running their
+    /// secret check at once; one more is answered at once with HTTP 503
+    /// and `Retry-After`. Token requests have this budget of their own,
+    /// outside `max_concurrent_requests`, so that a token flood never
+    /// takes a slot from a gRPC caller. Only two secrets are hashed at a
+    /// time (tens of ms each): 16 waiting clear in well under a second,
+    /// and a longer queue would only add latency.
+    pub max_token_requests: usize,
+    /// Longest a token request waits for its secret check (queueing and
+    /// hashing) before it is answered HTTP 503 with `Retry-After`.
+    pub token_wait: Duration,
+    /// Each address's rate of token requests with a wrong secret or an
+    /// unknown client (`None`: no limit). Past it, the address's token
+    /// requests are answered HTTP 429 with `Retry-After` before any
+    /// hashing, so guessing costs the broker nothing. Legitimate clients
+    /// fail a few times at most; the address's requests stay subject to
+    /// `client_rate` too.
+    pub failed_secret_rate: Option<ClientRate>,
 }
 
 impl Default for Limits {
@@ -115,6 +136,11 @@ impl Default for Limits {
             // h2's default; tonic's builder turns the check off unless it
             // is set.
             max_local_error_reset_streams: 1024,
+            max_token_requests: 16,
+            token_wait: Duration::from_secs(2),
+            // One guess a second after a burst of ten: a mistyped secret
+            // retried by hand never meets it.
+            failed_secret_rate: ClientRate::new(1, 10),
         }
     }
 }
@@ -286,6 +312,16 @@ mod tests {
         assert!(rate.burst.get() >= rate.per_second.get());
         assert!(limits.max_concurrent_streams >= 100, "RFC 9113's advice");
         assert!(limits.max_request_bytes <= limits.max_response_bytes);
+        let failed = limits.failed_secret_rate.unwrap();
+        assert!(
+            failed.per_second < rate.per_second && failed.burst < rate.burst,
+            "failed secrets are held to a stricter rate than requests"
+        );
+        assert!(limits.max_token_requests >= 1);
+        assert!(
+            limits.token_wait < Duration::from_secs(5),
+            "under auth's own queue wait"
+        );
         assert_eq!(ClientRate::new(0, 5), None);
         assert_eq!(ClientRate::new(5, 0), None);
     }

@@ -103,6 +103,16 @@ impl RateTable {
         Ok(())
     }
 
+    /// Gives back a token [`RateTable::admit`] took from `client` at
+    /// `now`, for rates charged in advance and refunded when the request
+    /// turns out not to count (a secret that was right after all).
+    pub fn refund(&self, client: &ClientKey, now: Instant) {
+        let mut state = self.state.lock();
+        if let Some(full_at) = state.clients.get_mut(client) {
+            *full_at = full_at.checked_sub(self.interval).unwrap_or(now).max(now);
+        }
+    }
+
     /// How many clients the table remembers.
     pub fn tracked(&self) -> usize {
         self.state.lock().clients.len()
@@ -245,6 +255,26 @@ mod tests {
             assert_eq!(table.admit(&alice, idle), Ok(()));
         }
         assert!(table.admit(&alice, idle).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_a_token_back() {
+        let table = RateTable::new(ClientRate::new(1, 2).unwrap(), 100);
+        let alice = client("192.0.2.1");
+        let now = Instant::now();
+        table.admit(&alice, now).unwrap();
+        table.admit(&alice, now).unwrap();
+        assert!(table.admit(&alice, now).is_err());
+        table.refund(&alice, now);
+        assert_eq!(table.admit(&alice, now), Ok(()));
+        assert!(table.admit(&alice, now).is_err());
+        // Refunds never store more than a full bucket.
+        for _ in 0..5 {
+            table.refund(&alice, now);
+        }
+        table.admit(&alice, now).unwrap();
+        table.admit(&alice, now).unwrap();
+        assert!(table.admit(&alice, now).is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,7 +28,8 @@ pub struct Broker {
 /// A configuration with no background timers, so that tests on a paused
 /// clock only see time move when they advance it. Every test client
 /// connects from 127.0.0.1, which the rate limit would count as one
-/// client: it is off here, and on in the tests of limits.
+/// client: it is off here, and on in the tests of limits (so is the
+/// token endpoint's rate of failed secrets per address).
 pub fn quiet_config() -> BrokerConfig {
     BrokerConfig {
         fleet: FleetConfig::default(),
@@ -38,11 +39,13 @@ pub fn quiet_config() -> BrokerConfig {
         http2_keepalive: None,
         limits: Limits {
             client_rate: None,
+            failed_secret_rate: None,
             ..Limits::default()
         },
         demo_fleet: 0,
         auth: None,
         open_services: Default::default(),
+        allowed_hosts: Vec::new(),
     }
 }
 

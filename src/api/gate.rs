@@ -1,0 +1,483 @@
+//! The HTTP gate: the one layer in front of every route that decides what
+//! may reach the broker at all, with every rule here.
+//!
+//! The port speaks two things: gRPC, and a few plain HTTP routes that
+//! non-gRPC clients need (today the OAuth token endpoint). A browser can
+//! reach both: any web page may POST to `http://127.0.0.1:8443` with a
+//! "simple" content type (`text/plain`, forms) and no CORS preflight, and
+//! a DNS-rebinding page can even read the answers. So, in this order:
+//!
+//! 1. **Host** (DNS rebinding): on a plaintext loopback listener, the
+//!    request's Host / `:authority` must be an IP literal, `localhost`, or
+//!    a name the operator allowed (`--allowed-host`); else HTTP 421. A
+//!    rebinding page's requests carry its own domain name. (Over TLS the
+//!    certificate check already defeats rebinding; beyond loopback the
+//!    broker is reached by whatever names point at it.)
+//! 2. **Cross-site** (CSRF): a request with an `Origin` that is not the
+//!    broker's own, or a `Sec-Fetch-Site` other than `same-origin` or
+//!    `none`, is refused with HTTP 403. Browsers send `Origin` on every
+//!    POST; gRPC clients, curl and OAuth libraries send neither.
+//! 3. **Routes**: `/oauth2/...` goes to the token endpoint (HTTP/1.1 or
+//!    HTTP/2; 404 when authentication is off), outside the gRPC layers
+//!    and their limits. Everything else is gRPC and only gRPC: HTTP/2
+//!    with an `application/grpc*` content type. A gRPC method path with
+//!    another content type gets HTTP 415, gRPC over HTTP/1.x gets HTTP
+//!    505, and any other path 404, all before any handler runs.
+//!
+//! Refusals are plain HTTP with an OAuth-shaped JSON body
+//! (`{"error", "error_description"}`), never a gRPC status.
+
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, Version, header, uri::Authority};
+use tonic::body::Body;
+use tower::{Layer, Service, ServiceExt as _};
+
+use super::oauth::{TokenEndpoint, is_oauth_path, oauth_error};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The HTTP gate (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct HttpGateLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    token: Option<TokenEndpoint>,
+    /// The scheme of the broker's own origin.
+    scheme: &'static str,
+    /// `None`: any Host. `Some(names)`: IP literals, `localhost` and these
+    /// (lowercase) only.
+    hosts: Option<Vec<String>>,
+    refused: AtomicU64,
+}
+
+impl HttpGateLayer {
+    /// The gate of a broker listening on `local` (over TLS when `tls`),
+    /// answering the token endpoint with `token` (`None`: authentication is
+    /// off, and `/oauth2/...` is 404). `allowed_hosts` are the names, besides
+    /// IP literals and `localhost`, that a plaintext loopback broker accepts
+    /// as Host.
+    pub fn new(
+        token: Option<TokenEndpoint>,
+        local: SocketAddr,
+        tls: bool,
+        allowed_hosts: &[String],
+    ) -> HttpGateLayer {
+        let rebindable = !tls && local.ip().to_canonical().is_loopback();
+        HttpGateLayer {
+            shared: Arc::new(Shared {
+                token,
+                scheme: if tls { "https" } else { "http" },
+                hosts: rebindable.then(|| {
+                    allowed_hosts
+                        .iter()
+                        .map(|name| name.trim_end_matches('.').to_ascii_lowercase())
+                        .collect()
+                }),
+                refused: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for HttpGateLayer {
+    type Service = HttpGate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpGate {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service [`HttpGateLayer`] puts in front of the routes.
+#[derive(Debug, Clone)]
+pub struct HttpGate<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B> Service<http::Request<B>> for HttpGate<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match self.shared.route(&request) {
+            Route::Grpc => Box::pin(self.inner.call(request)),
+            Route::Token(endpoint) => {
+                let request = request.map(Body::new);
+                Box::pin(async move {
+                    let Ok(response) = endpoint.oneshot(request).await;
+                    Ok(response)
+                })
+            }
+            Route::Refuse(refusal) => {
+                // A web page probing the broker is worth seeing, but not
+                // once per request of a flood.
+                let refused = self.shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        status = refusal.status.as_u16(),
+                        path = request.uri().path(),
+                        refused,
+                        "refused by the HTTP gate: {}",
+                        refusal.description
+                    );
+                } else {
+                    tracing::debug!(
+                        status = refusal.status.as_u16(),
+                        path = request.uri().path(),
+                        "refused by the HTTP gate: {}",
+                        refusal.description
+                    );
+                }
+                let response = refusal.response();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+/// Where a request goes.
+enum Route {
+    /// On to the gRPC layers and services.
+    Grpc,
+    /// To the token endpoint.
+    Token(TokenEndpoint),
+    /// Nowhere: answered here.
+    Refuse(Refusal),
+}
+
+struct Refusal {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl Refusal {
+    fn route(status: StatusCode, error: &'static str, description: impl Into<String>) -> Route {
+        Route::Refuse(Refusal {
+            status,
+            error,
+            description: description.into(),
+        })
+    }
+
+    fn response(&self) -> http::Response<Body> {
+        oauth_error(self.status, self.error, &self.description)
+    }
+}
+
+impl Shared {
+    /// The rules, in order: Host, cross-site, then routes.
+    fn route<B>(&self, request: &http::Request<B>) -> Route {
+        let headers = request.headers();
+        // HTTP/2 carries :authority in the URI; HTTP/1.1 the Host header.
+        // Both are checked when both are there.
+        let mut authorities = Vec::with_capacity(2);
+        if let Some(authority) = request.uri().authority() {
+            authorities.push(authority.clone());
+        }
+        for host in headers.get_all(header::HOST) {
+            match host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) {
+                Some(authority) => authorities.push(authority),
+                None => {
+                    return Refusal::route(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "the Host header is not a host name",
+                    );
+                }
+            }
+        }
+        if let Some(allowed) = &self.hosts
+            && let Some(foreign) = authorities
+                .iter()
+                .find(|authority| !host_allowed(authority.host(), allowed))
+        {
+            return Refusal::route(
+                StatusCode::MISDIRECTED_REQUEST,
+                "invalid_request",
+                format!(
+                    "host {:?} is not served here: a plaintext broker on loopback answers \
+                     IP addresses, localhost and the names given with --allowed-host",
+                    foreign.host()
+                ),
+            );
+        }
+
+        if let Some(refusal) = self.cross_site(headers, authorities.first()) {
+            return refusal;
+        }
+
+        let path = request.uri().path();
+        if is_oauth_path(path) {
+            return match &self.token {
+                Some(endpoint) => Route::Token(endpoint.clone()),
+                None => Refusal::route(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request",
+                    "this broker runs without a token endpoint: authentication is off",
+                ),
+            };
+        }
+        if !is_grpc_content_type(headers) {
+            return if is_grpc_method_path(path) {
+                Refusal::route(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request",
+                    "this is a gRPC method: send application/grpc over HTTP/2",
+                )
+            } else {
+                Refusal::route(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request",
+                    format!("nothing is served at {path:?}"),
+                )
+            };
+        }
+        if request.version() != Version::HTTP_2 {
+            return Refusal::route(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "invalid_request",
+                "gRPC is served over HTTP/2 only",
+            );
+        }
+        Route::Grpc
+    }
+
+    /// A refusal when the request comes from another site's page.
+    fn cross_site(&self, headers: &HeaderMap, own: Option<&Authority>) -> Option<Route> {
+        // `same-origin` and `none` (typed by the user) are the browser's
+        // own word that no other site is behind the request.
+        for value in headers.get_all("sec-fetch-site") {
+            if !matches!(value.as_bytes(), b"same-origin" | b"none") {
+                return Some(Refusal::route(
+                    StatusCode::FORBIDDEN,
+                    "invalid_request",
+                    "cross-site requests are refused (Sec-Fetch-Site)",
+                ));
+            }
+        }
+        for origin in headers.get_all(header::ORIGIN) {
+            let same = origin
+                .to_str()
+                .ok()
+                .and_then(|origin| origin.parse::<http::Uri>().ok())
+                .zip(own)
+                .is_some_and(|(origin, own)| self.is_own_origin(&origin, own));
+            if !same {
+                return Some(Refusal::route(
+                    StatusCode::FORBIDDEN,
+                    "invalid_request",
+                    "cross-origin requests are refused (Origin is not this broker)",
+                ));
+            }
+        }
+        None
+    }
+
+    /// Whether `origin` is `scheme://host[:port]` of this broker as the
+    /// request addressed it.
+    fn is_own_origin(&self, origin: &http::Uri, own: &Authority) -> bool {
+        let default_port = if self.scheme == "https" { 443 } else { 80 };
+        origin.scheme_str() == Some(self.scheme)
+            && origin.path_and_query().is_none_or(|p| p.as_str() == "/")
+            && origin
+                .authority()
+                .is_some_and(|a| a.host().eq_ignore_ascii_case(own.host()))
+            && origin.port_u16().unwrap_or(default_port) == own.port_u16().unwrap_or(default_port)
+    }
+}
+
+/// Whether `host` may address a plaintext loopback broker: an IP literal
+/// (a rebinding page cannot make the browser send one for its origin),
+/// `localhost`, or a configured name.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || allowed.contains(&name)
+}
+
+/// `application/grpc`, `application/grpc+proto`, `application/grpc;...`.
+fn is_grpc_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+}
+
+/// `/package.Service/Method`: a path tonic would route to a gRPC service.
+fn is_grpc_method_path(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .is_some_and(|(service, method)| {
+            !service.is_empty() && !method.is_empty() && !method.contains('/')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(tls: bool, local: &str, allowed: &[&str]) -> Shared {
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        let layer = HttpGateLayer::new(None, local.parse().unwrap(), tls, &allowed);
+        Arc::try_unwrap(layer.shared).unwrap()
+    }
+
+    fn grpc(host: &str, path: &str) -> http::Request<()> {
+        http::Request::builder()
+            .version(Version::HTTP_2)
+            .uri(format!("http://{host}{path}"))
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    fn status(route: Route) -> Option<StatusCode> {
+        match route {
+            Route::Refuse(refusal) => Some(refusal.status),
+            _ => None,
+        }
+    }
+
+    const CLOSE: &str = "/dcv.sessionmanager.v1.Servers/CloseServers";
+
+    #[test]
+    fn grpc_passes_only_as_grpc() {
+        let g = gate(false, "127.0.0.1:8443", &[]);
+        assert_eq!(status(g.route(&grpc("127.0.0.1:8443", CLOSE))), None);
+        assert_eq!(status(g.route(&grpc("[::1]:8443", CLOSE))), None);
+        assert_eq!(status(g.route(&grpc("LocalHost:8443", CLOSE))), None);
+
+        let mut plain = grpc("127.0.0.1:8443", CLOSE);
+        plain
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert_eq!(
+            status(g.route(&plain)),
+            Some(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        );
+        let mut http1 = grpc("127.0.0.1:8443", CLOSE);
+        *http1.version_mut() = Version::HTTP_11;
+        assert_eq!(
+            status(g.route(&http1)),
+            Some(StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+        );
+        for content_type in ["application/grpc+proto", "application/grpc; charset=x"] {
+            let mut request = grpc("127.0.0.1:8443", CLOSE);
+            request
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+            assert_eq!(status(g.route(&request)), None, "{content_type}");
+        }
+        let mut lookalike = grpc("127.0.0.1:8443", CLOSE);
+        lookalike
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, "application/grpcx".parse().unwrap());
+        assert_eq!(
+            status(g.route(&lookalike)),
+            Some(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        );
+        let mut page = grpc("127.0.0.1:8443", "/index.html");
+        page.headers_mut().remove(header::CONTENT_TYPE);
+        assert_eq!(status(g.route(&page)), Some(StatusCode::NOT_FOUND));
+        // Without authentication there is no token endpoint.
+        assert_eq!(
+            status(g.route(&grpc("127.0.0.1:8443", "/oauth2/token"))),
+            Some(StatusCode::NOT_FOUND)
+        );
+    }
+
+    #[test]
+    fn a_loopback_plaintext_broker_answers_only_its_own_names() {
+        let g = gate(false, "127.0.0.1:8443", &["Broker.Internal."]);
+        assert_eq!(
+            status(g.route(&grpc("attacker.example:8443", CLOSE))),
+            Some(StatusCode::MISDIRECTED_REQUEST)
+        );
+        assert_eq!(
+            status(g.route(&grpc("localhost.attacker.example", CLOSE))),
+            Some(StatusCode::MISDIRECTED_REQUEST)
+        );
+        assert_eq!(status(g.route(&grpc("broker.internal:8443", CLOSE))), None);
+        // A Host header disagreeing with :authority counts too.
+        let mut two = grpc("127.0.0.1:8443", CLOSE);
+        two.headers_mut()
+            .insert(header::HOST, "attacker.example".parse().unwrap());
+        assert_eq!(status(g.route(&two)), Some(StatusCode::MISDIRECTED_REQUEST));
+
+        // Over TLS, or beyond loopback, any name.
+        for g in [
+            gate(true, "127.0.0.1:8443", &[]),
+            gate(false, "0.0.0.0:8443", &[]),
+        ] {
+            assert_eq!(status(g.route(&grpc("broker.example:8443", CLOSE))), None);
+        }
+    }
+
+    #[test]
+    fn only_the_brokers_own_origin_passes() {
+        let g = gate(false, "127.0.0.1:8443", &[]);
+        let with = |name: &'static str, value: &str| {
+            let mut request = grpc("127.0.0.1:8443", "/oauth2/token");
+            request.headers_mut().insert(name, value.parse().unwrap());
+            status(g.route(&request))
+        };
+        // Same origin reaches the route (404 here: no token endpoint).
+        assert_eq!(
+            with("origin", "http://127.0.0.1:8443"),
+            Some(StatusCode::NOT_FOUND)
+        );
+        for origin in [
+            "https://127.0.0.1:8443",
+            "http://127.0.0.1:8444",
+            "http://127.0.0.1",
+            "http://attacker.example",
+            "null",
+            "",
+        ] {
+            assert_eq!(
+                with("origin", origin),
+                Some(StatusCode::FORBIDDEN),
+                "{origin}"
+            );
+        }
+        for site in ["same-origin", "none"] {
+            assert_eq!(with("sec-fetch-site", site), Some(StatusCode::NOT_FOUND));
+        }
+        for site in ["cross-site", "same-site"] {
+            assert_eq!(with("sec-fetch-site", site), Some(StatusCode::FORBIDDEN));
+        }
+    }
+}
