@@ -11,6 +11,7 @@ use dcv_broker::{
     BrokerConfig,
     fleet::{Fleet, FleetConfig},
     limits::Limits,
+    server::connections::ConnectionLimits,
     pb::{self, agent_client::AgentClient, servers_client::ServersClient},
     serve,
 };
@@ -34,6 +35,9 @@ pub fn quiet_config() -> BrokerConfig {
         fleet: FleetConfig::default(),
         request_timeout: None,
         drain_deadline: Duration::from_secs(5),
+        shutdown_grace: Duration::ZERO,
+        // Idle reaping would fire whenever a test advances a paused clock.
+        connections: ConnectionLimits::unlimited(),
         sweep_interval: None,
         http2_keepalive: None,
         limits: Limits {

@@ -22,10 +22,11 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts the binary listening on 127.0.0.1:0, in memory, with a demo
-    /// fleet of 3 servers, plus `args` (a later flag overrides an earlier
-    /// one where clap allows, so pass `--demo-fleet 0` for none).
+    /// fleet of 3 servers and no shutdown grace period (so that SIGTERM
+    /// drains at once), plus `args`. Clap refuses a flag given twice: to
+    /// change one of these, use [`BrokerProcess::start_exactly`].
     pub async fn start<S: AsRef<OsStr>>(args: &[S]) -> BrokerProcess {
-        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3"]
+        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3", "--shutdown-grace", "0s"]
             .iter()
             .map(OsStr::new)
             .collect();
