@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod raw_h2;
 
 use std::{net::SocketAddr, time::Duration};
 
