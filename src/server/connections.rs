@@ -278,7 +278,12 @@ impl Connections {
         });
         self.shared.by_peer.lock().insert(peer, state.clone());
         let limits = self.shared.limits;
-        let first = limits.first_request_timeout.or(limits.idle_timeout);
+        // The earlier of the two: a quick first request makes the idle
+        // timeout the one that applies.
+        let first = match (limits.first_request_timeout, limits.idle_timeout) {
+            (Some(first), Some(idle)) => Some(first.min(idle)),
+            (first, idle) => first.or(idle),
+        };
         Tracked {
             io,
             timer: first.map(|after| Box::pin(tokio::time::sleep_until(now + after))),

@@ -48,6 +48,23 @@ impl RawH2 {
         stream
     }
 
+    /// A server-streaming gRPC call to `path` with an empty message; returns
+    /// once the reply's headers are in, with the reply still open.
+    pub async fn open_stream(&mut self, path: &str) -> h2::RecvStream {
+        let (reply, mut stream) = self
+            .send
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(grpc_request(path), false)
+            .unwrap();
+        stream
+            .send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        reply.await.unwrap().into_body()
+    }
+
     /// A complete gRPC call to `path` with an empty message; waits for the
     /// whole reply, trailers included, and returns its `grpc-status`.
     pub async fn call(&mut self, path: &str) -> Option<String> {
