@@ -695,7 +695,10 @@ mod tests {
             config.connections,
             crate::server::connections::ConnectionLimits::default()
         );
-        assert_eq!(config.shutdown_grace, BrokerConfig::default().shutdown_grace);
+        assert_eq!(
+            config.shutdown_grace,
+            BrokerConfig::default().shutdown_grace
+        );
         let off = Args::try_parse_from([
             "dcv-broker",
             "--first-request-timeout",

@@ -116,7 +116,15 @@ pub async fn serve(
     config: BrokerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    serve_until(listener, fleet, config, None, shutdown, std::future::pending()).await
+    serve_until(
+        listener,
+        fleet,
+        config,
+        None,
+        shutdown,
+        std::future::pending(),
+    )
+    .await
 }
 
 /// [`serve`], over TLS: every connection is a TLS connection with `tls`'s

@@ -376,7 +376,10 @@ impl ConnectionState {
         };
         if !self.started.load(Ordering::Acquire) {
             return match limits.first_request_timeout.or(limits.idle_timeout) {
-                Some(after) => due(self.accepted + after, "no request within the first-request timeout"),
+                Some(after) => due(
+                    self.accepted + after,
+                    "no request within the first-request timeout",
+                ),
                 None => Verdict::Never,
             };
         }
@@ -387,7 +390,10 @@ impl ConnectionState {
             // Busy: look again when it could first be idle long enough.
             return Verdict::Until(now + idle);
         }
-        due(*self.last_active.lock() + idle, "no request for the idle timeout")
+        due(
+            *self.last_active.lock() + idle,
+            "no request for the idle timeout",
+        )
     }
 }
 
@@ -681,7 +687,9 @@ mod tests {
             accepted: start,
             last_active: Mutex::new(start),
         };
-        assert!(matches!(state.verdict(&limits, start), Verdict::Until(t) if t == start + Duration::from_secs(10)));
+        assert!(
+            matches!(state.verdict(&limits, start), Verdict::Until(t) if t == start + Duration::from_secs(10))
+        );
         assert!(matches!(
             state.verdict(&limits, start + Duration::from_secs(10)),
             Verdict::Close(_)
@@ -689,10 +697,16 @@ mod tests {
         state.started.store(true, Ordering::Release);
         state.open_requests.store(1, Ordering::Release);
         let later = start + Duration::from_secs(600);
-        assert!(matches!(state.verdict(&limits, later), Verdict::Until(_)), "busy is not idle");
+        assert!(
+            matches!(state.verdict(&limits, later), Verdict::Until(_)),
+            "busy is not idle"
+        );
         state.open_requests.store(0, Ordering::Release);
         *state.last_active.lock() = later;
-        assert!(matches!(state.verdict(&limits, later + Duration::from_secs(59)), Verdict::Until(_)));
+        assert!(matches!(
+            state.verdict(&limits, later + Duration::from_secs(59)),
+            Verdict::Until(_)
+        ));
         assert!(matches!(
             state.verdict(&limits, later + Duration::from_secs(60)),
             Verdict::Close(_)

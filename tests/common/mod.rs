@@ -12,9 +12,9 @@ use dcv_broker::{
     BrokerConfig,
     fleet::{Fleet, FleetConfig},
     limits::Limits,
-    server::connections::ConnectionLimits,
     pb::{self, agent_client::AgentClient, servers_client::ServersClient},
     serve,
+    server::connections::ConnectionLimits,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
