@@ -300,6 +300,8 @@ async fn run(
             () = tokio::time::sleep(config.shutdown_grace) => {}
             () = &mut hurry => {
                 tracing::warn!("second shutdown signal during the grace period: stopping now");
+                drop(tasks);
+                tracing::info!("stopped");
                 return Ok(());
             }
         }

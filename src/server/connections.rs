@@ -77,6 +77,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// socket, the certificate files on reload, the runtime's own.
 pub const RESERVED_FDS: u64 = 64;
 
+/// Streaming replies that end by themselves, cleanly, when the broker
+/// shuts down: agents' instruction streams (`AgentApi` watches the same
+/// shutdown), which agents take as "reconnect". Cutting them too would race
+/// that clean end with `UNAVAILABLE`.
+const END_THEMSELVES: &[&str] = &["/dcv.sessionmanager.v1.Agent/StreamInstructions"];
+
 /// The window of [`Occurrences`]: events are counted per minute.
 const OCCURRENCE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -557,6 +563,7 @@ where
         let open = peer_addr(request.extensions())
             .and_then(|peer| self.connections.state_of(peer))
             .map(OpenRequest::new);
+        let ends_itself = END_THEMSELVES.contains(&request.uri().path());
         let draining = self.connections.shared.draining.subscribe();
         let reply = self.inner.call(request);
         Box::pin(async move {
@@ -565,11 +572,12 @@ where
                 .headers()
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+            let cut_at_drain = grpc && !ends_itself;
             Ok(reply.map(|body| {
                 Body::new(Counted {
                     inner: body,
                     _open: open,
-                    drain: grpc.then_some(Drain::Watching(draining)),
+                    drain: cut_at_drain.then_some(Drain::Watching(draining)),
                 })
             }))
         })
