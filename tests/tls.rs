@@ -619,3 +619,62 @@ async fn a_flood_of_failed_handshakes_logs_a_few_lines_not_one_each() {
     assert!(last.contains("does not speak TLS"), "{last}");
     broker.terminate().await;
 }
+
+#[tokio::test]
+async fn a_tls_session_silent_after_its_handshake_is_closed_at_the_first_request_timeout() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
+
+    let tmp = TempDir::new();
+    assert!(tls_init(tmp.path(), &[]).status.success());
+    let ca = read(tmp.path().join("ca.pem"));
+    let (cert, key) = (tmp.cert(), tmp.key());
+    let mut broker = BrokerProcess::start(&[
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--auth".as_ref(),
+        "off".as_ref(),
+        "--first-request-timeout".as_ref(),
+        "1s".as_ref(),
+    ])
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(broker.addr).await.unwrap();
+    let mut session = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("the handshake succeeds");
+    // Handshake done, then silence: no preface, no request.
+    let silent = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(PATIENCE, session.read(&mut buf))
+        .await
+        .expect("the broker closes a silent TLS session");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        silent.elapsed() >= Duration::from_secs(1),
+        "closed after {:?}, before its first-request timeout",
+        silent.elapsed()
+    );
+    let line = broker.logged("closed an idle connection").await;
+    assert!(
+        line.contains("no request within the first-request timeout"),
+        "{line}"
+    );
+    broker.terminate().await;
+}
