@@ -227,11 +227,11 @@ async fn run(
     }
     let connections = Connections::new(config.connections);
     let router = builder
-        // Counts each connection's open requests, for idle reaping, and
-        // ends streaming replies at the drain; outside every other layer
-        // so that refused requests count as activity too.
+        // Outside every other layer: counts each connection's open
+        // requests (refused ones too), for idle reaping, and ends streaming
+        // replies when the drain starts.
         .layer(connections.layer())
-        // Outermost but for that, so that refusals below are logged with the request's
+        // Then the request span, so that refusals below are logged with the request's
         // id; then authentication, so that the rate is counted per client
         // id; then the client's rate, so that a client over it takes no
         // slot from the others; then the global in-flight limit.

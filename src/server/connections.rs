@@ -381,12 +381,13 @@ impl ConnectionState {
             }
         };
         if !self.started.load(Ordering::Acquire) {
-            return match limits.first_request_timeout.or(limits.idle_timeout) {
-                Some(after) => due(
-                    self.accepted + after,
+            return match (limits.first_request_timeout, limits.idle_timeout) {
+                (Some(first), _) => due(
+                    self.accepted + first,
                     "no request within the first-request timeout",
                 ),
-                None => Verdict::Never,
+                (None, Some(idle)) => due(self.accepted + idle, "no request for the idle timeout"),
+                (None, None) => Verdict::Never,
             };
         }
         let Some(idle) = limits.idle_timeout else {
