@@ -112,7 +112,7 @@ async fn sockets_that_never_start_a_request_are_reaped_and_real_clients_get_in()
         "closed before their first-request timeout"
     );
     let line = broker.logged("closed an idle connection").await;
-    assert!(line.contains("sent_nothing=true"), "{line}");
+    assert!(line.contains("no_preface=true"), "{line}");
     broker.terminate().await;
 }
 

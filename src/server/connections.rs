@@ -433,7 +433,7 @@ impl<IO> Tracked<IO> {
                     if let Some(count) = self.slot.shared.reaped.record() {
                         tracing::info!(
                             peer = %self.peer,
-                            sent_nothing = self.read < PREFACE_LEN,
+                            no_preface = self.read < PREFACE_LEN,
                             why,
                             reaped_this_minute = count,
                             "closed an idle connection"
