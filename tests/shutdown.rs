@@ -97,7 +97,10 @@ async fn the_drain_ends_an_open_watch_and_exits_long_before_its_deadline() {
     let next = watch.message().await.unwrap().unwrap();
     assert_eq!(next.status, ServingStatus::NotServing as i32);
     // The drain ends the stream, which would otherwise never end.
-    let end = watch.message().await.unwrap_err();
+    let end = tokio::time::timeout(PROMPTLY, watch.message())
+        .await
+        .expect("the drain ends the Watch stream")
+        .unwrap_err();
     assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
     assert!(end.message().contains("shutting down"), "{end:?}");
 
