@@ -284,7 +284,15 @@ mod child {
                             .await
                             .unwrap(),
                         Some(tls) => router
-                            .serve_with_incoming_shutdown(tls.incoming(listener), stop)
+                            .serve_with_incoming_shutdown(
+                                tls.incoming(
+                                    listener,
+                                    dcv_broker::server::connections::Connections::new(
+                                        dcv_broker::server::connections::ConnectionLimits::unlimited(),
+                                    ),
+                                ),
+                                stop,
+                            )
                             .await
                             .unwrap(),
                     }

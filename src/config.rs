@@ -199,8 +199,39 @@ pub struct Args {
     pub limits: LimitFlags,
 
     /// On SIGTERM/SIGINT, how long to wait for open connections to finish.
+    /// A second signal ends the wait at once.
     #[arg(long, env = "DCV_BROKER_DRAIN_DEADLINE", default_value = "10s", value_parser = duration)]
     pub drain_deadline: Duration,
+
+    /// On SIGTERM/SIGINT, how long to keep serving after reporting
+    /// NOT_SERVING to health checks, before draining: load balancers move
+    /// traffic away meanwhile ("0s": drain at once).
+    #[arg(long, env = "DCV_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Connections held open at once (TLS handshakes included); more are
+    /// closed as soon as they are accepted. Lowered at start to fit the
+    /// open-file limit.
+    #[arg(
+        long,
+        env = "DCV_BROKER_MAX_CONNECTIONS",
+        default_value_t = crate::server::connections::MAX_CONNECTIONS,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// How long a new connection has to start its first request before it
+    /// is closed (for TLS, counted from the end of the handshake; "0s": no
+    /// limit).
+    #[arg(long, env = "DCV_BROKER_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub first_request_timeout: Duration,
+
+    /// How long a connection may stay open with no request in progress
+    /// before it is closed; clients reconnect when they next call ("0s": no
+    /// limit). An open stream (an agent's, a health watch) is a request in
+    /// progress.
+    #[arg(long, env = "DCV_BROKER_IDLE_CONNECTION_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub idle_connection_timeout: Duration,
 
     /// Log format.
     #[arg(
@@ -365,6 +396,9 @@ impl Args {
         if self.heartbeat_interval.is_zero() || self.sweep_interval.is_zero() {
             return Err("--heartbeat-interval and --sweep-interval must be positive".into());
         }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be positive".into());
+        }
         self.limits.check()
     }
 
@@ -417,6 +451,14 @@ impl Args {
             },
             request_timeout: (!self.request_timeout.is_zero()).then_some(self.request_timeout),
             drain_deadline: self.drain_deadline,
+            shutdown_grace: self.shutdown_grace,
+            connections: crate::server::connections::ConnectionLimits {
+                max_connections: self.max_connections,
+                first_request_timeout: (!self.first_request_timeout.is_zero())
+                    .then_some(self.first_request_timeout),
+                idle_timeout: (!self.idle_connection_timeout.is_zero())
+                    .then_some(self.idle_connection_timeout),
+            },
             sweep_interval: Some(self.sweep_interval),
             http2_keepalive: BrokerConfig::default().http2_keepalive,
             limits: self.limits.limits(),
@@ -673,6 +715,36 @@ mod tests {
             let args = Args::try_parse_from(["dcv-broker"].iter().chain(bad)).unwrap();
             assert!(args.check().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn connection_and_shutdown_flags_default_to_the_library_and_zero_turns_off() {
+        let args = Args::try_parse_from(["dcv-broker"]).unwrap();
+        let config = args.broker_config();
+        assert_eq!(
+            config.connections,
+            crate::server::connections::ConnectionLimits::default()
+        );
+        assert_eq!(
+            config.shutdown_grace,
+            BrokerConfig::default().shutdown_grace
+        );
+        let off = Args::try_parse_from([
+            "dcv-broker",
+            "--first-request-timeout",
+            "0s",
+            "--idle-connection-timeout",
+            "0s",
+            "--max-connections",
+            "50",
+        ])
+        .unwrap();
+        let connections = off.broker_config().connections;
+        assert_eq!(connections.first_request_timeout, None);
+        assert_eq!(connections.idle_timeout, None);
+        assert_eq!(connections.max_connections, 50);
+        let none = Args::try_parse_from(["dcv-broker", "--max-connections", "0"]).unwrap();
+        assert!(none.check().is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use dcv_broker::{
     auth::Auth,
     config::{Args, ClientsCommand, Command, LogFormat, TlsCommand},
     fleet::{Fleet, persist::Store},
-    serve, serve_tls,
+    server::{connections, serve_until},
     store::SqliteStore,
     telemetry,
     tls::{self, ServerTls},
@@ -73,8 +73,9 @@ async fn run(args: Args) -> Result<(), String> {
     };
     // Signal handlers go in before the port is announced: a supervisor may
     // send SIGTERM the moment it sees the line.
-    let shutdown = shutdown_signal().map_err(|e| format!("cannot watch signals: {e}"))?;
+    let signals = shutdown_signals().map_err(|e| format!("cannot watch signals: {e}"))?;
     let mut config = args.broker_config();
+    config.connections = connections::fit_to_fd_limit(config.connections);
     let registry;
     let (fleet, store_failed) = if args.in_memory {
         tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
@@ -171,6 +172,13 @@ async fn run(args: Args) -> Result<(), String> {
              close every server and start desktops. Turn it on with --auth on (or TLS)"
         ),
     }
+    let (mut first, mut second) = (signals.clone(), signals);
+    let shutdown = async move {
+        let _ = first.wait_for(|n| *n >= 1).await;
+    };
+    let hurry = async move {
+        let _ = second.wait_for(|n| *n >= 2).await;
+    };
     let mut failed = store_failed.clone();
     let stop = async move {
         match failed.as_mut() {
@@ -183,11 +191,9 @@ async fn run(args: Args) -> Result<(), String> {
             None => shutdown.await,
         }
     };
-    match tls {
-        Some(tls) => serve_tls(listener, fleet, config, tls, stop).await,
-        None => serve(listener, fleet, config, stop).await,
-    }
-    .map_err(|e| e.to_string())?;
+    serve_until(listener, fleet, config, tls, stop, hurry)
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
         return Err(format!("stopped: the store failed: {why}"));
     }
@@ -242,25 +248,37 @@ async fn clients(command: &ClientsCommand) -> Result<(), String> {
     Ok(())
 }
 
-/// Installs SIGTERM and SIGINT handlers now; the future resolves on
-/// either.
+/// Installs SIGTERM and SIGINT handlers now; the receiver counts the
+/// signals received: the first starts the shutdown, the second cuts it
+/// short.
 #[cfg(unix)]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+fn shutdown_signals() -> std::io::Result<tokio::sync::watch::Receiver<u32>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    let (count, counted) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                Some(()) = term.recv() => "SIGTERM",
+                Some(()) = interrupt.recv() => "SIGINT",
+                else => return,
+            };
+            count.send_modify(|n| *n += 1);
+            tracing::info!(signal = name, count = *count.borrow(), "{name} received");
         }
-    })
+    });
+    Ok(counted)
 }
 
-/// Resolves on Ctrl-C.
+/// Counts Ctrl-C presses, like the Unix signals.
 #[cfg(not(unix))]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+fn shutdown_signals() -> std::io::Result<tokio::sync::watch::Receiver<u32>> {
+    let (count, counted) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            count.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(counted)
 }

@@ -1,5 +1,7 @@
 //! Runs the broker: the gRPC services, reflection, health and every server
-//! knob, until a shutdown signal, then a bounded drain.
+//! knob, until a shutdown signal, then a grace period and a bounded drain.
+
+pub mod connections;
 
 use std::{future::Future, pin::Pin, time::Duration};
 
@@ -22,6 +24,8 @@ use crate::{
     tls::ServerTls,
 };
 
+use self::connections::{ConnectionLimits, Connections};
+
 /// How the broker runs, apart from where it listens.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -32,6 +36,12 @@ pub struct BrokerConfig {
     pub request_timeout: Option<Duration>,
     /// How long shutdown waits for open connections to finish.
     pub drain_deadline: Duration,
+    /// How long the broker keeps serving after reporting NOT_SERVING on
+    /// shutdown, before it stops taking requests: load balancers see the
+    /// health change and move traffic away while calls still succeed.
+    pub shutdown_grace: Duration,
+    /// How many connections are held at once and how long idle ones stay.
+    pub connections: ConnectionLimits,
     /// How often servers past the removal timeout are swept in the
     /// background (`None`: only when an operation notices them).
     pub sweep_interval: Option<Duration>,
@@ -58,6 +68,8 @@ impl Default for BrokerConfig {
             fleet: FleetConfig::default(),
             request_timeout: Some(Duration::from_secs(30)),
             drain_deadline: Duration::from_secs(10),
+            shutdown_grace: SHUTDOWN_GRACE,
+            connections: ConnectionLimits::default(),
             sweep_interval: Some(Duration::from_secs(5)),
             http2_keepalive: Some(Duration::from_secs(60)),
             limits: Limits::default(),
@@ -68,6 +80,13 @@ impl Default for BrokerConfig {
         }
     }
 }
+
+/// The default grace period between NOT_SERVING and the drain: health
+/// checkers probe every few seconds (Kubernetes: 10 s by default, a load
+/// balancer's health check often 5 s); five seconds lets the quicker ones
+/// notice, and with the 10 s drain stays within Kubernetes' 30 s
+/// termination grace.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the broker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +111,24 @@ impl Drop for TaskGuard {
 }
 
 /// Serves `fleet` on `listener` in plaintext until `shutdown` resolves,
-/// then reports NOT_SERVING, stops accepting, and waits up to the drain
-/// deadline for open connections before returning.
+/// then reports NOT_SERVING, serves on for the configured grace period,
+/// stops accepting, and waits up to the drain deadline for open
+/// connections before returning.
 pub async fn serve(
     listener: TcpListener,
     fleet: Fleet,
     config: BrokerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    run(listener, fleet, config, None, shutdown).await
+    serve_until(
+        listener,
+        fleet,
+        config,
+        None,
+        shutdown,
+        std::future::pending(),
+    )
+    .await
 }
 
 /// [`serve`], over TLS: every connection is a TLS connection with `tls`'s
@@ -112,7 +140,29 @@ pub async fn serve_tls(
     tls: ServerTls,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    run(listener, fleet, config, Some(tls), shutdown).await
+    serve_until(
+        listener,
+        fleet,
+        config,
+        Some(tls),
+        shutdown,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// [`serve`] or, with `tls`, [`serve_tls`]; `hurry`, once `shutdown` has
+/// resolved, cuts the grace period and the drain short and returns at once
+/// (the binary's second SIGTERM or SIGINT).
+pub async fn serve_until(
+    listener: TcpListener,
+    fleet: Fleet,
+    config: BrokerConfig,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run(listener, fleet, config, tls, shutdown, hurry).await
 }
 
 async fn run(
@@ -121,6 +171,7 @@ async fn run(
     config: BrokerConfig,
     tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let mut tasks = TaskGuard(Vec::new());
     if config.demo_fleet > 0 {
@@ -195,14 +246,19 @@ async fn run(
     if let Some(limit) = config.request_timeout {
         builder = builder.timeout(limit);
     }
+    let connections = Connections::new(config.connections);
     let router = builder
-        // Outermost, so that refusals below are logged with the request's
-        // id; then the HTTP gate, which refuses what is not for us (other
-        // hosts, other sites, non-gRPC on gRPC paths) and answers the token
-        // endpoint itself, outside the gRPC limits; then authentication,
-        // so that the rate is counted per client id; then the client's
-        // rate, so that a client over it takes no slot from the others;
-        // then the global in-flight limit.
+        // Outside every other layer: counts each connection's open
+        // requests (refused ones too), for idle reaping, and ends streaming
+        // replies when the drain starts.
+        .layer(connections.layer())
+        // Then the request span, so that refusals below are logged with
+        // the request's id; then the HTTP gate, which refuses what is not
+        // for us (other hosts, other sites, non-gRPC on gRPC paths) and
+        // answers the token endpoint itself, outside the gRPC limits; then
+        // authentication, so that the rate is counted per client id; then
+        // the client's rate, so that a client over it takes no slot from
+        // the others; then the global in-flight limit.
         .layer(RequestSpanLayer)
         .layer(gate)
         .layer(tower::util::option_layer(
@@ -231,19 +287,29 @@ async fn run(
             // ACKs (tens of ms); the builder's own nodelay does not apply to
             // our listener. (The TLS accept loop sets it too.)
             None => Box::pin(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                connections.incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
                 stopped,
             )),
-            Some(tls) => {
-                Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped))
-            }
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                tls.incoming(listener, connections.clone()),
+                stopped,
+            )),
         };
 
     tokio::select! {
         result = &mut server => return result.map_err(ServeError::from),
         () = shutdown => {}
     }
-    tracing::info!("shutting down: reporting NOT_SERVING and draining connections");
+    let mut hurry = std::pin::pin!(hurry);
+    // NOT_SERVING first, while everything still works: load balancers
+    // that watch health move traffic away during the grace period, and
+    // the calls that reach us meanwhile still succeed.
+    tracing::info!(
+        grace = ?config.shutdown_grace,
+        drain_deadline = ?config.drain_deadline,
+        "shutting down: reporting NOT_SERVING, serving on for the grace period, then draining \
+         (a second signal stops at once)"
+    );
     health.set_not_serving::<ServersServer<ServersApi>>().await;
     health.set_not_serving::<AgentServer<AgentApi>>().await;
     health
@@ -252,14 +318,40 @@ async fn run(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    // End agents' instruction streams, which never end by themselves.
+    if !config.shutdown_grace.is_zero() {
+        tokio::select! {
+            result = &mut server => return result.map_err(ServeError::from),
+            () = tokio::time::sleep(config.shutdown_grace) => {}
+            () = &mut hurry => {
+                tracing::warn!("second shutdown signal during the grace period: stopping now");
+                drop(tasks);
+                tracing::info!("stopped");
+                return Ok(());
+            }
+        }
+    }
+    tracing::info!(
+        connections = connections.open(),
+        "draining: no new requests; open streams end; waiting for requests in progress"
+    );
+    // End agents' instruction streams, which never end by themselves, and
+    // every other streaming reply (Health/Watch): they would hold the
+    // drain to its deadline.
     let _ = stopping.send(true);
+    connections.start_drain();
     let _ = stop_tx.send(());
-    match tokio::time::timeout(config.drain_deadline, server).await {
-        Ok(result) => result?,
-        Err(_) => tracing::warn!(
-            deadline = ?config.drain_deadline,
-            "drain deadline passed; closing the remaining connections"
+    tokio::select! {
+        drained = tokio::time::timeout(config.drain_deadline, &mut server) => match drained {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!(
+                deadline = ?config.drain_deadline,
+                connections = connections.open(),
+                "drain deadline passed; closing the remaining connections"
+            ),
+        },
+        () = &mut hurry => tracing::warn!(
+            connections = connections.open(),
+            "second shutdown signal: ending the drain now; closing the remaining connections"
         ),
     }
     drop(tasks);

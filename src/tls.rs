@@ -11,7 +11,11 @@
 //!
 //! Handshakes run concurrently, each in its own task under a timeout, so a
 //! client that stalls or fails its handshake costs nobody else anything; a
-//! failed handshake is logged and dropped, never passed on to tonic.
+//! failed handshake is dropped, never passed on to tonic, and logged a few
+//! times a minute at most (the 1st, 2nd, 4th, ... failure in each minute,
+//! with the count), since anyone who reaches the port can fail handshakes
+//! as fast as they like. Each connection takes a slot under the server's
+//! connection cap from the moment it is accepted.
 
 pub mod init;
 
@@ -45,6 +49,8 @@ use tokio_rustls::{
     server::TlsStream,
 };
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+
+use crate::server::connections::{Connections, Occurrences, Slot, Tracked};
 
 /// The server id an agent's client certificate names: its subject's common
 /// name, which must be a valid server id. Only certificates rustls verified
@@ -222,18 +228,22 @@ impl ServerTls {
         &self.key_path
     }
 
-    /// Accepts connections on `listener` and yields those whose TLS
-    /// handshake succeeded, for tonic's `serve_with_incoming_shutdown`.
-    /// Dropping the stream stops accepting and closes the listener.
+    /// Accepts connections on `listener`, each under `connections`'s cap,
+    /// and yields those whose TLS handshake succeeded, for tonic's
+    /// `serve_with_incoming_shutdown`. Dropping the stream stops accepting
+    /// and closes the listener.
     pub fn incoming(
         &self,
         listener: TcpListener,
-    ) -> impl Stream<Item = Result<TlsStream<TcpStream>, Infallible>> + Send + 'static {
+        connections: Connections,
+    ) -> impl Stream<Item = Result<Tracked<TlsStream<TcpStream>>, Infallible>> + Send + 'static
+    {
         let (ready, taken) = mpsc::channel(READY_CONNECTIONS);
         tokio::spawn(accept_loop(
             listener,
             TlsAcceptor::from(self.config.clone()),
             self.handshake_timeout,
+            connections,
             ready,
         ));
         ReceiverStream::new(taken).map(Ok)
@@ -360,26 +370,37 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     timeout: Duration,
-    ready: mpsc::Sender<TlsStream<TcpStream>>,
+    connections: Connections,
+    ready: mpsc::Sender<Tracked<TlsStream<TcpStream>>>,
 ) {
     let mut handshakes = JoinSet::new();
+    let failures = Arc::new(Occurrences::default());
     loop {
         tokio::select! {
             () = ready.closed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    // Over the cap: dropping the stream closes it at once.
+                    let Some(slot) = connections.admit(peer) else { continue };
                     // Nagle's algorithm would hold small unary replies for
                     // delayed ACKs (tens of ms).
                     if let Err(e) = tcp.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    handshakes.spawn(handshake(acceptor.clone(), tcp, peer, timeout));
+                    handshakes.spawn(handshake(
+                        acceptor.clone(),
+                        tcp,
+                        peer,
+                        timeout,
+                        slot,
+                        failures.clone(),
+                    ));
                 }
                 Err(e) => accept_failed(e).await,
             },
             Some(done) = handshakes.join_next() => {
-                if let Ok(Some(stream)) = done
-                    && ready.send(stream).await.is_err()
+                if let Ok(Some((stream, slot, peer))) = done
+                    && ready.send(connections.track(stream, slot, peer)).await.is_err()
                 {
                     return;
                 }
@@ -393,17 +414,21 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     timeout: Duration,
-) -> Option<TlsStream<TcpStream>> {
+    slot: Slot,
+    failures: Arc<Occurrences>,
+) -> Option<(TlsStream<TcpStream>, Slot, SocketAddr)> {
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(stream),
+        Ok(Ok(stream)) => Some((stream, slot, peer)),
         // A TCP health probe or port scan: connected and left.
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             tracing::debug!(%peer, "connection closed before the TLS handshake");
             None
         }
         // Plaintext clients, clients that do not trust our certificate:
-        // worth a line, since the client's operator will ask why.
+        // worth a line, since the client's operator will ask why; but only
+        // a few a minute, since anyone can fail handshakes at will.
         Ok(Err(e)) => {
+            let failed_this_minute = failures.record()?;
             let not_tls = matches!(
                 e.get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
@@ -412,14 +437,15 @@ async fn handshake(
                 ))
             );
             if not_tls {
-                tracing::info!(%peer, error = %e, "TLS handshake failed: the client does not speak TLS (plaintext?)");
+                tracing::info!(%peer, error = %e, failed_this_minute, "TLS handshake failed: the client does not speak TLS (plaintext?)");
             } else {
-                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                tracing::info!(%peer, error = %e, failed_this_minute, "TLS handshake failed");
             }
             None
         }
         Err(_) => {
-            tracing::info!(%peer, ?timeout, "TLS handshake timed out");
+            let failed_this_minute = failures.record()?;
+            tracing::info!(%peer, ?timeout, failed_this_minute, "TLS handshake timed out");
             None
         }
     }

@@ -131,8 +131,21 @@ async fn shutdown_reports_not_serving_then_drains_and_returns() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_gives_up_on_stuck_connections_at_the_drain_deadline() {
     let mut broker = Broker::quiet().await;
+    // A call whose message never comes: its handler waits, and the drain
+    // cannot end it (it ends streaming replies, not requests in progress).
+    let mut raw = common::raw_h2::RawH2::connect(broker.addr).await;
+    let _held = raw.hold_open("/grpc.health.v1.Health/Check").await;
+    broker.stop();
+    // The paused clock jumps to the 5 s drain deadline once everything
+    // else is idle; serve then returns Ok instead of waiting forever.
+    let result = (&mut broker.task).await.unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn the_drain_ends_watch_streams_instead_of_waiting_for_them() {
+    let mut broker = Broker::quiet().await;
     let mut health = HealthClient::new(broker.channel().await);
-    // A watch stream never ends by itself: it holds the drain open.
     let mut watch = health
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -142,10 +155,18 @@ async fn shutdown_gives_up_on_stuck_connections_at_the_drain_deadline() {
         .into_inner();
     watch.next().await.unwrap().unwrap();
     broker.stop();
-    // The paused clock jumps to the 5 s drain deadline once everything
-    // else is idle; serve then returns Ok instead of waiting forever.
-    let result = (&mut broker.task).await.unwrap();
+    let not_serving = watch.next().await.unwrap().unwrap();
+    assert_eq!(not_serving.status, ServingStatus::NotServing as i32);
+    let end = watch.next().await.unwrap().unwrap_err();
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    // The client still holds its channel and its stream: the server
+    // returns well before the 5 s drain deadline all the same.
+    let result = tokio::time::timeout(std::time::Duration::from_secs(4), &mut broker.task)
+        .await
+        .expect("serve returns before the drain deadline")
+        .unwrap();
     assert!(result.is_ok(), "{result:?}");
+    drop((watch, health));
 }
 
 #[tokio::test]

@@ -570,3 +570,111 @@ async fn plaintext_serving_warns_loudly() {
     assert!(line.contains("can call every RPC"), "{line}");
     broker.terminate().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_failed_handshakes_logs_a_few_lines_not_one_each() {
+    let tmp = TempDir::new();
+    assert!(tls_init(tmp.path(), &[]).status.success());
+    let (cert, key) = (tmp.cert(), tmp.key());
+    let mut broker = BrokerProcess::start(&[
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--auth".as_ref(),
+        "off".as_ref(),
+    ])
+    .await;
+    broker.logged("TLS only").await;
+
+    // Garbage instead of a ClientHello: each handshake fails at once, and
+    // the broker closes the connection after logging (or not) the failure.
+    const FLOOD: usize = 200;
+    for _ in 0..FLOOD {
+        let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        // Ok (the alert, then EOF) or a reset: either way, closed.
+        let _ = tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut rest))
+            .await
+            .expect("the broker closes a failed handshake");
+    }
+    // A log line after every failure's: everything before it is in.
+    broker.signal("-HUP");
+    let lines = broker.lines_until("SIGHUP: TLS certificate reloaded").await;
+    let failures: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .collect();
+    // The 1st, 2nd, 4th, ... 128th of the minute: 8 lines for 200.
+    assert!(
+        (1..=10).contains(&failures.len()),
+        "{} lines for {FLOOD} failed handshakes: {failures:#?}",
+        failures.len()
+    );
+    let last = failures.last().unwrap();
+    assert!(last.contains("failed_this_minute=128"), "{last}");
+    assert!(last.contains("does not speak TLS"), "{last}");
+    broker.terminate().await;
+}
+
+#[tokio::test]
+async fn a_tls_session_silent_after_its_handshake_is_closed_at_the_first_request_timeout() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
+
+    let tmp = TempDir::new();
+    assert!(tls_init(tmp.path(), &[]).status.success());
+    let ca = read(tmp.path().join("ca.pem"));
+    let (cert, key) = (tmp.cert(), tmp.key());
+    let mut broker = BrokerProcess::start(&[
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--auth".as_ref(),
+        "off".as_ref(),
+        "--first-request-timeout".as_ref(),
+        "1s".as_ref(),
+    ])
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(broker.addr).await.unwrap();
+    let mut session = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("the handshake succeeds");
+    // Handshake done, then silence: no preface, no request.
+    let silent = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(PATIENCE, session.read(&mut buf))
+        .await
+        .expect("the broker closes a silent TLS session");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        silent.elapsed() >= Duration::from_secs(1),
+        "closed after {:?}, before its first-request timeout",
+        silent.elapsed()
+    );
+    let line = broker.logged("closed an idle connection").await;
+    assert!(
+        line.contains("no request within the first-request timeout"),
+        "{line}"
+    );
+    broker.terminate().await;
+}

@@ -257,7 +257,7 @@ fn refusal(status: Status) -> http::Response<tonic::body::Body> {
 
 /// Whether the `n`th refusal is one to log at WARN: the 1st, 2nd, 4th,
 /// 8th, ..., so that a flood is visible without flooding the log.
-fn worth_a_warning(n: u64) -> bool {
+pub(crate) fn worth_a_warning(n: u64) -> bool {
     n.is_power_of_two()
 }
 

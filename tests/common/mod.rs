@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod raw_h2;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -13,6 +14,7 @@ use dcv_broker::{
     limits::Limits,
     pb::{self, agent_client::AgentClient, servers_client::ServersClient},
     serve,
+    server::connections::ConnectionLimits,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -35,6 +37,9 @@ pub fn quiet_config() -> BrokerConfig {
         fleet: FleetConfig::default(),
         request_timeout: None,
         drain_deadline: Duration::from_secs(5),
+        shutdown_grace: Duration::ZERO,
+        // Idle reaping would fire whenever a test advances a paused clock.
+        connections: ConnectionLimits::unlimited(),
         sweep_interval: None,
         http2_keepalive: None,
         limits: Limits {

@@ -22,10 +22,11 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts the binary listening on 127.0.0.1:0, in memory, with a demo
-    /// fleet of 3 servers, plus `args` (a later flag overrides an earlier
-    /// one where clap allows, so pass `--demo-fleet 0` for none).
+    /// fleet of 3 servers and no shutdown grace period (so that SIGTERM
+    /// drains at once), plus `args`. Clap refuses a flag given twice: to
+    /// change one of these, use [`BrokerProcess::start_exactly`].
     pub async fn start<S: AsRef<OsStr>>(args: &[S]) -> BrokerProcess {
-        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3"]
+        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3", "--shutdown-grace", "0s"]
             .iter()
             .map(OsStr::new)
             .collect();
@@ -98,6 +99,24 @@ impl BrokerProcess {
         })
         .await
         .unwrap_or_else(|_| panic!("no log line with {text:?}"))
+    }
+
+    /// Every log line up to the first containing `text`, that one last.
+    pub async fn lines_until(&mut self, text: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let line = self.log.recv().await.expect("log ended");
+                let done = line.contains(text);
+                lines.push(line);
+                if done {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {text:?}"));
+        lines
     }
 
     /// Every log line received so far, without waiting.

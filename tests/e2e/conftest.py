@@ -64,6 +64,10 @@ class Broker:
             # Each broker its own durable store, so brokers never share state.
             "--data-dir",
             str(log_path.parent / f"{log_path.stem}-data"),
+            # No grace period between NOT_SERVING and the drain: nothing
+            # balances load here, and SIGTERM should stop the broker at once.
+            "--shutdown-grace",
+            "0s",
             *extra_args,
         ]
         self.proc = subprocess.Popen(
