@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{RequestId, convert};
 use crate::{
-    fleet::{CloseItem, DescribeQuery, Fleet},
+    fleet::{self, CloseItem, DescribeQuery, Fleet, query},
     pb::{self, servers_server::Servers},
 };
 
@@ -29,11 +29,12 @@ impl Servers for ServersApi {
     ) -> Result<Response<pb::CloseServersResponse>, Status> {
         let request_id = RequestId::of(&request);
         let actor = super::auth::actor(&request);
+        let servers = request.into_inner().servers;
+        // The size first: nothing is built per item of a batch too big.
+        fleet::validate_batch_size("Servers", servers.len())?;
         // The request's strings move into the items and back into the
         // response: no copy per item.
-        let items: Vec<CloseItem> = request
-            .into_inner()
-            .servers
+        let items: Vec<CloseItem> = servers
             .into_iter()
             .map(|s| CloseItem {
                 server_id: s.server_id,
@@ -84,12 +85,9 @@ impl Servers for ServersApi {
         request: Request<pb::OpenServersRequest>,
     ) -> Result<Response<pb::OpenServersResponse>, Status> {
         let request_id = RequestId::of(&request);
-        let ids: Vec<String> = request
-            .into_inner()
-            .servers
-            .into_iter()
-            .map(|s| s.server_id)
-            .collect();
+        let servers = request.into_inner().servers;
+        fleet::validate_batch_size("Servers", servers.len())?;
+        let ids: Vec<String> = servers.into_iter().map(|s| s.server_id).collect();
         let results = self.fleet.open_servers(&ids).await?;
         let mut response = pb::OpenServersResponse {
             request_id,
@@ -125,6 +123,10 @@ impl Servers for ServersApi {
     ) -> Result<Response<pb::DescribeServersResponse>, Status> {
         let request_id = RequestId::of(&request);
         let r = request.into_inner();
+        fleet::check_lengths(&[
+            ("ServerIds", r.server_ids.len(), query::MAX_DESCRIBE_IDS),
+            ("Filters", r.filters.len(), query::MAX_FILTERS),
+        ])?;
         let query = DescribeQuery {
             server_ids: r.server_ids,
             next_token: r.next_token,

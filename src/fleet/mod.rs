@@ -233,8 +233,10 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
-/// Checks a batch's size; `field` is the request's repeated field.
-fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
+/// Checks a batch's size; `field` is the request's repeated field. The
+/// API calls it before it converts a single item, so that a request naming
+/// millions of empty items costs nothing per item.
+pub fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
     if len == 0 || len > MAX_BATCH_ITEMS {
         return Err(FleetError::invalid(
             field,
@@ -1007,6 +1009,23 @@ fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
                 value.len()
             ),
         ));
+    }
+}
+
+/// Refuses lists longer than their limits, each given as (field, length,
+/// most allowed). Callers check lengths before they build or check
+/// anything per item: a request small on the wire can name millions of
+/// empty items, and work or violations per item would then cost memory
+/// and time in proportion to what the limit exists to refuse.
+pub fn check_lengths(lists: &[(&str, usize, usize)]) -> Result<(), FleetError> {
+    let mut violations = Vec::new();
+    for &(field, len, max) in lists {
+        check_count(field, len, max, &mut violations);
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(FleetError::InvalidArgument(violations))
     }
 }
 
