@@ -135,6 +135,39 @@ async fn every_item_failure_code_in_one_batch() {
     for f in &bad_reasons.unsuccessful_list {
         assert_eq!(code(f.failure_code), FailureCode::InvalidReason);
     }
+    // Every character of Unicode's Bidi_Control property (PropList.txt),
+    // U+061C ARABIC LETTER MARK included.
+    let bidi_controls = ['\u{061C}', '\u{200E}', '\u{200F}']
+        .into_iter()
+        .chain('\u{202A}'..='\u{202E}')
+        .chain('\u{2066}'..='\u{2069}');
+    for c in bidi_controls {
+        let r = servers
+            .close_servers(close_req(vec![close_item(
+                "busy",
+                Some(true),
+                &format!("maintenance {c}window"),
+            )]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            r.successful_list.is_empty(),
+            "U+{:04X} accepted",
+            u32::from(c)
+        );
+        assert_eq!(
+            code(r.unsuccessful_list[0].failure_code),
+            FailureCode::InvalidReason
+        );
+        assert!(
+            r.unsuccessful_list[0]
+                .failure_reason
+                .contains("bidirectional"),
+            "{:?}",
+            r.unsuccessful_list[0].failure_reason
+        );
+    }
     let fits = servers
         .close_servers(close_req(vec![close_item(
             "busy",

@@ -226,11 +226,36 @@ fn validate_reason(reason: &str) -> Result<(), String> {
     }
 }
 
-/// Bidirectional overrides and isolates can make a reason display as
-/// something other than what it says, in logs and terminals ("Trojan
-/// Source"); nobody needs them in a sentence about maintenance.
+/// Bidirectional overrides, isolates and marks can make a reason display
+/// as something other than what it says, in logs and terminals ("Trojan
+/// Source"); nobody needs them in a sentence about maintenance. The set is
+/// Unicode's Bidi_Control property, from regex-syntax's tables, so that it
+/// follows the standard rather than a list copied by hand.
 fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    static BIDI_CONTROL: std::sync::LazyLock<Vec<(char, char)>> = std::sync::LazyLock::new(|| {
+        use regex_syntax::hir::{Class, HirKind};
+        match regex_syntax::parse(r"\p{Bidi_Control}").map(|hir| hir.into_kind()) {
+            Ok(HirKind::Class(Class::Unicode(class))) => class
+                .ranges()
+                .iter()
+                .map(|r| (r.start(), r.end()))
+                .collect(),
+            // Cannot happen with the tables compiled in; a test checks the
+            // set against the property's definition.
+            _ => Vec::new(),
+        }
+    });
+    BIDI_CONTROL
+        .binary_search_by(|&(start, end)| {
+            if end < c {
+                std::cmp::Ordering::Less
+            } else if start > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
 }
 
 /// Checks a batch's size; `field` is the request's repeated field. The
@@ -1162,5 +1187,35 @@ fn validate_heartbeat(h: &Heartbeat, violations: &mut Vec<FieldViolation>) {
             check_text(&format!("Sessions[{i}].Id"), &s.id, violations);
             check_text(&format!("Sessions[{i}].Owner"), &s.owner, violations);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unicode's definition of Bidi_Control (PropList.txt).
+    fn defined_bidi_control(c: char) -> bool {
+        matches!(u32::from(c), 0x061C | 0x200E | 0x200F | 0x202A..=0x202E | 0x2066..=0x2069)
+    }
+
+    #[test]
+    fn bidi_control_is_the_unicode_property_for_every_char() {
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            assert_eq!(
+                is_bidi_control(c),
+                defined_bidi_control(c),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+    }
+
+    #[test]
+    fn a_reason_with_any_bidi_control_is_refused() {
+        for c in ['\u{061C}', '\u{200E}', '\u{202E}', '\u{2069}'] {
+            assert!(validate_reason(&format!("maintenance {c}window")).is_err());
+        }
+        assert!(validate_reason("maintenance\twindow, مرحبا").is_ok());
     }
 }
