@@ -75,13 +75,13 @@ impl From<FleetError> for Status {
     fn from(err: FleetError) -> Self {
         match err {
             FleetError::InvalidArgument(violations) => bad_request(violations),
-            FleetError::ServerNotFound(id) => {
-                let message = FleetError::ServerNotFound(id.clone()).to_string();
+            FleetError::ServerNotFound(id, step) => {
+                let message = FleetError::ServerNotFound(id.clone(), step).to_string();
                 let details = ErrorDetails::with_resource_info(
                     "dcv.sessionmanager.v1.Server",
                     id,
                     "",
-                    "register the server before sending heartbeats",
+                    step.hint(),
                 );
                 Status::with_error_details(Code::NotFound, message, details)
             }

@@ -8,6 +8,28 @@ use crate::{
     pb::{self, servers_server::Servers},
 };
 
+/// The longest Reason a failed CloseServers item echoes back, in bytes
+/// (default 256): enough to recognise it, while an invalid one may be
+/// megabytes that the caller already has.
+pub const MAX_ECHOED_REASON_BYTES: usize = 256;
+
+/// A failed item's Reason as echoed, and its FailureReason, which says when
+/// the echo is cut short.
+fn echoed(mut reason: String, failure_reason: String) -> (String, String) {
+    let len = reason.len();
+    if len <= MAX_ECHOED_REASON_BYTES {
+        return (reason, failure_reason);
+    }
+    reason.truncate(convert::truncated(&reason, MAX_ECHOED_REASON_BYTES).len());
+    let note = format!("The Reason echoed here is truncated from {len} bytes.");
+    let failure_reason = if failure_reason.is_empty() {
+        note
+    } else {
+        format!("{failure_reason} {note}")
+    };
+    (reason, failure_reason)
+}
+
 /// The `Servers` service over a fleet.
 #[derive(Debug, Clone)]
 pub struct ServersApi {
@@ -55,19 +77,20 @@ impl Servers for ServersApi {
                         server_id: item.server_id,
                     }),
                 Err(failure) => {
+                    let (reason, failure_reason) = echoed(item.reason, failure.reason);
                     // Force is echoed explicitly, so JSON shows what was
                     // applied.
                     let data = pb::CloseServerRequestData {
                         server_id: item.server_id,
                         force: Some(item.force),
-                        reason: item.reason,
+                        reason,
                     };
                     response
                         .unsuccessful_list
                         .push(pb::CloseServerUnsuccessfulResponse {
                             close_server_request_data: Some(data),
                             failure_code: convert::failure_code_to_pb(failure.code) as i32,
-                            failure_reason: failure.reason,
+                            failure_reason,
                         });
                 }
             }

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 
 pub use self::{
     availability::{Reason, Reasons},
-    error::{FieldViolation, FleetError},
+    error::{AgentStep, FieldViolation, FleetError},
     model::*,
     query::DescribeQuery,
     sessions::{
@@ -923,7 +923,10 @@ impl Fleet {
         let now = Instant::now();
         let mut state = self.write(now);
         if !state.apply_heartbeat(id, report, now, &self.ctx()) {
-            return Err(FleetError::ServerNotFound(id.to_string()));
+            return Err(FleetError::ServerNotFound(
+                id.to_string(),
+                AgentStep::Heartbeat,
+            ));
         }
         // Heartbeats are not acknowledged as durable: the next one repeats
         // what the agent knows.
@@ -966,7 +969,7 @@ impl Fleet {
         let server = state
             .servers
             .get_mut(id)
-            .ok_or_else(|| FleetError::ServerNotFound(id.to_string()))?;
+            .ok_or_else(|| FleetError::ServerNotFound(id.to_string(), AgentStep::Deregister))?;
         if server.is_closed() {
             server.agent_departed = true;
             let sid = server.id.clone();
