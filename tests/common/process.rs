@@ -100,6 +100,24 @@ impl BrokerProcess {
         .unwrap_or_else(|_| panic!("no log line with {text:?}"))
     }
 
+    /// Every log line up to and including the first containing `text`.
+    pub async fn lines_until(&mut self, text: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let line = self.log.recv().await.expect("log ended");
+                let done = line.contains(text);
+                lines.push(line);
+                if done {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {text:?} in {lines:#?}"));
+        lines
+    }
+
     /// Every log line received so far, without waiting.
     pub fn drain_log(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
