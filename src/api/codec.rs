@@ -221,6 +221,15 @@ impl Schema {
     }
 }
 
+/// Refuses the encoding `bytes` of request message `M` if it holds more
+/// than [`MAX_REQUEST_LIST_ITEMS`] list items: what the codec does before
+/// it decodes, for callers that decode requests themselves (the fuzzer).
+pub fn check_request<M: Name>(bytes: &[u8]) -> Result<(), Status> {
+    Schema::get()
+        .check(&M::full_name(), bytes)
+        .map_err(Status::from)
+}
+
 /// The codec of the broker's services (`build.rs` names it): prost's, with
 /// requests scanned before they are decoded.
 #[derive(Debug, Clone)]
@@ -262,7 +271,7 @@ impl<U: Message + Name + Default> Decoder for BoundedDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         // One message, whole and contiguous: tonic hands the decoder a
         // complete frame.
-        Schema::get().check(&U::full_name(), buf.chunk())?;
+        check_request::<U>(buf.chunk())?;
         self.0.decode(buf)
     }
 
