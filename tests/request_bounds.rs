@@ -13,6 +13,7 @@ use dcv_broker::pb::{self, agent_client::AgentClient, servers_client::ServersCli
 use prost::{
     Message as _,
     bytes::{Buf as _, BufMut as _},
+    encoding::{WireType, encode_key, encode_varint},
 };
 use tonic::{
     Code,
@@ -117,146 +118,141 @@ async fn call(channel: Channel, method: &'static str, body: Vec<u8>) -> Result<(
     .map(drop)
 }
 
+/// `n` entries of repeated field `field`, each `item` (encoded once and
+/// repeated: encoding a million items one by one takes seconds in a debug
+/// build). Protobuf concatenates: these bytes after a message's own add
+/// the items to its list.
+fn entries(field: u32, item: &impl prost::Message, n: usize) -> Vec<u8> {
+    length_delimited(field, &item.encode_to_vec()).repeat(n)
+}
+
+/// Field `field` holding `bytes` (a string, or an encoded message).
+fn length_delimited(field: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + 10);
+    encode_key(field, WireType::LengthDelimited, &mut out);
+    encode_varint(bytes.len() as u64, &mut out);
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// `base`'s encoding followed by `more`.
+fn then(base: &impl prost::Message, more: Vec<u8>) -> Vec<u8> {
+    let mut out = base.encode_to_vec();
+    out.extend(more);
+    out
+}
+
 /// One abusive request per RPC that takes a list: its name, its method
 /// and its encoding. Items are as small as protobuf allows, each with a
-/// bad field where the item has one a cheap check can catch.
+/// bad field where the item has one a cheap check can catch. (Field
+/// numbers are the contract's, `proto/dcv/sessionmanager/v1/`.)
 fn abusive_requests() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let empty = pb::KeyValuePair::default();
     let bad_session = pb::AgentSession {
         r#type: 99,
         ..Default::default()
     };
-    let heartbeat = pb::HeartbeatRequest {
+    let beat = pb::HeartbeatRequest {
         server_id: "s1".into(),
-        sessions: vec![bad_session.clone(); copies(bad_session.encoded_len())],
         ..Default::default()
     };
-    let users = pb::HeartbeatRequest {
-        server_id: "s1".into(),
-        logged_in_users: vec![Default::default(); copies(0)],
-        ..Default::default()
-    };
-    let endpoint = pb::Endpoint {
+    let bad_endpoint = pb::Endpoint {
         protocol: 99,
         ..Default::default()
     };
-    let mut endpoints = common::registration("s1", "linux", 4);
-    endpoints.endpoints = vec![endpoint.clone(); copies(endpoint.encoded_len())];
-    let mut tags = common::registration("s1", "linux", 4);
-    tags.tags = vec![Default::default(); copies(0)];
-    let mut gpus = common::registration("s1", "linux", 4);
-    if let Some(host) = gpus.host.as_mut() {
-        host.gpus = vec![Default::default(); copies(0)];
-    }
+    let mut registration = common::registration("s1", "linux", 4);
+    let host = registration.host.take().unwrap_or_default();
     let bad_create = pb::CreateSessionRequestData {
         r#type: 99,
         ..Default::default()
     };
+    let all = pb::DescribeServersRequest::default();
+    let all_sessions = pb::DescribeSessionsRequest::default();
+    let nothing = pb::CloseServersRequest::default();
+    let n = copies(0);
     vec![
         (
             "Heartbeat.Sessions",
             "/dcv.sessionmanager.v1.Agent/Heartbeat",
-            heartbeat.encode_to_vec(),
+            then(
+                &beat,
+                entries(4, &bad_session, copies(bad_session.encoded_len())),
+            ),
         ),
         (
             "Heartbeat.LoggedInUsers",
             "/dcv.sessionmanager.v1.Agent/Heartbeat",
-            users.encode_to_vec(),
+            then(&beat, entries(3, &empty, n)),
         ),
         (
             "RegisterServer.Endpoints",
             "/dcv.sessionmanager.v1.Agent/RegisterServer",
-            endpoints.encode_to_vec(),
+            then(
+                &registration,
+                entries(5, &bad_endpoint, copies(bad_endpoint.encoded_len())),
+            ),
         ),
         (
             "RegisterServer.Tags",
             "/dcv.sessionmanager.v1.Agent/RegisterServer",
-            tags.encode_to_vec(),
+            then(&registration, entries(9, &empty, n)),
         ),
         (
             "RegisterServer.Host.Gpus",
             "/dcv.sessionmanager.v1.Agent/RegisterServer",
-            gpus.encode_to_vec(),
+            then(
+                &registration,
+                length_delimited(8, &then(&host, entries(7, &empty, n))),
+            ),
         ),
         (
             "CloseServers",
             "/dcv.sessionmanager.v1.Servers/CloseServers",
-            pb::CloseServersRequest {
-                servers: vec![Default::default(); copies(0)],
-            }
-            .encode_to_vec(),
+            entries(1, &empty, n),
         ),
         (
             "OpenServers",
             "/dcv.sessionmanager.v1.Servers/OpenServers",
-            pb::OpenServersRequest {
-                servers: vec![Default::default(); copies(0)],
-            }
-            .encode_to_vec(),
+            entries(1, &empty, n),
         ),
         (
             "DescribeServers.ServerIds",
             "/dcv.sessionmanager.v1.Servers/DescribeServers",
-            pb::DescribeServersRequest {
-                server_ids: vec![String::new(); copies(0)],
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            then(&all, entries(1, &empty, n)),
         ),
         (
             "DescribeServers.Filters",
             "/dcv.sessionmanager.v1.Servers/DescribeServers",
-            pb::DescribeServersRequest {
-                filters: vec![Default::default(); copies(0)],
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            then(&all, entries(4, &empty, n)),
         ),
         (
             "CreateSessions",
             "/dcv.sessionmanager.v1.Sessions/CreateSessions",
-            pb::CreateSessionsRequest {
-                sessions: vec![bad_create.clone(); copies(bad_create.encoded_len())],
-            }
-            .encode_to_vec(),
+            entries(1, &bad_create, copies(bad_create.encoded_len())),
         ),
         (
             "DescribeSessions.SessionIds",
             "/dcv.sessionmanager.v1.Sessions/DescribeSessions",
-            pb::DescribeSessionsRequest {
-                session_ids: vec![String::new(); copies(0)],
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            then(&all_sessions, entries(1, &empty, n)),
         ),
         (
             "DescribeSessions.Filters",
             "/dcv.sessionmanager.v1.Sessions/DescribeSessions",
-            pb::DescribeSessionsRequest {
-                filters: vec![Default::default(); copies(0)],
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            then(&all_sessions, entries(2, &empty, n)),
         ),
         (
             "DeleteSessions",
             "/dcv.sessionmanager.v1.Sessions/DeleteSessions",
-            pb::DeleteSessionsRequest {
-                sessions: vec![Default::default(); copies(0)],
-            }
-            .encode_to_vec(),
+            then(&nothing, entries(1, &empty, n)),
         ),
         (
             "UpdateSessionPermissions",
             "/dcv.sessionmanager.v1.Sessions/UpdateSessionPermissions",
-            pb::UpdateSessionPermissionsRequest {
-                sessions: vec![Default::default(); copies(0)],
-            }
-            .encode_to_vec(),
+            entries(1, &empty, n),
         ),
     ]
     .into_iter()
-    .inspect(|(name, method, body)| {
-        assert!(method.starts_with("/dcv.sessionmanager.v1."));
+    .inspect(|(name, _, body)| {
         assert!(
             body.len() > REQUEST_BYTES * 9 / 10,
             "{name}: {} bytes",
@@ -264,6 +260,51 @@ fn abusive_requests() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         );
     })
     .collect()
+}
+
+/// The encodings above are what prost makes of the same lists.
+#[test]
+fn repeated_entries_encode_as_prost_does() {
+    let item = pb::AgentSession {
+        r#type: 99,
+        ..Default::default()
+    };
+    let beat = pb::HeartbeatRequest {
+        server_id: "s1".into(),
+        ..Default::default()
+    };
+    let full = pb::HeartbeatRequest {
+        sessions: vec![item.clone(); 3],
+        ..beat.clone()
+    };
+    assert_eq!(then(&beat, entries(4, &item, 3)), full.encode_to_vec());
+    let mut registration = common::registration("s1", "linux", 4);
+    let host = registration.host.take().unwrap();
+    let with_gpus = pb::RegisterServerRequest {
+        host: Some(pb::Host {
+            gpus: vec![Default::default(); 2],
+            ..host.clone()
+        }),
+        ..registration.clone()
+    };
+    assert_eq!(
+        pb::RegisterServerRequest::decode(
+            &then(
+                &registration,
+                length_delimited(8, &then(&host, entries(7, &pb::KeyValuePair::default(), 2)))
+            )[..]
+        )
+        .unwrap(),
+        with_gpus
+    );
+    let ids = pb::DescribeServersRequest {
+        server_ids: vec![String::new(); 2],
+        ..Default::default()
+    };
+    assert_eq!(
+        entries(1, &pb::KeyValuePair::default(), 2),
+        ids.encode_to_vec()
+    );
 }
 
 async fn connect(addr: std::net::SocketAddr) -> Channel {
