@@ -319,7 +319,11 @@ mod child {
                     let cli = Args::try_parse_from(argv).unwrap();
                     cli.check().unwrap();
                     // Logging as the binary does it: INFO to stderr.
-                    telemetry::init(cli.log_format, &cli.log).unwrap();
+                    telemetry::init(
+                        cli.log_format,
+                        &telemetry::directives(cli.log.as_deref(), None),
+                    )
+                    .unwrap();
                     let mut config = cli.broker_config();
                     // Authentication when the flags turn it on, as the
                     // binary does (`--tls` here is not the binary's

@@ -242,10 +242,13 @@ pub struct Args {
     )]
     pub log_format: LogFormat,
 
-    /// Log filter, in tracing's EnvFilter syntax (`debug` shows every
-    /// request).
-    #[arg(long, env = "DCV_BROKER_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter [default: info]. A bare level applies to the broker's
+    /// own logs, libraries staying at info at most: `debug` shows every
+    /// request without HTTP/2's frames. Anything else is tracing's
+    /// EnvFilter syntax, taken as is (`debug,h2=trace` for everything).
+    /// Without this flag, RUST_LOG, if set, is taken as is.
+    #[arg(long, env = "DCV_BROKER_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
 
     /// Without a subcommand, the broker serves.
     #[command(subcommand)]

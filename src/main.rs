@@ -54,7 +54,11 @@ async fn run(args: Args) -> Result<(), String> {
         return clients(command).await;
     }
     args.check()?;
-    telemetry::init(args.log_format, &args.log)?;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    telemetry::init(
+        args.log_format,
+        &telemetry::directives(args.log.as_deref(), rust_log.as_deref()),
+    )?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let mut tls = ServerTls::load(cert, key).map_err(|e| format!("TLS: {e}"))?;

@@ -94,9 +94,35 @@ pub enum ServeError {
     /// Reflection could not load a descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The google.rpc descriptors compiled in do not decode.
+    #[error("reflection: google.rpc descriptors: {0}")]
+    Descriptors(#[from] prost::DecodeError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// tonic-types' descriptors of google.rpc's Status and error details,
+/// under the file names every other copy of them has
+/// (`google/rpc/error_details.proto`, `google/rpc/status.proto`).
+/// tonic-types names them bare (`error_details.proto`), and a client whose
+/// descriptor pool already holds google.rpc under the standard names (any
+/// client with googleapis' types, such as Python's grpcio-status) would see
+/// the same types defined twice.
+fn google_rpc_descriptors() -> Result<prost_types::FileDescriptorSet, prost::DecodeError> {
+    use prost::Message as _;
+    let mut set = prost_types::FileDescriptorSet::decode(tonic_types::pb::FILE_DESCRIPTOR_SET)?;
+    let standard = |name: &str| match name {
+        "status.proto" | "error_details.proto" => format!("google/rpc/{name}"),
+        _ => name.to_owned(),
+    };
+    for file in &mut set.file {
+        file.name = file.name.as_deref().map(standard);
+        for dependency in &mut file.dependency {
+            *dependency = standard(dependency);
+        }
+    }
+    Ok(set)
 }
 
 /// Aborts background tasks when the server stops, however it stops.
@@ -195,12 +221,13 @@ async fn run(
     health.set_serving::<SessionsServer<SessionsApi>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
+    let google_rpc = google_rpc_descriptors()?;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // Lets grpcurl render google.rpc.BadRequest error details.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .register_file_descriptor_set(google_rpc.clone())
     };
     let reflection_v1 = reflection().build_v1()?;
     // grpcurl before 1.8.8, grpcui and Postman speak only v1alpha.

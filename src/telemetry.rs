@@ -1,10 +1,38 @@
 //! Logging: human-readable lines by default, JSON on request, filtered by
-//! tracing's EnvFilter syntax. Logs go to stderr; stdout is kept for the
+//! `--log` (a bare level for the broker's own events, or tracing's
+//! EnvFilter syntax) or RUST_LOG. Logs go to stderr; stdout is kept for the
 //! one line that says where the broker listens.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 use crate::config::LogFormat;
+
+/// The target of every event of the broker's own code (library and
+/// binary): what a bare `--log debug` makes verbose.
+const BROKER_TARGET: &str = "dcv_broker";
+/// The most verbose level of libraries' events (h2, hyper, tonic, rustls)
+/// under a bare `--log` level (default info): their debug output is about
+/// ten HTTP/2 frame lines per request, which drown the broker's own.
+const LIBRARY_CEILING: LevelFilter = LevelFilter::INFO;
+
+/// The EnvFilter directives for `--log` (`log`) or, when it is not given,
+/// RUST_LOG (`rust_log`). A bare level more verbose than
+/// [`LIBRARY_CEILING`] applies to the broker's targets only; anything else
+/// is a directive taken as is, so that `debug,h2=trace` or RUST_LOG still
+/// give full control.
+pub fn directives(log: Option<&str>, rust_log: Option<&str>) -> String {
+    let log = match (log, rust_log) {
+        (Some(log), _) => log,
+        (None, Some(rust_log)) if !rust_log.trim().is_empty() => return rust_log.to_owned(),
+        (None, _) => "info",
+    };
+    match log.trim().parse::<LevelFilter>() {
+        Ok(level) if level > LIBRARY_CEILING => {
+            format!("{LIBRARY_CEILING},{BROKER_TARGET}={level}")
+        }
+        _ => log.to_owned(),
+    }
+}
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
@@ -22,4 +50,27 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
         LogFormat::Json => builder.json().try_init(),
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::directives;
+
+    #[test]
+    fn a_bare_level_is_the_brokers_and_a_directive_is_taken_as_is() {
+        assert_eq!(directives(None, None), "info");
+        assert_eq!(directives(Some("info"), None), "info");
+        assert_eq!(directives(Some("warn"), None), "warn");
+        assert_eq!(directives(Some("debug"), None), "info,dcv_broker=debug");
+        assert_eq!(directives(Some("TRACE"), None), "info,dcv_broker=trace");
+        assert_eq!(directives(Some("debug,h2=trace"), None), "debug,h2=trace");
+        assert_eq!(directives(Some("h2=debug"), None), "h2=debug");
+        // RUST_LOG is taken as is, but only without the flag.
+        assert_eq!(directives(None, Some("debug")), "debug");
+        assert_eq!(
+            directives(Some("debug"), Some("trace")),
+            "info,dcv_broker=debug"
+        );
+        assert_eq!(directives(None, Some(" ")), "info");
+    }
 }

@@ -258,3 +258,63 @@ async fn malformed_agent_reports_are_invalid_argument() {
     assert_eq!(v[0].0, "MaxVirtualSessions");
     assert!(v[0].1.contains("only Linux"), "{v:?}");
 }
+
+/// An unknown server's NOT_FOUND carries google.rpc.ResourceInfo whose
+/// hint fits the call: register before heartbeats or the instruction
+/// stream, register again after a forgotten instruction's result, and
+/// nothing to do for a departure.
+#[tokio::test]
+async fn an_unknown_server_gets_a_hint_that_fits_the_call() {
+    use tonic_types::StatusExt as _;
+    let broker = Broker::quiet().await;
+    let mut agent = broker.agent().await;
+    let hint = |status: tonic::Status| {
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        let info = status.get_details_resource_info().expect("ResourceInfo");
+        assert_eq!(info.resource_type, "dcv.sessionmanager.v1.Server");
+        assert_eq!(info.resource_name, "ghost");
+        assert!(status.message().ends_with(&info.description), "{status:?}");
+        info.description
+    };
+    let heartbeat = hint(agent.heartbeat(beat("ghost", vec![])).await.unwrap_err());
+    assert!(
+        heartbeat.contains("before sending heartbeats"),
+        "{heartbeat}"
+    );
+    let stream = hint(
+        agent
+            .stream_instructions(pb::StreamInstructionsRequest {
+                server_id: "ghost".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        stream.contains("before opening its instruction stream"),
+        "{stream}"
+    );
+    let result = hint(
+        agent
+            .report_instruction_result(pb::ReportInstructionResultRequest {
+                server_id: "ghost".into(),
+                session_id: "s".into(),
+                kind: pb::InstructionKind::CreateSession as i32,
+                success: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert!(result.contains("register it again"), "{result}");
+    assert!(!result.contains("heartbeat"), "{result}");
+    let gone = hint(
+        agent
+            .deregister_server(pb::DeregisterServerRequest {
+                server_id: "ghost".into(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert!(gone.contains("nothing to deregister"), "{gone}");
+    assert!(!gone.contains("RegisterServer"), "{gone}");
+}

@@ -54,6 +54,7 @@ macro_rules! reflection_lists_services {
                 MessageRequest::ListServices(String::new()),
                 MessageRequest::FileContainingSymbol("google.rpc.BadRequest".into()),
                 MessageRequest::FileContainingSymbol("dcv.sessionmanager.v1.Servers".into()),
+                MessageRequest::FileByFilename("google/rpc/error_details.proto".into()),
             ]
             .map(|m| ServerReflectionRequest {
                 host: String::new(),
@@ -78,13 +79,30 @@ macro_rules! reflection_lists_services {
             ] {
                 assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
             }
-            for _ in 0..2 {
+            let mut first_files = Vec::new();
+            for _ in 0..3 {
                 let found = replies.next().await.unwrap().unwrap().message_response;
                 let Some(MessageResponse::FileDescriptorResponse(files)) = found else {
                     panic!("expected descriptors, got {found:?}");
                 };
                 assert!(!files.file_descriptor_proto.is_empty());
+                let first = &files.file_descriptor_proto[0];
+                let first =
+                    <prost_types::FileDescriptorProto as prost::Message>::decode(&first[..])
+                        .unwrap();
+                first_files.push(first.name().to_owned());
             }
+            // google.rpc's types under their standard file name, as in every
+            // other copy (googleapis, grpcio-status), so that clients' pools
+            // do not see them twice; found by that name too.
+            assert_eq!(
+                first_files,
+                [
+                    "google/rpc/error_details.proto",
+                    "dcv/sessionmanager/v1/servers.proto",
+                    "google/rpc/error_details.proto",
+                ]
+            );
         }
     };
 }

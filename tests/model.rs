@@ -262,7 +262,7 @@ fn whole_error(e: &FleetError) -> WholeError {
         FleetError::InvalidArgument(v) => {
             WholeError::InvalidMany(v.iter().map(|v| v.field.clone()).collect())
         }
-        FleetError::ServerNotFound(id) => WholeError::ServerNotFound(id.clone()),
+        FleetError::ServerNotFound(id, _) => WholeError::ServerNotFound(id.clone()),
         other => WholeError::Other(format!("{other:?}")),
     }
 }

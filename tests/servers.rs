@@ -135,6 +135,73 @@ async fn every_item_failure_code_in_one_batch() {
     for f in &bad_reasons.unsuccessful_list {
         assert_eq!(code(f.failure_code), FailureCode::InvalidReason);
     }
+    // An over-long Reason is echoed cut short, and the FailureReason says
+    // so; a short one, whole.
+    let huge = "é".repeat(512 * 1024);
+    let r = servers
+        .close_servers(close_req(vec![
+            close_item("busy", Some(true), &huge),
+            close_item("nowhere", None, "short"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let [cut, whole] = &r.unsuccessful_list[..] else {
+        panic!("two failures expected: {:?}", r.unsuccessful_list.len());
+    };
+    assert_eq!(code(cut.failure_code), FailureCode::InvalidReason);
+    let echoed = &cut.close_server_request_data.as_ref().unwrap().reason;
+    assert!(echoed.len() <= 256 && huge.starts_with(echoed.as_str()));
+    assert!(!echoed.is_empty());
+    assert!(
+        cut.failure_reason
+            .starts_with("Reason must be at most 1024 characters")
+            && cut
+                .failure_reason
+                .ends_with("The Reason echoed here is truncated from 1048576 bytes."),
+        "{:?}",
+        cut.failure_reason
+    );
+    assert_eq!(code(whole.failure_code), FailureCode::DcvServerNotFound);
+    assert_eq!(
+        whole.close_server_request_data.as_ref().unwrap().reason,
+        "short"
+    );
+    assert_eq!(whole.failure_reason, "Dcv server not found.");
+
+    // Every character of Unicode's Bidi_Control property (PropList.txt),
+    // U+061C ARABIC LETTER MARK included.
+    let bidi_controls = ['\u{061C}', '\u{200E}', '\u{200F}']
+        .into_iter()
+        .chain('\u{202A}'..='\u{202E}')
+        .chain('\u{2066}'..='\u{2069}');
+    for c in bidi_controls {
+        let r = servers
+            .close_servers(close_req(vec![close_item(
+                "busy",
+                Some(true),
+                &format!("maintenance {c}window"),
+            )]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            r.successful_list.is_empty(),
+            "U+{:04X} accepted",
+            u32::from(c)
+        );
+        assert_eq!(
+            code(r.unsuccessful_list[0].failure_code),
+            FailureCode::InvalidReason
+        );
+        assert!(
+            r.unsuccessful_list[0]
+                .failure_reason
+                .contains("bidirectional"),
+            "{:?}",
+            r.unsuccessful_list[0].failure_reason
+        );
+    }
     let fits = servers
         .close_servers(close_req(vec![close_item(
             "busy",
@@ -548,7 +615,12 @@ async fn describe_validates_its_input_and_its_tokens() {
             .unwrap_err();
         let v = violations(&err);
         assert_eq!(v[0].0, "NextToken");
-        assert!(v[0].1.contains("not a token this broker issued"), "{v:?}");
+        // Tokens survive restarts (their key is stored): the text blames
+        // a restart only for a broker that keeps nothing.
+        assert_eq!(
+            v[0].1,
+            "is not a token this broker issued (corrupted or forged, or issued before an --in-memory broker restarted)"
+        );
     }
     // A token is bound to its query.
     let err = servers

@@ -10,6 +10,16 @@ use crate::{
     pb,
 };
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+pub fn truncated(s: &str, max: usize) -> &str {
+    let end = (0..=max.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    &s[..end]
+}
+
 fn enum_violation(field: &str, value: i32) -> FieldViolation {
     FieldViolation::new(field, format!("unknown or unspecified enum value {value}"))
 }
@@ -52,6 +62,17 @@ fn tags_from_pb(tags: Vec<pb::KeyValuePair>) -> Vec<fleet::Tag> {
 pub fn registration_from_pb(
     r: pb::RegisterServerRequest,
 ) -> Result<(String, fleet::ServerDescription), FleetError> {
+    // Lengths first: nothing is converted or checked per item of a list
+    // longer than its limit.
+    fleet::check_lengths(&[
+        ("Endpoints", r.endpoints.len(), fleet::MAX_ENDPOINTS),
+        (
+            "Host.Gpus",
+            r.host.as_ref().map_or(0, |h| h.gpus.len()),
+            fleet::MAX_GPUS,
+        ),
+        ("Tags", r.tags.len(), fleet::MAX_TAGS),
+    ])?;
     let mut v = Vec::new();
     let host = r.host.unwrap_or_default();
     let os = host.os.unwrap_or_default();
@@ -160,6 +181,16 @@ pub fn registration_from_pb(
 pub fn heartbeat_from_pb(
     h: pb::HeartbeatRequest,
 ) -> Result<(String, fleet::Heartbeat), FleetError> {
+    // Lengths first: a heartbeat naming millions of sessions with bad
+    // enums must not cost a violation each.
+    fleet::check_lengths(&[
+        (
+            "LoggedInUsers",
+            h.logged_in_users.len(),
+            fleet::MAX_LOGGED_IN_USERS,
+        ),
+        ("Sessions", h.sessions.len(), fleet::MAX_REPORTED_SESSIONS),
+    ])?;
     let mut v = Vec::new();
     let sessions = h
         .sessions

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod error;
 pub mod gate;

@@ -4,9 +4,31 @@ use tonic::{Request, Response, Status};
 
 use super::{RequestId, convert};
 use crate::{
-    fleet::{CloseItem, DescribeQuery, Fleet},
+    fleet::{self, CloseItem, DescribeQuery, Fleet, query},
     pb::{self, servers_server::Servers},
 };
+
+/// The longest Reason a failed CloseServers item echoes back, in bytes
+/// (default 256): enough to recognise it, while an invalid one may be
+/// megabytes that the caller already has.
+pub const MAX_ECHOED_REASON_BYTES: usize = 256;
+
+/// A failed item's Reason as echoed, and its FailureReason, which says when
+/// the echo is cut short.
+fn echoed(mut reason: String, failure_reason: String) -> (String, String) {
+    let len = reason.len();
+    if len <= MAX_ECHOED_REASON_BYTES {
+        return (reason, failure_reason);
+    }
+    reason.truncate(convert::truncated(&reason, MAX_ECHOED_REASON_BYTES).len());
+    let note = format!("The Reason echoed here is truncated from {len} bytes.");
+    let failure_reason = if failure_reason.is_empty() {
+        note
+    } else {
+        format!("{failure_reason} {note}")
+    };
+    (reason, failure_reason)
+}
 
 /// The `Servers` service over a fleet.
 #[derive(Debug, Clone)]
@@ -29,11 +51,12 @@ impl Servers for ServersApi {
     ) -> Result<Response<pb::CloseServersResponse>, Status> {
         let request_id = RequestId::of(&request);
         let actor = super::auth::actor(&request);
+        let servers = request.into_inner().servers;
+        // The size first: nothing is built per item of a batch too big.
+        fleet::validate_batch_size("Servers", servers.len())?;
         // The request's strings move into the items and back into the
         // response: no copy per item.
-        let items: Vec<CloseItem> = request
-            .into_inner()
-            .servers
+        let items: Vec<CloseItem> = servers
             .into_iter()
             .map(|s| CloseItem {
                 server_id: s.server_id,
@@ -54,19 +77,20 @@ impl Servers for ServersApi {
                         server_id: item.server_id,
                     }),
                 Err(failure) => {
+                    let (reason, failure_reason) = echoed(item.reason, failure.reason);
                     // Force is echoed explicitly, so JSON shows what was
                     // applied.
                     let data = pb::CloseServerRequestData {
                         server_id: item.server_id,
                         force: Some(item.force),
-                        reason: item.reason,
+                        reason,
                     };
                     response
                         .unsuccessful_list
                         .push(pb::CloseServerUnsuccessfulResponse {
                             close_server_request_data: Some(data),
                             failure_code: convert::failure_code_to_pb(failure.code) as i32,
-                            failure_reason: failure.reason,
+                            failure_reason,
                         });
                 }
             }
@@ -84,12 +108,9 @@ impl Servers for ServersApi {
         request: Request<pb::OpenServersRequest>,
     ) -> Result<Response<pb::OpenServersResponse>, Status> {
         let request_id = RequestId::of(&request);
-        let ids: Vec<String> = request
-            .into_inner()
-            .servers
-            .into_iter()
-            .map(|s| s.server_id)
-            .collect();
+        let servers = request.into_inner().servers;
+        fleet::validate_batch_size("Servers", servers.len())?;
+        let ids: Vec<String> = servers.into_iter().map(|s| s.server_id).collect();
         let results = self.fleet.open_servers(&ids).await?;
         let mut response = pb::OpenServersResponse {
             request_id,
@@ -125,6 +146,10 @@ impl Servers for ServersApi {
     ) -> Result<Response<pb::DescribeServersResponse>, Status> {
         let request_id = RequestId::of(&request);
         let r = request.into_inner();
+        fleet::check_lengths(&[
+            ("ServerIds", r.server_ids.len(), query::MAX_DESCRIBE_IDS),
+            ("Filters", r.filters.len(), query::MAX_FILTERS),
+        ])?;
         let query = DescribeQuery {
             server_ids: r.server_ids,
             next_token: r.next_token,

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{RequestId, convert};
 use crate::{
-    fleet::{DeleteItem, Fleet, PermissionsItem, SessionQuery},
+    fleet::{self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query},
     pb::{self, sessions_server::Sessions},
 };
 
@@ -30,6 +30,8 @@ impl Sessions for SessionsApi {
     ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
         let request_id = RequestId::of(&request);
         let items = request.into_inner().sessions;
+        // The size first: nothing is copied per item of a batch too big.
+        fleet::validate_batch_size("Sessions", items.len())?;
         let specs: Vec<_> = items.iter().map(convert::create_spec_from_pb).collect();
         let mut created = Vec::new();
         let results = self
@@ -68,6 +70,10 @@ impl Sessions for SessionsApi {
     ) -> Result<Response<pb::DescribeSessionsResponse>, Status> {
         let request_id = RequestId::of(&request);
         let r = request.into_inner();
+        fleet::check_lengths(&[
+            ("SessionIds", r.session_ids.len(), query::MAX_DESCRIBE_IDS),
+            ("Filters", r.filters.len(), query::MAX_FILTERS),
+        ])?;
         let query = SessionQuery {
             session_ids: r.session_ids,
             filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
@@ -92,6 +98,7 @@ impl Sessions for SessionsApi {
     ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
         let request_id = RequestId::of(&request);
         let items = request.into_inner().sessions;
+        fleet::validate_batch_size("Sessions", items.len())?;
         let domain: Vec<DeleteItem> = items
             .iter()
             .map(|d| DeleteItem {
@@ -156,6 +163,7 @@ impl Sessions for SessionsApi {
     ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
         let request_id = RequestId::of(&request);
         let items = request.into_inner().sessions;
+        fleet::validate_batch_size("Sessions", items.len())?;
         let domain: Vec<PermissionsItem> = items
             .iter()
             .map(|d| PermissionsItem {

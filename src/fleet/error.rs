@@ -23,15 +23,49 @@ impl FieldViolation {
     }
 }
 
+/// What an agent was doing when it spoke for a server the broker does not
+/// know: what it should do about it depends on that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentStep {
+    /// Sending a heartbeat.
+    Heartbeat,
+    /// Opening its instruction stream.
+    StreamInstructions,
+    /// Reporting an instruction's result.
+    ReportInstructionResult,
+    /// Leaving.
+    Deregister,
+}
+
+impl AgentStep {
+    /// What the agent should do, as a clause that follows "server X is
+    /// not registered;".
+    pub fn hint(self) -> &'static str {
+        match self {
+            AgentStep::Heartbeat => "register it (RegisterServer) before sending heartbeats",
+            AgentStep::StreamInstructions => {
+                "register it (RegisterServer) before opening its instruction stream"
+            }
+            AgentStep::ReportInstructionResult => {
+                "the broker forgot it and its instructions: register it again (RegisterServer) and reopen its instruction stream"
+            }
+            AgentStep::Deregister => {
+                "there is nothing to deregister (it left already, or was forgotten after its heartbeats stopped)"
+            }
+        }
+    }
+}
+
 /// Why a fleet operation failed as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetError {
     /// The request is malformed; nothing was changed.
     #[error("invalid request: {}", summarize(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    /// An agent spoke for a server the broker does not know.
-    #[error("server {0:?} is not registered; register it first")]
-    ServerNotFound(String),
+    /// An agent spoke for a server the broker does not know, while doing
+    /// the step given.
+    #[error("server {0:?} is not registered; {hint}", hint = .1.hint())]
+    ServerNotFound(String, AgentStep),
     /// No such session.
     #[error("session {0:?} does not exist")]
     SessionNotFound(String),

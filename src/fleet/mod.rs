@@ -38,7 +38,7 @@ use tokio::time::Instant;
 
 pub use self::{
     availability::{Reason, Reasons},
-    error::{FieldViolation, FleetError},
+    error::{AgentStep, FieldViolation, FleetError},
     model::*,
     query::DescribeQuery,
     sessions::{
@@ -226,15 +226,42 @@ fn validate_reason(reason: &str) -> Result<(), String> {
     }
 }
 
-/// Bidirectional overrides and isolates can make a reason display as
-/// something other than what it says, in logs and terminals ("Trojan
-/// Source"); nobody needs them in a sentence about maintenance.
+/// Bidirectional overrides, isolates and marks can make a reason display
+/// as something other than what it says, in logs and terminals ("Trojan
+/// Source"); nobody needs them in a sentence about maintenance. The set is
+/// Unicode's Bidi_Control property, from regex-syntax's tables, so that it
+/// follows the standard rather than a list copied by hand.
 fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    static BIDI_CONTROL: std::sync::LazyLock<Vec<(char, char)>> = std::sync::LazyLock::new(|| {
+        use regex_syntax::hir::{Class, HirKind};
+        match regex_syntax::parse(r"\p{Bidi_Control}").map(|hir| hir.into_kind()) {
+            Ok(HirKind::Class(Class::Unicode(class))) => class
+                .ranges()
+                .iter()
+                .map(|r| (r.start(), r.end()))
+                .collect(),
+            // Cannot happen with the tables compiled in; a test checks the
+            // set against the property's definition.
+            _ => Vec::new(),
+        }
+    });
+    BIDI_CONTROL
+        .binary_search_by(|&(start, end)| {
+            if end < c {
+                std::cmp::Ordering::Less
+            } else if start > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
 }
 
-/// Checks a batch's size; `field` is the request's repeated field.
-fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
+/// Checks a batch's size; `field` is the request's repeated field. The
+/// API calls it before it converts a single item, so that a request naming
+/// millions of empty items costs nothing per item.
+pub fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
     if len == 0 || len > MAX_BATCH_ITEMS {
         return Err(FleetError::invalid(
             field,
@@ -896,7 +923,10 @@ impl Fleet {
         let now = Instant::now();
         let mut state = self.write(now);
         if !state.apply_heartbeat(id, report, now, &self.ctx()) {
-            return Err(FleetError::ServerNotFound(id.to_string()));
+            return Err(FleetError::ServerNotFound(
+                id.to_string(),
+                AgentStep::Heartbeat,
+            ));
         }
         // Heartbeats are not acknowledged as durable: the next one repeats
         // what the agent knows.
@@ -939,7 +969,7 @@ impl Fleet {
         let server = state
             .servers
             .get_mut(id)
-            .ok_or_else(|| FleetError::ServerNotFound(id.to_string()))?;
+            .ok_or_else(|| FleetError::ServerNotFound(id.to_string(), AgentStep::Deregister))?;
         if server.is_closed() {
             server.agent_departed = true;
             let sid = server.id.clone();
@@ -1007,6 +1037,23 @@ fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
                 value.len()
             ),
         ));
+    }
+}
+
+/// Refuses lists longer than their limits, each given as (field, length,
+/// most allowed). Callers check lengths before they build or check
+/// anything per item: a request small on the wire can name millions of
+/// empty items, and work or violations per item would then cost memory
+/// and time in proportion to what the limit exists to refuse.
+pub fn check_lengths(lists: &[(&str, usize, usize)]) -> Result<(), FleetError> {
+    let mut violations = Vec::new();
+    for &(field, len, max) in lists {
+        check_count(field, len, max, &mut violations);
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(FleetError::InvalidArgument(violations))
     }
 }
 
@@ -1143,5 +1190,35 @@ fn validate_heartbeat(h: &Heartbeat, violations: &mut Vec<FieldViolation>) {
             check_text(&format!("Sessions[{i}].Id"), &s.id, violations);
             check_text(&format!("Sessions[{i}].Owner"), &s.owner, violations);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unicode's definition of Bidi_Control (PropList.txt).
+    fn defined_bidi_control(c: char) -> bool {
+        matches!(u32::from(c), 0x061C | 0x200E | 0x200F | 0x202A..=0x202E | 0x2066..=0x2069)
+    }
+
+    #[test]
+    fn bidi_control_is_the_unicode_property_for_every_char() {
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            assert_eq!(
+                is_bidi_control(c),
+                defined_bidi_control(c),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+    }
+
+    #[test]
+    fn a_reason_with_any_bidi_control_is_refused() {
+        for c in ['\u{061C}', '\u{200E}', '\u{202E}', '\u{2069}'] {
+            assert!(validate_reason(&format!("maintenance {c}window")).is_err());
+        }
+        assert!(validate_reason("maintenance\twindow, مرحبا").is_ok());
     }
 }

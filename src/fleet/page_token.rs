@@ -4,9 +4,10 @@
 //! order, so resuming "after this id" neither repeats nor skips a server
 //! that existed throughout the walk, however the fleet changes between
 //! pages). It also carries when it was issued and a fingerprint of the
-//! query it belongs to, and is signed with a key the broker draws at
-//! start-up, so a forged, corrupted, expired or mismatched token is told
-//! apart from a good one and rejected with a precise message.
+//! query it belongs to, and is signed with a key the broker keeps in its
+//! store (so tokens survive a restart), so a forged, corrupted, expired or
+//! mismatched token is told apart from a good one and rejected with a
+//! precise message.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,10 +24,11 @@ const HEADER_BYTES: usize = 1 + 8 + FINGERPRINT_BYTES;
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    /// Not a token this broker issued: garbage, edited, or issued by an
-    /// earlier run of the broker.
+    /// Not a token this broker issued: garbage, edited, or signed with
+    /// another key (the key is stored, so tokens survive a restart, except
+    /// a broker's that keeps nothing: `--in-memory`).
     #[error(
-        "is not a token this broker issued (corrupted, forged, or issued before the broker restarted)"
+        "is not a token this broker issued (corrupted or forged, or issued before an --in-memory broker restarted)"
     )]
     Invalid,
     /// Issued too long ago.

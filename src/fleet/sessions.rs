@@ -36,7 +36,7 @@ use sha2::Sha256;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    FailureCode, FieldViolation, Fleet, FleetError, ItemFailure, State, availability,
+    AgentStep, FailureCode, FieldViolation, Fleet, FleetError, ItemFailure, State, availability,
     model::{
         OsFamily, Placement, ReportedSession, ServerId, ServerRecord, SessionKind, SessionState,
     },
@@ -1805,7 +1805,9 @@ impl Fleet {
             .servers
             .get(server)
             .map(|s| s.id.clone())
-            .ok_or_else(|| FleetError::ServerNotFound(server.to_string()))?;
+            .ok_or_else(|| {
+                FleetError::ServerNotFound(server.to_string(), AgentStep::StreamInstructions)
+            })?;
         for record in state.sessions.records.values() {
             if record.server.as_ref() != Some(&id) {
                 continue;
@@ -1869,7 +1871,10 @@ impl Fleet {
         let ctx = self.ctx();
         let mut state = self.write(now);
         if !state.servers.contains_key(server) {
-            return Err(FleetError::ServerNotFound(server.to_string()));
+            return Err(FleetError::ServerNotFound(
+                server.to_string(),
+                AgentStep::ReportInstructionResult,
+            ));
         }
         let id: SessionId = Arc::from(session);
         let Some(record) = state.sessions.record_mut(&id) else {

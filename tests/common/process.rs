@@ -101,7 +101,7 @@ impl BrokerProcess {
         .unwrap_or_else(|_| panic!("no log line with {text:?}"))
     }
 
-    /// Every log line up to the first containing `text`, that one last.
+    /// Every log line up to and including the first containing `text`.
     pub async fn lines_until(&mut self, text: &str) -> Vec<String> {
         let mut lines = Vec::new();
         tokio::time::timeout(PATIENCE, async {
@@ -115,7 +115,7 @@ impl BrokerProcess {
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("no log line with {text:?}"));
+        .unwrap_or_else(|_| panic!("no log line with {text:?} in {lines:#?}"));
         lines
     }
 

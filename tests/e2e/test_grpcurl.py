@@ -158,6 +158,21 @@ def test_describe_servers_shows_methods_and_comments(grpcurl):
     assert "// Opens DCV servers, so that sessions may be placed on them again." in out
 
 
+def test_reflection_serves_google_rpc_under_its_standard_file_name(grpcurl, tmp_path):
+    """google.rpc's error details come as google/rpc/error_details.proto, the
+    name every other copy has (googleapis, grpcio-status), so that a client
+    pool already holding them does not see the same types twice."""
+    from google.protobuf import descriptor_pb2
+
+    protoset = tmp_path / "bad_request.protoset"
+    res = grpcurl("describe", "google.rpc.BadRequest", flags=("-protoset-out", str(protoset)))
+    assert res.returncode == 0, res.stderr
+    files = descriptor_pb2.FileDescriptorSet.FromString(protoset.read_bytes())
+    names = [f.name for f in files.file]
+    assert "google/rpc/error_details.proto" in names, names
+    assert "error_details.proto" not in names, names
+
+
 def test_describe_message_shows_fields_json_names_and_comments(grpcurl):
     res = grpcurl("describe", "dcv.sessionmanager.v1.CloseServerRequestData")
     assert res.returncode == 0, res.stderr
