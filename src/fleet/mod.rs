@@ -24,6 +24,7 @@ pub mod model;
 pub mod page_token;
 pub mod persist;
 pub mod query;
+mod queue;
 pub mod requirements;
 pub mod sessions;
 
