@@ -350,7 +350,10 @@ async fn a_forced_delete_gives_the_room_to_the_oldest_queued_request_at_once() {
         let older = r.successful_list[0].id.clone();
         assert!(r.successful_list[0].server.is_none(), "the server is full");
 
-        sessions.delete_sessions(force_delete(&running)).await.unwrap();
+        sessions
+            .delete_sessions(force_delete(&running))
+            .await
+            .unwrap();
         // No heartbeat in between: the delete itself hands the room over.
         let placed = describe_session(&mut sessions, &older).await;
         assert_eq!(
@@ -371,8 +374,14 @@ async fn a_forced_delete_gives_the_room_to_the_oldest_queued_request_at_once() {
             "a newer request is not placed ahead of the older one"
         );
         // Clean up for the next round: the server's sessions go.
-        sessions.delete_sessions(force_delete(&newer)).await.unwrap();
-        sessions.delete_sessions(force_delete(&older)).await.unwrap();
+        sessions
+            .delete_sessions(force_delete(&newer))
+            .await
+            .unwrap();
+        sessions
+            .delete_sessions(force_delete(&older))
+            .await
+            .unwrap();
         win.beat(vec![]).await;
         assert_eq!(broker.fleet.queued(), 0);
     }

@@ -788,6 +788,7 @@ impl Fleet {
         let mut state = self.write(now);
         let remove_after = self.config.remove_after;
         let mut results = Vec::with_capacity(server_ids.len());
+        let mut opened = Vec::new();
         for (id, pre) in server_ids.iter().zip(pre) {
             if let Some(failure) = pre {
                 results.push(Err(failure));
@@ -807,11 +808,21 @@ impl Fleet {
             state.server_state_changed(&id);
             state.note_removable(deadline);
             state.emit_open(&id, &ctx);
-            // Queued sessions may fit now.
-            state.after_server_change(&id, now, &ctx);
+            opened.push(id);
             results.push(Ok(()));
         }
         let durable = self.commit(&mut state);
+        drop(state);
+        // Queued sessions may fit now. Each server checks the queue in a
+        // write section of its own: one check is bounded, a batch of them
+        // under one hold would not be.
+        for id in opened {
+            let now = Instant::now();
+            let mut state = self.write(now);
+            state.after_server_change(&id, now, &ctx);
+            // As for heartbeats: placements are not acknowledged here.
+            drop(self.commit(&mut state));
+        }
         Ok((results, durable))
     }
 

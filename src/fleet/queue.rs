@@ -13,7 +13,11 @@
 
 use std::sync::Arc;
 
-use super::{FastMap, requirements::Requirements, sessions::SessionId};
+use super::{
+    FastMap,
+    requirements::Requirements,
+    sessions::{Order, SessionId},
+};
 
 /// The most Requirements evaluation work one check of the queue against
 /// one server may do, in [`Requirements::cost`] units (distinct
@@ -22,29 +26,49 @@ use super::{FastMap, requirements::Requirements, sessions::SessionId};
 /// longest; identical ones are free.
 pub const MAX_QUEUE_REQUIREMENTS_COST: u64 = 64 * 1024;
 
+/// One queued session.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub(super) id: SessionId,
+    pub(super) order: Arc<Order>,
+    /// The id of its Requirements' group; `None` without Requirements.
+    pub(super) group: Option<u64>,
+}
+
+/// The queued sessions that share one expression.
+#[derive(Debug)]
+struct Group {
+    id: u64,
+    members: usize,
+    cost: u64,
+}
+
 /// Queued sessions, oldest first, and the distinct Requirements among
 /// them.
 #[derive(Debug, Default)]
 pub(super) struct Queue {
-    ids: Vec<SessionId>,
-    /// Each distinct expression (canonical text): how many queued
-    /// sessions carry it, and its cost.
-    groups: FastMap<Arc<str>, (usize, u64)>,
+    /// With each its order and its expression's group, so that checking
+    /// the queue looks nothing up and compares no text.
+    entries: Vec<Entry>,
+    /// Each distinct expression (canonical text): its group.
+    groups: FastMap<Arc<str>, Group>,
+    /// The next group's id.
+    next_group: u64,
     /// The sum of the groups' costs.
     cost: u64,
 }
 
 impl Queue {
     pub(super) fn len(&self) -> usize {
-        self.ids.len()
+        self.entries.len()
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.entries.is_empty()
     }
 
-    pub(super) fn get(&self, i: usize) -> Option<&SessionId> {
-        self.ids.get(i)
+    pub(super) fn get(&self, i: usize) -> Option<&Entry> {
+        self.entries.get(i)
     }
 
     /// Whether a session with `requirements` may join without the
@@ -60,32 +84,38 @@ impl Queue {
     }
 
     /// Adds `id` at the back.
-    pub(super) fn push(&mut self, id: SessionId, requirements: Option<&Requirements>) {
-        self.ids.push(id);
-        if let Some(r) = requirements {
-            let group = self
-                .groups
-                .entry(r.canonical().clone())
-                .or_insert((0, r.cost()));
-            if group.0 == 0 {
-                self.cost += group.1;
+    pub(super) fn push(&mut self, id: SessionId, order: Arc<Order>) {
+        let group = order.requirements.as_ref().map(|r| {
+            let next = &mut self.next_group;
+            let group = self.groups.entry(r.canonical().clone()).or_insert_with(|| {
+                *next += 1;
+                Group {
+                    id: *next,
+                    members: 0,
+                    cost: r.cost(),
+                }
+            });
+            if group.members == 0 {
+                self.cost += group.cost;
             }
-            group.0 += 1;
-        }
+            group.members += 1;
+            group.id
+        });
+        self.entries.push(Entry { id, order, group });
     }
 
     /// Takes out the session at `i`.
-    pub(super) fn remove_at(&mut self, i: usize, requirements: Option<&Requirements>) {
-        if i < self.ids.len() {
-            self.ids.remove(i);
-            self.left(requirements);
+    pub(super) fn remove_at(&mut self, i: usize) {
+        if i < self.entries.len() {
+            let entry = self.entries.remove(i);
+            self.left(entry.order.requirements.as_ref());
         }
     }
 
     /// Takes out `id`, if it is queued.
-    pub(super) fn remove(&mut self, id: &SessionId, requirements: Option<&Requirements>) {
-        if let Some(i) = self.ids.iter().position(|q| q == id) {
-            self.remove_at(i, requirements);
+    pub(super) fn remove(&mut self, id: &SessionId) {
+        if let Some(i) = self.entries.iter().position(|e| e.id == *id) {
+            self.remove_at(i);
         }
     }
 
@@ -94,9 +124,9 @@ impl Queue {
             return;
         };
         if let Some(group) = self.groups.get_mut(r.canonical()) {
-            group.0 = group.0.saturating_sub(1);
-            if group.0 == 0 {
-                self.cost = self.cost.saturating_sub(group.1);
+            group.members = group.members.saturating_sub(1);
+            if group.members == 0 {
+                self.cost = self.cost.saturating_sub(group.cost);
                 self.groups.remove(r.canonical());
             }
         }

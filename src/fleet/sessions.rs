@@ -631,6 +631,20 @@ fn can_take(
             .is_none_or(|r| r.matches(server))
 }
 
+/// Whether `server` could take some session now (ignoring the per-user
+/// limit and Requirements): a full or unavailable server makes a check of
+/// the queue cost nothing.
+fn room_for_any(server: &ServerRecord, now: Instant, unreachable_after: Duration) -> bool {
+    if !availability::reasons(server, now, unreachable_after).is_available() {
+        return false;
+    }
+    let (consoles, virtuals) = server.session_counts();
+    consoles + virtuals == 0
+        || (server.description.host.os.family == OsFamily::Linux
+            && consoles == 0
+            && virtuals < server.description.max_virtual_sessions)
+}
+
 /// Whether `server` can take a session of `order` now, Requirements
 /// aside: the cheap checks, done first.
 fn has_room(
@@ -1017,10 +1031,7 @@ impl State {
 
     fn mark_deleted(&mut self, session: &SessionId, reason: String, now: Instant, ctx: &Ctx<'_>) {
         self.release(session, ctx);
-        let requirements = self.queued_requirements(session);
-        self.sessions
-            .queue
-            .remove(session, requirements.as_ref().and_then(|o| o.requirements.as_ref()));
+        self.sessions.queue.remove(session);
         if let Some(record) = self.sessions.record_mut(session) {
             record.state = SessionState::Deleted;
             record.substate = None;
@@ -1029,9 +1040,8 @@ impl State {
         self.set_deadline(session, Some(now + ctx.config.deleted_retention));
     }
 
-    /// The order of `session`, if it has one (for the queue's
-    /// bookkeeping of Requirements).
-    fn queued_requirements(&self, session: &SessionId) -> Option<Arc<Order>> {
+    /// The order of `session`, if it has one (adopted sessions do not).
+    fn queued_order(&self, session: &SessionId) -> Option<Arc<Order>> {
         self.sessions
             .records
             .get(session)
@@ -1049,11 +1059,9 @@ impl State {
             record.state = SessionState::Creating;
             record.substate = Some(Substate::Placing);
         }
-        let order = self.queued_requirements(session);
-        self.sessions.queue.push(
-            session.clone(),
-            order.as_ref().and_then(|o| o.requirements.as_ref()),
-        );
+        if let Some(order) = self.queued_order(session) {
+            self.sessions.queue.push(session.clone(), order);
+        }
         self.set_deadline(session, Some(now + ctx.config.queue_timeout));
     }
 
@@ -1074,9 +1082,7 @@ impl State {
             self.place(session, &next, now, ctx);
             return;
         }
-        if order.enqueue
-            && retries_left
-            && self.sessions.queue.admits(order.requirements.as_ref())
+        if order.enqueue && retries_left && self.sessions.queue.admits(order.requirements.as_ref())
         {
             self.enqueue(session, now, ctx);
             if let Some(record) = self.sessions.record_mut(session) {
@@ -1096,38 +1102,43 @@ impl State {
         if self.sessions.queue.is_empty() {
             return;
         }
-        // Fingerprint -> (canonical text, verdict); a fingerprint shared
-        // by two texts is simply evaluated again.
-        let mut verdicts: super::FastMap<u64, (Arc<str>, bool)> = super::FastMap::default();
+        let Some(target) = self.servers.get(server) else {
+            return;
+        };
+        let unreachable_after = ctx.config.unreachable_after;
+        if !room_for_any(target, now, unreachable_after) {
+            return;
+        }
+        // Each Requirements group's verdict on this server, once
+        // evaluated: it holds for the whole drain, since Requirements do
+        // not look at sessions.
+        let mut verdicts: super::FastMap<u64, bool> = super::FastMap::default();
         let mut i = 0;
-        while let Some(id) = self.sessions.queue.get(i).cloned() {
-            let order = self.sessions.records.get(&id).and_then(|r| r.order.clone());
-            let fits = match (&order, self.servers.get(server)) {
-                (Some(order), Some(target)) => {
-                    has_room(target, order, now, ctx.config.unreachable_after)
-                        && match &order.requirements {
-                            None => true,
-                            Some(r) => match verdicts.get(&r.fingerprint()) {
-                                Some((text, verdict)) if text == r.canonical() => *verdict,
-                                _ => {
-                                    let verdict = r.matches(target);
-                                    verdicts.insert(
-                                        r.fingerprint(),
-                                        (r.canonical().clone(), verdict),
-                                    );
-                                    verdict
-                                }
-                            },
-                        }
-                }
-                _ => false,
+        while let Some(entry) = self.sessions.queue.get(i) {
+            let Some(target) = self.servers.get(server) else {
+                return;
             };
-            if fits {
-                self.sessions.queue.remove_at(
-                    i,
-                    order.as_ref().and_then(|o| o.requirements.as_ref()),
-                );
+            let matches = match (entry.group, &entry.order.requirements) {
+                (Some(group), Some(r)) => {
+                    *verdicts.entry(group).or_insert_with(|| r.matches(target))
+                }
+                _ => true,
+            };
+            if !matches {
+                i += 1;
+                continue;
+            }
+            let (id, order) = (entry.id.clone(), entry.order.clone());
+            if matches && has_room(target, &order, now, unreachable_after) {
+                self.sessions.queue.remove_at(i);
                 self.place(&id, server, now, ctx);
+                let full = self
+                    .servers
+                    .get(server)
+                    .is_none_or(|t| !room_for_any(t, now, unreachable_after));
+                if full {
+                    return;
+                }
             } else {
                 i += 1;
             }
@@ -1222,10 +1233,9 @@ impl State {
         self.sessions.next_queue_position = queued.last().map_or(0, |(p, _)| p + 1);
         for (_, id) in queued {
             // Admitted when it was queued: restored whatever the bound.
-            let order = self.queued_requirements(&id);
-            self.sessions
-                .queue
-                .push(id, order.as_ref().and_then(|o| o.requirements.as_ref()));
+            if let Some(order) = self.queued_order(&id) {
+                self.sessions.queue.push(id, order);
+            }
         }
         Ok(())
     }
