@@ -24,8 +24,9 @@ use dcv_broker::pb::{self, FailureCode, SessionType as Ty};
 const SERVERS: usize = 1000;
 
 /// The longest write-lock hold allowed, in a debug build on a busy
-/// two-core machine: the requests below held it for seconds before.
-const MAX_HOLD: Duration = Duration::from_millis(50);
+/// two-core machine (a few ms typically; descheduling inflates it): the
+/// requests below held it for seconds before.
+const MAX_HOLD: Duration = Duration::from_millis(100);
 
 /// The slowest DescribeServers (p99) allowed while the request runs.
 const MAX_DESCRIBE_P99: Duration = Duration::from_millis(500);
