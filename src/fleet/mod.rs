@@ -7,7 +7,9 @@
 //! synchronous one on purpose: every critical section is short, CPU-only and
 //! never spans an `.await`, so an async lock would only add cost. A batch is
 //! validated before the lock is taken and applied inside one write section,
-//! so nobody ever observes half of it.
+//! so nobody ever observes half of it (CreateSessions excepted: it places
+//! its items in several short sections, see `Fleet::create_sessions`).
+//! Every write section is timed ([`Fleet::take_longest_write_hold`]).
 //!
 //! Time is tokio's clock (`tokio::time::Instant`), so tests can pause and
 //! advance it. Heartbeat expiry needs no timer: availability is derived from

@@ -1129,7 +1129,7 @@ impl State {
                 continue;
             }
             let (id, order) = (entry.id.clone(), entry.order.clone());
-            if matches && has_room(target, &order, now, unreachable_after) {
+            if has_room(target, &order, now, unreachable_after) {
                 self.sessions.queue.remove_at(i);
                 self.place(&id, server, now, ctx);
                 let full = self
