@@ -725,11 +725,11 @@ impl State {
     /// The best server for `order`, by the placement strategy: the first
     /// server that can take it in the load index's order for the strategy
     /// (see `load_index`), without scanning the fleet. Requirements are
-    /// evaluated here, under the lock, only up to
-    /// [`MAX_SECTION_EVALUATION_COST`]: past it, no server is found (the
-    /// session is queued or fails). CreateSessions evaluates them before
-    /// it takes the lock (see [`State::choose_among`]); this is for
-    /// retries and tests.
+    /// evaluated here, under the lock, only within what is left of the
+    /// operation's budget (`Ctx::evaluation_budget`): past it, no server
+    /// is found (the session is queued or fails). CreateSessions evaluates
+    /// them before it takes the lock (see [`State::choose_among`]); this
+    /// is for retries and tests.
     pub(super) fn choose_server(
         &self,
         order: &Order,
@@ -737,7 +737,7 @@ impl State {
         now: Instant,
         ctx: &Ctx<'_>,
     ) -> Option<ServerId> {
-        let budget = std::cell::Cell::new(MAX_SECTION_EVALUATION_COST);
+        let budget = &ctx.evaluation_budget;
         let cost = order.requirements.as_ref().map_or(0, |r| r.cost());
         let takes = |entry: &&(u32, ServerId)| {
             let (load, id) = entry;
@@ -1246,6 +1246,21 @@ impl State {
             if at > now {
                 break;
             }
+            // A retry evaluates Requirements under the lock; once this
+            // section's budget cannot pay for one, the rest wait for the
+            // next operation (the deadline stays due, so it comes soon),
+            // rather than fail for want of budget.
+            let retry_cost = self
+                .sessions
+                .records
+                .get(&id)
+                .filter(|r| r.server.is_some() && r.substate == Some(Substate::Placing))
+                .and_then(|r| r.order.as_ref())
+                .and_then(|o| o.requirements.as_ref())
+                .map_or(0, |r| r.cost());
+            if retry_cost > ctx.evaluation_budget.get() {
+                break;
+            }
             self.sessions.deadlines.remove(&(at, id.clone()));
             let Some(record) = self.sessions.record_mut(&id) else {
                 continue;
@@ -1534,6 +1549,10 @@ pub(super) struct Ctx<'a> {
     pub(super) config: &'a super::FleetConfig,
     /// The event channel, when anyone listens.
     pub(super) events: Option<&'a tokio::sync::broadcast::Sender<SequencedEvent>>,
+    /// What is left of the operation's Requirements evaluation under the
+    /// lock ([`MAX_SECTION_EVALUATION_COST`] to start with), shared by
+    /// every retry it makes ([`State::choose_server`]).
+    pub(super) evaluation_budget: std::cell::Cell<u64>,
 }
 
 /// Signs connection tokens: who may connect to which session until when.
@@ -1689,6 +1708,7 @@ impl Fleet {
             // 1,000 closes sends 1,000 events. A receiver that subscribes
             // during an operation sees the events of the next one.
             events: (self.events.receiver_count() > 0).then_some(&self.events),
+            evaluation_budget: std::cell::Cell::new(MAX_SECTION_EVALUATION_COST),
         }
     }
 
