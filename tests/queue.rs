@@ -306,3 +306,83 @@ async fn sessions_of_an_unreachable_agent_show_as_unknown() {
         St::Ready
     );
 }
+
+/// A DeleteSessions item with Force, for quinn's session `id`.
+fn force_delete(id: &str) -> pb::DeleteSessionsRequest {
+    pb::DeleteSessionsRequest {
+        sessions: vec![pb::DeleteSessionRequestData {
+            session_id: id.into(),
+            owner: "quinn".into(),
+            force: Some(true),
+        }],
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_delete_gives_the_room_to_the_oldest_queued_request_at_once() {
+    let broker = Broker::start(config()).await;
+    let mut win = TestAgent::connect(&broker, registration("win", "windows", 0)).await;
+    let mut sessions = broker.sessions().await;
+    let create = |name: &str| create_req(vec![queued(name, Ty::Console)]);
+
+    // Two rounds: the session forced out is first still being placed (a
+    // reservation), then one its agent confirmed and reports.
+    for confirmed in [false, true] {
+        let r = sessions
+            .create_sessions(create("running"))
+            .await
+            .unwrap()
+            .into_inner();
+        let running = r.successful_list[0].id.clone();
+        assert_eq!(r.successful_list[0].server.as_ref().unwrap().id, "win");
+        assert_eq!(win.next_create().await.session_id, running);
+        if confirmed {
+            win.report(&running, Kind::CreateSession, true, St::Ready)
+                .await;
+            win.beat(vec![session(&running, Ty::Console, St::Ready)])
+                .await;
+        }
+        let r = sessions
+            .create_sessions(create("older"))
+            .await
+            .unwrap()
+            .into_inner();
+        let older = r.successful_list[0].id.clone();
+        assert!(r.successful_list[0].server.is_none(), "the server is full");
+
+        sessions
+            .delete_sessions(force_delete(&running))
+            .await
+            .unwrap();
+        // No heartbeat in between: the delete itself hands the room over.
+        let placed = describe_session(&mut sessions, &older).await;
+        assert_eq!(
+            placed.server.map(|s| s.id).as_deref(),
+            Some("win"),
+            "the oldest queued request takes the room (confirmed: {confirmed})"
+        );
+        assert_eq!(win.next_create().await.session_id, older);
+        assert_eq!(broker.fleet.queued(), 0);
+        let r = sessions
+            .create_sessions(create("newer"))
+            .await
+            .unwrap()
+            .into_inner();
+        let newer = r.successful_list[0].id.clone();
+        assert!(
+            r.successful_list[0].server.is_none(),
+            "a newer request is not placed ahead of the older one"
+        );
+        // Clean up for the next round: the server's sessions go.
+        sessions
+            .delete_sessions(force_delete(&newer))
+            .await
+            .unwrap();
+        sessions
+            .delete_sessions(force_delete(&older))
+            .await
+            .unwrap();
+        win.beat(vec![]).await;
+        assert_eq!(broker.fleet.queued(), 0);
+    }
+}

@@ -11,9 +11,16 @@
 //! - [`requirements`]: the Requirements parser's round trip and
 //!   evaluation on arbitrary text.
 //! - [`seeds`]: small, meaningful inputs for the committed corpus.
+//! - [`budget`]: what one request may cost (lock hold, allocation), and
+//!   the counting allocator that measures it.
 
+pub mod budget;
 pub mod fixture;
 pub mod requests;
 pub mod requirements;
 pub mod rpc;
 pub mod seeds;
+
+/// Every fuzz binary counts its allocations (see [`budget`]).
+#[global_allocator]
+static ALLOCATOR: budget::Counting = budget::Counting;

@@ -17,7 +17,9 @@
 //!   FAILED_PRECONDITION, ...), never INTERNAL, UNKNOWN, UNAVAILABLE or
 //!   DATA_LOSS: an in-memory fleet has nothing that can fail by itself.
 //!
-//! A panic (in a handler or an assertion) is a crash.
+//! A panic (in a handler or an assertion) is a crash, and so is an input
+//! that costs more than [`crate::budget`] allows: a write-lock hold or a
+//! peak allocation out of proportion to its size.
 //!
 //! One runtime and one fixture serve the whole process (building them per
 //! input would cost more than most requests). Inputs change the fixture,
@@ -86,7 +88,11 @@ pub fn run(data: &[u8]) {
         harness.inputs = 0;
     }
     harness.inputs += 1;
+    harness.broker.fleet.take_longest_write_hold();
+    let baseline = crate::budget::start();
     harness.runtime.block_on(drive(&harness.broker, data));
+    let held = harness.broker.fleet.take_longest_write_hold();
+    crate::budget::check(data.len(), baseline, held);
 }
 
 /// Decodes `data` (selector byte, message) and drives it through its

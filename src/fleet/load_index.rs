@@ -586,6 +586,7 @@ mod tests {
             let ctx = Ctx {
                 config: &config,
                 events: Some(&fleet.events),
+                evaluation_budget: std::cell::Cell::new(u64::MAX),
             };
             for probe in &probes {
                 let first = state.choose_server_by_scan(probe, &[], now, &ctx);

@@ -7,7 +7,9 @@
 //! synchronous one on purpose: every critical section is short, CPU-only and
 //! never spans an `.await`, so an async lock would only add cost. A batch is
 //! validated before the lock is taken and applied inside one write section,
-//! so nobody ever observes half of it.
+//! so nobody ever observes half of it (CreateSessions excepted: it places
+//! its items in several short sections, see `Fleet::create_sessions`).
+//! Every write section is timed ([`Fleet::take_longest_write_hold`]).
 //!
 //! Time is tokio's clock (`tokio::time::Instant`), so tests can pause and
 //! advance it. Heartbeat expiry needs no timer: availability is derived from
@@ -24,12 +26,16 @@ pub mod model;
 pub mod page_token;
 pub mod persist;
 pub mod query;
+mod queue;
 pub mod requirements;
 pub mod sessions;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -533,6 +539,40 @@ pub struct Fleet {
     connection_tokens: sessions::ConnectionTokens,
     events: tokio::sync::broadcast::Sender<SequencedEvent>,
     store: Arc<dyn persist::Store>,
+    /// The longest write-lock hold so far, in nanoseconds (see
+    /// [`Fleet::take_longest_write_hold`]).
+    longest_write_ns: Arc<AtomicU64>,
+}
+
+/// The fleet's write guard: the lock's own, plus a stopwatch. Every write
+/// section goes through [`Fleet::write`] or [`Fleet::sweep`], so the
+/// longest hold is known; tests and the fuzzer hold it to a bound. Two
+/// clock reads and an atomic max per section: within the noise of the
+/// cheapest RPC.
+struct WriteGuard<'a> {
+    guard: parking_lot::RwLockWriteGuard<'a, State>,
+    since: std::time::Instant,
+    longest: &'a AtomicU64,
+}
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        let held = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.longest.fetch_max(held, Ordering::Relaxed);
+    }
 }
 
 /// The stored secret keying page tokens.
@@ -601,7 +641,25 @@ impl Fleet {
             connection_tokens,
             events,
             store,
+            longest_write_ns: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The longest the fleet's write lock was held since the last call
+    /// (or since the fleet was built), and starts measuring afresh. Wall
+    /// time, not tokio's clock: a paused test clock does not stop the CPU.
+    pub fn take_longest_write_hold(&self) -> Duration {
+        Duration::from_nanos(self.longest_write_ns.swap(0, Ordering::Relaxed))
+    }
+
+    /// Takes the write lock, timed (see [`WriteGuard`]), and nothing else.
+    fn lock_write(&self) -> WriteGuard<'_> {
+        let guard = self.state.write();
+        WriteGuard {
+            guard,
+            since: std::time::Instant::now(),
+            longest: &self.longest_write_ns,
+        }
     }
 
     /// The configuration.
@@ -622,8 +680,8 @@ impl Fleet {
     /// Takes the write lock, first doing whatever is due (forgetting
     /// silent servers, session deadlines), so no operation ever sees a
     /// state that should already have moved on.
-    fn write(&self, now: Instant) -> parking_lot::RwLockWriteGuard<'_, State> {
-        let mut state = self.state.write();
+    fn write(&self, now: Instant) -> WriteGuard<'_> {
+        let mut state = self.lock_write();
         if state.maintenance_due(now) {
             state.maintain(now, &self.ctx());
             // Nobody waits for housekeeping to be durable, but it goes to
@@ -664,7 +722,7 @@ impl Fleet {
     /// session deadlines. The server runs it periodically.
     pub fn sweep(&self) -> Vec<ServerId> {
         let now = Instant::now();
-        let mut state = self.state.write();
+        let mut state = self.lock_write();
         let removed = state.maintain(now, &self.ctx());
         drop(self.commit(&mut state));
         removed
@@ -759,6 +817,7 @@ impl Fleet {
         let mut state = self.write(now);
         let remove_after = self.config.remove_after;
         let mut results = Vec::with_capacity(server_ids.len());
+        let mut opened = Vec::new();
         for (id, pre) in server_ids.iter().zip(pre) {
             if let Some(failure) = pre {
                 results.push(Err(failure));
@@ -778,11 +837,21 @@ impl Fleet {
             state.server_state_changed(&id);
             state.note_removable(deadline);
             state.emit_open(&id, &ctx);
-            // Queued sessions may fit now.
-            state.after_server_change(&id, now, &ctx);
+            opened.push(id);
             results.push(Ok(()));
         }
         let durable = self.commit(&mut state);
+        drop(state);
+        // Queued sessions may fit now. Each server checks the queue in a
+        // write section of its own: one check is bounded, a batch of them
+        // under one hold would not be.
+        for id in opened {
+            let now = Instant::now();
+            let mut state = self.write(now);
+            state.after_server_change(&id, now, &ctx);
+            // As for heartbeats: placements are not acknowledged here.
+            drop(self.commit(&mut state));
+        }
         Ok((results, durable))
     }
 

@@ -387,7 +387,8 @@ impl ServerRecord {
                 .tags
                 .iter()
                 .rev()
-                .find(|t| t.key == key.into())
+                // Compared as text: `key.into()` would allocate an `Arc` per tag.
+                .find(|t| *t.key == *key)
                 .map(|t| Cow::Borrowed(&*t.value)),
         }
     }

@@ -149,10 +149,22 @@ impl ParseError {
 }
 
 /// A parsed `Requirements` expression, ready to evaluate against servers.
+///
+/// It carries what placement needs to bound its work, computed once when
+/// the request is parsed (outside the fleet's lock): its canonical text
+/// and a fingerprint of it (identical expressions are evaluated once per
+/// server, however many requests carry them), and its [cost](Self::cost).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requirements {
     expr: Expr,
+    canonical: std::sync::Arc<str>,
+    fingerprint: u64,
+    cost: u64,
 }
+
+/// The cost of one comparison beyond its characters: the operand's lookup
+/// (a tag is found by a scan of the server's tags).
+pub const COMPARISON_COST: u64 = 16;
 
 impl Requirements {
     /// Parses an expression (see the module documentation for the
@@ -175,12 +187,52 @@ impl Requirements {
                 ),
             ));
         }
-        Ok(Requirements { expr })
+        let chars = (MAX_EXPRESSION_CHARS - canonical.0) as u64;
+        let canonical: std::sync::Arc<str> = std::sync::Arc::from(expr.to_string());
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            // Fixed keys: equal texts must agree across requests. A
+            // collision costs only a comparison of the texts.
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            canonical.hash(&mut hasher);
+            hasher.finish()
+        };
+        let cost = chars + COMPARISON_COST * expr.comparisons();
+        Ok(Requirements {
+            expr,
+            canonical,
+            fingerprint,
+            cost,
+        })
     }
 
     /// Whether `server` satisfies the expression.
     pub fn matches(&self, server: &ServerRecord) -> bool {
         self.expr.matches(server)
+    }
+
+    /// The most work one evaluation against one server can take, in cost
+    /// units: a unit per character of the canonical form (string
+    /// comparisons are linear in it) plus [`COMPARISON_COST`] per
+    /// comparison. At most about 4,096 + 16 × 1,000.
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
+
+    /// The canonical text (what `Display` prints).
+    pub fn canonical(&self) -> &std::sync::Arc<str> {
+        &self.canonical
+    }
+
+    /// A hash of the canonical text, the same for equal expressions.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Whether `other` is the same expression (as text), cheaply when it
+    /// is not.
+    pub fn same_as(&self, other: &Requirements) -> bool {
+        self.fingerprint == other.fingerprint && self.canonical == other.canonical
     }
 
     /// The parsed expression.
@@ -191,7 +243,7 @@ impl Requirements {
 
 impl fmt::Display for Requirements {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.expr.fmt(f)
+        f.write_str(&self.canonical)
     }
 }
 
@@ -226,6 +278,15 @@ pub enum Expr {
 }
 
 impl Expr {
+    /// How many comparisons the expression holds.
+    pub fn comparisons(&self) -> u64 {
+        match self {
+            Expr::Compare(_) => 1,
+            Expr::Not(e) => e.comparisons(),
+            Expr::And(l, r) | Expr::Or(l, r) => l.comparisons() + r.comparisons(),
+        }
+    }
+
     /// Whether `server` satisfies the expression. `and` and `or`
     /// short-circuit left to right (evaluation has no side effects, so
     /// only the cost shows it).

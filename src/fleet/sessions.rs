@@ -66,6 +66,32 @@ pub const MAX_AUTORUN_ARGUMENT_CHARS: usize = 150;
 /// DCV's CLI range for MaxConcurrentClients.
 pub const MAX_CONCURRENT_CLIENTS: i32 = 100;
 
+/// The most Requirements evaluation work one CreateSessions request may
+/// cause, in [`Requirements::cost`] units: each distinct expression costs
+/// its cost times the number of servers. About a tenth of a second of one
+/// core: one of the longest expressions against 3,000 servers, or a
+/// one-tag expression against a million. Items whose expression would pass
+/// it fail with `InvalidRequirements`.
+pub const MAX_REQUEST_EVALUATION_COST: u64 = 32 * 1024 * 1024;
+
+/// The most Requirements evaluation work done under one hold of the
+/// fleet's lock, read or write, in [`Requirements::cost`] units (well
+/// under a millisecond): a request's evaluation is cut into slices of it.
+pub const MAX_SECTION_EVALUATION_COST: u64 = 64 * 1024;
+
+/// The most CreateSessions items placed under one hold of the write lock:
+/// each may walk the fleet's load index, so a batch of 1,000 is placed in
+/// several short holds rather than one long one.
+pub const MAX_ITEMS_PER_SECTION: usize = 64;
+
+/// What walking past one server costs, in [`Requirements::cost`] units.
+const STEP_COST: u64 = 4;
+
+/// How many of a request's matching servers may turn out not to match
+/// when re-checked under the write lock (their agents re-registered with
+/// other tags in between) before the item is treated as finding none.
+const MAX_RECHECK_MISSES: usize = 4;
+
 /// The text DCV uses for an unknown session; clients match it.
 pub const SESSION_NOT_FOUND_TEXT: &str = "The requested dcvSession does not exist";
 
@@ -418,7 +444,7 @@ pub(super) struct Sessions {
     /// The same ids, ordered, for pagination.
     order: BTreeSet<SessionId>,
     /// Queued sessions, oldest first.
-    queue: Vec<SessionId>,
+    pub(super) queue: super::queue::Queue,
     /// Pending deadlines, earliest first.
     deadlines: BTreeSet<(Instant, SessionId)>,
     /// Each connected agent's instruction channel.
@@ -590,9 +616,38 @@ pub fn validate_create(spec: &CreateSpec) -> Result<Order, ItemFailure> {
     })
 }
 
-/// Whether `server` can take a session of `order` now, leaving out the
-/// servers already tried.
+/// Whether `server` can take a session of `order` now.
+#[cfg(test)]
 fn can_take(
+    server: &ServerRecord,
+    order: &Order,
+    now: Instant,
+    unreachable_after: Duration,
+) -> bool {
+    has_room(server, order, now, unreachable_after)
+        && order
+            .requirements
+            .as_ref()
+            .is_none_or(|r| r.matches(server))
+}
+
+/// Whether `server` could take some session now (ignoring the per-user
+/// limit and Requirements): a full or unavailable server makes a check of
+/// the queue cost nothing.
+fn room_for_any(server: &ServerRecord, now: Instant, unreachable_after: Duration) -> bool {
+    if !availability::reasons(server, now, unreachable_after).is_available() {
+        return false;
+    }
+    let (consoles, virtuals) = server.session_counts();
+    consoles + virtuals == 0
+        || (server.description.host.os.family == OsFamily::Linux
+            && consoles == 0
+            && virtuals < server.description.max_virtual_sessions)
+}
+
+/// Whether `server` can take a session of `order` now, Requirements
+/// aside: the cheap checks, done first.
+fn has_room(
     server: &ServerRecord,
     order: &Order,
     now: Instant,
@@ -623,10 +678,7 @@ fn can_take(
     {
         return false;
     }
-    order
-        .requirements
-        .as_ref()
-        .is_none_or(|r| r.matches(server))
+    true
 }
 
 impl State {
@@ -672,7 +724,12 @@ impl State {
 
     /// The best server for `order`, by the placement strategy: the first
     /// server that can take it in the load index's order for the strategy
-    /// (see `load_index`), without scanning the fleet.
+    /// (see `load_index`), without scanning the fleet. Requirements are
+    /// evaluated here, under the lock, only within what is left of the
+    /// operation's budget (`Ctx::evaluation_budget`): past it, no server
+    /// is found (the session is queued or fails). CreateSessions evaluates
+    /// them before it takes the lock (see [`State::choose_among`]); this
+    /// is for retries and tests.
     pub(super) fn choose_server(
         &self,
         order: &Order,
@@ -680,6 +737,8 @@ impl State {
         now: Instant,
         ctx: &Ctx<'_>,
     ) -> Option<ServerId> {
+        let budget = &ctx.evaluation_budget;
+        let cost = order.requirements.as_ref().map_or(0, |r| r.cost());
         let takes = |entry: &&(u32, ServerId)| {
             let (load, id) = entry;
             if exclude.contains(id) {
@@ -695,13 +754,97 @@ impl State {
                 *load,
                 "the load index is behind server {id}'s sessions"
             );
-            can_take(server, order, now, ctx.config.unreachable_after)
+            if !has_room(server, order, now, ctx.config.unreachable_after) {
+                return false;
+            }
+            let Some(requirements) = &order.requirements else {
+                return true;
+            };
+            budget.set(budget.get().saturating_sub(cost));
+            requirements.matches(server)
         };
+        let affordable = |_: &&(u32, ServerId)| budget.get() >= cost;
         let chosen = match ctx.config.placement {
-            PlacementStrategy::Spread => self.by_load.least_loaded_first().find(takes),
-            PlacementStrategy::Pack => self.by_load.most_loaded_first().find(takes),
+            PlacementStrategy::Spread => self
+                .by_load
+                .least_loaded_first()
+                .take_while(affordable)
+                .find(takes),
+            PlacementStrategy::Pack => self
+                .by_load
+                .most_loaded_first()
+                .take_while(affordable)
+                .find(takes),
         };
         chosen.map(|(_, id)| id.clone())
+    }
+
+    /// The best server for `order` among `matching`, the servers its
+    /// Requirements matched when evaluated outside the lock (see
+    /// [`Fleet::matching_servers`]). The choice is re-checked against the
+    /// server as it is now: room and availability always (a close that
+    /// got in first wins), the Requirements once more on the chosen server
+    /// only, since its agent may have re-registered in between; a server
+    /// that no longer matches leaves `matching`. Adds the work done to
+    /// `work`, in [`Requirements::cost`] units.
+    pub(super) fn choose_among(
+        &self,
+        order: &Order,
+        matching: &mut super::FastSet<ServerId>,
+        now: Instant,
+        ctx: &Ctx<'_>,
+        work: &mut u64,
+    ) -> Option<ServerId> {
+        let requirements = order.requirements.as_ref()?;
+        let unreachable_after = ctx.config.unreachable_after;
+        for _ in 0..=MAX_RECHECK_MISSES {
+            if matching.is_empty() {
+                return None;
+            }
+            let best = if matching.len().saturating_mul(8) < self.servers.len() {
+                // Few candidates: compare them directly rather than walk
+                // the whole index past the others.
+                *work += STEP_COST * matching.len() as u64;
+                let candidates = matching
+                    .iter()
+                    .filter_map(|id| self.servers.get(id))
+                    .filter(|s| has_room(s, order, now, unreachable_after))
+                    .map(|s| (super::load_index::load_of(s), &s.id));
+                match ctx.config.placement {
+                    PlacementStrategy::Spread => candidates.min(),
+                    PlacementStrategy::Pack => {
+                        candidates.min_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)))
+                    }
+                }
+                .map(|(_, id)| id.clone())
+            } else {
+                let mut walk: Box<dyn Iterator<Item = &(u32, ServerId)>> =
+                    match ctx.config.placement {
+                        PlacementStrategy::Spread => Box::new(self.by_load.least_loaded_first()),
+                        PlacementStrategy::Pack => Box::new(self.by_load.most_loaded_first()),
+                    };
+                walk.find(|(_, id)| {
+                    *work += STEP_COST;
+                    matching.contains(id)
+                        && self
+                            .servers
+                            .get(id)
+                            .is_some_and(|s| has_room(s, order, now, unreachable_after))
+                })
+                .map(|(_, id)| id.clone())
+            };
+            let id = best?;
+            *work += requirements.cost();
+            if self
+                .servers
+                .get(&id)
+                .is_some_and(|s| requirements.matches(s))
+            {
+                return Some(id);
+            }
+            matching.remove(&id);
+        }
+        None
     }
 
     /// What [`State::choose_server`] did before the load index: a scan of
@@ -727,6 +870,71 @@ impl State {
             }
         }
         .map(|s| s.id.clone())
+    }
+
+    /// Takes in one CreateSessions item whose server (if any) is chosen:
+    /// places it, queues it, or says why not. Returns the new session's id.
+    fn accept(
+        &mut self,
+        spec: &CreateSpec,
+        order: Arc<Order>,
+        target: Option<ServerId>,
+        now: Instant,
+        wall: SystemTime,
+        ctx: &Ctx<'_>,
+    ) -> Result<SessionId, ItemFailure> {
+        if target.is_none() && !order.enqueue {
+            return Err(ItemFailure::new(
+                FailureCode::NoServerAvailable,
+                "No DCV server is available for the session's Type and Requirements.",
+            ));
+        }
+        let queue_max_size = ctx.config.queue_max_size;
+        if target.is_none() && self.sessions.queue.len() >= queue_max_size {
+            return Err(ItemFailure::new(
+                FailureCode::QueueFull,
+                format!(
+                    "No DCV server is available and the queue already holds {queue_max_size} requests."
+                ),
+            ));
+        }
+        if target.is_none() && !self.sessions.queue.admits(order.requirements.as_ref()) {
+            return Err(ItemFailure::new(
+                FailureCode::QueueFull,
+                format!(
+                    "No DCV server is available, and the queue's distinct Requirements already \
+                     cost nearly the {} units a check of the queue may take; queue it again when \
+                     some have been placed, or reuse an expression already queued.",
+                    super::queue::MAX_QUEUE_REQUIREMENTS_COST
+                ),
+            ));
+        }
+        let id: SessionId = Arc::from(uuid::Uuid::new_v4().to_string());
+        self.sessions.insert_record(
+            id.clone(),
+            SessionRecord {
+                id: id.clone(),
+                name: order.name.clone(),
+                owner: order.owner.clone(),
+                kind: order.kind,
+                server: None,
+                state: SessionState::Creating,
+                substate: Some(Substate::Placing),
+                state_reason: String::new(),
+                created_at: wall,
+                order: Some(order),
+                permissions_file: spec.permissions_file.clone(),
+                tried: Vec::new(),
+                deadline: None,
+                forgotten: false,
+                queue_position: None,
+            },
+        );
+        match target {
+            Some(server) => self.place(&id, &server, now, ctx),
+            None => self.enqueue(&id, now, ctx),
+        }
+        Ok(id)
     }
 
     /// Reserves a slot for `session` on `server` and tells its agent.
@@ -823,7 +1031,7 @@ impl State {
 
     fn mark_deleted(&mut self, session: &SessionId, reason: String, now: Instant, ctx: &Ctx<'_>) {
         self.release(session, ctx);
-        self.sessions.queue.retain(|q| q != session);
+        self.sessions.queue.remove(session);
         if let Some(record) = self.sessions.record_mut(session) {
             record.state = SessionState::Deleted;
             record.substate = None;
@@ -832,6 +1040,16 @@ impl State {
         self.set_deadline(session, Some(now + ctx.config.deleted_retention));
     }
 
+    /// The order of `session`, if it has one (adopted sessions do not).
+    fn queued_order(&self, session: &SessionId) -> Option<Arc<Order>> {
+        self.sessions
+            .records
+            .get(session)
+            .and_then(|r| r.order.clone())
+    }
+
+    /// Queues `session`. The caller has checked that the queue admits it
+    /// ([`super::queue::Queue::admits`]).
     fn enqueue(&mut self, session: &SessionId, now: Instant, ctx: &Ctx<'_>) {
         let position = self.sessions.next_queue_position;
         self.sessions.next_queue_position += 1;
@@ -841,7 +1059,9 @@ impl State {
             record.state = SessionState::Creating;
             record.substate = Some(Substate::Placing);
         }
-        self.sessions.queue.push(session.clone());
+        if let Some(order) = self.queued_order(session) {
+            self.sessions.queue.push(session.clone(), order);
+        }
         self.set_deadline(session, Some(now + ctx.config.queue_timeout));
     }
 
@@ -862,7 +1082,8 @@ impl State {
             self.place(session, &next, now, ctx);
             return;
         }
-        if order.enqueue && retries_left {
+        if order.enqueue && retries_left && self.sessions.queue.admits(order.requirements.as_ref())
+        {
             self.enqueue(session, now, ctx);
             if let Some(record) = self.sessions.record_mut(session) {
                 record.state_reason = why;
@@ -873,25 +1094,51 @@ impl State {
     }
 
     /// Places queued sessions that `server` can take now, oldest first.
-    fn drain_queue_onto(&mut self, server: &ServerId, now: Instant, ctx: &Ctx<'_>) {
+    /// Each distinct Requirements expression is evaluated at most once
+    /// (a server's match does not depend on its sessions), so the work is
+    /// bounded by the queue's admission bound
+    /// ([`super::queue::MAX_QUEUE_REQUIREMENTS_COST`]).
+    pub(super) fn drain_queue_onto(&mut self, server: &ServerId, now: Instant, ctx: &Ctx<'_>) {
         if self.sessions.queue.is_empty() {
             return;
         }
+        let Some(target) = self.servers.get(server) else {
+            return;
+        };
+        let unreachable_after = ctx.config.unreachable_after;
+        if !room_for_any(target, now, unreachable_after) {
+            return;
+        }
+        // Each Requirements group's verdict on this server, once
+        // evaluated: it holds for the whole drain, since Requirements do
+        // not look at sessions.
+        let mut verdicts: super::FastMap<u64, bool> = super::FastMap::default();
         let mut i = 0;
-        while i < self.sessions.queue.len() {
-            let id = self.sessions.queue[i].clone();
-            let fits = match (
-                self.sessions.records.get(&id).and_then(|r| r.order.clone()),
-                self.servers.get(server),
-            ) {
-                (Some(order), Some(target)) => {
-                    can_take(target, &order, now, ctx.config.unreachable_after)
-                }
-                _ => false,
+        while let Some(entry) = self.sessions.queue.get(i) {
+            let Some(target) = self.servers.get(server) else {
+                return;
             };
-            if fits {
-                self.sessions.queue.remove(i);
+            let matches = match (entry.group, &entry.order.requirements) {
+                (Some(group), Some(r)) => {
+                    *verdicts.entry(group).or_insert_with(|| r.matches(target))
+                }
+                _ => true,
+            };
+            if !matches {
+                i += 1;
+                continue;
+            }
+            let (id, order) = (entry.id.clone(), entry.order.clone());
+            if has_room(target, &order, now, unreachable_after) {
+                self.sessions.queue.remove_at(i);
                 self.place(&id, server, now, ctx);
+                let full = self
+                    .servers
+                    .get(server)
+                    .is_none_or(|t| !room_for_any(t, now, unreachable_after));
+                if full {
+                    return;
+                }
             } else {
                 i += 1;
             }
@@ -984,7 +1231,12 @@ impl State {
         }
         queued.sort();
         self.sessions.next_queue_position = queued.last().map_or(0, |(p, _)| p + 1);
-        self.sessions.queue = queued.into_iter().map(|(_, id)| id).collect();
+        for (_, id) in queued {
+            // Admitted when it was queued: restored whatever the bound.
+            if let Some(order) = self.queued_order(&id) {
+                self.sessions.queue.push(id, order);
+            }
+        }
         Ok(())
     }
 
@@ -992,6 +1244,21 @@ impl State {
     pub(super) fn process_session_deadlines(&mut self, now: Instant, ctx: &Ctx<'_>) {
         while let Some((at, id)) = self.sessions.deadlines.first().cloned() {
             if at > now {
+                break;
+            }
+            // A retry evaluates Requirements under the lock; once this
+            // section's budget cannot pay for one, the rest wait for the
+            // next operation (the deadline stays due, so it comes soon),
+            // rather than fail for want of budget.
+            let retry_cost = self
+                .sessions
+                .records
+                .get(&id)
+                .filter(|r| r.server.is_some() && r.substate == Some(Substate::Placing))
+                .and_then(|r| r.order.as_ref())
+                .and_then(|o| o.requirements.as_ref())
+                .map_or(0, |r| r.cost());
+            if retry_cost > ctx.evaluation_budget.get() {
                 break;
             }
             self.sessions.deadlines.remove(&(at, id.clone()));
@@ -1282,6 +1549,10 @@ pub(super) struct Ctx<'a> {
     pub(super) config: &'a super::FleetConfig,
     /// The event channel, when anyone listens.
     pub(super) events: Option<&'a tokio::sync::broadcast::Sender<SequencedEvent>>,
+    /// What is left of the operation's Requirements evaluation under the
+    /// lock ([`MAX_SECTION_EVALUATION_COST`] to start with), shared by
+    /// every retry it makes ([`State::choose_server`]).
+    pub(super) evaluation_budget: std::cell::Cell<u64>,
 }
 
 /// Signs connection tokens: who may connect to which session until when.
@@ -1437,6 +1708,7 @@ impl Fleet {
             // 1,000 closes sends 1,000 events. A receiver that subscribes
             // during an operation sees the events of the next one.
             events: (self.events.receiver_count() > 0).then_some(&self.events),
+            evaluation_budget: std::cell::Cell::new(MAX_SECTION_EVALUATION_COST),
         }
     }
 
@@ -1448,14 +1720,65 @@ impl Fleet {
 
     /// Creates sessions; one result per item, in order. Each accepted
     /// session is handed to `visit` (under the lock) with its index.
+    ///
+    /// The work under the fleet's lock is bounded whatever the request
+    /// holds: items are validated and their Requirements parsed first;
+    /// each distinct expression is then evaluated against the fleet under
+    /// the read lock, in slices of [`MAX_SECTION_EVALUATION_COST`], within
+    /// the request's budget ([`MAX_REQUEST_EVALUATION_COST`]); and the
+    /// items are placed in write sections of at most
+    /// [`MAX_ITEMS_PER_SECTION`], each choice re-checked against the
+    /// server as it is then. Observers may thus see part of a batch placed
+    /// before the rest; each item is placed (or queued) whole.
     pub async fn create_sessions(
         &self,
         specs: &[CreateSpec],
         visit: impl FnMut(usize, SessionView<'_>),
     ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
-        let (results, durable) = self.create_sessions_locked(specs, visit)?;
-        durable.wait().await?;
+        let (results, durables) = self.create_sessions_locked(specs, visit)?;
+        for durable in durables {
+            durable.wait().await?;
+        }
         Ok(results)
+    }
+
+    /// The servers `requirements` matches now, evaluated under the read
+    /// lock in slices of at most [`MAX_SECTION_EVALUATION_COST`], so that
+    /// writers get in between. A server that joins or changes meanwhile
+    /// may be missed or kept: the choice is re-checked under the write
+    /// lock ([`State::choose_among`]).
+    fn matching_servers(&self, requirements: &Requirements) -> super::FastSet<ServerId> {
+        use std::ops::Bound;
+        let per_slice =
+            usize::try_from((MAX_SECTION_EVALUATION_COST / requirements.cost().max(1)).max(1))
+                .unwrap_or(usize::MAX);
+        let mut matching = super::FastSet::default();
+        let mut after: Option<ServerId> = None;
+        loop {
+            let state = self.state.read();
+            let range = match &after {
+                None => state.order.range::<ServerId, _>(..),
+                Some(last) => state
+                    .order
+                    .range::<ServerId, _>((Bound::Excluded(last), Bound::Unbounded)),
+            };
+            let mut seen = 0;
+            for id in range.take(per_slice) {
+                seen += 1;
+                if state
+                    .servers
+                    .get(id)
+                    .is_some_and(|server| requirements.matches(server))
+                {
+                    matching.insert(id.clone());
+                }
+                after = Some(id.clone());
+            }
+            drop(state);
+            if seen < per_slice {
+                return matching;
+            }
+        }
     }
 
     #[allow(clippy::type_complexity)]
@@ -1463,81 +1786,120 @@ impl Fleet {
         &self,
         specs: &[CreateSpec],
         mut visit: impl FnMut(usize, SessionView<'_>),
-    ) -> Result<(Vec<Result<(), ItemFailure>>, Durable), FleetError> {
+    ) -> Result<(Vec<Result<(), ItemFailure>>, Vec<Durable>), FleetError> {
         super::validate_batch_size("Sessions", specs.len())?;
         // Parsing and validation happen before the lock is taken.
-        let orders: Vec<Result<Order, ItemFailure>> = specs.iter().map(validate_create).collect();
-        let now = Instant::now();
-        let wall = super::persist::wall_clock();
-        let ctx = self.ctx();
-        let mut state = self.write(now);
-        let mut results = Vec::with_capacity(specs.len());
-        let mut accepted = Vec::new();
-        for (index, (spec, order)) in specs.iter().zip(orders).enumerate() {
-            let order = match order {
-                Ok(order) => Arc::new(order),
-                Err(failure) => {
-                    results.push(Err(failure));
-                    continue;
-                }
+        let mut orders: Vec<Result<Arc<Order>, ItemFailure>> = specs
+            .iter()
+            .map(|spec| validate_create(spec).map(Arc::new))
+            .collect();
+        // Each distinct expression, with the servers it matches: charged
+        // to the request's budget once, evaluated once, outside the write
+        // lock.
+        let servers = self.len().max(1) as u64;
+        // Per group: its expression (from its first order) and matches.
+        let mut groups: Vec<(Arc<Order>, super::FastSet<ServerId>)> = Vec::new();
+        let mut group_of: Vec<Option<usize>> = vec![None; orders.len()];
+        let mut by_fingerprint: super::FastMap<u64, Vec<usize>> = super::FastMap::default();
+        let mut spent: u64 = 0;
+        for (index, slot) in orders.iter_mut().enumerate() {
+            let Ok(order) = slot else { continue };
+            let Some(requirements) = &order.requirements else {
+                continue;
             };
-            let target = state.choose_server(&order, &[], now, &ctx);
-            if target.is_none() && !order.enqueue {
-                results.push(Err(ItemFailure::new(
-                    FailureCode::NoServerAvailable,
-                    "No DCV server is available for the session's Type and Requirements.",
-                )));
+            let known = by_fingerprint
+                .get(&requirements.fingerprint())
+                .and_then(|candidates| {
+                    candidates.iter().copied().find(|&g| {
+                        groups[g]
+                            .0
+                            .requirements
+                            .as_ref()
+                            .is_some_and(|r| r.same_as(requirements))
+                    })
+                });
+            if let Some(g) = known {
+                group_of[index] = Some(g);
                 continue;
             }
-            if target.is_none() && state.sessions.queue.len() >= self.config.queue_max_size {
-                results.push(Err(ItemFailure::new(
-                    FailureCode::QueueFull,
+            let cost = requirements.cost().saturating_mul(servers);
+            if spent.saturating_add(cost) > MAX_REQUEST_EVALUATION_COST {
+                *slot = Err(ItemFailure::new(
+                    FailureCode::InvalidRequirements,
                     format!(
-                        "No DCV server is available and the queue already holds {} requests.",
-                        self.config.queue_max_size
+                        "Requirements: evaluating this request's distinct Requirements against \
+                         the {servers} servers would take more than the {MAX_REQUEST_EVALUATION_COST} \
+                         units one request may use (an expression costs about a unit per \
+                         character, per server); send fewer distinct or shorter expressions per \
+                         request."
                     ),
-                )));
+                ));
                 continue;
             }
-            let id: SessionId = Arc::from(uuid::Uuid::new_v4().to_string());
-            state.sessions.insert_record(
-                id.clone(),
-                SessionRecord {
-                    id: id.clone(),
-                    name: order.name.clone(),
-                    owner: order.owner.clone(),
-                    kind: order.kind,
-                    server: None,
-                    state: SessionState::Creating,
-                    substate: Some(Substate::Placing),
-                    state_reason: String::new(),
-                    created_at: wall,
-                    order: Some(order),
-                    permissions_file: spec.permissions_file.clone(),
-                    tried: Vec::new(),
-                    deadline: None,
-                    forgotten: false,
-                    queue_position: None,
-                },
-            );
-            match target {
-                Some(server) => state.place(&id, &server, now, &ctx),
-                None => state.enqueue(&id, now, &ctx),
-            }
-            results.push(Ok(()));
-            accepted.push((index, id));
+            spent += cost;
+            by_fingerprint
+                .entry(requirements.fingerprint())
+                .or_default()
+                .push(groups.len());
+            group_of[index] = Some(groups.len());
+            groups.push((order.clone(), super::FastSet::default()));
         }
-        for (index, id) in accepted {
-            if let Some(record) = state.sessions.records.get(&id) {
-                let unreachable_after = self.config.unreachable_after;
-                visit(
-                    index,
-                    SessionView::new(record, &state.servers, now, unreachable_after),
-                );
+        for (order, matching) in &mut groups {
+            if let Some(requirements) = &order.requirements {
+                *matching = self.matching_servers(requirements);
             }
         }
-        let durable = self.commit(&mut state);
-        Ok((results, durable))
+
+        let mut results = Vec::with_capacity(specs.len());
+        let mut durables = Vec::new();
+        let mut items = specs.iter().zip(orders).zip(group_of).enumerate();
+        let mut next = items.next();
+        while next.is_some() {
+            let now = Instant::now();
+            let wall = super::persist::wall_clock();
+            let ctx = self.ctx();
+            let mut state = self.write(now);
+            let mut accepted = Vec::new();
+            let mut placed = 0;
+            let mut work = 0;
+            while let Some((index, ((spec, order), group))) = next.take() {
+                let order = match order {
+                    Ok(order) => order,
+                    Err(failure) => {
+                        results.push(Err(failure));
+                        next = items.next();
+                        continue;
+                    }
+                };
+                let target = match group.and_then(|g| groups.get_mut(g)) {
+                    Some((_, matching)) => {
+                        state.choose_among(&order, matching, now, &ctx, &mut work)
+                    }
+                    None => state.choose_server(&order, &[], now, &ctx),
+                };
+                let result = state.accept(spec, order, target, now, wall, &ctx);
+                if let Ok(id) = &result {
+                    accepted.push((index, id.clone()));
+                }
+                results.push(result.map(|_| ()));
+                placed += 1;
+                next = items.next();
+                if placed >= MAX_ITEMS_PER_SECTION || work >= MAX_SECTION_EVALUATION_COST {
+                    break;
+                }
+            }
+            for (index, id) in accepted {
+                if let Some(record) = state.sessions.records.get(&id) {
+                    let unreachable_after = self.config.unreachable_after;
+                    visit(
+                        index,
+                        SessionView::new(record, &state.servers, now, unreachable_after),
+                    );
+                }
+            }
+            durables.push(self.commit(&mut state));
+        }
+        Ok((results, durables))
     }
 
     /// Deletes sessions; one result per item (the state the session is in
@@ -1590,11 +1952,17 @@ impl Fleet {
                     state.mark_deleted(&id, "Deleted while queued.".into(), now, &ctx);
                     results.push(Ok(SessionState::Deleted));
                 }
-                (_, Some(_)) if item.force => {
+                (_, Some(server)) if item.force => {
                     state.mark_deleted(&id, "Deleted with Force.".into(), now, &ctx);
                     if let Some(record) = state.sessions.record_mut(&id) {
                         record.forgotten = true;
                     }
+                    // Forgotten means it no longer occupies its server, from
+                    // now on (if the agent still reports it, the next
+                    // heartbeat brings it back); the room goes to the queue,
+                    // oldest first, before any newer request can take it.
+                    state.forget_reported(&server, &id, &ctx);
+                    state.drain_queue_onto(&server, now, &ctx);
                     results.push(Ok(SessionState::Deleted));
                 }
                 (_, Some(server)) => {
