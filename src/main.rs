@@ -79,7 +79,6 @@ async fn run(args: Args) -> Result<(), String> {
     // send SIGTERM the moment it sees the line.
     let signals = shutdown_signals().map_err(|e| format!("cannot watch signals: {e}"))?;
     let mut config = args.broker_config();
-    config.connections = connections::fit_to_fd_limit(config.connections);
     let registry;
     let (fleet, store_failed) = if args.in_memory {
         tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
@@ -127,6 +126,9 @@ async fn run(args: Args) -> Result<(), String> {
     if args.auth_enabled() {
         config.auth = Some(registry.clone());
     }
+    // After the store opened: a store refused at start is reported in its
+    // one line, with nothing else said before it.
+    config.connections = connections::fit_to_fd_limit(config.connections);
     // Bound before the port is announced, so that `dcv-broker clients`
     // works as soon as the broker is up.
     let admin =
