@@ -36,17 +36,15 @@ use std::{
 
 use base64::Engine;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use dcv_broker::pb::{self, servers_client::ServersClient, sessions_client::SessionsClient};
+use dcv_broker::{
+    client::{self, AuthChannel, BrokerClient, ClientError},
+    pb::{self, servers_client::ServersClient, sessions_client::SessionsClient},
+};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::Value;
-use tonic::{
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
 
-use auth::{ClientCredentials, Credentials, Secret, Token, Tokens};
+use auth::{ClientCredentials, Credentials, Secret, Tokens};
 
 /// The broker URL when neither flag, environment nor configuration names one.
 const DEFAULT_BROKER_URL: &str = "http://127.0.0.1:8443";
@@ -310,44 +308,8 @@ struct Settings {
     credentials: Credentials,
 }
 
-/// Adds `authorization: Bearer <token>` to every call, when there is a token.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    fn new(token: Option<&Token>) -> Result<Bearer, Failure> {
-        let Some(token) = token else {
-            return Ok(Bearer(None));
-        };
-        let mut value = MetadataValue::try_from(format!("Bearer {}", token.value.expose()))
-            .map_err(|_| {
-                fail(
-                    exit::BAD_ENVIRONMENT,
-                    "the token is not a valid header value (printable ASCII only)",
-                )
-            })?;
-        // Keeps it out of HTTP/2 header compression tables and debug logs.
-        value.set_sensitive(true);
-        Ok(Bearer(Some(value)))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-type Servers = ServersClient<InterceptedService<Channel, Bearer>>;
-type Sessions = SessionsClient<InterceptedService<Channel, Bearer>>;
+type Servers = ServersClient<AuthChannel>;
+type Sessions = SessionsClient<AuthChannel>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -396,7 +358,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             .init();
     }
     tracing::debug!(url = %settings.broker_url, "connecting");
-    let channel = connect(&settings).await?;
+    let broker = connect(&settings).await?;
     let tokens = Tokens::new(
         settings.credentials.clone(),
         settings.ca_bundle.clone(),
@@ -405,10 +367,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let mut token = tokens.get().await?;
     let mut renewed = false;
     let reply = loop {
-        let bearer = Bearer::new(token.as_ref())?;
-        let servers = ServersClient::with_interceptor(channel.clone(), bearer.clone());
-        let sessions = SessionsClient::with_interceptor(channel.clone(), bearer);
-        match execute(&cli.command, servers, sessions).await {
+        let broker = broker
+            .with_token(token.as_ref().map(|t| t.value.expose()))
+            .map_err(client_failure)?;
+        match execute(&cli.command, broker.servers(), broker.sessions()).await {
             Err(f) if f.status == Some(tonic::Code::Unauthenticated) => {
                 if token.as_ref().is_some_and(|t| t.cached) && !renewed {
                     tracing::debug!("the broker refused the cached token; buying a new one");
@@ -853,8 +815,7 @@ fn parse_ini(text: &str) -> Result<Conf, (usize, &'static str)> {
     Ok(map)
 }
 
-async fn connect(settings: &Settings) -> Result<Channel, Failure> {
-    let url = &settings.broker_url;
+async fn connect(settings: &Settings) -> Result<BrokerClient, Failure> {
     // Refused whatever the URL: accepted silently for http://, the same
     // command line would turn insecure the day the URL becomes https://.
     if settings.no_verify_ssl {
@@ -864,37 +825,34 @@ async fn connect(settings: &Settings) -> Result<Channel, Failure> {
              credentials to whoever answers; pass the broker's CA with --ca-bundle",
         ));
     }
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| {
+    let url = &settings.broker_url;
+    let mut builder = client::builder(url.clone());
+    // The bundle only matters to an https:// broker; reading it for an
+    // http:// one would fail a command over a file it never needed.
+    if let (true, Some(path)) = (url.starts_with("https://"), &settings.ca_bundle) {
+        let pem = std::fs::read(path).map_err(|e| {
             fail(
-                exit::BAD_PARAMETER,
-                format!("invalid broker URL {url:?}: {e}"),
+                exit::BAD_ENVIRONMENT,
+                format!("cannot read the CA bundle {}: {e}", path.display()),
             )
-        })?
-        .connect_timeout(Duration::from_secs(10));
-    if url.starts_with("https://") {
-        let tls = match &settings.ca_bundle {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    fail(
-                        exit::BAD_ENVIRONMENT,
-                        format!("cannot read the CA bundle {}: {e}", path.display()),
-                    )
-                })?;
-                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-            }
-            None => ClientTlsConfig::new().with_native_roots(),
-        };
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| fail(exit::BAD_ENVIRONMENT, format!("TLS configuration: {e}")))?;
+        })?;
+        builder = builder.ca_pem(pem);
     }
-    endpoint.connect().await.map_err(|e| {
-        fail(
+    builder.connect().await.map_err(client_failure)
+}
+
+/// A [`ClientError`] as dcvsm's exit code and one line.
+fn client_failure(e: ClientError) -> Failure {
+    match e {
+        ClientError::InvalidUrl { .. } => fail(exit::BAD_PARAMETER, e.to_string()),
+        ClientError::Tls(_) | ClientError::InvalidToken => {
+            fail(exit::BAD_ENVIRONMENT, e.to_string())
+        }
+        ClientError::Connect { url, source } => fail(
             exit::OTHER,
-            format!("cannot reach the broker at {url}: {}", root_cause(&e)),
-        )
-    })
+            format!("cannot reach the broker at {url}: {}", root_cause(&source)),
+        ),
+    }
 }
 
 /// The innermost cause of a transport error, in a few words.
@@ -1257,9 +1215,9 @@ mod tests {
         let text = table(&reply);
         // The display width of the text before the Availability cell.
         let width = |line: &str| -> usize {
-            let at =
-                line.find("AVAILABLE")
-                    .map(|i| if line[..i].ends_with("UN") { i - 2 } else { i });
+            let at = line
+                .find("AVAILABLE")
+                .map(|i| if line[..i].ends_with("UN") { i - 2 } else { i });
             line[..at.unwrap_or_else(|| panic!("{text}"))]
                 .chars()
                 .map(|c| if c >= '\u{1100}' { 2 } else { 1 })
