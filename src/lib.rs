@@ -12,6 +12,8 @@
 //!   the rate and load-shedding layers that enforce them.
 //! - [`tls`]: TLS certificates from PEM files, reloadable while serving,
 //!   and `dcv-broker tls init`, which makes a private CA and a certificate.
+//! - [`client`]: connecting to the broker from Rust (TLS, bearer token),
+//!   as `dcvsm` does.
 //! - [`demo`]: a simulated fleet of agents for demos and load.
 //! - [`config`] and [`telemetry`]: the binary's flags and logging.
 //! - [`pb`]: generated code.
@@ -22,6 +24,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod fleet;

@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dcv-broker");
 
@@ -37,66 +34,32 @@ fn rejects_inconsistent_timeouts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--remove-after"));
 }
 
-#[test]
-fn announces_its_port_and_exits_zero_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--demo-fleet",
-            "10",
-            "--in-memory",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("dcv-broker listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    let addr: std::net::SocketAddr = addr.parse().unwrap();
+#[tokio::test]
+async fn announces_its_port_and_exits_zero_on_sigterm() {
+    let args = ["--demo-fleet", "10", "--in-memory"];
+    let broker = common::process::BrokerProcess::start_exactly(&args).await;
+    let addr = broker.addr;
     assert!(addr.ip().is_loopback());
     assert_ne!(addr.port(), 0);
     std::net::TcpStream::connect(addr).expect("the broker accepts connections");
-
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    broker.terminate().await;
 }
 
 #[tokio::test]
 async fn logs_each_request_in_a_span_carrying_its_request_id() {
     use dcv_broker::pb;
-    use tokio::io::{AsyncBufReadExt, BufReader as AsyncBufReader};
 
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--demo-fleet",
-            "3",
-            "--in-memory",
-        ])
-        .args(["--log", "debug", "--log-format", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = AsyncBufReader::new(child.stdout.take().unwrap()).lines();
-    let line = stdout.next_line().await.unwrap().unwrap();
-    let addr = line
-        .trim_start_matches("dcv-broker listening on ")
-        .to_string();
+    let args = [
+        "--demo-fleet",
+        "3",
+        "--in-memory",
+        "--log",
+        "debug",
+        "--log-format",
+        "json",
+    ];
+    let mut broker = common::process::BrokerProcess::start_exactly(&args).await;
+    let addr = broker.addr;
     let mut client = pb::servers_client::ServersClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -112,13 +75,7 @@ async fn logs_each_request_in_a_span_carrying_its_request_id() {
         .into_inner();
 
     // Read the log until the request's completion event shows up.
-    let mut stderr = AsyncBufReader::new(child.stderr.take().unwrap()).lines();
-    let event = loop {
-        let line = stderr.next_line().await.unwrap().expect("log ended early");
-        if line.contains("servers closed") {
-            break line;
-        }
-    };
+    let event = broker.logged("servers closed").await;
     assert!(
         event.contains(&format!("\"request_id\":\"{}\"", reply.request_id)),
         "{event}"
@@ -128,7 +85,6 @@ async fn logs_each_request_in_a_span_carrying_its_request_id() {
         "{event}"
     );
     assert!(event.contains("\"peer\":\"127.0.0.1:"), "{event}");
-    child.kill().await.unwrap();
 }
 
 /// Every server id the broker at `broker` describes, page after page.

@@ -4,18 +4,20 @@
 //! on tokens already issued, and clients and the signing key surviving a
 //! restart.
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+mod common;
+
+use std::{ffi::OsStr, path::Path, time::Duration};
 
 use base64::Engine as _;
+use common::process::{BROKER_BIN, BrokerProcess};
 use dcv_broker::pb::{self, servers_client::ServersClient};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use tonic::{Code, metadata::MetadataValue, transport::Channel};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dcv-broker");
 const PATIENCE: Duration = Duration::from_secs(30);
 
 struct TempDir(std::path::PathBuf);
@@ -37,7 +39,7 @@ impl Drop for TempDir {
 /// Runs `dcv-broker clients ARGS --data-dir DIR --json`; the reply, or the
 /// error printed.
 fn clients(dir: &Path, args: &[&str]) -> Result<Value, String> {
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(BROKER_BIN)
         .arg("clients")
         .args(args)
         .args(["--json", "--data-dir"])
@@ -60,66 +62,33 @@ fn register(dir: &Path, name: &str, scopes: &str) -> (String, String) {
     )
 }
 
-struct Running {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
+/// The broker binary with `--auth on` on a data directory.
+struct Running(BrokerProcess);
 
 impl Running {
     async fn start(dir: &Path) -> Running {
-        let mut child = tokio::process::Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--auth",
-                "on",
-                "--demo-fleet",
-                "2",
-            ])
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
-            .await
-            .expect("the broker announces its port")
-            .unwrap()
-            .expect("the broker exited before listening");
-        let addr = line
-            .strip_prefix("dcv-broker listening on ")
-            .unwrap()
-            .parse()
-            .unwrap();
-        Running { child, addr }
+        let mut args = ["--auth", "on", "--demo-fleet", "2", "--data-dir"]
+            .map(OsStr::new)
+            .to_vec();
+        args.push(dir.as_os_str());
+        Running(BrokerProcess::start_exactly(&args).await)
     }
 
-    async fn stop(mut self) {
-        let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "{status}");
+    /// SIGTERM, and a clean exit.
+    async fn stop(self) {
+        self.0.terminate().await;
     }
 
     /// POST /oauth2/token over HTTP/1.1: the status code and the JSON body.
     async fn token_request(&self, id: &str, secret: &str) -> (u16, Value) {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let mut stream = TcpStream::connect(self.0.addr).await.unwrap();
         let request = format!(
             "POST /oauth2/token?grant_type=client_credentials HTTP/1.1\r\n\
              Host: {}\r\nAuthorization: Basic {basic}\r\n\
              Content-Type: application/x-www-form-urlencoded\r\n\
              Content-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
+            self.0.addr
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
@@ -148,7 +117,7 @@ impl Running {
 
     /// DescribeServers with `token`: the number of servers, or the status.
     async fn describe(&self, token: &str) -> Result<usize, tonic::Status> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
+        let channel = Channel::from_shared(format!("http://{}", self.0.addr))
             .unwrap()
             .connect()
             .await

@@ -7,22 +7,25 @@
 //! environment or the configuration file, `DCV_SM_OAUTH2_TOKEN`, the token
 //! cache and its renewal, refused, unscoped and revoked clients.
 
+mod common;
+
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
 };
 
+use common::process::{BROKER_BIN as BROKER, BrokerProcess};
 use serde_json::Value;
 
-const BROKER: &str = env!("CARGO_BIN_EXE_dcv-broker");
 const DCVSM: &str = env!("CARGO_BIN_EXE_dcvsm");
 
-/// A broker process, killed on drop.
+/// A broker process, killed on drop. Tests that start one run on a
+/// multi-threaded runtime: dcvsm runs blocking on the test's thread while
+/// a worker reads the broker's log.
 struct Broker {
-    child: Child,
+    _process: BrokerProcess,
     url: String,
     /// With authentication: its admin socket and its log.
     admin: Option<(PathBuf, PathBuf)>,
@@ -35,53 +38,44 @@ struct ApiClient {
 }
 
 impl Broker {
-    fn start(fleet: usize) -> Broker {
-        Broker::start_with(fleet, &[], "http")
+    async fn start(fleet: usize) -> Broker {
+        Broker::start_with(fleet, &[], "http").await
     }
 
-    fn start_with(fleet: usize, extra: &[&str], scheme: &str) -> Broker {
-        Broker::spawn(fleet, extra, scheme, Stdio::null(), None)
+    async fn start_with(fleet: usize, extra: &[&str], scheme: &str) -> Broker {
+        Broker::spawn(fleet, extra, scheme, None).await
     }
 
     /// A broker whose clients are registered through its admin socket
     /// (in `dir`) and whose log is kept, to count the tokens it issues.
-    fn start_admin(dir: &Path, extra: &[&str], scheme: &str) -> Broker {
+    async fn start_admin(dir: &Path, extra: &[&str], scheme: &str) -> Broker {
         let socket = dir.join("admin.sock");
         let log = dir.join("broker.log");
-        let stderr = std::fs::File::create(&log).unwrap();
         let socket_arg = socket.to_str().unwrap().to_owned();
         let mut args = vec!["--admin-socket", &socket_arg];
         args.extend_from_slice(extra);
-        Broker::spawn(2, &args, scheme, stderr.into(), Some((socket, log)))
+        Broker::spawn(2, &args, scheme, Some((socket, log))).await
     }
 
-    fn spawn(
+    async fn spawn(
         fleet: usize,
         extra: &[&str],
         scheme: &str,
-        stderr: Stdio,
         admin: Option<(PathBuf, PathBuf)>,
     ) -> Broker {
-        let mut child = Command::new(BROKER)
-            .args(["--listen", "127.0.0.1:0", "--in-memory", "--demo-fleet"])
-            .arg(fleet.to_string())
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("dcv-broker listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
+        let fleet = fleet.to_string();
+        let mut args = vec!["--in-memory", "--demo-fleet", &fleet];
+        args.extend_from_slice(extra);
+        let process = match &admin {
+            Some((_, log)) => {
+                let log = std::fs::File::create(log).unwrap();
+                BrokerProcess::start_exactly_logging_to(&args, log).await
+            }
+            None => BrokerProcess::start_exactly(&args).await,
+        };
         Broker {
-            child,
-            url: format!("{scheme}://{addr}"),
+            url: format!("{scheme}://{}", process.addr),
+            _process: process,
             admin,
         }
     }
@@ -157,13 +151,6 @@ impl Broker {
     }
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A dcvsm command isolated from the user's configuration and environment.
 fn dcvsm_cmd() -> Command {
     let mut cmd = Command::new(DCVSM);
@@ -230,9 +217,9 @@ fn server_ids(broker: &Broker) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn close_describe_and_open_servers_with_the_brokers_json_keys() {
-    let broker = Broker::start(5);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn close_describe_and_open_servers_with_the_brokers_json_keys() {
+    let broker = Broker::start(5).await;
     let ids = server_ids(&broker);
     assert_eq!(ids.len(), 5);
     let target = ids[0].clone();
@@ -293,9 +280,9 @@ fn close_describe_and_open_servers_with_the_brokers_json_keys() {
     assert_eq!(described["Servers"][0]["Availability"], "AVAILABLE");
 }
 
-#[test]
-fn session_commands_round_trip() {
-    let broker = Broker::start(5);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn session_commands_round_trip() {
+    let broker = Broker::start(5).await;
     let perms = scratch("perms").join("perms.txt");
     std::fs::write(&perms, "[permissions]\n%owner% allow builtin\n").unwrap();
     let created = broker.json(&[
@@ -400,9 +387,9 @@ fn session_commands_round_trip() {
     );
 }
 
-#[test]
-fn table_output_is_aligned_for_people() {
-    let broker = Broker::start(3);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn table_output_is_aligned_for_people() {
+    let broker = Broker::start(3).await;
     let out = broker.dcvsm(&["--output-format", "table", "describe-servers"]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).unwrap();
@@ -438,9 +425,9 @@ fn table_output_is_aligned_for_people() {
 /// The README's maintenance-window check, as written: the table shows who
 /// closed a server, when and why, and its tags, endpoints and host, each
 /// in one cell of the server's row.
-#[test]
-fn the_table_shows_holds_tags_endpoints_and_host() {
-    let broker = Broker::start(3);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_table_shows_holds_tags_endpoints_and_host() {
+    let broker = Broker::start(3).await;
     let reason = "maintenance window 保守";
     let out = broker.dcvsm(&[
         "close-servers",
@@ -510,9 +497,9 @@ fn the_table_shows_holds_tags_endpoints_and_host() {
     assert_eq!(rows, 3, "{text}");
 }
 
-#[test]
-fn follows_every_page_of_2500_servers_unless_told_not_to() {
-    let broker = Broker::start(2500);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn follows_every_page_of_2500_servers_unless_told_not_to() {
+    let broker = Broker::start(2500).await;
     let all = broker.json(&["describe-servers"]);
     assert!(
         all.get("NextToken").is_none(),
@@ -546,9 +533,9 @@ fn follows_every_page_of_2500_servers_unless_told_not_to() {
     assert_eq!(small["Servers"].as_array().unwrap().len(), 2500);
 }
 
-#[test]
-fn exit_codes() {
-    let broker = Broker::start(3);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn exit_codes() {
+    let broker = Broker::start(3).await;
     // 2: clap's parse error.
     assert_eq!(
         broker.dcvsm(&["describe-servers", "--bogus"]).status.code(),
@@ -605,9 +592,9 @@ fn exit_codes() {
     assert_eq!(out.status.code(), Some(253));
 }
 
-#[test]
-fn flags_beat_environment_beat_configuration_file() {
-    let broker = Broker::start(2);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn flags_beat_environment_beat_configuration_file() {
+    let broker = Broker::start(2).await;
     let dir = scratch("conf");
     let conf = dir.join("dcvsmcli.conf");
     std::fs::write(
@@ -691,8 +678,8 @@ fn help_documents_exit_codes_and_completion_scripts_are_printed() {
     }
 }
 
-#[test]
-fn https_trusts_the_ca_bundle_from_tls_init() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn https_trusts_the_ca_bundle_from_tls_init() {
     let dir = scratch("tls");
     let init = Command::new(BROKER)
         .args([
@@ -717,7 +704,8 @@ fn https_trusts_the_ca_bundle_from_tls_init() {
         2,
         &["--tls-cert", &cert, "--tls-key", &key, "--auth", "off"],
         "https",
-    );
+    )
+    .await;
 
     let reply = broker.json(&["--ca-bundle", &ca, "describe-servers"]);
     assert_eq!(reply["Servers"].as_array().unwrap().len(), 2);
@@ -751,9 +739,9 @@ fn https_trusts_the_ca_bundle_from_tls_init() {
 /// `--no-verify-ssl` (or `no-verify-ssl = true` in the config file) is
 /// refused the same way for a plaintext broker as for a TLS one: the same
 /// command line must not turn insecure the day the URL becomes https://.
-#[test]
-fn no_verify_ssl_is_refused_for_every_broker_url() {
-    let broker = Broker::start(1);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn no_verify_ssl_is_refused_for_every_broker_url() {
+    let broker = Broker::start(1).await;
     assert!(broker.url.starts_with("http://"));
     let conf_dir = fresh("no-verify-ssl-conf");
     let conf = conf_dir.join("dcvsm.conf");
@@ -804,9 +792,9 @@ fn sigint_while_waiting_for_the_broker_exits_130() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "dcvsm: interrupted\n");
 }
 
-#[test]
-fn debug_logs_the_call_on_stderr_only() {
-    let broker = Broker::start(1);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn debug_logs_the_call_on_stderr_only() {
+    let broker = Broker::start(1).await;
     let out = broker.dcvsm(&["--debug", "describe-servers"]);
     assert_eq!(out.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -822,10 +810,10 @@ fn debug_logs_the_call_on_stderr_only() {
     assert_eq!(reply["Servers"].as_array().unwrap().len(), 1);
 }
 
-#[test]
-fn env_credentials_buy_a_token_that_is_cached_and_renewed_at_80_percent() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn env_credentials_buy_a_token_that_is_cached_and_renewed_at_80_percent() {
     let dir = fresh("auth-env");
-    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http").await;
     let ops = broker.register("ops", "read,servers:operate");
     let cache = dir.join("cache");
 
@@ -933,10 +921,10 @@ fn env_credentials_buy_a_token_that_is_cached_and_renewed_at_80_percent() {
     assert_eq!(out.status.code(), Some(0), "the good entry is still there");
 }
 
-#[test]
-fn secrets_and_tokens_never_reach_debug_output() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn secrets_and_tokens_never_reach_debug_output() {
     let dir = fresh("auth-debug");
-    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http").await;
     let ops = broker.register("ops", "read");
     let cache = dir.join("cache");
     for _ in 0..2 {
@@ -956,10 +944,10 @@ fn secrets_and_tokens_never_reach_debug_output() {
     assert_eq!(broker.tokens_issued(), 1);
 }
 
-#[test]
-fn config_file_credentials_environment_overrides_and_a_token_as_it_is() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn config_file_credentials_environment_overrides_and_a_token_as_it_is() {
     let dir = fresh("auth-conf");
-    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http").await;
     let reader = broker.register("reader", "read");
     let operator = broker.register("operator", "read,servers:operate");
     let cache = dir.join("cache");
@@ -1113,10 +1101,10 @@ fn server_ids_as(broker: &Broker, client: &ApiClient, cache: &Path) -> Vec<Strin
         .collect()
 }
 
-#[test]
-fn a_revoked_client_is_refused_with_its_cached_token_dropped() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_revoked_client_is_refused_with_its_cached_token_dropped() {
     let dir = fresh("auth-revoked");
-    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http");
+    let broker = Broker::start_admin(&dir, &["--auth", "on"], "http").await;
     let ops = broker.register("ops", "read");
     let cache = dir.join("cache");
     server_ids_as(&broker, &ops, &cache);
@@ -1137,9 +1125,9 @@ fn a_revoked_client_is_refused_with_its_cached_token_dropped() {
     );
 }
 
-#[test]
-fn credentials_for_a_broker_without_authentication_are_a_configuration_error() {
-    let broker = Broker::start(1);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn credentials_for_a_broker_without_authentication_are_a_configuration_error() {
+    let broker = Broker::start(1).await;
     let cache = fresh("auth-off-cache");
     let someone = ApiClient {
         id: "someone".into(),
@@ -1156,8 +1144,8 @@ fn credentials_for_a_broker_without_authentication_are_a_configuration_error() {
     assert_eq!(broker.dcvsm(&["describe-servers"]).status.code(), Some(0));
 }
 
-#[test]
-fn over_tls_authentication_is_on_by_default_and_the_token_comes_over_https() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn over_tls_authentication_is_on_by_default_and_the_token_comes_over_https() {
     let dir = fresh("auth-tls");
     let init = Command::new(BROKER)
         .args([
@@ -1178,7 +1166,8 @@ fn over_tls_authentication_is_on_by_default_and_the_token_comes_over_https() {
         path(dcv_broker::tls::init::SERVER_KEY),
         path(dcv_broker::tls::init::CA_CERT),
     );
-    let broker = Broker::start_admin(&dir, &["--tls-cert", &cert, "--tls-key", &key], "https");
+    let broker =
+        Broker::start_admin(&dir, &["--tls-cert", &cert, "--tls-key", &key], "https").await;
     let ops = broker.register("ops", "read");
     let cache = dir.join("cache");
 

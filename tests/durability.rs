@@ -3,59 +3,48 @@
 //! never half-applied, closed state (reason, actor, time) survives clean
 //! and unclean restarts and re-registration, and queued sessions come back.
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
+    ffi::OsStr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use common::process::{BROKER_BIN as BIN, BrokerProcess};
 use dcv_broker::pb::{
     self, agent_client::AgentClient, servers_client::ServersClient, sessions_client::SessionsClient,
 };
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dcv-broker");
-
 /// A broker process on a data directory.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-}
+struct Proc(BrokerProcess);
 
 impl Proc {
-    fn start(dir: &Path) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--log", "warn"])
-            .args(["--queue-max-size", "100000"])
+    async fn start(dir: &Path) -> Proc {
+        let mut args: Vec<&OsStr> = [
+            "--log",
+            "warn",
+            "--queue-max-size",
+            "100000",
             // The test's clients all come from 127.0.0.1: one client to
             // the rate limit, which would refuse the load they make.
-            .args(["--client-rate", "0"])
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("dcv-broker listening on ")
-            .unwrap_or_else(|| panic!("broker did not start: {line:?}"))
-            .parse()
-            .unwrap();
-        Proc { child, addr }
+            "--client-rate",
+            "0",
+            "--data-dir",
+        ]
+        .map(OsStr::new)
+        .to_vec();
+        args.push(dir.as_os_str());
+        Proc(BrokerProcess::start_exactly(&args).await)
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
+        Channel::from_shared(format!("http://{}", self.0.addr))
             .unwrap()
             .connect()
             .await
@@ -63,26 +52,14 @@ impl Proc {
     }
 
     /// SIGKILL: no drain, no flush.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    async fn kill(mut self) {
+        self.0.signal("-KILL");
+        self.0.exited().await;
     }
 
     /// SIGTERM, and a clean exit.
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert_eq!(self.child.wait().unwrap().code(), Some(0));
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    async fn stop(self) {
+        self.0.terminate().await;
     }
 }
 
@@ -341,7 +318,7 @@ async fn acknowledged_changes_survive_sigkill_at_random_moments() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5EED_u64);
     let mut rng = Rng(seed);
-    let mut broker = Proc::start(dir.path());
+    let mut broker = Proc::start(dir.path()).await;
 
     // Four clients, five servers each, registered (durably) up front.
     let mut clients: Vec<ServerClient> = (0..4)
@@ -381,14 +358,14 @@ async fn acknowledged_changes_survive_sigkill_at_random_moments() {
         while acks.load(Ordering::Relaxed) < threshold {
             tokio::task::yield_now().await;
         }
-        broker.kill();
+        broker.kill().await;
         for task in tasks {
             clients.push(task.await.unwrap());
         }
         session_client = sessions.await.unwrap();
         total_acks += acks.load(Ordering::Relaxed);
 
-        broker = Proc::start(dir.path());
+        broker = Proc::start(dir.path()).await;
         let mut servers = ServersClient::new(broker.channel().await);
         for client in &clients {
             let shown = describe(&mut servers, &client.ids).await;
@@ -415,13 +392,13 @@ async fn acknowledged_changes_survive_sigkill_at_random_moments() {
         eprintln!("cycle {cycle}: killed after {threshold}+ acks");
     }
     assert!(total_acks >= cycles * 5, "the clients made progress");
-    broker.stop();
+    broker.stop().await;
 }
 
 #[tokio::test]
 async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() {
     let dir = tempdir();
-    let broker = Proc::start(dir.path());
+    let broker = Proc::start(dir.path()).await;
     let mut agent = AgentClient::new(broker.channel().await);
     for id in ["clean", "unclean", "open"] {
         agent
@@ -444,8 +421,8 @@ async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() 
     let before = describe(&mut servers, &["clean".into()]).await;
 
     // A clean restart.
-    broker.stop();
-    let broker = Proc::start(dir.path());
+    broker.stop().await;
+    let broker = Proc::start(dir.path()).await;
     let mut servers = ServersClient::new(broker.channel().await);
     let after = describe(&mut servers, &["clean".into(), "open".into()]).await;
     assert_eq!(
@@ -468,8 +445,8 @@ async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() 
         .await
         .unwrap();
     let before = describe(&mut servers, &["unclean".into()]).await;
-    broker.kill();
-    let broker = Proc::start(dir.path());
+    broker.kill().await;
+    let broker = Proc::start(dir.path()).await;
     let mut servers = ServersClient::new(broker.channel().await);
     let after = describe(&mut servers, &["unclean".into()]).await;
     assert_eq!(after[0].holds, before[0].holds);
@@ -483,8 +460,8 @@ async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() 
     let after = describe(&mut servers, &["unclean".into()]).await;
     assert_eq!(after[0].ip, "198.51.100.9");
     assert_eq!(after[0].holds, before[0].holds);
-    broker.stop();
-    let broker = Proc::start(dir.path());
+    broker.stop().await;
+    let broker = Proc::start(dir.path()).await;
     let mut servers = ServersClient::new(broker.channel().await);
     let after = describe(&mut servers, &["unclean".into()]).await;
     assert_eq!(
@@ -541,8 +518,10 @@ fn refused(dir: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
+// Multi-threaded: `refused` blocks this thread while a running broker's
+// log is still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
     // Garbage where the store should be.
     let dir = tempdir();
     let file = dir.path().join("broker.sqlite3");
@@ -555,7 +534,7 @@ fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
 
     // A store from a newer broker.
     let dir = tempdir();
-    Proc::start(dir.path()).stop();
+    Proc::start(dir.path()).await.stop().await;
     let file = dir.path().join("broker.sqlite3");
     {
         let db = rusqlite::Connection::open(&file).unwrap();
@@ -569,17 +548,15 @@ fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
     // A truncated store: one with data, checkpointed by a clean stop
     // into the main file, then cut in half.
     let dir = tempdir();
-    let broker = Proc::start(dir.path());
-    futures_block(async {
-        let mut agent = AgentClient::new(broker.channel().await);
-        for i in 0..1000 {
-            agent
-                .register_server(registration(&format!("t-{i}"), "192.0.2.1"))
-                .await
-                .unwrap();
-        }
-    });
-    broker.stop();
+    let broker = Proc::start(dir.path()).await;
+    let mut agent = AgentClient::new(broker.channel().await);
+    for i in 0..1000 {
+        agent
+            .register_server(registration(&format!("t-{i}"), "192.0.2.1"))
+            .await
+            .unwrap();
+    }
+    broker.stop().await;
     let file = dir.path().join("broker.sqlite3");
     let whole = std::fs::read(&file).unwrap();
     assert!(whole.len() > 32 * 1024, "the data reached the main file");
@@ -591,7 +568,7 @@ fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
     // A store in a directory the broker may not write (as root, run it as
     // nobody, for whom the permission bits apply).
     let dir = tempdir();
-    Proc::start(dir.path()).stop();
+    Proc::start(dir.path()).await.stop().await;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let file = dir.path().join("broker.sqlite3");
@@ -621,21 +598,13 @@ fn a_bad_store_stops_the_binary_with_a_clear_message_and_is_left_alone() {
 
     // A store another broker is using.
     let dir = tempdir();
-    let running = Proc::start(dir.path());
+    let running = Proc::start(dir.path()).await;
     let message = refused(dir.path());
     assert!(
         message.contains("in use by another dcv-broker"),
         "{message}"
     );
-    running.stop();
-}
-
-fn futures_block<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
+    running.stop().await;
 }
 
 /// Whether the tests run as root (CI does), read from `id -u`.

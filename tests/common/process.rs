@@ -37,29 +37,54 @@ impl BrokerProcess {
     /// Starts the binary listening on 127.0.0.1:0 with exactly `args`
     /// besides `--listen`.
     pub async fn start_exactly<S: AsRef<OsStr>>(args: &[S]) -> BrokerProcess {
+        BrokerProcess::spawn(BrokerProcess::command(args)).await
+    }
+
+    /// [`start_exactly`](Self::start_exactly), with the broker's log
+    /// written to `log` rather than delivered to [`logged`](Self::logged):
+    /// for a test that reads the whole log at a moment it picks (a line
+    /// written before a reply is then surely there), not as lines come.
+    pub async fn start_exactly_logging_to<S: AsRef<OsStr>>(
+        args: &[S],
+        log: std::fs::File,
+    ) -> BrokerProcess {
+        let mut command = BrokerProcess::command(args);
+        command.stderr(log);
+        BrokerProcess::launch(command).await
+    }
+
+    fn command<S: AsRef<OsStr>>(args: &[S]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(BROKER_BIN);
         command.args(["--listen", "127.0.0.1:0"]).args(args);
-        BrokerProcess::spawn(command).await
+        command
     }
 
     /// Spawns `command` (the broker binary, with every flag it needs,
     /// `--listen` included) and waits for its address.
     pub async fn spawn(mut command: tokio::process::Command) -> BrokerProcess {
+        command.stderr(Stdio::piped());
+        BrokerProcess::launch(command).await
+    }
+
+    /// Spawns `command`, its stderr where the caller put it (delivered as
+    /// log lines when piped), and waits for its address.
+    async fn launch(mut command: tokio::process::Command) -> BrokerProcess {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("the broker binary starts");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
         let (tx, log) = tokio::sync::mpsc::unbounded_channel();
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
+        if let Some(stderr) = child.stderr.take() {
+            let mut stderr = BufReader::new(stderr).lines();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = stderr.next_line().await {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
         let line = tokio::time::timeout(PATIENCE, stdout.next_line())
             .await
             .expect("the broker announces its port")

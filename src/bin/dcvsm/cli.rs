@@ -1,0 +1,249 @@
+//! dcvsm's command line (clap): the global flags, the commands of the
+//! official DCV Session Manager CLI with their flags, and `--help`'s text on
+//! exit codes and settings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success
+  1    the configuration file is missing or corrupt
+  2    the command line could not be parsed
+  3    the call succeeded but UnsuccessfulList is not empty (0 with --compat-exit-codes)
+  130  interrupted (Ctrl-C)
+  252  a parameter value is invalid (checked before calling the broker)
+  253  the environment, configuration or credentials are invalid: an unreadable CA bundle,
+       credentials the auth server refuses (invalid_client), a token the broker refuses
+       (UNAUTHENTICATED), or a broker that needs credentials and got none
+  254  the broker returned an error (a gRPC status, PERMISSION_DENIED when the client lacks
+       the scope a command needs), or the auth server failed (5xx)
+  255  anything else, e.g. the broker or the auth server is unreachable
+
+Settings precedence: flags > environment > configuration file > defaults.
+
+Authentication (a broker with --auth on, or serving TLS):
+  DCV_SM_CLIENT_ID, DCV_SM_CLIENT_PASSWORD  client credentials from `dcv-broker clients
+                           register`; else [authentication] client-id, client-password
+  DCV_SM_AUTH_SERVER_URL   the token endpoint (--auth-server-url; [authentication]
+                           auth-server-url); default BROKER_URL/oauth2/token?grant_type=
+                           client_credentials
+  DCV_SM_OAUTH2_TOKEN      a token to send as it is (nothing is fetched or cached)
+Tokens are cached per auth server and client in $XDG_CACHE_HOME/dcvsm/ (else
+~/.cache/dcvsm/), mode 0600, and renewed once 80% of their lifetime has passed. Secrets and
+tokens are never printed, not even with --debug.";
+
+/// Command-line client of the dcv-broker session broker.
+#[derive(Parser, Debug)]
+#[command(name = "dcvsm", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// The broker's URL; https:// uses TLS (trusting --ca-bundle, else the system roots).
+    /// Default http://127.0.0.1:8443.
+    #[arg(long, global = true, env = "DCV_SM_BROKER_URL")]
+    pub broker_url: Option<String>,
+    /// Configuration file (INI, sections [output], [security], [authentication], [broker]).
+    /// When absent, $XDG_CONFIG_HOME/dcvsmcli.conf then ~/.config/dcvsmcli.conf are read if
+    /// they exist.
+    #[arg(long, global = true)]
+    pub conf: Option<PathBuf>,
+    /// Log the calls (tracing) on stderr.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Output format: json (the broker's reply, as grpcurl prints it) or table. Default json.
+    #[arg(long, global = true, value_enum)]
+    pub output_format: Option<OutputFormat>,
+    /// A PEM file of the CA certificates to trust for an https:// broker and auth server.
+    #[arg(long, global = true)]
+    pub ca_bundle: Option<PathBuf>,
+    /// The OAuth 2.0 token endpoint that client credentials buy tokens from.
+    /// Default: the broker's BROKER_URL/oauth2/token?grant_type=client_credentials.
+    #[arg(long, global = true, env = "DCV_SM_AUTH_SERVER_URL")]
+    pub auth_server_url: Option<String>,
+    /// Skip TLS certificate verification. Refused (exit 253): a client that trusts any
+    /// certificate hands its credentials and tokens to whoever answers. Use --ca-bundle
+    /// with the broker's CA instead (`dcv-broker tls init` writes one).
+    #[arg(long, global = true)]
+    pub no_verify_ssl: bool,
+    /// Exit 0 even when some items are in UnsuccessfulList, like the official CLI.
+    #[arg(long, global = true)]
+    pub compat_exit_codes: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SessionTypeArg {
+    #[value(name = "CONSOLE", alias = "console")]
+    Console,
+    #[value(name = "VIRTUAL", alias = "virtual")]
+    Virtual,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Close DCV servers: no new sessions are placed on them.
+    CloseServers(CloseServersArgs),
+    /// Open closed DCV servers again.
+    OpenServers(OpenServersArgs),
+    /// Describe DCV servers; follows every page unless --next-token or --no-paginate.
+    DescribeServers(DescribeServersArgs),
+    /// Create a session.
+    CreateSession(CreateSessionArgs),
+    /// Describe sessions; follows every page unless --next-token or --no-paginate.
+    DescribeSessions(DescribeSessionsArgs),
+    /// Delete a session.
+    DeleteSession(DeleteSessionArgs),
+    /// Get the data a DCV client needs to connect to a session.
+    GetSessionConnectionData(GetSessionConnectionDataArgs),
+    /// Replace a session's permissions.
+    UpdateSessionPermissions(UpdateSessionPermissionsArgs),
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CloseServersArgs {
+    /// Comma-separated server ids.
+    #[arg(long, required = true)]
+    pub server_ids: String,
+    /// Close even servers that have running sessions.
+    #[arg(long)]
+    pub force: bool,
+    /// Why the servers are closed (shown by describe-servers in Holds).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct OpenServersArgs {
+    /// Comma-separated server ids.
+    #[arg(long, required = true)]
+    pub server_ids: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DescribeServersArgs {
+    /// Comma-separated server ids (all servers when absent).
+    #[arg(long)]
+    pub server_ids: Option<String>,
+    /// Start from this page token (prints only that page).
+    #[arg(long)]
+    pub next_token: Option<String>,
+    /// Items per page, 1 to 1000.
+    #[arg(long)]
+    pub max_results: Option<i32>,
+    /// Print one page, with its NextToken.
+    #[arg(long)]
+    pub no_paginate: bool,
+    /// Filter as KEY=VALUE (repeatable), e.g. tag:team=render.
+    #[arg(long = "filter", value_name = "KEY=VALUE")]
+    pub filters: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateSessionArgs {
+    /// The session's name.
+    #[arg(long, required = true)]
+    pub name: String,
+    /// The user who owns the session.
+    #[arg(long, required = true)]
+    pub owner: String,
+    /// CONSOLE or VIRTUAL.
+    #[arg(long = "type", required = true, value_enum)]
+    pub session_type: SessionTypeArg,
+    /// Path, on the DCV server, of a script run when a virtual session starts.
+    #[arg(long)]
+    pub init_file_path: Option<String>,
+    /// Path, on the DCV server, of a file run when the session starts.
+    #[arg(long)]
+    pub autorun_file: Option<String>,
+    /// Comma-separated arguments of --autorun-file.
+    #[arg(long)]
+    pub autorun_file_arguments: Option<String>,
+    /// Maximum concurrent clients, 1 to 100.
+    #[arg(long)]
+    pub max_concurrent_clients: Option<i32>,
+    /// Enable DCV-GL (virtual sessions on Linux).
+    #[arg(long)]
+    pub dcv_gl_enabled: bool,
+    /// A local permissions file; it is read and sent base64-encoded.
+    #[arg(long)]
+    pub permissions_file: Option<PathBuf>,
+    /// Placement requirements, e.g. "server:Host.Os.Family = 'linux'".
+    #[arg(long)]
+    pub requirements: Option<String>,
+    /// Storage root of the session on the DCV server.
+    #[arg(long)]
+    pub storage_root: Option<String>,
+    /// Queue the request when no server is available.
+    #[arg(long)]
+    pub enqueue_request: bool,
+    /// Do not retry the creation on another server after a failure.
+    #[arg(long)]
+    pub disable_retry_on_failure: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DescribeSessionsArgs {
+    /// Comma-separated session ids (all sessions when absent).
+    #[arg(long)]
+    pub session_ids: Option<String>,
+    /// Start from this page token (prints only that page).
+    #[arg(long)]
+    pub next_token: Option<String>,
+    /// Only the sessions of this owner.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Items per page, 1 to 1000.
+    #[arg(long)]
+    pub max_results: Option<i32>,
+    /// Print one page, with its NextToken.
+    #[arg(long)]
+    pub no_paginate: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteSessionArgs {
+    /// The session's id.
+    #[arg(long, required = true)]
+    pub session_id: String,
+    /// The session's owner.
+    #[arg(long, required = true)]
+    pub owner: String,
+    /// Delete even when the DCV server does not answer.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GetSessionConnectionDataArgs {
+    /// The session's id.
+    #[arg(long, required = true)]
+    pub session_id: String,
+    /// The user who connects.
+    #[arg(long, required = true)]
+    pub user: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UpdateSessionPermissionsArgs {
+    /// The session's id.
+    #[arg(long, required = true)]
+    pub session_id: String,
+    /// The session's owner.
+    #[arg(long, required = true)]
+    pub owner: String,
+    /// A local permissions file; it is read and sent base64-encoded.
+    #[arg(long, required = true)]
+    pub permission_file: PathBuf,
+}

@@ -1,0 +1,428 @@
+//! dcvsm's commands: connecting to the broker, one function per command
+//! (checking its flags before any call, then calling the broker), and the
+//! mapping of failures to exit codes.
+
+use std::{
+    io::IsTerminal,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use dcv_broker::{
+    client::{self, AuthChannel, BrokerClient, ClientError},
+    pb::{self, servers_client::ServersClient, sessions_client::SessionsClient},
+};
+use serde_json::Value;
+
+use crate::{
+    Failure,
+    cli::{
+        CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeServersArgs,
+        DescribeSessionsArgs, GetSessionConnectionDataArgs, OpenServersArgs, SessionTypeArg,
+        UpdateSessionPermissionsArgs,
+    },
+    exit, fail,
+    output::to_json,
+    settings::Settings,
+};
+
+/// How long a paginated describe runs before a progress line appears.
+const PROGRESS_AFTER: Duration = Duration::from_millis(500);
+
+type Servers = ServersClient<AuthChannel>;
+type Sessions = SessionsClient<AuthChannel>;
+
+/// Runs one command: the broker's reply as JSON. Called again, whole, when
+/// the broker refused a cached token.
+pub async fn execute(
+    command: &Command,
+    servers: Servers,
+    sessions: Sessions,
+) -> Result<Value, Failure> {
+    match command {
+        Command::CloseServers(args) => close_servers(servers, args).await,
+        Command::OpenServers(args) => open_servers(servers, args).await,
+        Command::DescribeServers(args) => describe_servers(servers, args).await,
+        Command::CreateSession(args) => create_session(sessions, args).await,
+        Command::DescribeSessions(args) => describe_sessions(sessions, args).await,
+        Command::DeleteSession(args) => delete_session(sessions, args).await,
+        Command::GetSessionConnectionData(args) => {
+            get_session_connection_data(sessions, args).await
+        }
+        Command::UpdateSessionPermissions(args) => update_session_permissions(sessions, args).await,
+        Command::Completion { .. } => unreachable!("handled before connecting"),
+    }
+}
+
+async fn close_servers(mut servers: Servers, args: &CloseServersArgs) -> Result<Value, Failure> {
+    let servers_data = split_ids("--server-ids", &args.server_ids)?
+        .into_iter()
+        .map(|server_id| pb::CloseServerRequestData {
+            server_id,
+            force: args.force.then_some(true),
+            reason: args.reason.clone().unwrap_or_default(),
+        })
+        .collect();
+    let r = servers
+        .close_servers(pb::CloseServersRequest {
+            servers: servers_data,
+        })
+        .await
+        .map_err(status_failure)?;
+    to_json("CloseServersResponse", &r.into_inner())
+}
+
+async fn open_servers(mut servers: Servers, args: &OpenServersArgs) -> Result<Value, Failure> {
+    let servers_data = split_ids("--server-ids", &args.server_ids)?
+        .into_iter()
+        .map(|server_id| pb::OpenServerRequestData { server_id })
+        .collect();
+    let r = servers
+        .open_servers(pb::OpenServersRequest {
+            servers: servers_data,
+        })
+        .await
+        .map_err(status_failure)?;
+    to_json("OpenServersResponse", &r.into_inner())
+}
+
+async fn describe_servers(servers: Servers, args: &DescribeServersArgs) -> Result<Value, Failure> {
+    let server_ids = match &args.server_ids {
+        Some(ids) => split_ids("--server-ids", ids)?,
+        None => Vec::new(),
+    };
+    let max_results = args.max_results.map(check_max_results).transpose()?;
+    let filters = args
+        .filters
+        .iter()
+        .map(|f| parse_filter(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let single = args.no_paginate || args.next_token.is_some();
+    let mut request = pb::DescribeServersRequest {
+        server_ids,
+        next_token: args.next_token.clone().unwrap_or_default(),
+        max_results,
+        filters,
+    };
+    paginate("Servers", single, |token| {
+        request.next_token = token.unwrap_or_else(|| request.next_token.clone());
+        let request = request.clone();
+        let mut servers = servers.clone();
+        async move {
+            let r = servers.describe_servers(request).await;
+            let r = r.map_err(status_failure)?.into_inner();
+            Ok((to_json("DescribeServersResponse", &r)?, r.next_token))
+        }
+    })
+    .await
+}
+
+async fn create_session(
+    mut sessions: Sessions,
+    args: &CreateSessionArgs,
+) -> Result<Value, Failure> {
+    if let Some(n) = args.max_concurrent_clients
+        && !(1..=100).contains(&n)
+    {
+        return Err(fail(
+            exit::BAD_PARAMETER,
+            format!("--max-concurrent-clients must be between 1 and 100, got {n}"),
+        ));
+    }
+    let permissions_file = match &args.permissions_file {
+        Some(path) => read_base64("--permissions-file", path)?,
+        None => String::new(),
+    };
+    let data = pb::CreateSessionRequestData {
+        name: args.name.clone(),
+        owner: args.owner.clone(),
+        r#type: match args.session_type {
+            SessionTypeArg::Console => pb::SessionType::Console,
+            SessionTypeArg::Virtual => pb::SessionType::Virtual,
+        } as i32,
+        init_file: args.init_file_path.clone().unwrap_or_default(),
+        max_concurrent_clients: args.max_concurrent_clients,
+        dcv_gl_enabled: args.dcv_gl_enabled,
+        permissions_file,
+        enqueue_request: args.enqueue_request,
+        autorun_file: args.autorun_file.clone().unwrap_or_default(),
+        autorun_file_arguments: args
+            .autorun_file_arguments
+            .as_ref()
+            .map(|a| a.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+        disable_retry_on_failure: args.disable_retry_on_failure,
+        requirements: args.requirements.clone().unwrap_or_default(),
+        storage_root: args.storage_root.clone().unwrap_or_default(),
+    };
+    let r = sessions
+        .create_sessions(pb::CreateSessionsRequest {
+            sessions: vec![data],
+        })
+        .await
+        .map_err(status_failure)?;
+    to_json("CreateSessionsResponse", &r.into_inner())
+}
+
+async fn describe_sessions(
+    sessions: Sessions,
+    args: &DescribeSessionsArgs,
+) -> Result<Value, Failure> {
+    let session_ids = match &args.session_ids {
+        Some(ids) => split_ids("--session-ids", ids)?,
+        None => Vec::new(),
+    };
+    let max_results = args.max_results.map(check_max_results).transpose()?;
+    let filters = args
+        .owner
+        .clone()
+        .map(|value| {
+            vec![pb::KeyValuePair {
+                key: "owner".into(),
+                value,
+            }]
+        })
+        .unwrap_or_default();
+    let single = args.no_paginate || args.next_token.is_some();
+    let mut request = pb::DescribeSessionsRequest {
+        session_ids,
+        filters,
+        max_results,
+        next_token: args.next_token.clone().unwrap_or_default(),
+    };
+    paginate("Sessions", single, |token| {
+        request.next_token = token.unwrap_or_else(|| request.next_token.clone());
+        let request = request.clone();
+        let mut sessions = sessions.clone();
+        async move {
+            let r = sessions.describe_sessions(request).await;
+            let r = r.map_err(status_failure)?.into_inner();
+            Ok((to_json("DescribeSessionsResponse", &r)?, r.next_token))
+        }
+    })
+    .await
+}
+
+async fn delete_session(
+    mut sessions: Sessions,
+    args: &DeleteSessionArgs,
+) -> Result<Value, Failure> {
+    let r = sessions
+        .delete_sessions(pb::DeleteSessionsRequest {
+            sessions: vec![pb::DeleteSessionRequestData {
+                session_id: args.session_id.clone(),
+                owner: args.owner.clone(),
+                force: args.force.then_some(true),
+            }],
+        })
+        .await
+        .map_err(status_failure)?;
+    to_json("DeleteSessionsResponse", &r.into_inner())
+}
+
+async fn get_session_connection_data(
+    mut sessions: Sessions,
+    args: &GetSessionConnectionDataArgs,
+) -> Result<Value, Failure> {
+    let r = sessions
+        .get_session_connection_data(pb::GetSessionConnectionDataRequest {
+            session_id: args.session_id.clone(),
+            user: args.user.clone(),
+        })
+        .await
+        .map_err(status_failure)?;
+    to_json("GetSessionConnectionDataResponse", &r.into_inner())
+}
+
+async fn update_session_permissions(
+    mut sessions: Sessions,
+    args: &UpdateSessionPermissionsArgs,
+) -> Result<Value, Failure> {
+    let permissions_file = read_base64("--permission-file", &args.permission_file)?;
+    let r = sessions
+        .update_session_permissions(pb::UpdateSessionPermissionsRequest {
+            sessions: vec![pb::UpdateSessionPermissionsRequestData {
+                session_id: args.session_id.clone(),
+                owner: args.owner.clone(),
+                permissions_file,
+            }],
+        })
+        .await
+        .map_err(status_failure)?;
+    to_json("UpdateSessionPermissionsResponse", &r.into_inner())
+}
+
+pub async fn connect(settings: &Settings) -> Result<BrokerClient, Failure> {
+    // Refused whatever the URL: accepted silently for http://, the same
+    // command line would turn insecure the day the URL becomes https://.
+    if settings.no_verify_ssl {
+        return Err(fail(
+            exit::BAD_ENVIRONMENT,
+            "--no-verify-ssl is not supported: a client that trusts any certificate hands its \
+             credentials to whoever answers; pass the broker's CA with --ca-bundle",
+        ));
+    }
+    let url = &settings.broker_url;
+    let mut builder = client::builder(url.clone());
+    // The bundle only matters to an https:// broker; reading it for an
+    // http:// one would fail a command over a file it never needed.
+    if let (true, Some(path)) = (url.starts_with("https://"), &settings.ca_bundle) {
+        let pem = std::fs::read(path).map_err(|e| {
+            fail(
+                exit::BAD_ENVIRONMENT,
+                format!("cannot read the CA bundle {}: {e}", path.display()),
+            )
+        })?;
+        builder = builder.ca_pem(pem);
+    }
+    builder.connect().await.map_err(client_failure)
+}
+
+/// A [`ClientError`] as dcvsm's exit code and one line.
+pub fn client_failure(e: ClientError) -> Failure {
+    match e {
+        ClientError::InvalidUrl { .. } => fail(exit::BAD_PARAMETER, e.to_string()),
+        ClientError::Tls(_) | ClientError::InvalidToken => {
+            fail(exit::BAD_ENVIRONMENT, e.to_string())
+        }
+        ClientError::Connect { url, source } => fail(
+            exit::OTHER,
+            format!("cannot reach the broker at {url}: {}", root_cause(&source)),
+        ),
+    }
+}
+
+/// The innermost cause of a transport error, in a few words.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+                _ => io.to_string(),
+            };
+        }
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// A status from the broker is 254 (UNAUTHENTICATED: 253, credentials
+/// refused); one tonic made up from a transport
+/// failure (it carries the error as its source) is 255, like an unreachable
+/// broker.
+fn status_failure(status: tonic::Status) -> Failure {
+    if let Some(source) = std::error::Error::source(&status) {
+        return fail(
+            exit::OTHER,
+            format!(
+                "the connection to the broker failed: {}",
+                root_cause(source)
+            ),
+        );
+    }
+    Failure {
+        code: if status.code() == tonic::Code::Unauthenticated {
+            exit::BAD_ENVIRONMENT
+        } else {
+            exit::BROKER_ERROR
+        },
+        message: format!(
+            "the broker returned {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+        status: Some(status.code()),
+    }
+}
+
+fn split_ids(flag: &str, ids: &str) -> Result<Vec<String>, Failure> {
+    let ids: Vec<String> = ids
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Err(fail(exit::BAD_PARAMETER, format!("{flag} names no id")));
+    }
+    Ok(ids)
+}
+
+fn check_max_results(n: i32) -> Result<i32, Failure> {
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(fail(
+            exit::BAD_PARAMETER,
+            format!("--max-results must be between 1 and 1000, got {n}"),
+        ))
+    }
+}
+
+fn parse_filter(f: &str) -> Result<pb::KeyValuePair, Failure> {
+    match f.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok(pb::KeyValuePair {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        }),
+        _ => Err(fail(
+            exit::BAD_PARAMETER,
+            format!("--filter expects KEY=VALUE, got {f:?}"),
+        )),
+    }
+}
+
+fn read_base64(flag: &str, path: &Path) -> Result<String, Failure> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        fail(
+            exit::BAD_PARAMETER,
+            format!("{flag}: cannot read {}: {e}", path.display()),
+        )
+    })?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Calls `page` until the last page (or once when `single`), merging the
+/// `items` arrays into the first reply and dropping its NextToken.
+async fn paginate<F, Fut>(items: &str, single: bool, mut page: F) -> Result<Value, Failure>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Value, String), Failure>>,
+{
+    let (mut merged, mut token) = page(None).await?;
+    if single {
+        return Ok(merged);
+    }
+    let started = Instant::now();
+    let show_progress = std::io::stderr().is_terminal();
+    let mut shown = false;
+    while !token.is_empty() {
+        let (next, next_token) = page(Some(token)).await?;
+        token = next_token;
+        if let Some(Value::Array(more)) = next.get(items).cloned() {
+            match merged.get_mut(items) {
+                Some(Value::Array(all)) => all.extend(more),
+                _ => {
+                    merged[items] = Value::Array(more);
+                }
+            }
+        }
+        if show_progress && started.elapsed() > PROGRESS_AFTER {
+            let n = merged
+                .get(items)
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            eprint!("\rdcvsm: {n} {} so far…", items.to_lowercase());
+            shown = true;
+        }
+    }
+    if shown {
+        eprint!("\r\x1b[K");
+    }
+    if let Some(obj) = merged.as_object_mut() {
+        obj.remove("NextToken");
+    }
+    Ok(merged)
+}

@@ -1,0 +1,270 @@
+//! dcvsm's output: a reply as the protobuf JSON mapping (what grpcurl
+//! prints), or as aligned tables for people.
+
+use std::io::Write;
+
+use dcv_broker::pb;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use serde_json::Value;
+
+use crate::{Failure, cli::OutputFormat, exit, fail};
+
+/// Prints `reply` on stdout in `format`.
+pub fn print(reply: &Value, format: OutputFormat) -> Result<(), Failure> {
+    let text = match format {
+        OutputFormat::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(reply).expect("a Value always serializes")
+        ),
+        OutputFormat::Table => table(reply),
+    };
+    // A reader that stopped early (`| head`) is not an error worth a panic.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(fail(exit::OTHER, format!("writing the reply: {e}")));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The protobuf JSON mapping of a reply, as grpcurl prints it: through the
+/// descriptor set, so the names are the proto's `json_name`s.
+pub fn to_json<M: Message>(name: &str, message: &M) -> Result<Value, Failure> {
+    static POOL: std::sync::OnceLock<DescriptorPool> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).expect("the built-in descriptor set")
+    });
+    let full_name = format!("dcv.sessionmanager.v1.{name}");
+    let descriptor = pool
+        .get_message_by_name(&full_name)
+        .ok_or_else(|| fail(exit::OTHER, format!("no descriptor for {full_name}")))?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|e| fail(exit::OTHER, format!("re-decoding the reply: {e}")))?;
+    // Through text, not `to_value`: a float field is an f32, printed by the
+    // serializer as its shortest f32 form (2.83, as grpcurl prints it);
+    // `to_value` would widen it to an f64 first (2.8299999237060547).
+    let text =
+        serde_json::to_string(&dynamic).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))
+}
+
+/// A reply for people: its scalars as `Key: value` lines, then one aligned
+/// table per list (or nested object), a column per field. Nested objects
+/// are flattened one level as `Parent.Child`; lists of objects (a server's
+/// Holds, Tags and Endpoints) and a server's Host are summed up in one
+/// cell each, so that what the JSON says about a server fits on its row.
+/// comfy-table measures the cells, wide characters included (a reason may
+/// be in any script).
+fn table(reply: &Value) -> String {
+    let mut out = String::new();
+    let Some(obj) = reply.as_object() else {
+        return format!("{reply}\n");
+    };
+    for (key, value) in obj {
+        if let Some(s) = scalar(value) {
+            out.push_str(&format!("{key}: {s}\n"));
+        }
+    }
+    // Proto3 JSON omits empty lists, so a reply with none says so.
+    if !obj.values().any(|v| v.is_array() || v.is_object()) {
+        out.push_str("\n(no items)\n");
+    }
+    for (key, value) in obj {
+        let rows: Vec<&Value> = match value {
+            Value::Array(items) => items.iter().collect(),
+            Value::Object(_) => vec![value],
+            _ => continue,
+        };
+        out.push_str(&format!("\n{key} ({})\n", rows.len()));
+        let flat: Vec<Vec<(String, String)>> = rows.iter().map(|r| flatten(r)).collect();
+        let mut columns: Vec<String> = Vec::new();
+        for row in &flat {
+            for (c, _) in row {
+                if !columns.contains(c) {
+                    columns.push(c.clone());
+                }
+            }
+        }
+        let mut grid = comfy_table::Table::new();
+        grid.load_style(comfy_table::presets::NOTHING)
+            .set_header(columns.clone());
+        for row in &flat {
+            grid.add_row(columns.iter().map(|c| {
+                row.iter()
+                    .find(|(k, _)| k == c)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            }));
+        }
+        for column in grid.column_iter_mut() {
+            column.set_padding((0, 2));
+        }
+        out.push_str(&grid.trim_fmt());
+        out.push('\n');
+    }
+    out
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A field of `object` as text ("" if absent or not a scalar).
+fn field(object: &serde_json::Map<String, Value>, key: &str) -> String {
+    object.get(key).and_then(scalar).unwrap_or_default()
+}
+
+/// One element of a list of objects in a cell: a hold as "KIND by ACTOR at
+/// TIME: REASON", a tag as "KEY=VALUE", an endpoint as "IP:PORT PROTOCOL
+/// PATH", anything else as its "Key=value" scalars.
+fn summary(item: &Value) -> String {
+    let Some(o) = item.as_object() else {
+        return scalar(item).unwrap_or_else(|| item.to_string());
+    };
+    if o.contains_key("Actor") || o.contains_key("CreationTime") {
+        let mut text = format!(
+            "{} by {} at {}",
+            field(o, "Kind"),
+            field(o, "Actor"),
+            field(o, "CreationTime")
+        );
+        let reason = field(o, "Reason");
+        if !reason.is_empty() {
+            text.push_str(&format!(": {reason}"));
+        }
+        return text;
+    }
+    if o.contains_key("Key") && o.len() <= 2 {
+        return format!("{}={}", field(o, "Key"), field(o, "Value"));
+    }
+    if o.contains_key("IpAddress") && o.contains_key("Port") {
+        let mut text = format!(
+            "{}:{} {}",
+            field(o, "IpAddress"),
+            field(o, "Port"),
+            field(o, "Protocol")
+        );
+        let path = field(o, "WebUrlPath");
+        if !path.is_empty() {
+            text.push_str(&format!(" {path}"));
+        }
+        return text;
+    }
+    o.iter()
+        .filter_map(|(k, v)| scalar(v).map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A server's Host in a few words: OS, CPUs, memory, GPUs.
+fn host_summary(host: &serde_json::Map<String, Value>) -> String {
+    let part = |key: &str| host.get(key).and_then(Value::as_object);
+    let mut parts = Vec::new();
+    if let Some(os) = part("Os") {
+        let name = [field(os, "Family"), field(os, "Name"), field(os, "Version")]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !name.is_empty() {
+            parts.push(name);
+        }
+    }
+    if let Some(cpu) = part("CpuInfo") {
+        let cpus = field(cpu, "NumberOfCpus");
+        if !cpus.is_empty() {
+            parts.push(
+                format!("{cpus} CPU {}", field(cpu, "Architecture"))
+                    .trim_end()
+                    .to_owned(),
+            );
+        }
+    }
+    if let Some(memory) = part("Memory")
+        && let Ok(bytes) = field(memory, "TotalBytes").parse::<u64>()
+    {
+        parts.push(format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)));
+    }
+    if let Some(Value::Array(gpus)) = host.get("Gpus") {
+        parts.extend(
+            gpus.iter()
+                .filter_map(Value::as_object)
+                .map(|g| field(g, "ModelName"))
+                .filter(|m| !m.is_empty()),
+        );
+    }
+    parts.join(", ")
+}
+
+fn flatten(row: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Some(obj) = row.as_object() else {
+        return vec![("Value".into(), row.to_string())];
+    };
+    for (key, value) in obj {
+        if let Some(s) = scalar(value) {
+            out.push((key.clone(), s));
+        } else if let (Value::Object(inner), "Host") = (value, key.as_str()) {
+            out.push((key.clone(), host_summary(inner)));
+        } else if let Value::Object(inner) = value {
+            for (k, v) in inner {
+                if let Some(s) = scalar(v) {
+                    out.push((format!("{key}.{k}"), s));
+                }
+            }
+        } else if let Value::Array(items) = value {
+            let parts: Vec<String> = items
+                .iter()
+                .map(summary)
+                .filter(|s| !s.is_empty())
+                .collect();
+            if !parts.is_empty() {
+                let separator = if items.iter().all(Value::is_object) {
+                    "; "
+                } else {
+                    ","
+                };
+                out.push((key.clone(), parts.join(separator)));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Columns line up on screen when a cell holds wide characters (CJK
+    /// takes two columns a character): a server id or a hold's reason may.
+    #[test]
+    fn table_columns_line_up_with_wide_characters() {
+        let reply = serde_json::json!({
+            "Servers": [
+                {"Id": "東京-1", "Availability": "AVAILABLE"},
+                {"Id": "oslo-1", "Availability": "UNAVAILABLE"},
+            ]
+        });
+        let text = table(&reply);
+        // The display width of the text before the Availability cell.
+        let width = |line: &str| -> usize {
+            let at = line
+                .find("AVAILABLE")
+                .map(|i| if line[..i].ends_with("UN") { i - 2 } else { i });
+            line[..at.unwrap_or_else(|| panic!("{text}"))]
+                .chars()
+                .map(|c| if c >= '\u{1100}' { 2 } else { 1 })
+                .sum()
+        };
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains("-1")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert_eq!(width(rows[0]), width(rows[1]), "{text}");
+    }
+}
