@@ -22,11 +22,10 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts the binary listening on 127.0.0.1:0, in memory, with a demo
-    /// fleet of 3 servers and no shutdown grace period (so that SIGTERM
-    /// drains at once), plus `args`. Clap refuses a flag given twice: to
+    /// fleet of 3 servers, plus `args`. Clap refuses a flag given twice: to
     /// change one of these, use [`BrokerProcess::start_exactly`].
     pub async fn start<S: AsRef<OsStr>>(args: &[S]) -> BrokerProcess {
-        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3", "--shutdown-grace", "0s"]
+        let mut all: Vec<&OsStr> = ["--in-memory", "--demo-fleet", "3"]
             .iter()
             .map(OsStr::new)
             .collect();
@@ -53,9 +52,15 @@ impl BrokerProcess {
         BrokerProcess::launch(command).await
     }
 
+    /// The binary with `args`, listening on 127.0.0.1:0, and without a
+    /// shutdown grace period unless `args` set one (an environment
+    /// default, which a flag overrides), so that SIGTERM drains at once.
     fn command<S: AsRef<OsStr>>(args: &[S]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(BROKER_BIN);
-        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        command
+            .env("DCV_BROKER_SHUTDOWN_GRACE", "0s")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args);
         command
     }
 
