@@ -62,6 +62,30 @@ impl TempDir {
     fn key(&self) -> PathBuf {
         self.0.join(init::SERVER_KEY)
     }
+
+    /// The broker binary serving TLS with this directory's `tls init`
+    /// files, authentication off (it has its own tests), plus `extra`;
+    /// returned once it has logged that it serves TLS only, with the
+    /// certificate's fingerprint.
+    async fn tls_broker(&self, extra: &[&str]) -> BrokerProcess {
+        let (cert, key) = (self.cert(), self.key());
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+            "--auth".as_ref(),
+            "off".as_ref(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let mut broker = BrokerProcess::start(&args).await;
+        let line = broker.logged("TLS only").await;
+        assert!(
+            line.contains("sha256"),
+            "the certificate's fingerprint: {line}"
+        );
+        broker
+    }
 }
 
 impl Drop for TempDir {
@@ -514,19 +538,7 @@ async fn the_binary_serves_tls_from_tls_init_files_and_reloads_on_sighup() {
     assert!(out.status.success(), "{out:?}");
     let first_ca = read(tmp.path().join("ca.pem"));
 
-    let (cert, key) = (tmp.cert(), tmp.key());
-    // Authentication has its own tests (tests/auth.rs); here only TLS.
-    let mut broker = BrokerProcess::start(&[
-        "--tls-cert".as_ref(),
-        cert.as_os_str(),
-        "--tls-key".as_ref(),
-        key.as_os_str(),
-        "--auth".as_ref(),
-        "off".as_ref(),
-    ])
-    .await;
-    let line = broker.logged("TLS only").await;
-    assert!(line.contains("sha256"), "{line}");
+    let mut broker = tmp.tls_broker(&[]).await;
     call_trusting(broker.addr, &first_ca).await.unwrap();
     let channel = tls_channel(broker.addr, &first_ca, "127.0.0.1")
         .await
@@ -575,17 +587,7 @@ async fn plaintext_serving_warns_loudly() {
 async fn a_flood_of_failed_handshakes_logs_a_few_lines_not_one_each() {
     let tmp = TempDir::new();
     assert!(tls_init(tmp.path(), &[]).status.success());
-    let (cert, key) = (tmp.cert(), tmp.key());
-    let mut broker = BrokerProcess::start(&[
-        "--tls-cert".as_ref(),
-        cert.as_os_str(),
-        "--tls-key".as_ref(),
-        key.as_os_str(),
-        "--auth".as_ref(),
-        "off".as_ref(),
-    ])
-    .await;
-    broker.logged("TLS only").await;
+    let mut broker = tmp.tls_broker(&[]).await;
 
     // Garbage instead of a ClientHello: each handshake fails at once, and
     // the broker closes the connection after logging (or not) the failure.
@@ -629,18 +631,7 @@ async fn a_tls_session_silent_after_its_handshake_is_closed_at_the_first_request
     let tmp = TempDir::new();
     assert!(tls_init(tmp.path(), &[]).status.success());
     let ca = read(tmp.path().join("ca.pem"));
-    let (cert, key) = (tmp.cert(), tmp.key());
-    let mut broker = BrokerProcess::start(&[
-        "--tls-cert".as_ref(),
-        cert.as_os_str(),
-        "--tls-key".as_ref(),
-        key.as_os_str(),
-        "--auth".as_ref(),
-        "off".as_ref(),
-        "--first-request-timeout".as_ref(),
-        "1s".as_ref(),
-    ])
-    .await;
+    let mut broker = tmp.tls_broker(&["--first-request-timeout", "1s"]).await;
 
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
