@@ -334,14 +334,7 @@ pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::Registe
         version: String::from(&*d.version),
         session_manager_agent_version: String::from(&*d.agent_version),
         host: Some(host_to_pb(&d.host, &[])),
-        tags: d
-            .tags
-            .iter()
-            .map(|t| pb::KeyValuePair {
-                key: String::from(&*t.key),
-                value: String::from(&*t.value),
-            })
-            .collect(),
+        tags: d.tags.iter().map(tag_to_pb).collect(),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
         max_concurrent_sessions_per_user: saturating_i32(d.max_concurrent_sessions_per_user),
     }
@@ -360,16 +353,20 @@ fn endpoint_to_pb(e: &fleet::Endpoint) -> pb::Endpoint {
     }
 }
 
+fn tag_to_pb(t: &fleet::Tag) -> pb::KeyValuePair {
+    pb::KeyValuePair {
+        key: String::from(&*t.key),
+        value: String::from(&*t.value),
+    }
+}
+
 /// A server's custom tags followed by its built-in ones.
 fn tags_to_pb(server: &fleet::ServerRecord) -> Vec<pb::KeyValuePair> {
     server
         .description
         .tags
         .iter()
-        .map(|t| pb::KeyValuePair {
-            key: String::from(&*t.key),
-            value: String::from(&*t.value),
-        })
+        .map(tag_to_pb)
         .chain(server.builtin_tags().map(|(key, value)| pb::KeyValuePair {
             key: key.to_string(),
             value,
