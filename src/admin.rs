@@ -384,30 +384,19 @@ pub fn render(request: &Request, reply: &Value, json: bool) -> String {
                 "CREATED",
                 "REVOKED",
             ];
-            let widths: Vec<usize> = (0..6)
-                .map(|i| {
-                    rows.iter()
-                        .map(|r| r[i].chars().count())
-                        .chain([header[i].len()])
-                        .max()
-                        .unwrap_or(0)
-                })
-                .collect();
-            let line = |cells: [&str; 6]| {
-                let mut out = cells
-                    .iter()
-                    .zip(&widths)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ");
-                out.truncate(out.trim_end().len());
-                out + "\n"
-            };
-            let mut out = line(header);
-            for row in &rows {
-                out += &line(row.each_ref().map(String::as_str));
+            // comfy-table measures cells by their display width, so a name
+            // in any script keeps the columns lined up; two spaces between
+            // columns and none at line ends, as dcvsm's tables.
+            let mut grid = comfy_table::Table::new();
+            grid.load_style(comfy_table::presets::NOTHING)
+                .set_header(header);
+            for row in rows {
+                grid.add_row(row);
             }
-            out
+            for column in grid.column_iter_mut() {
+                column.set_padding((0, 2));
+            }
+            grid.trim_fmt() + "\n"
         }
         Request::Revoke { .. } => {
             let client = &reply["client"];
@@ -418,5 +407,31 @@ pub fn render(request: &Request, reply: &Value, json: bool) -> String {
                 field(client, "revoked_at"),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_list_is_an_aligned_table() {
+        let reply = json!({"clients": [
+            {"client_id": "c1", "name": "portal", "scopes": "servers:read",
+             "created_at": "2026-01-01T00:00:00Z"},
+            {"client_id": "agent-0001", "name": "東京", "scopes": "agent",
+             "server_id": "s1", "created_at": "2026-01-02T00:00:00Z",
+             "revoked_at": "2026-01-03T00:00:00Z"},
+        ]});
+        assert_eq!(
+            render(&Request::List, &reply, false),
+            "CLIENT ID   NAME    SCOPES        SERVER  CREATED               REVOKED\n\
+             c1          portal  servers:read  -       2026-01-01T00:00:00Z  -\n\
+             agent-0001  東京    agent         s1      2026-01-02T00:00:00Z  2026-01-03T00:00:00Z\n"
+        );
+        assert_eq!(
+            render(&Request::List, &json!({"clients": []}), false),
+            "(no clients)\n"
+        );
     }
 }

@@ -5,10 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::auth::ScopeSet;
-
+pub use crate::telemetry::LogFormat;
 use crate::{
     BrokerConfig,
+    auth::ScopeSet,
     fleet::{FleetConfig, PlacementStrategy},
     limits::{ClientRate, Limits},
     tls::init::{AgentCertArgs, InitArgs},
@@ -21,15 +21,6 @@ pub enum Placement {
     Spread,
     /// The fullest server that still has room (ties: lowest id).
     Pack,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
 }
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
@@ -502,9 +493,10 @@ pub struct LimitFlags {
     pub max_concurrent_requests: usize,
 
     /// Requests a second each client may sustain; more get
-    /// RESOURCE_EXHAUSTED with RetryInfo ("0": no limit). A client is an IP
-    /// address (IPv6: a /64) until authentication exists; behind a proxy,
-    /// all requests are one client.
+    /// RESOURCE_EXHAUSTED with RetryInfo ("0": no limit). A client is its
+    /// authenticated client id or, without credentials, its IP address
+    /// (IPv6: a /64); behind a proxy, all unauthenticated requests are one
+    /// client.
     #[arg(
         long,
         env = "DCV_BROKER_CLIENT_RATE",

@@ -1,22 +1,36 @@
 //! dcv-broker: a gRPC session broker for fleets of Amazon DCV servers.
 //!
-//! Layout:
-//! - [`fleet`]: the domain. Every server the broker knows, their holds
-//!   (closed state), availability and pagination. Never imports tonic.
-//! - [`api`]: thin gRPC adapters (one per service) that convert between
-//!   the protobuf contract and the domain, plus the one error mapping.
+//! Layout, from the contract inwards:
+//! - [`pb`]: generated code for the protobuf contract (the contract itself
+//!   is `proto/`).
 //! - [`server`]: composes the services, reflection, health and the server
 //!   knobs, and runs them until shutdown ([`server::serve`], or
-//!   [`server::serve_tls`] over TLS).
-//! - [`limits`]: every limit against abusive clients in one place, and
-//!   the rate and load-shedding layers that enforce them.
-//! - [`tls`]: TLS certificates from PEM files, reloadable while serving,
-//!   and `dcv-broker tls init`, which makes a private CA and a certificate.
+//!   [`server::serve_tls`] over TLS); [`server::connections`] caps, reaps
+//!   and drains connections.
+//! - [`api`]: thin gRPC adapters (one per service), the authorization layer
+//!   and token endpoint, the HTTP gate, request ids, and the one mapping
+//!   from domain errors to gRPC statuses.
+//! - [`wire`]: the conversions between the protobuf contract and the
+//!   domain, shared by [`api`] and [`store`].
+//! - [`transport`]: what the layers read off a request's transport (the
+//!   peer's address, the health and reflection paths, gRPC content types).
+//! - [`limits`]: every limit against abusive clients in one place, and the
+//!   rate and load-shedding layers that enforce them.
+//! - [`auth`]: API and agent clients, their scopes and the bearer tokens
+//!   the broker issues; never sees the network.
+//! - [`fleet`]: the domain. Servers, holds, availability, pagination,
+//!   sessions, placement and the queue. Never imports tonic or prost.
+//! - [`store`]: the durable SQLite store behind the fleet's `Store` trait.
+//! - [`tls`]: TLS certificates from PEM files, reloadable while serving;
+//!   [`tls::init`] makes a private CA and certificates (`dcv-broker tls`).
+//! - [`admin`]: `dcv-broker clients`, over the admin socket of a running
+//!   broker or on the store of a stopped one.
 //! - [`client`]: connecting to the broker from Rust (TLS, bearer token),
 //!   as `dcvsm` does.
-//! - [`demo`]: a simulated fleet of agents for demos and load.
-//! - [`config`] and [`telemetry`]: the binary's flags and logging.
-//! - [`pb`]: generated code.
+//! - [`demo`]: a simulated fleet of agents for demos and load;
+//!   [`sample`]: the deterministic server descriptions it registers, which
+//!   tests and benchmarks reuse.
+//! - [`config`] and [`telemetry`]: the binary's flags, and logging.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
@@ -30,9 +44,12 @@ pub mod demo;
 pub mod fleet;
 pub mod limits;
 pub mod pb;
+pub mod sample;
 pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
+pub mod wire;
 
 pub use server::{BrokerConfig, serve, serve_tls};

@@ -3,9 +3,17 @@
 //! EnvFilter syntax) or RUST_LOG. Logs go to stderr; stdout is kept for the
 //! one line that says where the broker listens.
 
+use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
-use crate::config::LogFormat;
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
 
 /// The target of every event of the broker's own code (library and
 /// binary): what a bare `--log debug` makes verbose.

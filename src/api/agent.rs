@@ -7,10 +7,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use super::{RequestId, convert};
+use super::RequestId;
 use crate::{
     fleet::{Fleet, InstructionKind, InstructionOutcome},
     pb::{self, agent_server::Agent},
+    wire,
 };
 
 /// The `Agent` service over a fleet.
@@ -42,7 +43,7 @@ impl Agent for AgentApi {
     ) -> Result<Response<pb::RegisterServerResponse>, Status> {
         let request_id = RequestId::of(&request);
         super::auth::check_agent(&request, &request.get_ref().server_id)?;
-        let (id, description) = convert::registration_from_pb(request.into_inner())?;
+        let (id, description) = wire::registration_from_pb(request.into_inner())?;
         let new = self.fleet.register(&id, description).await?;
         tracing::debug!(server_id = %id, new, "server registered");
         Ok(Response::new(pb::RegisterServerResponse {
@@ -57,7 +58,7 @@ impl Agent for AgentApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let request_id = RequestId::of(&request);
         super::auth::check_agent(&request, &request.get_ref().server_id)?;
-        let (id, report) = convert::heartbeat_from_pb(request.into_inner())?;
+        let (id, report) = wire::heartbeat_from_pb(request.into_inner())?;
         self.fleet.heartbeat(&id, report)?;
         tracing::debug!(server_id = %id, "heartbeat");
         Ok(Response::new(pb::HeartbeatResponse {
@@ -109,7 +110,7 @@ impl Agent for AgentApi {
                     break;
                 };
                 if tx
-                    .send(Ok(convert::instruction_to_pb(instruction)))
+                    .send(Ok(wire::instruction_to_pb(instruction)))
                     .await
                     .is_err()
                 {

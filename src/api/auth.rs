@@ -73,10 +73,10 @@ pub fn access(path: &str, open: OpenServices) -> Access {
     if path == crate::api::oauth::TOKEN_PATH {
         return Access::Open;
     }
-    if crate::limits::is_health(path) {
+    if crate::transport::is_health(path) {
         return open_if(open.health);
     }
-    if crate::limits::is_reflection(path) {
+    if crate::transport::is_reflection(path) {
         return open_if(open.reflection);
     }
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {

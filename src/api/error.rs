@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::convert::truncated;
 use crate::{
     auth::AuthError,
     fleet::{FieldViolation, FleetError},
@@ -18,6 +17,16 @@ use crate::{
 /// 100); one more then says how many were left out. A client fixing a
 /// request needs the first few, not one per item of a huge one.
 pub const MAX_REPORTED_VIOLATIONS: usize = 100;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+pub fn truncated(s: &str, max: usize) -> &str {
+    let end = (0..=max.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    &s[..end]
+}
 /// The most bytes of field paths and descriptions one reply's BadRequest
 /// carries (default 1 KiB). The details travel base64-encoded in the
 /// `grpc-status-details-bin` header, and gRPC clients refuse replies whose

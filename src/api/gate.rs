@@ -44,6 +44,7 @@ use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt as _};
 
 use super::oauth::{TokenEndpoint, is_oauth_path, oauth_error};
+use crate::transport::is_grpc_content_type;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -325,15 +326,6 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
     }
     let name = host.trim_end_matches('.').to_ascii_lowercase();
     name == "localhost" || allowed.contains(&name)
-}
-
-/// `application/grpc`, `application/grpc+proto`, `application/grpc;...`.
-fn is_grpc_content_type(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("application/grpc"))
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }
 
 /// `/package.Service/Method`: a path tonic would route to a gRPC service.

@@ -5,7 +5,6 @@
 pub mod agent;
 pub mod auth;
 pub mod codec;
-pub mod convert;
 pub mod error;
 pub mod gate;
 pub mod oauth;

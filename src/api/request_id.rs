@@ -9,10 +9,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 use tracing::{Instrument as _, instrument::Instrumented};
 use uuid::Uuid;
+
+use crate::transport::peer_addr;
 
 /// The id of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,19 +29,6 @@ impl RequestId {
             .map_or_else(fresh_id, |id| id.0)
             .to_string()
     }
-}
-
-/// The client's address, from the connection information tonic puts in a
-/// request's extensions (plaintext or TLS); `None` off TCP.
-pub fn peer_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
-    extensions
-        .get::<TcpConnectInfo>()
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .map(TlsConnectInfo::get_ref)
-        })
-        .and_then(TcpConnectInfo::remote_addr)
 }
 
 /// The tower layer that assigns request ids and spans.

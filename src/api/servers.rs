@@ -2,10 +2,11 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{RequestId, convert};
+use super::{RequestId, error::truncated};
 use crate::{
     fleet::{self, CloseItem, DescribeQuery, Fleet, query},
     pb::{self, servers_server::Servers},
+    wire,
 };
 
 /// The longest Reason a failed CloseServers item echoes back, in bytes
@@ -20,7 +21,7 @@ fn echoed(mut reason: String, failure_reason: String) -> (String, String) {
     if len <= MAX_ECHOED_REASON_BYTES {
         return (reason, failure_reason);
     }
-    reason.truncate(convert::truncated(&reason, MAX_ECHOED_REASON_BYTES).len());
+    reason.truncate(truncated(&reason, MAX_ECHOED_REASON_BYTES).len());
     let note = format!("The Reason echoed here is truncated from {len} bytes.");
     let failure_reason = if failure_reason.is_empty() {
         note
@@ -89,7 +90,7 @@ impl Servers for ServersApi {
                         .unsuccessful_list
                         .push(pb::CloseServerUnsuccessfulResponse {
                             close_server_request_data: Some(data),
-                            failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
                             failure_reason,
                         });
                 }
@@ -126,7 +127,7 @@ impl Servers for ServersApi {
                         .unsuccessful_list
                         .push(pb::OpenServerUnsuccessfulResponse {
                             open_server_request_data: Some(pb::OpenServerRequestData { server_id }),
-                            failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
                             failure_reason: failure.reason,
                         })
                 }
@@ -159,7 +160,7 @@ impl Servers for ServersApi {
         let mut servers = Vec::new();
         let next_token = self
             .fleet
-            .describe_servers(&query, |view| servers.push(convert::server_to_pb(view)))?;
+            .describe_servers(&query, |view| servers.push(wire::server_to_pb(view)))?;
         tracing::debug!(
             servers = servers.len(),
             more = next_token.is_some(),

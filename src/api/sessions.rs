@@ -3,10 +3,11 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{RequestId, convert};
+use super::RequestId;
 use crate::{
     fleet::{self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query},
     pb::{self, sessions_server::Sessions},
+    wire,
 };
 
 /// The `Sessions` service over a fleet.
@@ -32,12 +33,12 @@ impl Sessions for SessionsApi {
         let items = request.into_inner().sessions;
         // The size first: nothing is copied per item of a batch too big.
         fleet::validate_batch_size("Sessions", items.len())?;
-        let specs: Vec<_> = items.iter().map(convert::create_spec_from_pb).collect();
+        let specs: Vec<_> = items.iter().map(wire::create_spec_from_pb).collect();
         let mut created = Vec::new();
         let results = self
             .fleet
             .create_sessions(&specs, |index, view| {
-                created.push((index, convert::session_to_pb(view)));
+                created.push((index, wire::session_to_pb(view)));
             })
             .await?;
         let mut response = pb::CreateSessionsResponse {
@@ -51,7 +52,7 @@ impl Sessions for SessionsApi {
                     .unsuccessful_list
                     .push(pb::CreateSessionUnsuccessfulResponse {
                         create_session_request_data: Some(data),
-                        failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
                         failure_reason: failure.reason,
                     });
             }
@@ -83,7 +84,7 @@ impl Sessions for SessionsApi {
         let mut sessions = Vec::new();
         let next_token = self
             .fleet
-            .describe_sessions(&query, |view| sessions.push(convert::session_to_pb(view)))?;
+            .describe_sessions(&query, |view| sessions.push(wire::session_to_pb(view)))?;
         tracing::debug!(sessions = sessions.len(), "sessions described");
         Ok(Response::new(pb::DescribeSessionsResponse {
             request_id,
@@ -118,14 +119,14 @@ impl Sessions for SessionsApi {
                     .successful_list
                     .push(pb::DeleteSessionSuccessfulResponse {
                         session_id: data.session_id,
-                        state: convert::session_state_to_pb(state) as i32,
+                        state: wire::session_state_to_pb(state) as i32,
                     }),
                 Err(failure) => {
                     response
                         .unsuccessful_list
                         .push(pb::DeleteSessionUnsuccessfulResponse {
                             session_id: data.session_id,
-                            failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
                             failure_reason: failure.reason,
                         })
                 }
@@ -147,7 +148,7 @@ impl Sessions for SessionsApi {
         let r = request.into_inner();
         let mut session = None;
         let connection_token = self.fleet.connection_data(&r.session_id, &r.user, |view| {
-            session = Some(convert::session_to_pb(view));
+            session = Some(wire::session_to_pb(view));
         })?;
         tracing::debug!(session_id = %r.session_id, user = %r.user, "connection token issued");
         Ok(Response::new(pb::GetSessionConnectionDataResponse {
@@ -189,7 +190,7 @@ impl Sessions for SessionsApi {
                 Err(failure) => response.unsuccessful_list.push(
                     pb::UpdateSessionPermissionsUnsuccessfulResponse {
                         session_id: data.session_id,
-                        failure_code: convert::failure_code_to_pb(failure.code) as i32,
+                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
                         failure_reason: failure.reason,
                     },
                 ),

@@ -39,7 +39,7 @@ pub enum TokenError {
     WrongQuery,
 }
 
-/// Signs and checks page tokens with a per-process key.
+/// Signs and checks page tokens with the store's key (per process with --in-memory/--demo-fleet).
 #[derive(Clone)]
 pub struct PageTokens {
     key: [u8; 32],

@@ -26,7 +26,8 @@ use tokio::sync::Semaphore;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use super::{is_health, refusal, worth_a_warning};
+use super::{refusal, worth_a_warning};
+use crate::transport::is_health;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

@@ -212,7 +212,7 @@ impl ClientKey {
         if let Some(principal) = extensions.get::<crate::auth::Principal>() {
             return ClientKey::Client(principal.client_id.clone());
         }
-        let ip = crate::api::request_id::peer_addr(extensions).map(|addr| addr.ip());
+        let ip = crate::transport::peer_addr(extensions).map(|addr| addr.ip());
         ClientKey::from_ip(ip)
     }
 
@@ -234,18 +234,6 @@ impl std::fmt::Display for ClientKey {
             ClientKey::Peer(None) => f.write_str("an unknown peer"),
         }
     }
-}
-
-/// Health checks: never shed, never rate limited, so probes see the truth.
-pub(crate) fn is_health(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/")
-}
-
-/// Reflection: grpcurl asks for it before every call, so it is not
-/// counted against a client's rate.
-pub(crate) fn is_reflection(path: &str) -> bool {
-    path.starts_with("/grpc.reflection.v1.ServerReflection/")
-        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
 /// A complete gRPC reply (HTTP 200, `grpc-status` in the headers) for a
@@ -287,22 +275,6 @@ mod tests {
         assert_ne!(ClientKey::from_ip(Some(a)), ClientKey::from_ip(Some(other)));
         assert_eq!(ClientKey::from_ip(Some(a)).to_string(), "2001:db8:1:2::/64");
         assert_eq!(ClientKey::from_ip(None).to_string(), "an unknown peer");
-    }
-
-    #[test]
-    fn exempt_paths() {
-        assert!(is_health("/grpc.health.v1.Health/Check"));
-        assert!(is_health("/grpc.health.v1.Health/Watch"));
-        assert!(!is_health("/dcv.sessionmanager.v1.Servers/CloseServers"));
-        assert!(is_reflection(
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
-        ));
-        assert!(is_reflection(
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-        ));
-        assert!(!is_reflection(
-            "/dcv.sessionmanager.v1.Servers/DescribeServers"
-        ));
     }
 
     #[test]

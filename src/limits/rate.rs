@@ -30,7 +30,8 @@ use tonic::{Code, Status, body::Body};
 use tonic_types::{ErrorDetails, StatusExt as _};
 use tower::{Layer, Service};
 
-use super::{ClientKey, ClientRate, is_health, is_reflection, millis_up, refusal, worth_a_warning};
+use super::{ClientKey, ClientRate, millis_up, refusal, worth_a_warning};
+use crate::transport::{is_health, is_reflection};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

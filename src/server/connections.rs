@@ -51,7 +51,7 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Status, body::Body, transport::server::Connected};
 use tower::{Layer, Service};
 
-use crate::api::request_id::peer_addr;
+use crate::transport::{is_grpc_content_type, peer_addr};
 
 /// The default cap on open connections. Each holds a file descriptor and
 /// some memory (a few tens of KiB with HTTP/2 buffers); ten thousand is far
@@ -569,10 +569,7 @@ where
         let reply = self.inner.call(request);
         Box::pin(async move {
             let reply = reply.await?;
-            let grpc = reply
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+            let grpc = is_grpc_content_type(reply.headers());
             let cut_at_drain = grpc && !ends_itself;
             Ok(reply.map(|body| {
                 Body::new(Counted {

@@ -16,9 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 
 use crate::{
-    api::convert,
     fleet::{CreateSpec, HoldKind, ServerDescription, SessionKind, SessionState, Substate},
-    pb,
+    pb, wire,
 };
 
 /// A wall-clock time as unix microseconds (saturating far outside the
@@ -104,52 +103,29 @@ pub(super) fn substate_from_name(name: &str) -> Option<Substate> {
     }
 }
 
-/// A count as the contract's `int32`. Every count the broker holds came
-/// from an `int32` on the wire, so this fails only on a value no agent
-/// could have sent.
 /// A description as the registration an agent would send for it. The id
 /// is left out: it is the row's key.
 pub(super) fn encode_description(d: &ServerDescription) -> Vec<u8> {
-    convert::registration_to_pb("", d).encode_to_vec()
+    wire::registration_to_pb("", d).encode_to_vec()
 }
 
 /// A stored description, checked as a registration is.
 pub(super) fn decode_description(bytes: &[u8]) -> Result<ServerDescription, String> {
     let request = pb::RegisterServerRequest::decode(bytes).map_err(|e| e.to_string())?;
-    convert::registration_from_pb(request)
+    wire::registration_from_pb(request)
         .map(|(_, description)| description)
         .map_err(|e| e.to_string())
 }
 
 /// A creation request as the CreateSessions item it came from.
 pub(super) fn encode_request(spec: &CreateSpec) -> Vec<u8> {
-    pb::CreateSessionRequestData {
-        name: spec.name.clone(),
-        owner: spec.owner.clone(),
-        r#type: spec
-            .kind
-            .map_or(pb::SessionType::Unspecified, |kind| match kind {
-                SessionKind::Console => pb::SessionType::Console,
-                SessionKind::Virtual => pb::SessionType::Virtual,
-            }) as i32,
-        init_file: spec.init_file.clone(),
-        max_concurrent_clients: spec.max_concurrent_clients,
-        dcv_gl_enabled: spec.dcv_gl_enabled,
-        permissions_file: spec.permissions_file.clone(),
-        enqueue_request: spec.enqueue,
-        autorun_file: spec.autorun_file.clone(),
-        autorun_file_arguments: spec.autorun_file_arguments.clone(),
-        disable_retry_on_failure: spec.disable_retry,
-        requirements: spec.requirements.clone(),
-        storage_root: spec.storage_root.clone(),
-    }
-    .encode_to_vec()
+    wire::create_spec_to_pb(spec).encode_to_vec()
 }
 
 /// A stored creation request.
 pub(super) fn decode_request(bytes: &[u8]) -> Result<CreateSpec, String> {
     pb::CreateSessionRequestData::decode(bytes)
-        .map(|data| convert::create_spec_from_pb(&data))
+        .map(|data| wire::create_spec_from_pb(&data))
         .map_err(|e| e.to_string())
 }
 
@@ -193,7 +169,7 @@ mod tests {
     #[test]
     fn descriptions_and_requests_round_trip() {
         for i in 0..12 {
-            let d = crate::demo::description(i);
+            let d = crate::sample::description(i);
             assert_eq!(decode_description(&encode_description(&d)), Ok(d));
         }
         let spec = CreateSpec {

@@ -1,7 +1,9 @@
-//! Conversions between the protobuf contract and the domain. Incoming
-//! messages are checked here for what only the wire can get wrong (enum
-//! numbers, negative counts, missing required parts); everything else is
-//! the domain's to judge.
+//! Conversions between the protobuf contract and the domain, used by the
+//! gRPC adapters (`api`) and by the store, which keeps descriptions and
+//! creation requests in their wire encoding. Incoming messages are checked
+//! here for what only the wire can get wrong (enum numbers, negative
+//! counts, missing required parts); everything else is the domain's to
+//! judge. Nothing here knows about gRPC statuses: that mapping is `api`'s.
 
 use prost_types::Timestamp;
 
@@ -9,16 +11,6 @@ use crate::{
     fleet::{self, FieldViolation, FleetError, ServerView},
     pb,
 };
-
-/// The longest prefix of `s` of at most `max` bytes that ends on a
-/// character boundary.
-pub fn truncated(s: &str, max: usize) -> &str {
-    let end = (0..=max.min(s.len()))
-        .rev()
-        .find(|&i| s.is_char_boundary(i))
-        .unwrap_or(0);
-    &s[..end]
-}
 
 fn enum_violation(field: &str, value: i32) -> FieldViolation {
     FieldViolation::new(field, format!("unknown or unspecified enum value {value}"))
@@ -342,14 +334,7 @@ pub fn registration_to_pb(id: &str, d: &fleet::ServerDescription) -> pb::Registe
         version: String::from(&*d.version),
         session_manager_agent_version: String::from(&*d.agent_version),
         host: Some(host_to_pb(&d.host, &[])),
-        tags: d
-            .tags
-            .iter()
-            .map(|t| pb::KeyValuePair {
-                key: String::from(&*t.key),
-                value: String::from(&*t.value),
-            })
-            .collect(),
+        tags: d.tags.iter().map(tag_to_pb).collect(),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
         max_concurrent_sessions_per_user: saturating_i32(d.max_concurrent_sessions_per_user),
     }
@@ -368,16 +353,20 @@ fn endpoint_to_pb(e: &fleet::Endpoint) -> pb::Endpoint {
     }
 }
 
+fn tag_to_pb(t: &fleet::Tag) -> pb::KeyValuePair {
+    pb::KeyValuePair {
+        key: String::from(&*t.key),
+        value: String::from(&*t.value),
+    }
+}
+
 /// A server's custom tags followed by its built-in ones.
 fn tags_to_pb(server: &fleet::ServerRecord) -> Vec<pb::KeyValuePair> {
     server
         .description
         .tags
         .iter()
-        .map(|t| pb::KeyValuePair {
-            key: String::from(&*t.key),
-            value: String::from(&*t.value),
-        })
+        .map(tag_to_pb)
         .chain(server.builtin_tags().map(|(key, value)| pb::KeyValuePair {
             key: key.to_string(),
             value,
@@ -480,6 +469,28 @@ pub fn create_spec_from_pb(d: &pb::CreateSessionRequestData) -> fleet::CreateSpe
         disable_retry: d.disable_retry_on_failure,
         requirements: d.requirements.clone(),
         storage_root: d.storage_root.clone(),
+    }
+}
+
+/// A creation request as the CreateSessions item it came from (the
+/// inverse of [`create_spec_from_pb`]).
+pub fn create_spec_to_pb(spec: &fleet::CreateSpec) -> pb::CreateSessionRequestData {
+    pb::CreateSessionRequestData {
+        name: spec.name.clone(),
+        owner: spec.owner.clone(),
+        r#type: spec
+            .kind
+            .map_or(pb::SessionType::Unspecified, session_kind_to_pb) as i32,
+        init_file: spec.init_file.clone(),
+        max_concurrent_clients: spec.max_concurrent_clients,
+        dcv_gl_enabled: spec.dcv_gl_enabled,
+        permissions_file: spec.permissions_file.clone(),
+        enqueue_request: spec.enqueue,
+        autorun_file: spec.autorun_file.clone(),
+        autorun_file_arguments: spec.autorun_file_arguments.clone(),
+        disable_retry_on_failure: spec.disable_retry,
+        requirements: spec.requirements.clone(),
+        storage_root: spec.storage_root.clone(),
     }
 }
 
