@@ -139,13 +139,14 @@ mod tests {
     use super::{Entry, LoadIndex, load_of};
     use crate::fleet::{
         CloseItem, CreateSpec, DeleteItem, Fleet, FleetConfig, InstructionKind, InstructionOutcome,
-        PlacementStrategy, State,
+        PlacementStrategy,
         model::{
             Heartbeat, OsFamily, ReportedSession, ServerDescription, ServerId, SessionKind,
             SessionState,
         },
         persist,
-        sessions::{Ctx, Order, validate_create},
+        sessions::{self, Order, validate::validate_create},
+        state::{Ctx, State},
     };
 
     /// Ids whose byte order is not their index order, so that ties are
@@ -422,7 +423,7 @@ mod tests {
                     .sessions
                     .records
                     .values()
-                    .map(|r| persist::stored_session(r, now, wall))
+                    .map(|r| sessions::stored_session(r, now, wall))
                     .collect(),
                 ..persist::Snapshot::default()
             }
