@@ -142,10 +142,7 @@ impl Fleet {
         Ok(removed)
     }
 
-    pub(in crate::fleet) fn deregister_nowait(
-        &self,
-        id: &str,
-    ) -> Result<(bool, persist::Durable), FleetError> {
+    fn deregister_nowait(&self, id: &str) -> Result<(bool, persist::Durable), FleetError> {
         validate_server_id(id).map_err(|why| FleetError::invalid("ServerId", why))?;
         let now = Instant::now();
         let mut state = self.write(now);
@@ -309,7 +306,7 @@ impl Fleet {
 
 impl State {
     /// Records a heartbeat for `id`; false if the server is unknown.
-    pub(in crate::fleet) fn apply_heartbeat(
+    fn apply_heartbeat(
         &mut self,
         id: &str,
         report: Heartbeat,

@@ -113,7 +113,7 @@ impl Fleet {
     }
 
     /// Takes the write lock, timed (see [`WriteGuard`]), and nothing else.
-    pub(in crate::fleet) fn lock_write(&self) -> WriteGuard<'_> {
+    fn lock_write(&self) -> WriteGuard<'_> {
         let guard = self.state.write();
         WriteGuard {
             guard,

@@ -18,12 +18,12 @@
 //! by a periodic sweeper the server runs), so removal is exact whether or
 //! not anything is running in the background.
 //!
-//! One file per concern: [`handle`] holds the [`Fleet`] handle and its
-//! lock discipline, [`state`] the state behind the lock, [`servers`] and
-//! [`agents`] the operators' and the agents' operations on servers,
-//! [`sessions`] everything about sessions, [`validate`] the stateless
+//! One file per concern: `handle.rs` holds the [`Fleet`] handle and its
+//! lock discipline, `state.rs` the state behind the lock, `servers.rs` and
+//! `agents.rs` the operators' and the agents' operations on servers,
+//! [`sessions`] everything about sessions, `validate.rs` the stateless
 //! checks. This file only maps the modules and re-exports the public
-//! paths.
+//! paths, so that no module needs to import it.
 
 mod agents;
 pub mod availability;

@@ -300,7 +300,7 @@ pub(in crate::fleet) enum SessionPredicate {
     State(SessionState),
 }
 
-pub(in crate::fleet) fn parse_state(s: &str) -> Option<SessionState> {
+fn parse_state(s: &str) -> Option<SessionState> {
     Some(match s {
         "CREATING" => SessionState::Creating,
         "READY" => SessionState::Ready,

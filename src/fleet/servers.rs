@@ -47,7 +47,7 @@ impl Fleet {
         Ok(results)
     }
 
-    pub(in crate::fleet) fn close_servers_locked(
+    fn close_servers_locked(
         &self,
         items: &[CloseItem],
         actor: &str,
@@ -113,7 +113,7 @@ impl Fleet {
         Ok(results)
     }
 
-    pub(in crate::fleet) fn open_servers_locked(
+    fn open_servers_locked(
         &self,
         server_ids: &[String],
     ) -> Result<(Vec<ItemResult>, persist::Durable), FleetError> {

@@ -51,7 +51,7 @@ pub(in crate::fleet) struct State {
 }
 
 impl State {
-    pub(in crate::fleet) fn removal_due(&self, now: Instant) -> bool {
+    fn removal_due(&self, now: Instant) -> bool {
         self.next_removal.is_some_and(|at| now > at)
     }
 
@@ -276,16 +276,16 @@ pub(in crate::fleet) struct Ctx<'a> {
     /// The event channel, when anyone listens.
     pub(in crate::fleet) events: Option<&'a tokio::sync::broadcast::Sender<SequencedEvent>>,
     /// What is left of the operation's Requirements evaluation under the
-    /// lock ([`MAX_SECTION_EVALUATION_COST`] to start with), shared by
+    /// lock ([`MAX_SECTION_EVALUATION_COST`](crate::fleet::sessions::MAX_SECTION_EVALUATION_COST) to start with), shared by
     /// every retry it makes ([`State::choose_server`]).
     pub(in crate::fleet) evaluation_budget: std::cell::Cell<u64>,
 }
 
 /// The fleet's write guard: the lock's own, plus a stopwatch. Every write
-/// section goes through [`Fleet::write`] or [`Fleet::sweep`], so the
-/// longest hold is known; tests and the fuzzer hold it to a bound. Two
-/// clock reads and an atomic max per section: within the noise of the
-/// cheapest RPC.
+/// section goes through [`Fleet::write`](crate::fleet::Fleet::write) or
+/// [`Fleet::sweep`](crate::fleet::Fleet::sweep), so the longest hold is
+/// known; tests and the fuzzer hold it to a bound. Two clock reads and an
+/// atomic max per section: within the noise of the cheapest RPC.
 pub(in crate::fleet) struct WriteGuard<'a> {
     pub(in crate::fleet) guard: parking_lot::RwLockWriteGuard<'a, State>,
     pub(in crate::fleet) since: std::time::Instant,

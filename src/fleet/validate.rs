@@ -64,7 +64,7 @@ pub(in crate::fleet) fn validate_reason(reason: &str) -> Result<(), String> {
 /// Source"); nobody needs them in a sentence about maintenance. The set is
 /// Unicode's Bidi_Control property, from regex-syntax's tables, so that it
 /// follows the standard rather than a list copied by hand.
-pub(in crate::fleet) fn is_bidi_control(c: char) -> bool {
+fn is_bidi_control(c: char) -> bool {
     static BIDI_CONTROL: std::sync::LazyLock<Vec<(char, char)>> = std::sync::LazyLock::new(|| {
         use regex_syntax::hir::{Class, HirKind};
         match regex_syntax::parse(r"\p{Bidi_Control}").map(|hir| hir.into_kind()) {
@@ -147,7 +147,7 @@ pub(in crate::fleet) fn precheck_ids<'a>(
     .collect()
 }
 
-pub(in crate::fleet) fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
+fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
     if value.len() > MAX_TEXT_BYTES {
         violations.push(FieldViolation::new(
             field,
@@ -176,12 +176,7 @@ pub fn check_lengths(lists: &[(&str, usize, usize)]) -> Result<(), FleetError> {
     }
 }
 
-pub(in crate::fleet) fn check_count(
-    field: &str,
-    len: usize,
-    max: usize,
-    violations: &mut Vec<FieldViolation>,
-) -> bool {
+fn check_count(field: &str, len: usize, max: usize, violations: &mut Vec<FieldViolation>) -> bool {
     if len > max {
         violations.push(FieldViolation::new(
             field,

@@ -54,10 +54,7 @@ impl Fleet {
     /// writers get in between. A server that joins or changes meanwhile
     /// may be missed or kept: the choice is re-checked under the write
     /// lock ([`State::choose_among`]).
-    pub(in crate::fleet) fn matching_servers(
-        &self,
-        requirements: &Requirements,
-    ) -> FastSet<ServerId> {
+    fn matching_servers(&self, requirements: &Requirements) -> FastSet<ServerId> {
         use std::ops::Bound;
         let per_slice =
             usize::try_from((MAX_SECTION_EVALUATION_COST / requirements.cost().max(1)).max(1))
@@ -92,7 +89,7 @@ impl Fleet {
     }
 
     #[allow(clippy::type_complexity)]
-    pub(in crate::fleet) fn create_sessions_locked(
+    fn create_sessions_locked(
         &self,
         specs: &[CreateSpec],
         mut visit: impl FnMut(usize, SessionView<'_>),
@@ -279,7 +276,7 @@ impl State {
     /// only, since its agent may have re-registered in between; a server
     /// that no longer matches leaves `matching`. Adds the work done to
     /// `work`, in [`Requirements::cost`] units.
-    pub(in crate::fleet) fn choose_among(
+    fn choose_among(
         &self,
         order: &Order,
         matching: &mut FastSet<ServerId>,
@@ -366,7 +363,7 @@ impl State {
 
     /// Takes in one CreateSessions item whose server (if any) is chosen:
     /// places it, queues it, or says why not. Returns the new session's id.
-    pub(in crate::fleet) fn accept(
+    fn accept(
         &mut self,
         spec: &CreateSpec,
         order: Arc<Order>,

@@ -56,7 +56,7 @@ impl State {
     }
 
     /// Removes `session`'s reservation on its server, if it has one.
-    pub(in crate::fleet) fn release(&mut self, session: &SessionId, ctx: &Ctx<'_>) {
+    fn release(&mut self, session: &SessionId, ctx: &Ctx<'_>) {
         let Some(server) = self
             .sessions
             .records

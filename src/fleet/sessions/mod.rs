@@ -3,7 +3,7 @@
 //!
 //! Sessions live in the same state, under the same lock, as the servers.
 //! That is what makes a close trustworthy: a placement picks a server and
-//! reserves its slot (a [`Placement`]) in one write section, and a close
+//! reserves its slot (a [`Placement`](crate::fleet::Placement)) in one write section, and a close
 //! without Force counts those reservations as running sessions in another,
 //! so the two can never interleave.
 //!

@@ -31,7 +31,7 @@ impl Fleet {
     }
 
     #[allow(clippy::type_complexity)]
-    pub(in crate::fleet) fn delete_sessions_locked(
+    fn delete_sessions_locked(
         &self,
         items: &[DeleteItem],
     ) -> Result<(Vec<Result<SessionState, ItemFailure>>, Durable), FleetError> {
@@ -112,7 +112,7 @@ impl Fleet {
     }
 
     #[allow(clippy::type_complexity)]
-    pub(in crate::fleet) fn update_session_permissions_locked(
+    fn update_session_permissions_locked(
         &self,
         items: &[PermissionsItem],
     ) -> Result<(Vec<Result<(), ItemFailure>>, Durable), FleetError> {

@@ -47,7 +47,7 @@ pub(in crate::fleet) fn check_name(what: &str, value: &str) -> Result<(), String
     }
 }
 
-pub(in crate::fleet) fn check_path(what: &str, value: &str) -> Result<(), String> {
+fn check_path(what: &str, value: &str) -> Result<(), String> {
     let chars = value.chars().count();
     if chars > MAX_PATH_CHARS {
         Err(format!(
