@@ -1,5 +1,7 @@
 //! The domain's picture of a DCV server: what its agent describes, what its
-//! heartbeats report, and the holds operators put on it.
+//! heartbeats report, and the holds operators put on it. Also the session
+//! types the store records as they are (`CreateSpec`, `Substate`), so that
+//! `persist` needs nothing from `sessions`, and the fleet's hash maps.
 
 use std::{sync::Arc, time::SystemTime};
 
