@@ -95,3 +95,55 @@ fn summarize(violations: &[FieldViolation]) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+/// Why one item of a batch could not be done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    /// No such server.
+    ServerNotFound,
+    /// Close without Force on a server running sessions.
+    HasRunningSessions,
+    /// Empty or over-long id.
+    InvalidServerId,
+    /// Id repeated within the batch.
+    DuplicateServerId,
+    /// Over-long reason or one with control characters.
+    InvalidReason,
+    /// No such session (or another owner's).
+    SessionNotFound,
+    /// Session id repeated within the batch.
+    DuplicateSessionId,
+    /// A malformed session parameter.
+    InvalidSessionParameter,
+    /// Requirements that do not parse.
+    InvalidRequirements,
+    /// No server can take the session and it may not wait.
+    NoServerAvailable,
+    /// The queue is full.
+    QueueFull,
+}
+
+/// A failed batch item: a code for programs and a reason for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemFailure {
+    /// The code.
+    pub code: FailureCode,
+    /// The reason text.
+    pub reason: String,
+}
+
+impl ItemFailure {
+    pub(in crate::fleet) fn new(code: FailureCode, reason: impl Into<String>) -> Self {
+        ItemFailure {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    pub(in crate::fleet) fn not_found() -> Self {
+        // DCV's exact text: clients match it.
+        ItemFailure::new(FailureCode::ServerNotFound, "Dcv server not found.")
+    }
+}
+/// The outcome of one batch item, in request order.
+pub type ItemResult = Result<(), ItemFailure>;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{
-    FastSet,
+    model::FastSet,
     model::{ServerDescription, Text},
 };
 

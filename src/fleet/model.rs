@@ -1,5 +1,7 @@
 //! The domain's picture of a DCV server: what its agent describes, what its
-//! heartbeats report, and the holds operators put on it.
+//! heartbeats report, and the holds operators put on it. Also the session
+//! types the store records as they are (`CreateSpec`, `Substate`), so that
+//! `persist` needs nothing from `sessions`, and the fleet's hash maps.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -409,4 +411,58 @@ impl ServerRecord {
             ),
         ]
     }
+}
+
+/// A hash map on the fleet's hot paths. foldhash instead of std's SipHash:
+/// every CloseServers item costs a few lookups, and SipHash was a visible
+/// share of a batch's time. foldhash's per-process random seed still keeps
+/// collisions from being chosen by whoever picks the ids.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The set counterpart of [`FastMap`].
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// The server records by id. Boxed, so that the table holds small entries:
+/// records inline made the table's empty slots cost as much as records,
+/// and scattered every lookup over a table of hundreds of megabytes.
+pub(crate) type ServerMap = FastMap<ServerId, Box<ServerRecord>>;
+
+/// The detail of a CREATING session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Substate {
+    /// Queued, or waiting for the chosen agent to create it.
+    Placing,
+    /// Created by the agent, not yet usable.
+    PendingPreparation,
+}
+
+/// A CreateSessions item as the caller sent it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateSpec {
+    /// Name.
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Type; `None` when the caller left it unspecified.
+    pub kind: Option<SessionKind>,
+    /// Init file.
+    pub init_file: String,
+    /// Most concurrent clients.
+    pub max_concurrent_clients: Option<i32>,
+    /// DCV-GL.
+    pub dcv_gl_enabled: bool,
+    /// Permissions file, base64.
+    pub permissions_file: String,
+    /// Queue when nothing fits now.
+    pub enqueue: bool,
+    /// Autorun file.
+    pub autorun_file: String,
+    /// Autorun arguments.
+    pub autorun_file_arguments: Vec<String>,
+    /// No retry on another server.
+    pub disable_retry: bool,
+    /// Placement expression (empty: none).
+    pub requirements: String,
+    /// Storage root.
+    pub storage_root: String,
 }

@@ -22,9 +22,10 @@ use std::time::SystemTime;
 use tokio::{sync::oneshot, time::Instant};
 
 use super::{
-    FleetError,
-    model::{Hold, ServerDescription, ServerRecord, SessionKind, SessionState},
-    sessions::{CreateSpec, SessionRecord, Substate},
+    error::FleetError,
+    model::{
+        CreateSpec, Hold, ServerDescription, ServerRecord, SessionKind, SessionState, Substate,
+    },
 };
 
 /// A server as stored.
@@ -233,31 +234,6 @@ pub(super) fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTi
 /// now).
 pub(super) fn monotonic_time(at: SystemTime, now: Instant, wall: SystemTime) -> Instant {
     now + at.duration_since(wall).unwrap_or_default()
-}
-
-/// A session record as stored.
-pub(super) fn stored_session(
-    record: &SessionRecord,
-    now: Instant,
-    wall: SystemTime,
-) -> StoredSession {
-    StoredSession {
-        id: record.id.to_string(),
-        name: record.name.clone(),
-        owner: record.owner.clone(),
-        kind: record.kind,
-        server: record.server.as_ref().map(ToString::to_string),
-        state: record.state,
-        substate: record.substate,
-        state_reason: record.state_reason.clone(),
-        created_at: record.created_at,
-        request: record.order.as_ref().map(|o| o.to_spec()),
-        permissions_file: record.permissions_file.clone(),
-        tried: record.tried.iter().map(ToString::to_string).collect(),
-        deadline: record.deadline.map(|at| wall_time(at, now, wall)),
-        forgotten: record.forgotten,
-        queue_position: record.queue_position,
-    }
 }
 
 /// The wall clock at the precision stores keep (microseconds), so a time

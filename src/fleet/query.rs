@@ -10,8 +10,9 @@ use std::{
 use super::{
     availability::{Reason, Reasons},
     error::FieldViolation,
-    model::{OsFamily, ServerRecord},
-    validate_server_id,
+    model::{OsFamily, ServerRecord, SessionState},
+    sessions::SessionView,
+    validate::validate_server_id,
 };
 
 /// The largest page, and the default one, as in DCV.
@@ -289,4 +290,58 @@ pub fn paginate<T, K>(
         visit(item);
     }
     if items.next().is_some() { last } else { None }
+}
+
+/// One DescribeSessions filter predicate.
+#[derive(Debug)]
+pub(in crate::fleet) enum SessionPredicate {
+    Owner(String),
+    Tag(String, String),
+    State(SessionState),
+}
+
+fn parse_state(s: &str) -> Option<SessionState> {
+    Some(match s {
+        "CREATING" => SessionState::Creating,
+        "READY" => SessionState::Ready,
+        "DELETING" => SessionState::Deleting,
+        "DELETED" => SessionState::Deleted,
+        "UNKNOWN" => SessionState::Unknown,
+        _ => return None,
+    })
+}
+
+pub(in crate::fleet) fn parse_session_filters(
+    pairs: &[(String, String)],
+    violations: &mut Vec<FieldViolation>,
+) -> FilterGroups<SessionPredicate> {
+    FilterGroups::parse(pairs, violations, |i, key, value| match key {
+        "owner" => Ok(SessionPredicate::Owner(value.to_string())),
+        "state" => parse_state(value)
+            .map(SessionPredicate::State)
+            .ok_or_else(|| {
+                FieldViolation::new(
+                    format!("Filters[{i}].Value"),
+                    "state is CREATING, READY, DELETING, DELETED or UNKNOWN",
+                )
+            }),
+        _ => match tag_key(key) {
+            Some(tag) => Ok(SessionPredicate::Tag(tag.to_string(), value.to_string())),
+            None => Err(FieldViolation::new(
+                format!("Filters[{i}].Key"),
+                "unknown filter key; use owner, state or tag:KEY",
+            )),
+        },
+    })
+}
+
+pub(in crate::fleet) fn session_matches(p: &SessionPredicate, view: &SessionView<'_>) -> bool {
+    match p {
+        SessionPredicate::Owner(o) => view.record.owner == *o,
+        SessionPredicate::State(s) => view.shown_state() == *s,
+        SessionPredicate::Tag(k, v) => view
+            .server
+            .and_then(|s| s.tag(k))
+            .is_some_and(|got| got == v.as_str()),
+    }
 }

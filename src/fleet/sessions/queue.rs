@@ -13,11 +13,8 @@
 
 use std::sync::Arc;
 
-use super::{
-    FastMap,
-    requirements::Requirements,
-    sessions::{Order, SessionId},
-};
+use super::{Order, SessionId};
+use crate::fleet::{model::FastMap, requirements::Requirements};
 
 /// The most Requirements evaluation work one check of the queue against
 /// one server may do, in [`Requirements::cost`] units (distinct
@@ -28,11 +25,11 @@ pub const MAX_QUEUE_REQUIREMENTS_COST: u64 = 64 * 1024;
 
 /// One queued session.
 #[derive(Debug, Clone)]
-pub(super) struct Entry {
-    pub(super) id: SessionId,
-    pub(super) order: Arc<Order>,
+pub(in crate::fleet) struct Entry {
+    pub(in crate::fleet) id: SessionId,
+    pub(in crate::fleet) order: Arc<Order>,
     /// The id of its Requirements' group; `None` without Requirements.
-    pub(super) group: Option<u64>,
+    pub(in crate::fleet) group: Option<u64>,
 }
 
 /// The queued sessions that share one expression.
@@ -46,7 +43,7 @@ struct Group {
 /// Queued sessions, oldest first, and the distinct Requirements among
 /// them.
 #[derive(Debug, Default)]
-pub(super) struct Queue {
+pub(in crate::fleet) struct Queue {
     /// With each its order and its expression's group, so that checking
     /// the queue looks nothing up and compares no text.
     entries: Vec<Entry>,
@@ -59,21 +56,21 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    pub(super) fn len(&self) -> usize {
+    pub(in crate::fleet) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    pub(in crate::fleet) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    pub(super) fn get(&self, i: usize) -> Option<&Entry> {
+    pub(in crate::fleet) fn get(&self, i: usize) -> Option<&Entry> {
         self.entries.get(i)
     }
 
     /// Whether a session with `requirements` may join without the
     /// queue's Requirements cost passing its bound.
-    pub(super) fn admits(&self, requirements: Option<&Requirements>) -> bool {
+    pub(in crate::fleet) fn admits(&self, requirements: Option<&Requirements>) -> bool {
         match requirements {
             None => true,
             Some(r) => {
@@ -84,7 +81,7 @@ impl Queue {
     }
 
     /// Adds `id` at the back.
-    pub(super) fn push(&mut self, id: SessionId, order: Arc<Order>) {
+    pub(in crate::fleet) fn push(&mut self, id: SessionId, order: Arc<Order>) {
         let group = order.requirements.as_ref().map(|r| {
             let next = &mut self.next_group;
             let group = self.groups.entry(r.canonical().clone()).or_insert_with(|| {
@@ -105,7 +102,7 @@ impl Queue {
     }
 
     /// Takes out the session at `i`.
-    pub(super) fn remove_at(&mut self, i: usize) {
+    pub(in crate::fleet) fn remove_at(&mut self, i: usize) {
         if i < self.entries.len() {
             let entry = self.entries.remove(i);
             self.left(entry.order.requirements.as_ref());
@@ -113,7 +110,7 @@ impl Queue {
     }
 
     /// Takes out `id`, if it is queued.
-    pub(super) fn remove(&mut self, id: &SessionId) {
+    pub(in crate::fleet) fn remove(&mut self, id: &SessionId) {
         if let Some(i) = self.entries.iter().position(|e| e.id == *id) {
             self.remove_at(i);
         }

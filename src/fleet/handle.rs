@@ -1,0 +1,208 @@
+//! The handle to the fleet: one cloneable value sharing the locked state,
+//! the token keys, the event channel and the store.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use parking_lot::RwLock;
+use tokio::time::Instant;
+
+use super::{
+    config::FleetConfig,
+    connection_token::ConnectionTokens,
+    error::FleetError,
+    model::ServerId,
+    page_token::PageTokens,
+    persist,
+    sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent},
+    state::{Ctx, State, WriteGuard},
+};
+
+/// The handle to the fleet. Cheap to clone; all clones share one state.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub(in crate::fleet) state: Arc<RwLock<State>>,
+    pub(in crate::fleet) config: Arc<FleetConfig>,
+    pub(in crate::fleet) tokens: PageTokens,
+    pub(in crate::fleet) connection_tokens: ConnectionTokens,
+    pub(in crate::fleet) events: tokio::sync::broadcast::Sender<SequencedEvent>,
+    pub(in crate::fleet) store: Arc<dyn persist::Store>,
+    /// The longest write-lock hold so far, in nanoseconds (see
+    /// [`Fleet::take_longest_write_hold`]).
+    pub(in crate::fleet) longest_write_ns: Arc<AtomicU64>,
+}
+
+/// The stored secret keying page tokens.
+const PAGE_TOKEN_KEY: &str = "page-token-key/hmac-sha256";
+
+/// The stored secret keying connection tokens.
+const CONNECTION_TOKEN_KEY: &str = "connection-token-key/hmac-sha256";
+
+/// The key called `name` in the store, or a fresh random one, stored. Kept
+/// so that page and connection tokens survive a restart (a DCV server
+/// validating a user's connection token must not fail because the broker
+/// restarted). Not awaited: if the first start crashes before it is
+/// durable, the next start draws another, and only tokens issued in
+/// between are lost.
+fn stored_key(
+    snapshot: &persist::Snapshot,
+    name: &str,
+    store: &dyn persist::Store,
+) -> Result<[u8; 32], FleetError> {
+    if let Some((_, value)) = snapshot.secrets.iter().find(|(n, _)| n == name) {
+        return <[u8; 32]>::try_from(value.as_slice())
+            .map_err(|_| FleetError::Internal(format!("the stored {name} is not 32 bytes long")));
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key)
+        .map_err(|e| FleetError::Internal(format!("no randomness for {name}: {e}")))?;
+    drop(store.submit(vec![persist::Change::PutSecret {
+        name: name.to_owned(),
+        value: key.to_vec(),
+    }]));
+    Ok(key)
+}
+
+impl Fleet {
+    /// An empty fleet that keeps nothing beyond memory.
+    pub fn new(config: FleetConfig) -> Result<Self, FleetError> {
+        Fleet::restore(
+            config,
+            Arc::new(persist::MemoryStore),
+            persist::Snapshot::default(),
+        )
+    }
+
+    /// A fleet serving what `snapshot` holds, writing every change through
+    /// to `store`.
+    pub fn restore(
+        config: FleetConfig,
+        store: Arc<dyn persist::Store>,
+        snapshot: persist::Snapshot,
+    ) -> Result<Self, FleetError> {
+        let tokens = PageTokens::with_key(
+            stored_key(&snapshot, PAGE_TOKEN_KEY, &*store)?,
+            config.page_token_ttl,
+        );
+        let connection_tokens =
+            ConnectionTokens::with_key(stored_key(&snapshot, CONNECTION_TOKEN_KEY, &*store)?);
+        let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
+        let mut state = State::from_snapshot(snapshot, &config)?;
+        state.tracks_changes = store.keeps_changes();
+        Ok(Fleet {
+            state: Arc::new(RwLock::new(state)),
+            config: Arc::new(config),
+            tokens,
+            connection_tokens,
+            events,
+            store,
+            longest_write_ns: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The longest the fleet's write lock was held since the last call
+    /// (or since the fleet was built), and starts measuring afresh. Wall
+    /// time, not tokio's clock: a paused test clock does not stop the CPU.
+    pub fn take_longest_write_hold(&self) -> Duration {
+        Duration::from_nanos(self.longest_write_ns.swap(0, Ordering::Relaxed))
+    }
+
+    /// Takes the write lock, timed (see [`WriteGuard`]), and nothing else.
+    fn lock_write(&self) -> WriteGuard<'_> {
+        let guard = self.state.write();
+        WriteGuard {
+            guard,
+            since: std::time::Instant::now(),
+            longest: &self.longest_write_ns,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    /// How many servers the broker knows.
+    pub fn len(&self) -> usize {
+        self.state.read().servers.len()
+    }
+
+    /// Whether the broker knows no server.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the write lock, first doing whatever is due (forgetting
+    /// silent servers, session deadlines), so no operation ever sees a
+    /// state that should already have moved on.
+    pub(in crate::fleet) fn write(&self, now: Instant) -> WriteGuard<'_> {
+        let mut state = self.lock_write();
+        if state.maintenance_due(now) {
+            state.maintain(now, &self.ctx());
+            // Nobody waits for housekeeping to be durable, but it goes to
+            // the store in order, before what the caller changes next.
+            drop(self.commit(&mut state));
+        }
+        state
+    }
+
+    /// Submits what changed under the lock `state` comes from. Call it
+    /// before the lock is released, so the store sees changes in order.
+    pub(in crate::fleet) fn commit(&self, state: &mut State) -> persist::Durable {
+        if !self.store.keeps_changes() {
+            state.forget_changes();
+            return persist::Durable::done();
+        }
+        let changes = state.take_changes();
+        if changes.is_empty() {
+            persist::Durable::done()
+        } else {
+            self.store.submit(changes)
+        }
+    }
+
+    /// Takes the read lock, doing what is due first.
+    pub(in crate::fleet) fn read(&self, now: Instant) -> parking_lot::RwLockReadGuard<'_, State> {
+        let state = self.state.read();
+        if !state.maintenance_due(now) {
+            return state;
+        }
+        drop(state);
+        drop(self.write(now));
+        self.state.read()
+    }
+
+    /// Does what is due now: forgets every open server whose agent has been
+    /// silent past the removal timeout (returning their ids) and processes
+    /// session deadlines. The server runs it periodically.
+    pub fn sweep(&self) -> Vec<ServerId> {
+        let now = Instant::now();
+        let mut state = self.lock_write();
+        let removed = state.maintain(now, &self.ctx());
+        drop(self.commit(&mut state));
+        removed
+    }
+
+    pub(in crate::fleet) fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            config: &self.config,
+            // Asked once per operation, not per event: a send with nobody
+            // listening still takes the channel's lock, and a batch of
+            // 1,000 closes sends 1,000 events. A receiver that subscribes
+            // during an operation sees the events of the next one.
+            events: (self.events.receiver_count() > 0).then_some(&self.events),
+            evaluation_budget: std::cell::Cell::new(MAX_SECTION_EVALUATION_COST),
+        }
+    }
+
+    /// A stream of fleet events, from now on. A receiver that falls more
+    /// than the configured buffer behind loses events and is told so.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<SequencedEvent> {
+        self.events.subscribe()
+    }
+}

@@ -1,0 +1,284 @@
+//! DeleteSessions, UpdateSessionPermissions, DescribeSessions and
+//! connection data.
+
+use std::{sync::Arc, time::SystemTime};
+
+use tokio::time::Instant;
+
+use super::{
+    DeleteItem, Instruction, PermissionsItem, SessionId, SessionQuery, SessionView,
+    validate::{check_name, check_permissions, check_session_id, dedupe_ids, invalid, not_found},
+};
+use crate::fleet::{
+    error::{FieldViolation, FleetError, ItemFailure},
+    handle::Fleet,
+    model::SessionState,
+    persist::Durable,
+    query::{self, parse_session_filters, session_matches},
+    validate::validate_batch_size,
+};
+
+impl Fleet {
+    /// Deletes sessions; one result per item (the state the session is in
+    /// afterwards), in order.
+    pub async fn delete_sessions(
+        &self,
+        items: &[DeleteItem],
+    ) -> Result<Vec<Result<SessionState, ItemFailure>>, FleetError> {
+        let (results, durable) = self.delete_sessions_locked(items)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn delete_sessions_locked(
+        &self,
+        items: &[DeleteItem],
+    ) -> Result<(Vec<Result<SessionState, ItemFailure>>, Durable), FleetError> {
+        validate_batch_size("Sessions", items.len())?;
+        let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
+        for (item, slot) in items.iter().zip(pre.iter_mut()) {
+            if slot.is_none()
+                && let Err(why) = check_name("Owner", &item.owner)
+            {
+                *slot = Some(invalid(why));
+            }
+        }
+        let now = Instant::now();
+        let ctx = self.ctx();
+        let mut state = self.write(now);
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            if let Some(failure) = pre {
+                results.push(Err(failure));
+                continue;
+            }
+            let id: SessionId = Arc::from(item.session_id.as_str());
+            let Some(record) = state.sessions.records.get(&id) else {
+                results.push(Err(not_found()));
+                continue;
+            };
+            if record.owner != item.owner {
+                results.push(Err(not_found()));
+                continue;
+            }
+            let server = record.server.clone();
+            match (record.state, server) {
+                (SessionState::Deleted, _) => results.push(Ok(SessionState::Deleted)),
+                (_, None) => {
+                    state.mark_deleted(&id, "Deleted while queued.".into(), now, &ctx);
+                    results.push(Ok(SessionState::Deleted));
+                }
+                (_, Some(server)) if item.force => {
+                    state.mark_deleted(&id, "Deleted with Force.".into(), now, &ctx);
+                    if let Some(record) = state.sessions.record_mut(&id) {
+                        record.forgotten = true;
+                    }
+                    // Forgotten means it no longer occupies its server, from
+                    // now on (if the agent still reports it, the next
+                    // heartbeat brings it back); the room goes to the queue,
+                    // oldest first, before any newer request can take it.
+                    state.forget_reported(&server, &id, &ctx);
+                    state.drain_queue_onto(&server, now, &ctx);
+                    results.push(Ok(SessionState::Deleted));
+                }
+                (_, Some(server)) => {
+                    if let Some(record) = state.sessions.record_mut(&id) {
+                        record.state = SessionState::Deleting;
+                        record.substate = None;
+                        record.state_reason.clear();
+                    }
+                    state.set_deadline(&id, None);
+                    state.send(Instruction::Delete {
+                        server,
+                        session: id.clone(),
+                    });
+                    results.push(Ok(SessionState::Deleting));
+                }
+            }
+        }
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
+    }
+
+    /// Replaces sessions' permissions files; one result per item.
+    pub async fn update_session_permissions(
+        &self,
+        items: &[PermissionsItem],
+    ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
+        let (results, durable) = self.update_session_permissions_locked(items)?;
+        durable.wait().await?;
+        Ok(results)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn update_session_permissions_locked(
+        &self,
+        items: &[PermissionsItem],
+    ) -> Result<(Vec<Result<(), ItemFailure>>, Durable), FleetError> {
+        validate_batch_size("Sessions", items.len())?;
+        let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
+        for (item, slot) in items.iter().zip(pre.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            if let Err(why) = check_name("Owner", &item.owner) {
+                *slot = Some(invalid(why));
+            } else if item.permissions_file.is_empty() {
+                *slot = Some(invalid("PermissionsFile is required.".into()));
+            } else if let Err(why) = check_permissions(&item.permissions_file) {
+                *slot = Some(invalid(why));
+            }
+        }
+        let now = Instant::now();
+        let mut state = self.write(now);
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            if let Some(failure) = pre {
+                results.push(Err(failure));
+                continue;
+            }
+            let id: SessionId = Arc::from(item.session_id.as_str());
+            let Some(record) = state.sessions.record_mut(&id) else {
+                results.push(Err(not_found()));
+                continue;
+            };
+            if record.owner != item.owner
+                || matches!(record.state, SessionState::Deleted | SessionState::Deleting)
+            {
+                results.push(Err(not_found()));
+                continue;
+            }
+            record.permissions_file = item.permissions_file.clone();
+            if let Some(server) = record.server.clone() {
+                state.send(Instruction::UpdatePermissions {
+                    server,
+                    session: id.clone(),
+                    permissions_file: item.permissions_file.clone(),
+                });
+            }
+            results.push(Ok(()));
+        }
+        let durable = self.commit(&mut state);
+        Ok((results, durable))
+    }
+
+    /// Runs a DescribeSessions query; see [`Fleet::describe_servers`].
+    pub fn describe_sessions(
+        &self,
+        query: &SessionQuery,
+        visit: impl FnMut(SessionView<'_>),
+    ) -> Result<Option<String>, FleetError> {
+        let mut violations = Vec::new();
+        let page_size = query::page_size(query.max_results, &mut violations);
+        let ids = query::id_list(
+            "SessionIds",
+            &query.session_ids,
+            check_session_id,
+            &mut violations,
+        );
+        let filters = parse_session_filters(&query.filters, &mut violations);
+        if !violations.is_empty() {
+            return Err(FleetError::InvalidArgument(violations));
+        }
+        let fingerprint = || query::query_fingerprint("sessions", ids.as_deref(), &query.filters);
+        let wall = SystemTime::now();
+        let after = self.resume_after(&query.next_token, fingerprint, wall)?;
+        let now = Instant::now();
+        let state = self.read(now);
+        let records = query::walk(
+            &state.sessions.order,
+            &state.sessions.records,
+            ids.as_deref(),
+            after.as_deref(),
+        );
+        let matching = records
+            .map(|record| {
+                SessionView::new(record, &state.servers, now, self.config.unreachable_after)
+            })
+            .filter(|view| filters.matches(|p| session_matches(p, view)));
+        let last = query::paginate(matching, page_size, |v| v.record.id.clone(), visit);
+        Ok(last.map(|id| self.tokens.issue(&fingerprint(), &id, wall)))
+    }
+
+    /// A READY session's view (to `visit`) and a connection token for
+    /// `user`.
+    pub fn connection_data(
+        &self,
+        session_id: &str,
+        user: &str,
+        visit: impl FnOnce(SessionView<'_>),
+    ) -> Result<String, FleetError> {
+        let mut violations = Vec::new();
+        if let Err(why) = check_session_id(session_id) {
+            violations.push(FieldViolation::new("SessionId", why));
+        }
+        if let Err(why) = check_name("User", user) {
+            violations.push(FieldViolation::new("User", why));
+        }
+        if !violations.is_empty() {
+            return Err(FleetError::InvalidArgument(violations));
+        }
+        let now = Instant::now();
+        let state = self.read(now);
+        let record = state
+            .sessions
+            .records
+            .get(session_id)
+            .filter(|r| r.state != SessionState::Deleted)
+            .ok_or_else(|| FleetError::SessionNotFound(session_id.to_string()))?;
+        let view = SessionView::new(record, &state.servers, now, self.config.unreachable_after);
+        match view.shown_state() {
+            SessionState::Ready => {}
+            SessionState::Unknown => {
+                return Err(FleetError::FailedPrecondition(format!(
+                    "session {session_id} is UNKNOWN: its server's agent is unreachable"
+                )));
+            }
+            _ => {
+                return Err(FleetError::FailedPrecondition(format!(
+                    "session {session_id} is not READY yet; try again when it is"
+                )));
+            }
+        }
+        visit(view);
+        let expires = SystemTime::now() + self.config.connection_token_ttl;
+        Ok(self.connection_tokens.issue(session_id, user, expires))
+    }
+
+    /// Checks a connection token presented to `server` for `session`;
+    /// returns the user it admits, or why not.
+    pub fn validate_connection_token(
+        &self,
+        server: &str,
+        session: &str,
+        token: &str,
+    ) -> Result<Result<String, String>, FleetError> {
+        let verdict = match self.connection_tokens.check(token, SystemTime::now()) {
+            Err(why) => Err(why),
+            Ok((token_session, user)) => {
+                let state = self.read(Instant::now());
+                let on_server = state
+                    .sessions
+                    .records
+                    .get(token_session.as_str())
+                    .is_some_and(|r| {
+                        r.state == SessionState::Ready && r.server.as_deref() == Some(server)
+                    });
+                if token_session != session {
+                    Err("the token is for another session".into())
+                } else if !on_server {
+                    Err("the session is not READY on this server".into())
+                } else {
+                    Ok(user)
+                }
+            }
+        };
+        Ok(verdict)
+    }
+
+    /// How many requests wait in the queue.
+    pub fn queued(&self) -> usize {
+        self.state.read().sessions.queue.len()
+    }
+}

@@ -1,0 +1,321 @@
+//! Sessions brought in line with what the store held at start-up, what
+//! agents report, and servers that leave.
+
+use std::{collections::HashSet, sync::Arc, time::SystemTime};
+
+use tokio::time::Instant;
+
+use super::{FleetEvent, SessionId, SessionRecord, Substate, validate::validate_create};
+use crate::fleet::{
+    error::FleetError,
+    model::{Placement, ReportedSession, ServerId, ServerRecord, SessionState},
+    persist,
+    state::{Ctx, State},
+};
+
+impl State {
+    /// Loads stored sessions, rebuilding what depends on them: each
+    /// server's occupancy (placements in flight, and live sessions as if
+    /// its agent had just reported them, until it does), the queue in its
+    /// stored order, and the deadlines.
+    pub(in crate::fleet) fn restore_sessions(
+        &mut self,
+        stored: Vec<persist::StoredSession>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(), FleetError> {
+        let mut queued = Vec::new();
+        for s in stored {
+            let id: SessionId = Arc::from(s.id.as_str());
+            let order = match s.request {
+                Some(spec) => Some(Arc::new(validate_create(&spec).map_err(|f| {
+                    FleetError::Internal(format!(
+                        "stored session {id} has a request this broker refuses: {}",
+                        f.reason
+                    ))
+                })?)),
+                None => None,
+            };
+            let server = s
+                .server
+                .as_deref()
+                .and_then(|sid| self.servers.get(sid))
+                .map(|srv| srv.id.clone());
+            if let (Some(server_id), true) = (&server, s.state != SessionState::Deleted)
+                && let Some(target) = self.servers.get_mut(server_id)
+            {
+                self.by_load.update(target, |target| {
+                    if s.state == SessionState::Creating && s.substate == Some(Substate::Placing) {
+                        target.placing.push(Placement {
+                            session: id.clone(),
+                            kind: s.kind,
+                            owner: s.owner.clone(),
+                        });
+                    } else {
+                        // Whether its agent had reported it yet is not
+                        // stored: it counts as reported, and the agent's
+                        // next heartbeat says whether it still runs.
+                        target.sessions.push(ReportedSession {
+                            id: s.id.clone(),
+                            owner: s.owner.clone(),
+                            kind: s.kind,
+                            state: s.state,
+                        });
+                    }
+                });
+            }
+            if server.is_none()
+                && s.state == SessionState::Creating
+                && s.substate == Some(Substate::Placing)
+            {
+                queued.push((s.queue_position.unwrap_or(0), id.clone()));
+            }
+            let deadline = s.deadline.map(|at| persist::monotonic_time(at, now, wall));
+            if let Some(at) = deadline {
+                self.sessions.deadlines.insert((at, id.clone()));
+            }
+            self.sessions.order.insert(id.clone());
+            self.sessions.records.insert(
+                id.clone(),
+                SessionRecord {
+                    id,
+                    name: s.name,
+                    owner: s.owner,
+                    kind: s.kind,
+                    server,
+                    state: s.state,
+                    substate: s.substate,
+                    state_reason: s.state_reason,
+                    created_at: s.created_at,
+                    order,
+                    permissions_file: s.permissions_file,
+                    tried: s.tried.iter().map(|t| Arc::from(t.as_str())).collect(),
+                    deadline,
+                    forgotten: s.forgotten,
+                    queue_position: s.queue_position,
+                },
+            );
+        }
+        queued.sort();
+        self.sessions.next_queue_position = queued.last().map_or(0, |(p, _)| p + 1);
+        for (_, id) in queued {
+            // Admitted when it was queued: restored whatever the bound.
+            if let Some(order) = self.queued_order(&id) {
+                self.sessions.queue.push(id, order);
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings session records in line with a server's new report, then
+    /// lets queued sessions onto the server. `old` is the previous report.
+    pub(in crate::fleet) fn reconcile_report(
+        &mut self,
+        server: &ServerId,
+        old: &[ReportedSession],
+        now: Instant,
+        ctx: &Ctx<'_>,
+    ) {
+        let Some(target) = self.servers.get_mut(server) else {
+            return;
+        };
+        let reported: Vec<ReportedSession> = target.sessions.clone();
+        let placing_before: HashSet<SessionId> =
+            target.placing.iter().map(|p| p.session.clone()).collect();
+        // Placements the agent now reports stop being reservations.
+        self.by_load.update(target, |target| {
+            target.placing.retain(|p| {
+                !reported
+                    .iter()
+                    .any(|s| s.id == *p.session && s.state != SessionState::Deleted)
+            });
+        });
+        let live_now: HashSet<&str> = reported
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+            .map(|s| s.id.as_str())
+            .collect();
+        let was_live: HashSet<&str> = old
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+            .map(|s| s.id.as_str())
+            .collect();
+        let placing_ids: HashSet<SessionId> =
+            target.placing.iter().map(|p| p.session.clone()).collect();
+
+        for s in &reported {
+            let id: SessionId = Arc::from(s.id.as_str());
+            let (state, substate) = match s.state {
+                SessionState::Creating => {
+                    (SessionState::Creating, Some(Substate::PendingPreparation))
+                }
+                other => (other, None),
+            };
+            match self.sessions.record_mut(&id) {
+                Some(record) => {
+                    let revive = record.state == SessionState::Deleted
+                        && record.forgotten
+                        && state != SessionState::Deleted;
+                    let deleting =
+                        record.state == SessionState::Deleting && state != SessionState::Deleted;
+                    if record.state == SessionState::Deleted && !revive {
+                        continue;
+                    }
+                    if deleting {
+                        continue;
+                    }
+                    record.server = Some(server.clone());
+                    record.state = state;
+                    record.substate = substate;
+                    if revive {
+                        record.forgotten = false;
+                        record.state_reason = "Reported again by its agent.".into();
+                    }
+                    if state == SessionState::Deleted {
+                        record.state_reason = "Deleted on its server.".into();
+                        self.set_deadline(&id, Some(now + ctx.config.deleted_retention));
+                    } else {
+                        self.set_deadline(&id, None);
+                    }
+                }
+                None if state != SessionState::Deleted => {
+                    self.sessions.insert_record(
+                        id.clone(),
+                        SessionRecord {
+                            id: id.clone(),
+                            name: s.id.clone(),
+                            owner: s.owner.clone(),
+                            kind: s.kind,
+                            server: Some(server.clone()),
+                            state,
+                            substate,
+                            state_reason: "Reported by its agent; not created by the broker."
+                                .into(),
+                            created_at: persist::wall_clock(),
+                            order: None,
+                            permissions_file: String::new(),
+                            tried: Vec::new(),
+                            deadline: None,
+                            forgotten: false,
+                            queue_position: None,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+        // Sessions the agent reported before and no longer does are gone.
+        for gone in was_live.difference(&live_now) {
+            let id: SessionId = Arc::from(*gone);
+            if placing_ids.contains(&id) {
+                continue;
+            }
+            if let Some(record) = self.sessions.record_mut(&id)
+                && record.server.as_ref() == Some(server)
+                && record.state != SessionState::Deleted
+            {
+                let reason = if record.state == SessionState::Deleting {
+                    "Deleted on its server."
+                } else {
+                    "No longer reported by its agent."
+                };
+                record.state = SessionState::Deleted;
+                record.substate = None;
+                record.state_reason = reason.into();
+                self.set_deadline(&id, Some(now + ctx.config.deleted_retention));
+            }
+        }
+        // Occupancy changes, for the event trail.
+        let before: HashSet<&str> = was_live
+            .iter()
+            .copied()
+            .chain(placing_before.iter().map(|p| &**p))
+            .collect();
+        let after: HashSet<&str> = live_now
+            .iter()
+            .copied()
+            .chain(placing_ids.iter().map(|p| &**p))
+            .collect();
+        let appeared: Vec<SessionId> = after.difference(&before).map(|s| Arc::from(*s)).collect();
+        let left: Vec<SessionId> = before.difference(&after).map(|s| Arc::from(*s)).collect();
+        for session in appeared {
+            self.emit(
+                FleetEvent::SessionAppeared {
+                    session,
+                    server: server.clone(),
+                },
+                ctx.events,
+            );
+        }
+        for session in left {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session,
+                    server: server.clone(),
+                },
+                ctx.events,
+            );
+        }
+        self.drain_queue_onto(server, now, ctx);
+    }
+
+    /// A server is gone for good: its reservations are placed elsewhere,
+    /// its sessions end.
+    pub(in crate::fleet) fn server_removed(
+        &mut self,
+        server: &ServerRecord,
+        now: Instant,
+        ctx: &Ctx<'_>,
+    ) {
+        for p in &server.placing {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session: p.session.clone(),
+                    server: server.id.clone(),
+                },
+                ctx.events,
+            );
+        }
+        for s in server
+            .sessions
+            .iter()
+            .filter(|s| s.state != SessionState::Deleted)
+        {
+            self.emit(
+                FleetEvent::SessionLeft {
+                    session: Arc::from(s.id.as_str()),
+                    server: server.id.clone(),
+                },
+                ctx.events,
+            );
+        }
+        self.sessions.agents.remove(&server.id);
+        let ids: Vec<SessionId> = self
+            .sessions
+            .records
+            .values()
+            .filter(|r| r.server.as_ref() == Some(&server.id) && r.state != SessionState::Deleted)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            let placing = server.placing.iter().any(|p| p.session == id);
+            if placing {
+                // Already released with the server; retry elsewhere.
+                if let Some(record) = self.sessions.record_mut(&id) {
+                    record.server = None;
+                }
+                self.attempt_failed(&id, format!("server {} was removed", server.id), now, ctx);
+            } else {
+                if let Some(record) = self.sessions.record_mut(&id) {
+                    record.server = None;
+                }
+                self.mark_deleted(
+                    &id,
+                    format!("Its server {} was removed.", server.id),
+                    now,
+                    ctx,
+                );
+            }
+        }
+    }
+}
