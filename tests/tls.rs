@@ -657,9 +657,11 @@ async fn a_tls_session_silent_after_its_handshake_is_closed_at_the_first_request
         .await
         .expect("the broker closes a silent TLS session");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The broker's clock starts when its side of the handshake ends, which
+    // may be a little before the client's does: allow that much.
     assert!(
-        silent.elapsed() >= Duration::from_secs(1),
-        "closed after {:?}, before its first-request timeout",
+        silent.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before its first-request timeout (1 s)",
         silent.elapsed()
     );
     let line = broker.logged("closed an idle connection").await;
