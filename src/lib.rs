@@ -10,6 +10,7 @@
 //!   [`server::serve_tls`] over TLS).
 //! - [`limits`]: every limit against abusive clients in one place, and
 //!   the rate and load-shedding layers that enforce them.
+//! - [`layer`]: the one tower shell every request layer is built with.
 //! - [`tls`]: TLS certificates from PEM files, reloadable while serving,
 //!   and `dcv-broker tls init`, which makes a private CA and a certificate.
 //! - [`client`]: connecting to the broker from Rust (TLS, bearer token),
@@ -28,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod fleet;
+pub mod layer;
 pub mod limits;
 pub mod pb;
 pub mod server;

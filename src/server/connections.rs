@@ -49,9 +49,11 @@ use tokio::{
 };
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Status, body::Body, transport::server::Connected};
-use tower::{Layer, Service};
 
-use crate::api::request_id::peer_addr;
+use crate::{
+    api::request_id::peer_addr,
+    layer::{self, BoxFuture, Policy, PolicyLayer, PolicyService},
+};
 
 /// The default cap on open connections. Each holds a file descriptor and
 /// some memory (a few tens of KiB with HTTP/2 buffers); ten thousand is far
@@ -324,9 +326,9 @@ impl Connections {
     /// The request layer: counts each connection's open requests and ends
     /// streaming replies once the drain starts.
     pub fn layer(&self) -> ConnectionLayer {
-        ConnectionLayer {
+        PolicyLayer::of(ConnectionPolicy {
             connections: self.clone(),
-        }
+        })
     }
 
     /// Starts the drain: every streaming reply open now or later ends with
@@ -522,65 +524,57 @@ impl<IO: Connected> Connected for Tracked<IO> {
 /// Counts each request against its connection from its start until its
 /// reply's last frame, and ends gRPC replies still streaming when the
 /// drain starts.
-#[derive(Debug, Clone)]
-pub struct ConnectionLayer {
-    connections: Connections,
-}
-
-impl<S> Layer<S> for ConnectionLayer {
-    type Service = ConnectionService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ConnectionService {
-            inner,
-            connections: self.connections.clone(),
-        }
-    }
-}
+pub type ConnectionLayer = PolicyLayer<ConnectionPolicy>;
 
 /// The service of [`ConnectionLayer`].
+pub type ConnectionService<S> = PolicyService<ConnectionPolicy, S>;
+
+/// The policy of [`ConnectionLayer`]: it never answers, and wraps every
+/// reply's body.
 #[derive(Debug, Clone)]
-pub struct ConnectionService<S> {
-    inner: S,
+pub struct ConnectionPolicy {
     connections: Connections,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// What a request keeps for its reply's body.
+pub struct ReplyWatch {
+    open: Option<OpenRequest>,
+    ends_itself: bool,
+    draining: watch::Receiver<bool>,
+}
 
-impl<S, B> Service<http::Request<B>> for ConnectionService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+impl<B> Policy<B> for ConnectionPolicy {
+    type Hold = ReplyWatch;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn check<E: Send + 'static>(
+        &self,
+        request: http::Request<B>,
+    ) -> layer::Verdict<B, ReplyWatch, E> {
         let open = peer_addr(request.extensions())
             .and_then(|peer| self.connections.state_of(peer))
             .map(OpenRequest::new);
         let ends_itself = END_THEMSELVES.contains(&request.uri().path());
         let draining = self.connections.shared.draining.subscribe();
-        let reply = self.inner.call(request);
-        Box::pin(async move {
-            let reply = reply.await?;
-            let grpc = reply
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
-            let cut_at_drain = grpc && !ends_itself;
-            Ok(reply.map(|body| {
-                Body::new(Counted {
-                    inner: body,
-                    _open: open,
-                    drain: cut_at_drain.then_some(Drain::Watching(draining)),
-                })
-            }))
+        let watch = ReplyWatch {
+            open,
+            ends_itself,
+            draining,
+        };
+        layer::Verdict::Pass(request, watch)
+    }
+
+    fn respond(watch: ReplyWatch, reply: http::Response<Body>) -> http::Response<Body> {
+        let grpc = reply
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+        let cut_at_drain = grpc && !watch.ends_itself;
+        reply.map(|body| {
+            Body::new(Counted {
+                inner: body,
+                _open: watch.open,
+                drain: cut_at_drain.then_some(Drain::Watching(watch.draining)),
+            })
         })
     }
 }
