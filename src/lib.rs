@@ -16,6 +16,7 @@
 //!   peer's address, the health and reflection paths, gRPC content types).
 //! - [`limits`]: every limit against abusive clients in one place, and the
 //!   rate and load-shedding layers that enforce them.
+//! - [`layer`]: the one tower shell every request layer is built with.
 //! - [`auth`]: API and agent clients, their scopes and the bearer tokens
 //!   the broker issues; never sees the network.
 //! - [`fleet`]: the domain. Servers, holds, availability, pagination,
@@ -42,6 +43,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod fleet;
+pub mod layer;
 pub mod limits;
 pub mod pb;
 pub mod sample;

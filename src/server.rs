@@ -294,11 +294,12 @@ async fn run(
                 .clone()
                 .map(|auth| AuthLayer::new(auth, config.open_services)),
         ))
-        .layer(ClientRateLayer::new(
-            limits.client_rate,
-            limits.max_tracked_clients,
+        .layer(tower::util::option_layer(limits.client_rate.map(|rate| {
+            ClientRateLayer::new(rate, limits.max_tracked_clients)
+        })))
+        .layer(tower::util::option_layer(
+            limits.max_concurrent_requests.map(InFlightLimitLayer::new),
         ))
-        .layer(InFlightLimitLayer::new(limits.max_concurrent_requests))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -24,6 +24,19 @@ fn substate(s: &pb::Session) -> pb::SessionSubstate {
     pb::SessionSubstate::try_from(s.substate).unwrap()
 }
 
+/// Creates `items` in one CreateSessions call, which must succeed as a
+/// call (items may still fail).
+async fn create(
+    sessions: &mut pb::sessions_client::SessionsClient<tonic::transport::Channel>,
+    items: Vec<pb::CreateSessionRequestData>,
+) -> pb::CreateSessionsResponse {
+    sessions
+        .create_sessions(create_req(items))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn with_fleet(fleet: FleetConfig) -> dcv_broker::BrokerConfig {
     dcv_broker::BrokerConfig {
         fleet,
@@ -62,11 +75,7 @@ async fn a_session_goes_from_placing_to_ready_through_its_agent() {
     item.init_file = "init.sh".into();
     item.max_concurrent_clients = Some(3);
     item.storage_root = "/home/alice".into();
-    let reply = sessions
-        .create_sessions(create_req(vec![item]))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = create(&mut sessions, vec![item]).await;
     assert!(reply.unsuccessful_list.is_empty(), "{reply:?}");
     assert_eq!(
         uuid::Uuid::parse_str(&reply.request_id)
@@ -124,11 +133,7 @@ async fn placement_respects_os_capacity_and_strategy() {
     let mut sessions = broker.sessions().await;
 
     // Windows is console-only.
-    let r = sessions
-        .create_sessions(create_req(vec![create_item("v", "bob", Ty::Virtual)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![create_item("v", "bob", Ty::Virtual)]).await;
     assert_eq!(
         code(r.unsuccessful_list[0].failure_code),
         FailureCode::NoServerAvailable
@@ -139,14 +144,14 @@ async fn placement_respects_os_capacity_and_strategy() {
         .unwrap();
     assert_eq!(echoed.name, "v");
     // A console session fills it; the next one finds no room.
-    let r = sessions
-        .create_sessions(create_req(vec![
+    let r = create(
+        &mut sessions,
+        vec![
             create_item("c1", "bob", Ty::Console),
             create_item("c2", "bob", Ty::Console),
-        ]))
-        .await
-        .unwrap()
-        .into_inner();
+        ],
+    )
+    .await;
     assert_eq!(r.successful_list.len(), 1);
     assert_eq!(r.successful_list[0].server.as_ref().unwrap().id, "win");
     assert_eq!(
@@ -159,15 +164,11 @@ async fn placement_respects_os_capacity_and_strategy() {
     let _b = TestAgent::connect(&broker, registration("b", "linux", 1)).await;
     let mut placed = Vec::new();
     for i in 0..4 {
-        let r = sessions
-            .create_sessions(create_req(vec![create_item(
-                &format!("v{i}"),
-                "carol",
-                Ty::Virtual,
-            )]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = create(
+            &mut sessions,
+            vec![create_item(&format!("v{i}"), "carol", Ty::Virtual)],
+        )
+        .await;
         placed.push(
             r.successful_list
                 .first()
@@ -190,15 +191,11 @@ async fn pack_fills_the_fullest_server_first() {
     let mut sessions = broker.sessions().await;
     let mut placed = Vec::new();
     for i in 0..4 {
-        let r = sessions
-            .create_sessions(create_req(vec![create_item(
-                &format!("v{i}"),
-                "dan",
-                Ty::Virtual,
-            )]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = create(
+            &mut sessions,
+            vec![create_item(&format!("v{i}"), "dan", Ty::Virtual)],
+        )
+        .await;
         placed.push(r.successful_list[0].server.as_ref().unwrap().id.clone());
     }
     assert_eq!(placed, vec!["a", "a", "b", "b"]);
@@ -234,11 +231,7 @@ async fn requirements_select_by_tag_and_server_property() {
     for (expression, kind, want) in cases {
         let mut item = create_item("r", "erin", kind);
         item.requirements = expression.into();
-        let r = sessions
-            .create_sessions(create_req(vec![item]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = create(&mut sessions, vec![item]).await;
         let got = r
             .successful_list
             .first()
@@ -253,11 +246,7 @@ async fn requirements_select_by_tag_and_server_property() {
     }
     let mut item = create_item("r", "erin", Ty::Virtual);
     item.requirements = "tag:city = 'London' and (server:Host.Nope = 1".into();
-    let r = sessions
-        .create_sessions(create_req(vec![item]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![item]).await;
     let failed = &r.unsuccessful_list[0];
     assert_eq!(code(failed.failure_code), FailureCode::InvalidRequirements);
     assert!(
@@ -299,8 +288,9 @@ async fn every_create_failure_code() {
     queued.enqueue_request = true;
     let mut refused = create_item("refused", "o", Ty::Virtual);
     refused.enqueue_request = true;
-    let r = sessions
-        .create_sessions(create_req(vec![
+    let r = create(
+        &mut sessions,
+        vec![
             create_item("", "o", Ty::Console),
             create_item("n", "", Ty::Console),
             bad_type,
@@ -312,10 +302,9 @@ async fn every_create_failure_code() {
             create_item("virtual-on-windows", "o", Ty::Virtual),
             queued,
             refused,
-        ]))
-        .await
-        .unwrap()
-        .into_inner();
+        ],
+    )
+    .await;
     let codes: Vec<_> = r
         .unsuccessful_list
         .iter()
@@ -378,14 +367,14 @@ async fn delete_asks_the_agent_and_force_does_not() {
     let broker = Broker::quiet().await;
     let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 4)).await;
     let mut sessions = broker.sessions().await;
-    let r = sessions
-        .create_sessions(create_req(vec![
+    let r = create(
+        &mut sessions,
+        vec![
             create_item("one", "fay", Ty::Virtual),
             create_item("two", "fay", Ty::Virtual),
-        ]))
-        .await
-        .unwrap()
-        .into_inner();
+        ],
+    )
+    .await;
     let (one, two) = (
         r.successful_list[0].id.clone(),
         r.successful_list[1].id.clone(),
@@ -499,10 +488,11 @@ async fn delete_asks_the_agent_and_force_does_not() {
     );
     // The first one's instruction was the only one sent: the next message
     // on the stream is what the next create brings.
-    sessions
-        .create_sessions(create_req(vec![create_item("three", "fay", Ty::Virtual)]))
-        .await
-        .unwrap();
+    create(
+        &mut sessions,
+        vec![create_item("three", "fay", Ty::Virtual)],
+    )
+    .await;
     assert_eq!(agent.next_create().await.name, "three");
 }
 
@@ -511,11 +501,7 @@ async fn connection_data_tokens_and_permissions() {
     let broker = Broker::quiet().await;
     let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 4)).await;
     let mut sessions = broker.sessions().await;
-    let r = sessions
-        .create_sessions(create_req(vec![create_item("desk", "gus", Ty::Virtual)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![create_item("desk", "gus", Ty::Virtual)]).await;
     let id = r.successful_list[0].id.clone();
     let ask = |user: &str| pb::GetSessionConnectionDataRequest {
         session_id: id.clone(),
@@ -654,11 +640,7 @@ async fn describe_sessions_filters_and_pages() {
     {
         let mut item = create_item(&format!("s{i}"), owner, Ty::Virtual);
         item.requirements = format!("tag:city = '{city}'");
-        let r = sessions
-            .create_sessions(create_req(vec![item]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = create(&mut sessions, vec![item]).await;
         ids.push(r.successful_list[0].id.clone());
     }
     // Two sessions went to each city's server.
@@ -745,11 +727,7 @@ async fn a_close_counts_placements_in_flight_and_blocks_new_ones() {
     let mut agent = TestAgent::connect(&broker, registration("only", "linux", 4)).await;
     let mut sessions = broker.sessions().await;
     let mut servers = broker.servers().await;
-    let r = sessions
-        .create_sessions(create_req(vec![create_item("a", "hal", Ty::Virtual)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![create_item("a", "hal", Ty::Virtual)]).await;
     let id = r.successful_list[0].id.clone();
     // The agent has not answered yet, yet the server is not empty.
     let close = servers
@@ -776,21 +754,13 @@ async fn a_close_counts_placements_in_flight_and_blocks_new_ones() {
         state(&describe_session(&mut sessions, &id).await),
         St::Ready
     );
-    let r = sessions
-        .create_sessions(create_req(vec![create_item("b", "hal", Ty::Virtual)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![create_item("b", "hal", Ty::Virtual)]).await;
     assert_eq!(
         code(r.unsuccessful_list[0].failure_code),
         FailureCode::NoServerAvailable
     );
     servers.open_servers(open_req(&["only"])).await.unwrap();
-    let r = sessions
-        .create_sessions(create_req(vec![create_item("b", "hal", Ty::Virtual)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![create_item("b", "hal", Ty::Virtual)]).await;
     assert_eq!(r.successful_list.len(), 1);
 }
 
@@ -822,10 +792,6 @@ async fn sessions_the_broker_did_not_create_are_adopted() {
         state(&describe_session(&mut sessions, "by-hand").await),
         St::Deleted
     );
-    let r = sessions
-        .create_sessions(create_req(vec![create_item("c", "ivy", Ty::Console)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = create(&mut sessions, vec![create_item("c", "ivy", Ty::Console)]).await;
     assert_eq!(r.successful_list.len(), 1);
 }

@@ -9,7 +9,6 @@
 //! credentials and they reveal nothing about the fleet.
 
 use std::{
-    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -18,13 +17,13 @@ use std::{
 use bytes::Bytes;
 use tokio_stream::{Stream as _, wrappers::WatchStream};
 use tonic::{Status, body::Body, transport::server::TlsConnectInfo};
-use tower::{Layer, Service};
 
-use crate::auth::{Auth, AuthError, Principal, Scope, ScopeSet};
+use crate::{
+    auth::{Auth, AuthError, Principal, Scope, ScopeSet},
+    layer::{Policy, PolicyLayer, PolicyService, Verdict},
+};
 
 use super::ANONYMOUS_ACTOR;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 const SERVERS: &str = "dcv.sessionmanager.v1.Servers";
 const SESSIONS: &str = "dcv.sessionmanager.v1.Sessions";
@@ -107,8 +106,14 @@ pub fn access(path: &str, open: OpenServices) -> Access {
 }
 
 /// The layer that authenticates and authorizes every call.
+pub type AuthLayer = PolicyLayer<AuthPolicy>;
+
+/// The service [`AuthLayer`] wraps around the routes.
+pub type Authorize<S> = PolicyService<AuthPolicy, S>;
+
+/// The policy of [`AuthLayer`]: the clients, and what stays open.
 #[derive(Debug, Clone)]
-pub struct AuthLayer {
+pub struct AuthPolicy {
     shared: Arc<Shared>,
 }
 
@@ -121,47 +126,20 @@ struct Shared {
 impl AuthLayer {
     /// Checks calls against `auth`'s clients, leaving `open` services open.
     pub fn new(auth: Auth, open: OpenServices) -> AuthLayer {
-        AuthLayer {
+        PolicyLayer::of(AuthPolicy {
             shared: Arc::new(Shared { auth, open }),
-        }
+        })
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = Authorize<S>;
+impl<B> Policy<B> for AuthPolicy {
+    /// An instruction stream's client, whose revocation ends the stream.
+    type Hold = Option<(Auth, Arc<str>)>;
 
-    fn layer(&self, inner: S) -> Self::Service {
-        Authorize {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The service [`AuthLayer`] wraps around the routes.
-#[derive(Debug, Clone)]
-pub struct Authorize<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S, B> Service<http::Request<B>> for Authorize<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn check<E: Send + 'static>(&self, mut request: http::Request<B>) -> Verdict<B, Self::Hold, E> {
         let access = access(request.uri().path(), self.shared.open);
         if access == Access::Open {
-            return Box::pin(self.inner.call(request));
+            return Verdict::Pass(request, None);
         }
         match authorize(&self.shared.auth, &request, access) {
             Ok(principal) => {
@@ -170,20 +148,20 @@ where
                     && request.headers().contains_key(http::header::AUTHORIZATION))
                 .then(|| (self.shared.auth.clone(), principal.client_id.clone()));
                 request.extensions_mut().insert(principal);
-                let response = self.inner.call(request);
-                match revocable {
-                    None => Box::pin(response),
-                    Some((auth, client_id)) => Box::pin(async move {
-                        Ok(response
-                            .await?
-                            .map(|body| Body::new(EndOnRevocation::new(body, auth, client_id))))
-                    }),
-                }
+                Verdict::Pass(request, revocable)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "refused");
-                let response = Status::from(e).into_http();
-                Box::pin(async move { Ok(response) })
+                Verdict::Answer(Status::from(e).into_http())
+            }
+        }
+    }
+
+    fn respond(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
+        match hold {
+            None => response,
+            Some((auth, client_id)) => {
+                response.map(|body| Body::new(EndOnRevocation::new(body, auth, client_id)))
             }
         }
     }

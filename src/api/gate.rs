@@ -28,29 +28,31 @@
 //! (`{"error", "error_description"}`), never a gRPC status.
 
 use std::{
-    future::Future,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Version, header, uri::Authority};
 use tonic::body::Body;
-use tower::{Layer, Service, ServiceExt as _};
+use tower::ServiceExt as _;
 
 use super::oauth::{TokenEndpoint, is_oauth_path, oauth_error};
+use crate::layer::{Policy, PolicyLayer, PolicyService, Verdict};
 use crate::transport::is_grpc_content_type;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 /// The HTTP gate (see the module documentation).
+pub type HttpGateLayer = PolicyLayer<HttpGatePolicy>;
+
+/// The service [`HttpGateLayer`] puts in front of the routes.
+pub type HttpGate<S> = PolicyService<HttpGatePolicy, S>;
+
+/// The policy of [`HttpGateLayer`]: its rules.
 #[derive(Debug, Clone)]
-pub struct HttpGateLayer {
+pub struct HttpGatePolicy {
     shared: Arc<Shared>,
 }
 
@@ -78,7 +80,7 @@ impl HttpGateLayer {
         allowed_hosts: &[String],
     ) -> HttpGateLayer {
         let rebindable = !tls && local.ip().to_canonical().is_loopback();
-        HttpGateLayer {
+        PolicyLayer::of(HttpGatePolicy {
             shared: Arc::new(Shared {
                 token,
                 scheme: if tls { "https" } else { "http" },
@@ -90,52 +92,26 @@ impl HttpGateLayer {
                 }),
                 refused: AtomicU64::new(0),
             }),
-        }
+        })
     }
 }
 
-impl<S> Layer<S> for HttpGateLayer {
-    type Service = HttpGate<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        HttpGate {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The service [`HttpGateLayer`] puts in front of the routes.
-#[derive(Debug, Clone)]
-pub struct HttpGate<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S, B> Service<http::Request<B>> for HttpGate<S>
+impl<B> Policy<B> for HttpGatePolicy
 where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
+    type Hold = ();
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn check<E: Send + 'static>(&self, request: http::Request<B>) -> Verdict<B, (), E> {
         match self.shared.route(&request) {
-            Route::Grpc => Box::pin(self.inner.call(request)),
+            Route::Grpc => Verdict::Pass(request, ()),
             Route::Token(endpoint) => {
                 let request = request.map(Body::new);
-                Box::pin(async move {
+                Verdict::Later(Box::pin(async move {
                     let Ok(response) = endpoint.oneshot(request).await;
                     Ok(response)
-                })
+                }))
             }
             Route::Refuse(refusal) => {
                 // A web page probing the broker is worth seeing, but not
@@ -157,8 +133,7 @@ where
                         refusal.description
                     );
                 }
-                let response = refusal.response();
-                Box::pin(async move { Ok(response) })
+                Verdict::Answer(refusal.response())
             }
         }
     }
@@ -341,10 +316,10 @@ fn is_grpc_method_path(path: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn gate(tls: bool, local: &str, allowed: &[&str]) -> Shared {
+    fn gate(tls: bool, local: &str, allowed: &[&str]) -> Arc<Shared> {
         let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
         let layer = HttpGateLayer::new(None, local.parse().unwrap(), tls, &allowed);
-        Arc::try_unwrap(layer.shared).unwrap()
+        layer.policy().shared.clone()
     }
 
     fn grpc(host: &str, path: &str) -> http::Request<()> {

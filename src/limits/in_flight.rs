@@ -12,30 +12,30 @@
 //! StreamInstructions) frees its slot once the stream starts, and open
 //! streams are bounded per connection by HTTP/2 instead.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::{Context, Poll},
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
-use tokio::sync::Semaphore;
-use tonic::{Status, body::Body};
-use tower::{Layer, Service};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
 
 use super::{refusal, worth_a_warning};
+use crate::layer::{Policy, PolicyLayer, PolicyService, Verdict};
 use crate::transport::is_health;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// Limits the requests in flight across all connections, shedding the
+/// rest. Health checks are exempt.
+pub type InFlightLimitLayer = PolicyLayer<InFlightPolicy>;
 
-/// Limits the requests in flight across all connections to `limit`,
-/// shedding the rest. Health checks are exempt.
+/// The service [`InFlightLimitLayer`] wraps around the routes.
+pub type InFlightLimit<S> = PolicyService<InFlightPolicy, S>;
+
+/// The policy of [`InFlightLimitLayer`]: the slots, shared by every
+/// connection.
 #[derive(Debug, Clone)]
-pub struct InFlightLimitLayer {
-    shared: Option<Arc<Shared>>,
+pub struct InFlightPolicy {
+    shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
@@ -46,73 +46,37 @@ struct Shared {
 }
 
 impl InFlightLimitLayer {
-    /// A layer admitting at most `limit` requests at once (`None`: any
-    /// number).
-    pub fn new(limit: Option<usize>) -> Self {
-        let shared = limit.map(|limit| {
-            let limit = limit.min(Semaphore::MAX_PERMITS);
-            Arc::new(Shared {
+    /// A layer admitting at most `limit` requests at once. (No limit: no
+    /// layer, see `server::run`.)
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        PolicyLayer::of(InFlightPolicy {
+            shared: Arc::new(Shared {
                 limit,
                 slots: Arc::new(Semaphore::new(limit)),
                 shed: AtomicU64::new(0),
-            })
-        });
-        InFlightLimitLayer { shared }
+            }),
+        })
     }
 }
 
-impl<S> Layer<S> for InFlightLimitLayer {
-    type Service = InFlightLimit<S>;
+impl<B> Policy<B> for InFlightPolicy {
+    /// The request's slot, freed when its response is ready (or the
+    /// request is dropped).
+    type Hold = Option<OwnedSemaphorePermit>;
 
-    fn layer(&self, inner: S) -> Self::Service {
-        InFlightLimit {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The service [`InFlightLimitLayer`] wraps around the routes.
-#[derive(Debug, Clone)]
-pub struct InFlightLimit<S> {
-    inner: S,
-    shared: Option<Arc<Shared>>,
-}
-
-impl<S, B> Service<http::Request<B>> for InFlightLimit<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(shared) = &self.shared else {
-            return Box::pin(self.inner.call(request));
-        };
+    fn check<E: Send + 'static>(&self, request: http::Request<B>) -> Verdict<B, Self::Hold, E> {
         if is_health(request.uri().path()) {
-            return Box::pin(self.inner.call(request));
+            return Verdict::Pass(request, None);
         }
+        let shared = &self.shared;
         match shared.slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                let response = self.inner.call(request);
-                Box::pin(async move {
-                    let response = response.await;
-                    drop(slot);
-                    response
-                })
-            }
+            Ok(slot) => Verdict::Pass(request, Some(slot)),
             Err(_) => {
                 let limit = shared.limit;
                 let shed = shared.shed.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logged inside the request's span (the future runs in it).
-                Box::pin(async move {
+                Verdict::Later(Box::pin(async move {
                     if worth_a_warning(shed) {
                         tracing::warn!(limit, shed, "load shedding: too many requests in flight");
                     } else {
@@ -121,7 +85,7 @@ where
                     Ok(refusal(Status::resource_exhausted(format!(
                         "the broker is handling its limit of {limit} requests; retry with backoff"
                     ))))
-                })
+                }))
             }
         }
     }
@@ -132,8 +96,8 @@ mod tests {
     use std::convert::Infallible;
 
     use tokio::sync::oneshot;
-    use tonic::Code;
-    use tower::ServiceExt as _;
+    use tonic::{Code, body::Body};
+    use tower::{Layer as _, Service, ServiceExt as _};
 
     use super::*;
 
@@ -172,7 +136,7 @@ mod tests {
     #[tokio::test]
     async fn sheds_beyond_the_limit_at_once_and_admits_again_when_a_slot_frees() {
         let (inner, mut arrived) = gated();
-        let service = InFlightLimitLayer::new(Some(2)).layer(inner);
+        let service = InFlightLimitLayer::new(2).layer(inner);
         let path = "/dcv.sessionmanager.v1.Servers/DescribeServers";
 
         let first = tokio::spawn(service.clone().oneshot(request(path)));
@@ -218,7 +182,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_request_frees_its_slot() {
         let (inner, mut arrived) = gated();
-        let service = InFlightLimitLayer::new(Some(1)).layer(inner);
+        let service = InFlightLimitLayer::new(1).layer(inner);
         let path = "/dcv.sessionmanager.v1.Servers/DescribeServers";
 
         let call = service.clone().oneshot(request(path));
@@ -235,7 +199,8 @@ mod tests {
     #[tokio::test]
     async fn no_limit_admits_everything() {
         let (inner, mut arrived) = gated();
-        let service = InFlightLimitLayer::new(None).layer(inner);
+        // How `server::run` adds the layer when there is no limit.
+        let service = tower::util::option_layer(None::<InFlightLimitLayer>).layer(inner);
         let path = "/dcv.sessionmanager.v1.Servers/DescribeServers";
         let calls: Vec<_> = (0..100)
             .map(|_| tokio::spawn(service.clone().oneshot(request(path))))

@@ -14,26 +14,21 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
-use tonic::{Code, Status, body::Body};
+use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
-use tower::{Layer, Service};
 
 use super::{ClientKey, ClientRate, millis_up, refusal, worth_a_warning};
+use crate::layer::{Policy, PolicyLayer, PolicyService, Verdict};
 use crate::transport::{is_health, is_reflection};
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Every client's bucket.
 #[derive(Debug)]
@@ -122,9 +117,15 @@ impl RateTable {
 
 /// Limits each client to its rate. Health checks and reflection are
 /// exempt.
+pub type ClientRateLayer = PolicyLayer<ClientRatePolicy>;
+
+/// The service [`ClientRateLayer`] wraps around the routes.
+pub type ClientRateLimit<S> = PolicyService<ClientRatePolicy, S>;
+
+/// The policy of [`ClientRateLayer`]: every client's bucket.
 #[derive(Debug, Clone)]
-pub struct ClientRateLayer {
-    shared: Option<Arc<Shared>>,
+pub struct ClientRatePolicy {
+    shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
@@ -134,67 +135,35 @@ struct Shared {
 }
 
 impl ClientRateLayer {
-    /// A layer giving each client `rate` (`None`: no limit), remembering
-    /// at most `max_clients` clients.
-    pub fn new(rate: Option<ClientRate>, max_clients: usize) -> Self {
-        ClientRateLayer {
-            shared: rate.map(|rate| {
-                Arc::new(Shared {
-                    table: RateTable::new(rate, max_clients),
-                    refused: AtomicU64::new(0),
-                })
+    /// A layer giving each client `rate`, remembering at most
+    /// `max_clients` clients. (No rate: no layer, see `server::run`.)
+    pub fn new(rate: ClientRate, max_clients: usize) -> Self {
+        PolicyLayer::of(ClientRatePolicy {
+            shared: Arc::new(Shared {
+                table: RateTable::new(rate, max_clients),
+                refused: AtomicU64::new(0),
             }),
-        }
+        })
     }
 }
 
-impl<S> Layer<S> for ClientRateLayer {
-    type Service = ClientRateLimit<S>;
+impl<B> Policy<B> for ClientRatePolicy {
+    type Hold = ();
 
-    fn layer(&self, inner: S) -> Self::Service {
-        ClientRateLimit {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The service [`ClientRateLayer`] wraps around the routes.
-#[derive(Debug, Clone)]
-pub struct ClientRateLimit<S> {
-    inner: S,
-    shared: Option<Arc<Shared>>,
-}
-
-impl<S, B> Service<http::Request<B>> for ClientRateLimit<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(shared) = &self.shared else {
-            return Box::pin(self.inner.call(request));
-        };
+    fn check<E: Send + 'static>(&self, request: http::Request<B>) -> Verdict<B, (), E> {
+        let shared = &self.shared;
         let path = request.uri().path();
         if is_health(path) || is_reflection(path) {
-            return Box::pin(self.inner.call(request));
+            return Verdict::Pass(request, ());
         }
         let client = ClientKey::of(request.extensions());
         let Err(wait) = shared.table.admit(&client, Instant::now()) else {
-            return Box::pin(self.inner.call(request));
+            return Verdict::Pass(request, ());
         };
         let rate = shared.table.rate;
         let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
         // Logged inside the request's span (the future runs in it).
-        Box::pin(async move {
+        Verdict::Later(Box::pin(async move {
             if worth_a_warning(refused) {
                 tracing::warn!(%client, refused, "client over its request rate");
             } else {
@@ -212,7 +181,7 @@ where
                 message,
                 ErrorDetails::with_retry_info(Some(wait)),
             )))
-        })
+        }))
     }
 }
 
@@ -220,8 +189,9 @@ where
 mod tests {
     use std::{convert::Infallible, net::IpAddr};
 
+    use tonic::body::Body;
     use tonic_types::StatusExt as _;
-    use tower::ServiceExt as _;
+    use tower::{Layer as _, ServiceExt as _};
 
     use super::*;
 
@@ -306,7 +276,7 @@ mod tests {
         let inner = tower::service_fn(|_request: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(Body::default()))
         });
-        let service = ClientRateLayer::new(ClientRate::new(1, 1), 100).layer(inner);
+        let service = ClientRateLayer::new(ClientRate::new(1, 1).unwrap(), 100).layer(inner);
         let call = |path: &'static str| {
             let request = http::Request::builder().uri(path).body(()).unwrap();
             service.clone().oneshot(request)

@@ -38,8 +38,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body::Frame;
 use parking_lot::Mutex;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -48,10 +46,11 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::{Status, body::Body, transport::server::Connected};
-use tower::{Layer, Service};
+use tonic::transport::server::Connected;
 
-use crate::transport::{is_grpc_content_type, peer_addr};
+mod reply;
+
+pub use self::reply::{ConnectionLayer, ConnectionPolicy, ConnectionService, ReplyWatch};
 
 /// The default cap on open connections. Each holds a file descriptor and
 /// some memory (a few tens of KiB with HTTP/2 buffers); ten thousand is far
@@ -76,12 +75,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// the listener, the store (database, WAL, shared memory), the admin
 /// socket, the certificate files on reload, the runtime's own.
 pub const RESERVED_FDS: u64 = 64;
-
-/// Streaming replies that end by themselves, cleanly, when the broker
-/// shuts down: agents' instruction streams (`AgentApi` watches the same
-/// shutdown), which agents take as "reconnect". Cutting them too would race
-/// that clean end with `UNAVAILABLE`.
-const END_THEMSELVES: &[&str] = &["/dcv.sessionmanager.v1.Agent/StreamInstructions"];
 
 /// The window of [`Occurrences`]: events are counted per minute.
 const OCCURRENCE_WINDOW: Duration = Duration::from_secs(60);
@@ -321,14 +314,6 @@ impl Connections {
         })
     }
 
-    /// The request layer: counts each connection's open requests and ends
-    /// streaming replies once the drain starts.
-    pub fn layer(&self) -> ConnectionLayer {
-        ConnectionLayer {
-            connections: self.clone(),
-        }
-    }
-
     /// Starts the drain: every streaming reply open now or later ends with
     /// `UNAVAILABLE`.
     pub fn start_drain(&self) {
@@ -516,153 +501,6 @@ impl<IO: Connected> Connected for Tracked<IO> {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
-    }
-}
-
-/// Counts each request against its connection from its start until its
-/// reply's last frame, and ends gRPC replies still streaming when the
-/// drain starts.
-#[derive(Debug, Clone)]
-pub struct ConnectionLayer {
-    connections: Connections,
-}
-
-impl<S> Layer<S> for ConnectionLayer {
-    type Service = ConnectionService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ConnectionService {
-            inner,
-            connections: self.connections.clone(),
-        }
-    }
-}
-
-/// The service of [`ConnectionLayer`].
-#[derive(Debug, Clone)]
-pub struct ConnectionService<S> {
-    inner: S,
-    connections: Connections,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for ConnectionService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let open = peer_addr(request.extensions())
-            .and_then(|peer| self.connections.state_of(peer))
-            .map(OpenRequest::new);
-        let ends_itself = END_THEMSELVES.contains(&request.uri().path());
-        let draining = self.connections.shared.draining.subscribe();
-        let reply = self.inner.call(request);
-        Box::pin(async move {
-            let reply = reply.await?;
-            let grpc = is_grpc_content_type(reply.headers());
-            let cut_at_drain = grpc && !ends_itself;
-            Ok(reply.map(|body| {
-                Body::new(Counted {
-                    inner: body,
-                    _open: open,
-                    drain: cut_at_drain.then_some(Drain::Watching(draining)),
-                })
-            }))
-        })
-    }
-}
-
-/// One request in progress on a connection.
-struct OpenRequest(Arc<ConnectionState>);
-
-impl OpenRequest {
-    fn new(state: Arc<ConnectionState>) -> OpenRequest {
-        state.started.store(true, Ordering::Release);
-        state.open_requests.fetch_add(1, Ordering::AcqRel);
-        OpenRequest(state)
-    }
-}
-
-impl Drop for OpenRequest {
-    fn drop(&mut self) {
-        // last_active first: the reaper reads the count, then the time.
-        *self.0.last_active.lock() = Instant::now();
-        self.0.open_requests.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Whether a reply ends at the drain.
-enum Drain {
-    /// Not yet waiting: most replies are complete when first polled.
-    Watching(watch::Receiver<bool>),
-    /// Waiting for the drain, since the reply is streaming.
-    Waiting(BoxFuture<()>),
-    /// Ended by the drain.
-    Ended,
-}
-
-/// A reply body that keeps its request counted until dropped and, for a
-/// gRPC reply, ends with `UNAVAILABLE` trailers when the drain starts.
-struct Counted {
-    inner: Body,
-    _open: Option<OpenRequest>,
-    drain: Option<Drain>,
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = &mut *self;
-        if matches!(this.drain, Some(Drain::Ended)) {
-            return Poll::Ready(None);
-        }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_ready() {
-            return polled;
-        }
-        let Some(drain) = this.drain.as_mut() else {
-            return Poll::Pending;
-        };
-        if let Drain::Watching(draining) = drain {
-            let mut draining = draining.clone();
-            *drain = Drain::Waiting(Box::pin(async move {
-                let _ = draining.wait_for(|draining| *draining).await;
-            }));
-        }
-        let Drain::Waiting(wait) = drain else {
-            return Poll::Pending;
-        };
-        if wait.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        this.drain = Some(Drain::Ended);
-        let mut trailers = http::HeaderMap::new();
-        // Only fails for a message that is not a valid header value.
-        let _ = Status::unavailable("the broker is shutting down").add_header(&mut trailers);
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.drain, Some(Drain::Ended)) || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
