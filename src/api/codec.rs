@@ -75,6 +75,9 @@ struct Field {
 struct Schema {
     /// Each message's fields, indexed by number.
     messages: Vec<Box<[Option<Field>]>>,
+    /// Whether a message can hold a list at any depth: one that cannot
+    /// (a batch's items, mostly) is skipped whole instead of walked.
+    holds_lists: Vec<bool>,
     /// The request messages of the services, by name (without package).
     requests: HashMap<String, Request>,
 }
@@ -95,7 +98,7 @@ impl Schema {
             .enumerate()
             .map(|(i, m)| (m.full_name().to_owned(), i))
             .collect();
-        let messages = pool
+        let messages: Vec<Box<[Option<Field>]>> = pool
             .all_messages()
             .map(|m| {
                 let size = m
@@ -146,7 +149,12 @@ impl Schema {
                 Some((input.name().to_owned(), request))
             })
             .collect();
-        Ok(Schema { messages, requests })
+        let holds_lists = holds_lists(&messages);
+        Ok(Schema {
+            messages,
+            holds_lists,
+            requests,
+        })
     }
 
     /// The contract's schema, built once.
@@ -219,7 +227,9 @@ impl Schema {
                 Some(l) => *left = l,
                 None => return Err(vec![&*field.json_name]),
             }
-            if let (Element::Message(nested), Some(payload)) = (field.element, payload) {
+            if let (Element::Message(nested), Some(payload)) = (field.element, payload)
+                && self.holds_lists.get(nested).copied().unwrap_or(true)
+            {
                 self.scan(nested, payload, left, depth + 1)
                     .map_err(|mut path| {
                         path.push(&*field.json_name);
@@ -247,6 +257,35 @@ impl Schema {
                 ),
             )
         })
+    }
+}
+
+/// Which messages can hold a list at any depth: those with a list field,
+/// then, until nothing changes, those with a field of such a message
+/// (recursive messages included).
+fn holds_lists(messages: &[Box<[Option<Field>]>]) -> Vec<bool> {
+    let mut holds: Vec<bool> = messages
+        .iter()
+        .map(|fields| fields.iter().flatten().any(|f| f.list))
+        .collect();
+    loop {
+        let mut changed = false;
+        for (i, fields) in messages.iter().enumerate() {
+            if holds[i] {
+                continue;
+            }
+            let nested = fields.iter().flatten().any(|f| match f.element {
+                Element::Message(m) => holds.get(m).copied().unwrap_or(false),
+                _ => false,
+            });
+            if nested {
+                holds[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            return holds;
+        }
     }
 }
 

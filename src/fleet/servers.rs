@@ -147,11 +147,15 @@ impl Fleet {
             opened.push(id);
             results.push(Ok(()));
         }
-        let durable = self.commit(&mut state);
-        drop(state);
         // Queued sessions may fit now. Each server checks the queue in a
         // write section of its own: one check is bounded, a batch of them
-        // under one hold would not be.
+        // under one hold would not be. With nothing queued (the usual case)
+        // there is nothing to check, and no section to take per server.
+        if state.sessions.queue.is_empty() {
+            opened.clear();
+        }
+        let durable = self.commit(&mut state);
+        drop(state);
         for id in opened {
             let now = Instant::now();
             let mut state = self.write(now);
