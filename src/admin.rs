@@ -384,19 +384,7 @@ pub fn render(request: &Request, reply: &Value, json: bool) -> String {
                 "CREATED",
                 "REVOKED",
             ];
-            // comfy-table measures cells by their display width, so a name
-            // in any script keeps the columns lined up; two spaces between
-            // columns and none at line ends, as dcvsm's tables.
-            let mut grid = comfy_table::Table::new();
-            grid.load_style(comfy_table::presets::NOTHING)
-                .set_header(header);
-            for row in rows {
-                grid.add_row(row);
-            }
-            for column in grid.column_iter_mut() {
-                column.set_padding((0, 2));
-            }
-            grid.trim_fmt() + "\n"
+            crate::table::aligned(header, rows)
         }
         Request::Revoke { .. } => {
             let client = &reply["client"];

@@ -31,7 +31,8 @@
 //! - [`demo`]: a simulated fleet of agents for demos and load;
 //!   [`sample`]: the deterministic server descriptions it registers, which
 //!   tests and benchmarks reuse.
-//! - [`config`] and [`telemetry`]: the binary's flags, and logging.
+//! - [`config`] and [`telemetry`]: the binary's flags, and logging;
+//!   [`table`]: the aligned text tables of `dcvsm` and `dcv-broker clients`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
@@ -49,6 +50,7 @@ pub mod pb;
 pub mod sample;
 pub mod server;
 pub mod store;
+pub mod table;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -87,22 +87,15 @@ fn table(reply: &Value) -> String {
                 }
             }
         }
-        let mut grid = comfy_table::Table::new();
-        grid.load_style(comfy_table::presets::NOTHING)
-            .set_header(columns.clone());
-        for row in &flat {
-            grid.add_row(columns.iter().map(|c| {
+        let cells = flat.iter().map(|row| {
+            columns.iter().map(|c| {
                 row.iter()
                     .find(|(k, _)| k == c)
                     .map(|(_, v)| v.clone())
                     .unwrap_or_default()
-            }));
-        }
-        for column in grid.column_iter_mut() {
-            column.set_padding((0, 2));
-        }
-        out.push_str(&grid.trim_fmt());
-        out.push('\n');
+            })
+        });
+        out.push_str(&dcv_broker::table::aligned(columns.clone(), cells));
     }
     out
 }
