@@ -59,6 +59,7 @@ impl RawH2 {
             .unwrap()
             .send_request(grpc_request(path), false)
             .unwrap();
+        // The 5-byte gRPC frame header of an empty message.
         stream
             .send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
             .unwrap();
@@ -68,19 +69,7 @@ impl RawH2 {
     /// A complete gRPC call to `path` with an empty message; waits for the
     /// whole reply, trailers included, and returns its `grpc-status`.
     pub async fn call(&mut self, path: &str) -> Option<String> {
-        let (reply, mut stream) = self
-            .send
-            .clone()
-            .ready()
-            .await
-            .unwrap()
-            .send_request(grpc_request(path), false)
-            .unwrap();
-        // The 5-byte gRPC frame header of an empty message.
-        stream
-            .send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-            .unwrap();
-        let mut body = reply.await.unwrap().into_body();
+        let mut body = self.open_stream(path).await;
         while let Some(chunk) = body.data().await {
             let chunk = chunk.unwrap();
             let _ = body.flow_control().release_capacity(chunk.len());
