@@ -89,7 +89,8 @@ pub fn access(path: &str, open: OpenServices) -> Access {
             "CreateSessions"
             | "DeleteSessions"
             | "GetSessionConnectionData"
-            | "UpdateSessionPermissions",
+            | "UpdateSessionPermissions"
+            | "GetSessionScreenshots",
         ) => Scope::ManageSessions,
         (
             AGENT,
@@ -337,7 +338,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 3 + 5 + 6);
+        assert_eq!(methods, 3 + 6 + 6);
     }
 
     #[test]

@@ -198,4 +198,15 @@ impl Sessions for SessionsApi {
         }
         Ok(Response::new(response))
     }
+
+    // Placeholder while the agent relay is built (issue 14): the contract
+    // is in place so that agents and clients can be written against it.
+    async fn get_session_screenshots(
+        &self,
+        _request: Request<pb::GetSessionScreenshotsRequest>,
+    ) -> Result<Response<pb::GetSessionScreenshotsResponse>, Status> {
+        Err(Status::unimplemented(
+            "GetSessionScreenshots is not built yet",
+        ))
+    }
 }
