@@ -117,7 +117,9 @@ impl Client {
             .method(method)
             .uri(format!("http://{}{PATH}", self.addr));
         if matches!(self.wire, Wire::Http1 | Wire::TlsHttp1) {
-            builder = builder.uri(PATH).header(header::HOST, self.addr.to_string());
+            builder = builder
+                .uri(PATH)
+                .header(header::HOST, self.addr.to_string());
         } else if matches!(self.wire, Wire::TlsH2) {
             builder = builder.uri(format!("https://localhost:{}{PATH}", self.addr.port()));
         }
@@ -204,10 +206,9 @@ where
 fn authorized<T>(message: T, bearer: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(token) = bearer {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().unwrap(),
-        );
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     request
 }
@@ -538,7 +539,10 @@ async fn the_verifier_needs_no_bearer_token_when_the_broker_requires_them() {
     let reply: serde_json::Value = serde_json::from_slice(&register.stdout).unwrap();
     let (id, secret) = (
         reply["client"]["client_id"].as_str().unwrap().to_owned(),
-        reply["client"]["client_secret"].as_str().unwrap().to_owned(),
+        reply["client"]["client_secret"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
     );
     let broker = BrokerProcess::start_exactly(&[
         "--auth".as_ref(),
@@ -587,5 +591,100 @@ async fn the_verifier_needs_no_bearer_token_when_the_broker_requires_them() {
         .verify(&session, "garbage")
         .await
         .assert_no(StatusCode::OK);
+    broker.terminate().await;
+}
+
+/// An HTTP/2 connection to the broker from `source` (any 127.0.0.0/8
+/// address is this host: a second peer without a second machine).
+async fn h2_from(
+    source: [u8; 4],
+    broker: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Body> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    let tcp = socket.connect(broker).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+fn form_request(broker: SocketAddr, body: Body) -> http::Request<Body> {
+    http::Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{broker}{PATH}"))
+        .header(header::CONTENT_TYPE, FORM)
+        .body(body)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_peer_holding_forms_open_is_bounded_and_timed_out_and_others_get_in() {
+    let broker = BrokerProcess::start(&[] as &[&str]).await;
+    let addr = broker.addr;
+    let probe = |mut sender: hyper::client::conn::http2::SendRequest<Body>| async move {
+        let response = sender
+            .send_request(form_request(
+                addr,
+                full("sessionId=s&authenticationToken=garbage"),
+            ))
+            .await
+            .unwrap();
+        response.status()
+    };
+
+    // One peer starts 32 forms (the per-address bound) and never ends
+    // them: no Content-Length, half a form, then silence.
+    let holder = h2_from([127, 0, 0, 1], addr).await;
+    let mut held = Vec::new();
+    let mut bodies = Vec::new();
+    for _ in 0..32 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(
+            b"sessionId=s",
+        ))))
+        .await
+        .unwrap();
+        bodies.push(tx);
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+        let mut sender = holder.clone();
+        held.push(tokio::spawn(async move {
+            sender
+                .send_request(form_request(addr, body))
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    // Its next request is refused at once, once the broker holds all 32
+    // (polled: the 32 reach it in their own time).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match probe(holder.clone()).await {
+            StatusCode::SERVICE_UNAVAILABLE => break,
+            status => assert_eq!(status, StatusCode::OK),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never bounded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another address is answered meanwhile.
+    assert_eq!(
+        probe(h2_from([127, 0, 0, 2], addr).await).await,
+        StatusCode::OK
+    );
+
+    // The held forms are cut off at the read timeout (5 s)...
+    for request in held {
+        let status = tokio::time::timeout(PATIENCE, request)
+            .await
+            .expect("answered within the read timeout")
+            .unwrap();
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    }
+    drop(bodies);
+    // ...and their slots are back.
+    assert_eq!(probe(holder.clone()).await, StatusCode::OK);
     broker.terminate().await;
 }

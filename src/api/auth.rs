@@ -376,7 +376,10 @@ mod tests {
             Access::Open
         );
         // Only that exact path: its neighbours are no method.
-        assert_eq!(access("/agent/validate-authentication-token/x", closed), Access::Denied);
+        assert_eq!(
+            access("/agent/validate-authentication-token/x", closed),
+            Access::Denied
+        );
         assert_eq!(access("/agent/other", closed), Access::Denied);
     }
 }

@@ -28,11 +28,15 @@
 //! token.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     convert::Infallible,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -96,6 +100,7 @@ struct Budget {
     /// request holds one of [`MAX_VERIFYING`] permits, so the map never
     /// holds more than that many.
     per_peer: Mutex<HashMap<ClientKey, usize>>,
+    refused: AtomicU64,
 }
 
 /// A request's share of the budget, given back on drop.
@@ -133,6 +138,7 @@ impl Budget {
             verifying: Arc::new(Semaphore::new(total)),
             max_per_peer: per_peer,
             per_peer: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -180,7 +186,7 @@ struct Form {
 
 async fn verify(verifier: &TokenVerifier, request: http::Request<Body>) -> http::Response<Body> {
     if request.method() != Method::POST {
-        let mut response = refusal(
+        let mut response = no(
             StatusCode::METHOD_NOT_ALLOWED,
             "the token verifier takes POST",
         );
@@ -190,7 +196,7 @@ async fn verify(verifier: &TokenVerifier, request: http::Request<Body>) -> http:
         return response;
     }
     if !is_form(request.headers()) {
-        return refusal(
+        return no(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the form as application/x-www-form-urlencoded",
         );
@@ -207,8 +213,14 @@ async fn verify(verifier: &TokenVerifier, request: http::Request<Body>) -> http:
     let _slot = match verifier.budget.slot(ClientKey::of(request.extensions())) {
         Ok(slot) => slot,
         Err(why) => {
-            tracing::debug!(peer = ?peer_addr, "token verification refused: {why}");
-            let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, why);
+            // Worth seeing, but not once per request of a flood.
+            let refused = verifier.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if crate::limits::worth_a_warning(refused) {
+                tracing::warn!(peer = ?peer_addr, refused, "token verification refused: {why}");
+            } else {
+                tracing::debug!(peer = ?peer_addr, "token verification refused: {why}");
+            }
+            let mut response = no(StatusCode::SERVICE_UNAVAILABLE, why);
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -219,9 +231,9 @@ async fn verify(verifier: &TokenVerifier, request: http::Request<Body>) -> http:
     let body = match tokio::time::timeout(READ_TIMEOUT, body).await {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(_)) => return refusal(StatusCode::BAD_REQUEST, "the form could not be read"),
+        Ok(Err(_)) => return no(StatusCode::BAD_REQUEST, "the form could not be read"),
         Err(_) => {
-            return refusal(
+            return no(
                 StatusCode::REQUEST_TIMEOUT,
                 "the form did not arrive in time",
             );
@@ -237,7 +249,7 @@ async fn verify(verifier: &TokenVerifier, request: http::Request<Body>) -> http:
     let verdict = verifier
         .fleet
         .verify_connection_token(&form.session_id, &form.token)
-        .map_err(std::borrow::Cow::Owned);
+        .map_err(Cow::Owned);
     match &verdict {
         Ok(user) => tracing::debug!(
             session_id = ?form.session_id,
@@ -271,7 +283,7 @@ fn is_form(headers: &http::HeaderMap) -> bool {
 
 /// DCV's three fields, each once, within bounds, UTF-8. Other fields are
 /// ignored, as a later DCV may send more.
-fn parse_form(body: &[u8]) -> Result<Form, std::borrow::Cow<'static, str>> {
+fn parse_form(body: &[u8]) -> Result<Form, Cow<'static, str>> {
     // form_urlencoded decodes lossily; a form that is not UTF-8 before or
     // after percent-decoding is refused rather than guessed at.
     if std::str::from_utf8(body).is_err() {
@@ -307,7 +319,7 @@ fn parse_form(body: &[u8]) -> Result<Form, std::borrow::Cow<'static, str>> {
     let required = |value: Option<String>, field: &str| {
         value
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| std::borrow::Cow::Owned(format!("{field} is missing")))
+            .ok_or_else(|| Cow::Owned(format!("{field} is missing")))
     };
     Ok(Form {
         session_id: required(session_id, "sessionId")?,
@@ -320,7 +332,7 @@ fn parse_form(body: &[u8]) -> Result<Form, std::borrow::Cow<'static, str>> {
 /// One form-encoded name or value: `+` is a space, `%XX` a byte (a `%`
 /// not followed by two hex digits is itself), and the bytes must be UTF-8.
 /// (form_urlencoded would replace bad UTF-8 rather than refuse it.)
-fn decode(raw: &[u8]) -> Result<String, std::borrow::Cow<'static, str>> {
+fn decode(raw: &[u8]) -> Result<String, Cow<'static, str>> {
     let mut bytes = Vec::with_capacity(raw.len());
     let mut rest = raw;
     while let Some((&first, tail)) = rest.split_first() {
@@ -346,7 +358,7 @@ fn hex(digit: u8) -> u8 {
 }
 
 /// The XML answer with HTTP 200: yes with the user, or no with why.
-fn answer(verdict: Result<String, std::borrow::Cow<'static, str>>) -> http::Response<Body> {
+fn answer(verdict: Result<String, Cow<'static, str>>) -> http::Response<Body> {
     match verdict {
         Ok(user) => match escape_xml(&user) {
             Some(user) => xml(
@@ -361,18 +373,15 @@ fn answer(verdict: Result<String, std::borrow::Cow<'static, str>>) -> http::Resp
     }
 }
 
-/// An HTTP error that still reads as DCV's "no".
-fn refusal(status: StatusCode, why: &str) -> http::Response<Body> {
-    no(status, why)
-}
-
 fn too_large() -> http::Response<Body> {
-    refusal(
+    no(
         StatusCode::PAYLOAD_TOO_LARGE,
         "the form is larger than 8 KiB",
     )
 }
 
+/// DCV's no, with `status`: 200 for a verdict, an HTTP error for a request
+/// that is not DCV's (which still reads as a no).
 fn no(status: StatusCode, why: &str) -> http::Response<Body> {
     let why = escape_xml(why).unwrap_or_else(|| "refused".to_owned());
     xml(
