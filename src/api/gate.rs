@@ -416,6 +416,55 @@ mod tests {
     }
 
     #[test]
+    fn the_token_verifier_is_routed_as_plain_http_behind_the_same_rules() {
+        const VERIFY: &str = "/agent/validate-authentication-token";
+        let form = |host: &str, path: &str| {
+            http::Request::builder()
+                .version(Version::HTTP_11)
+                .method(http::Method::POST)
+                .uri(path)
+                .header(header::HOST, host)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(())
+                .unwrap()
+        };
+        let fleet = crate::fleet::Fleet::new(crate::fleet::FleetConfig::default()).unwrap();
+        let local = "127.0.0.1:8443".parse().unwrap();
+        let g = HttpGateLayer::new(None, Some(TokenVerifier::new(fleet)), local, false, &[])
+            .policy()
+            .shared
+            .clone();
+        assert!(matches!(
+            g.route(&form("127.0.0.1:8443", VERIFY)),
+            Route::Verifier(_)
+        ));
+        // Only that path; and a browser page or a rebinding name gets no
+        // further than anywhere else.
+        assert_eq!(
+            status(g.route(&form(
+                "127.0.0.1:8443",
+                "/agent/validate-authentication-token/x"
+            ))),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            status(g.route(&form("attacker.example", VERIFY))),
+            Some(StatusCode::MISDIRECTED_REQUEST)
+        );
+        let mut cross = form("127.0.0.1:8443", VERIFY);
+        cross
+            .headers_mut()
+            .insert(header::ORIGIN, "http://attacker.example".parse().unwrap());
+        assert_eq!(status(g.route(&cross)), Some(StatusCode::FORBIDDEN));
+        // Without a verifier, 404.
+        let none = gate(false, "127.0.0.1:8443", &[]);
+        assert_eq!(
+            status(none.route(&form("127.0.0.1:8443", VERIFY))),
+            Some(StatusCode::NOT_FOUND)
+        );
+    }
+
+    #[test]
     fn a_loopback_plaintext_broker_answers_only_its_own_names() {
         let g = gate(false, "127.0.0.1:8443", &["Broker.Internal."]);
         assert_eq!(
