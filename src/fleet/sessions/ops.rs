@@ -262,11 +262,14 @@ impl Fleet {
     /// `auth-token-verifier` request, which names no server); returns the
     /// user it admits, or why not.
     ///
-    /// Still bound to one server without naming it: a session lives on
-    /// exactly one server and a token is bound to exactly one session (it
-    /// is signed over the session id), so a token admits its user only to
-    /// the server that holds its session. A DCV server asking about a
-    /// session it does not hold learns nothing a client could use there.
+    /// Still bound to one server without naming it: a token is bound to
+    /// exactly one session (it is signed over the session id), session ids
+    /// are unique in the fleet, and a session lives on exactly one server;
+    /// a DCV server asks only about the session a client is connecting to
+    /// on it. So the token admits its user to that session's server and
+    /// no other. (The verifier needs no credentials, as DCV servers have
+    /// none; whoever asks learns only what the token says in clear, its
+    /// session and user, and whether it is still valid.)
     pub fn verify_connection_token(&self, session: &str, token: &str) -> Result<String, String> {
         self.check_connection_token(None, session, token, SystemTime::now())
     }
