@@ -72,15 +72,15 @@ pub const MAX_VERIFYING: usize = 256;
 
 /// Of [`MAX_VERIFYING`], how many one address (an IPv6 /64) may hold, so
 /// that one peer trickling forms cannot lock every DCV server out. A DCV
-/// server verifies one connecting client at a time, per client; 32 at once
-/// is a burst of logins on one host.
+/// server asks once per connecting client: 32 at once from one host is a
+/// burst of logins.
 pub const MAX_VERIFYING_PER_PEER: usize = 32;
 
 /// The longest field values taken. `sessionId`'s bound is the domain's
 /// (longer ids name no session); the token's fits any token this broker
 /// issues (a 256-byte session id, a 256-character user name and an
-/// expiry, base64, plus a MAC: under 2 KiB); an
-/// address with a port and an IPv6 zone fits in 128.
+/// expiry, base64, plus a MAC: under 2 KiB); an address with a port and an
+/// IPv6 zone fits in 128.
 const MAX_SESSION_ID_BYTES: usize = crate::fleet::sessions::MAX_SESSION_ID_BYTES;
 const MAX_TOKEN_BYTES: usize = 4 * 1024;
 const MAX_CLIENT_ADDRESS_BYTES: usize = 128;
