@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 use crate::{
     api::{
         AgentApi, AuthLayer, HttpGateLayer, OpenServices, RequestSpanLayer, ServersApi,
-        SessionsApi, oauth::TokenEndpoint,
+        SessionsApi, oauth::TokenEndpoint, verifier::TokenVerifier,
     },
     auth::Auth,
     demo,
@@ -255,6 +255,7 @@ async fn run(
             .auth
             .clone()
             .map(|auth| TokenEndpoint::new(auth, &config.limits)),
+        Some(TokenVerifier::new(fleet.clone())),
         local,
         tls.is_some(),
         &config.allowed_hosts,

@@ -69,7 +69,12 @@ pub fn access(path: &str, open: OpenServices) -> Access {
             Access::Authenticated
         }
     };
-    if path == crate::api::oauth::TOKEN_PATH {
+    // The HTTP gate answers these two before this layer; they are listed
+    // so that the table stays the whole truth. Neither can carry a bearer
+    // token: a token request is how a client gets one, and DCV servers
+    // verifying a user's connection token hold none (the connection token
+    // is the credential).
+    if path == crate::api::oauth::TOKEN_PATH || path == crate::api::verifier::VERIFIER_PATH {
         return Access::Open;
     }
     if crate::transport::is_health(path) {
@@ -366,5 +371,15 @@ mod tests {
             Access::Authenticated
         );
         assert_eq!(access("/oauth2/token", closed), Access::Open);
+        assert_eq!(
+            access("/agent/validate-authentication-token", closed),
+            Access::Open
+        );
+        // Only that exact path: its neighbours are no method.
+        assert_eq!(
+            access("/agent/validate-authentication-token/x", closed),
+            Access::Denied
+        );
+        assert_eq!(access("/agent/other", closed), Access::Denied);
     }
 }

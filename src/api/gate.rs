@@ -2,7 +2,8 @@
 //! may reach the broker at all, with every rule here.
 //!
 //! The port speaks two things: gRPC, and a few plain HTTP routes that
-//! non-gRPC clients need (today the OAuth token endpoint). A browser can
+//! non-gRPC clients need (the OAuth token endpoint, and DCV servers'
+//! token verifier). A browser can
 //! reach both: any web page may POST to `http://127.0.0.1:8443` with a
 //! "simple" content type (`text/plain`, forms) and no CORS preflight, and
 //! a DNS-rebinding page can even read the answers. So, in this order:
@@ -19,7 +20,9 @@
 //!    POST; gRPC clients, curl and OAuth libraries send neither.
 //! 3. **Routes**: `/oauth2/...` goes to the token endpoint (HTTP/1.1 or
 //!    HTTP/2; 404 when authentication is off), outside the gRPC layers
-//!    and their limits. Everything else is gRPC and only gRPC: HTTP/2
+//!    and their limits; `/agent/validate-authentication-token` goes to
+//!    DCV's token verifier (HTTP/1.1 or HTTP/2, open: DCV servers hold no
+//!    bearer token), likewise with limits of its own. Everything else is gRPC and only gRPC: HTTP/2
 //!    with an `application/grpc*` content type. A gRPC method path with
 //!    another content type gets HTTP 415, gRPC over HTTP/1.x gets HTTP
 //!    505, and any other path 404, all before any handler runs.
@@ -40,7 +43,10 @@ use http::{HeaderMap, StatusCode, Version, header, uri::Authority};
 use tonic::body::Body;
 use tower::ServiceExt as _;
 
-use super::oauth::{TokenEndpoint, is_oauth_path, oauth_error};
+use super::{
+    oauth::{TokenEndpoint, is_oauth_path, oauth_error},
+    verifier::{TokenVerifier, VERIFIER_PATH},
+};
 use crate::layer::{Policy, PolicyLayer, PolicyService, Verdict};
 use crate::transport::is_grpc_content_type;
 
@@ -59,6 +65,7 @@ pub struct HttpGatePolicy {
 #[derive(Debug)]
 struct Shared {
     token: Option<TokenEndpoint>,
+    verifier: Option<TokenVerifier>,
     /// The scheme of the broker's own origin.
     scheme: &'static str,
     /// `None`: any Host. `Some(names)`: IP literals, `localhost` and these
@@ -70,11 +77,13 @@ struct Shared {
 impl HttpGateLayer {
     /// The gate of a broker listening on `local` (over TLS when `tls`),
     /// answering the token endpoint with `token` (`None`: authentication is
-    /// off, and `/oauth2/...` is 404). `allowed_hosts` are the names, besides
-    /// IP literals and `localhost`, that a plaintext loopback broker accepts
-    /// as Host.
+    /// off, and `/oauth2/...` is 404) and DCV's token verifier with
+    /// `verifier` (`None`: 404). `allowed_hosts` are the names, besides IP
+    /// literals and `localhost`, that a plaintext loopback broker accepts as
+    /// Host.
     pub fn new(
         token: Option<TokenEndpoint>,
+        verifier: Option<TokenVerifier>,
         local: SocketAddr,
         tls: bool,
         allowed_hosts: &[String],
@@ -83,6 +92,7 @@ impl HttpGateLayer {
         PolicyLayer::of(HttpGatePolicy {
             shared: Arc::new(Shared {
                 token,
+                verifier,
                 scheme: if tls { "https" } else { "http" },
                 hosts: rebindable.then(|| {
                     allowed_hosts
@@ -110,6 +120,13 @@ where
                 let request = request.map(Body::new);
                 Verdict::Later(Box::pin(async move {
                     let Ok(response) = endpoint.oneshot(request).await;
+                    Ok(response)
+                }))
+            }
+            Route::Verifier(verifier) => {
+                let request = request.map(Body::new);
+                Verdict::Later(Box::pin(async move {
+                    let Ok(response) = verifier.oneshot(request).await;
                     Ok(response)
                 }))
             }
@@ -145,6 +162,8 @@ enum Route {
     Grpc,
     /// To the token endpoint.
     Token(TokenEndpoint),
+    /// To DCV's token verifier.
+    Verifier(TokenVerifier),
     /// Nowhere: answered here.
     Refuse(Refusal),
 }
@@ -219,6 +238,16 @@ impl Shared {
                     StatusCode::NOT_FOUND,
                     "invalid_request",
                     "this broker runs without a token endpoint: authentication is off",
+                ),
+            };
+        }
+        if path == VERIFIER_PATH {
+            return match &self.verifier {
+                Some(verifier) => Route::Verifier(verifier.clone()),
+                None => Refusal::route(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request",
+                    "this broker runs without a token verifier",
                 ),
             };
         }
@@ -318,7 +347,7 @@ mod tests {
 
     fn gate(tls: bool, local: &str, allowed: &[&str]) -> Arc<Shared> {
         let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
-        let layer = HttpGateLayer::new(None, local.parse().unwrap(), tls, &allowed);
+        let layer = HttpGateLayer::new(None, None, local.parse().unwrap(), tls, &allowed);
         layer.policy().shared.clone()
     }
 
@@ -382,6 +411,55 @@ mod tests {
         // Without authentication there is no token endpoint.
         assert_eq!(
             status(g.route(&grpc("127.0.0.1:8443", "/oauth2/token"))),
+            Some(StatusCode::NOT_FOUND)
+        );
+    }
+
+    #[test]
+    fn the_token_verifier_is_routed_as_plain_http_behind_the_same_rules() {
+        const VERIFY: &str = "/agent/validate-authentication-token";
+        let form = |host: &str, path: &str| {
+            http::Request::builder()
+                .version(Version::HTTP_11)
+                .method(http::Method::POST)
+                .uri(path)
+                .header(header::HOST, host)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(())
+                .unwrap()
+        };
+        let fleet = crate::fleet::Fleet::new(crate::fleet::FleetConfig::default()).unwrap();
+        let local = "127.0.0.1:8443".parse().unwrap();
+        let g = HttpGateLayer::new(None, Some(TokenVerifier::new(fleet)), local, false, &[])
+            .policy()
+            .shared
+            .clone();
+        assert!(matches!(
+            g.route(&form("127.0.0.1:8443", VERIFY)),
+            Route::Verifier(_)
+        ));
+        // Only that path; and a browser page or a rebinding name gets no
+        // further than anywhere else.
+        assert_eq!(
+            status(g.route(&form(
+                "127.0.0.1:8443",
+                "/agent/validate-authentication-token/x"
+            ))),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            status(g.route(&form("attacker.example", VERIFY))),
+            Some(StatusCode::MISDIRECTED_REQUEST)
+        );
+        let mut cross = form("127.0.0.1:8443", VERIFY);
+        cross
+            .headers_mut()
+            .insert(header::ORIGIN, "http://attacker.example".parse().unwrap());
+        assert_eq!(status(g.route(&cross)), Some(StatusCode::FORBIDDEN));
+        // Without a verifier, 404.
+        let none = gate(false, "127.0.0.1:8443", &[]);
+        assert_eq!(
+            status(none.route(&form("127.0.0.1:8443", VERIFY))),
             Some(StatusCode::NOT_FOUND)
         );
     }

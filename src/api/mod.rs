@@ -11,6 +11,7 @@ pub mod oauth;
 pub mod request_id;
 pub mod servers;
 pub mod sessions;
+pub mod verifier;
 
 pub use agent::AgentApi;
 pub use auth::{AuthLayer, OpenServices};

@@ -86,3 +86,44 @@ impl ConnectionTokens {
         Ok((session.to_string(), user.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Expiry is decided by the clock the caller passes: the token admits
+    /// its user up to its expiry second, and not one second past it.
+    #[test]
+    fn a_token_admits_until_it_expires_and_garbage_never() {
+        let tokens = ConnectionTokens::with_key([7; 32]);
+        let expires = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let token = tokens.issue("s-1", "a<b&c\"d'e", expires);
+        assert_eq!(
+            tokens.check(&token, expires - Duration::from_secs(60)),
+            Ok(("s-1".to_owned(), "a<b&c\"d'e".to_owned()))
+        );
+        assert!(tokens.check(&token, expires).is_ok());
+        assert_eq!(
+            tokens.check(&token, expires + Duration::from_secs(1)),
+            Err("the token has expired".to_owned())
+        );
+
+        let now = expires - Duration::from_secs(60);
+        let mut flipped = token.clone().into_bytes();
+        flipped[3] ^= 1;
+        let flipped = String::from_utf8(flipped).unwrap();
+        let other_key = ConnectionTokens::with_key([8; 32]).issue("s-1", "u", expires);
+        for garbage in [
+            flipped.as_str(),
+            &token[..token.len() - 1],
+            "",
+            ".",
+            "YWJj.ZGVm",
+            "%%%.***",
+            other_key.as_str(),
+            &"A".repeat(10_000),
+        ] {
+            assert!(tokens.check(garbage, now).is_err(), "{garbage:?}");
+        }
+    }
+}

@@ -4,7 +4,8 @@ registered with `dcv-broker clients register` through the running broker's
 admin socket, tokens from the broker's own `POST /oauth2/token` fetched
 with Python's standard library, and then grpcurl and a grpcio client
 calling with `authorization: Bearer`. Agents authenticate by a client
-certificate from `dcv-broker tls agent-cert`."""
+certificate from `dcv-broker tls agent-cert`. DCV servers verify users'
+connection tokens with a form POST and no credentials of their own."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import base64
 import json
 import ssl
 import subprocess
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import grpc
@@ -23,6 +27,7 @@ from test_tls import _grpcurl_path
 
 SERVERS = "dcv.sessionmanager.v1.Servers"
 AGENT = "dcv.sessionmanager.v1.Agent"
+SESSIONS = "dcv.sessionmanager.v1.Sessions"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -200,3 +205,55 @@ def test_agents_authenticate_with_a_client_certificate_for_their_own_server(
     assert "agent-host-1" in res.stderr, res.stderr
     res = register_server("agent-host-1")
     assert "Code: Unauthenticated" in res.stderr, res.stderr
+
+
+def verify_token(broker, tls_dir: Path, session_id: str, token: str) -> tuple[int, str, ET.Element]:
+    """What a DCV server does with a connecting client's token (dcv.conf
+    `auth-token-verifier`): a form POST, answered in XML. No bearer token."""
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{broker.port}/agent/validate-authentication-token",
+        method="POST",
+        data=urllib.parse.urlencode(
+            {"sessionId": session_id, "authenticationToken": token, "clientAddress": "198.51.100.7"}
+        ).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+        return reply.status, reply.headers["Content-Type"], ET.fromstring(reply.read())
+
+
+def test_a_dcv_server_verifies_a_connection_token_without_a_bearer_token(
+    broker_bin, secure_broker, tls_dir, grpcurl
+):
+    portal = register(broker_bin, secure_broker, "portal", "sessions:manage")
+    bearer = f"authorization: Bearer {fetch_token(secure_broker, tls_dir, *portal)['access_token']}"
+    create = json.dumps({"Sessions": [{"Name": "desk", "Owner": "gus", "Type": "VIRTUAL"}]})
+    res = grpcurl("-H", bearer, "-d", create, secure_broker.addr, f"{SESSIONS}/CreateSessions")
+    assert res.returncode == 0, res.stderr
+    session_id = json.loads(res.stdout)["SuccessfulList"][0]["Id"]
+
+    # The demo fleet's agent makes the session READY; until then there is
+    # no connection data. Polled, bounded.
+    ask = json.dumps({"SessionId": session_id, "User": "gus"})
+    deadline = time.monotonic() + 20
+    while True:
+        res = grpcurl("-H", bearer, "-d", ask, secure_broker.addr,
+                      f"{SESSIONS}/GetSessionConnectionData")
+        if res.returncode == 0:
+            break
+        assert "FailedPrecondition" in res.stderr, res.stderr
+        assert time.monotonic() < deadline, "the session never became READY"
+        time.sleep(0.1)
+    token = json.loads(res.stdout)["ConnectionToken"]
+
+    status, content_type, auth = verify_token(secure_broker, tls_dir, session_id, token)
+    assert (status, content_type) == (200, "text/xml")
+    assert auth.tag == "auth" and auth.get("result") == "yes"
+    assert auth.findtext("username") == "gus"
+
+    for session, garbled in [(session_id, token[:-2]), (session_id, "garbage"), ("other", token)]:
+        status, _, auth = verify_token(secure_broker, tls_dir, session, garbled)
+        assert status == 200
+        assert auth.get("result") == "no", ET.tostring(auth)
+        assert auth.findtext("message")

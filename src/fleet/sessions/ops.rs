@@ -246,35 +246,63 @@ impl Fleet {
         Ok(self.connection_tokens.issue(session_id, user, expires))
     }
 
-    /// Checks a connection token presented to `server` for `session`;
-    /// returns the user it admits, or why not.
+    /// Checks a connection token an agent presents for `session` on its
+    /// `server` (gRPC `Agent/ValidateConnectionToken`); returns the user it
+    /// admits, or why not.
     pub fn validate_connection_token(
         &self,
         server: &str,
         session: &str,
         token: &str,
     ) -> Result<Result<String, String>, FleetError> {
-        let verdict = match self.connection_tokens.check(token, SystemTime::now()) {
-            Err(why) => Err(why),
-            Ok((token_session, user)) => {
-                let state = self.read(Instant::now());
-                let on_server = state
-                    .sessions
-                    .records
-                    .get(token_session.as_str())
-                    .is_some_and(|r| {
-                        r.state == SessionState::Ready && r.server.as_deref() == Some(server)
-                    });
-                if token_session != session {
-                    Err("the token is for another session".into())
-                } else if !on_server {
-                    Err("the session is not READY on this server".into())
-                } else {
-                    Ok(user)
-                }
-            }
-        };
-        Ok(verdict)
+        Ok(self.check_connection_token(Some(server), session, token, SystemTime::now()))
+    }
+
+    /// Checks a connection token a DCV server presents for `session` (its
+    /// `auth-token-verifier` request, which names no server); returns the
+    /// user it admits, or why not.
+    ///
+    /// Still bound to one server without naming it: a token is bound to
+    /// exactly one session (it is signed over the session id), session ids
+    /// are unique in the fleet, and a session lives on exactly one server;
+    /// a DCV server asks only about the session a client is connecting to
+    /// on it. So the token admits its user to that session's server and
+    /// no other. (The verifier needs no credentials, as DCV servers have
+    /// none; whoever asks learns only what the token says in clear, its
+    /// session and user, and whether it is still valid.)
+    pub fn verify_connection_token(&self, session: &str, token: &str) -> Result<String, String> {
+        self.check_connection_token(None, session, token, SystemTime::now())
+    }
+
+    /// The one check behind both forms, at `now`: the token is genuine and
+    /// unexpired, it is for `session`, and `session` is READY (on `server`
+    /// when one is named). The token is checked before the lock is taken:
+    /// the lock is held for one lookup, whatever the caller sent.
+    fn check_connection_token(
+        &self,
+        server: Option<&str>,
+        session: &str,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<String, String> {
+        let (token_session, user) = self.connection_tokens.check(token, now)?;
+        if token_session != session {
+            return Err("the token is for another session".into());
+        }
+        let state = self.read(Instant::now());
+        let ready = state
+            .sessions
+            .records
+            .get(token_session.as_str())
+            .is_some_and(|r| {
+                r.state == SessionState::Ready
+                    && server.is_none_or(|server| r.server.as_deref() == Some(server))
+            });
+        match (ready, server) {
+            (true, _) => Ok(user),
+            (false, Some(_)) => Err("the session is not READY on this server".into()),
+            (false, None) => Err("the session is not READY".into()),
+        }
     }
 
     /// How many requests wait in the queue.
