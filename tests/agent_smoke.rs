@@ -135,7 +135,7 @@ fn server_id(config: &Path) -> String {
 #[tokio::test]
 async fn the_host_registers_with_its_hostname_and_tags_and_keeps_its_id() {
     let tmp = Temp::new("register");
-    let mut broker =
+    let broker =
         BrokerProcess::start_exactly(&["--in-memory", "--heartbeat-interval", "1s"]).await;
     let config = write_config(&tmp.0, &format!("http://{}", broker.addr));
     let id = server_id(&config);

@@ -143,6 +143,7 @@ pub fn session(id: &str, kind: pb::SessionType, state: pb::SessionState) -> pb::
         owner: "alice".into(),
         r#type: kind as i32,
         state: state as i32,
+        ..Default::default()
     }
 }
 
@@ -288,6 +289,7 @@ impl TestAgent {
                     "no such user".into()
                 },
                 session_state: state as i32,
+                ..Default::default()
             })
             .await
             .unwrap();

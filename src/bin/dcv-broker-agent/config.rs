@@ -261,6 +261,7 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     let a = raw.agent.unwrap_or_default();
     let log = raw.log.unwrap_or_default();
     let broker_port = a.broker_port.unwrap_or(DEFAULT_BROKER_PORT);
+    let credentials_checked = credentials(&a);
     if broker_port == 0 {
         return Err("[agent] broker_port must be 1 to 65535".into());
     }
@@ -347,7 +348,7 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     if dcv_command.as_os_str().is_empty() {
         return Err("[agent] dcv_command must not be empty".into());
     }
-    let credentials = credentials(&a)?;
+    let credentials = credentials_checked?;
     let aws_metadata_endpoint = a
         .aws_metadata_endpoint
         .unwrap_or_else(|| DEFAULT_AWS_METADATA_ENDPOINT.into());

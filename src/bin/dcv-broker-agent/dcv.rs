@@ -109,9 +109,11 @@ impl Dcv {
         let work = async {
             let mut out = Vec::new();
             let mut err = Vec::new();
+            let mut stdout = stdout.take(MAX_STDOUT_BYTES + 1);
+            let mut stderr = stderr.take(MAX_STDERR_BYTES);
             let (o, e) = tokio::join!(
-                stdout.take(MAX_STDOUT_BYTES + 1).read_to_end(&mut out),
-                stderr.take(MAX_STDERR_BYTES).read_to_end(&mut err),
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err),
             );
             o.and(e)?;
             let status = child.wait().await?;
@@ -226,11 +228,8 @@ pub fn reason_from(stderr: &[u8]) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    joined
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_REASON_CHARS)
-        .collect()
+    let clean: String = joined.chars().filter(|c| !c.is_control()).collect();
+    clean.trim().chars().take(MAX_REASON_CHARS).collect()
 }
 
 /// The argv of `dcv create-session` for an instruction; files it names are
