@@ -264,14 +264,23 @@ mod tests {
     fn the_server_id_is_made_once_and_kept() {
         let d = dir("id");
         let state = StateDir::open(&d).unwrap();
-        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let id = state.server_id().unwrap();
         assert!(uuid::Uuid::parse_str(&id).is_ok());
         assert_eq!(StateDir::open(&d).unwrap().server_id().unwrap(), id);
         let file = d.join(SERVER_ID_FILE);
-        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::write(&file, "garbage").unwrap();
-        assert!(state.server_id().is_err(), "a damaged id is not silently replaced");
+        assert!(
+            state.server_id().is_err(),
+            "a damaged id is not silently replaced"
+        );
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -286,7 +295,10 @@ mod tests {
         failed.reason = "dcv: no".into();
         j.record(failed.clone()).unwrap();
         drop(j);
-        let mut f = OpenOptions::new().append(true).open(d.join(JOURNAL_FILE)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.join(JOURNAL_FILE))
+            .unwrap();
         f.write_all(b"{\"id\":\"i3\",\"ki").unwrap();
         let j = state.journal().unwrap();
         assert_eq!(j.len(), 2);
@@ -304,7 +316,8 @@ mod tests {
         (j.compact_at, j.keep_recent) = (64, 16);
         let total = j.compact_at;
         for i in 0..total {
-            j.record(outcome(&format!("i{i}"), &format!("s{i}"))).unwrap();
+            j.record(outcome(&format!("i{i}"), &format!("s{i}")))
+                .unwrap();
         }
         assert!(j.wants_compaction());
         let live: HashSet<String> = ["s0".to_string(), "s5".to_string()].into();
