@@ -251,3 +251,65 @@ async fn a_bad_configuration_exits_2_naming_the_key() {
         }
     }
 }
+
+/// `dcv-broker tls init`'s files in `dir`, for localhost and 127.0.0.1.
+fn tls_init(dir: &Path) {
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args(["tls", "init", "--names", "localhost,127.0.0.1", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn over_tls_the_broker_is_verified_unless_tls_strict_is_false() {
+    let tmp = Temp::new("tls");
+    let certs = tmp.0.join("certs");
+    tls_init(&certs);
+    let cert = certs.join("server.pem");
+    let key = certs.join("server-key.pem");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--in-memory".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--auth".as_ref(),
+        "off".as_ref(),
+    ];
+    let broker = BrokerProcess::start_exactly(&args).await;
+    let port = broker.addr.port();
+    let base = write_config(&tmp.0, "http://127.0.0.1:1");
+    let base = std::fs::read_to_string(base).unwrap().replace(
+        "broker_url = 'http://127.0.0.1:1'",
+        &format!("broker_host = '127.0.0.1'\nbroker_port = {port}"),
+    );
+    let cases = [
+        (
+            format!("ca_file = '{}'\n", certs.join("ca.pem").display()),
+            true,
+        ),
+        ("tls_strict = false\n".to_owned(), true),
+        (String::new(), false),
+    ];
+    for (extra, registers) in cases {
+        let path = tmp.0.join("tls.conf");
+        std::fs::write(
+            &path,
+            base.replace("[agent]\n", &format!("[agent]\n{extra}")),
+        )
+        .unwrap();
+        let mut agent = AgentProcess::start(&path);
+        if registers {
+            agent.logged("registered server_id=").await;
+        } else {
+            // The system roots do not hold the test CA.
+            let line = agent.logged("broker unreachable").await;
+            assert!(line.contains("retrying in"), "{line}");
+            assert!(line.contains("UnknownIssuer"), "{line}");
+        }
+        agent.terminate().await;
+    }
+    broker.terminate().await;
+}
