@@ -132,6 +132,21 @@ fn server_id(config: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// `dcv-broker-agent check` with this configuration.
+async fn check(config: &Path) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(AGENT_BIN)
+            .args(["check", "--config"])
+            .arg(config)
+            .env("DCV_BROKER_AGENT_LOG", "off")
+            .output(),
+    )
+    .await
+    .expect("check answers")
+    .unwrap()
+}
+
 #[tokio::test]
 async fn the_host_registers_with_its_hostname_and_tags_and_keeps_its_id() {
     let tmp = Temp::new("register");
@@ -139,6 +154,10 @@ async fn the_host_registers_with_its_hostname_and_tags_and_keeps_its_id() {
     let config = write_config(&tmp.0, &format!("http://{}", broker.addr));
     let id = server_id(&config);
     assert_eq!(server_id(&config), id, "the id is made once");
+
+    let check = check(&config).await;
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    assert_eq!(String::from_utf8_lossy(&check.stdout), "ok\n");
 
     let mut agent = AgentProcess::start(&config);
     let line = agent.logged("registered server_id=").await;
@@ -207,6 +226,14 @@ async fn an_unreachable_broker_is_retried_with_a_logged_backoff() {
         .unwrap()
         .port();
     let config = write_config(&tmp.0, &format!("http://127.0.0.1:{port}"));
+    let check = check(&config).await;
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("dcv-broker-agent: cannot use the broker"),
+        "{stderr}"
+    );
     let mut agent = AgentProcess::start(&config);
     for _ in 0..2 {
         let line = agent.logged("broker unreachable").await;
@@ -308,6 +335,76 @@ async fn over_tls_the_broker_is_verified_unless_tls_strict_is_false() {
             let line = agent.logged("broker unreachable").await;
             assert!(line.contains("retrying in"), "{line}");
             assert!(line.contains("UnknownIssuer"), "{line}");
+        }
+        agent.terminate().await;
+    }
+    broker.terminate().await;
+}
+
+/// `dcv-broker clients register` on a stopped broker's store: the client
+/// id and secret.
+fn register_agent_client(data: &Path, server_id: &str) -> (String, String) {
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args([
+            "clients", "register", "--name", "agent", "--scopes", "agent",
+        ])
+        .args(["--server-id", server_id, "--json", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let client = &reply["client"];
+    (
+        client["client_id"].as_str().unwrap().to_owned(),
+        client["client_secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn with_client_credentials_the_agent_buys_a_token_and_registers() {
+    let tmp = Temp::new("oauth");
+    let data = tmp.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = write_config(&tmp.0, "http://127.0.0.1:1");
+    let id = server_id(&config);
+    let (client_id, secret) = register_agent_client(&data, &id);
+    let (other_id, other_secret) = register_agent_client(&data, "another-server");
+    let mut args = ["--auth", "on", "--data-dir"]
+        .map(std::ffi::OsStr::new)
+        .to_vec();
+    args.push(data.as_os_str());
+    let broker = BrokerProcess::start_exactly(&args).await;
+    let secret_file = tmp.0.join("secret");
+    let base = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("http://127.0.0.1:1", &format!("http://{}", broker.addr));
+    for (client, secret, registers) in [
+        (&client_id, &secret, true),
+        (&other_id, &other_secret, false),
+    ] {
+        let _ = std::fs::remove_file(&secret_file);
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(
+            &config,
+            base.replace(
+                "[agent]\n",
+                &format!(
+                    "[agent]\nclient_id = '{client}'\nclient_secret_file = '{}'\n",
+                    secret_file.display()
+                ),
+            ),
+        )
+        .unwrap();
+        let mut agent = AgentProcess::start(&config);
+        if registers {
+            agent.logged("registered server_id=").await;
+            agent.logged("instruction stream open").await;
+        } else {
+            // A client bound to another server may not act for this one.
+            let line = agent.logged("broker unreachable").await;
+            assert!(line.contains("PermissionDenied"), "{line}");
         }
         agent.terminate().await;
     }

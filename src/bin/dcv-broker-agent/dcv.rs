@@ -648,6 +648,25 @@ mod tests {
     }
 
     #[test]
+    fn permissions_files_are_private_and_removed_after_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("agent-perm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let bytes = decode_permissions("W3Blcm1pc3Npb25zXQo=").unwrap();
+        let file = PrivateFile::write(&dir, &bytes).unwrap();
+        let path = file.path().to_owned();
+        assert_eq!(fs::read(&path).unwrap(), b"[permissions]\n");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        drop(file);
+        assert!(!path.exists());
+        assert!(decode_permissions("not base64!").is_err());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn reasons_are_one_bounded_line() {
         assert_eq!(
             reason_from(b"  error: no\n\nsuch session \x07\n"),
