@@ -287,6 +287,9 @@ pub fn create_session_argv(
 }
 
 /// `get-screenshot`'s argv; DCV spells the formats `PNG` and `JPEG`.
+/// `--primary`: the primary display alone (without it DCV merges every
+/// display into one image), which is what Session Manager's `Primary` image
+/// is.
 pub fn screenshot_argv(id: &str, max_width: i32, max_height: i32, format: &str) -> Vec<OsString> {
     let format = if format.eq_ignore_ascii_case("jpeg") || format.eq_ignore_ascii_case("jpg") {
         "JPEG"
@@ -300,7 +303,13 @@ pub fn screenshot_argv(id: &str, max_width: i32, max_height: i32, format: &str) 
     if max_height > 0 {
         args.extend(["--max-height".into(), max_height.to_string().into()]);
     }
-    args.extend(["--format".into(), format.into(), "--json".into(), id.into()]);
+    args.extend([
+        "--format".into(),
+        format.into(),
+        "--primary".into(),
+        "--json".into(),
+        id.into(),
+    ]);
     args
 }
 
@@ -413,9 +422,10 @@ pub fn parse_session(v: &Value) -> Option<DcvSession> {
     })
 }
 
-/// `get-screenshot --json`: DCV documents the output as base64 in JSON
-/// without showing it, so this takes an object with the image under
-/// `data` (or `image`, `screenshot`), optional `format` and `primary`; a
+/// `get-screenshot --json`: DCV documents the output only as "base64 in
+/// JSON", so this takes an object with the image under `base64` (the key
+/// Amazon's Research and Engineering Studio reads from the real tool), or
+/// `data`, `image`, `screenshot`, with optional `format` and `primary`; a
 /// list of them; or an object holding the list under `images` or
 /// `screenshots`.
 pub fn parse_screenshot(
@@ -435,7 +445,7 @@ pub fn parse_screenshot(
     let mut images = Vec::new();
     let mut total = 0;
     for (i, item) in items.iter().take(MAX_SCREENSHOT_IMAGES).enumerate() {
-        let data = ["data", "image", "screenshot"]
+        let data = ["base64", "data", "image", "screenshot"]
             .iter()
             .find_map(|k| item.get(*k).and_then(Value::as_str))
             .ok_or("no image data in the output")?;
@@ -617,7 +627,7 @@ mod tests {
     #[test]
     fn screenshot_outputs_parse_and_are_bounded() {
         let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\nxx");
-        let one = format!(r#"{{"data":"{png}","format":"PNG"}}"#);
+        let one = format!(r#"{{"format":"png","primary":true,"base64":"{png}"}}"#);
         let images = parse_screenshot(one.as_bytes(), "png").unwrap();
         assert_eq!(images.len(), 1);
         assert_eq!(images[0].format, "png");
@@ -641,6 +651,7 @@ mod tests {
                 "100",
                 "--format",
                 "JPEG",
+                "--primary",
                 "--json",
                 "s"
             ]
