@@ -410,3 +410,50 @@ async fn with_client_credentials_the_agent_buys_a_token_and_registers() {
     }
     broker.terminate().await;
 }
+
+#[tokio::test]
+async fn with_an_agent_certificate_the_agent_registers_over_mutual_tls() {
+    let tmp = Temp::new("mtls");
+    let certs = tmp.0.join("certs");
+    tls_init(&certs);
+    let config = write_config(&tmp.0, "http://127.0.0.1:1");
+    let id = server_id(&config);
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args(["tls", "agent-cert", "--server-id", &id, "--ca-dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (cert, key, ca) = (
+        certs.join("server.pem"),
+        certs.join("server-key.pem"),
+        certs.join("ca.pem"),
+    );
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--in-memory".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--agent-ca".as_ref(),
+        ca.as_os_str(),
+    ];
+    let broker = BrokerProcess::start_exactly(&args).await;
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "broker_url = 'http://127.0.0.1:1'",
+        &format!(
+            "broker_host = '127.0.0.1'\nbroker_port = {}\nca_file = '{}'\ncert_file = '{}'\nkey_file = '{}'",
+            broker.addr.port(),
+            ca.display(),
+            certs.join(format!("agent-{id}.pem")).display(),
+            certs.join(format!("agent-{id}-key.pem")).display(),
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut agent = AgentProcess::start(&config);
+    let line = agent.logged("registered server_id=").await;
+    assert!(line.contains(&id), "{line}");
+    agent.logged("instruction stream open").await;
+    agent.terminate().await;
+    broker.terminate().await;
+}
