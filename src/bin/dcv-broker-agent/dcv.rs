@@ -50,6 +50,9 @@ pub enum DcvError {
     Failed { verb: String, reason: String },
     #[error("dcv {verb}: {reason}")]
     BadOutput { verb: String, reason: String },
+    /// Refused before running anything: the input is not fit for `dcv`.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The `dcv` tool.
@@ -161,6 +164,7 @@ impl Dcv {
     /// (no such session); a timeout or a spawn error stays an error, so that
     /// a hung tool is never read as "the session is not there".
     pub async fn describe_session(&self, id: &str) -> Result<Option<DcvSession>, DcvError> {
+        check_session_id(id)?;
         let args = vec!["describe-session".into(), id.into(), "--json".into()];
         match self.run(&args).await {
             Ok(out) => {
@@ -177,6 +181,7 @@ impl Dcv {
 
     /// `dcv close-session ID`.
     pub async fn close_session(&self, id: &str) -> Result<(), DcvError> {
+        check_session_id(id)?;
         self.run(&["close-session".into(), id.into()])
             .await
             .map(drop)
@@ -184,6 +189,7 @@ impl Dcv {
 
     /// `dcv set-permissions --session ID --file PATH`.
     pub async fn set_permissions(&self, id: &str, file: &Path) -> Result<(), DcvError> {
+        check_session_id(id)?;
         let args: Vec<OsString> = vec![
             "set-permissions".into(),
             "--session".into(),
@@ -202,13 +208,41 @@ impl Dcv {
         max_height: i32,
         format: &str,
     ) -> Result<Vec<pb::SessionScreenshotImage>, DcvError> {
-        let args = screenshot_argv(id, max_width, max_height, format);
+        check_session_id(id)?;
+        let args = screenshot_argv(id, max_width, max_height, format)?;
         let out = self.run(&args).await?;
         parse_screenshot(&out, format).map_err(|reason| DcvError::BadOutput {
             verb: "get-screenshot".into(),
             reason,
         })
     }
+}
+
+/// Longest session id passed to `dcv` (the broker's own bound is lower).
+const MAX_SESSION_ID_BYTES: usize = 256;
+
+/// A session id from an instruction, checked before it becomes an argv
+/// item: a leading `-` would read as an option, and control characters have
+/// no business in an id.
+pub fn check_session_id(id: &str) -> Result<(), DcvError> {
+    if id.is_empty()
+        || id.len() > MAX_SESSION_ID_BYTES
+        || id.starts_with('-')
+        || id.chars().any(char::is_control)
+    {
+        return Err(DcvError::Refused(format!("invalid session id {id:?}")));
+    }
+    Ok(())
+}
+
+/// A value given after an option: refused when it could read as an option.
+fn check_value(what: &str, value: &str) -> Result<(), String> {
+    if value.starts_with('-') || value.chars().any(char::is_control) {
+        return Err(format!(
+            "invalid {what} {value:?}: it may not start with - or hold control characters"
+        ));
+    }
+    Ok(())
 }
 
 fn argv(items: &[&str]) -> Vec<OsString> {
@@ -242,12 +276,13 @@ pub fn create_session_argv(
         Ok(pb::SessionType::Console) => "console",
         _ => return Err(format!("unknown session type {}", c.r#type)),
     };
-    if c.session_id.is_empty() || c.session_id.starts_with('-') {
-        return Err(format!("invalid session id {:?}", c.session_id));
+    check_session_id(&c.session_id).map_err(|e| e.to_string())?;
+    if c.owner.is_empty() {
+        return Err("invalid owner \"\"".into());
     }
-    if c.owner.is_empty() || c.owner.starts_with('-') {
-        return Err(format!("invalid owner {:?}", c.owner));
-    }
+    check_value("owner", &c.owner)?;
+    check_value("name", &c.name)?;
+    check_value("storage root", &c.storage_root)?;
     let mut args: Vec<OsString> = argv(&["create-session", "--type", kind]);
     args.extend(["--owner".into(), OsString::from(&c.owner)]);
     args.extend(["--name".into(), OsString::from(&c.name)]);
@@ -290,11 +325,20 @@ pub fn create_session_argv(
 /// `--primary`: the primary display alone (without it DCV merges every
 /// display into one image), which is what Session Manager's `Primary` image
 /// is.
-pub fn screenshot_argv(id: &str, max_width: i32, max_height: i32, format: &str) -> Vec<OsString> {
-    let format = if format.eq_ignore_ascii_case("jpeg") || format.eq_ignore_ascii_case("jpg") {
-        "JPEG"
-    } else {
-        "PNG"
+pub fn screenshot_argv(
+    id: &str,
+    max_width: i32,
+    max_height: i32,
+    format: &str,
+) -> Result<Vec<OsString>, DcvError> {
+    let format = match format.to_ascii_lowercase().as_str() {
+        "jpeg" | "jpg" => "JPEG",
+        "png" | "" => "PNG",
+        _ => {
+            return Err(DcvError::Refused(format!(
+                "unknown screenshot format {format:?}: png or jpeg"
+            )));
+        }
     };
     let mut args = argv(&["get-screenshot"]);
     if max_width > 0 {
@@ -310,7 +354,7 @@ pub fn screenshot_argv(id: &str, max_width: i32, max_height: i32, format: &str) 
         "--json".into(),
         id.into(),
     ]);
-    args
+    Ok(args)
 }
 
 /// `folder/relative`, refusing anything that could leave `folder`:
@@ -602,9 +646,18 @@ mod tests {
         );
         bad.init_file = "/bin/sh".into();
         assert!(create_session_argv(&bad, &folders(), None).is_err());
-        let mut bad = c.clone();
-        bad.owner = "--help".into();
-        assert!(create_session_argv(&bad, &folders(), None).is_err());
+        for field in ["owner", "name", "storage_root", "session_id"] {
+            let mut bad = c.clone();
+            let value = "--help".to_owned();
+            match field {
+                "owner" => bad.owner = value,
+                "name" => bad.name = value,
+                "storage_root" => bad.storage_root = value,
+                _ => bad.session_id = value,
+            }
+            let e = create_session_argv(&bad, &folders(), None).unwrap_err();
+            assert!(e.contains("invalid"), "{field}: {e}");
+        }
         let mut bad = c;
         bad.autorun_file = "../x".into();
         assert!(
@@ -642,7 +695,7 @@ mod tests {
         assert!(parse_screenshot(b"{\"data\":\"!!\"}", "png").is_err());
         assert!(parse_screenshot(b"[]", "png").is_err());
         assert_eq!(
-            strings(&screenshot_argv("s", 160, 100, "jpeg")),
+            strings(&screenshot_argv("s", 160, 100, "jpeg").unwrap()),
             [
                 "get-screenshot",
                 "--max-width",
@@ -675,6 +728,31 @@ mod tests {
         assert!(!path.exists());
         assert!(decode_permissions("not base64!").is_err());
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn ids_and_formats_that_could_read_as_options_are_refused_before_running() {
+        // A command that would succeed: nothing may reach it.
+        let dcv = Dcv::new("true".into(), Duration::from_secs(5));
+        for id in ["-h", "--help", "", "a\nb"] {
+            assert!(
+                matches!(dcv.close_session(id).await, Err(DcvError::Refused(_))),
+                "{id:?}"
+            );
+            assert!(matches!(
+                dcv.describe_session(id).await,
+                Err(DcvError::Refused(_))
+            ));
+            assert!(matches!(
+                dcv.set_permissions(id, Path::new("/p")).await,
+                Err(DcvError::Refused(_))
+            ));
+        }
+        assert!(matches!(
+            dcv.get_screenshot("s", 1, 1, "gif").await,
+            Err(DcvError::Refused(_))
+        ));
+        assert!(dcv.close_session("ok-id").await.is_ok());
     }
 
     #[test]
