@@ -182,13 +182,20 @@ async fn run(config: Config) -> Result<(), String> {
         executor,
         observer,
         poll_every,
+        slots: Arc::new(tokio::sync::Semaphore::new(
+            broker::MAX_CONCURRENT_INSTRUCTIONS,
+        )),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let talking = tokio::spawn(agent.run(stop_rx));
+    let talking = tokio::spawn(agent.clone().run(stop_rx));
     let signal = wait_for_signal().await?;
     tracing::info!("{signal}: stopping (the broker keeps this server; it is not deregistered)");
     let _ = stop_tx.send(true);
     let _ = talking.await;
+    // Results of instructions finishing now are still reported if the
+    // connection lives; otherwise the broker sends them again and the
+    // journal answers.
+    agent.finish_instructions().await;
     poller.abort();
     Ok(())
 }
