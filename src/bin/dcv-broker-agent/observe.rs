@@ -212,3 +212,104 @@ pub fn agent_session(s: &DcvSession) -> pb::AgentSession {
         name: s.name.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::PermissionsExt, path::PathBuf};
+
+    use super::*;
+    use crate::state::StateDir;
+
+    /// A `dcv` whose list is the file `list` beside it, failing while the
+    /// file `fail` exists.
+    const FAKE: &str = "#!/bin/sh\nD=\"$(dirname \"$0\")\"\n[ -e \"$D/fail\" ] && { echo 'dcv server down' >&2; exit 1; }\ncat \"$D/list\"\n";
+
+    fn setup() -> (PathBuf, Arc<Observer>) {
+        let dir = std::env::temp_dir().join(format!("agent-observe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dcv = dir.join("dcv");
+        std::fs::write(&dcv, FAKE).unwrap();
+        std::fs::set_permissions(&dcv, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("list"), "[]").unwrap();
+        let journal = StateDir::open(&dir.join("state"))
+            .unwrap()
+            .journal()
+            .unwrap();
+        let observer = Observer::new(
+            Dcv::new(dcv, Duration::from_secs(10)),
+            false,
+            Arc::new(Mutex::new(journal)),
+        );
+        (dir, Arc::new(observer))
+    }
+
+    /// The polls finished so far; [`after`] waits for one more.
+    fn mark(observer: &Observer) -> (watch::Receiver<u64>, u64) {
+        let mut rx = observer.polled.subscribe();
+        let seen = *rx.borrow_and_update();
+        (rx, seen)
+    }
+
+    async fn after((mut rx, seen): (watch::Receiver<u64>, u64)) {
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|n| *n > seen))
+            .await
+            .expect("a poll finishes")
+            .unwrap();
+    }
+
+    fn session(id: &str) -> DcvSession {
+        DcvSession {
+            id: id.into(),
+            owner: "alice".into(),
+            name: id.into(),
+            kind: pb::SessionType::Virtual,
+            num_of_connections: Some(0),
+            creation_time: None,
+            last_disconnection_time: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_follows_dcv_and_instructions_and_marks_a_silent_dcv_unhealthy() {
+        let (dir, observer) = setup();
+        let (_every, rx) = watch::channel(Duration::from_secs(3600));
+        let poller = tokio::spawn(observer.clone().run(rx));
+        let first = observer
+            .first_snapshot(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(first.healthy && first.sessions.is_empty());
+
+        // A create shows at once, before any poll.
+        std::fs::write(
+            dir.join("list"),
+            r#"[{"id":"s1","owner":"alice","type":"virtual","num-of-connections":3}]"#,
+        )
+        .unwrap();
+        let polled = mark(&observer);
+        observer.created(session("s1"));
+        assert_eq!(observer.snapshot().unwrap().sessions[0].id, "s1");
+        // The poke makes a fresh poll, which brings dcv's count.
+        after(polled).await;
+        let s = observer.snapshot().unwrap();
+        assert_eq!(s.sessions.len(), 1);
+        assert_eq!(s.sessions[0].num_of_connections, Some(3));
+        assert_eq!(agent_session(&s.sessions[0]).num_of_connections, 3);
+
+        // dcv fails: unhealthy, and the sessions last seen are kept.
+        std::fs::write(dir.join("fail"), "").unwrap();
+        let polled = mark(&observer);
+        observer.poke.notify_one();
+        after(polled).await;
+        let s = observer.snapshot().unwrap();
+        assert!(!s.healthy);
+        assert_eq!(s.sessions.len(), 1);
+
+        // A delete goes at once.
+        observer.deleted("s1");
+        assert!(observer.snapshot().unwrap().sessions.is_empty());
+        poller.abort();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
