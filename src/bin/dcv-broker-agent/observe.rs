@@ -17,7 +17,10 @@ use std::{
 
 use tokio::sync::{Notify, watch};
 
-use dcv_broker::pb;
+use dcv_broker::{
+    fleet::{MAX_REPORTED_SESSIONS, MAX_TEXT_BYTES},
+    pb,
+};
 
 use crate::{
     dcv::{Dcv, DcvSession},
@@ -195,6 +198,43 @@ impl Observer {
     }
 }
 
+/// The sessions a heartbeat reports: within the broker's bounds (it
+/// refuses the whole report otherwise, which would leave the server
+/// unreported): each id once, ids and owners of at most
+/// [`MAX_TEXT_BYTES`], names cut to it, one console session, at most
+/// [`MAX_REPORTED_SESSIONS`]. What is left out is logged.
+pub fn reported_sessions(sessions: &[DcvSession]) -> Vec<pb::AgentSession> {
+    let mut seen = HashSet::new();
+    let mut console = false;
+    let mut out = Vec::new();
+    for s in sessions {
+        if out.len() == MAX_REPORTED_SESSIONS {
+            tracing::warn!("more than {MAX_REPORTED_SESSIONS} sessions; the rest are not reported");
+            break;
+        }
+        let is_console = s.kind == pb::SessionType::Console;
+        if s.id.len() > MAX_TEXT_BYTES
+            || s.owner.len() > MAX_TEXT_BYTES
+            || !seen.insert(s.id.as_str())
+            || (is_console && console)
+        {
+            tracing::warn!(session = %s.id.chars().take(64).collect::<String>(), "not reported: a duplicate, a second console session, or an id or owner too long");
+            continue;
+        }
+        console |= is_console;
+        let mut reported = agent_session(s);
+        if reported.name.len() > MAX_TEXT_BYTES {
+            let cut = (0..=MAX_TEXT_BYTES)
+                .rev()
+                .find(|i| reported.name.is_char_boundary(*i))
+                .unwrap_or(0);
+            reported.name.truncate(cut);
+        }
+        out.push(reported);
+    }
+    out
+}
+
 /// The heartbeat's view of a session.
 pub fn agent_session(s: &DcvSession) -> pb::AgentSession {
     let kind = match s.kind {
@@ -268,6 +308,33 @@ mod tests {
             creation_time: None,
             last_disconnection_time: None,
         }
+    }
+
+    #[test]
+    fn reports_stay_within_the_brokers_bounds() {
+        let mut console = session("c1");
+        console.kind = pb::SessionType::Console;
+        let mut console2 = session("c2");
+        console2.kind = pb::SessionType::Console;
+        let mut long_name = session("n");
+        long_name.name = "é".repeat(MAX_TEXT_BYTES);
+        let long_id = session(&"x".repeat(MAX_TEXT_BYTES + 1));
+        let all = vec![
+            session("a"),
+            session("a"),
+            console,
+            console2,
+            long_name,
+            long_id,
+        ];
+        let reported = reported_sessions(&all);
+        let ids: Vec<_> = reported.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c1", "n"]);
+        assert!(reported[2].name.len() <= MAX_TEXT_BYTES);
+        let many: Vec<_> = (0..MAX_REPORTED_SESSIONS + 5)
+            .map(|i| session(&i.to_string()))
+            .collect();
+        assert_eq!(reported_sessions(&many).len(), MAX_REPORTED_SESSIONS);
     }
 
     #[tokio::test]
