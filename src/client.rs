@@ -25,8 +25,10 @@ use std::{fmt, time::Duration};
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
+
+mod insecure;
 
 use crate::pb::{
     agent_client::AgentClient, servers_client::ServersClient, sessions_client::SessionsClient,
@@ -116,6 +118,8 @@ pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 pub struct ClientBuilder {
     url: String,
     ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    accept_any_certificate: bool,
     token: Option<String>,
     connect_timeout: Duration,
     request_timeout: Option<Duration>,
@@ -127,6 +131,8 @@ impl fmt::Debug for ClientBuilder {
         f.debug_struct("ClientBuilder")
             .field("url", &self.url)
             .field("ca_pem", &self.ca_pem.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("accept_any_certificate", &self.accept_any_certificate)
             .field("token", &self.token.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -141,6 +147,8 @@ pub fn builder(url: impl Into<String>) -> ClientBuilder {
     ClientBuilder {
         url: url.into(),
         ca_pem: None,
+        identity: None,
+        accept_any_certificate: false,
         token: None,
         connect_timeout: CONNECT_TIMEOUT,
         request_timeout: None,
@@ -165,6 +173,26 @@ impl ClientBuilder {
     /// instead of the system roots.
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> ClientBuilder {
         self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) in the TLS handshake
+    /// (mutual TLS, e.g. an agent certificate from `dcv-broker tls
+    /// agent-cert`). Only used for `https://`.
+    pub fn identity_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> ClientBuilder {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// For `https://`, accept any server certificate (a DCV agent's
+    /// `tls_strict = false`): the connection is encrypted but the broker is
+    /// not authenticated. Callers should say so loudly.
+    pub fn accept_any_server_certificate(mut self) -> ClientBuilder {
+        self.accept_any_certificate = true;
         self
     }
 
@@ -208,15 +236,63 @@ impl ClientBuilder {
         if let Some(timeout) = self.request_timeout {
             endpoint = endpoint.timeout(timeout);
         }
+        if tls && self.accept_any_certificate {
+            return self.connect_accepting_any(endpoint, bearer).await;
+        }
         if tls {
-            let config = match &self.ca_pem {
+            let mut config = match &self.ca_pem {
                 Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
                 None => ClientTlsConfig::new().with_native_roots(),
             };
+            if let Some((cert, key)) = &self.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
             endpoint = endpoint.tls_config(config).map_err(ClientError::Tls)?;
         }
         let channel = endpoint
             .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.url.clone(),
+                source,
+            })?;
+        Ok(BrokerClient { channel, bearer })
+    }
+
+    /// [`ClientBuilder::connect`] through [`insecure`]'s connector: an
+    /// `http://` endpoint with the real `https://` origin.
+    async fn connect_accepting_any(
+        &self,
+        endpoint: Endpoint,
+        bearer: BearerToken,
+    ) -> Result<BrokerClient, ClientError> {
+        let invalid = |reason: String| ClientError::InvalidUrl {
+            url: self.url.clone(),
+            reason,
+        };
+        let uri = endpoint.uri().clone();
+        let host = uri
+            .host()
+            .ok_or_else(|| invalid("no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let authority = uri
+            .authority()
+            .map_or_else(String::new, |a| a.as_str().to_owned());
+        let plain = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|e| invalid(e.to_string()))?
+            .origin(uri)
+            .connect_timeout(self.connect_timeout);
+        let plain = match self.request_timeout {
+            Some(t) => plain.timeout(t),
+            None => plain,
+        };
+        let connector = insecure::connector(host, port, self.identity.as_ref())
+            .map_err(|e| invalid(format!("TLS configuration: {e}")))?;
+        let channel = plain
+            .connect_with_connector(connector)
             .await
             .map_err(|source| ClientError::Connect {
                 url: self.url.clone(),
