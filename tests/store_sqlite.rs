@@ -133,6 +133,7 @@ fn queued(id: &str, position: u64) -> StoredSession {
         deadline: Some(at(1_700_002_300, 999_999)),
         forgotten: false,
         queue_position: Some(position),
+        deletions: 0,
     }
 }
 
@@ -148,6 +149,7 @@ fn placed(id: &str, server: usize) -> StoredSession {
             "ünïcode".into(),
         ],
         queue_position: None,
+        deletions: 0,
         request: Some(CreateSpec {
             kind: None,
             max_concurrent_clients: None,
@@ -175,6 +177,7 @@ fn adopted(id: &str, server: usize, state: SessionState) -> StoredSession {
         deadline: None,
         forgotten: state == SessionState::Deleted,
         queue_position: None,
+        deletions: 0,
     }
 }
 
