@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use tokio::{sync::oneshot, time::Instant};
 
 use super::{
-    Instruction, SessionId, SessionView,
+    Instruction, SessionView,
     validate::{check_session_id, dedupe_ids},
 };
 use crate::fleet::{
