@@ -201,7 +201,12 @@ pub struct Args {
     pub screenshot_max_height: u32,
 
     /// The encoding agents are asked for (DCV's session-screenshot-format).
-    #[arg(long, env = "DCV_BROKER_SCREENSHOT_FORMAT", value_enum, default_value = "png")]
+    #[arg(
+        long,
+        env = "DCV_BROKER_SCREENSHOT_FORMAT",
+        value_enum,
+        default_value = "png"
+    )]
     pub screenshot_format: ScreenshotFormat,
 
     /// How long DELETED sessions stay visible in DescribeSessions.

@@ -244,8 +244,11 @@ pub fn heartbeat_from_pb(
                 s.last_disconnection_time,
                 &mut v,
             );
-            let created_at =
-                time_from_pb(&format!("Sessions[{i}].CreationTime"), s.creation_time, &mut v);
+            let created_at = time_from_pb(
+                &format!("Sessions[{i}].CreationTime"),
+                s.creation_time,
+                &mut v,
+            );
             fleet::ReportedSession {
                 id: s.id,
                 owner: s.owner,

@@ -352,7 +352,10 @@ async fn connection_counts_and_times_from_heartbeats_show_in_describe_sessions()
     let shown = describe_session(&mut sessions, &created).await;
     assert_eq!(shown.num_of_connections, 3);
     assert_eq!(shown.last_disconnection_time, Some(at(1_700_000_000)));
-    assert_eq!(shown.name, "desk", "the broker's own session keeps its name");
+    assert_eq!(
+        shown.name, "desk",
+        "the broker's own session keeps its name"
+    );
     let shown = describe_session(&mut sessions, "by-hand").await;
     assert_eq!(shown.num_of_connections, 1);
     assert_eq!(shown.last_disconnection_time, None);
@@ -417,8 +420,5 @@ async fn bad_connection_counts_and_times_are_refused_naming_the_field() {
         .await
         .unwrap_err();
     let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
-    assert_eq!(
-        fields,
-        ["Sessions[0].NumOfConnections", "Sessions[1].Name"]
-    );
+    assert_eq!(fields, ["Sessions[0].NumOfConnections", "Sessions[1].Name"]);
 }

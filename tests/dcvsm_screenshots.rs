@@ -86,7 +86,11 @@ async fn get_session_screenshots_saves_private_decodable_pngs() {
     // The simulated agent creates it at once; polled, bounded.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let described = json(&dcvsm(&url, &home, &["describe-sessions", "--session-ids", &id]));
+        let described = json(&dcvsm(
+            &url,
+            &home,
+            &["describe-sessions", "--session-ids", &id],
+        ));
         if described["Sessions"][0]["State"] == "READY" {
             break;
         }
@@ -120,7 +124,10 @@ async fn get_session_screenshots_saves_private_decodable_pngs() {
     let reply = json(&out);
     let image = &reply["SuccessfulList"][0]["SessionScreenshot"]["Images"][0];
     assert_eq!(image["File"], expected.to_str().unwrap());
-    assert!(image.get("Data").is_none(), "the data is in the file: {image}");
+    assert!(
+        image.get("Data").is_none(),
+        "the data is in the file: {image}"
+    );
     assert_eq!(image["Format"], "png");
     assert_eq!(image["Primary"], true);
     assert_eq!(

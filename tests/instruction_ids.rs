@@ -109,20 +109,29 @@ async fn a_delete_sent_again_keeps_its_id_and_a_delete_after_a_failed_one_gets_a
         .report(&session, Kind::CreateSession, true, St::Ready)
         .await;
 
-    sessions.delete_sessions(delete_req(&session)).await.unwrap();
+    sessions
+        .delete_sessions(delete_req(&session))
+        .await
+        .unwrap();
     let (first, deleted) = next_delete(&mut agent).await;
     assert_eq!(deleted, session);
     assert_ne!(first, create);
     reopen(&mut agent).await;
     assert_eq!(next_delete(&mut agent).await.0, first, "sent again");
     // Asked again while pending: the same deletion, the same id.
-    sessions.delete_sessions(delete_req(&session)).await.unwrap();
+    sessions
+        .delete_sessions(delete_req(&session))
+        .await
+        .unwrap();
     assert_eq!(next_delete(&mut agent).await.0, first);
 
     agent
         .report(&session, Kind::DeleteSession, false, St::Unspecified)
         .await;
-    sessions.delete_sessions(delete_req(&session)).await.unwrap();
+    sessions
+        .delete_sessions(delete_req(&session))
+        .await
+        .unwrap();
     let (second, _) = next_delete(&mut agent).await;
     assert_ne!(second, first, "a new deletion after a failed one");
 }

@@ -194,7 +194,15 @@ async fn two_callers_of_one_session_each_get_their_own_screenshot() {
             .unwrap();
     }
     let width_of = |reply: pb::GetSessionScreenshotsResponse| {
-        decode(&reply.successful_list[0].session_screenshot.as_ref().unwrap().images[0].data).0
+        decode(
+            &reply.successful_list[0]
+                .session_screenshot
+                .as_ref()
+                .unwrap()
+                .images[0]
+                .data,
+        )
+        .0
     };
     assert_eq!(width_of(first.await.unwrap().unwrap()), 10);
     assert_eq!(width_of(second.await.unwrap().unwrap()), 20);
@@ -227,7 +235,11 @@ async fn an_agents_failure_is_agent_failed_with_its_reason_made_safe() {
     assert!(!failed.failure_reason.chars().any(char::is_control));
     assert!(failed.failure_reason.len() < 1200, "bounded");
     assert_eq!(
-        failed.get_session_screenshot_request_data.as_ref().unwrap().session_id,
+        failed
+            .get_session_screenshot_request_data
+            .as_ref()
+            .unwrap()
+            .session_id,
         id,
         "the request item, as sent"
     );
@@ -274,11 +286,16 @@ async fn an_agent_that_does_not_answer_in_time_is_agent_unavailable() {
     let call = ask(sessions.clone(), vec![item(&id)]);
     let (instruction_id, _) = agent.next_screenshot().await;
     let reply = call.await.unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "the short timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the short timeout"
+    );
     let failed = &reply.unsuccessful_list[0];
     assert_eq!(code(failed.failure_code), FailureCode::AgentUnavailable);
     assert!(
-        failed.failure_reason.contains("did not answer within 300ms"),
+        failed
+            .failure_reason
+            .contains("did not answer within 300ms"),
         "{}",
         failed.failure_reason
     );
@@ -508,7 +525,11 @@ async fn screenshots_past_the_reply_budget_fail_with_reply_size_limit() {
     let failed = &reply.unsuccessful_list[0];
     assert_eq!(code(failed.failure_code), FailureCode::ReplySizeLimit);
     assert_eq!(
-        failed.get_session_screenshot_request_data.as_ref().unwrap().session_id,
+        failed
+            .get_session_screenshot_request_data
+            .as_ref()
+            .unwrap()
+            .session_id,
         ids[1]
     );
 }

@@ -218,24 +218,28 @@ impl Sessions for SessionsApi {
         };
         for (data, result) in items.into_iter().zip(results) {
             match result {
-                Ok(images) => response
-                    .successful_list
-                    .push(pb::GetSessionScreenshotSuccessfulResponse {
-                        session_screenshot: Some(pb::SessionScreenshot {
-                            session_id: data.session_id,
-                            images: images
-                                .into_iter()
-                                .map(wire::screenshot_image_to_pb)
-                                .collect(),
-                        }),
-                    }),
-                Err(failure) => response.unsuccessful_list.push(
-                    pb::GetSessionScreenshotUnsuccessfulResponse {
-                        get_session_screenshot_request_data: Some(data),
-                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
-                        failure_reason: failure.reason,
-                    },
-                ),
+                Ok(images) => {
+                    response
+                        .successful_list
+                        .push(pb::GetSessionScreenshotSuccessfulResponse {
+                            session_screenshot: Some(pb::SessionScreenshot {
+                                session_id: data.session_id,
+                                images: images
+                                    .into_iter()
+                                    .map(wire::screenshot_image_to_pb)
+                                    .collect(),
+                            }),
+                        })
+                }
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::GetSessionScreenshotUnsuccessfulResponse {
+                            get_session_screenshot_request_data: Some(data),
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
             }
         }
         tracing::debug!(

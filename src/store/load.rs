@@ -319,8 +319,7 @@ fn read_sessions(
             .map(|p| u64::try_from(p).map_err(|_| f.bad("queue_position", "negative")))
             .transpose()?;
         let deletions: i64 = f.get(14, "deletions")?;
-        let deletions =
-            u32::try_from(deletions).map_err(|_| f.bad("deletions", "out of range"))?;
+        let deletions = u32::try_from(deletions).map_err(|_| f.bad("deletions", "out of range"))?;
         let session = StoredSession {
             name: f.get(1, "name")?,
             owner: f.get(2, "owner")?,

@@ -272,7 +272,10 @@ async fn get_session_screenshots(
             ),
         ));
     }
-    for (flag, value) in [("--max-width", args.max_width), ("--max-height", args.max_height)] {
+    for (flag, value) in [
+        ("--max-width", args.max_width),
+        ("--max-height", args.max_height),
+    ] {
         if let Some(n) = value
             && !(1..=4096).contains(&n)
         {
@@ -303,12 +306,11 @@ async fn get_session_screenshots(
         };
         let mut files = Vec::new();
         for (n, image) in shot.images.iter().enumerate() {
-            let path = args
-                .output_dir
-                .join(screenshot_file_name(&shot.session_id, n, &image.format));
-            crate::auth::write_private(&path, &image.data).map_err(|e| {
-                fail(exit::OTHER, format!("cannot save {}: {e}", path.display()))
-            })?;
+            let path =
+                args.output_dir
+                    .join(screenshot_file_name(&shot.session_id, n, &image.format));
+            crate::auth::write_private(&path, &image.data)
+                .map_err(|e| fail(exit::OTHER, format!("cannot save {}: {e}", path.display())))?;
             files.push(path.display().to_string());
         }
         saved.push(files);
@@ -533,7 +535,10 @@ mod tests {
     #[test]
     fn screenshot_file_names_stay_in_their_directory() {
         assert_eq!(screenshot_file_name("abc-1", 0, "png"), "abc-1-0.png");
-        assert_eq!(screenshot_file_name("../etc/x", 1, "jpeg"), "%2E.%2Fetc%2Fx-1.jpeg");
+        assert_eq!(
+            screenshot_file_name("../etc/x", 1, "jpeg"),
+            "%2E.%2Fetc%2Fx-1.jpeg"
+        );
         assert_eq!(screenshot_file_name(".hidden", 0, "gif"), "%2Ehidden-0.bin");
         assert_eq!(screenshot_file_name("a b%", 2, "png"), "a%20b%25-2.png");
     }

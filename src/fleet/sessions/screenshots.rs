@@ -324,10 +324,7 @@ impl Fleet {
             let (SessionState::Ready, Some(server)) = (view.shown_state(), view.server) else {
                 slots.push(Slot::Failed(ItemFailure::new(
                     FailureCode::SessionNotReady,
-                    format!(
-                        "The session is not READY (it is {:?}).",
-                        view.shown_state()
-                    ),
+                    format!("The session is not READY (it is {:?}).", view.shown_state()),
                 )));
                 continue;
             };
@@ -508,7 +505,11 @@ mod tests {
         let big = MAX_SCREENSHOT_REPLY_BYTES / 2 + 1;
         let results = within_reply_budget(
             &items,
-            vec![Ok(vec![image(big)]), Ok(vec![image(big)]), Ok(vec![image(10)])],
+            vec![
+                Ok(vec![image(big)]),
+                Ok(vec![image(big)]),
+                Ok(vec![image(10)]),
+            ],
         );
         assert!(results[0].is_ok());
         assert_eq!(
