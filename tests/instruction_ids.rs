@@ -182,7 +182,7 @@ async fn pending_instructions_keep_their_ids_across_a_broker_restart() {
     let broker = start_on(&dir).await;
     // The agent reconnects to the restarted broker (a new port).
     let mut agent = TestAgent::connect_to(broker.addr, registration("a", "linux", 4)).await;
-    let mut resent = vec![agent.next_with_id().await, agent.next_with_id().await];
+    let mut resent = [agent.next_with_id().await, agent.next_with_id().await];
     resent.sort_by_key(|(_, i)| matches!(i, Instr::DeleteSession(_)));
     match (&resent[0], &resent[1]) {
         ((c, Instr::CreateSession(cs)), (d, Instr::DeleteSession(ds))) => {
