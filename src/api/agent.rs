@@ -144,7 +144,11 @@ impl Agent for AgentApi {
                     &r.instruction_id,
                     answer,
                 )?;
-                tracing::debug!(server_id = %r.server_id, instruction_id = %r.instruction_id, "screenshot answer");
+                tracing::debug!(
+                    server_id = %r.server_id,
+                    instruction_id = %r.instruction_id,
+                    "screenshot answer"
+                );
                 return Ok(Response::new(pb::ReportInstructionResultResponse {
                     request_id,
                 }));
