@@ -555,6 +555,13 @@ mod child {
         ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
             Err(Status::unimplemented("echo"))
         }
+
+        async fn get_session_screenshots(
+            &self,
+            _: Request<pb::GetSessionScreenshotsRequest>,
+        ) -> Result<Response<pb::GetSessionScreenshotsResponse>, Status> {
+            Err(Status::unimplemented("echo"))
+        }
     }
 }
 

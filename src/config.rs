@@ -23,6 +23,15 @@ pub enum Placement {
     Pack,
 }
 
+/// The encoding agents are asked to take screenshots in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScreenshotFormat {
+    /// PNG.
+    Png,
+    /// JPEG.
+    Jpeg,
+}
+
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -172,6 +181,33 @@ pub struct Args {
     /// How many other servers a failed session creation is retried on.
     #[arg(long, env = "DCV_BROKER_CREATE_RETRIES", default_value_t = 2)]
     pub create_retries: u32,
+
+    /// How long GetSessionScreenshots waits for agents' screenshots; a
+    /// session whose agent has not answered by then fails with
+    /// AGENT_UNAVAILABLE. Keep it under --request-timeout.
+    #[arg(long, env = "DCV_BROKER_SCREENSHOT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub screenshot_timeout: Duration,
+
+    /// The screenshot width when a GetSessionScreenshots item gives no
+    /// MaxWidth (DCV's session-screenshot-max-width).
+    #[arg(long, env = "DCV_BROKER_SCREENSHOT_MAX_WIDTH", default_value_t = 160,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub screenshot_max_width: u32,
+
+    /// The screenshot height when a GetSessionScreenshots item gives no
+    /// MaxHeight (DCV's session-screenshot-max-height).
+    #[arg(long, env = "DCV_BROKER_SCREENSHOT_MAX_HEIGHT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub screenshot_max_height: u32,
+
+    /// The encoding agents are asked for (DCV's session-screenshot-format).
+    #[arg(
+        long,
+        env = "DCV_BROKER_SCREENSHOT_FORMAT",
+        value_enum,
+        default_value = "png"
+    )]
+    pub screenshot_format: ScreenshotFormat,
 
     /// How long DELETED sessions stay visible in DescribeSessions.
     #[arg(long, env = "DCV_BROKER_DELETED_SESSION_RETENTION", default_value = "1h", value_parser = duration)]
@@ -441,6 +477,13 @@ impl Args {
                 create_retries: self.create_retries,
                 deleted_retention: self.deleted_session_retention,
                 connection_token_ttl: self.connection_token_ttl,
+                screenshot_timeout: self.screenshot_timeout,
+                screenshot_max_width: self.screenshot_max_width,
+                screenshot_max_height: self.screenshot_max_height,
+                screenshot_format: match self.screenshot_format {
+                    ScreenshotFormat::Png => crate::fleet::ImageFormat::Png,
+                    ScreenshotFormat::Jpeg => crate::fleet::ImageFormat::Jpeg,
+                },
                 ..FleetConfig::default()
             },
             request_timeout: (!self.request_timeout.is_zero()).then_some(self.request_timeout),

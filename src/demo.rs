@@ -10,7 +10,9 @@
 //! The simulated agents also carry out the broker's instructions: they
 //! create and delete sessions at once, report the outcome, and list the
 //! sessions they run in their next heartbeats, so the whole session flow
-//! runs end to end in one process.
+//! runs end to end in one process. Asked for a screenshot, they answer with
+//! a real PNG of a [`DISPLAY_WIDTH`] x [`DISPLAY_HEIGHT`] display scaled
+//! down to fit the size asked for.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,8 +24,9 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::fleet::{
-    Fleet, Heartbeat, Instruction, InstructionKind, InstructionOutcome, LoadAverage, OsFamily,
-    ReportedSession, ServerDescription, ServerId, SessionKind, SessionState,
+    Fleet, Heartbeat, ImageFormat, Instruction, InstructionKind, InstructionOutcome, LoadAverage,
+    OsFamily, ReportedSession, ScreenshotImage, ServerDescription, ServerId, SessionKind,
+    SessionState,
 };
 use crate::sample::family;
 pub use crate::sample::{description, tagged_description};
@@ -39,6 +42,55 @@ struct Changes {
 }
 
 type Created = Arc<Mutex<Changes>>;
+
+/// The simulated displays' size, in pixels: what a screenshot is scaled
+/// down from (never up).
+pub const DISPLAY_WIDTH: u32 = 1280;
+/// See [`DISPLAY_WIDTH`].
+pub const DISPLAY_HEIGHT: u32 = 800;
+
+/// The size of a screenshot of a [`DISPLAY_WIDTH`] x [`DISPLAY_HEIGHT`]
+/// display that fits in `max_width` x `max_height`, keeping its aspect
+/// ratio as DCV does.
+pub fn screenshot_size(max_width: u32, max_height: u32) -> (u32, u32) {
+    let (w, h) = (u64::from(DISPLAY_WIDTH), u64::from(DISPLAY_HEIGHT));
+    let (mw, mh) = (u64::from(max_width.max(1)), u64::from(max_height.max(1)));
+    // Scale by the tighter of the two bounds, in integers.
+    let (width, height) = if mw * h <= mh * w {
+        (mw.min(w), (h * mw.min(w)).div_ceil(w))
+    } else {
+        ((w * mh.min(h)).div_ceil(h), mh.min(h))
+    };
+    let fit = |n: u64, max: u64| u32::try_from(n.clamp(1, max)).unwrap_or(1);
+    (fit(width, mw.min(w)), fit(height, mh.min(h)))
+}
+
+/// A PNG of the `index`-th server's simulated display, `width` x
+/// `height`: a gradient in a colour of its own, so that two servers'
+/// screenshots differ.
+pub fn screenshot_png(index: usize, width: u32, height: u32) -> Result<Vec<u8>, String> {
+    let hue = (mix(index, 15) % 256) as u8;
+    let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
+    for y in 0..height {
+        for x in 0..width {
+            pixels.extend_from_slice(&[
+                hue,
+                (x * 255 / width.max(1)) as u8,
+                (y * 255 / height.max(1)) as u8,
+            ]);
+        }
+    }
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    writer
+        .write_image_data(&pixels)
+        .map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())?;
+    Ok(out)
+}
 
 /// Servers whose heartbeats are applied under one lock hold: big enough to
 /// be cheap, small enough not to stall readers.
@@ -78,6 +130,7 @@ pub fn heartbeat(index: usize) -> Heartbeat {
                 SessionKind::Console
             },
             state: SessionState::Ready,
+            details: Default::default(),
         }]
     } else {
         Vec::new()
@@ -196,6 +249,7 @@ async fn execute(
                         owner: order.owner.clone(),
                         kind: order.kind,
                         state: SessionState::Ready,
+                        details: Default::default(),
                     });
                 (session, InstructionKind::Create)
             }
@@ -217,6 +271,29 @@ async fn execute(
             Instruction::UpdatePermissions { session, .. } => {
                 (session, InstructionKind::UpdatePermissions)
             }
+            Instruction::GetScreenshot {
+                session,
+                id,
+                max_width,
+                max_height,
+                ..
+            } => {
+                // Always PNG, and said so in the answer's format, even
+                // when JPEG was asked for: DCV's format is a preference.
+                let (width, height) = screenshot_size(max_width, max_height);
+                let answer = screenshot_png(index, width, height).map(|data| {
+                    vec![ScreenshotImage {
+                        format: ImageFormat::Png,
+                        data,
+                        created_at: std::time::SystemTime::now(),
+                        primary: true,
+                    }]
+                });
+                if let Err(err) = fleet.report_screenshot(&server, &session, &id, answer) {
+                    tracing::debug!(%err, "demo agent screenshot refused");
+                }
+                continue;
+            }
         };
         let outcome = InstructionOutcome::Done { ready: true };
         if let Err(err) = fleet.report_instruction(&server, &session, kind, outcome) {
@@ -232,5 +309,27 @@ fn register(fleet: &Fleet, index: usize, id: &str, describe: fn(usize) -> Server
         .map(|(_, durable)| drop(durable))
     {
         tracing::warn!(server_id = %id, %err, "demo server refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn screenshots_fit_the_size_asked_for_and_keep_the_display_shape() {
+        assert_eq!(screenshot_size(160, 100), (160, 100));
+        assert_eq!(screenshot_size(64, 64), (64, 40));
+        assert_eq!(screenshot_size(4096, 4096), (DISPLAY_WIDTH, DISPLAY_HEIGHT));
+        assert_eq!(screenshot_size(4096, 80), (128, 80));
+        assert_eq!(screenshot_size(1, 1), (1, 1));
+    }
+
+    #[test]
+    fn a_screenshot_is_a_png_of_its_size() {
+        let data = screenshot_png(3, 16, 10).unwrap();
+        let decoder = png::Decoder::new(std::io::Cursor::new(data));
+        let reader = decoder.read_info().unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (16, 10));
     }
 }

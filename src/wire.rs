@@ -26,6 +26,32 @@ fn non_negative(field: &str, value: i32, violations: &mut Vec<FieldViolation>) -
     })
 }
 
+/// A timestamp from the wire; a violation of `field` if it is not one
+/// (nanos out of range, or a time this platform cannot hold).
+fn time_from_pb(
+    field: &str,
+    t: Option<Timestamp>,
+    violations: &mut Vec<FieldViolation>,
+) -> Option<std::time::SystemTime> {
+    let t = t?;
+    let (seconds, nanos) = (t.seconds, t.nanos);
+    if !(0..1_000_000_000).contains(&nanos) {
+        violations.push(FieldViolation::new(
+            field,
+            format!("not a valid timestamp: nanos {nanos} out of range"),
+        ));
+        return None;
+    }
+    std::time::SystemTime::try_from(t)
+        .map_err(|_| {
+            violations.push(FieldViolation::new(
+                field,
+                format!("not a valid timestamp: {seconds} seconds"),
+            ));
+        })
+        .ok()
+}
+
 fn memory_from_pb(m: Option<pb::MemoryInfo>) -> Option<fleet::MemoryUsage> {
     m.map(|m| fleet::MemoryUsage {
         total_bytes: m.total_bytes,
@@ -208,11 +234,32 @@ pub fn heartbeat_from_pb(
                     fleet::SessionState::Unknown
                 }
             };
+            let connections = non_negative(
+                &format!("Sessions[{i}].NumOfConnections"),
+                s.num_of_connections,
+                &mut v,
+            );
+            let last_disconnection = time_from_pb(
+                &format!("Sessions[{i}].LastDisconnectionTime"),
+                s.last_disconnection_time,
+                &mut v,
+            );
+            let created_at = time_from_pb(
+                &format!("Sessions[{i}].CreationTime"),
+                s.creation_time,
+                &mut v,
+            );
             fleet::ReportedSession {
                 id: s.id,
                 owner: s.owner,
                 kind,
                 state,
+                details: fleet::ReportedDetails {
+                    connections,
+                    last_disconnection,
+                    created_at,
+                    name: s.name,
+                },
             }
         })
         .collect();
@@ -246,6 +293,10 @@ pub fn failure_code_to_pb(code: fleet::FailureCode) -> pb::FailureCode {
         fleet::FailureCode::InvalidRequirements => pb::FailureCode::InvalidRequirements,
         fleet::FailureCode::NoServerAvailable => pb::FailureCode::NoServerAvailable,
         fleet::FailureCode::QueueFull => pb::FailureCode::QueueFull,
+        fleet::FailureCode::SessionNotReady => pb::FailureCode::SessionNotReady,
+        fleet::FailureCode::AgentUnavailable => pb::FailureCode::AgentUnavailable,
+        fleet::FailureCode::AgentFailed => pb::FailureCode::AgentFailed,
+        fleet::FailureCode::ReplySizeLimit => pb::FailureCode::ReplySizeLimit,
     }
 }
 
@@ -536,8 +587,8 @@ pub fn session_to_pb(view: fleet::SessionView<'_>) -> pb::Session {
         } as i32,
         state_reason: r.state_reason.clone(),
         creation_time: Some(Timestamp::from(r.created_at)),
-        last_disconnection_time: None,
-        num_of_connections: 0,
+        last_disconnection_time: r.last_disconnection.map(Timestamp::from),
+        num_of_connections: saturating_i32(r.connections),
         storage_root: r
             .order
             .as_ref()
@@ -549,6 +600,7 @@ pub fn session_to_pb(view: fleet::SessionView<'_>) -> pb::Session {
 /// An instruction as an agent receives it.
 pub fn instruction_to_pb(instruction: fleet::Instruction) -> pb::StreamInstructionsResponse {
     use pb::stream_instructions_response::Instruction as I;
+    let instruction_id = instruction.id().to_string();
     let body = match instruction {
         fleet::Instruction::Create {
             session,
@@ -581,9 +633,88 @@ pub fn instruction_to_pb(instruction: fleet::Instruction) -> pb::StreamInstructi
             session_id: session.to_string(),
             permissions_file,
         }),
+        fleet::Instruction::GetScreenshot {
+            session,
+            max_width,
+            max_height,
+            format,
+            ..
+        } => I::GetScreenshot(pb::GetScreenshotInstruction {
+            session_id: session.to_string(),
+            max_width: saturating_i32(max_width),
+            max_height: saturating_i32(max_height),
+            format: format.as_str().to_string(),
+        }),
     };
     pb::StreamInstructionsResponse {
-        instruction_id: uuid::Uuid::new_v4().to_string(),
+        instruction_id,
         instruction: Some(body),
+    }
+}
+
+/// A GetSessionScreenshots item as the domain's.
+pub fn screenshot_item_from_pb(d: &pb::GetSessionScreenshotRequestData) -> fleet::ScreenshotItem {
+    fleet::ScreenshotItem {
+        session_id: d.session_id.clone(),
+        max_width: d.max_width,
+        max_height: d.max_height,
+    }
+}
+
+/// The images of a GET_SCREENSHOT report, checked for what only the wire
+/// can get wrong (the format's name, the times); their number and size
+/// are the domain's to judge.
+pub fn screenshot_images_from_pb(
+    images: Vec<pb::SessionScreenshotImage>,
+) -> Result<Vec<fleet::ScreenshotImage>, FleetError> {
+    // The count first: no violation per item of a list past its bound.
+    fleet::check_lengths(&[(
+        "Images",
+        images.len(),
+        fleet::sessions::screenshots::MAX_SCREENSHOT_IMAGES,
+    )])?;
+    let mut v = Vec::new();
+    let images = images
+        .into_iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let format = fleet::ImageFormat::parse(&image.format).unwrap_or_else(|| {
+                v.push(FieldViolation::new(
+                    format!("Images[{i}].Format"),
+                    format!(
+                        "must be png or jpeg; got {:?}",
+                        fleet::sessions::screenshots::agent_text(&image.format)
+                    ),
+                ));
+                fleet::ImageFormat::Png
+            });
+            let created_at = time_from_pb(
+                &format!("Images[{i}].CreationTime"),
+                image.creation_time,
+                &mut v,
+            )
+            .unwrap_or_else(std::time::SystemTime::now);
+            fleet::ScreenshotImage {
+                format,
+                data: image.data,
+                created_at,
+                primary: image.primary,
+            }
+        })
+        .collect();
+    if v.is_empty() {
+        Ok(images)
+    } else {
+        Err(FleetError::InvalidArgument(v))
+    }
+}
+
+/// A screenshot image on the wire.
+pub fn screenshot_image_to_pb(image: fleet::ScreenshotImage) -> pb::SessionScreenshotImage {
+    pb::SessionScreenshotImage {
+        format: image.format.as_str().to_string(),
+        data: image.data,
+        creation_time: Some(Timestamp::from(image.created_at)),
+        primary: image.primary,
     }
 }

@@ -318,3 +318,107 @@ async fn an_unknown_server_gets_a_hint_that_fits_the_call() {
     assert!(gone.contains("nothing to deregister"), "{gone}");
     assert!(!gone.contains("RegisterServer"), "{gone}");
 }
+
+#[tokio::test]
+async fn connection_counts_and_times_from_heartbeats_show_in_describe_sessions() {
+    let broker = Broker::quiet().await;
+    let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 4)).await;
+    let mut sessions = broker.sessions().await;
+    // One session the broker created, one it adopts.
+    let created = sessions
+        .create_sessions(create_req(vec![create_item(
+            "desk",
+            "alice",
+            pb::SessionType::Virtual,
+        )]))
+        .await
+        .unwrap()
+        .into_inner()
+        .successful_list[0]
+        .id
+        .clone();
+    agent.next_create().await;
+    let at = |seconds: i64| prost_types::Timestamp { seconds, nanos: 0 };
+    let mut mine = session(&created, pb::SessionType::Virtual, pb::SessionState::Ready);
+    mine.num_of_connections = 3;
+    mine.last_disconnection_time = Some(at(1_700_000_000));
+    mine.name = "renamed on the host".into();
+    let mut adopted = session("by-hand", pb::SessionType::Virtual, pb::SessionState::Ready);
+    adopted.num_of_connections = 1;
+    adopted.creation_time = Some(at(1_600_000_000));
+    adopted.name = "started by hand".into();
+    agent.beat(vec![mine.clone(), adopted]).await;
+
+    let shown = describe_session(&mut sessions, &created).await;
+    assert_eq!(shown.num_of_connections, 3);
+    assert_eq!(shown.last_disconnection_time, Some(at(1_700_000_000)));
+    assert_eq!(
+        shown.name, "desk",
+        "the broker's own session keeps its name"
+    );
+    let shown = describe_session(&mut sessions, "by-hand").await;
+    assert_eq!(shown.num_of_connections, 1);
+    assert_eq!(shown.last_disconnection_time, None);
+    assert_eq!(shown.name, "started by hand");
+    assert_eq!(shown.creation_time, Some(at(1_600_000_000)));
+
+    // The next report replaces the last.
+    mine.num_of_connections = 0;
+    agent.beat(vec![mine]).await;
+    assert_eq!(
+        describe_session(&mut sessions, &created)
+            .await
+            .num_of_connections,
+        0
+    );
+}
+
+#[tokio::test]
+async fn bad_connection_counts_and_times_are_refused_naming_the_field() {
+    let broker = Broker::quiet().await;
+    let mut agent = broker.agent().await;
+    register(&mut agent, "lin", "linux", 4).await;
+    let mut negative = session("a", pb::SessionType::Virtual, pb::SessionState::Ready);
+    negative.num_of_connections = -1;
+    let mut huge = session("b", pb::SessionType::Virtual, pb::SessionState::Ready);
+    huge.num_of_connections = i32::MAX;
+    let mut bad_time = session("c", pb::SessionType::Virtual, pb::SessionState::Ready);
+    bad_time.last_disconnection_time = Some(prost_types::Timestamp {
+        seconds: 1,
+        nanos: -5,
+    });
+    let mut bad_creation = session("d", pb::SessionType::Virtual, pb::SessionState::Ready);
+    bad_creation.creation_time = Some(prost_types::Timestamp {
+        seconds: 0,
+        nanos: 2_000_000_000,
+    });
+    let mut long_name = session("e", pb::SessionType::Virtual, pb::SessionState::Ready);
+    long_name.name = "n".repeat(5000);
+    let err = agent
+        .heartbeat(beat(
+            "lin",
+            vec![negative, huge, bad_time, bad_creation, long_name],
+        ))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(
+        fields,
+        [
+            "Sessions[0].NumOfConnections",
+            "Sessions[2].LastDisconnectionTime",
+            "Sessions[3].CreationTime",
+        ],
+        "the wire's checks first"
+    );
+    let mut huge = session("b", pb::SessionType::Virtual, pb::SessionState::Ready);
+    huge.num_of_connections = i32::MAX;
+    let mut long_name = session("e", pb::SessionType::Virtual, pb::SessionState::Ready);
+    long_name.name = "n".repeat(5000);
+    let err = agent
+        .heartbeat(beat("lin", vec![huge, long_name]))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(fields, ["Sessions[0].NumOfConnections", "Sessions[1].Name"]);
+}

@@ -958,6 +958,7 @@ const EXPECTED_SCOPE: &[(&str, Scope)] = &[
     ("Sessions/DeleteSessions", Scope::ManageSessions),
     ("Sessions/GetSessionConnectionData", Scope::ManageSessions),
     ("Sessions/UpdateSessionPermissions", Scope::ManageSessions),
+    ("Sessions/GetSessionScreenshots", Scope::ManageSessions),
     ("Agent/RegisterServer", Scope::Agent),
     ("Agent/Heartbeat", Scope::Agent),
     ("Agent/DeregisterServer", Scope::Agent),

@@ -625,6 +625,7 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
                     owner: format!("user{n}"),
                     kind,
                     state,
+                    details: Default::default(),
                 })
                 .collect();
             let expected = model.heartbeat(&id, &report.sessions);

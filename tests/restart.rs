@@ -127,6 +127,7 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
                         owner: "root".into(),
                         kind: SessionKind::Virtual,
                         state: SessionState::Ready,
+                        details: Default::default(),
                     }],
                     ..Heartbeat::default()
                 },
@@ -243,6 +244,7 @@ async fn tokens_issued_before_a_restart_still_work_after_it() {
                         owner: "root".into(),
                         kind: SessionKind::Virtual,
                         state: SessionState::Ready,
+                        details: Default::default(),
                     }],
                     ..Heartbeat::default()
                 },

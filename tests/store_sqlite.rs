@@ -133,6 +133,7 @@ fn queued(id: &str, position: u64) -> StoredSession {
         deadline: Some(at(1_700_002_300, 999_999)),
         forgotten: false,
         queue_position: Some(position),
+        deletions: 0,
     }
 }
 
@@ -148,6 +149,7 @@ fn placed(id: &str, server: usize) -> StoredSession {
             "ünïcode".into(),
         ],
         queue_position: None,
+        deletions: 0,
         request: Some(CreateSpec {
             kind: None,
             max_concurrent_clients: None,
@@ -175,6 +177,7 @@ fn adopted(id: &str, server: usize, state: SessionState) -> StoredSession {
         deadline: None,
         forgotten: state == SessionState::Deleted,
         queue_position: None,
+        deletions: 0,
     }
 }
 
@@ -907,10 +910,14 @@ async fn a_version_1_store_migrates_and_keeps_clients_and_secrets_after() {
     let held = server(0, vec![closed("operator", at(1_700_000_000, 0), "kept")]);
     put(&store, vec![Change::PutServer(held.clone())]).await;
     store.close().unwrap();
-    // Make it a version 1 store, as a broker before authentication left it.
+    // Make it a version 1 store, as a broker before authentication (and
+    // before sessions counted their deletions) left it.
     let connection = rusqlite::Connection::open(dir.path().join(FILE_NAME)).unwrap();
     connection
-        .execute_batch("DROP TABLE clients; DROP TABLE secrets; PRAGMA user_version = 1;")
+        .execute_batch(
+            "DROP TABLE clients; DROP TABLE secrets; \
+             ALTER TABLE sessions DROP COLUMN deletions; PRAGMA user_version = 1;",
+        )
         .unwrap();
     connection.close().unwrap();
 

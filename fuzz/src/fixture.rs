@@ -117,6 +117,7 @@ pub fn agent_session(
         owner: owner.into(),
         r#type: kind as i32,
         state: state as i32,
+        ..Default::default()
     }
 }
 
@@ -149,6 +150,15 @@ pub fn heartbeat(i: usize) -> pb::HeartbeatRequest {
                 pb::SessionState::Creating,
             ));
         }
+    }
+    // Connections and times, as a real agent reports them.
+    if let Some(first) = sessions.first_mut() {
+        first.num_of_connections = (i % 3) as i32;
+        first.last_disconnection_time = Some(
+            (std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + i as u64))
+                .into(),
+        );
+        first.name = format!("desk of server {i}");
     }
     let load = i as f32 / 8.0;
     pb::HeartbeatRequest {
@@ -198,6 +208,10 @@ impl Broker {
     pub async fn build() -> Broker {
         let config = FleetConfig {
             queue_max_size: QUEUE_MAX_SIZE,
+            // A screenshot asked of an agent whose stream an input opened
+            // fails at once instead of waiting: no input advances the
+            // paused clock.
+            screenshot_timeout: std::time::Duration::ZERO,
             ..FleetConfig::default()
         };
         let fleet = Fleet::new(config).expect("an in-memory fleet");

@@ -255,6 +255,21 @@ pub async fn drive(broker: &Broker, data: &[u8]) {
                 check_request_id(&r.request_id);
             }
         }
+        Rpc::GetSessionScreenshots => {
+            let Some(msg) = decode::<pb::GetSessionScreenshotsRequest>(body) else {
+                return;
+            };
+            let items = msg.sessions.len();
+            let call = broker.sessions.get_session_screenshots(Request::new(msg));
+            if let Some(r) = reply(call).await {
+                check_request_id(&r.request_id);
+                check_batch(
+                    items,
+                    r.successful_list.len(),
+                    r.unsuccessful_list.iter().map(|u| u.failure_code),
+                );
+            }
+        }
         Rpc::ValidateConnectionToken => {
             let Some(msg) = decode::<pb::ValidateConnectionTokenRequest>(body) else {
                 return;

@@ -35,12 +35,14 @@ pub enum Rpc {
     ReportInstructionResult,
     /// `Agent/ValidateConnectionToken`.
     ValidateConnectionToken,
+    /// `Sessions/GetSessionScreenshots`.
+    GetSessionScreenshots,
 }
 
 impl Rpc {
     /// Every RPC, in selector order. New RPCs go at the end, so that the
     /// committed corpus keeps meaning what it meant.
-    pub const ALL: [Rpc; 14] = [
+    pub const ALL: [Rpc; 15] = [
         Rpc::CloseServers,
         Rpc::OpenServers,
         Rpc::DescribeServers,
@@ -55,6 +57,7 @@ impl Rpc {
         Rpc::StreamInstructions,
         Rpc::ReportInstructionResult,
         Rpc::ValidateConnectionToken,
+        Rpc::GetSessionScreenshots,
     ];
 
     /// The RPC a selector byte picks: every byte picks one.
@@ -85,6 +88,7 @@ impl Rpc {
             Rpc::StreamInstructions => "StreamInstructions",
             Rpc::ReportInstructionResult => "ReportInstructionResult",
             Rpc::ValidateConnectionToken => "ValidateConnectionToken",
+            Rpc::GetSessionScreenshots => "GetSessionScreenshots",
         }
     }
 

@@ -62,6 +62,7 @@ fn report(
         success,
         failure_reason: if success { "" } else { "no such user" }.into(),
         session_state: state as i32,
+        ..Default::default()
     }
 }
 
@@ -227,6 +228,27 @@ pub fn requests() -> Vec<Seed> {
                     session_id: "nope".into(),
                     owner: "alice".into(),
                     permissions_file: "***".into(),
+                },
+            ],
+        })
+    });
+
+    add(Rpc::GetSessionScreenshots, &|| {
+        Rpc::GetSessionScreenshots.input(&pb::GetSessionScreenshotsRequest {
+            sessions: vec![
+                pb::GetSessionScreenshotRequestData {
+                    session_id: s1.clone(),
+                    max_width: Some(320),
+                    max_height: None,
+                },
+                pb::GetSessionScreenshotRequestData {
+                    session_id: "sess-00-b".into(),
+                    ..Default::default()
+                },
+                pb::GetSessionScreenshotRequestData {
+                    session_id: s1.clone(),
+                    max_width: Some(5000),
+                    max_height: Some(0),
                 },
             ],
         })

@@ -132,6 +132,27 @@ impl Agent for AgentApi {
             Ok(pb::InstructionKind::CreateSession) => InstructionKind::Create,
             Ok(pb::InstructionKind::DeleteSession) => InstructionKind::Delete,
             Ok(pb::InstructionKind::UpdatePermissions) => InstructionKind::UpdatePermissions,
+            Ok(pb::InstructionKind::GetScreenshot) => {
+                let answer = if r.success {
+                    Ok(wire::screenshot_images_from_pb(r.images)?)
+                } else {
+                    Err(r.failure_reason)
+                };
+                self.fleet.report_screenshot(
+                    &r.server_id,
+                    &r.session_id,
+                    &r.instruction_id,
+                    answer,
+                )?;
+                tracing::debug!(
+                    server_id = %r.server_id,
+                    instruction_id = %r.instruction_id,
+                    "screenshot answer"
+                );
+                return Ok(Response::new(pb::ReportInstructionResultResponse {
+                    request_id,
+                }));
+            }
             _ => {
                 return Err(crate::fleet::FleetError::invalid(
                     "Kind",

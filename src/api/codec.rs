@@ -376,6 +376,8 @@ mod tests {
             "HeartbeatRequest",
             "RegisterServerRequest",
             "ValidateConnectionTokenRequest",
+            "GetSessionScreenshotsRequest",
+            "ReportInstructionResultRequest",
         ] {
             let request = schema.requests.get(name).expect(name);
             assert_eq!(request.package, "dcv.sessionmanager.v1", "{name}");
@@ -426,6 +428,27 @@ mod tests {
         assert_eq!(crossed(check(&registration)), "Host.Gpus");
         registration.host = None;
         assert!(check(&registration).is_ok());
+    }
+
+    #[test]
+    fn screenshot_requests_and_reports_are_counted_too() {
+        let batch = |n| pb::GetSessionScreenshotsRequest {
+            sessions: vec![pb::GetSessionScreenshotRequestData::default(); n],
+        };
+        assert!(check(&batch(MAX_REQUEST_LIST_ITEMS)).is_ok());
+        assert_eq!(
+            crossed(check(&batch(MAX_REQUEST_LIST_ITEMS + 1))),
+            "Sessions"
+        );
+        let report = |n| pb::ReportInstructionResultRequest {
+            images: vec![pb::SessionScreenshotImage::default(); n],
+            ..Default::default()
+        };
+        assert!(check(&report(MAX_REQUEST_LIST_ITEMS)).is_ok());
+        assert_eq!(
+            crossed(check(&report(MAX_REQUEST_LIST_ITEMS + 1))),
+            "Images"
+        );
     }
 
     #[test]

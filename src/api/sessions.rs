@@ -1,11 +1,15 @@
 //! The `Sessions` gRPC service: CreateSessions, DescribeSessions,
-//! DeleteSessions, GetSessionConnectionData, UpdateSessionPermissions.
+//! DeleteSessions, GetSessionConnectionData, UpdateSessionPermissions,
+//! GetSessionScreenshots.
 
 use tonic::{Request, Response, Status};
 
 use super::RequestId;
 use crate::{
-    fleet::{self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query},
+    fleet::{
+        self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query,
+        sessions::screenshots::MAX_SCREENSHOT_ITEMS,
+    },
     pb::{self, sessions_server::Sessions},
     wire,
 };
@@ -199,14 +203,50 @@ impl Sessions for SessionsApi {
         Ok(Response::new(response))
     }
 
-    // Placeholder while the agent relay is built (issue 14): the contract
-    // is in place so that agents and clients can be written against it.
     async fn get_session_screenshots(
         &self,
-        _request: Request<pb::GetSessionScreenshotsRequest>,
+        request: Request<pb::GetSessionScreenshotsRequest>,
     ) -> Result<Response<pb::GetSessionScreenshotsResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetSessionScreenshots is not built yet",
-        ))
+        let request_id = RequestId::of(&request);
+        let items = request.into_inner().sessions;
+        fleet::validate_batch_size_up_to("Sessions", items.len(), MAX_SCREENSHOT_ITEMS)?;
+        let domain: Vec<_> = items.iter().map(wire::screenshot_item_from_pb).collect();
+        let results = self.fleet.get_session_screenshots(&domain).await?;
+        let mut response = pb::GetSessionScreenshotsResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in items.into_iter().zip(results) {
+            match result {
+                Ok(images) => {
+                    response
+                        .successful_list
+                        .push(pb::GetSessionScreenshotSuccessfulResponse {
+                            session_screenshot: Some(pb::SessionScreenshot {
+                                session_id: data.session_id,
+                                images: images
+                                    .into_iter()
+                                    .map(wire::screenshot_image_to_pb)
+                                    .collect(),
+                            }),
+                        })
+                }
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::GetSessionScreenshotUnsuccessfulResponse {
+                            get_session_screenshot_request_data: Some(data),
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "screenshots taken"
+        );
+        Ok(Response::new(response))
     }
 }

@@ -193,3 +193,49 @@ fn tls_init_is_a_subcommand_and_serving_stays_the_default() {
     let serve = Args::try_parse_from(["dcv-broker", "--demo-fleet", "3"]).unwrap();
     assert!(serve.command.is_none());
 }
+
+#[test]
+fn screenshot_flags_default_to_dcvs_settings_and_are_bounded() {
+    let defaults = Args::try_parse_from(["dcv-broker"])
+        .unwrap()
+        .broker_config();
+    let fleet = crate::fleet::FleetConfig::default();
+    assert_eq!(defaults.fleet.screenshot_timeout, fleet.screenshot_timeout);
+    assert_eq!(
+        (
+            defaults.fleet.screenshot_max_width,
+            defaults.fleet.screenshot_max_height,
+            defaults.fleet.screenshot_format
+        ),
+        (160, 100, crate::fleet::ImageFormat::Png)
+    );
+    let set = Args::try_parse_from([
+        "dcv-broker",
+        "--screenshot-timeout",
+        "2s",
+        "--screenshot-max-width",
+        "4096",
+        "--screenshot-max-height",
+        "1",
+        "--screenshot-format",
+        "jpeg",
+    ])
+    .unwrap()
+    .broker_config()
+    .fleet;
+    assert_eq!(set.screenshot_timeout, Duration::from_secs(2));
+    assert_eq!(
+        (set.screenshot_max_width, set.screenshot_max_height),
+        (4096, 1)
+    );
+    assert_eq!(set.screenshot_format, crate::fleet::ImageFormat::Jpeg);
+    for bad in [
+        ["--screenshot-max-width", "0"],
+        ["--screenshot-max-height", "4097"],
+        ["--screenshot-format", "gif"],
+    ] {
+        let mut argv = vec!["dcv-broker"];
+        argv.extend_from_slice(&bad);
+        assert!(Args::try_parse_from(argv).is_err(), "{bad:?}");
+    }
+}

@@ -187,6 +187,7 @@ impl Fleet {
                     Some(Instruction::Create {
                         server: id.clone(),
                         session: record.id.clone(),
+                        id: record.create_id(),
                         order: order.clone(),
                         permissions_file: record.permissions_file.clone(),
                     })
@@ -194,6 +195,7 @@ impl Fleet {
                 (SessionState::Deleting, _, _) => Some(Instruction::Delete {
                     server: id.clone(),
                     session: record.id.clone(),
+                    id: record.delete_id(),
                 }),
                 _ => None,
             };
@@ -298,6 +300,8 @@ impl Fleet {
                 record.state_reason = format!("Permissions update failed on its server: {why}");
             }
             (InstructionKind::UpdatePermissions, InstructionOutcome::Done { .. }) => {}
+            // Answered through `report_screenshot`, by instruction id.
+            (InstructionKind::GetScreenshot, _) => {}
         }
         drop(self.commit(&mut state));
         Ok(())

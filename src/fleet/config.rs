@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::sessions::PlacementStrategy;
+use super::sessions::{PlacementStrategy, screenshots::ImageFormat};
 
 /// Timeouts and lifetimes the fleet enforces.
 #[derive(Debug, Clone)]
@@ -36,6 +36,17 @@ pub struct FleetConfig {
     pub connection_token_ttl: Duration,
     /// Fleet events buffered for each slow subscriber before it lags.
     pub event_buffer: usize,
+    /// How long GetSessionScreenshots waits for agents' screenshots.
+    pub screenshot_timeout: Duration,
+    /// The screenshot width when a request gives none (DCV's
+    /// `session-screenshot-max-width`).
+    pub screenshot_max_width: u32,
+    /// The screenshot height when a request gives none (DCV's
+    /// `session-screenshot-max-height`).
+    pub screenshot_max_height: u32,
+    /// The encoding agents are asked for (DCV's
+    /// `session-screenshot-format`).
+    pub screenshot_format: ImageFormat,
 }
 
 impl Default for FleetConfig {
@@ -53,6 +64,10 @@ impl Default for FleetConfig {
             deleted_retention: Duration::from_secs(3600),
             connection_token_ttl: Duration::from_secs(3600),
             event_buffer: 4096,
+            screenshot_timeout: Duration::from_secs(10),
+            screenshot_max_width: 160,
+            screenshot_max_height: 100,
+            screenshot_format: ImageFormat::Png,
         }
     }
 }

@@ -121,6 +121,15 @@ pub enum FailureCode {
     NoServerAvailable,
     /// The queue is full.
     QueueFull,
+    /// GetSessionScreenshots: the session is not READY.
+    SessionNotReady,
+    /// GetSessionScreenshots: no open instruction stream, or no answer in
+    /// time.
+    AgentUnavailable,
+    /// GetSessionScreenshots: the agent tried and failed.
+    AgentFailed,
+    /// GetSessionScreenshots: earlier items' images filled the reply.
+    ReplySizeLimit,
 }
 
 /// A failed batch item: a code for programs and a reason for people.

@@ -19,7 +19,7 @@ use super::{
     model::ServerId,
     page_token::PageTokens,
     persist,
-    sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent},
+    sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent, screenshots::PendingShots},
     state::{Ctx, State, WriteGuard},
 };
 
@@ -35,6 +35,10 @@ pub struct Fleet {
     /// The longest write-lock hold so far, in nanoseconds (see
     /// [`Fleet::take_longest_write_hold`]).
     pub(in crate::fleet) longest_write_ns: Arc<AtomicU64>,
+    /// Screenshots waiting for agents. Beside the state, not in it: an
+    /// agent's answer then never waits for the fleet's lock, and the
+    /// lock is never taken while this one is held.
+    pub(in crate::fleet) screenshots: PendingShots,
 }
 
 /// The stored secret keying page tokens.
@@ -102,6 +106,7 @@ impl Fleet {
             events,
             store,
             longest_write_ns: Arc::new(AtomicU64::new(0)),
+            screenshots: PendingShots::default(),
         })
     }
 

@@ -52,12 +52,16 @@ pub use self::{
     query::DescribeQuery,
     servers::{CloseItem, ServerView},
     sessions::{
-        DeleteItem, FleetEvent, Instruction, InstructionKind, InstructionOutcome, Order,
-        PermissionsItem, PlacementStrategy, SequencedEvent, SessionId, SessionQuery, SessionRecord,
-        SessionView,
+        DeleteItem, FleetEvent, Instruction, InstructionId, InstructionKind, InstructionOutcome,
+        Order, PermissionsItem, PlacementStrategy, SequencedEvent, SessionId, SessionQuery,
+        SessionRecord, SessionView,
+        screenshots::{
+            ImageFormat, ScreenshotAnswer, ScreenshotImage, ScreenshotItem, ScreenshotResult,
+        },
     },
     validate::{
         MAX_BATCH_ITEMS, MAX_ENDPOINTS, MAX_GPUS, MAX_LOGGED_IN_USERS, MAX_REPORTED_SESSIONS,
-        MAX_TAGS, MAX_TEXT_BYTES, check_lengths, validate_batch_size, validate_server_id,
+        MAX_SESSION_CONNECTIONS, MAX_TAGS, MAX_TEXT_BYTES, check_lengths, validate_batch_size,
+        validate_batch_size_up_to, validate_server_id,
     },
 };

@@ -242,6 +242,23 @@ pub struct ReportedSession {
     pub kind: SessionKind,
     /// State.
     pub state: SessionState,
+    /// Connections, times and name, as the agent reports them.
+    pub details: ReportedDetails,
+}
+
+/// What an agent says of a session besides its identity and state. Volatile:
+/// never stored, since the next heartbeat says it again (a restarted broker
+/// shows 0 connections until then).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportedDetails {
+    /// Clients connected now.
+    pub connections: u32,
+    /// When the last client disconnected, if one has.
+    pub last_disconnection: Option<SystemTime>,
+    /// When the DCV server created it, if the agent says.
+    pub created_at: Option<SystemTime>,
+    /// Its name on the DCV server (may be empty).
+    pub name: String,
 }
 
 /// A periodic report from an agent. It replaces the previous one.

@@ -79,6 +79,9 @@ pub struct StoredSession {
     pub forgotten: bool,
     /// Its position in the queue while queued (smaller: earlier).
     pub queue_position: Option<u64>,
+    /// DeleteSessions requests sent to its agent so far (part of each
+    /// delete instruction's id).
+    pub deletions: u32,
 }
 
 /// One change to durable state.

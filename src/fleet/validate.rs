@@ -26,6 +26,10 @@ pub const MAX_GPUS: usize = 64;
 pub const MAX_REPORTED_SESSIONS: usize = 10_000;
 /// The most logged-in users one heartbeat may report.
 pub const MAX_LOGGED_IN_USERS: usize = 1024;
+/// The most connections one session may report: far above what a DCV
+/// server admits (`--max-concurrent-clients` goes to 100), so only a
+/// broken or hostile agent hits it.
+pub const MAX_SESSION_CONNECTIONS: u32 = 10_000;
 
 /// Checks a server id's shape; the error says what is wrong (without the
 /// field name, which the caller adds where it helps).
@@ -95,10 +99,16 @@ fn is_bidi_control(c: char) -> bool {
 /// API calls it before it converts a single item, so that a request naming
 /// millions of empty items costs nothing per item.
 pub fn validate_batch_size(field: &str, len: usize) -> Result<(), FleetError> {
-    if len == 0 || len > MAX_BATCH_ITEMS {
+    validate_batch_size_up_to(field, len, MAX_BATCH_ITEMS)
+}
+
+/// [`validate_batch_size`] for a batch whose items cost more than most,
+/// with its own bound `max`.
+pub fn validate_batch_size_up_to(field: &str, len: usize, max: usize) -> Result<(), FleetError> {
+    if len == 0 || len > max {
         return Err(FleetError::invalid(
             field,
-            format!("must hold 1 to {MAX_BATCH_ITEMS} items; got {len}"),
+            format!("must hold 1 to {max} items; got {len}"),
         ));
     }
     Ok(())
@@ -311,6 +321,16 @@ pub(in crate::fleet) fn validate_heartbeat(h: &Heartbeat, violations: &mut Vec<F
             }
             check_text(&format!("Sessions[{i}].Id"), &s.id, violations);
             check_text(&format!("Sessions[{i}].Owner"), &s.owner, violations);
+            check_text(&format!("Sessions[{i}].Name"), &s.details.name, violations);
+            if s.details.connections > MAX_SESSION_CONNECTIONS {
+                violations.push(FieldViolation::new(
+                    format!("Sessions[{i}].NumOfConnections"),
+                    format!(
+                        "must be at most {MAX_SESSION_CONNECTIONS}; got {}",
+                        s.details.connections
+                    ),
+                ));
+            }
         }
     }
 }

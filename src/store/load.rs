@@ -285,7 +285,7 @@ fn read_sessions(
 ) -> Result<Vec<StoredSession>, LoadError> {
     let mut statement = connection.prepare(
         "SELECT id, name, owner, kind, server_id, state, substate, state_reason, created_at,
-                request, permissions_file, deadline, forgotten, queue_position
+                request, permissions_file, deadline, forgotten, queue_position, deletions
          FROM sessions ORDER BY id",
     )?;
     let mut rows = statement.query([])?;
@@ -318,6 +318,8 @@ fn read_sessions(
         let queue_position = queue_position
             .map(|p| u64::try_from(p).map_err(|_| f.bad("queue_position", "negative")))
             .transpose()?;
+        let deletions: i64 = f.get(14, "deletions")?;
+        let deletions = u32::try_from(deletions).map_err(|_| f.bad("deletions", "out of range"))?;
         let session = StoredSession {
             name: f.get(1, "name")?,
             owner: f.get(2, "owner")?,
@@ -333,6 +335,7 @@ fn read_sessions(
             deadline,
             forgotten: f.get(12, "forgotten")?,
             queue_position,
+            deletions,
             id,
         };
         sessions.push(session);

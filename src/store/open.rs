@@ -85,6 +85,9 @@ pub const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL PRIMARY KEY,
         value BLOB NOT NULL
     ) STRICT;",
+    // 3: how many DeleteSessions requests each session's agent was sent,
+    // part of each delete instruction's stable id.
+    "ALTER TABLE sessions ADD COLUMN deletions INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

@@ -198,8 +198,8 @@ fn put_session(tx: &Transaction<'_>, s: &StoredSession) -> Result<(), WriteError
     tx.prepare_cached(
         "INSERT INTO sessions (id, name, owner, kind, server_id, state, substate, state_reason,
                                created_at, request, permissions_file, deadline, forgotten,
-                               queue_position)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                               queue_position, deletions)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT (id) DO UPDATE SET
              name = excluded.name,
              owner = excluded.owner,
@@ -213,7 +213,8 @@ fn put_session(tx: &Transaction<'_>, s: &StoredSession) -> Result<(), WriteError
              permissions_file = excluded.permissions_file,
              deadline = excluded.deadline,
              forgotten = excluded.forgotten,
-             queue_position = excluded.queue_position",
+             queue_position = excluded.queue_position,
+             deletions = excluded.deletions",
     )?
     .execute(params![
         s.id,
@@ -230,6 +231,7 @@ fn put_session(tx: &Transaction<'_>, s: &StoredSession) -> Result<(), WriteError
         s.deadline.map(codec::micros),
         s.forgotten,
         queue_position,
+        i64::from(s.deletions),
     ])?;
     tx.prepare_cached("DELETE FROM session_tried WHERE session_id = ?1")?
         .execute([&s.id])?;

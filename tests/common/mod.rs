@@ -238,7 +238,17 @@ pub use pb::stream_instructions_response::Instruction as Instr;
 
 impl TestAgent {
     pub async fn connect(broker: &Broker, request: pb::RegisterServerRequest) -> TestAgent {
-        let mut client = broker.agent().await;
+        TestAgent::connect_to(broker.addr, request).await
+    }
+
+    /// [`TestAgent::connect`] to a broker at `addr` (the binary's too).
+    pub async fn connect_to(addr: SocketAddr, request: pb::RegisterServerRequest) -> TestAgent {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = AgentClient::new(channel);
         let id = request.server_id.clone();
         client.register_server(request).await.unwrap();
         let stream = client
@@ -293,6 +303,56 @@ impl TestAgent {
             })
             .await
             .unwrap();
+    }
+
+    /// The next instruction with its id (waits for it).
+    pub async fn next_with_id(&mut self) -> (String, Instr) {
+        let message = self
+            .stream
+            .message()
+            .await
+            .unwrap()
+            .expect("instruction stream ended");
+        (
+            message.instruction_id,
+            message.instruction.expect("instruction body"),
+        )
+    }
+
+    /// The next instruction, which must be a screenshot request; returns
+    /// its id and body.
+    pub async fn next_screenshot(&mut self) -> (String, pb::GetScreenshotInstruction) {
+        match self.next_with_id().await {
+            (id, Instr::GetScreenshot(g)) => (id, g),
+            (_, other) => panic!("expected GetScreenshot, got {other:?}"),
+        }
+    }
+
+    /// Answers GET_SCREENSHOT `instruction_id` for `session` with
+    /// `images` (success) or `failure` (a reason).
+    pub async fn report_screenshot(
+        &mut self,
+        session: &str,
+        instruction_id: &str,
+        answer: Result<Vec<pb::SessionScreenshotImage>, &str>,
+    ) -> Result<(), tonic::Status> {
+        let (success, images, failure_reason) = match answer {
+            Ok(images) => (true, images, String::new()),
+            Err(why) => (false, Vec::new(), why.to_string()),
+        };
+        self.client
+            .report_instruction_result(pb::ReportInstructionResultRequest {
+                server_id: self.id.clone(),
+                session_id: session.into(),
+                kind: pb::InstructionKind::GetScreenshot as i32,
+                success,
+                failure_reason,
+                instruction_id: instruction_id.into(),
+                images,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
     }
 
     /// Reports these sessions as the server's current ones.

@@ -5,9 +5,11 @@ operator would, with the contract learnt from server reflection only. No
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -121,6 +123,7 @@ def test_list_shows_the_services(grpcurl):
                 "DeleteSessions",
                 "GetSessionConnectionData",
                 "UpdateSessionPermissions",
+                "GetSessionScreenshots",
             },
         ),
         (
@@ -848,3 +851,48 @@ def test_dcvsm_json_is_grpcurls_json(grpcurl, broker, dcvsm_bin, tmp_path, dcvsm
     )
     assert got.returncode == 0, got.stderr
     assert _without_request_id(got.stdout) == _without_request_id(expected.stdout)
+
+
+def test_a_screenshot_comes_back_in_dcvs_json_shape(call):
+    """GetSessionScreenshots through grpcurl: DCV's JSON (SuccessfulList[]
+    .SessionScreenshot.Images[] with Format, Data as base64, CreationTime,
+    Primary), the simulated agent's real PNG of the size asked for, and an
+    unknown session in UnsuccessfulList with DCV's words."""
+    created = create_one(
+        call,
+        {
+            "Name": "e2e-screenshot",
+            "Owner": "screenshot-owner",
+            "Type": "VIRTUAL",
+        },
+    )
+    sid = created["Id"]
+    wait_for_session(call, sid, "READY")
+    out = call(
+        f"{SESSIONS}/GetSessionScreenshots",
+        {
+            "Sessions": [
+                {"SessionId": sid, "MaxWidth": 64, "MaxHeight": 64},
+                {"SessionId": "no-such-session"},
+            ]
+        },
+    )
+    assert_request_id(out)
+    assert set(out) == {"RequestId", "SuccessfulList", "UnsuccessfulList"}, out
+    [ok] = out["SuccessfulList"]
+    shot = ok["SessionScreenshot"]
+    assert shot["SessionId"] == sid
+    [image] = shot["Images"]
+    assert image["Format"] == "png"
+    assert image["Primary"] is True
+    parse_time(image["CreationTime"])
+    data = base64.b64decode(image["Data"], validate=True)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
+    # IHDR: width and height, big-endian, after the signature and header.
+    width, height = struct.unpack(">II", data[16:24])
+    # The simulated 1280x800 display, scaled to fit 64x64.
+    assert (width, height) == (64, 40)
+    [failed] = out["UnsuccessfulList"]
+    assert failed["GetSessionScreenshotRequestData"] == {"SessionId": "no-such-session"}
+    assert failed["FailureCode"] == "SESSION_NOT_FOUND"
+    assert failed["FailureReason"] == "Dcv session not found."

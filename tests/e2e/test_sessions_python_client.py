@@ -254,7 +254,13 @@ class InstructionStream:
             ) from None
         if isinstance(got, grpc.RpcError):
             raise AssertionError(f"instruction stream of {self.server_id} ended: {got!r}")
-        assert_uuid4(got.instruction_id)
+        # Creates and deletes carry an id derived from what the broker
+        # stores (a version 8 UUID), the same each time one is sent again;
+        # other instructions a fresh one.
+        parsed = uuid.UUID(got.instruction_id)
+        derived = got.WhichOneof("instruction") in ("create_session", "delete_session")
+        assert parsed.version == (8 if derived else 4), got
+        assert str(parsed) == got.instruction_id, got
         return got
 
     def pending(self):

@@ -413,7 +413,7 @@ fn secret_check(client: &ClientCredentials) -> String {
 /// Writes `bytes` to `path` through a private temporary file renamed into
 /// place, so a reader sees the old entry or the new one, never half, and
 /// nobody else may read either.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("no parent directory"))?;

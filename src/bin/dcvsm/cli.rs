@@ -104,6 +104,10 @@ pub enum Command {
     GetSessionConnectionData(GetSessionConnectionDataArgs),
     /// Replace a session's permissions.
     UpdateSessionPermissions(UpdateSessionPermissionsArgs),
+    /// Take screenshots of sessions and save them as DIR/<SessionId>-<n>.<format> (mode
+    /// 0600: they show users' desktops); prints the reply with each image's File instead of
+    /// its Data.
+    GetSessionScreenshots(GetSessionScreenshotsArgs),
     /// Print a shell completion script.
     Completion {
         /// The shell.
@@ -233,6 +237,22 @@ pub struct GetSessionConnectionDataArgs {
     /// The user who connects.
     #[arg(long, required = true)]
     pub user: String,
+}
+
+#[derive(Args, Debug)]
+pub struct GetSessionScreenshotsArgs {
+    /// Comma-separated session ids, 1 to 100.
+    #[arg(long, required = true)]
+    pub session_ids: String,
+    /// The most pixels wide, 1 to 4096 (default: the broker's).
+    #[arg(long)]
+    pub max_width: Option<i32>,
+    /// The most pixels high, 1 to 4096 (default: the broker's).
+    #[arg(long)]
+    pub max_height: Option<i32>,
+    /// Where the images are saved (created, mode 0700, if missing).
+    #[arg(long, default_value = ".")]
+    pub output_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

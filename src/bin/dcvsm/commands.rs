@@ -19,8 +19,8 @@ use crate::{
     Failure,
     cli::{
         CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeServersArgs,
-        DescribeSessionsArgs, GetSessionConnectionDataArgs, OpenServersArgs, SessionTypeArg,
-        UpdateSessionPermissionsArgs,
+        DescribeSessionsArgs, GetSessionConnectionDataArgs, GetSessionScreenshotsArgs,
+        OpenServersArgs, SessionTypeArg, UpdateSessionPermissionsArgs,
     },
     exit, fail,
     output::to_json,
@@ -51,6 +51,7 @@ pub async fn execute(
             get_session_connection_data(sessions, args).await
         }
         Command::UpdateSessionPermissions(args) => update_session_permissions(sessions, args).await,
+        Command::GetSessionScreenshots(args) => get_session_screenshots(sessions, args).await,
         Command::Completion { .. } => unreachable!("handled before connecting"),
     }
 }
@@ -253,6 +254,106 @@ async fn update_session_permissions(
     to_json("UpdateSessionPermissionsResponse", &r.into_inner())
 }
 
+/// The most sessions one GetSessionScreenshots call may name (the
+/// broker's bound, checked before calling it).
+const MAX_SCREENSHOT_SESSIONS: usize = 100;
+
+async fn get_session_screenshots(
+    mut sessions: Sessions,
+    args: &GetSessionScreenshotsArgs,
+) -> Result<Value, Failure> {
+    let ids = split_ids("--session-ids", &args.session_ids)?;
+    if ids.len() > MAX_SCREENSHOT_SESSIONS {
+        return Err(fail(
+            exit::BAD_PARAMETER,
+            format!(
+                "--session-ids names {} sessions; at most {MAX_SCREENSHOT_SESSIONS} per call",
+                ids.len()
+            ),
+        ));
+    }
+    for (flag, value) in [
+        ("--max-width", args.max_width),
+        ("--max-height", args.max_height),
+    ] {
+        if let Some(n) = value
+            && !(1..=4096).contains(&n)
+        {
+            return Err(fail(
+                exit::BAD_PARAMETER,
+                format!("{flag} must be between 1 and 4096, got {n}"),
+            ));
+        }
+    }
+    let r = sessions
+        .get_session_screenshots(pb::GetSessionScreenshotsRequest {
+            sessions: ids
+                .into_iter()
+                .map(|session_id| pb::GetSessionScreenshotRequestData {
+                    session_id,
+                    max_width: args.max_width,
+                    max_height: args.max_height,
+                })
+                .collect(),
+        })
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    let mut saved = Vec::new();
+    for success in &r.successful_list {
+        let Some(shot) = &success.session_screenshot else {
+            continue;
+        };
+        let mut files = Vec::new();
+        for (n, image) in shot.images.iter().enumerate() {
+            let path =
+                args.output_dir
+                    .join(screenshot_file_name(&shot.session_id, n, &image.format));
+            crate::auth::write_private(&path, &image.data)
+                .map_err(|e| fail(exit::OTHER, format!("cannot save {}: {e}", path.display())))?;
+            files.push(path.display().to_string());
+        }
+        saved.push(files);
+    }
+    let mut reply = to_json("GetSessionScreenshotsResponse", &r)?;
+    // The files instead of the data: the images are saved, and base64 of
+    // every screenshot would bury the reply.
+    if let Some(Value::Array(list)) = reply.get_mut("SuccessfulList") {
+        for (item, files) in list.iter_mut().zip(saved) {
+            if let Some(Value::Array(images)) = item.pointer_mut("/SessionScreenshot/Images") {
+                for (image, file) in images.iter_mut().zip(files) {
+                    if let Some(image) = image.as_object_mut() {
+                        image.remove("Data");
+                        image.insert("File".into(), Value::String(file));
+                    }
+                }
+            }
+        }
+    }
+    Ok(reply)
+}
+
+/// `<SessionId>-<n>.<format>`, safe as one file name whatever the session
+/// id (an agent names the sessions it reports): every byte outside
+/// `[A-Za-z0-9_-]` and a leading dot become `%XX`, so the name never
+/// climbs out of the directory, hides, or collides with another id's.
+fn screenshot_file_name(session_id: &str, n: usize, format: &str) -> String {
+    let mut name = String::with_capacity(session_id.len() + 12);
+    for b in session_id.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && !name.is_empty()) {
+            name.push(char::from(b));
+        } else {
+            name.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let extension = match format {
+        "png" => "png",
+        "jpeg" => "jpeg",
+        _ => "bin",
+    };
+    format!("{name}-{n}.{extension}")
+}
+
 pub async fn connect(settings: &Settings) -> Result<BrokerClient, Failure> {
     // Refused whatever the URL: accepted silently for http://, the same
     // command line would turn insecure the day the URL becomes https://.
@@ -425,4 +526,20 @@ where
         obj.remove("NextToken");
     }
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::screenshot_file_name;
+
+    #[test]
+    fn screenshot_file_names_stay_in_their_directory() {
+        assert_eq!(screenshot_file_name("abc-1", 0, "png"), "abc-1-0.png");
+        assert_eq!(
+            screenshot_file_name("../etc/x", 1, "jpeg"),
+            "%2E.%2Fetc%2Fx-1.jpeg"
+        );
+        assert_eq!(screenshot_file_name(".hidden", 0, "gif"), "%2Ehidden-0.bin");
+        assert_eq!(screenshot_file_name("a b%", 2, "png"), "a%20b%25-2.png");
+    }
 }

@@ -114,13 +114,22 @@ fn field(object: &serde_json::Map<String, Value>, key: &str) -> String {
     object.get(key).and_then(scalar).unwrap_or_default()
 }
 
-/// One element of a list of objects in a cell: a hold as "KIND by ACTOR at
-/// TIME: REASON", a tag as "KEY=VALUE", an endpoint as "IP:PORT PROTOCOL
-/// PATH", anything else as its "Key=value" scalars.
+/// One element of a list of objects in a cell: a screenshot image as
+/// "FILE (FORMAT, primary)", a hold as "KIND by ACTOR at TIME: REASON", a
+/// tag as "KEY=VALUE", an endpoint as "IP:PORT PROTOCOL PATH", anything
+/// else as its "Key=value" scalars.
 fn summary(item: &Value) -> String {
     let Some(o) = item.as_object() else {
         return scalar(item).unwrap_or_else(|| item.to_string());
     };
+    if o.contains_key("Format") && o.contains_key("File") {
+        let primary = if o.get("Primary") == Some(&Value::Bool(true)) {
+            ", primary"
+        } else {
+            ""
+        };
+        return format!("{} ({}{primary})", field(o, "File"), field(o, "Format"));
+    }
     if o.contains_key("Actor") || o.contains_key("CreationTime") {
         let mut text = format!(
             "{} by {} at {}",
@@ -210,6 +219,10 @@ fn flatten(row: &Value) -> Vec<(String, String)> {
             for (k, v) in inner {
                 if let Some(s) = scalar(v) {
                     out.push((format!("{key}.{k}"), s));
+                } else if let Value::Array(items) = v {
+                    // A screenshot's Images, one cell.
+                    let parts: Vec<String> = items.iter().map(summary).collect();
+                    out.push((format!("{key}.{k}"), parts.join("; ")));
                 }
             }
         } else if let Value::Array(items) = value {
@@ -259,5 +272,23 @@ mod tests {
         let rows: Vec<&str> = text.lines().filter(|l| l.contains("-1")).collect();
         assert_eq!(rows.len(), 2, "{text}");
         assert_eq!(width(rows[0]), width(rows[1]), "{text}");
+    }
+
+    #[test]
+    fn a_screenshots_images_are_summed_up_in_one_cell() {
+        let reply = serde_json::json!({
+            "RequestId": "r",
+            "SuccessfulList": [{"SessionScreenshot": {"SessionId": "s1", "Images": [
+                {"Format": "png", "File": "out/s1-0.png", "Primary": true,
+                 "CreationTime": "2026-01-01T00:00:00Z"},
+                {"Format": "jpeg", "File": "out/s1-1.jpeg"}
+            ]}}]
+        });
+        let text = table(&reply);
+        assert!(text.contains("SessionScreenshot.Images"), "{text}");
+        assert!(
+            text.contains("out/s1-0.png (png, primary); out/s1-1.jpeg (jpeg)"),
+            "{text}"
+        );
     }
 }

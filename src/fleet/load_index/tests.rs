@@ -237,6 +237,7 @@ fn report(
                     } else {
                         SessionState::Ready
                     },
+                    details: Default::default(),
                 }),
             }
         }
@@ -263,6 +264,7 @@ fn report(
                 SessionKind::Virtual
             },
             state: SessionState::Ready,
+            details: Default::default(),
         });
     }
     // A report the broker accepts: ids once, one live console at most.

@@ -417,6 +417,9 @@ impl State {
                 deadline: None,
                 forgotten: false,
                 queue_position: None,
+                deletions: 0,
+                connections: 0,
+                last_disconnection: None,
             },
         );
         match target {
@@ -447,6 +450,7 @@ impl State {
         record.queue_position = None;
         record.tried.push(server.clone());
         let permissions_file = record.permissions_file.clone();
+        let id = record.create_id();
         if let Some(target) = self.servers.get_mut(server) {
             self.by_load.update(target, |target| {
                 target.placing.push(Placement {
@@ -467,6 +471,7 @@ impl State {
         self.send(Instruction::Create {
             server: server.clone(),
             session: session.clone(),
+            id,
             order,
             permissions_file,
         });

@@ -288,12 +288,14 @@ impl State {
                 }
                 (SessionState::Creating, Some(Substate::Placing), true) => {
                     let server = record.server.clone();
+                    let abandon_id = record.abandon_id();
                     let waited = ctx.config.agent_timeout.as_secs();
                     if let Some(server) = server {
                         // It may still appear later: ask for it to go.
                         self.send(Instruction::Delete {
                             server: server.clone(),
                             session: id.clone(),
+                            id: abandon_id,
                         });
                         self.attempt_failed(
                             &id,

@@ -27,6 +27,7 @@ mod lifecycle;
 mod ops;
 pub(in crate::fleet) mod queue;
 mod reconcile;
+pub mod screenshots;
 pub(in crate::fleet) mod validate;
 
 use std::{
@@ -196,6 +197,16 @@ pub struct SessionRecord {
     pub forgotten: bool,
     /// Its place in the queue while queued (smaller: earlier).
     pub queue_position: Option<u64>,
+    /// DeleteSessions requests that asked its agent to delete it: each
+    /// such instruction has its own id ([`Instruction::id`]), so a delete
+    /// retried after a failure is not taken for one already carried out.
+    pub deletions: u32,
+    /// Clients connected at its agent's last report. Volatile, like the
+    /// report it comes from (0 after a restart until the next heartbeat).
+    pub connections: u32,
+    /// When its last client disconnected, at its agent's last report.
+    /// Volatile.
+    pub last_disconnection: Option<SystemTime>,
 }
 
 /// A session as DescribeSessions sees it: the record and its server.
@@ -245,6 +256,64 @@ impl<'a> SessionView<'a> {
     }
 }
 
+/// An instruction's id, as agents see it (`InstructionId`).
+pub type InstructionId = Arc<str>;
+
+/// The id of a create or delete instruction: derived from the session and
+/// from what is stored about it (`what`, and `attempt`: the servers tried
+/// so far, and for deletes the DeleteSessions requests so far), so that
+/// the same instruction sent again, after its agent reconnects or the
+/// broker restarts, carries the same id, and a new attempt a new one. An
+/// agent that journals the ids it carried out thus never carries out one
+/// twice. A UUID (version 8) made of a SHA-256 of those, so that any
+/// session id gives an id of the same shape as the fresh ones.
+pub fn derived_instruction_id(what: &str, session: &str, attempt: [u32; 2]) -> InstructionId {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"dcv-broker instruction\0");
+    hash.update(what.as_bytes());
+    hash.update([0]);
+    hash.update(session.as_bytes());
+    hash.update([0]);
+    hash.update(attempt[0].to_be_bytes());
+    hash.update(attempt[1].to_be_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Arc::from(
+        uuid::Builder::from_custom_bytes(bytes)
+            .into_uuid()
+            .to_string(),
+    )
+}
+
+/// A fresh id, for instructions that are never sent again.
+pub fn fresh_instruction_id() -> InstructionId {
+    Arc::from(uuid::Uuid::new_v4().to_string())
+}
+
+impl SessionRecord {
+    /// The id of the create instruction of its current placement.
+    pub fn create_id(&self) -> InstructionId {
+        derived_instruction_id("create", &self.id, [self.attempts(), 0])
+    }
+
+    /// The id of the delete instruction of its latest DeleteSessions.
+    pub fn delete_id(&self) -> InstructionId {
+        derived_instruction_id("delete", &self.id, [self.attempts(), self.deletions])
+    }
+
+    /// The id of the delete sent when the current placement's agent did
+    /// not answer in time.
+    pub fn abandon_id(&self) -> InstructionId {
+        derived_instruction_id("abandon", &self.id, [self.attempts(), 0])
+    }
+
+    fn attempts(&self) -> u32 {
+        u32::try_from(self.tried.len()).unwrap_or(u32::MAX)
+    }
+}
+
 /// An instruction for a server's agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instruction {
@@ -254,6 +323,8 @@ pub enum Instruction {
         server: ServerId,
         /// The session.
         session: SessionId,
+        /// Its id ([`SessionRecord::create_id`]).
+        id: InstructionId,
         /// What to create.
         order: Arc<Order>,
         /// Permissions file, base64 (empty: default).
@@ -265,6 +336,9 @@ pub enum Instruction {
         server: ServerId,
         /// The session.
         session: SessionId,
+        /// Its id ([`SessionRecord::delete_id`] or
+        /// [`SessionRecord::abandon_id`]).
+        id: InstructionId,
     },
     /// Replace a session's permissions.
     UpdatePermissions {
@@ -272,8 +346,25 @@ pub enum Instruction {
         server: ServerId,
         /// The session.
         session: SessionId,
+        /// A fresh id.
+        id: InstructionId,
         /// Permissions file, base64.
         permissions_file: String,
+    },
+    /// Take a screenshot.
+    GetScreenshot {
+        /// The server.
+        server: ServerId,
+        /// The session.
+        session: SessionId,
+        /// A fresh id; the agent's answer must echo it.
+        id: InstructionId,
+        /// The most pixels wide.
+        max_width: u32,
+        /// The most pixels high.
+        max_height: u32,
+        /// The encoding asked for.
+        format: screenshots::ImageFormat,
     },
 }
 
@@ -283,7 +374,18 @@ impl Instruction {
         match self {
             Instruction::Create { server, .. }
             | Instruction::Delete { server, .. }
-            | Instruction::UpdatePermissions { server, .. } => server,
+            | Instruction::UpdatePermissions { server, .. }
+            | Instruction::GetScreenshot { server, .. } => server,
+        }
+    }
+
+    /// Its id.
+    pub fn id(&self) -> &InstructionId {
+        match self {
+            Instruction::Create { id, .. }
+            | Instruction::Delete { id, .. }
+            | Instruction::UpdatePermissions { id, .. }
+            | Instruction::GetScreenshot { id, .. } => id,
         }
     }
 }
@@ -297,6 +399,8 @@ pub enum InstructionKind {
     Delete,
     /// Update permissions.
     UpdatePermissions,
+    /// Take a screenshot (answered through [`Fleet::report_screenshot`](crate::fleet::Fleet::report_screenshot)).
+    GetScreenshot,
 }
 
 /// An agent's answer to an instruction.
@@ -418,5 +522,6 @@ pub(in crate::fleet) fn stored_session(
         deadline: record.deadline.map(|at| persist::wall_time(at, now, wall)),
         forgotten: record.forgotten,
         queue_position: record.queue_position,
+        deletions: record.deletions,
     }
 }

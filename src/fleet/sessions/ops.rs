@@ -83,16 +83,26 @@ impl Fleet {
                     results.push(Ok(SessionState::Deleted));
                 }
                 (_, Some(server)) => {
+                    let mut instruction_id = None;
                     if let Some(record) = state.sessions.record_mut(&id) {
+                        if record.state != SessionState::Deleting {
+                            // A new attempt (a repeat of a pending one
+                            // keeps its id).
+                            record.deletions = record.deletions.saturating_add(1);
+                        }
                         record.state = SessionState::Deleting;
                         record.substate = None;
                         record.state_reason.clear();
+                        instruction_id = Some(record.delete_id());
                     }
                     state.set_deadline(&id, None);
-                    state.send(Instruction::Delete {
-                        server,
-                        session: id.clone(),
-                    });
+                    if let Some(instruction_id) = instruction_id {
+                        state.send(Instruction::Delete {
+                            server,
+                            session: id.clone(),
+                            id: instruction_id,
+                        });
+                    }
                     results.push(Ok(SessionState::Deleting));
                 }
             }
@@ -154,6 +164,7 @@ impl Fleet {
                 state.send(Instruction::UpdatePermissions {
                     server,
                     session: id.clone(),
+                    id: super::fresh_instruction_id(),
                     permissions_file: item.permissions_file.clone(),
                 });
             }

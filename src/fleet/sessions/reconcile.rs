@@ -60,6 +60,7 @@ impl State {
                             owner: s.owner.clone(),
                             kind: s.kind,
                             state: s.state,
+                            details: Default::default(),
                         });
                     }
                 });
@@ -93,6 +94,9 @@ impl State {
                     deadline,
                     forgotten: s.forgotten,
                     queue_position: s.queue_position,
+                    deletions: s.deletions,
+                    connections: 0,
+                    last_disconnection: None,
                 },
             );
         }
@@ -167,6 +171,17 @@ impl State {
                     record.server = Some(server.clone());
                     record.state = state;
                     record.substate = substate;
+                    record.connections = s.details.connections;
+                    record.last_disconnection = s.details.last_disconnection;
+                    if record.order.is_none() {
+                        // Adopted: the agent's word is the only one there is.
+                        if !s.details.name.is_empty() {
+                            record.name.clone_from(&s.details.name);
+                        }
+                        if let Some(at) = s.details.created_at {
+                            record.created_at = at;
+                        }
+                    }
                     if revive {
                         record.forgotten = false;
                         record.state_reason = "Reported again by its agent.".into();
@@ -183,7 +198,11 @@ impl State {
                         id.clone(),
                         SessionRecord {
                             id: id.clone(),
-                            name: s.id.clone(),
+                            name: if s.details.name.is_empty() {
+                                s.id.clone()
+                            } else {
+                                s.details.name.clone()
+                            },
                             owner: s.owner.clone(),
                             kind: s.kind,
                             server: Some(server.clone()),
@@ -191,13 +210,16 @@ impl State {
                             substate,
                             state_reason: "Reported by its agent; not created by the broker."
                                 .into(),
-                            created_at: persist::wall_clock(),
+                            created_at: s.details.created_at.unwrap_or_else(persist::wall_clock),
                             order: None,
                             permissions_file: String::new(),
                             tried: Vec::new(),
                             deadline: None,
                             forgotten: false,
                             queue_position: None,
+                            deletions: 0,
+                            connections: s.details.connections,
+                            last_disconnection: s.details.last_disconnection,
                         },
                     );
                 }
