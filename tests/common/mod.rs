@@ -144,6 +144,7 @@ pub fn session(id: &str, kind: pb::SessionType, state: pb::SessionState) -> pb::
         owner: "alice".into(),
         r#type: kind as i32,
         state: state as i32,
+        ..Default::default()
     }
 }
 
@@ -289,6 +290,7 @@ impl TestAgent {
                     "no such user".into()
                 },
                 session_state: state as i32,
+                ..Default::default()
             })
             .await
             .unwrap();
