@@ -25,7 +25,7 @@ use std::{fmt, time::Duration};
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use crate::pb::{
@@ -116,6 +116,7 @@ pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 pub struct ClientBuilder {
     url: String,
     ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
     token: Option<String>,
     connect_timeout: Duration,
     request_timeout: Option<Duration>,
@@ -127,6 +128,7 @@ impl fmt::Debug for ClientBuilder {
         f.debug_struct("ClientBuilder")
             .field("url", &self.url)
             .field("ca_pem", &self.ca_pem.is_some())
+            .field("identity", &self.identity.is_some())
             .field("token", &self.token.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -141,6 +143,7 @@ pub fn builder(url: impl Into<String>) -> ClientBuilder {
     ClientBuilder {
         url: url.into(),
         ca_pem: None,
+        identity: None,
         token: None,
         connect_timeout: CONNECT_TIMEOUT,
         request_timeout: None,
@@ -165,6 +168,14 @@ impl ClientBuilder {
     /// instead of the system roots.
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> ClientBuilder {
         self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) in the TLS handshake
+    /// (mutual TLS, e.g. an agent certificate from `dcv-broker tls
+    /// agent-cert`). Only used for `https://`.
+    pub fn identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> ClientBuilder {
+        self.identity = Some((cert.into(), key.into()));
         self
     }
 
@@ -209,10 +220,13 @@ impl ClientBuilder {
             endpoint = endpoint.timeout(timeout);
         }
         if tls {
-            let config = match &self.ca_pem {
+            let mut config = match &self.ca_pem {
                 Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
                 None => ClientTlsConfig::new().with_native_roots(),
             };
+            if let Some((cert, key)) = &self.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
             endpoint = endpoint.tls_config(config).map_err(ClientError::Tls)?;
         }
         let channel = endpoint

@@ -26,8 +26,9 @@
 //!   [`tls::init`] makes a private CA and certificates (`dcv-broker tls`).
 //! - [`admin`]: `dcv-broker clients`, over the admin socket of a running
 //!   broker or on the store of a stopped one.
-//! - [`client`]: connecting to the broker from Rust (TLS, bearer token),
-//!   as `dcvsm` does.
+//! - [`client`]: connecting to the broker from Rust (TLS, bearer token,
+//!   client certificate), as `dcvsm` and `dcv-broker-agent` do;
+//!   [`oauth`]: buying their bearer tokens (client credentials grant).
 //! - [`demo`]: a simulated fleet of agents for demos and load;
 //!   [`sample`]: the deterministic server descriptions it registers, which
 //!   tests and benchmarks reuse.
@@ -46,6 +47,7 @@ pub mod demo;
 pub mod fleet;
 pub mod layer;
 pub mod limits;
+pub mod oauth;
 pub mod pb;
 pub mod sample;
 pub mod server;

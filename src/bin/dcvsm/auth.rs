@@ -17,13 +17,8 @@
 //! in [`Secret`], whose `Debug` is redacted, and a token shows as a short
 //! SHA-256 fingerprint so that two runs can be told apart.
 //!
-//! The HTTP client is `ureq`, run on tokio's blocking pool. One POST per
-//! few minutes needs no async stack, and hyper's client would have us
-//! assemble the connector, TLS with SNI, timeouts and body limits by hand;
-//! ureq is small, maintained, and runs on the ring provider tonic already
-//! uses (not aws-lc, which needs cmake), trusting `--ca-bundle` or else the
-//! system roots, exactly as the gRPC channel does. Like the gRPC channel it
-//! ignores proxy variables and follows no redirects.
+//! The request itself is the library's [`dcv_broker::oauth`], shared with
+//! the agent; this module adds dcvsm's cache and its exit codes.
 
 use std::{
     fmt,
@@ -31,11 +26,9 @@ use std::{
     io::Write,
     os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -43,19 +36,10 @@ use sha2::{Digest, Sha256};
 use crate::{Failure, exit, fail};
 
 /// The token endpoint's path and grant on the broker.
-pub const TOKEN_PATH_AND_QUERY: &str = "/oauth2/token?grant_type=client_credentials";
+pub use dcv_broker::oauth::TOKEN_PATH_AND_QUERY;
 /// A token is renewed once this share of its lifetime (in percent) has
 /// passed, as DCV's Access Console does.
 const RENEW_AT_PERCENT: u64 = 80;
-/// Whole token request, connection to last byte.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A token reply is a few hundred bytes; anything past this is not one.
-const MAX_REPLY_BYTES: u64 = 64 * 1024;
-/// Attempts when the auth server answers 503 (busy), honouring its
-/// Retry-After up to [`MAX_RETRY_AFTER`].
-const ATTEMPTS: u32 = 3;
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Bumped when the cache file's shape changes; other versions are ignored.
 const CACHE_VERSION: u64 = 1;
 
@@ -224,226 +208,64 @@ pub fn check_auth_url(url: &str) -> Result<(), Failure> {
     }
 }
 
-/// One token request (blocking), retried while the server says it is busy.
+/// One token request (blocking), through the library's client
+/// credentials grant; its errors become dcvsm's exit codes.
 fn fetch(client: &ClientCredentials, ca_bundle: Option<PathBuf>) -> Result<Issued, Failure> {
+    use dcv_broker::oauth::{TokenError, TokenRequest, request_token};
     let url = client.auth_url.as_str();
-    let mut config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .proxy(None)
-        .timeout_global(Some(REQUEST_TIMEOUT))
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .user_agent(concat!("dcvsm/", env!("CARGO_PKG_VERSION")));
-    if url.starts_with("https://") {
-        config = config.tls_config(tls_config(ca_bundle.as_deref())?);
-    }
-    let agent: ureq::Agent = config.build().into();
-    // RFC 6749 §2.3.1: each part form-encoded before base64.
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-        "{}:{}",
-        encode(&client.client_id),
-        encode(client.password.expose())
-    ));
-    // DCV's URL carries the grant in its query; a URL without it gets it in
-    // the form body (a server refuses a parameter given twice).
-    let form = if url.contains("grant_type=") {
-        ""
-    } else {
-        "grant_type=client_credentials"
+    let ca_pem = match &ca_bundle {
+        Some(path) => Some(fs::read(path).map_err(|e| {
+            fail(
+                exit::BAD_ENVIRONMENT,
+                format!("cannot read the CA bundle {}: {e}", path.display()),
+            )
+        })?),
+        None => None,
     };
     tracing::debug!(url, client = %client.client_id, "requesting a token");
-    let mut attempt = 1;
-    loop {
-        let sent = agent
-            .post(url)
-            .header("authorization", format!("Basic {basic}"))
-            .header("accept", "application/json")
-            .content_type("application/x-www-form-urlencoded")
-            .send(form);
-        let mut response = sent.map_err(|e| {
-            fail(
-                exit::OTHER,
-                format!("cannot reach the auth server at {url}: {}", ureq_cause(&e)),
-            )
-        })?;
-        let status = response.status().as_u16();
-        let grpc = response.headers().contains_key("grpc-status");
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(Duration::from_secs(1), Duration::from_secs)
-            .min(MAX_RETRY_AFTER);
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_REPLY_BYTES)
-            .read_to_string()
-            .map_err(|e| {
-                fail(
-                    exit::OTHER,
-                    format!("reading the auth server's reply from {url}: {e}"),
-                )
-            })?;
-        if status == 503 && attempt < ATTEMPTS {
-            tracing::debug!(attempt, ?retry_after, "the auth server is busy; retrying");
-            std::thread::sleep(retry_after);
-            attempt += 1;
-            continue;
-        }
-        return match status {
-            200 if grpc => Err(fail(
+    let request = TokenRequest {
+        url: url.to_owned(),
+        client_id: client.client_id.clone(),
+        secret: client.password.expose().to_owned(),
+        ca_pem,
+        user_agent: concat!("dcvsm/", env!("CARGO_PKG_VERSION")).to_owned(),
+    };
+    match request_token(&request) {
+        Ok(issued) => Ok(Issued {
+            access_token: Secret::new(issued.access_token),
+            expires_in: issued.expires_in,
+            scope: issued.scope,
+        }),
+        Err(e) => Err(match e {
+            TokenError::Ca(why) => fail(
                 exit::BAD_ENVIRONMENT,
                 format!(
-                    "{url} is a gRPC server without a token endpoint (a broker with \
-                     authentication off?); unset the client credentials, or fix the auth \
-                     server URL"
+                    "cannot read the CA bundle {}: {why}",
+                    ca_bundle.as_deref().unwrap_or(Path::new("")).display()
                 ),
-            )),
-            200 => parse_token(url, &body),
-            401 => Err(fail(
+            ),
+            TokenError::Unreachable { .. } => fail(exit::OTHER, e.to_string()),
+            TokenError::NoTokenEndpoint { .. } => fail(
+                exit::BAD_ENVIRONMENT,
+                format!(
+                    "{e}; unset the client credentials, or fix the auth server URL"
+                ),
+            ),
+            TokenError::Refused { detail, .. } => fail(
                 exit::BAD_ENVIRONMENT,
                 format!(
                     "the auth server refused the credentials of client {:?} (id from {}, \
-                     password from {}){}",
-                    client.client_id,
-                    client.id_source,
-                    client.password_source,
-                    oauth_detail(&body)
+                     password from {}){detail}",
+                    client.client_id, client.id_source, client.password_source,
                 ),
-            )),
-            _ if status < 500 => Err(fail(
-                exit::BAD_ENVIRONMENT,
-                format!(
-                    "the auth server at {url} answered {status}{}",
-                    oauth_detail(&body)
-                ),
-            )),
-            _ => Err(fail(
-                exit::BROKER_ERROR,
-                format!(
-                    "the auth server at {url} answered {status}{}",
-                    oauth_detail(&body)
-                ),
-            )),
-        };
-    }
-}
-
-/// ureq's TLS settings: ring, and `--ca-bundle`'s certificates or else the
-/// system's roots.
-fn tls_config(ca_bundle: Option<&Path>) -> Result<ureq::tls::TlsConfig, Failure> {
-    use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
-    let roots: Vec<Certificate<'static>> = match ca_bundle {
-        Some(path) => {
-            let unreadable = |e: &dyn fmt::Display| {
-                fail(
-                    exit::BAD_ENVIRONMENT,
-                    format!("cannot read the CA bundle {}: {e}", path.display()),
-                )
-            };
-            let pem = fs::read(path).map_err(|e| unreadable(&e))?;
-            let mut certs = Vec::new();
-            for item in ureq::tls::parse_pem(&pem) {
-                if let PemItem::Certificate(cert) = item.map_err(|e| unreadable(&e))? {
-                    certs.push(cert);
-                }
+            ),
+            TokenError::Status { status, .. } if status < 500 => {
+                fail(exit::BAD_ENVIRONMENT, e.to_string())
             }
-            if certs.is_empty() {
-                return Err(unreadable(&"no certificate in it"));
-            }
-            certs
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for e in &native.errors {
-                tracing::debug!(error = %e, "a system root certificate was not loaded");
-            }
-            native
-                .certs
-                .iter()
-                .map(|der| Certificate::from_der(der.as_ref()).to_owned())
-                .collect()
-        }
-    };
-    Ok(TlsConfig::builder()
-        .provider(TlsProvider::Rustls)
-        .root_certs(RootCerts::new_with_certs(&roots))
-        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .build())
-}
-
-/// The innermost reason a request did not get through, in a few words.
-fn ureq_cause(e: &ureq::Error) -> String {
-    match e {
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            "connection refused".to_owned()
-        }
-        other => other.to_string(),
+            TokenError::Status { .. } => fail(exit::BROKER_ERROR, e.to_string()),
+            TokenError::NotAToken { .. } => fail(exit::BAD_ENVIRONMENT, e.to_string()),
+        }),
     }
-}
-
-/// `: error: description` from an OAuth error body (RFC 6749 §5.2), else
-/// the start of whatever the body says.
-fn oauth_detail(body: &str) -> String {
-    if let Ok(v) = serde_json::from_str::<Value>(body)
-        && let Some(error) = v.get("error").and_then(Value::as_str)
-    {
-        return match v.get("error_description").and_then(Value::as_str) {
-            Some(d) => format!(": {error}: {d}"),
-            None => format!(": {error}"),
-        };
-    }
-    let line: String = body
-        .lines()
-        .next()
-        .unwrap_or("")
-        .chars()
-        .take(200)
-        .collect();
-    if line.trim().is_empty() {
-        String::new()
-    } else {
-        format!(": {}", line.trim())
-    }
-}
-
-/// A successful token reply (RFC 6749 §5.1).
-fn parse_token(url: &str, body: &str) -> Result<Issued, Failure> {
-    let not_a_token = |why: &str| {
-        fail(
-            exit::BAD_ENVIRONMENT,
-            format!("{url} did not answer with an OAuth token ({why}); is it a token endpoint?"),
-        )
-    };
-    let v: Value = serde_json::from_str(body).map_err(|_| not_a_token("not JSON"))?;
-    let access_token = v
-        .get("access_token")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| not_a_token("no access_token"))?;
-    match v.get("token_type").and_then(Value::as_str) {
-        Some(t) if t.eq_ignore_ascii_case("bearer") => {}
-        other => {
-            return Err(not_a_token(&format!(
-                "token_type {:?}, not Bearer",
-                other.unwrap_or("")
-            )));
-        }
-    }
-    // A number by the RFC; some servers send it as a string.
-    let expires_in = match v.get("expires_in") {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.parse().ok(),
-        _ => None,
-    };
-    Ok(Issued {
-        access_token: Secret::new(access_token.to_owned()),
-        expires_in,
-        scope: v.get("scope").and_then(Value::as_str).map(str::to_owned),
-    })
 }
 
 fn now() -> u64 {
@@ -667,20 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn token_replies_and_errors() {
-        let ok = parse_token(
-            "u",
-            r#"{"access_token":"a","token_type":"bearer","expires_in":"60"}"#,
-        )
-        .unwrap();
-        assert_eq!(ok.expires_in, Some(60));
-        assert!(parse_token("u", r#"{"access_token":"a","token_type":"mac"}"#).is_err());
-        assert!(parse_token("u", "<html>").is_err());
-        assert_eq!(
-            oauth_detail(r#"{"error":"invalid_client","error_description":"no"}"#),
-            ": invalid_client: no"
-        );
-        assert_eq!(oauth_detail(""), "");
+    fn auth_urls_are_checked() {
         assert!(check_auth_url("ftp://x/").is_err());
         assert!(check_auth_url("https://u:p@x/").is_err());
         assert!(check_auth_url("https://x:8443/oauth2/token").is_ok());

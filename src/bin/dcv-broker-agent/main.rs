@@ -1,0 +1,202 @@
+//! `dcv-broker-agent`: the agent on a DCV host. It registers the host with
+//! the broker, reports it and its sessions, and carries out the broker's
+//! instructions through the local `dcv` tool. Linux hosts only for now
+//! (only [`facts`] knows it).
+//!
+//! Exit codes: 0 a clean stop (SIGTERM/SIGINT), 1 another fatal error,
+//! 2 a bad configuration (one line naming the key).
+
+mod broker;
+mod config;
+mod dcv;
+mod facts;
+mod instructions;
+mod observe;
+mod state;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use crate::{
+    broker::Agent,
+    config::{Config, DEFAULT_CONFIG},
+    dcv::{Dcv, Folders},
+    instructions::Executor,
+    observe::Observer,
+    state::StateDir,
+};
+
+const EXIT_FATAL: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+/// Permissions files live here (inside the 0700 state directory) while
+/// `dcv` reads them.
+const SCRATCH_DIR: &str = "tmp";
+
+/// The dcv-broker agent for DCV hosts.
+#[derive(Debug, Parser)]
+#[command(name = "dcv-broker-agent", version)]
+struct Cli {
+    /// The configuration file (TOML, DCV's agent.conf layout).
+    #[arg(long, global = true, env = "DCV_BROKER_AGENT_CONFIG", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the server id (made and kept in state_dir if needed), to bind
+    /// an agent client to it (`dcv-broker clients register --server-id`).
+    ServerId,
+    /// Check the configuration and reach the broker once; print `ok`.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(&cli.config) {
+        Ok(mut c) => {
+            c.path.clone_from(&cli.config);
+            c
+        }
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_FATAL, &format!("cannot start the runtime: {e}")),
+    };
+    match cli.command {
+        Some(Command::ServerId) => match open_state(&config).and_then(|s| {
+            s.server_id()
+                .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))
+        }) {
+            Ok(id) => {
+                println!("{id}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_FATAL, &e),
+        },
+        Some(Command::Check) => {
+            telemetry(&config.log_level);
+            match runtime.block_on(broker::check(&config)) {
+                Ok(()) => {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(
+                    EXIT_FATAL,
+                    &format!("cannot use the broker at {}: {e}", config.broker_url),
+                ),
+            }
+        }
+        None => {
+            telemetry(&config.log_level);
+            match runtime.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_FATAL, &e),
+            }
+        }
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("dcv-broker-agent: {message}");
+    ExitCode::from(code)
+}
+
+fn telemetry(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DCV_BROKER_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn open_state(config: &Config) -> Result<StateDir, String> {
+    StateDir::open(&config.state_dir)
+        .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let state = open_state(&config)?;
+    let server_id = state
+        .server_id()
+        .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))?;
+    let journal = state
+        .journal()
+        .map_err(|e| format!("the instruction journal in {}: {e}", config.state_dir.display()))?;
+    let journal = Arc::new(Mutex::new(journal));
+    let scratch = config.state_dir.join(SCRATCH_DIR);
+    // Leftovers of a killed agent may hold permissions files: start empty.
+    let _ = std::fs::remove_dir_all(&scratch);
+    StateDir::open(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    if !config.tls_strict {
+        tracing::warn!(
+            "tls_strict = false: this agent still verifies the broker's certificate; \
+             set ca_file to the broker's CA"
+        );
+    }
+    tracing::info!(
+        "dcv-broker-agent {} starting: server_id={server_id} broker={} dcv={}",
+        env!("CARGO_PKG_VERSION"),
+        config.broker_url,
+        config.dcv_command.display()
+    );
+    let dcv = Dcv::new(config.dcv_command.clone(), config.dcv_command_timeout);
+    let observer = Arc::new(Observer::new(
+        dcv.clone(),
+        config.enable_query_logged_in_users,
+        journal.clone(),
+    ));
+    let executor = Arc::new(Executor::new(
+        dcv,
+        Folders {
+            init: config.init_folder.clone(),
+            autorun: config.autorun_folder.clone(),
+        },
+        scratch,
+        journal,
+        observer.clone(),
+    ));
+    let (poll_every, poll_rx) = watch::channel(Duration::from_secs(30));
+    let poller = tokio::spawn(observer.clone().run(poll_rx));
+    let agent = Arc::new(Agent {
+        config: Arc::new(config),
+        server_id,
+        executor,
+        observer,
+        poll_every,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let talking = tokio::spawn(agent.run(stop_rx));
+    let signal = wait_for_signal().await?;
+    tracing::info!("{signal}: stopping (the broker keeps this server; it is not deregistered)");
+    let _ = stop_tx.send(true);
+    let _ = talking.await;
+    poller.abort();
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<&'static str, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
