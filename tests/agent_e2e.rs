@@ -118,6 +118,21 @@ async fn session_where(addr: SocketAddr, id: &str, what: &str, ok: impl Fn(&pb::
     found.unwrap_or_else(|_| panic!("session {id} never {what}; last seen {last:#?}"))
 }
 
+/// Starts the agent on `home` and waits until its server takes sessions
+/// (registered, its DCV server found healthy); returns the server id.
+async fn join(addr: SocketAddr, home: &AgentHome) -> (AgentProcess, String) {
+    let (agent, id) = AgentProcess::start_registered(home).await;
+    available(addr, &id).await;
+    (agent, id)
+}
+
+async fn available(addr: SocketAddr, id: &str) -> pb::Server {
+    server_where(addr, id, "AVAILABLE", |s| {
+        s.availability == pb::Availability::Available as i32
+    })
+    .await
+}
+
 async fn ready(addr: SocketAddr, id: &str) -> pb::Session {
     session_where(addr, id, "READY", |s| s.state == pb::SessionState::Ready as i32).await
 }
@@ -226,7 +241,7 @@ async fn create_sessions_runs_dcv_create_session_with_the_request_and_the_sessio
     std::fs::write(home.init_folder().join("start.sh"), "#!/bin/sh\n").unwrap();
     let storage = home.path().join("storage");
     std::fs::create_dir_all(&storage).unwrap();
-    let (_agent, _) = AgentProcess::start_registered(&home).await;
+    let (_agent, _) = join(broker.addr, &home).await;
 
     let permissions = "[permissions]\n%owner% allow builtin\n";
     let id = create(
@@ -277,7 +292,7 @@ async fn create_sessions_runs_dcv_create_session_with_the_request_and_the_sessio
 async fn delete_sessions_runs_dcv_close_session_and_the_session_becomes_deleted() {
     let broker = start_broker().await;
     let home = AgentHome::new(&url(broker.addr), "");
-    let (_agent, _) = AgentProcess::start_registered(&home).await;
+    let (_agent, _) = join(broker.addr, &home).await;
     let id = create(broker.addr, virtual_session("short-lived")).await;
     ready(broker.addr, &id).await;
     assert!(home.fake_session(&id).is_some());
@@ -310,7 +325,7 @@ async fn a_killed_agent_comes_back_as_the_same_server_and_never_runs_an_instruct
     args.extend(BROKER_FLAGS);
     let broker = BrokerProcess::start_exactly(&args).await;
     let home = AgentHome::new(&url(broker.addr), "");
-    let (agent, id) = AgentProcess::start_registered(&home).await;
+    let (agent, id) = join(broker.addr, &home).await;
     let done = create(broker.addr, virtual_session("before the crash")).await;
     ready(broker.addr, &done).await;
 
@@ -351,8 +366,7 @@ async fn after_a_broker_restart_the_agent_reconnects_and_the_fleet_is_whole() {
     // The agent keeps this URL: the broker comes back on the same port.
     let addr = broker.addr;
     let home = AgentHome::new(&url(addr), "");
-    let (mut agent, id) = AgentProcess::start_registered(&home).await;
-    agent.logged("instruction stream open").await;
+    let (mut agent, id) = join(addr, &home).await;
     let before = create(addr, virtual_session("survives the broker")).await;
     ready(addr, &before).await;
 
@@ -383,8 +397,11 @@ async fn after_a_broker_restart_the_agent_reconnects_and_the_fleet_is_whole() {
 #[tokio::test]
 async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the_agent_stays_healthy() {
     let broker = start_broker().await;
-    let home = AgentHome::new(&url(broker.addr), "dcv_command_timeout = 1");
-    let (mut agent, id) = AgentProcess::start_registered(&home).await;
+    // Short, but long enough for every other `dcv` call (a Python
+    // script) on a loaded test machine: a health check that times out
+    // would make the server unavailable.
+    let home = AgentHome::new(&url(broker.addr), "dcv_command_timeout = 3");
+    let (mut agent, id) = join(broker.addr, &home).await;
 
     home.switch_on("hang-create-session", "");
     let hung = create(
@@ -559,7 +576,7 @@ async fn server_id_prints_the_id_the_broker_shows() {
 async fn num_of_connections_follows_what_dcv_reports() {
     let broker = start_broker().await;
     let home = AgentHome::new(&url(broker.addr), "");
-    let (_agent, _) = AgentProcess::start_registered(&home).await;
+    let (_agent, _) = join(broker.addr, &home).await;
     let id = create(broker.addr, virtual_session("watched")).await;
     ready(broker.addr, &id).await;
 
@@ -581,7 +598,7 @@ async fn num_of_connections_follows_what_dcv_reports() {
 async fn get_session_screenshots_returns_a_decodable_png_from_dcv() {
     let broker = start_broker().await;
     let home = AgentHome::new(&url(broker.addr), "");
-    let (_agent, _) = AgentProcess::start_registered(&home).await;
+    let (_agent, _) = join(broker.addr, &home).await;
     let id = create(broker.addr, virtual_session("pictured")).await;
     ready(broker.addr, &id).await;
 
@@ -655,7 +672,7 @@ async fn the_connection_token_is_accepted_by_the_http_verifier_for_its_session_o
     args.extend(BROKER_FLAGS);
     let broker = BrokerProcess::start_exactly(&args).await;
     let home = AgentHome::new(&url(broker.addr), "");
-    let (_agent, _) = AgentProcess::start_registered(&home).await;
+    let (_agent, _) = join(broker.addr, &home).await;
     let id = create(broker.addr, virtual_session("connect to me")).await;
     let other = create(broker.addr, virtual_session("not this one")).await;
     ready(broker.addr, &id).await;

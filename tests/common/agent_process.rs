@@ -90,18 +90,17 @@ impl AgentHome {
     }
 
     /// (Re)writes `agent.conf`: the test's paths, `broker_url`, a short
-    /// reconnect cap so that restarts are quick (unless `extra` sets
-    /// one), and `extra`.
+    /// reconnect cap so that restarts are quick and room for 4 virtual
+    /// sessions (unless `extra` sets them), and `extra`.
     pub fn write_config(&self, broker_url: &str, extra: &str) {
-        let reconnect = if extra.contains("reconnect_max_delay") {
-            ""
-        } else {
-            "reconnect_max_delay = 1\n"
-        };
+        let default = |key: &str, line: &'static str| if extra.contains(key) { "" } else { line };
+        let reconnect = default("reconnect_max_delay", "reconnect_max_delay = 1\n");
+        // Room for virtual sessions: without the key the agent offers none.
+        let room = default("max_virtual_sessions", "max_virtual_sessions = 4\n");
         let config = format!(
             "version = '0.1'\n\n[agent]\nbroker_url = '{broker_url}'\nstate_dir = '{state}'\n\
              tags_folder = '{tags}'\ninit_folder = '{init}'\ndcv_command = '{dcv}'\n\
-             {reconnect}{extra}\n\n[log]\nlevel = 'info'\n",
+             {reconnect}{room}{extra}\n\n[log]\nlevel = 'info'\n",
             state = self.state_dir().display(),
             tags = self.tags_folder().display(),
             init = self.init_folder().display(),
