@@ -174,7 +174,11 @@ impl ClientBuilder {
     /// Present this client certificate and key (PEM) in the TLS handshake
     /// (mutual TLS, e.g. an agent certificate from `dcv-broker tls
     /// agent-cert`). Only used for `https://`.
-    pub fn identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> ClientBuilder {
+    pub fn identity_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> ClientBuilder {
         self.identity = Some((cert.into(), key.into()));
         self
     }

@@ -104,9 +104,7 @@ pub enum TokenError {
     },
     /// A gRPC server without a token endpoint (a broker with
     /// authentication off) answered.
-    #[error(
-        "{url} is a gRPC server without a token endpoint (a broker with authentication off?)"
-    )]
+    #[error("{url} is a gRPC server without a token endpoint (a broker with authentication off?)")]
     NoTokenEndpoint {
         /// The URL.
         url: String,
@@ -209,7 +207,8 @@ fn tls_config(ca_pem: Option<&[u8]>) -> Result<ureq::tls::TlsConfig, TokenError>
         Some(pem) => {
             let mut certs = Vec::new();
             for item in ureq::tls::parse_pem(pem) {
-                if let PemItem::Certificate(cert) = item.map_err(|e| TokenError::Ca(e.to_string()))?
+                if let PemItem::Certificate(cert) =
+                    item.map_err(|e| TokenError::Ca(e.to_string()))?
                 {
                     certs.push(cert);
                 }

@@ -135,8 +135,7 @@ fn server_id(config: &Path) -> String {
 #[tokio::test]
 async fn the_host_registers_with_its_hostname_and_tags_and_keeps_its_id() {
     let tmp = Temp::new("register");
-    let mut broker =
-        BrokerProcess::start_exactly(&["--in-memory", "--heartbeat-interval", "1s"]).await;
+    let broker = BrokerProcess::start_exactly(&["--in-memory", "--heartbeat-interval", "1s"]).await;
     let config = write_config(&tmp.0, &format!("http://{}", broker.addr));
     let id = server_id(&config);
     assert_eq!(server_id(&config), id, "the id is made once");
@@ -220,7 +219,10 @@ async fn an_unreachable_broker_is_retried_with_a_logged_backoff() {
 async fn a_bad_configuration_exits_2_naming_the_key() {
     let tmp = Temp::new("bad");
     let cases = [
-        ("[agent]\nbrokr_host = 'x'\n", "unknown key `brokr_host` in [agent]"),
+        (
+            "[agent]\nbrokr_host = 'x'\n",
+            "unknown key `brokr_host` in [agent]",
+        ),
         ("[agent]\n", "[agent] broker_host is required"),
         (
             "[agent]\nbroker_host = 'x'\nca_file = '/nope.pem'\n",

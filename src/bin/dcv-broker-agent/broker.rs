@@ -174,9 +174,7 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A unary call with [`CALL_TIMEOUT`].
-async fn call<T>(
-    f: impl Future<Output = Result<tonic::Response<T>, Status>>,
-) -> Result<T, Status> {
+async fn call<T>(f: impl Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(r) => r.map(tonic::Response::into_inner),
         Err(_) => Err(Status::deadline_exceeded(format!(
@@ -228,7 +226,10 @@ pub async fn check(config: &Config) -> Result<(), String> {
     if reply.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
         Ok(())
     } else {
-        Err(format!("the broker is not serving (status {})", reply.status))
+        Err(format!(
+            "the broker is not serving (status {})",
+            reply.status
+        ))
     }
 }
 
@@ -288,7 +289,12 @@ impl Agent {
     }
 
     /// Registers, reports, and keeps the stream and the heartbeats going.
-    async fn serve(&self, broker: &BrokerClient, tokens: &mut Tokens, registered: &mut bool) -> Lost {
+    async fn serve(
+        &self,
+        broker: &BrokerClient,
+        tokens: &mut Tokens,
+        registered: &mut bool,
+    ) -> Lost {
         let registration = facts::registration(&self.config, &self.server_id).await;
         let reply = match call(broker.agent().register_server(registration)).await {
             Ok(r) => r,
@@ -331,7 +337,11 @@ impl Agent {
             server_id: self.server_id.clone(),
             dcv_server_healthy: snapshot.healthy,
             logged_in_users: snapshot.users,
-            sessions: snapshot.sessions.iter().map(observe::agent_session).collect(),
+            sessions: snapshot
+                .sessions
+                .iter()
+                .map(observe::agent_session)
+                .collect(),
             cpu_load_average: Some(load.cpu_load_average),
             memory: Some(load.memory),
             swap: Some(load.swap),
@@ -441,9 +451,15 @@ mod tests {
     #[test]
     fn heartbeat_intervals_are_clamped() {
         assert_eq!(interval_of(None), DEFAULT_HEARTBEAT);
-        let zero = prost_types::Duration { seconds: 0, nanos: 0 };
+        let zero = prost_types::Duration {
+            seconds: 0,
+            nanos: 0,
+        };
         assert_eq!(interval_of(Some(zero)), MIN_HEARTBEAT);
-        let day = prost_types::Duration { seconds: 86400, nanos: 0 };
+        let day = prost_types::Duration {
+            seconds: 86400,
+            nanos: 0,
+        };
         assert_eq!(interval_of(Some(day)), MAX_HEARTBEAT);
     }
 }

@@ -47,6 +47,10 @@ const MAX_TAG_FILE_BYTES: u64 = 64 * 1024;
 const MAX_TAGS: usize = 256;
 /// A tag key or value longer than this is not a label.
 const MAX_TAG_TEXT: usize = 1024;
+/// Virtual sessions a Linux host takes when the file does not say: the
+/// broker places none on a host reporting 0, and ten desktops are what a
+/// typical GPU host runs well.
+const DEFAULT_MAX_VIRTUAL_SESSIONS: i64 = 10;
 /// The most virtual sessions or sessions per user the broker can count.
 const MAX_SESSIONS_SETTING: i64 = 100_000;
 
@@ -261,6 +265,7 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     let a = raw.agent.unwrap_or_default();
     let log = raw.log.unwrap_or_default();
     let broker_port = a.broker_port.unwrap_or(DEFAULT_BROKER_PORT);
+    let credentials_checked = credentials(&a);
     if broker_port == 0 {
         return Err("[agent] broker_port must be 1 to 65535".into());
     }
@@ -279,7 +284,10 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
             } else {
                 host.to_owned()
             };
-            (format!("https://{bracketed}:{broker_port}"), host.to_owned())
+            (
+                format!("https://{bracketed}:{broker_port}"),
+                host.to_owned(),
+            )
         }
         (None, None) => return Err("[agent] broker_host is required".into()),
     };
@@ -302,19 +310,25 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     let init_folder = folder(&a.init_folder, "init_folder", DEFAULT_INIT_FOLDER)?;
     let autorun_folder = folder(&a.autorun_folder, "autorun_folder", DEFAULT_AUTORUN_FOLDER)?;
     let state_dir = folder(&a.state_dir, "state_dir", DEFAULT_STATE_DIR)?;
-    let sessions = |value: Option<i64>, key: &str| -> Result<i32, String> {
+    let sessions = |value: Option<i64>, key: &str, default: i64| -> Result<i32, String> {
         match value {
-            None => Ok(0),
+            None => Ok(default as i32),
             Some(n) if (0..=MAX_SESSIONS_SETTING).contains(&n) => Ok(n as i32),
             Some(n) => Err(format!(
                 "[agent] {key}: {n} is out of range 0 to {MAX_SESSIONS_SETTING}"
             )),
         }
     };
-    let max_virtual_sessions = sessions(a.max_virtual_sessions, "max_virtual_sessions")?;
+    let max_virtual_sessions = sessions(
+        a.max_virtual_sessions,
+        "max_virtual_sessions",
+        DEFAULT_MAX_VIRTUAL_SESSIONS,
+    )?;
+    // 0: no limit per user.
     let max_concurrent_sessions_per_user = sessions(
         a.max_concurrent_sessions_per_user,
         "max_concurrent_sessions_per_user",
+        0,
     )?;
     let seconds = |value: Option<u64>, key: &str, default: u64, max: u64| match value {
         None => Ok(Duration::from_secs(default)),
@@ -347,7 +361,7 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     if dcv_command.as_os_str().is_empty() {
         return Err("[agent] dcv_command must not be empty".into());
     }
-    let credentials = credentials(&a)?;
+    let credentials = credentials_checked?;
     let aws_metadata_endpoint = a
         .aws_metadata_endpoint
         .unwrap_or_else(|| DEFAULT_AWS_METADATA_ENDPOINT.into());
@@ -394,7 +408,9 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
 /// reports must not cross a network in the clear.
 fn check_broker_url(url: &str) -> Result<String, String> {
     let bad = |why: &str| format!("[agent] broker_url: {url:?} {why}");
-    let uri: http::Uri = url.parse().map_err(|e| bad(&format!("is not a URL: {e}")))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| bad(&format!("is not a URL: {e}")))?;
     let scheme = uri.scheme_str().unwrap_or("");
     let Some(authority) = uri.authority() else {
         return Err(bad("names no host"));
@@ -541,7 +557,10 @@ fn read_tags(dir: &Path) -> Result<Vec<(String, String)>, String> {
         let text =
             fs::read_to_string(&file).map_err(|e| err(format!("cannot read {show}: {e}")))?;
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            err(format!("{show} is not valid TOML: {}", one_line(e.message())))
+            err(format!(
+                "{show} is not valid TOML: {}",
+                one_line(e.message())
+            ))
         })?;
         for (key, value) in table {
             let Some(value) = value.as_str() else {
@@ -602,6 +621,8 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/dcv-broker-agent"));
         assert!(!c.aws_metadata);
         assert_eq!(c.log_level, "info");
+        assert_eq!(c.max_virtual_sessions, 10);
+        assert_eq!(c.max_concurrent_sessions_per_user, 0);
         let c = check("[agent]\nbroker_host = '::1'\nbroker_port = 9\n").unwrap();
         assert_eq!(c.broker_url, "https://[::1]:9");
     }
@@ -609,35 +630,86 @@ mod tests {
     #[test]
     fn each_problem_names_its_key() {
         let cases = [
-            ("[agent]\nbrokr_host = 'x'\n", "unknown key `brokr_host` in [agent]"),
+            (
+                "[agent]\nbrokr_host = 'x'\n",
+                "unknown key `brokr_host` in [agent]",
+            ),
             ("[agent]\n", "[agent] broker_host is required"),
             ("", "[agent] broker_host is required"),
             ("colour = 1\n", "unknown key `colour` at the top level"),
-            ("[agent]\nbroker_host='x'\n[log]\nlevl='x'\n", "unknown key `levl` in [log]"),
-            ("[agent]\nbroker_host='x'\nbroker_port='80'\n", "[agent] broker_port:"),
-            ("[agent]\nbroker_host='x'\nbroker_port=70000\n", "[agent] broker_port:"),
-            ("[agent]\nbroker_host='x'\nbroker_port=0\n", "[agent] broker_port"),
-            ("[agent]\nbroker_host='x'\ntls_strict='no'\n", "[agent] tls_strict:"),
+            (
+                "[agent]\nbroker_host='x'\n[log]\nlevl='x'\n",
+                "unknown key `levl` in [log]",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nbroker_port='80'\n",
+                "[agent] broker_port:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nbroker_port=70000\n",
+                "[agent] broker_port:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nbroker_port=0\n",
+                "[agent] broker_port",
+            ),
+            (
+                "[agent]\nbroker_host='x'\ntls_strict='no'\n",
+                "[agent] tls_strict:",
+            ),
             (
                 "[agent]\nbroker_url='http://10.0.0.1:8443'\n",
                 "[agent] broker_url: \"http://10.0.0.1:8443\" uses http://",
             ),
             ("[agent]\nbroker_url='ftp://x'\n", "[agent] broker_url:"),
-            ("[agent]\nbroker_url='https://u:p@x'\n", "[agent] broker_url:"),
+            (
+                "[agent]\nbroker_url='https://u:p@x'\n",
+                "[agent] broker_url:",
+            ),
             (
                 "[agent]\nbroker_host='x'\nca_file='/nope.pem'\n",
                 "[agent] ca_file: cannot read /nope.pem: No such file or directory",
             ),
-            ("[agent]\nbroker_host='x'\ndcv_command_timeout=0\n", "[agent] dcv_command_timeout: 0 is out of range"),
-            ("[agent]\nbroker_host='x'\nreconnect_max_delay=99999\n", "[agent] reconnect_max_delay:"),
-            ("[agent]\nbroker_host='x'\nmax_virtual_sessions=-1\n", "[agent] max_virtual_sessions:"),
-            ("[agent]\nbroker_host='x'\nclient_id='c'\n", "[agent] client_secret_file is required"),
-            ("[agent]\nbroker_host='x'\ncert_file='/c.pem'\n", "[agent] key_file is required"),
-            ("[agent]\nbroker_host='x'\nkey_file='/k.pem'\n", "[agent] cert_file is required"),
-            ("[agent]\nbroker_host='x'\ninit_folder='rel'\n", "[agent] init_folder:"),
-            ("[agent]\nbroker_host='x'\ndcv_web_url_path='x'\n", "[agent] dcv_web_url_path:"),
-            ("[agent]\nbroker_host='x'\naws_metadata_endpoint='https://x'\n", "[agent] aws_metadata_endpoint:"),
-            ("[agent]\nbroker_host='x'\n[log]\nlevel='loud'\n", "[log] level:"),
+            (
+                "[agent]\nbroker_host='x'\ndcv_command_timeout=0\n",
+                "[agent] dcv_command_timeout: 0 is out of range",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nreconnect_max_delay=99999\n",
+                "[agent] reconnect_max_delay:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nmax_virtual_sessions=-1\n",
+                "[agent] max_virtual_sessions:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nclient_id='c'\n",
+                "[agent] client_secret_file is required",
+            ),
+            (
+                "[agent]\nbroker_host='x'\ncert_file='/c.pem'\n",
+                "[agent] key_file is required",
+            ),
+            (
+                "[agent]\nbroker_host='x'\nkey_file='/k.pem'\n",
+                "[agent] cert_file is required",
+            ),
+            (
+                "[agent]\nbroker_host='x'\ninit_folder='rel'\n",
+                "[agent] init_folder:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\ndcv_web_url_path='x'\n",
+                "[agent] dcv_web_url_path:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\naws_metadata_endpoint='https://x'\n",
+                "[agent] aws_metadata_endpoint:",
+            ),
+            (
+                "[agent]\nbroker_host='x'\n[log]\nlevel='loud'\n",
+                "[log] level:",
+            ),
             ("[agent\n", "not valid TOML"),
         ];
         for (text, expected) in cases {
@@ -663,7 +735,8 @@ mod tests {
             let c = check(&format!("[agent]\nbroker_url='{url}'\n")).unwrap();
             assert_eq!(c.broker_url, url);
         }
-        let c = check("[agent]\nbroker_url='https://b.example:1/'\nbroker_host='ignored'\n").unwrap();
+        let c =
+            check("[agent]\nbroker_url='https://b.example:1/'\nbroker_host='ignored'\n").unwrap();
         assert_eq!(c.broker_url, "https://b.example:1");
     }
 
@@ -672,9 +745,15 @@ mod tests {
         let d = dir("pem");
         let not_pem = d.join("ca.txt");
         fs::write(&not_pem, "hello").unwrap();
-        let e = check(&format!("[agent]\nbroker_host='x'\nca_file='{}'\n", not_pem.display()))
-            .unwrap_err();
-        assert!(e.contains("[agent] ca_file:") && e.contains("is not PEM"), "{e}");
+        let e = check(&format!(
+            "[agent]\nbroker_host='x'\nca_file='{}'\n",
+            not_pem.display()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("[agent] ca_file:") && e.contains("is not PEM"),
+            "{e}"
+        );
 
         let secret = d.join("secret");
         fs::write(&secret, "s3cr3t\n").unwrap();
@@ -684,7 +763,10 @@ mod tests {
             secret.display()
         );
         let e = check(&text).unwrap_err();
-        assert!(e.contains("[agent] client_secret_file:") && e.contains("readable by group"), "{e}");
+        assert!(
+            e.contains("[agent] client_secret_file:") && e.contains("readable by group"),
+            "{e}"
+        );
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
         let c = check(&text).unwrap();
         let (id, s) = c.credentials.client.clone().unwrap();
@@ -709,7 +791,10 @@ mod tests {
 
         fs::write(d.join("c.toml"), "n = 1\n").unwrap();
         let e = check(&text).unwrap_err();
-        assert!(e.contains("[agent] tags_folder:") && e.contains("must be a string"), "{e}");
+        assert!(
+            e.contains("[agent] tags_folder:") && e.contains("must be a string"),
+            "{e}"
+        );
         fs::write(d.join("c.toml"), "\"dcv:x\" = '1'\n").unwrap();
         let e = check(&text).unwrap_err();
         assert!(e.contains("dcv:"), "{e}");

@@ -109,10 +109,9 @@ impl Dcv {
         let work = async {
             let mut out = Vec::new();
             let mut err = Vec::new();
-            let (o, e) = tokio::join!(
-                stdout.take(MAX_STDOUT_BYTES + 1).read_to_end(&mut out),
-                stderr.take(MAX_STDERR_BYTES).read_to_end(&mut err),
-            );
+            let mut stdout = stdout.take(MAX_STDOUT_BYTES + 1);
+            let mut stderr = stderr.take(MAX_STDERR_BYTES);
+            let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err),);
             o.and(e)?;
             let status = child.wait().await?;
             Ok::<_, std::io::Error>((status, out, err))
@@ -226,11 +225,8 @@ pub fn reason_from(stderr: &[u8]) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    joined
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_REASON_CHARS)
-        .collect()
+    let clean: String = joined.chars().filter(|c| !c.is_control()).collect();
+    clean.trim().chars().take(MAX_REASON_CHARS).collect()
 }
 
 /// The argv of `dcv create-session` for an instruction; files it names are
@@ -455,7 +451,11 @@ pub fn parse_screenshot(
             .and_then(Value::as_str)
             .unwrap_or(requested_format)
             .to_ascii_lowercase();
-        let format = if format == "jpg" { "jpeg".into() } else { format };
+        let format = if format == "jpg" {
+            "jpeg".into()
+        } else {
+            format
+        };
         images.push(pb::SessionScreenshotImage {
             format,
             data: bytes,
@@ -497,7 +497,9 @@ mod tests {
     }
 
     fn strings(args: &[OsString]) -> Vec<String> {
-        args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
     }
 
     #[test]
@@ -512,7 +514,9 @@ mod tests {
             humantime::parse_rfc3339("2019-05-13T13:21:19.262883Z").unwrap()
         );
         assert!(s.last_disconnection_time.is_some());
-        let list = format!("[{DESCRIBE_EXAMPLE}, {{\"id\":\"b\",\"type\":\"console\",\"last-disconnection-time\":null}}, {{\"no\":1}}]");
+        let list = format!(
+            "[{DESCRIBE_EXAMPLE}, {{\"id\":\"b\",\"type\":\"console\",\"last-disconnection-time\":null}}, {{\"no\":1}}]"
+        );
         let all = parse_session_list(list.as_bytes()).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[1].kind, pb::SessionType::Console);
@@ -538,10 +542,26 @@ mod tests {
         assert_eq!(
             strings(&args),
             [
-                "create-session", "--type", "virtual", "--owner", "alice", "--name", "my desk",
-                "--user", "alice", "--init", "/etc/agent/init/team/start.sh",
-                "--max-concurrent-clients", "2", "--gl", "on", "--storage-root", "%home%/files",
-                "--permissions-file", "/s/p.txt", "s-1"
+                "create-session",
+                "--type",
+                "virtual",
+                "--owner",
+                "alice",
+                "--name",
+                "my desk",
+                "--user",
+                "alice",
+                "--init",
+                "/etc/agent/init/team/start.sh",
+                "--max-concurrent-clients",
+                "2",
+                "--gl",
+                "on",
+                "--storage-root",
+                "%home%/files",
+                "--permissions-file",
+                "/s/p.txt",
+                "s-1"
             ]
         );
         let console = pb::CreateSessionInstruction {
@@ -552,11 +572,24 @@ mod tests {
         };
         assert_eq!(
             strings(&create_session_argv(&console, &folders(), None).unwrap()),
-            ["create-session", "--type", "console", "--owner", "bob", "--name", "", "c"]
+            [
+                "create-session",
+                "--type",
+                "console",
+                "--owner",
+                "bob",
+                "--name",
+                "",
+                "c"
+            ]
         );
         let mut bad = c.clone();
         bad.init_file = "../../bin/sh".into();
-        assert!(create_session_argv(&bad, &folders(), None).unwrap_err().contains("InitFile"));
+        assert!(
+            create_session_argv(&bad, &folders(), None)
+                .unwrap_err()
+                .contains("InitFile")
+        );
         bad.init_file = "/bin/sh".into();
         assert!(create_session_argv(&bad, &folders(), None).is_err());
         let mut bad = c.clone();
@@ -564,7 +597,11 @@ mod tests {
         assert!(create_session_argv(&bad, &folders(), None).is_err());
         let mut bad = c;
         bad.autorun_file = "../x".into();
-        assert!(create_session_argv(&bad, &folders(), None).unwrap_err().contains("AutorunFile"));
+        assert!(
+            create_session_argv(&bad, &folders(), None)
+                .unwrap_err()
+                .contains("AutorunFile")
+        );
     }
 
     #[test]
@@ -586,7 +623,8 @@ mod tests {
         assert_eq!(images[0].format, "png");
         assert!(images[0].primary);
         assert!(images[0].data.starts_with(b"\x89PNG"));
-        let many = format!(r#"{{"images":[{{"data":"{png}","primary":false}},{{"image":"{png}"}}]}}"#);
+        let many =
+            format!(r#"{{"images":[{{"data":"{png}","primary":false}},{{"image":"{png}"}}]}}"#);
         let images = parse_screenshot(many.as_bytes(), "jpeg").unwrap();
         assert_eq!(images.len(), 2);
         assert!(!images[0].primary && !images[1].primary);
@@ -595,13 +633,26 @@ mod tests {
         assert!(parse_screenshot(b"[]", "png").is_err());
         assert_eq!(
             strings(&screenshot_argv("s", 160, 100, "jpeg")),
-            ["get-screenshot", "--max-width", "160", "--max-height", "100", "--format", "JPEG", "--json", "s"]
+            [
+                "get-screenshot",
+                "--max-width",
+                "160",
+                "--max-height",
+                "100",
+                "--format",
+                "JPEG",
+                "--json",
+                "s"
+            ]
         );
     }
 
     #[test]
     fn reasons_are_one_bounded_line() {
-        assert_eq!(reason_from(b"  error: no\n\nsuch session \x07\n"), "error: no; such session");
+        assert_eq!(
+            reason_from(b"  error: no\n\nsuch session \x07\n"),
+            "error: no; such session"
+        );
         assert_eq!(reason_from(&[b'x'; 2000]).len(), MAX_REASON_CHARS);
     }
 
@@ -625,6 +676,9 @@ mod tests {
         let out = sh.run(&["-c".into(), "echo '[]'".into()]).await.unwrap();
         assert_eq!(parse_session_list(&out).unwrap(), vec![]);
         let missing = Dcv::new("/nonexistent/dcv".into(), Duration::from_secs(1));
-        assert!(matches!(missing.list_sessions().await, Err(DcvError::Spawn { .. })));
+        assert!(matches!(
+            missing.list_sessions().await,
+            Err(DcvError::Spawn { .. })
+        ));
     }
 }

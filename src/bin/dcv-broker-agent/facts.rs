@@ -352,7 +352,11 @@ mod tests {
                     (false, "/latest/meta-data/ami-id", true) => "ami-9",
                     _ => "",
                 };
-                let status = if reply.is_empty() { "401 Unauthorized" } else { "200 OK" };
+                let status = if reply.is_empty() {
+                    "401 Unauthorized"
+                } else {
+                    "200 OK"
+                };
                 write!(
                     stream,
                     "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",

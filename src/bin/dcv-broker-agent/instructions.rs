@@ -234,3 +234,101 @@ fn fill(mut report: Report, kind: pb::InstructionKind, success: bool, reason: St
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::PermissionsExt, time::Duration};
+
+    use super::*;
+    use crate::state::StateDir;
+
+    /// A `dcv` that records its calls and keeps sessions as files.
+    const FAKE: &str = "#!/bin/sh\nD=\"$(dirname \"$0\")\"\necho \"$*\" >> \"$D/calls\"\n\
+        case \"$1\" in\n  describe-session) [ -e \"$D/$2.s\" ] && echo \"{\\\"id\\\":\\\"$2\\\"}\" || { echo gone >&2; exit 1; } ;;\n  \
+        create-session) for a; do l=\"$a\"; done; touch \"$D/$l.s\" ;;\n  close-session) rm \"$D/$2.s\" ;;\n  \
+        list-sessions) echo '[]' ;;\nesac\n";
+
+    fn setup(name: &str) -> (PathBuf, Executor) {
+        let dir = std::env::temp_dir().join(format!("agent-exec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dcv_path = dir.join("dcv");
+        std::fs::write(&dcv_path, FAKE).unwrap();
+        std::fs::set_permissions(&dcv_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = StateDir::open(&dir.join("state")).unwrap();
+        let journal = Arc::new(Mutex::new(state.journal().unwrap()));
+        let dcv = Dcv::new(dcv_path, Duration::from_secs(10));
+        let observer = Arc::new(Observer::new(dcv.clone(), false, journal.clone()));
+        let folders = Folders {
+            init: dir.join("init"),
+            autorun: dir.join("autorun"),
+        };
+        let executor = Executor::new(dcv, folders, dir.join("state"), journal, observer);
+        (dir, executor)
+    }
+
+    fn calls(dir: &std::path::Path, verb: &str) -> usize {
+        std::fs::read_to_string(dir.join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(verb))
+            .count()
+    }
+
+    fn create(id: &str, session: &str) -> pb::StreamInstructionsResponse {
+        pb::StreamInstructionsResponse {
+            instruction_id: id.into(),
+            instruction: Some(Instruction::CreateSession(pb::CreateSessionInstruction {
+                session_id: session.into(),
+                owner: "alice".into(),
+                name: "n".into(),
+                r#type: pb::SessionType::Virtual as i32,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_journalled_instruction_is_reported_again_not_run_again() {
+        let (dir, executor) = setup("journal");
+        let first = executor.carry_out(create("i1", "s1")).await.unwrap();
+        assert!(first.success, "{first:?}");
+        assert_eq!(first.session_state, pb::SessionState::Ready as i32);
+        assert_eq!(first.instruction_id, "i1");
+        let again = executor.carry_out(create("i1", "s1")).await.unwrap();
+        assert_eq!(again, first);
+        assert_eq!(calls(&dir, "create-session"), 1);
+
+        // Another instruction for a session dcv already runs (an agent
+        // killed between running and journalling): not created twice.
+        let other = executor.carry_out(create("i2", "s1")).await.unwrap();
+        assert!(other.success);
+        assert_eq!(calls(&dir, "create-session"), 1);
+
+        // A delete, then the same delete re-sent.
+        let delete = pb::StreamInstructionsResponse {
+            instruction_id: "d1".into(),
+            instruction: Some(Instruction::DeleteSession(pb::DeleteSessionInstruction {
+                session_id: "s1".into(),
+            })),
+        };
+        assert!(executor.carry_out(delete.clone()).await.unwrap().success);
+        assert!(executor.carry_out(delete).await.unwrap().success);
+        assert_eq!(calls(&dir, "close-session"), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_instruction_naming_a_file_outside_its_folder_fails_without_running_dcv() {
+        let (dir, executor) = setup("confine");
+        let mut message = create("i1", "s1");
+        if let Some(Instruction::CreateSession(c)) = message.instruction.as_mut() {
+            c.init_file = "../../etc/shadow".into();
+        }
+        let report = executor.carry_out(message).await.unwrap();
+        assert!(!report.success);
+        assert!(report.failure_reason.contains("InitFile"), "{report:?}");
+        assert_eq!(calls(&dir, "create-session"), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -119,6 +119,7 @@ fn telemetry(level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_target(false)
         .init();
@@ -134,9 +135,12 @@ async fn run(config: Config) -> Result<(), String> {
     let server_id = state
         .server_id()
         .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))?;
-    let journal = state
-        .journal()
-        .map_err(|e| format!("the instruction journal in {}: {e}", config.state_dir.display()))?;
+    let journal = state.journal().map_err(|e| {
+        format!(
+            "the instruction journal in {}: {e}",
+            config.state_dir.display()
+        )
+    })?;
     let journal = Arc::new(Mutex::new(journal));
     let scratch = config.state_dir.join(SCRATCH_DIR);
     // Leftovers of a killed agent may hold permissions files: start empty.

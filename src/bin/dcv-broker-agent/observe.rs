@@ -112,34 +112,40 @@ impl Observer {
         loop {
             let started_epoch = self.lock().epoch;
             let polled = self.poll().await;
-            let mut inner = self.lock();
-            if inner.epoch != started_epoch {
+            if !self.store(started_epoch, polled) {
                 // An instruction changed things while we looked: look again.
                 continue;
             }
-            let next = match polled {
-                Some(s) => {
-                    let live: HashSet<String> = s.sessions.iter().map(|x| x.id.clone()).collect();
-                    inner.snapshot = Some(s);
-                    drop(inner);
-                    self.compact_journal(live);
-                    self.polled.send_modify(|n| *n += 1);
-                    *every.borrow()
-                }
-                None => {
-                    let mut s = inner.snapshot.take().unwrap_or_default();
-                    s.healthy = false;
-                    inner.snapshot = Some(s);
-                    drop(inner);
-                    self.polled.send_modify(|n| *n += 1);
-                    *every.borrow()
-                }
-            };
+            self.polled.send_modify(|n| *n += 1);
+            let next = *every.borrow();
             tokio::select! {
                 () = tokio::time::sleep(next) => {}
                 () = self.poke.notified() => {}
             }
         }
+    }
+
+    /// Keeps a poll's result unless an instruction changed the sessions
+    /// since it started; false when it was thrown away.
+    fn store(&self, started_epoch: u64, polled: Option<Snapshot>) -> bool {
+        let mut inner = self.lock();
+        if inner.epoch != started_epoch {
+            return false;
+        }
+        match polled {
+            Some(s) => {
+                let live: HashSet<String> = s.sessions.iter().map(|x| x.id.clone()).collect();
+                inner.snapshot = Some(s);
+                drop(inner);
+                self.compact_journal(live);
+            }
+            None => {
+                let mut s = inner.snapshot.take().unwrap_or_default();
+                s.healthy = false;
+                inner.snapshot = Some(s);
+            }
+        }
+        true
     }
 
     async fn poll(&self) -> Option<Snapshot> {

@@ -133,6 +133,9 @@ pub struct Journal {
     /// Index of `entries[0]` in the sequence ever appended, so `by_id`
     /// stays valid as the front is dropped.
     base: usize,
+    /// [`JOURNAL_COMPACT_AT`] and [`JOURNAL_KEEP_RECENT`] (smaller in tests).
+    compact_at: usize,
+    keep_recent: usize,
 }
 
 impl Journal {
@@ -162,6 +165,8 @@ impl Journal {
             entries: VecDeque::new(),
             by_id: HashMap::new(),
             base: 0,
+            compact_at: JOURNAL_COMPACT_AT,
+            keep_recent: JOURNAL_KEEP_RECENT,
         };
         j.replace(entries);
         Ok(j)
@@ -182,6 +187,7 @@ impl Journal {
         self.entries.get(i - self.base)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -200,7 +206,7 @@ impl Journal {
 
     /// Whether the journal is due for [`Journal::compact`].
     pub fn wants_compaction(&self) -> bool {
-        self.entries.len() >= JOURNAL_COMPACT_AT
+        self.entries.len() >= self.compact_at
     }
 
     /// Rewrites the journal keeping the entries of sessions in `live` and
@@ -211,7 +217,7 @@ impl Journal {
             .entries
             .iter()
             .enumerate()
-            .filter(|(i, e)| live.contains(&e.session) || i + JOURNAL_KEEP_RECENT >= n)
+            .filter(|(i, e)| live.contains(&e.session) || i + self.keep_recent >= n)
             .map(|(_, e)| e.clone())
             .collect();
         let mut text = String::new();
@@ -258,14 +264,23 @@ mod tests {
     fn the_server_id_is_made_once_and_kept() {
         let d = dir("id");
         let state = StateDir::open(&d).unwrap();
-        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let id = state.server_id().unwrap();
         assert!(uuid::Uuid::parse_str(&id).is_ok());
         assert_eq!(StateDir::open(&d).unwrap().server_id().unwrap(), id);
         let file = d.join(SERVER_ID_FILE);
-        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::write(&file, "garbage").unwrap();
-        assert!(state.server_id().is_err(), "a damaged id is not silently replaced");
+        assert!(
+            state.server_id().is_err(),
+            "a damaged id is not silently replaced"
+        );
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -280,7 +295,10 @@ mod tests {
         failed.reason = "dcv: no".into();
         j.record(failed.clone()).unwrap();
         drop(j);
-        let mut f = OpenOptions::new().append(true).open(d.join(JOURNAL_FILE)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.join(JOURNAL_FILE))
+            .unwrap();
         f.write_all(b"{\"id\":\"i3\",\"ki").unwrap();
         let j = state.journal().unwrap();
         assert_eq!(j.len(), 2);
@@ -295,14 +313,16 @@ mod tests {
         let d = dir("compact");
         let state = StateDir::open(&d).unwrap();
         let mut j = state.journal().unwrap();
-        let total = JOURNAL_COMPACT_AT;
+        (j.compact_at, j.keep_recent) = (64, 16);
+        let total = j.compact_at;
         for i in 0..total {
-            j.record(outcome(&format!("i{i}"), &format!("s{i}"))).unwrap();
+            j.record(outcome(&format!("i{i}"), &format!("s{i}")))
+                .unwrap();
         }
         assert!(j.wants_compaction());
         let live: HashSet<String> = ["s0".to_string(), "s5".to_string()].into();
         j.compact(&live).unwrap();
-        assert_eq!(j.len(), JOURNAL_KEEP_RECENT + 2);
+        assert_eq!(j.len(), 16 + 2);
         assert!(!j.wants_compaction());
         assert!(j.get("i0").is_some() && j.get("i5").is_some());
         assert!(j.get("i6").is_none());
@@ -310,7 +330,7 @@ mod tests {
         j.record(outcome("new", "sn")).unwrap();
         drop(j);
         let j = state.journal().unwrap();
-        assert_eq!(j.len(), JOURNAL_KEEP_RECENT + 3);
+        assert_eq!(j.len(), 16 + 3);
         assert!(j.get("new").is_some() && j.get("i5").is_some());
         fs::remove_dir_all(d).unwrap();
     }

@@ -247,9 +247,7 @@ fn fetch(client: &ClientCredentials, ca_bundle: Option<PathBuf>) -> Result<Issue
             TokenError::Unreachable { .. } => fail(exit::OTHER, e.to_string()),
             TokenError::NoTokenEndpoint { .. } => fail(
                 exit::BAD_ENVIRONMENT,
-                format!(
-                    "{e}; unset the client credentials, or fix the auth server URL"
-                ),
+                format!("{e}; unset the client credentials, or fix the auth server URL"),
             ),
             TokenError::Refused { detail, .. } => fail(
                 exit::BAD_ENVIRONMENT,
