@@ -20,9 +20,7 @@ use common::{
     agent_process::{AgentHome, AgentProcess, TempDir, run_agent},
     process::{BrokerProcess, PATIENCE},
 };
-use dcv_broker::pb::{
-    self, servers_client::ServersClient, sessions_client::SessionsClient,
-};
+use dcv_broker::pb::{self, servers_client::ServersClient, sessions_client::SessionsClient};
 use tonic::transport::Channel;
 
 /// How often a test asks the broker again while it waits for a state.
@@ -43,7 +41,11 @@ fn url(addr: SocketAddr) -> String {
 }
 
 async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(url(addr)).unwrap().connect().await.unwrap()
+    Channel::from_shared(url(addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 async fn servers(addr: SocketAddr) -> ServersClient<Channel> {
@@ -65,7 +67,12 @@ async fn all_servers(addr: SocketAddr) -> Vec<pb::Server> {
 }
 
 /// Polls DescribeServers until server `id` satisfies `ok` (bounded).
-async fn server_where(addr: SocketAddr, id: &str, what: &str, ok: impl Fn(&pb::Server) -> bool) -> pb::Server {
+async fn server_where(
+    addr: SocketAddr,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&pb::Server) -> bool,
+) -> pb::Server {
     let mut last = None;
     let found = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -76,13 +83,12 @@ async fn server_where(addr: SocketAddr, id: &str, what: &str, ok: impl Fn(&pb::S
                     ..Default::default()
                 })
                 .await
+                && let Some(server) = reply.into_inner().servers.into_iter().next()
             {
-                if let Some(server) = reply.into_inner().servers.into_iter().next() {
-                    if ok(&server) {
-                        return server;
-                    }
-                    last = Some(server);
+                if ok(&server) {
+                    return server;
                 }
+                last = Some(server);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -92,7 +98,12 @@ async fn server_where(addr: SocketAddr, id: &str, what: &str, ok: impl Fn(&pb::S
 }
 
 /// Polls DescribeSessions until session `id` satisfies `ok` (bounded).
-async fn session_where(addr: SocketAddr, id: &str, what: &str, ok: impl Fn(&pb::Session) -> bool) -> pb::Session {
+async fn session_where(
+    addr: SocketAddr,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&pb::Session) -> bool,
+) -> pb::Session {
     let mut last = None;
     let found = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -103,13 +114,12 @@ async fn session_where(addr: SocketAddr, id: &str, what: &str, ok: impl Fn(&pb::
                     ..Default::default()
                 })
                 .await
+                && let Some(session) = reply.into_inner().sessions.into_iter().next()
             {
-                if let Some(session) = reply.into_inner().sessions.into_iter().next() {
-                    if ok(&session) {
-                        return session;
-                    }
-                    last = Some(session);
+                if ok(&session) {
+                    return session;
                 }
+                last = Some(session);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -134,12 +144,18 @@ async fn available(addr: SocketAddr, id: &str) -> pb::Server {
 }
 
 async fn ready(addr: SocketAddr, id: &str) -> pb::Session {
-    session_where(addr, id, "READY", |s| s.state == pb::SessionState::Ready as i32).await
+    session_where(addr, id, "READY", |s| {
+        s.state == pb::SessionState::Ready as i32
+    })
+    .await
 }
 
 /// A user name that exists on this host, for sessions' owners.
 fn owner() -> String {
-    let out = std::process::Command::new("id").arg("-un").output().expect("id runs");
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .expect("id runs");
     let name = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(!name.is_empty());
     name
@@ -158,11 +174,17 @@ fn virtual_session(name: &str) -> pb::CreateSessionRequestData {
 async fn create(addr: SocketAddr, item: pb::CreateSessionRequestData) -> String {
     let reply = sessions(addr)
         .await
-        .create_sessions(pb::CreateSessionsRequest { sessions: vec![item] })
+        .create_sessions(pb::CreateSessionsRequest {
+            sessions: vec![item],
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(reply.unsuccessful_list.is_empty(), "{:#?}", reply.unsuccessful_list);
+    assert!(
+        reply.unsuccessful_list.is_empty(),
+        "{:#?}",
+        reply.unsuccessful_list
+    );
     reply.successful_list[0].id.clone()
 }
 
@@ -183,7 +205,12 @@ fn flag<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 fn tag(server: &pb::Server, key: &str) -> Vec<String> {
-    server.tags.iter().filter(|t| t.key == key).map(|t| t.value.clone()).collect()
+    server
+        .tags
+        .iter()
+        .filter(|t| t.key == key)
+        .map(|t| t.value.clone())
+        .collect()
 }
 
 #[tokio::test]
@@ -209,7 +236,10 @@ async fn the_host_appears_with_its_facts_and_the_tags_of_its_tags_folder() {
     let os = host.os.as_ref().expect("Os");
     assert_eq!(os.family, "linux");
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert!(os.kernel_version.contains(release.trim()), "{os:?} vs uname -r {release}");
+    assert!(
+        os.kernel_version.contains(release.trim()),
+        "{os:?} vs uname -r {release}"
+    );
     let cpus = host.cpu_info.as_ref().expect("CpuInfo").number_of_cpus;
     let listed = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap()
@@ -223,11 +253,19 @@ async fn the_host_appears_with_its_facts_and_the_tags_of_its_tags_folder() {
     );
     assert!(host.memory.as_ref().expect("Memory").total_bytes > 0);
     assert_eq!(tag(&server, "pool"), ["design"]);
-    assert_eq!(tag(&server, "colour"), ["blue"], "the later file wins: {:?}", server.tags);
+    assert_eq!(
+        tag(&server, "colour"),
+        ["blue"],
+        "the later file wins: {:?}",
+        server.tags
+    );
     assert_eq!(server.max_virtual_sessions, 7);
     assert_eq!(server.max_concurrent_sessions_per_user, 2);
     assert!(
-        server.endpoints.iter().any(|e| e.port == 8444 && e.web_url_path == "/dcv"),
+        server
+            .endpoints
+            .iter()
+            .any(|e| e.port == 8444 && e.web_url_path == "/dcv"),
         "the DCV server's endpoint from dcv_port / dcv_web_url_path: {:?}",
         server.endpoints
     );
@@ -274,9 +312,17 @@ async fn create_sessions_runs_dcv_create_session_with_the_request_and_the_sessio
         Some(home.init_folder().join("start.sh")),
         "InitFile is relative to init_folder: {argv:?}"
     );
-    assert_eq!(flag(&argv, "--max-concurrent-clients"), Some("3"), "{argv:?}");
+    assert_eq!(
+        flag(&argv, "--max-concurrent-clients"),
+        Some("3"),
+        "{argv:?}"
+    );
     assert_eq!(flag(&argv, "--gl"), Some("on"), "{argv:?}");
-    assert_eq!(flag(&argv, "--storage-root"), Some(storage.to_str().unwrap()), "{argv:?}");
+    assert_eq!(
+        flag(&argv, "--storage-root"),
+        Some(storage.to_str().unwrap()),
+        "{argv:?}"
+    );
     assert!(flag(&argv, "--permissions-file").is_some(), "{argv:?}");
     // The fake read the file while create-session ran: the decoded content.
     let kept = std::fs::read_to_string(home.fake_state().join("permissions").join(&id)).unwrap();
@@ -309,14 +355,26 @@ async fn delete_sessions_runs_dcv_close_session_and_the_session_becomes_deleted(
         .await
         .unwrap()
         .into_inner();
-    assert!(reply.unsuccessful_list.is_empty(), "{:#?}", reply.unsuccessful_list);
+    assert!(
+        reply.unsuccessful_list.is_empty(),
+        "{:#?}",
+        reply.unsuccessful_list
+    );
 
     let argv = home
-        .call_where("close-session", |argv| argv.first().map(String::as_str) == Some("close-session"))
+        .call_where("close-session", |argv| {
+            argv.first().map(String::as_str) == Some("close-session")
+        })
         .await;
     assert_eq!(argv, ["close-session", id.as_str()]);
-    session_where(broker.addr, &id, "DELETED", |s| s.state == pb::SessionState::Deleted as i32).await;
-    assert!(home.fake_session(&id).is_none(), "the fake's session is gone");
+    session_where(broker.addr, &id, "DELETED", |s| {
+        s.state == pb::SessionState::Deleted as i32
+    })
+    .await;
+    assert!(
+        home.fake_session(&id).is_none(),
+        "the fake's session is gone"
+    );
 }
 
 #[tokio::test]
@@ -352,8 +410,16 @@ async fn a_killed_agent_comes_back_as_the_same_server_and_never_runs_an_instruct
     ready(broker.addr, &done).await;
     ready(broker.addr, &pending).await;
     assert_eq!(creations_of(&home, &done), 1, "calls: {:#?}", home.calls());
-    assert_eq!(creations_of(&home, &pending), 1, "calls: {:#?}", home.calls());
-    let server = server_where(broker.addr, &id, "counts both sessions", |s| s.virtual_session_count == 2).await;
+    assert_eq!(
+        creations_of(&home, &pending),
+        1,
+        "calls: {:#?}",
+        home.calls()
+    );
+    let server = server_where(broker.addr, &id, "counts both sessions", |s| {
+        s.virtual_session_count == 2
+    })
+    .await;
     assert_eq!(server.availability, pb::Availability::Available as i32);
 }
 
@@ -377,14 +443,21 @@ async fn after_a_broker_restart_the_agent_reconnects_and_the_fleet_is_whole() {
     let restarted = std::time::SystemTime::now();
 
     agent.logged("instruction stream open").await;
-    server_where(addr, &id, "AVAILABLE with its session, heartbeating since the restart", |s| {
-        s.availability == pb::Availability::Available as i32
-            && s.virtual_session_count == 1
-            && s.last_heartbeat_time.as_ref().is_some_and(|t| {
-                std::time::UNIX_EPOCH + Duration::from_secs(t.seconds as u64) + Duration::from_secs(1)
-                    >= restarted
-            })
-    })
+    server_where(
+        addr,
+        &id,
+        "AVAILABLE with its session, heartbeating since the restart",
+        |s| {
+            s.availability == pb::Availability::Available as i32
+                && s.virtual_session_count == 1
+                && s.last_heartbeat_time.as_ref().is_some_and(|t| {
+                    std::time::UNIX_EPOCH
+                        + Duration::from_secs(t.seconds as u64)
+                        + Duration::from_secs(1)
+                        >= restarted
+                })
+        },
+    )
     .await;
     ready(addr, &before).await;
     // Instructions flow again, with nobody having touched the agent.
@@ -395,7 +468,8 @@ async fn after_a_broker_restart_the_agent_reconnects_and_the_fleet_is_whole() {
 }
 
 #[tokio::test]
-async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the_agent_stays_healthy() {
+async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the_agent_stays_healthy()
+ {
     let broker = start_broker().await;
     // Short, but long enough for every other `dcv` call (a Python
     // script) on a loaded test machine: a health check that times out
@@ -417,11 +491,18 @@ async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the
     })
     .await;
     let reason = session.state_reason.to_lowercase();
-    assert!(reason.contains("timed out") || reason.contains("timeout"), "{}", session.state_reason);
+    assert!(
+        reason.contains("timed out") || reason.contains("timeout"),
+        "{}",
+        session.state_reason
+    );
     agent.logged(&format!("session={hung} failed")).await;
     home.switch_off("hang-create-session");
 
-    home.switch_on("fail-create-session", "Could not create session: no licenses available (fake dcv)\n");
+    home.switch_on(
+        "fail-create-session",
+        "Could not create session: no licenses available (fake dcv)\n",
+    );
     let failed = create(
         broker.addr,
         pb::CreateSessionRequestData {
@@ -435,7 +516,9 @@ async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the
     })
     .await;
     assert!(
-        session.state_reason.contains("no licenses available (fake dcv)"),
+        session
+            .state_reason
+            .contains("no licenses available (fake dcv)"),
         "dcv's stderr is the reason: {}",
         session.state_reason
     );
@@ -451,7 +534,9 @@ async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the
     .last_heartbeat_time
     .expect("a heartbeat time");
     server_where(broker.addr, &id, "heartbeating", |s| {
-        s.last_heartbeat_time.as_ref().is_some_and(|t| (t.seconds, t.nanos) > (seen.seconds, seen.nanos))
+        s.last_heartbeat_time
+            .as_ref()
+            .is_some_and(|t| (t.seconds, t.nanos) > (seen.seconds, seen.nanos))
     })
     .await;
     let fine = create(broker.addr, virtual_session("works")).await;
@@ -467,7 +552,11 @@ async fn refused_config(config: &str, key: &str) {
     std::fs::write(&path, config.replace("DIR", dir.path().to_str().unwrap())).unwrap();
     let out = run_agent(&[], Some(&path), dir.path()).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "exit 2 for a bad config; stderr {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "exit 2 for a bad config; stderr {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one clear line: {stderr}");
     assert!(lines[0].starts_with("dcv-broker-agent: "), "{}", lines[0]);
@@ -534,13 +623,19 @@ fn retry_delay(line: &str) -> Duration {
         return Duration::from_secs_f64(ms.parse::<f64>().unwrap() / 1000.0);
     }
     let secs = first.strip_suffix('s').unwrap_or(first);
-    Duration::from_secs_f64(secs.parse().unwrap_or_else(|_| panic!("a delay in {line:?}")))
+    Duration::from_secs_f64(
+        secs.parse()
+            .unwrap_or_else(|_| panic!("a delay in {line:?}")),
+    )
 }
 
 #[tokio::test]
 async fn an_unreachable_broker_is_retried_with_growing_delays_and_logged_each_time() {
     // A port that was just free: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let home = AgentHome::new(&url(closed), "reconnect_max_delay = 3");
     let mut agent = AgentProcess::start(&home);
     let mut delays = Vec::new();
@@ -549,8 +644,14 @@ async fn an_unreachable_broker_is_retried_with_growing_delays_and_logged_each_ti
         assert!(line.contains("retrying in"), "{line}");
         delays.push(retry_delay(&line));
     }
-    assert!(delays.iter().all(|d| *d <= Duration::from_millis(3500)), "capped at 3 s: {delays:?}");
-    assert!(delays[1..].iter().any(|d| *d > delays[0]), "the delay grows: {delays:?}");
+    assert!(
+        delays.iter().all(|d| *d <= Duration::from_millis(3500)),
+        "capped at 3 s: {delays:?}"
+    );
+    assert!(
+        delays[1..].iter().any(|d| *d > delays[0]),
+        "the delay grows: {delays:?}"
+    );
     agent.terminate().await;
 }
 
@@ -560,13 +661,20 @@ async fn server_id_prints_the_id_the_broker_shows() {
     let home = AgentHome::new(&url(broker.addr), "");
     // Before the agent ever ran: the id is made and kept.
     let out = home.run(&["server-id"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(!printed.is_empty());
     let (_agent, id) = AgentProcess::start_registered(&home).await;
     assert_eq!(id, printed);
     let shown = all_servers(broker.addr).await;
-    assert_eq!(shown.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [printed.as_str()]);
+    assert_eq!(
+        shown.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        [printed.as_str()]
+    );
     let again = home.run(&["server-id"]).await;
     assert_eq!(String::from_utf8(again.stdout).unwrap().trim(), printed);
 }
@@ -581,12 +689,18 @@ async fn num_of_connections_follows_what_dcv_reports() {
     ready(broker.addr, &id).await;
 
     home.edit_session(&id, |s| s["num-of-connections"] = 2.into());
-    session_where(broker.addr, &id, "has 2 connections", |s| s.num_of_connections == 2).await;
+    session_where(broker.addr, &id, "has 2 connections", |s| {
+        s.num_of_connections == 2
+    })
+    .await;
     home.edit_session(&id, |s| {
         s["num-of-connections"] = 0.into();
         s["last-disconnection-time"] = "2026-01-02T03:04:05.000006Z".into();
     });
-    let session = session_where(broker.addr, &id, "has no connection", |s| s.num_of_connections == 0).await;
+    let session = session_where(broker.addr, &id, "has no connection", |s| {
+        s.num_of_connections == 0
+    })
+    .await;
     let at = session
         .last_disconnection_time
         .expect("LastDisconnectionTime from the agent's report");
@@ -623,7 +737,10 @@ async fn get_session_screenshots_returns_a_decodable_png_from_dcv() {
         .into_inner();
     assert_eq!(reply.successful_list.len(), 1, "{reply:#?}");
     assert_eq!(reply.unsuccessful_list.len(), 1, "{reply:#?}");
-    let shot = reply.successful_list[0].session_screenshot.as_ref().unwrap();
+    let shot = reply.successful_list[0]
+        .session_screenshot
+        .as_ref()
+        .unwrap();
     assert_eq!(shot.session_id, id);
     let image = &shot.images[0];
     assert_eq!(image.format, "png");
@@ -632,7 +749,9 @@ async fn get_session_screenshots_returns_a_decodable_png_from_dcv() {
     let info = reader.info();
     assert!(info.width > 0 && info.width <= 200 && info.height > 0 && info.height <= 100);
     let argv = home
-        .call_where("get-screenshot", |argv| argv.first().map(String::as_str) == Some("get-screenshot"))
+        .call_where("get-screenshot", |argv| {
+            argv.first().map(String::as_str) == Some("get-screenshot")
+        })
         .await;
     assert_eq!(argv.last().map(String::as_str), Some(id.as_str()));
     assert_eq!(flag(&argv, "--max-width"), Some("200"), "{argv:?}");
@@ -661,7 +780,10 @@ async fn verify(addr: SocketAddr, session_id: &str, token: &str) -> String {
         .expect("the verifier answers")
         .unwrap();
     let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    assert!(head.starts_with("HTTP/1.1 200"), "DCV expects 200 with a verdict: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "DCV expects 200 with a verdict: {head}"
+    );
     body.to_string()
 }
 
@@ -692,10 +814,16 @@ async fn the_connection_token_is_accepted_by_the_http_verifier_for_its_session_o
 
     let yes = verify(broker.addr, &id, &token).await;
     assert!(yes.contains("<auth result=\"yes\">"), "{yes}");
-    assert!(yes.contains(&format!("<username>{}</username>", owner())), "{yes}");
+    assert!(
+        yes.contains(&format!("<username>{}</username>", owner())),
+        "{yes}"
+    );
 
     let elsewhere = verify(broker.addr, &other, &token).await;
-    assert!(elsewhere.contains("result=\"no\""), "another session: {elsewhere}");
+    assert!(
+        elsewhere.contains("result=\"no\""),
+        "another session: {elsewhere}"
+    );
     let mut garbled = token.clone().into_bytes();
     let mid = garbled.len() / 2;
     garbled[mid] = if garbled[mid] == b'A' { b'B' } else { b'A' };
@@ -717,5 +845,8 @@ async fn the_connection_token_is_accepted_by_the_http_verifier_for_its_session_o
     })
     .await
     .expect("the token expires");
-    assert!(issued.elapsed() >= Duration::from_secs(2), "not before its TTL: {expired}");
+    assert!(
+        issued.elapsed() >= Duration::from_secs(2),
+        "not before its TTL: {expired}"
+    );
 }

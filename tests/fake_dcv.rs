@@ -96,14 +96,22 @@ fn create_session_takes_the_documented_flags_and_describe_session_prints_dcv_jso
     assert_eq!(described["type"], "virtual");
     assert_eq!(described["num-of-connections"], 0);
     assert_eq!(described["storage-root"], "/srv/storage");
-    assert_eq!(described["last-disconnection-time"], "", "DCV's value before any disconnection");
+    assert_eq!(
+        described["last-disconnection-time"], "",
+        "DCV's value before any disconnection"
+    );
     let created = described["creation-time"].as_str().unwrap();
     assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
-    assert!(described.get("fake-options").is_none(), "only DCV's keys are printed");
+    assert!(
+        described.get("fake-options").is_none(),
+        "only DCV's keys are printed"
+    );
     // -j is the short form; list-sessions --json is an array of the same objects.
-    let short: serde_json::Value = serde_json::from_str(&state.ok(&["describe-session", "-j", "s-1"])).unwrap();
+    let short: serde_json::Value =
+        serde_json::from_str(&state.ok(&["describe-session", "-j", "s-1"])).unwrap();
     assert_eq!(short, described);
-    let listed: serde_json::Value = serde_json::from_str(&state.ok(&["list-sessions", "--json"])).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&state.ok(&["list-sessions", "--json"])).unwrap();
     assert_eq!(listed, serde_json::json!([described]));
     // The permissions file was read when the session was created.
     let kept = std::fs::read_to_string(state.path().join("permissions/s-1")).unwrap();
@@ -118,8 +126,22 @@ fn create_session_takes_the_documented_flags_and_describe_session_prints_dcv_jso
 #[test]
 fn the_fake_refuses_what_dcv_refuses() {
     let state = State::new();
-    state.ok(&["create-session", "--type", "virtual", "--owner", "bob", "dup"]);
-    let duplicate = state.refused(&["create-session", "--type", "virtual", "--owner", "bob", "dup"]);
+    state.ok(&[
+        "create-session",
+        "--type",
+        "virtual",
+        "--owner",
+        "bob",
+        "dup",
+    ]);
+    let duplicate = state.refused(&[
+        "create-session",
+        "--type",
+        "virtual",
+        "--owner",
+        "bob",
+        "dup",
+    ]);
     assert!(duplicate.contains("already exists"), "{duplicate}");
     let unknown = state.refused(&["create-session", "--typo", "virtual", "x"]);
     assert!(unknown.contains("--typo"), "{unknown}");
@@ -135,23 +157,63 @@ fn the_fake_refuses_what_dcv_refuses() {
     assert!(gone.contains("nope"), "{gone}");
     state.refused(&["describe-session", "nope", "--json"]);
     state.refused(&["set-permissions", "--session", "dup"]);
-    state.refused(&["set-permissions", "--session", "dup", "--none", "--reset-builtin"]);
+    state.refused(&[
+        "set-permissions",
+        "--session",
+        "dup",
+        "--none",
+        "--reset-builtin",
+    ]);
     state.refused(&["frobnicate"]);
     // One console session at a time.
-    state.ok(&["create-session", "--type", "console", "--owner", "bob", "c1"]);
-    state.refused(&["create-session", "--type", "console", "--owner", "bob", "c2"]);
+    state.ok(&[
+        "create-session",
+        "--type",
+        "console",
+        "--owner",
+        "bob",
+        "c1",
+    ]);
+    state.refused(&[
+        "create-session",
+        "--type",
+        "console",
+        "--owner",
+        "bob",
+        "c2",
+    ]);
 }
 
 #[test]
 fn close_session_and_set_permissions_change_the_state() {
     let state = State::new();
-    state.ok(&["create-session", "--type", "virtual", "--owner", "carol", "s"]);
+    state.ok(&[
+        "create-session",
+        "--type",
+        "virtual",
+        "--owner",
+        "carol",
+        "s",
+    ]);
     state.ok(&["set-permissions", "--session", "s", "--none"]);
-    assert_eq!(std::fs::read_to_string(state.path().join("permissions/s")).unwrap(), "#none\n");
+    assert_eq!(
+        std::fs::read_to_string(state.path().join("permissions/s")).unwrap(),
+        "#none\n"
+    );
     let file = state.path().join("p");
     std::fs::write(&file, "[permissions]\ncarol allow display\n").unwrap();
-    state.ok(&["set-permissions", "--session", "s", "--file", file.to_str().unwrap()]);
-    assert!(std::fs::read_to_string(state.path().join("permissions/s")).unwrap().contains("carol allow display"));
+    state.ok(&[
+        "set-permissions",
+        "--session",
+        "s",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read_to_string(state.path().join("permissions/s"))
+            .unwrap()
+            .contains("carol allow display")
+    );
     state.ok(&["close-session", "s"]);
     assert_eq!(state.ok(&["list-sessions", "--json"]).trim(), "[]");
 }
@@ -159,8 +221,25 @@ fn close_session_and_set_permissions_change_the_state() {
 #[test]
 fn get_screenshot_json_is_a_base64_png_within_the_bounds() {
     let state = State::new();
-    state.ok(&["create-session", "--type", "virtual", "--owner", "dave", "s"]);
-    let out = state.ok(&["get-screenshot", "--max-width", "200", "--max-height", "100", "--format", "PNG", "--json", "s"]);
+    state.ok(&[
+        "create-session",
+        "--type",
+        "virtual",
+        "--owner",
+        "dave",
+        "s",
+    ]);
+    let out = state.ok(&[
+        "get-screenshot",
+        "--max-width",
+        "200",
+        "--max-height",
+        "100",
+        "--format",
+        "PNG",
+        "--json",
+        "s",
+    ]);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["format"], "png");
     let bytes = base64::engine::general_purpose::STANDARD
@@ -169,12 +248,21 @@ fn get_screenshot_json_is_a_base64_png_within_the_bounds() {
     let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     let reader = decoder.read_info().expect("a PNG");
     let info = reader.info();
-    assert!(info.width <= 200 && info.height <= 100, "{}x{}", info.width, info.height);
+    assert!(
+        info.width <= 200 && info.height <= 100,
+        "{}x{}",
+        info.width,
+        info.height
+    );
     assert!(info.width > 0 && info.height > 0);
     // --output writes the same kind of file.
     let file = state.path().join("shot.png");
     state.ok(&["get-screenshot", "--output", file.to_str().unwrap(), "s"]);
-    assert!(std::fs::read(&file).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
+    assert!(
+        std::fs::read(&file)
+            .unwrap()
+            .starts_with(b"\x89PNG\r\n\x1a\n")
+    );
     state.refused(&["get-screenshot", "--json", "missing"]);
     state.refused(&["get-screenshot", "--max-width", "0", "--json", "s"]);
 }
@@ -182,8 +270,19 @@ fn get_screenshot_json_is_a_base64_png_within_the_bounds() {
 #[test]
 fn switch_files_make_a_command_fail_or_hang() {
     let state = State::new();
-    std::fs::write(state.path().join("fail-create-session"), "no licenses available\n").unwrap();
-    let why = state.refused(&["create-session", "--type", "virtual", "--owner", "erin", "s"]);
+    std::fs::write(
+        state.path().join("fail-create-session"),
+        "no licenses available\n",
+    )
+    .unwrap();
+    let why = state.refused(&[
+        "create-session",
+        "--type",
+        "virtual",
+        "--owner",
+        "erin",
+        "s",
+    ]);
     assert_eq!(why, "no licenses available");
     std::fs::remove_file(state.path().join("fail-create-session")).unwrap();
 
@@ -201,11 +300,17 @@ fn switch_files_make_a_command_fail_or_hang() {
         .unwrap_or_default()
         .contains("close-session")
     {
-        assert!(std::time::Instant::now() < deadline, "the hung call is logged");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hung call is logged"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(child.try_wait().unwrap().is_none(), "still hanging");
     std::fs::remove_file(&hang).unwrap();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "then fails as DCV would: there is no session s");
+    assert!(
+        !status.success(),
+        "then fails as DCV would: there is no session s"
+    );
 }

@@ -95,7 +95,7 @@ impl AgentHome {
     pub fn write_config(&self, broker_url: &str, extra: &str) {
         let default = |key: &str, line: &'static str| if extra.contains(key) { "" } else { line };
         let reconnect = default("reconnect_max_delay", "reconnect_max_delay = 1\n");
-        // Room for virtual sessions: without the key the agent offers none.
+        // A known room for virtual sessions, whatever the agent's default.
         let room = default("max_virtual_sessions", "max_virtual_sessions = 4\n");
         let config = format!(
             "version = '0.1'\n\n[agent]\nbroker_url = '{broker_url}'\nstate_dir = '{state}'\n\
@@ -161,7 +161,9 @@ impl AgentHome {
 
     /// The fake's session file for `id`.
     pub fn session_file(&self, id: &str) -> PathBuf {
-        self.fake_state().join("sessions").join(format!("{id}.json"))
+        self.fake_state()
+            .join("sessions")
+            .join(format!("{id}.json"))
     }
 
     /// The fake's record of session `id`, as describe-session prints it.
@@ -189,7 +191,11 @@ impl AgentHome {
 
 /// Runs the agent binary with `args` (and `--config config`) to its end,
 /// bounded by [`PATIENCE`]; the child is killed if it outlives that.
-pub async fn run_agent(args: &[&str], config: Option<&Path>, fake_state: &Path) -> std::process::Output {
+pub async fn run_agent(
+    args: &[&str],
+    config: Option<&Path>,
+    fake_state: &Path,
+) -> std::process::Output {
     let mut command = tokio::process::Command::new(AGENT_BIN);
     command.args(args);
     if let Some(config) = config {
@@ -243,7 +249,8 @@ impl AgentProcess {
     /// Waits for the next `registered server_id=<ID>` line; returns ID.
     pub async fn registered(&mut self) -> String {
         let line = self.logged("registered server_id=").await;
-        let rest = &line[line.find("registered server_id=").unwrap() + "registered server_id=".len()..];
+        let rest =
+            &line[line.find("registered server_id=").unwrap() + "registered server_id=".len()..];
         rest.split(|c: char| c.is_whitespace() || c == '"' || c == ',')
             .next()
             .unwrap_or_default()

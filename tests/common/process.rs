@@ -176,7 +176,10 @@ impl BrokerProcess {
             .expect("the broker announces its port")
             .expect("stdout is readable");
         let Some(line) = line else {
-            panic!("the broker exited before listening; stderr: {:#?}", log.drain());
+            panic!(
+                "the broker exited before listening; stderr: {:#?}",
+                log.drain()
+            );
         };
         let addr = line
             .strip_prefix("dcv-broker listening on ")
