@@ -468,6 +468,34 @@ async fn after_a_broker_restart_the_agent_reconnects_and_the_fleet_is_whole() {
 }
 
 #[tokio::test]
+async fn a_broker_that_forgot_everything_gets_the_server_and_its_sessions_back_from_the_agent() {
+    let mut args = vec!["--in-memory"];
+    args.extend(BROKER_FLAGS);
+    let mut broker = BrokerProcess::start_exactly(&args).await;
+    let addr = broker.addr;
+    let home = AgentHome::new(&url(addr), "");
+    let (mut agent, id) = join(addr, &home).await;
+    let before = create(addr, virtual_session("outlives the broker's memory")).await;
+    ready(addr, &before).await;
+
+    broker.signal("-KILL");
+    broker.exited().await;
+    agent.logged("broker unreachable").await;
+    let _broker = BrokerProcess::start_on(addr, &args).await;
+
+    // The new broker knows nothing: the agent registers again, and its
+    // reports bring the session back, with no operator action.
+    assert_eq!(agent.registered().await, id);
+    server_where(addr, &id, "AVAILABLE with its session", |s| {
+        s.availability == pb::Availability::Available as i32 && s.virtual_session_count == 1
+    })
+    .await;
+    let session = ready(addr, &before).await;
+    assert_eq!(session.owner, owner());
+    assert_eq!(creations_of(&home, &before), 1);
+}
+
+#[tokio::test]
 async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the_agent_stays_healthy()
  {
     let broker = start_broker().await;
