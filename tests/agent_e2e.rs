@@ -569,6 +569,13 @@ async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the
     .await;
     let fine = create(broker.addr, virtual_session("works")).await;
     ready(broker.addr, &fine).await;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent still runs"
+    );
+    // The hung `dcv` was killed at its timeout, not left to finish the
+    // creation behind the broker's back once its switch went away.
+    assert!(home.fake_session(&hung).is_none(), "{:#?}", home.calls());
 }
 
 /// Runs the agent on `config` (written into a fresh directory); asserts it
@@ -681,6 +688,34 @@ async fn an_unreachable_broker_is_retried_with_growing_delays_and_logged_each_ti
         "the delay grows: {delays:?}"
     );
     agent.terminate().await;
+}
+
+#[tokio::test]
+async fn check_reaches_the_broker_once_and_says_ok_or_why_not() {
+    let broker = start_broker().await;
+    let home = AgentHome::new(&url(broker.addr), "");
+    let out = home.run(&["check"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "ok");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    home.write_config(&url(closed), "");
+    let out = home.run(&["check"]).await;
+    assert!(
+        !out.status.success(),
+        "an unreachable broker fails the check"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
 }
 
 #[tokio::test]
