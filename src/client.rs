@@ -28,6 +28,8 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
+mod insecure;
+
 use crate::pb::{
     agent_client::AgentClient, servers_client::ServersClient, sessions_client::SessionsClient,
 };
@@ -117,6 +119,7 @@ pub struct ClientBuilder {
     url: String,
     ca_pem: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
+    accept_any_certificate: bool,
     token: Option<String>,
     connect_timeout: Duration,
     request_timeout: Option<Duration>,
@@ -129,6 +132,7 @@ impl fmt::Debug for ClientBuilder {
             .field("url", &self.url)
             .field("ca_pem", &self.ca_pem.is_some())
             .field("identity", &self.identity.is_some())
+            .field("accept_any_certificate", &self.accept_any_certificate)
             .field("token", &self.token.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -144,6 +148,7 @@ pub fn builder(url: impl Into<String>) -> ClientBuilder {
         url: url.into(),
         ca_pem: None,
         identity: None,
+        accept_any_certificate: false,
         token: None,
         connect_timeout: CONNECT_TIMEOUT,
         request_timeout: None,
@@ -180,6 +185,14 @@ impl ClientBuilder {
         key: impl Into<Vec<u8>>,
     ) -> ClientBuilder {
         self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// For `https://`, accept any server certificate (a DCV agent's
+    /// `tls_strict = false`): the connection is encrypted but the broker is
+    /// not authenticated. Callers should say so loudly.
+    pub fn accept_any_server_certificate(mut self) -> ClientBuilder {
+        self.accept_any_certificate = true;
         self
     }
 
@@ -223,6 +236,9 @@ impl ClientBuilder {
         if let Some(timeout) = self.request_timeout {
             endpoint = endpoint.timeout(timeout);
         }
+        if tls && self.accept_any_certificate {
+            return self.connect_accepting_any(endpoint, bearer).await;
+        }
         if tls {
             let mut config = match &self.ca_pem {
                 Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
@@ -235,6 +251,48 @@ impl ClientBuilder {
         }
         let channel = endpoint
             .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.url.clone(),
+                source,
+            })?;
+        Ok(BrokerClient { channel, bearer })
+    }
+
+    /// [`ClientBuilder::connect`] through [`insecure`]'s connector: an
+    /// `http://` endpoint with the real `https://` origin.
+    async fn connect_accepting_any(
+        &self,
+        endpoint: Endpoint,
+        bearer: BearerToken,
+    ) -> Result<BrokerClient, ClientError> {
+        let invalid = |reason: String| ClientError::InvalidUrl {
+            url: self.url.clone(),
+            reason,
+        };
+        let uri = endpoint.uri().clone();
+        let host = uri
+            .host()
+            .ok_or_else(|| invalid("no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let authority = uri
+            .authority()
+            .map_or_else(String::new, |a| a.as_str().to_owned());
+        let plain = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|e| invalid(e.to_string()))?
+            .origin(uri)
+            .connect_timeout(self.connect_timeout);
+        let plain = match self.request_timeout {
+            Some(t) => plain.timeout(t),
+            None => plain,
+        };
+        let connector = insecure::connector(host, port, self.identity.as_ref())
+            .map_err(|e| invalid(format!("TLS configuration: {e}")))?;
+        let channel = plain
+            .connect_with_connector(connector)
             .await
             .map_err(|source| ClientError::Connect {
                 url: self.url.clone(),

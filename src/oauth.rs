@@ -36,6 +36,8 @@ pub struct TokenRequest {
     pub secret: String,
     /// CA certificates (PEM) to trust for `https://`; None: the system roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// Accept any server certificate (a DCV agent's `tls_strict = false`).
+    pub accept_any_certificate: bool,
     /// The User-Agent header.
     pub user_agent: String,
 }
@@ -130,7 +132,10 @@ pub fn request_token(request: &TokenRequest) -> Result<Issued, TokenError> {
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .user_agent(request.user_agent.as_str());
     if url.starts_with("https://") {
-        config = config.tls_config(tls_config(request.ca_pem.as_deref())?);
+        config = config.tls_config(tls_config(
+            request.ca_pem.as_deref(),
+            request.accept_any_certificate,
+        )?);
     }
     let agent: ureq::Agent = config.build().into();
     // RFC 6749 §2.3.1: each part form-encoded before base64.
@@ -201,7 +206,7 @@ pub fn request_token(request: &TokenRequest) -> Result<Issued, TokenError> {
 
 /// ureq's TLS settings: ring, and the given CA certificates or else the
 /// system's roots.
-fn tls_config(ca_pem: Option<&[u8]>) -> Result<ureq::tls::TlsConfig, TokenError> {
+fn tls_config(ca_pem: Option<&[u8]>, accept_any: bool) -> Result<ureq::tls::TlsConfig, TokenError> {
     use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
     let roots: Vec<Certificate<'static>> = match ca_pem {
         Some(pem) => {
@@ -233,6 +238,7 @@ fn tls_config(ca_pem: Option<&[u8]>) -> Result<ureq::tls::TlsConfig, TokenError>
     Ok(TlsConfig::builder()
         .provider(TlsProvider::Rustls)
         .root_certs(RootCerts::new_with_certs(&roots))
+        .disable_verification(accept_any)
         .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .build())
 }

@@ -132,6 +132,21 @@ fn server_id(config: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// `dcv-broker-agent check` with this configuration.
+async fn check(config: &Path) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(AGENT_BIN)
+            .args(["check", "--config"])
+            .arg(config)
+            .env("DCV_BROKER_AGENT_LOG", "off")
+            .output(),
+    )
+    .await
+    .expect("check answers")
+    .unwrap()
+}
+
 #[tokio::test]
 async fn the_host_registers_with_its_hostname_and_tags_and_keeps_its_id() {
     let tmp = Temp::new("register");
@@ -139,6 +154,10 @@ async fn the_host_registers_with_its_hostname_and_tags_and_keeps_its_id() {
     let config = write_config(&tmp.0, &format!("http://{}", broker.addr));
     let id = server_id(&config);
     assert_eq!(server_id(&config), id, "the id is made once");
+
+    let check = check(&config).await;
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    assert_eq!(String::from_utf8_lossy(&check.stdout), "ok\n");
 
     let mut agent = AgentProcess::start(&config);
     let line = agent.logged("registered server_id=").await;
@@ -207,6 +226,14 @@ async fn an_unreachable_broker_is_retried_with_a_logged_backoff() {
         .unwrap()
         .port();
     let config = write_config(&tmp.0, &format!("http://127.0.0.1:{port}"));
+    let check = check(&config).await;
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("dcv-broker-agent: cannot use the broker"),
+        "{stderr}"
+    );
     let mut agent = AgentProcess::start(&config);
     for _ in 0..2 {
         let line = agent.logged("broker unreachable").await;
@@ -250,4 +277,183 @@ async fn a_bad_configuration_exits_2_naming_the_key() {
             assert!(stderr.contains(expected), "{text:?}: {stderr}");
         }
     }
+}
+
+/// `dcv-broker tls init`'s files in `dir`, for localhost and 127.0.0.1.
+fn tls_init(dir: &Path) {
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args(["tls", "init", "--names", "localhost,127.0.0.1", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn over_tls_the_broker_is_verified_unless_tls_strict_is_false() {
+    let tmp = Temp::new("tls");
+    let certs = tmp.0.join("certs");
+    tls_init(&certs);
+    let cert = certs.join("server.pem");
+    let key = certs.join("server-key.pem");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--in-memory".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--auth".as_ref(),
+        "off".as_ref(),
+    ];
+    let broker = BrokerProcess::start_exactly(&args).await;
+    let port = broker.addr.port();
+    let base = write_config(&tmp.0, "http://127.0.0.1:1");
+    let base = std::fs::read_to_string(base).unwrap().replace(
+        "broker_url = 'http://127.0.0.1:1'",
+        &format!("broker_host = '127.0.0.1'\nbroker_port = {port}"),
+    );
+    let cases = [
+        (
+            format!("ca_file = '{}'\n", certs.join("ca.pem").display()),
+            true,
+        ),
+        ("tls_strict = false\n".to_owned(), true),
+        (String::new(), false),
+    ];
+    for (extra, registers) in cases {
+        let path = tmp.0.join("tls.conf");
+        std::fs::write(
+            &path,
+            base.replace("[agent]\n", &format!("[agent]\n{extra}")),
+        )
+        .unwrap();
+        let mut agent = AgentProcess::start(&path);
+        if registers {
+            agent.logged("registered server_id=").await;
+        } else {
+            // The system roots do not hold the test CA.
+            let line = agent.logged("broker unreachable").await;
+            assert!(line.contains("retrying in"), "{line}");
+            assert!(line.contains("UnknownIssuer"), "{line}");
+        }
+        agent.terminate().await;
+    }
+    broker.terminate().await;
+}
+
+/// `dcv-broker clients register` on a stopped broker's store: the client
+/// id and secret.
+fn register_agent_client(data: &Path, server_id: &str) -> (String, String) {
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args([
+            "clients", "register", "--name", "agent", "--scopes", "agent",
+        ])
+        .args(["--server-id", server_id, "--json", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let client = &reply["client"];
+    (
+        client["client_id"].as_str().unwrap().to_owned(),
+        client["client_secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn with_client_credentials_the_agent_buys_a_token_and_registers() {
+    let tmp = Temp::new("oauth");
+    let data = tmp.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = write_config(&tmp.0, "http://127.0.0.1:1");
+    let id = server_id(&config);
+    let (client_id, secret) = register_agent_client(&data, &id);
+    let (other_id, other_secret) = register_agent_client(&data, "another-server");
+    let mut args = ["--auth", "on", "--data-dir"]
+        .map(std::ffi::OsStr::new)
+        .to_vec();
+    args.push(data.as_os_str());
+    let broker = BrokerProcess::start_exactly(&args).await;
+    let secret_file = tmp.0.join("secret");
+    let base = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("http://127.0.0.1:1", &format!("http://{}", broker.addr));
+    for (client, secret, registers) in [
+        (&client_id, &secret, true),
+        (&other_id, &other_secret, false),
+    ] {
+        let _ = std::fs::remove_file(&secret_file);
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(
+            &config,
+            base.replace(
+                "[agent]\n",
+                &format!(
+                    "[agent]\nclient_id = '{client}'\nclient_secret_file = '{}'\n",
+                    secret_file.display()
+                ),
+            ),
+        )
+        .unwrap();
+        let mut agent = AgentProcess::start(&config);
+        if registers {
+            agent.logged("registered server_id=").await;
+            agent.logged("instruction stream open").await;
+        } else {
+            // A client bound to another server may not act for this one.
+            let line = agent.logged("broker unreachable").await;
+            assert!(line.contains("PermissionDenied"), "{line}");
+        }
+        agent.terminate().await;
+    }
+    broker.terminate().await;
+}
+
+#[tokio::test]
+async fn with_an_agent_certificate_the_agent_registers_over_mutual_tls() {
+    let tmp = Temp::new("mtls");
+    let certs = tmp.0.join("certs");
+    tls_init(&certs);
+    let config = write_config(&tmp.0, "http://127.0.0.1:1");
+    let id = server_id(&config);
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args(["tls", "agent-cert", "--server-id", &id, "--ca-dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (cert, key, ca) = (
+        certs.join("server.pem"),
+        certs.join("server-key.pem"),
+        certs.join("ca.pem"),
+    );
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--in-memory".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--agent-ca".as_ref(),
+        ca.as_os_str(),
+    ];
+    let broker = BrokerProcess::start_exactly(&args).await;
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "broker_url = 'http://127.0.0.1:1'",
+        &format!(
+            "broker_host = '127.0.0.1'\nbroker_port = {}\nca_file = '{}'\ncert_file = '{}'\nkey_file = '{}'",
+            broker.addr.port(),
+            ca.display(),
+            certs.join(format!("agent-{id}.pem")).display(),
+            certs.join(format!("agent-{id}-key.pem")).display(),
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut agent = AgentProcess::start(&config);
+    let line = agent.logged("registered server_id=").await;
+    assert!(line.contains(&id), "{line}");
+    agent.logged("instruction stream open").await;
+    agent.terminate().await;
+    broker.terminate().await;
 }

@@ -83,6 +83,7 @@ impl Tokens {
                 client_id: id.clone(),
                 secret: secret.clone(),
                 ca_pem: config.ca_pem.clone(),
+                accept_any_certificate: !config.tls_strict,
                 user_agent: concat!("dcv-broker-agent/", env!("CARGO_PKG_VERSION")).into(),
             });
         Tokens {
@@ -205,6 +206,9 @@ async fn connect(config: &Config, token: Option<String>) -> Result<BrokerClient,
     }
     if let Some((cert, key)) = &config.credentials.identity {
         builder = builder.identity_pem(cert.clone(), key.clone());
+    }
+    if !config.tls_strict {
+        builder = builder.accept_any_server_certificate();
     }
     if let Some(token) = token {
         builder = builder.token(token);

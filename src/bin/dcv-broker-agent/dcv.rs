@@ -50,6 +50,9 @@ pub enum DcvError {
     Failed { verb: String, reason: String },
     #[error("dcv {verb}: {reason}")]
     BadOutput { verb: String, reason: String },
+    /// Refused before running anything: the input is not fit for `dcv`.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The `dcv` tool.
@@ -161,6 +164,7 @@ impl Dcv {
     /// (no such session); a timeout or a spawn error stays an error, so that
     /// a hung tool is never read as "the session is not there".
     pub async fn describe_session(&self, id: &str) -> Result<Option<DcvSession>, DcvError> {
+        check_session_id(id)?;
         let args = vec!["describe-session".into(), id.into(), "--json".into()];
         match self.run(&args).await {
             Ok(out) => {
@@ -177,6 +181,7 @@ impl Dcv {
 
     /// `dcv close-session ID`.
     pub async fn close_session(&self, id: &str) -> Result<(), DcvError> {
+        check_session_id(id)?;
         self.run(&["close-session".into(), id.into()])
             .await
             .map(drop)
@@ -184,6 +189,7 @@ impl Dcv {
 
     /// `dcv set-permissions --session ID --file PATH`.
     pub async fn set_permissions(&self, id: &str, file: &Path) -> Result<(), DcvError> {
+        check_session_id(id)?;
         let args: Vec<OsString> = vec![
             "set-permissions".into(),
             "--session".into(),
@@ -202,13 +208,41 @@ impl Dcv {
         max_height: i32,
         format: &str,
     ) -> Result<Vec<pb::SessionScreenshotImage>, DcvError> {
-        let args = screenshot_argv(id, max_width, max_height, format);
+        check_session_id(id)?;
+        let args = screenshot_argv(id, max_width, max_height, format)?;
         let out = self.run(&args).await?;
         parse_screenshot(&out, format).map_err(|reason| DcvError::BadOutput {
             verb: "get-screenshot".into(),
             reason,
         })
     }
+}
+
+/// Longest session id passed to `dcv` (the broker's own bound is lower).
+const MAX_SESSION_ID_BYTES: usize = 256;
+
+/// A session id from an instruction, checked before it becomes an argv
+/// item: a leading `-` would read as an option, and control characters have
+/// no business in an id.
+pub fn check_session_id(id: &str) -> Result<(), DcvError> {
+    if id.is_empty()
+        || id.len() > MAX_SESSION_ID_BYTES
+        || id.starts_with('-')
+        || id.chars().any(char::is_control)
+    {
+        return Err(DcvError::Refused(format!("invalid session id {id:?}")));
+    }
+    Ok(())
+}
+
+/// A value given after an option: refused when it could read as an option.
+fn check_value(what: &str, value: &str) -> Result<(), String> {
+    if value.starts_with('-') || value.chars().any(char::is_control) {
+        return Err(format!(
+            "invalid {what} {value:?}: it may not start with - or hold control characters"
+        ));
+    }
+    Ok(())
 }
 
 fn argv(items: &[&str]) -> Vec<OsString> {
@@ -242,12 +276,13 @@ pub fn create_session_argv(
         Ok(pb::SessionType::Console) => "console",
         _ => return Err(format!("unknown session type {}", c.r#type)),
     };
-    if c.session_id.is_empty() || c.session_id.starts_with('-') {
-        return Err(format!("invalid session id {:?}", c.session_id));
+    check_session_id(&c.session_id).map_err(|e| e.to_string())?;
+    if c.owner.is_empty() {
+        return Err("invalid owner \"\"".into());
     }
-    if c.owner.is_empty() || c.owner.starts_with('-') {
-        return Err(format!("invalid owner {:?}", c.owner));
-    }
+    check_value("owner", &c.owner)?;
+    check_value("name", &c.name)?;
+    check_value("storage root", &c.storage_root)?;
     let mut args: Vec<OsString> = argv(&["create-session", "--type", kind]);
     args.extend(["--owner".into(), OsString::from(&c.owner)]);
     args.extend(["--name".into(), OsString::from(&c.name)]);
@@ -287,11 +322,23 @@ pub fn create_session_argv(
 }
 
 /// `get-screenshot`'s argv; DCV spells the formats `PNG` and `JPEG`.
-pub fn screenshot_argv(id: &str, max_width: i32, max_height: i32, format: &str) -> Vec<OsString> {
-    let format = if format.eq_ignore_ascii_case("jpeg") || format.eq_ignore_ascii_case("jpg") {
-        "JPEG"
-    } else {
-        "PNG"
+/// `--primary`: the primary display alone (without it DCV merges every
+/// display into one image), which is what Session Manager's `Primary` image
+/// is.
+pub fn screenshot_argv(
+    id: &str,
+    max_width: i32,
+    max_height: i32,
+    format: &str,
+) -> Result<Vec<OsString>, DcvError> {
+    let format = match format.to_ascii_lowercase().as_str() {
+        "jpeg" | "jpg" => "JPEG",
+        "png" | "" => "PNG",
+        _ => {
+            return Err(DcvError::Refused(format!(
+                "unknown screenshot format {format:?}: png or jpeg"
+            )));
+        }
     };
     let mut args = argv(&["get-screenshot"]);
     if max_width > 0 {
@@ -300,8 +347,14 @@ pub fn screenshot_argv(id: &str, max_width: i32, max_height: i32, format: &str) 
     if max_height > 0 {
         args.extend(["--max-height".into(), max_height.to_string().into()]);
     }
-    args.extend(["--format".into(), format.into(), "--json".into(), id.into()]);
-    args
+    args.extend([
+        "--format".into(),
+        format.into(),
+        "--primary".into(),
+        "--json".into(),
+        id.into(),
+    ]);
+    Ok(args)
 }
 
 /// `folder/relative`, refusing anything that could leave `folder`:
@@ -413,9 +466,10 @@ pub fn parse_session(v: &Value) -> Option<DcvSession> {
     })
 }
 
-/// `get-screenshot --json`: DCV documents the output as base64 in JSON
-/// without showing it, so this takes an object with the image under
-/// `data` (or `image`, `screenshot`), optional `format` and `primary`; a
+/// `get-screenshot --json`: DCV documents the output only as "base64 in
+/// JSON", so this takes an object with the image under `base64` (the key
+/// Amazon's Research and Engineering Studio reads from the real tool), or
+/// `data`, `image`, `screenshot`, with optional `format` and `primary`; a
 /// list of them; or an object holding the list under `images` or
 /// `screenshots`.
 pub fn parse_screenshot(
@@ -435,7 +489,7 @@ pub fn parse_screenshot(
     let mut images = Vec::new();
     let mut total = 0;
     for (i, item) in items.iter().take(MAX_SCREENSHOT_IMAGES).enumerate() {
-        let data = ["data", "image", "screenshot"]
+        let data = ["base64", "data", "image", "screenshot"]
             .iter()
             .find_map(|k| item.get(*k).and_then(Value::as_str))
             .ok_or("no image data in the output")?;
@@ -592,9 +646,18 @@ mod tests {
         );
         bad.init_file = "/bin/sh".into();
         assert!(create_session_argv(&bad, &folders(), None).is_err());
-        let mut bad = c.clone();
-        bad.owner = "--help".into();
-        assert!(create_session_argv(&bad, &folders(), None).is_err());
+        for field in ["owner", "name", "storage_root", "session_id"] {
+            let mut bad = c.clone();
+            let value = "--help".to_owned();
+            match field {
+                "owner" => bad.owner = value,
+                "name" => bad.name = value,
+                "storage_root" => bad.storage_root = value,
+                _ => bad.session_id = value,
+            }
+            let e = create_session_argv(&bad, &folders(), None).unwrap_err();
+            assert!(e.contains("invalid"), "{field}: {e}");
+        }
         let mut bad = c;
         bad.autorun_file = "../x".into();
         assert!(
@@ -617,7 +680,7 @@ mod tests {
     #[test]
     fn screenshot_outputs_parse_and_are_bounded() {
         let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\nxx");
-        let one = format!(r#"{{"data":"{png}","format":"PNG"}}"#);
+        let one = format!(r#"{{"format":"png","primary":true,"base64":"{png}"}}"#);
         let images = parse_screenshot(one.as_bytes(), "png").unwrap();
         assert_eq!(images.len(), 1);
         assert_eq!(images[0].format, "png");
@@ -632,7 +695,7 @@ mod tests {
         assert!(parse_screenshot(b"{\"data\":\"!!\"}", "png").is_err());
         assert!(parse_screenshot(b"[]", "png").is_err());
         assert_eq!(
-            strings(&screenshot_argv("s", 160, 100, "jpeg")),
+            strings(&screenshot_argv("s", 160, 100, "jpeg").unwrap()),
             [
                 "get-screenshot",
                 "--max-width",
@@ -641,10 +704,55 @@ mod tests {
                 "100",
                 "--format",
                 "JPEG",
+                "--primary",
                 "--json",
                 "s"
             ]
         );
+    }
+
+    #[test]
+    fn permissions_files_are_private_and_removed_after_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("agent-perm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let bytes = decode_permissions("W3Blcm1pc3Npb25zXQo=").unwrap();
+        let file = PrivateFile::write(&dir, &bytes).unwrap();
+        let path = file.path().to_owned();
+        assert_eq!(fs::read(&path).unwrap(), b"[permissions]\n");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        drop(file);
+        assert!(!path.exists());
+        assert!(decode_permissions("not base64!").is_err());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn ids_and_formats_that_could_read_as_options_are_refused_before_running() {
+        // A command that would succeed: nothing may reach it.
+        let dcv = Dcv::new("true".into(), Duration::from_secs(5));
+        for id in ["-h", "--help", "", "a\nb"] {
+            assert!(
+                matches!(dcv.close_session(id).await, Err(DcvError::Refused(_))),
+                "{id:?}"
+            );
+            assert!(matches!(
+                dcv.describe_session(id).await,
+                Err(DcvError::Refused(_))
+            ));
+            assert!(matches!(
+                dcv.set_permissions(id, Path::new("/p")).await,
+                Err(DcvError::Refused(_))
+            ));
+        }
+        assert!(matches!(
+            dcv.get_screenshot("s", 1, 1, "gif").await,
+            Err(DcvError::Refused(_))
+        ));
+        assert!(dcv.close_session("ok-id").await.is_ok());
     }
 
     #[test]

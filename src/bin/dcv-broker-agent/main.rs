@@ -148,8 +148,8 @@ async fn run(config: Config) -> Result<(), String> {
     StateDir::open(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     if !config.tls_strict {
         tracing::warn!(
-            "tls_strict = false: this agent still verifies the broker's certificate; \
-             set ca_file to the broker's CA"
+            "tls_strict = false: any certificate the broker shows is accepted, so the broker \
+             is not authenticated; set ca_file to its CA and remove tls_strict"
         );
     }
     tracing::info!(

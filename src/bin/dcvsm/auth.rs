@@ -228,6 +228,7 @@ fn fetch(client: &ClientCredentials, ca_bundle: Option<PathBuf>) -> Result<Issue
         client_id: client.client_id.clone(),
         secret: client.password.expose().to_owned(),
         ca_pem,
+        accept_any_certificate: false,
         user_agent: concat!("dcvsm/", env!("CARGO_PKG_VERSION")).to_owned(),
     };
     match request_token(&request) {
