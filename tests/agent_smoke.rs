@@ -449,11 +449,37 @@ async fn with_an_agent_certificate_the_agent_registers_over_mutual_tls() {
             certs.join(format!("agent-{id}-key.pem")).display(),
         ),
     );
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, &text).unwrap();
     let mut agent = AgentProcess::start(&config);
     let line = agent.logged("registered server_id=").await;
     assert!(line.contains(&id), "{line}");
     agent.logged("instruction stream open").await;
     agent.terminate().await;
+
+    // A certificate issued for another server is a configuration error,
+    // said at once rather than retried forever.
+    let out = std::process::Command::new(common::process::BROKER_BIN)
+        .args(["tls", "agent-cert", "--server-id", "other-host", "--ca-dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(
+        &config,
+        text.replace(&format!("agent-{id}"), "agent-other-host"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(AGENT_BIN)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[agent] cert_file:") && stderr.contains("other-host"),
+        "{stderr}"
+    );
     broker.terminate().await;
 }

@@ -50,7 +50,10 @@ const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 /// Instructions carried out at once: beyond this the stream is not read
 /// until one finishes (each runs a `dcv` child).
-const MAX_CONCURRENT_INSTRUCTIONS: usize = 32;
+pub const MAX_CONCURRENT_INSTRUCTIONS: usize = 32;
+/// On SIGTERM, how long instructions under way may finish before their
+/// `dcv` children are killed: a create cut short leaves DCV half-way.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 /// A token is renewed once this share (percent) of its lifetime has passed.
 const RENEW_AT_PERCENT: u64 = 80;
 /// A token without `expires_in` is renewed after this long.
@@ -64,6 +67,8 @@ pub struct Agent {
     pub observer: Arc<Observer>,
     /// The poll interval, following the heartbeat interval.
     pub poll_every: watch::Sender<Duration>,
+    /// One permit per instruction under way ([`MAX_CONCURRENT_INSTRUCTIONS`]).
+    pub slots: Arc<Semaphore>,
 }
 
 /// Bearer tokens from the broker's token endpoint, renewed before expiry.
@@ -238,6 +243,20 @@ pub async fn check(config: &Config) -> Result<(), String> {
 }
 
 impl Agent {
+    /// Waits (up to [`STOP_GRACE`]) for the instructions under way.
+    pub async fn finish_instructions(&self) {
+        let all = u32::try_from(MAX_CONCURRENT_INSTRUCTIONS).unwrap_or(u32::MAX);
+        if tokio::time::timeout(STOP_GRACE, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "instructions still under way after {}s; stopping their dcv commands",
+                STOP_GRACE.as_secs()
+            );
+        }
+    }
+
     /// Talks to the broker until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tokens = Tokens::new(&self.config);
@@ -391,14 +410,13 @@ impl Agent {
         mut stream: tonic::Streaming<pb::StreamInstructionsResponse>,
         broker: Arc<Mutex<BrokerClient>>,
     ) -> Lost {
-        let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_INSTRUCTIONS));
         loop {
             let message = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return Lost::Broken("the broker closed the instruction stream".into()),
                 Err(s) => return s.into(),
             };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
                 return Lost::Broken("instruction slots closed".into());
             };
             let executor = self.executor.clone();

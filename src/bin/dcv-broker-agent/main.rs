@@ -88,6 +88,15 @@ fn main() -> ExitCode {
         },
         Some(Command::Check) => {
             telemetry(&config.log_level);
+            let id = open_state(&config).and_then(|s| {
+                s.server_id()
+                    .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))
+            });
+            match id.map(|id| check_identity(&config, &id)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return fail(EXIT_CONFIG, &e),
+                Err(e) => return fail(EXIT_FATAL, &e),
+            }
             match runtime.block_on(broker::check(&config)) {
                 Ok(()) => {
                     println!("ok");
@@ -103,7 +112,7 @@ fn main() -> ExitCode {
             telemetry(&config.log_level);
             match runtime.block_on(run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(EXIT_FATAL, &e),
+                Err((code, e)) => fail(code, &e),
             }
         }
     }
@@ -130,22 +139,51 @@ fn open_state(config: &Config) -> Result<StateDir, String> {
         .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))
 }
 
-async fn run(config: Config) -> Result<(), String> {
-    let state = open_state(&config)?;
+/// With an agent certificate, the certificate must be this host's: the
+/// broker lets it act only for the server id in its common name.
+fn check_identity(config: &Config, server_id: &str) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let Some((cert, _)) = &config.credentials.identity else {
+        return Ok(());
+    };
+    let named = CertificateDer::pem_slice_iter(cert)
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| dcv_broker::tls::agent_server_id(&der));
+    match named {
+        Some(name) if name == server_id => Ok(()),
+        Some(name) => Err(format!(
+            "{}: [agent] cert_file: the certificate is for server {name:?}, but this host's \
+             server id is {server_id:?} (in {}); issue one with `dcv-broker tls agent-cert \
+             --server-id {server_id}`",
+            config.path.display(),
+            config.state_dir.display()
+        )),
+        None => Err(format!(
+            "{}: [agent] cert_file: the certificate names no server id (its common name)",
+            config.path.display()
+        )),
+    }
+}
+
+async fn run(config: Config) -> Result<(), (u8, String)> {
+    let fatal = |e: String| (EXIT_FATAL, e);
+    let state = open_state(&config).map_err(fatal)?;
     let server_id = state
         .server_id()
-        .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))?;
+        .map_err(|e| fatal(format!("state_dir {}: {e}", config.state_dir.display())))?;
+    check_identity(&config, &server_id).map_err(|e| (EXIT_CONFIG, e))?;
     let journal = state.journal().map_err(|e| {
-        format!(
+        fatal(format!(
             "the instruction journal in {}: {e}",
             config.state_dir.display()
-        )
+        ))
     })?;
     let journal = Arc::new(Mutex::new(journal));
     let scratch = config.state_dir.join(SCRATCH_DIR);
     // Leftovers of a killed agent may hold permissions files: start empty.
     let _ = std::fs::remove_dir_all(&scratch);
-    StateDir::open(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    StateDir::open(&scratch).map_err(|e| fatal(format!("{}: {e}", scratch.display())))?;
     if !config.tls_strict {
         tracing::warn!(
             "tls_strict = false: any certificate the broker shows is accepted, so the broker \
@@ -182,13 +220,20 @@ async fn run(config: Config) -> Result<(), String> {
         executor,
         observer,
         poll_every,
+        slots: Arc::new(tokio::sync::Semaphore::new(
+            broker::MAX_CONCURRENT_INSTRUCTIONS,
+        )),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let talking = tokio::spawn(agent.run(stop_rx));
-    let signal = wait_for_signal().await?;
+    let talking = tokio::spawn(agent.clone().run(stop_rx));
+    let signal = wait_for_signal().await.map_err(fatal)?;
     tracing::info!("{signal}: stopping (the broker keeps this server; it is not deregistered)");
     let _ = stop_tx.send(true);
     let _ = talking.await;
+    // Results of instructions finishing now are still reported if the
+    // connection lives; otherwise the broker sends them again and the
+    // journal answers.
+    agent.finish_instructions().await;
     poller.abort();
     Ok(())
 }
