@@ -295,6 +295,10 @@ async fn create_sessions_runs_dcv_create_session_with_the_request_and_the_sessio
     )
     .await;
 
+    // READY: the agent has had the answer of `dcv create-session`.
+    let session = ready(broker.addr, &id).await;
+    assert_eq!(session.owner, owner());
+    assert_eq!(session.name, "design review");
     let argv = home
         .call_where("create-session for the new session", |argv| {
             argv.first().map(String::as_str) == Some("create-session")
@@ -324,13 +328,11 @@ async fn create_sessions_runs_dcv_create_session_with_the_request_and_the_sessio
         "{argv:?}"
     );
     assert!(flag(&argv, "--permissions-file").is_some(), "{argv:?}");
-    // The fake read the file while create-session ran: the decoded content.
+    // The fake read the file while create-session ran (done: the session
+    // is READY): the decoded content.
     let kept = std::fs::read_to_string(home.fake_state().join("permissions").join(&id)).unwrap();
     assert_eq!(kept, permissions);
 
-    let session = ready(broker.addr, &id).await;
-    assert_eq!(session.owner, owner());
-    assert_eq!(session.name, "design review");
     assert_eq!(creations_of(&home, &id), 1);
 }
 
@@ -496,36 +498,10 @@ async fn a_broker_that_forgot_everything_gets_the_server_and_its_sessions_back_f
 }
 
 #[tokio::test]
-async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the_agent_stays_healthy()
- {
+async fn a_dcv_that_fails_fails_the_instruction_with_its_stderr_and_the_agent_stays_healthy() {
     let broker = start_broker().await;
-    // Short, but long enough for every other `dcv` call (a Python
-    // script) on a loaded test machine: a health check that times out
-    // would make the server unavailable.
-    let home = AgentHome::new(&url(broker.addr), "dcv_command_timeout = 3");
+    let home = AgentHome::new(&url(broker.addr), "");
     let (mut agent, id) = join(broker.addr, &home).await;
-
-    home.switch_on("hang-create-session", "");
-    let hung = create(
-        broker.addr,
-        pb::CreateSessionRequestData {
-            disable_retry_on_failure: true,
-            ..virtual_session("hangs")
-        },
-    )
-    .await;
-    let session = session_where(broker.addr, &hung, "DELETED", |s| {
-        s.state == pb::SessionState::Deleted as i32
-    })
-    .await;
-    let reason = session.state_reason.to_lowercase();
-    assert!(
-        reason.contains("timed out") || reason.contains("timeout"),
-        "{}",
-        session.state_reason
-    );
-    agent.logged(&format!("session={hung} failed")).await;
-    home.switch_off("hang-create-session");
 
     home.switch_on(
         "fail-create-session",
@@ -550,17 +526,15 @@ async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the
         "dcv's stderr is the reason: {}",
         session.state_reason
     );
-    assert_eq!(creations_of(&home, &hung), 1, "not retried");
+    agent.logged(&format!("session={failed} failed")).await;
     assert_eq!(creations_of(&home, &failed), 1, "not retried");
     home.switch_off("fail-create-session");
 
     // Healthy: heartbeats go on and the next creation works.
-    let seen = server_where(broker.addr, &id, "AVAILABLE", |s| {
-        s.availability == pb::Availability::Available as i32
-    })
-    .await
-    .last_heartbeat_time
-    .expect("a heartbeat time");
+    let seen = available(broker.addr, &id)
+        .await
+        .last_heartbeat_time
+        .expect("a heartbeat time");
     server_where(broker.addr, &id, "heartbeating", |s| {
         s.last_heartbeat_time
             .as_ref()
@@ -569,13 +543,84 @@ async fn a_dcv_that_hangs_or_fails_fails_the_instruction_with_its_reason_and_the
     .await;
     let fine = create(broker.addr, virtual_session("works")).await;
     ready(broker.addr, &fine).await;
+    assert_eq!(creations_of(&home, &fine), 1);
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent still runs"
+    );
+}
+
+#[tokio::test]
+async fn a_dcv_that_hangs_is_killed_at_its_timeout_and_fails_the_instruction() {
+    let broker = start_broker().await;
+    // Short, but long enough for the other `dcv` calls (a Python script)
+    // on a loaded test machine.
+    let home = AgentHome::new(&url(broker.addr), "dcv_command_timeout = 3");
+    let (mut agent, id) = join(broker.addr, &home).await;
+
+    home.switch_on("hang-create-session", "");
+    let hung = create(
+        broker.addr,
+        pb::CreateSessionRequestData {
+            disable_retry_on_failure: true,
+            ..virtual_session("hangs")
+        },
+    )
+    .await;
+    let session = session_where(broker.addr, &hung, "DELETED", |s| {
+        s.state == pb::SessionState::Deleted as i32
+    })
+    .await;
+    let reason = session.state_reason.to_lowercase();
+    assert!(
+        reason.contains("timed out") || reason.contains("timeout"),
+        "{}",
+        session.state_reason
+    );
+    agent.logged(&format!("session={hung} failed")).await;
+    // Once, or not even logged if the machine is so loaded that Python
+    // had not started when the timeout struck; never retried.
+    assert!(creations_of(&home, &hung) <= 1, "{:#?}", home.calls());
+
+    // The agent goes on: it runs, and heartbeats.
+    let seen = server_where(broker.addr, &id, "heartbeating", |s| {
+        s.last_heartbeat_time.is_some()
+    })
+    .await
+    .last_heartbeat_time
+    .unwrap();
+    server_where(broker.addr, &id, "heartbeating again", |s| {
+        s.last_heartbeat_time
+            .as_ref()
+            .is_some_and(|t| (t.seconds, t.nanos) > (seen.seconds, seen.nanos))
+    })
+    .await;
     assert!(
         agent.child.try_wait().unwrap().is_none(),
         "the agent still runs"
     );
     // The hung `dcv` was killed at its timeout, not left to finish the
-    // creation behind the broker's back once its switch went away.
-    assert!(home.fake_session(&hung).is_none(), "{:#?}", home.calls());
+    // creation behind the broker's back once its switch goes away.
+    assert_eq!(fake_dcv_processes_with(&hung), Vec::<u32>::new());
+    home.switch_off("hang-create-session");
+}
+
+/// The processes running the fake dcv with `arg` among their arguments.
+fn fake_dcv_processes_with(arg: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.iter().any(|a| a.ends_with(b"fake-dcv")) && args.contains(&arg.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 /// Runs the agent on `config` (written into a fresh directory); asserts it
