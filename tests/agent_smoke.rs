@@ -483,3 +483,43 @@ async fn with_an_agent_certificate_the_agent_registers_over_mutual_tls() {
     );
     broker.terminate().await;
 }
+
+#[tokio::test]
+async fn a_server_the_broker_forgot_registers_again() {
+    let tmp = Temp::new("forgotten");
+    let broker = BrokerProcess::start_exactly(&["--in-memory", "--heartbeat-interval", "1s"]).await;
+    let config = write_config(&tmp.0, &format!("http://{}", broker.addr));
+    let id = server_id(&config);
+    let mut agent = AgentProcess::start(&config);
+    agent.logged("instruction stream open").await;
+    let api = client::connect(&format!("http://{}", broker.addr), None, None)
+        .await
+        .unwrap();
+    // As if its agent had left: the broker forgets the (open) server.
+    let removed = api
+        .agent()
+        .deregister_server(pb::DeregisterServerRequest {
+            server_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(removed.removed);
+    // The broker ends the server's instruction stream (or answers the next
+    // heartbeat NOT_FOUND): either way the agent registers again.
+    let line = agent.logged("registered server_id=").await;
+    assert!(line.contains(&id), "{line}");
+    let servers = api
+        .servers()
+        .describe_servers(pb::DescribeServersRequest {
+            server_ids: vec![id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .servers;
+    assert_eq!(servers.len(), 1, "registered again: {servers:?}");
+    agent.terminate().await;
+    broker.terminate().await;
+}

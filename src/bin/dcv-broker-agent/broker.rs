@@ -360,11 +360,7 @@ impl Agent {
             server_id: self.server_id.clone(),
             dcv_server_healthy: snapshot.healthy,
             logged_in_users: snapshot.users,
-            sessions: snapshot
-                .sessions
-                .iter()
-                .map(observe::agent_session)
-                .collect(),
+            sessions: observe::reported_sessions(&snapshot.sessions),
             cpu_load_average: Some(load.cpu_load_average),
             memory: Some(load.memory),
             swap: Some(load.swap),

@@ -269,10 +269,10 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     if broker_port == 0 {
         return Err("[agent] broker_port must be 1 to 65535".into());
     }
-    let (broker_url, broker_host) = match (&a.broker_url, &a.broker_host) {
+    let (broker_url, broker_host, broker_port) = match (&a.broker_url, &a.broker_host) {
         (Some(url), _) => {
-            let host = check_broker_url(url)?;
-            (url.trim_end_matches('/').to_owned(), host)
+            let (host, port) = check_broker_url(url)?;
+            (url.trim_end_matches('/').to_owned(), host, port)
         }
         (None, Some(host)) => {
             let host = host.trim();
@@ -287,6 +287,7 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
             (
                 format!("https://{bracketed}:{broker_port}"),
                 host.to_owned(),
+                broker_port,
             )
         }
         (None, None) => return Err("[agent] broker_host is required".into()),
@@ -403,10 +404,10 @@ fn resolve(raw: RawFile) -> Result<Config, String> {
     })
 }
 
-/// Checks `broker_url`; returns its host. Plain `http://` is refused
+/// Checks `broker_url`; returns its host and port. Plain `http://` is refused
 /// unless the host is a loopback address: a bearer token or an agent's
 /// reports must not cross a network in the clear.
-fn check_broker_url(url: &str) -> Result<String, String> {
+fn check_broker_url(url: &str) -> Result<(String, u16), String> {
     let bad = |why: &str| format!("[agent] broker_url: {url:?} {why}");
     let uri: http::Uri = url
         .parse()
@@ -426,9 +427,12 @@ fn check_broker_url(url: &str) -> Result<String, String> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
+    let port = authority
+        .port_u16()
+        .unwrap_or(if scheme == "http" { 80 } else { 443 });
     match scheme {
-        "https" => Ok(host),
-        "http" if is_loopback(&host) => Ok(host),
+        "https" => Ok((host, port)),
+        "http" if is_loopback(&host) => Ok((host, port)),
         "http" => Err(bad(
             "uses http:// for a host that is not loopback; use https://",
         )),
@@ -738,6 +742,9 @@ mod tests {
         let c =
             check("[agent]\nbroker_url='https://b.example:1/'\nbroker_host='ignored'\n").unwrap();
         assert_eq!(c.broker_url, "https://b.example:1");
+        assert_eq!((c.broker_host.as_str(), c.broker_port), ("b.example", 1));
+        let c = check("[agent]\nbroker_url='https://b.example'\n").unwrap();
+        assert_eq!(c.broker_port, 443);
     }
 
     #[test]

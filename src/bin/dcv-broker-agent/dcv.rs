@@ -112,9 +112,10 @@ impl Dcv {
         let work = async {
             let mut out = Vec::new();
             let mut err = Vec::new();
-            let mut stdout = stdout.take(MAX_STDOUT_BYTES + 1);
-            let mut stderr = stderr.take(MAX_STDERR_BYTES);
-            let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err),);
+            let (o, e) = tokio::join!(
+                read_bounded(stdout, MAX_STDOUT_BYTES + 1, &mut out),
+                read_bounded(stderr, MAX_STDERR_BYTES, &mut err),
+            );
             o.and(e)?;
             let status = child.wait().await?;
             Ok::<_, std::io::Error>((status, out, err))
@@ -242,6 +243,20 @@ fn check_value(what: &str, value: &str) -> Result<(), String> {
             "invalid {what} {value:?}: it may not start with - or hold control characters"
         ));
     }
+    Ok(())
+}
+
+/// Reads up to `limit` bytes of `pipe` into `buf`; past its bound output is
+/// read and thrown away, so that a chatty child finishes instead of
+/// blocking on a full pipe (the timeout bounds how long that can take).
+async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(
+    pipe: R,
+    limit: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut bounded = pipe.take(limit);
+    bounded.read_to_end(buf).await?;
+    tokio::io::copy(&mut bounded.into_inner(), &mut tokio::io::sink()).await?;
     Ok(())
 }
 
@@ -771,6 +786,32 @@ mod tests {
         let e = dcv.run(&["30".into()]).await.unwrap_err();
         assert!(matches!(e, DcvError::Timeout { .. }), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_output_is_bounded_and_does_not_block_the_child() {
+        let sh = Dcv::new("sh".into(), Duration::from_secs(20));
+        // 1 MiB of stderr, then a failure: the reason is bounded, and the
+        // child was not stuck on a full pipe.
+        let e = sh
+            .run(&[
+                "-c".into(),
+                "head -c 1048576 /dev/zero | tr '\\0' x >&2; exit 1".into(),
+            ])
+            .await
+            .unwrap_err();
+        match e {
+            DcvError::Failed { reason, .. } => assert_eq!(reason.len(), MAX_REASON_CHARS),
+            other => panic!("{other}"),
+        }
+        let e = sh
+            .run(&[
+                "-c".into(),
+                format!("head -c {} /dev/zero", MAX_STDOUT_BYTES + 10).into(),
+            ])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DcvError::BadOutput { .. }), "{e}");
     }
 
     #[tokio::test]

@@ -17,7 +17,10 @@ use std::{
 
 use tokio::sync::{Notify, watch};
 
-use dcv_broker::pb;
+use dcv_broker::{
+    fleet::{MAX_REPORTED_SESSIONS, MAX_TEXT_BYTES},
+    pb,
+};
 
 use crate::{
     dcv::{Dcv, DcvSession},
@@ -195,6 +198,43 @@ impl Observer {
     }
 }
 
+/// The sessions a heartbeat reports: within the broker's bounds (it
+/// refuses the whole report otherwise, which would leave the server
+/// unreported): each id once, ids and owners of at most
+/// [`MAX_TEXT_BYTES`], names cut to it, one console session, at most
+/// [`MAX_REPORTED_SESSIONS`]. What is left out is logged.
+pub fn reported_sessions(sessions: &[DcvSession]) -> Vec<pb::AgentSession> {
+    let mut seen = HashSet::new();
+    let mut console = false;
+    let mut out = Vec::new();
+    for s in sessions {
+        if out.len() == MAX_REPORTED_SESSIONS {
+            tracing::warn!("more than {MAX_REPORTED_SESSIONS} sessions; the rest are not reported");
+            break;
+        }
+        let is_console = s.kind == pb::SessionType::Console;
+        if s.id.len() > MAX_TEXT_BYTES
+            || s.owner.len() > MAX_TEXT_BYTES
+            || !seen.insert(s.id.as_str())
+            || (is_console && console)
+        {
+            tracing::warn!(session = %s.id.chars().take(64).collect::<String>(), "not reported: a duplicate, a second console session, or an id or owner too long");
+            continue;
+        }
+        console |= is_console;
+        let mut reported = agent_session(s);
+        if reported.name.len() > MAX_TEXT_BYTES {
+            let cut = (0..=MAX_TEXT_BYTES)
+                .rev()
+                .find(|i| reported.name.is_char_boundary(*i))
+                .unwrap_or(0);
+            reported.name.truncate(cut);
+        }
+        out.push(reported);
+    }
+    out
+}
+
 /// The heartbeat's view of a session.
 pub fn agent_session(s: &DcvSession) -> pb::AgentSession {
     let kind = match s.kind {
@@ -210,5 +250,133 @@ pub fn agent_session(s: &DcvSession) -> pb::AgentSession {
         last_disconnection_time: s.last_disconnection_time.map(prost_types::Timestamp::from),
         creation_time: s.creation_time.map(prost_types::Timestamp::from),
         name: s.name.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::PermissionsExt, path::PathBuf};
+
+    use super::*;
+    use crate::state::StateDir;
+
+    /// A `dcv` whose list is the file `list` beside it, failing while the
+    /// file `fail` exists.
+    const FAKE: &str = "#!/bin/sh\nD=\"$(dirname \"$0\")\"\n[ -e \"$D/fail\" ] && { echo 'dcv server down' >&2; exit 1; }\ncat \"$D/list\"\n";
+
+    fn setup() -> (PathBuf, Arc<Observer>) {
+        let dir = std::env::temp_dir().join(format!("agent-observe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dcv = dir.join("dcv");
+        std::fs::write(&dcv, FAKE).unwrap();
+        std::fs::set_permissions(&dcv, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("list"), "[]").unwrap();
+        let journal = StateDir::open(&dir.join("state"))
+            .unwrap()
+            .journal()
+            .unwrap();
+        let observer = Observer::new(
+            Dcv::new(dcv, Duration::from_secs(10)),
+            false,
+            Arc::new(Mutex::new(journal)),
+        );
+        (dir, Arc::new(observer))
+    }
+
+    /// The polls finished so far; [`after`] waits for one more.
+    fn mark(observer: &Observer) -> (watch::Receiver<u64>, u64) {
+        let mut rx = observer.polled.subscribe();
+        let seen = *rx.borrow_and_update();
+        (rx, seen)
+    }
+
+    async fn after((mut rx, seen): (watch::Receiver<u64>, u64)) {
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|n| *n > seen))
+            .await
+            .expect("a poll finishes")
+            .unwrap();
+    }
+
+    fn session(id: &str) -> DcvSession {
+        DcvSession {
+            id: id.into(),
+            owner: "alice".into(),
+            name: id.into(),
+            kind: pb::SessionType::Virtual,
+            num_of_connections: Some(0),
+            creation_time: None,
+            last_disconnection_time: None,
+        }
+    }
+
+    #[test]
+    fn reports_stay_within_the_brokers_bounds() {
+        let mut console = session("c1");
+        console.kind = pb::SessionType::Console;
+        let mut console2 = session("c2");
+        console2.kind = pb::SessionType::Console;
+        let mut long_name = session("n");
+        long_name.name = "é".repeat(MAX_TEXT_BYTES);
+        let long_id = session(&"x".repeat(MAX_TEXT_BYTES + 1));
+        let all = vec![
+            session("a"),
+            session("a"),
+            console,
+            console2,
+            long_name,
+            long_id,
+        ];
+        let reported = reported_sessions(&all);
+        let ids: Vec<_> = reported.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c1", "n"]);
+        assert!(reported[2].name.len() <= MAX_TEXT_BYTES);
+        let many: Vec<_> = (0..MAX_REPORTED_SESSIONS + 5)
+            .map(|i| session(&i.to_string()))
+            .collect();
+        assert_eq!(reported_sessions(&many).len(), MAX_REPORTED_SESSIONS);
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_follows_dcv_and_instructions_and_marks_a_silent_dcv_unhealthy() {
+        let (dir, observer) = setup();
+        let (_every, rx) = watch::channel(Duration::from_secs(3600));
+        let poller = tokio::spawn(observer.clone().run(rx));
+        let first = observer
+            .first_snapshot(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(first.healthy && first.sessions.is_empty());
+
+        // A create shows at once, before any poll.
+        std::fs::write(
+            dir.join("list"),
+            r#"[{"id":"s1","owner":"alice","type":"virtual","num-of-connections":3}]"#,
+        )
+        .unwrap();
+        let polled = mark(&observer);
+        observer.created(session("s1"));
+        assert_eq!(observer.snapshot().unwrap().sessions[0].id, "s1");
+        // The poke makes a fresh poll, which brings dcv's count.
+        after(polled).await;
+        let s = observer.snapshot().unwrap();
+        assert_eq!(s.sessions.len(), 1);
+        assert_eq!(s.sessions[0].num_of_connections, Some(3));
+        assert_eq!(agent_session(&s.sessions[0]).num_of_connections, 3);
+
+        // dcv fails: unhealthy, and the sessions last seen are kept.
+        std::fs::write(dir.join("fail"), "").unwrap();
+        let polled = mark(&observer);
+        observer.poke.notify_one();
+        after(polled).await;
+        let s = observer.snapshot().unwrap();
+        assert!(!s.healthy);
+        assert_eq!(s.sessions.len(), 1);
+
+        // A delete goes at once.
+        observer.deleted("s1");
+        assert!(observer.snapshot().unwrap().sessions.is_empty());
+        poller.abort();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

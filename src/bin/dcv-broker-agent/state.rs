@@ -129,10 +129,8 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     entries: VecDeque<Outcome>,
+    /// Instruction id -> its index in `entries` (rebuilt by compaction).
     by_id: HashMap<String, usize>,
-    /// Index of `entries[0]` in the sequence ever appended, so `by_id`
-    /// stays valid as the front is dropped.
-    base: usize,
     /// [`JOURNAL_COMPACT_AT`] and [`JOURNAL_KEEP_RECENT`] (smaller in tests).
     compact_at: usize,
     keep_recent: usize,
@@ -164,7 +162,6 @@ impl Journal {
             file,
             entries: VecDeque::new(),
             by_id: HashMap::new(),
-            base: 0,
             compact_at: JOURNAL_COMPACT_AT,
             keep_recent: JOURNAL_KEEP_RECENT,
         };
@@ -174,7 +171,6 @@ impl Journal {
 
     fn replace(&mut self, entries: VecDeque<Outcome>) {
         self.by_id.clear();
-        self.base = 0;
         for (i, e) in entries.iter().enumerate() {
             self.by_id.insert(e.id.clone(), i);
         }
@@ -184,7 +180,7 @@ impl Journal {
     /// The outcome of the instruction `id`, if it was carried out.
     pub fn get(&self, id: &str) -> Option<&Outcome> {
         let i = *self.by_id.get(id)?;
-        self.entries.get(i - self.base)
+        self.entries.get(i)
     }
 
     #[cfg(test)]
@@ -198,8 +194,7 @@ impl Journal {
         line.push('\n');
         self.file.write_all(line.as_bytes())?;
         self.file.sync_data()?;
-        self.by_id
-            .insert(outcome.id.clone(), self.base + self.entries.len());
+        self.by_id.insert(outcome.id.clone(), self.entries.len());
         self.entries.push_back(outcome);
         Ok(())
     }
