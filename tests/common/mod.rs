@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent_process;
 pub mod process;
 pub mod raw_h2;
 

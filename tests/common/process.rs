@@ -17,7 +17,85 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 pub struct BrokerProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    log: LogLines,
+}
+
+/// A child's stderr, delivered line by line as the child writes it, so a
+/// test waits for the line that says something happened instead of
+/// sleeping. Shared by the broker's and the agent's process harnesses.
+pub struct LogLines {
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Every line received, for the message of a test that waited in vain.
+    seen: Vec<String>,
+}
+
+impl LogLines {
+    /// Reads `stream` line by line on a task of its own.
+    pub fn pipe<R>(stream: Option<R>) -> LogLines
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(stream) = stream {
+            let mut lines = BufReader::new(stream).lines();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        LogLines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `text`; returns it.
+    pub async fn logged(&mut self, text: &str) -> String {
+        let lines = self.lines_until(text).await;
+        lines.into_iter().last().expect("the line waited for")
+    }
+
+    /// Every line up to and including the first containing `text`.
+    pub async fn lines_until(&mut self, text: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        let found = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = self.rx.recv().await {
+                self.seen.push(line.clone());
+                let done = line.contains(text);
+                lines.push(line);
+                if done {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        match found {
+            Ok(true) => lines,
+            Ok(false) => panic!("the log ended without {text:?}; it was {:#?}", self.seen),
+            Err(_) => panic!("no log line with {text:?} in {:#?}", self.seen),
+        }
+    }
+
+    /// Every line received so far, without waiting.
+    pub fn drain(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line.clone());
+            lines.push(line);
+        }
+        lines
+    }
+}
+
+/// Sends `name` (`-TERM`, `-KILL`, ...) to process `pid`.
+pub fn signal_pid(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([name, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
 }
 
 impl BrokerProcess {
@@ -52,14 +130,25 @@ impl BrokerProcess {
         BrokerProcess::launch(command).await
     }
 
+    /// [`start_exactly`](Self::start_exactly) on `addr` instead of an
+    /// ephemeral port: a broker restarted where its clients (agents) keep
+    /// looking for it.
+    pub async fn start_on<S: AsRef<OsStr>>(addr: SocketAddr, args: &[S]) -> BrokerProcess {
+        BrokerProcess::spawn(BrokerProcess::command_on(addr, args)).await
+    }
+
     /// The binary with `args`, listening on 127.0.0.1:0, and without a
     /// shutdown grace period unless `args` set one (an environment
     /// default, which a flag overrides), so that SIGTERM drains at once.
     fn command<S: AsRef<OsStr>>(args: &[S]) -> tokio::process::Command {
+        BrokerProcess::command_on(SocketAddr::from(([127, 0, 0, 1], 0)), args)
+    }
+
+    fn command_on<S: AsRef<OsStr>>(addr: SocketAddr, args: &[S]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(BROKER_BIN);
         command
             .env("DCV_BROKER_SHUTDOWN_GRACE", "0s")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &addr.to_string()])
             .args(args);
         command
     }
@@ -80,27 +169,17 @@ impl BrokerProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("the broker binary starts");
-        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
-        if let Some(stderr) = child.stderr.take() {
-            let mut stderr = BufReader::new(stderr).lines();
-            tokio::spawn(async move {
-                while let Ok(Some(line)) = stderr.next_line().await {
-                    let _ = tx.send(line);
-                }
-            });
-        }
+        let mut log = LogLines::pipe(child.stderr.take());
         let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
         let line = tokio::time::timeout(PATIENCE, stdout.next_line())
             .await
             .expect("the broker announces its port")
             .expect("stdout is readable");
         let Some(line) = line else {
-            let mut log = log;
-            let mut lines = Vec::new();
-            while let Ok(line) = log.try_recv() {
-                lines.push(line);
-            }
-            panic!("the broker exited before listening; stderr: {lines:#?}");
+            panic!(
+                "the broker exited before listening; stderr: {:#?}",
+                log.drain()
+            );
         };
         let addr = line
             .strip_prefix("dcv-broker listening on ")
@@ -119,52 +198,22 @@ impl BrokerProcess {
 
     /// Waits for a log line containing `text`; returns it.
     pub async fn logged(&mut self, text: &str) -> String {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                let line = self.log.recv().await.expect("log ended");
-                if line.contains(text) {
-                    return line;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no log line with {text:?}"))
+        self.log.logged(text).await
     }
 
     /// Every log line up to and including the first containing `text`.
     pub async fn lines_until(&mut self, text: &str) -> Vec<String> {
-        let mut lines = Vec::new();
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                let line = self.log.recv().await.expect("log ended");
-                let done = line.contains(text);
-                lines.push(line);
-                if done {
-                    return;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no log line with {text:?} in {lines:#?}"));
-        lines
+        self.log.lines_until(text).await
     }
 
     /// Every log line received so far, without waiting.
     pub fn drain_log(&mut self) -> Vec<String> {
-        let mut lines = Vec::new();
-        while let Ok(line) = self.log.try_recv() {
-            lines.push(line);
-        }
-        lines
+        self.log.drain()
     }
 
     /// Sends `name` (`-TERM`, `-HUP`, ...) to the broker, by PID.
     pub fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .args([name, &self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
+        signal_pid(self.pid(), name);
     }
 
     /// Waits for the process to exit on its own; returns its status.
