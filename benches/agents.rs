@@ -143,7 +143,10 @@ impl Opts {
                 other => panic!("unknown option {other:?}; see --help"),
             }
         }
-        assert!(o.agents > 0 && o.reps > 0, "--agents and --reps must be positive");
+        assert!(
+            o.agents > 0 && o.reps > 0,
+            "--agents and --reps must be positive"
+        );
         o
     }
 }
@@ -397,7 +400,10 @@ async fn agent(
 /// When heartbeats start (`None` if the sender is gone).
 async fn started(go: &mut watch::Receiver<Option<Instant>>) -> Option<Instant> {
     // The guard is not `Send`: copy the value out at once.
-    go.wait_for(Option::is_some).await.ok().and_then(|start| *start)
+    go.wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|start| *start)
 }
 
 /// Resolves when the agents are told to hang up (or the sender is gone).
@@ -482,7 +488,10 @@ impl Reader {
                 let (mut walked, mut walking) = (0u64, 0u64);
                 let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
                 let end = Instant::now() + length;
-                while Instant::now() < end {
+                // Pages: at least one whole walk, which checks the fleet.
+                while Instant::now() < end
+                    || (kind == Describe::Pages && walked == 0 && out.errors < 10)
+                {
                     let request = match kind {
                         Describe::Pages => pb::DescribeServersRequest {
                             next_token: token.clone(),
@@ -760,6 +769,7 @@ async fn run(opts: &Opts) -> bool {
         mib(fleet_rss)
     );
 
+    let load_before = load_average();
     let mut idle = Vec::new();
     let mut live = Vec::new();
     let mut closing = Vec::new();
@@ -774,7 +784,11 @@ async fn run(opts: &Opts) -> bool {
             b.cpu * 100.0
         );
         if b.pages.walked != opts.agents as u64 || b.pages.errors + b.single.errors > 0 {
-            println!("INVALID: phase B saw {} servers, {} errors", b.pages.walked, b.pages.errors + b.single.errors);
+            println!(
+                "INVALID: phase B saw {} servers, {} errors",
+                b.pages.walked,
+                b.pages.errors + b.single.errors
+            );
             valid = false;
         }
         idle.push(b);
@@ -806,6 +820,15 @@ async fn run(opts: &Opts) -> bool {
             );
             valid = false;
         }
+        let asked = opts.agents as f64 / HEARTBEAT_INTERVAL.as_secs_f64();
+        if a.heartbeats_per_s < 0.9 * asked {
+            println!(
+                "INVALID: the agents sent {:.0} heartbeats/s of the {asked:.0} asked (the machine \
+                 is too busy: see the load average)",
+                a.heartbeats_per_s
+            );
+            valid = false;
+        }
         live.push(a);
         match bench.wait_connections_gone().await {
             Ok(took) => closing.push(took.as_secs_f64()),
@@ -815,13 +838,28 @@ async fn run(opts: &Opts) -> bool {
             }
         }
     }
-    report(opts, empty_rss, fleet_rss, seed_s, &idle, &live, &closing, valid);
+    let machine = format!(
+        "load average {load_before} before, {} after",
+        load_average()
+    );
+    report(
+        opts, &machine, empty_rss, fleet_rss, seed_s, &idle, &live, &closing, valid,
+    );
     drop(bench.reader);
     bench.broker.terminate().await;
     valid
 }
 
 // ---------------------------------------------------------------- report
+
+/// The 1, 5 and 15-minute load averages, as `uptime` shows them.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
@@ -830,6 +868,7 @@ fn mib(bytes: u64) -> String {
 #[allow(clippy::too_many_arguments)]
 fn report(
     opts: &Opts,
+    machine: &str,
     empty_rss: u64,
     fleet_rss: u64,
     seed_s: f64,
@@ -851,7 +890,7 @@ fn report(
     let single_ratio = ratio(m(&|a| a.single.p99), mi(&|b| b.single.p99));
     println!();
     println!(
-        "{} agents, {} B/A pairs, {:.0} s windows, {}; medians over the pairs",
+        "{} agents, {} B/A pairs, {:.0} s windows, {}; medians over the pairs; {machine}",
         opts.agents,
         opts.reps,
         opts.window.as_secs_f64(),
@@ -861,21 +900,50 @@ fn report(
             "not pinned"
         }
     );
-    println!("{:<44} {:>12} {:>12} {:>8}", "", "live (A)", "without (B)", "A/B");
+    println!(
+        "{:<44} {:>12} {:>12} {:>8}",
+        "", "live (A)", "without (B)", "A/B"
+    );
     let row = |name: &str, a: f64, b: f64| {
         println!("{name:<44} {a:>12.0} {b:>12.0} {:>8.2}", ratio(a, b));
     };
-    row("DescribeServers, pages of 1000: p50 µs", m(&|a| a.pages.p50), mi(&|b| b.pages.p50));
-    row("DescribeServers, pages of 1000: p99 µs", m(&|a| a.pages.p99), mi(&|b| b.pages.p99));
-    row("DescribeServers, one id: p50 µs", m(&|a| a.single.p50), mi(&|b| b.single.p50));
-    row("DescribeServers, one id: p99 µs", m(&|a| a.single.p99), mi(&|b| b.single.p99));
     row(
-        "broker RSS MiB",
-        m(&|a| a.rss as f64) / 1048576.0,
-        mi(&|b| b.rss as f64) / 1048576.0,
+        "DescribeServers, pages of 1000: p50 µs",
+        m(&|a| a.pages.p50),
+        mi(&|b| b.pages.p50),
     );
-    row("broker CPU, % of a core", m(&|a| a.broker_cpu * 100.0), mi(&|b| b.cpu * 100.0));
-    row("broker open descriptors", m(&|a| a.fds as f64), mi(&|b| b.fds as f64));
+    row(
+        "DescribeServers, pages of 1000: p99 µs",
+        m(&|a| a.pages.p99),
+        mi(&|b| b.pages.p99),
+    );
+    row(
+        "DescribeServers, one id: p50 µs",
+        m(&|a| a.single.p50),
+        mi(&|b| b.single.p50),
+    );
+    row(
+        "DescribeServers, one id: p99 µs",
+        m(&|a| a.single.p99),
+        mi(&|b| b.single.p99),
+    );
+    // B's resident memory is the first B's, before any agent connected:
+    // what the allocator keeps after the agents leave is reported apart.
+    row(
+        "broker RSS MiB (B: before any agent)",
+        m(&|a| a.rss as f64) / 1048576.0,
+        fleet_rss as f64 / 1048576.0,
+    );
+    row(
+        "broker CPU, % of a core",
+        m(&|a| a.broker_cpu * 100.0),
+        mi(&|b| b.cpu * 100.0),
+    );
+    row(
+        "broker open descriptors",
+        m(&|a| a.fds as f64),
+        mi(&|b| b.fds as f64),
+    );
     println!(
         "per pair, p99 A/B: pages {:?}, one id {:?}",
         per_rep(&|a, b| ratio(a.pages.p99, b.pages.p99)),
@@ -896,13 +964,22 @@ fn report(
         m(&|a| a.hb_max),
         m(&|a| a.hb_p99_paging)
     );
+    let live_rss = m(&|a| a.rss as f64);
+    let after: Vec<f64> = idle.iter().skip(1).map(|b| b.rss as f64).collect();
     println!(
-        "broker: {:.1} µs CPU per heartbeat ({:.1}% of a core); RSS {} empty, {} with the fleet, {} live",
+        "broker: {:.1} µs CPU per heartbeat ({:.1}% of a core); RSS {} empty, {} with the fleet, \
+         {} live ({:.1} KiB per agent), {} after the agents left",
         m(&|a| a.broker_us_per_hb),
         m(&|a| a.broker_cpu * 100.0),
         mib(empty_rss),
         mib(fleet_rss),
-        mib(m(&|a| a.rss as f64) as u64)
+        mib(live_rss as u64),
+        (live_rss - fleet_rss as f64) / opts.agents as f64 / 1024.0,
+        if after.is_empty() {
+            "-".to_string()
+        } else {
+            mib(median(after) as u64)
+        }
     );
     println!(
         "load process (the agents): {:.1} µs CPU per heartbeat ({:.1}% of a core)",
@@ -931,6 +1008,7 @@ fn report(
         "window_s": opts.window.as_secs_f64(),
         "pinned": opts.pin,
         "valid": valid,
+        "machine": machine,
         "empty_rss_bytes": empty_rss,
         "fleet_rss_bytes": fleet_rss,
         "seed_s": seed_s,
