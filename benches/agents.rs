@@ -36,6 +36,10 @@
 mod process;
 
 mod common;
+#[path = "agents/reader.rs"]
+mod reader;
+#[path = "agents/report.rs"]
+mod report;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,21 +51,23 @@ use std::{
     time::Duration,
 };
 
-use common::procfs::{cpu_seconds, median, open_fds, rss_bytes};
+use common::procfs::{cpu_seconds, open_fds, rss_bytes};
 use dcv_broker::{
     demo, fleet,
-    pb::{self, agent_client::AgentClient, servers_client::ServersClient},
+    pb::{self, agent_client::AgentClient},
     wire,
 };
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use process::BrokerProcess;
+use reader::{Describe, Latency, Reader};
+use report::{load_average, mib, report};
 use tokio::{
     sync::{Semaphore, watch},
     task::JoinSet,
     time::Instant,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 // ---------------------------------------------------------------- options
 
@@ -411,134 +417,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-// ------------------------------------------------ the DescribeServers client
-
-/// DescribeServers from a client of its own, on a thread and runtime of
-/// its own (pinned with the broker), one request at a time.
-struct Reader {
-    runtime: tokio::runtime::Handle,
-    client: ServersClient<Channel>,
-    ids: Arc<Vec<String>>,
-    _stop: std::sync::mpsc::SyncSender<()>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Describe {
-    /// Every server, page after page of [`PAGE`].
-    Pages,
-    /// One server by id.
-    Single,
-}
-
-/// Latency of one kind of request over one window, in µs.
-#[derive(Debug, Clone, Copy, Default)]
-struct Latency {
-    requests: u64,
-    p50: f64,
-    p99: f64,
-    errors: u64,
-    /// Servers in one walk through every page (Pages only).
-    walked: u64,
-}
-
-impl Reader {
-    async fn start(addr: std::net::SocketAddr, agents: usize, pin_to: Option<usize>) -> Reader {
-        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
-        let (stop, stopped) = std::sync::mpsc::sync_channel::<()>(0);
-        std::thread::spawn(move || {
-            if let Some(cpu) = pin_to {
-                // This thread only: its id from /proc/thread-self.
-                let me = std::fs::read_link("/proc/thread-self").unwrap();
-                let tid = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                pin("", tid, cpu);
-            }
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let _ = handle_tx.send(runtime.handle().clone());
-            runtime.block_on(async {
-                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
-            });
-        });
-        let runtime = handle_rx.await.unwrap();
-        let client = runtime
-            .spawn(async move {
-                let channel = endpoint(addr).connect().await.unwrap();
-                ServersClient::new(channel).max_decoding_message_size(256 << 20)
-            })
-            .await
-            .unwrap();
-        Reader {
-            runtime,
-            client,
-            ids: Arc::new((0..agents).map(demo::server_id).collect()),
-            _stop: stop,
-        }
-    }
-
-    async fn window(&self, kind: Describe, length: Duration) -> Latency {
-        let mut client = self.client.clone();
-        let ids = self.ids.clone();
-        self.runtime
-            .spawn(async move {
-                let mut h = histogram();
-                let mut out = Latency::default();
-                let mut token = String::new();
-                let (mut walked, mut walking) = (0u64, 0u64);
-                let mut pick = 0x9e37_79b9_7f4a_7c15_u64;
-                let end = Instant::now() + length;
-                // Pages: at least one whole walk, which checks the fleet.
-                while Instant::now() < end
-                    || (kind == Describe::Pages && walked == 0 && out.errors < 10)
-                {
-                    let request = match kind {
-                        Describe::Pages => pb::DescribeServersRequest {
-                            next_token: token.clone(),
-                            max_results: Some(PAGE),
-                            ..Default::default()
-                        },
-                        Describe::Single => {
-                            pick = pick
-                                .wrapping_mul(6_364_136_223_846_793_005)
-                                .wrapping_add(1_442_695_040_888_963_407);
-                            let id = &ids[(pick >> 33) as usize % ids.len()];
-                            pb::DescribeServersRequest {
-                                server_ids: vec![id.clone()],
-                                ..Default::default()
-                            }
-                        }
-                    };
-                    let sent = Instant::now();
-                    match client.describe_servers(request).await {
-                        Ok(reply) => {
-                            let _ = h.record((sent.elapsed().as_micros() as u64).max(1));
-                            let reply = reply.into_inner();
-                            walking += reply.servers.len() as u64;
-                            token = reply.next_token;
-                            if token.is_empty() {
-                                walked = walking;
-                                walking = 0;
-                            }
-                        }
-                        Err(_) => {
-                            out.errors += 1;
-                            token.clear();
-                            walking = 0;
-                        }
-                    }
-                }
-                out.requests = h.len();
-                out.p50 = h.value_at_quantile(0.5) as f64;
-                out.p99 = h.value_at_quantile(0.99) as f64;
-                out.walked = if kind == Describe::Pages { walked } else { 0 };
-                out
-            })
-            .await
-            .unwrap()
-    }
-}
-
 // ---------------------------------------------------------------- phases
 
 /// Phase B: the fleet registered, no agent connected.
@@ -848,191 +726,4 @@ async fn run(opts: &Opts) -> bool {
     drop(bench.reader);
     bench.broker.terminate().await;
     valid
-}
-
-// ---------------------------------------------------------------- report
-
-/// The 1, 5 and 15-minute load averages, as `uptime` shows them.
-fn load_average() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report(
-    opts: &Opts,
-    machine: &str,
-    empty_rss: u64,
-    fleet_rss: u64,
-    seed_s: f64,
-    idle: &[Idle],
-    live: &[Live],
-    closing: &[f64],
-    valid: bool,
-) {
-    let m = |f: &dyn Fn(&Live) -> f64| median(live.iter().map(f).collect());
-    let mi = |f: &dyn Fn(&Idle) -> f64| median(idle.iter().map(f).collect());
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    let per_rep = |f: &dyn Fn(&Live, &Idle) -> f64| -> Vec<String> {
-        live.iter()
-            .zip(idle)
-            .map(|(a, b)| format!("{:.2}", f(a, b)))
-            .collect()
-    };
-    let pages_ratio = ratio(m(&|a| a.pages.p99), mi(&|b| b.pages.p99));
-    let single_ratio = ratio(m(&|a| a.single.p99), mi(&|b| b.single.p99));
-    println!();
-    println!(
-        "{} agents, {} B/A pairs, {:.0} s windows, {}; medians over the pairs; {machine}",
-        opts.agents,
-        opts.reps,
-        opts.window.as_secs_f64(),
-        if opts.pin {
-            "broker and DescribeServers client on CPU 0, agents on CPU 1"
-        } else {
-            "not pinned"
-        }
-    );
-    println!(
-        "{:<44} {:>12} {:>12} {:>8}",
-        "", "live (A)", "without (B)", "A/B"
-    );
-    let row = |name: &str, a: f64, b: f64| {
-        println!("{name:<44} {a:>12.0} {b:>12.0} {:>8.2}", ratio(a, b));
-    };
-    row(
-        "DescribeServers, pages of 1000: p50 µs",
-        m(&|a| a.pages.p50),
-        mi(&|b| b.pages.p50),
-    );
-    row(
-        "DescribeServers, pages of 1000: p99 µs",
-        m(&|a| a.pages.p99),
-        mi(&|b| b.pages.p99),
-    );
-    row(
-        "DescribeServers, one id: p50 µs",
-        m(&|a| a.single.p50),
-        mi(&|b| b.single.p50),
-    );
-    row(
-        "DescribeServers, one id: p99 µs",
-        m(&|a| a.single.p99),
-        mi(&|b| b.single.p99),
-    );
-    // B's resident memory is the first B's, before any agent connected:
-    // what the allocator keeps after the agents leave is reported apart.
-    row(
-        "broker RSS MiB (B: before any agent)",
-        m(&|a| a.rss as f64) / 1048576.0,
-        fleet_rss as f64 / 1048576.0,
-    );
-    row(
-        "broker CPU, % of a core",
-        m(&|a| a.broker_cpu * 100.0),
-        mi(&|b| b.cpu * 100.0),
-    );
-    row(
-        "broker open descriptors",
-        m(&|a| a.fds as f64),
-        mi(&|b| b.fds as f64),
-    );
-    println!(
-        "per pair, p99 A/B: pages {:?}, one id {:?}",
-        per_rep(&|a, b| ratio(a.pages.p99, b.pages.p99)),
-        per_rep(&|a, b| ratio(a.single.p99, b.single.p99))
-    );
-    println!(
-        "acceptance (p99 A/B of pages within 1.5x): {:.2} {}",
-        pages_ratio,
-        if pages_ratio <= 1.5 { "met" } else { "NOT met" }
-    );
-    println!();
-    println!(
-        "heartbeats: {:.0}/s (asked: {}/s), p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; p99 while paging {:.0} µs",
-        m(&|a| a.heartbeats_per_s),
-        opts.agents,
-        m(&|a| a.hb_p50),
-        m(&|a| a.hb_p99),
-        m(&|a| a.hb_max),
-        m(&|a| a.hb_p99_paging)
-    );
-    let live_rss = m(&|a| a.rss as f64);
-    let after: Vec<f64> = idle.iter().skip(1).map(|b| b.rss as f64).collect();
-    println!(
-        "broker: {:.1} µs CPU per heartbeat ({:.1}% of a core); RSS {} empty, {} with the fleet, \
-         {} live ({:.1} KiB per agent), {} after the agents left",
-        m(&|a| a.broker_us_per_hb),
-        m(&|a| a.broker_cpu * 100.0),
-        mib(empty_rss),
-        mib(fleet_rss),
-        mib(live_rss as u64),
-        (live_rss - fleet_rss as f64) / opts.agents as f64 / 1024.0,
-        if after.is_empty() {
-            "-".to_string()
-        } else {
-            mib(median(after) as u64)
-        }
-    );
-    println!(
-        "load process (the agents): {:.1} µs CPU per heartbeat ({:.1}% of a core)",
-        m(&|a| a.load_us_per_hb),
-        m(&|a| a.load_cpu * 100.0)
-    );
-    println!(
-        "bring-up: {:.1} s for {} agents ({} at once), {} failed; servers registered over one \
-         connection in {seed_s:.1} s; the broker let the connections go in {:.1} s",
-        m(&|a| a.bring_up_s),
-        opts.agents,
-        opts.connect_concurrency,
-        live.iter().map(|a| a.failed).sum::<u64>(),
-        median(closing.to_vec())
-    );
-    if !valid {
-        println!("INVALID RUN: see the lines marked INVALID above");
-    }
-    let latency = |l: &Latency| {
-        serde_json::json!({"requests": l.requests, "p50_us": l.p50, "p99_us": l.p99,
-            "errors": l.errors, "servers_per_walk": l.walked})
-    };
-    let json = serde_json::json!({
-        "agents": opts.agents,
-        "reps": opts.reps,
-        "window_s": opts.window.as_secs_f64(),
-        "pinned": opts.pin,
-        "valid": valid,
-        "machine": machine,
-        "empty_rss_bytes": empty_rss,
-        "fleet_rss_bytes": fleet_rss,
-        "seed_s": seed_s,
-        "pages_p99_ratio": pages_ratio,
-        "single_p99_ratio": single_ratio,
-        "without": idle.iter().map(|b| serde_json::json!({
-            "rss_bytes": b.rss, "fds": b.fds, "broker_cpu": b.cpu,
-            "pages": latency(&b.pages), "single": latency(&b.single),
-        })).collect::<Vec<_>>(),
-        "live": live.iter().map(|a| serde_json::json!({
-            "bring_up_s": a.bring_up_s, "failed": a.failed, "rss_bytes": a.rss, "fds": a.fds,
-            "heartbeats_per_s": a.heartbeats_per_s, "heartbeat_p50_us": a.hb_p50,
-            "heartbeat_p99_us": a.hb_p99, "heartbeat_max_us": a.hb_max,
-            "heartbeat_p99_paging_us": a.hb_p99_paging,
-            "broker_cpu": a.broker_cpu, "broker_us_per_heartbeat": a.broker_us_per_hb,
-            "load_cpu": a.load_cpu, "load_us_per_heartbeat": a.load_us_per_hb,
-            "heartbeat_errors": a.heartbeat_errors, "streams_lost": a.streams_lost,
-            "pages": latency(&a.pages), "single": latency(&a.single),
-        })).collect::<Vec<_>>(),
-        "closing_s": closing,
-    });
-    if let Some(dir) = opts.out.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&opts.out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    println!("wrote {}", opts.out.display());
 }
