@@ -35,6 +35,7 @@ use std::{
 };
 
 use clap::Parser as _;
+use common::procfs::{self, cpu_seconds, median};
 use dcv_broker::{
     api::{ServersApi, SessionsApi},
     auth::{Auth, Scope, ScopeSet},
@@ -60,6 +61,8 @@ use tonic::{
     metadata::AsciiMetadataValue,
     transport::{Certificate, Channel, ClientTlsConfig, Server, server::TcpIncoming},
 };
+
+mod common;
 
 // ---------------------------------------------------------------- options
 
@@ -642,13 +645,7 @@ impl ServerProcess {
     }
 
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-            * 1024
+        procfs::rss_bytes(self.pid())
     }
 
     fn stop(mut self) {
@@ -656,19 +653,6 @@ impl ServerProcess {
         let _ = self.child.wait();
         let _ = &self.log;
     }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which may hold spaces: state is
-    // field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().map(|t| t.parse::<f64>().unwrap_or(0.0)).sum()
-    });
-    // USER_HZ is 100 on every Linux we run on.
-    ticks / 100.0
 }
 
 // ------------------------------------------------------ the load generator
@@ -747,14 +731,6 @@ struct Figures {
     cpu_us_per_req: f64,
     errors: u64,
     first_error: Option<String>,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 struct Load {
