@@ -7,7 +7,6 @@
 //! line. Every wait is on a log line, on the fake's calls.log or on bounded
 //! polling of DescribeServers / DescribeSessions.
 //!
-//! The tests marked `#[ignore = "needs the screenshots/verifier branches"]`
 //! need the broker side of screenshots, connection counts and the HTTP
 //! token verifier, built on other branches.
 
@@ -788,7 +787,6 @@ async fn server_id_prints_the_id_the_broker_shows() {
 }
 
 #[tokio::test]
-#[ignore = "needs the screenshots/verifier branches"]
 async fn num_of_connections_follows_what_dcv_reports() {
     let broker = start_broker().await;
     let home = AgentHome::new(&url(broker.addr), "");
@@ -816,7 +814,6 @@ async fn num_of_connections_follows_what_dcv_reports() {
 }
 
 #[tokio::test]
-#[ignore = "needs the screenshots/verifier branches"]
 async fn get_session_screenshots_returns_a_decodable_png_from_dcv() {
     let broker = start_broker().await;
     let home = AgentHome::new(&url(broker.addr), "");
@@ -896,7 +893,6 @@ async fn verify(addr: SocketAddr, session_id: &str, token: &str) -> String {
 }
 
 #[tokio::test]
-#[ignore = "needs the screenshots/verifier branches"]
 async fn the_connection_token_is_accepted_by_the_http_verifier_for_its_session_only() {
     let mut args = vec!["--in-memory", "--connection-token-ttl", "3s"];
     args.extend(BROKER_FLAGS);
