@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::sessions::{PlacementStrategy, screenshots::ImageFormat};
+use super::{model::ImageFormat, sessions::PlacementStrategy};
 
 /// Timeouts and lifetimes the fleet enforces.
 #[derive(Debug, Clone)]

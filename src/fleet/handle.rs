@@ -16,10 +16,11 @@ use super::{
     config::FleetConfig,
     connection_token::ConnectionTokens,
     error::FleetError,
+    model::PendingShots,
     model::ServerId,
     page_token::PageTokens,
     persist,
-    sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent, screenshots::PendingShots},
+    sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent},
     state::{Ctx, State, WriteGuard},
 };
 

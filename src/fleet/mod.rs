@@ -55,9 +55,7 @@ pub use self::{
         DeleteItem, FleetEvent, Instruction, InstructionId, InstructionKind, InstructionOutcome,
         Order, PermissionsItem, PlacementStrategy, SequencedEvent, SessionId, SessionQuery,
         SessionRecord, SessionView,
-        screenshots::{
-            ImageFormat, ScreenshotAnswer, ScreenshotImage, ScreenshotItem, ScreenshotResult,
-        },
+        screenshots::{ScreenshotItem, ScreenshotResult},
     },
     validate::{
         MAX_BATCH_ITEMS, MAX_ENDPOINTS, MAX_GPUS, MAX_LOGGED_IN_USERS, MAX_REPORTED_SESSIONS,

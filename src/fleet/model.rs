@@ -483,3 +483,59 @@ pub struct CreateSpec {
     /// Storage root.
     pub storage_root: String,
 }
+
+/// An image encoding agents produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageFormat {
+    /// PNG (DCV's default).
+    #[default]
+    Png,
+    /// JPEG.
+    Jpeg,
+}
+
+impl ImageFormat {
+    /// The lowercase name used on the wire and in file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpeg",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "png" => Some(ImageFormat::Png),
+            "jpeg" => Some(ImageFormat::Jpeg),
+            _ => None,
+        }
+    }
+}
+
+/// One image of a screenshot, as its agent took it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScreenshotImage {
+    /// Encoding.
+    pub format: ImageFormat,
+    /// The encoded image.
+    pub data: Vec<u8>,
+    /// When it was taken.
+    pub created_at: SystemTime,
+    /// Whether it shows the primary display.
+    pub primary: bool,
+}
+
+/// An agent's answer to GET_SCREENSHOT: the images, or why not.
+pub type ScreenshotAnswer = Result<Vec<ScreenshotImage>, String>;
+
+/// A screenshot waiting for its agent.
+#[derive(Debug)]
+pub(in crate::fleet) struct PendingShot {
+    /// The only server whose answer counts.
+    pub(in crate::fleet) server: ServerId,
+    pub(in crate::fleet) answer: tokio::sync::oneshot::Sender<ScreenshotAnswer>,
+}
+
+/// The screenshots waiting for agents, by instruction id.
+pub(in crate::fleet) type PendingShots = Arc<parking_lot::Mutex<FastMap<Arc<str>, PendingShot>>>;

@@ -364,7 +364,7 @@ pub enum Instruction {
         /// The most pixels high.
         max_height: u32,
         /// The encoding asked for.
-        format: screenshots::ImageFormat,
+        format: crate::fleet::model::ImageFormat,
     },
 }
 

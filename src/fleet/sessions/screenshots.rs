@@ -11,12 +11,8 @@
 //! server's id) is accepted and ignored, like a late answer to a create.
 //! Screenshots are never stored, and never sent again after a reconnect.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
-use parking_lot::Mutex;
 use tokio::{sync::oneshot, time::Instant};
 
 use super::{
@@ -26,7 +22,7 @@ use super::{
 use crate::fleet::{
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure},
     handle::Fleet,
-    model::{FastMap, ServerId, SessionState},
+    model::{PendingShot, PendingShots, ScreenshotAnswer, ScreenshotImage, ServerId, SessionState},
     validate::{validate_batch_size_up_to, validate_server_id},
 };
 
@@ -68,35 +64,6 @@ pub const MAX_INSTRUCTION_ID_BYTES: usize = 128;
 /// say [`super::SESSION_NOT_FOUND_TEXT`]).
 pub const SCREENSHOT_SESSION_NOT_FOUND_TEXT: &str = "Dcv session not found.";
 
-/// An image encoding agents produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ImageFormat {
-    /// PNG (DCV's default).
-    #[default]
-    Png,
-    /// JPEG.
-    Jpeg,
-}
-
-impl ImageFormat {
-    /// The lowercase name used on the wire and in file names.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Png => "png",
-            ImageFormat::Jpeg => "jpeg",
-        }
-    }
-
-    /// Parses the lowercase name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "png" => Some(ImageFormat::Png),
-            "jpeg" => Some(ImageFormat::Jpeg),
-            _ => None,
-        }
-    }
-}
-
 /// A GetSessionScreenshots item as the caller sent it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScreenshotItem {
@@ -108,35 +75,8 @@ pub struct ScreenshotItem {
     pub max_height: Option<i32>,
 }
 
-/// One image of a screenshot, as its agent took it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScreenshotImage {
-    /// Encoding.
-    pub format: ImageFormat,
-    /// The encoded image.
-    pub data: Vec<u8>,
-    /// When it was taken.
-    pub created_at: SystemTime,
-    /// Whether it shows the primary display.
-    pub primary: bool,
-}
-
-/// An agent's answer to GET_SCREENSHOT: the images, or why not.
-pub type ScreenshotAnswer = Result<Vec<ScreenshotImage>, String>;
-
 /// One GetSessionScreenshots item's outcome, in request order.
 pub type ScreenshotResult = Result<Vec<ScreenshotImage>, ItemFailure>;
-
-/// A screenshot waiting for its agent.
-#[derive(Debug)]
-pub(in crate::fleet) struct PendingShot {
-    /// The only server whose answer counts.
-    server: ServerId,
-    answer: oneshot::Sender<ScreenshotAnswer>,
-}
-
-/// The screenshots waiting for agents, by instruction id.
-pub(in crate::fleet) type PendingShots = Arc<Mutex<FastMap<Arc<str>, PendingShot>>>;
 
 /// Removes its ids from the pending map when dropped: when the answers
 /// came, when the timeout passed, or when the caller went away and the
@@ -483,7 +423,10 @@ fn within_reply_budget(
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
+    use crate::fleet::model::ImageFormat;
 
     fn image(bytes: usize) -> ScreenshotImage {
         ScreenshotImage {
