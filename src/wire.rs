@@ -683,7 +683,7 @@ pub fn screenshot_images_from_pb(
                     format!("Images[{i}].Format"),
                     format!(
                         "must be png or jpeg; got {:?}",
-                        fleet::sessions::screenshots::agent_text(&image.format)
+                        fleet::agent_text(&image.format)
                     ),
                 ));
                 fleet::ImageFormat::Png

@@ -386,3 +386,50 @@ async fn a_forced_delete_gives_the_room_to_the_oldest_queued_request_at_once() {
         assert_eq!(broker.fleet.queued(), 0);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_agents_failure_reason_is_cleaned_and_bounded_before_it_becomes_the_state_reason() {
+    let broker = Broker::start(config()).await;
+    let mut a = TestAgent::connect(&broker, registration("a", "linux", 4)).await;
+    let mut sessions = broker.sessions().await;
+
+    let mut once = create_item("once", "sam", Ty::Virtual);
+    once.disable_retry_on_failure = true;
+    let r = sessions
+        .create_sessions(create_req(vec![once]))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = r.successful_list[0].id.clone();
+    a.next_create().await;
+    // What a hostile or chatty agent might send: terminal escapes, new
+    // lines and a megabyte of output.
+    let reason = format!("\u{1b}[2J\u{1b}[31mfake\nprompt$ {}", "x".repeat(1 << 20));
+    a.client
+        .report_instruction_result(pb::ReportInstructionResultRequest {
+            server_id: "a".into(),
+            session_id: id.clone(),
+            kind: Kind::CreateSession as i32,
+            success: false,
+            failure_reason: reason,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let s = describe_session(&mut sessions, &id).await;
+    assert_eq!(state(&s), St::Deleted);
+    assert!(
+        s.state_reason.contains("[2J[31mfakeprompt$ xxx"),
+        "{}",
+        &s.state_reason[..s.state_reason.len().min(300)]
+    );
+    assert!(
+        !s.state_reason.chars().any(char::is_control),
+        "control characters kept"
+    );
+    assert!(
+        s.state_reason.chars().count() < 1024 + 200,
+        "{} characters kept",
+        s.state_reason.chars().count()
+    );
+}

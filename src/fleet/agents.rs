@@ -14,7 +14,7 @@ use super::{
         Instruction, InstructionKind, InstructionOutcome, SessionId, validate::check_session_id,
     },
     state::{Ctx, State},
-    validate::{validate_description, validate_heartbeat, validate_server_id},
+    validate::{agent_text, validate_description, validate_heartbeat, validate_server_id},
 };
 
 impl Fleet {
@@ -239,6 +239,14 @@ impl Fleet {
         if !violations.is_empty() {
             return Err(FleetError::InvalidArgument(violations));
         }
+        // The reason becomes the session's StateReason, shown to every
+        // caller and stored: an agent's whole output (or a hostile
+        // megabyte) must not be, nor control characters. Cleaned before
+        // the lock, since its cost is the agent's choice.
+        let outcome = match outcome {
+            InstructionOutcome::Failed(why) => InstructionOutcome::Failed(agent_text(&why)),
+            done => done,
+        };
         let now = Instant::now();
         let ctx = self.ctx();
         let mut state = self.write(now);

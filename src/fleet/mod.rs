@@ -58,8 +58,8 @@ pub use self::{
         screenshots::{ScreenshotItem, ScreenshotResult},
     },
     validate::{
-        MAX_BATCH_ITEMS, MAX_ENDPOINTS, MAX_GPUS, MAX_LOGGED_IN_USERS, MAX_REPORTED_SESSIONS,
-        MAX_SESSION_CONNECTIONS, MAX_TAGS, MAX_TEXT_BYTES, check_lengths, validate_batch_size,
-        validate_batch_size_up_to, validate_server_id,
+        MAX_AGENT_REASON_CHARS, MAX_BATCH_ITEMS, MAX_ENDPOINTS, MAX_GPUS, MAX_LOGGED_IN_USERS,
+        MAX_REPORTED_SESSIONS, MAX_SESSION_CONNECTIONS, MAX_TAGS, MAX_TEXT_BYTES, agent_text,
+        check_lengths, validate_batch_size, validate_batch_size_up_to, validate_server_id,
     },
 };

@@ -335,7 +335,20 @@ pub(in crate::fleet) fn validate_heartbeat(h: &Heartbeat, violations: &mut Vec<F
     }
 }
 
-#[cfg(test)]
+/// The longest failure reason kept from an agent, in characters: room for
+/// a tool's error message, not for its whole output.
+pub const MAX_AGENT_REASON_CHARS: usize = 1024;
+
+/// An agent's text made safe to show: control characters dropped (a
+/// terminal or a log must not be driven by what an agent says), at most
+/// [`MAX_AGENT_REASON_CHARS`] characters.
+pub fn agent_text(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_AGENT_REASON_CHARS)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use crate::fleet::{
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure},
     handle::Fleet,
     model::{PendingShot, PendingShots, ScreenshotAnswer, ScreenshotImage, ServerId, SessionState},
-    validate::{validate_batch_size_up_to, validate_server_id},
+    validate::{agent_text, validate_batch_size_up_to, validate_server_id},
 };
 
 /// The most sessions one GetSessionScreenshots call may name: each costs
@@ -51,10 +51,6 @@ pub const MAX_SCREENSHOT_REPORT_BYTES: usize = MAX_SCREENSHOT_REPLY_BYTES;
 /// What an image costs the reply besides its data (format, time, flags
 /// and framing), counted against [`MAX_SCREENSHOT_REPLY_BYTES`].
 const IMAGE_OVERHEAD_BYTES: usize = 64;
-
-/// The longest failure reason kept from an agent, in characters: room for
-/// a tool's error message, not for its whole output.
-pub const MAX_AGENT_REASON_CHARS: usize = 1024;
 
 /// The longest instruction id an agent may echo, in bytes (the broker's
 /// are 36-character UUIDs).
@@ -115,16 +111,6 @@ fn dimension(
             }
         },
     }
-}
-
-/// An agent's text made safe to show: control characters dropped (a
-/// terminal or a log must not be driven by what an agent says), at most
-/// [`MAX_AGENT_REASON_CHARS`] characters.
-pub fn agent_text(text: &str) -> String {
-    text.chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_AGENT_REASON_CHARS)
-        .collect()
 }
 
 /// Checks an agent's screenshot: 1 to [`MAX_SCREENSHOT_IMAGES`] images,
@@ -426,7 +412,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::fleet::model::ImageFormat;
+    use crate::fleet::{model::ImageFormat, validate::MAX_AGENT_REASON_CHARS};
 
     fn image(bytes: usize) -> ScreenshotImage {
         ScreenshotImage {
