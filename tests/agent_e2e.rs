@@ -65,6 +65,29 @@ async fn all_servers(addr: SocketAddr) -> Vec<pb::Server> {
         .servers
 }
 
+/// Fetches with `fetch` until what it finds satisfies `ok` (bounded by
+/// PATIENCE); a failed call or nothing found counts as not yet.
+async fn poll_until<T: std::fmt::Debug, F: Future<Output = Option<T>>>(
+    what: &str,
+    fetch: impl Fn() -> F,
+    ok: impl Fn(&T) -> bool,
+) -> T {
+    let mut last = None;
+    let found = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Some(item) = fetch().await {
+                if ok(&item) {
+                    return item;
+                }
+                last = Some(item);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{what}; last seen {last:#?}"))
+}
+
 /// Polls DescribeServers until server `id` satisfies `ok` (bounded).
 async fn server_where(
     addr: SocketAddr,
@@ -72,28 +95,18 @@ async fn server_where(
     what: &str,
     ok: impl Fn(&pb::Server) -> bool,
 ) -> pb::Server {
-    let mut last = None;
-    let found = tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Ok(reply) = servers(addr)
-                .await
-                .describe_servers(pb::DescribeServersRequest {
-                    server_ids: vec![id.to_string()],
-                    ..Default::default()
-                })
-                .await
-                && let Some(server) = reply.into_inner().servers.into_iter().next()
-            {
-                if ok(&server) {
-                    return server;
-                }
-                last = Some(server);
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("server {id} never {what}; last seen {last:#?}"))
+    let fetch = || async move {
+        let reply = servers(addr)
+            .await
+            .describe_servers(pb::DescribeServersRequest {
+                server_ids: vec![id.to_string()],
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        reply.into_inner().servers.into_iter().next()
+    };
+    poll_until(&format!("server {id} never {what}"), fetch, ok).await
 }
 
 /// Polls DescribeSessions until session `id` satisfies `ok` (bounded).
@@ -103,28 +116,18 @@ async fn session_where(
     what: &str,
     ok: impl Fn(&pb::Session) -> bool,
 ) -> pb::Session {
-    let mut last = None;
-    let found = tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Ok(reply) = sessions(addr)
-                .await
-                .describe_sessions(pb::DescribeSessionsRequest {
-                    session_ids: vec![id.to_string()],
-                    ..Default::default()
-                })
-                .await
-                && let Some(session) = reply.into_inner().sessions.into_iter().next()
-            {
-                if ok(&session) {
-                    return session;
-                }
-                last = Some(session);
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("session {id} never {what}; last seen {last:#?}"))
+    let fetch = || async move {
+        let reply = sessions(addr)
+            .await
+            .describe_sessions(pb::DescribeSessionsRequest {
+                session_ids: vec![id.to_string()],
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        reply.into_inner().sessions.into_iter().next()
+    };
+    poll_until(&format!("session {id} never {what}"), fetch, ok).await
 }
 
 /// Starts the agent on `home` and waits until its server takes sessions
