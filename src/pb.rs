@@ -8,3 +8,13 @@ tonic::include_proto!("dcv.sessionmanager.v1");
 
 /// The encoded `FileDescriptorSet` of the contract, comments included.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dcv_descriptor");
+
+/// The contract's descriptors, decoded once: the REST adapter and our
+/// OpenAPI document read field names, JSON names and types from them.
+pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
+            .expect("build.rs embeds a valid descriptor set")
+    })
+}

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gate;
 pub mod oauth;
 pub mod request_id;
+pub mod rest;
 pub mod servers;
 pub mod sessions;
 pub mod verifier;
