@@ -80,6 +80,7 @@ cargo bench --bench agents -- [OPTIONS]
   --reps N                  B/A pairs (B: fleet without connections, A: live agents)
   --connect-concurrency N   agents connecting at once (default 100)
   --agent-threads N         tokio worker threads of the agents (default 1 pinned, 2 not)
+  --agent-port              agents connect to a port of their own (--agent-listen)
   --no-pin                  do not pin the broker and DescribeServers client to CPU 0
                             and the agents to CPU 1
   --broker-flags \"...\"      more dcv-broker flags
@@ -109,6 +110,7 @@ struct Opts {
     connect_concurrency: usize,
     agent_threads: Option<usize>,
     pin: bool,
+    agent_port: bool,
     broker_flags: Vec<String>,
     out: PathBuf,
 }
@@ -124,6 +126,7 @@ impl Opts {
             connect_concurrency: 100,
             agent_threads: None,
             pin: true,
+            agent_port: false,
             broker_flags: Vec::new(),
             out: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-agents.json"),
         };
@@ -142,6 +145,7 @@ impl Opts {
                 "--connect-concurrency" => o.connect_concurrency = value().parse().unwrap(),
                 "--agent-threads" => o.agent_threads = Some(value().parse().unwrap()),
                 "--no-pin" => o.pin = false,
+                "--agent-port" => o.agent_port = true,
                 "--broker-flags" => {
                     o.broker_flags = value().split_whitespace().map(String::from).collect()
                 }
@@ -527,7 +531,7 @@ impl Bench<'_> {
         let (go_tx, go) = watch::channel(None);
         let (stop_tx, stop) = watch::channel(false);
         let connecting = Arc::new(Semaphore::new(opts.connect_concurrency.max(1)));
-        let endpoint = endpoint(self.broker.addr);
+        let endpoint = endpoint(self.broker.agent_addr.unwrap_or(self.broker.addr));
         let started = Instant::now();
         let mut agents = JoinSet::new();
         for index in 0..n {
@@ -613,9 +617,21 @@ async fn run(opts: &Opts) -> bool {
         // here is 127.0.0.1, one client.
         "--client-rate",
         "0",
-        "--max-connections",
-        &max_connections,
     ];
+    if !opts.agent_port {
+        args.extend(["--max-connections", &max_connections]);
+    } else {
+        // The main port then only serves the DescribeServers client and the
+        // seeding: a small cap leaves the open-file room to the agents'.
+        args.extend([
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--agent-max-connections",
+            &max_connections,
+            "--max-connections",
+            "100",
+        ]);
+    }
     args.extend(opts.broker_flags.iter().map(String::as_str));
     let broker = BrokerProcess::start_exactly_logging_to(&args, log).await;
     let pid = broker.pid();

@@ -61,6 +61,51 @@ pub struct Args {
     )]
     pub allowed_hosts: Vec<String>,
 
+    /// Also serve agents on this address, apart from operators: the Agent
+    /// service, health, the token endpoint and DCV's token verifier, on a
+    /// runtime of its own whose threads run at a lower CPU priority
+    /// (--agent-nice), so that a large fleet's heartbeats cannot slow
+    /// operators' calls down (DCV Session Manager's agent port is 8445).
+    /// The main address keeps serving agents too. Same TLS, authentication
+    /// and listening rules as --listen.
+    #[arg(long, env = "DCV_BROKER_AGENT_LISTEN", value_name = "ADDR")]
+    pub agent_listen: Option<SocketAddr>,
+
+    /// Worker threads of the agents' port (--agent-listen).
+    #[arg(
+        long,
+        env = "DCV_BROKER_AGENT_THREADS",
+        default_value_t = crate::server::agent_port::DEFAULT_THREADS,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::value_parser!(u16).range(1..=256),
+            usize::from
+        ),
+        value_name = "N"
+    )]
+    pub agent_threads: usize,
+
+    /// How much lower the agents' port's threads run than the broker's
+    /// others: a nice increment, 0 (same priority) to 19.
+    #[arg(
+        long,
+        env = "DCV_BROKER_AGENT_NICE",
+        default_value_t = crate::server::agent_port::DEFAULT_NICE,
+        value_parser = clap::value_parser!(i32).range(0..=19),
+        value_name = "N"
+    )]
+    pub agent_nice: i32,
+
+    /// The most connections the agents' port holds at once (as
+    /// --max-connections for the main address); lowered at start so that
+    /// both fit the open-file limit together.
+    #[arg(
+        long,
+        env = "DCV_BROKER_AGENT_MAX_CONNECTIONS",
+        default_value_t = crate::server::connections::MAX_CONNECTIONS,
+        value_name = "N"
+    )]
+    pub agent_max_connections: usize,
+
     /// Serve gRPC over TLS only, with this certificate (PEM: the server's
     /// certificate, then any intermediates). Needs --tls-key. Both files
     /// are read again on SIGHUP. `dcv-broker tls init` makes a pair.
@@ -426,8 +471,22 @@ impl Args {
         if self.heartbeat_interval.is_zero() || self.sweep_interval.is_zero() {
             return Err("--heartbeat-interval and --sweep-interval must be positive".into());
         }
-        if self.max_connections == 0 {
-            return Err("--max-connections must be positive".into());
+        if self.max_connections == 0 || self.agent_max_connections == 0 {
+            return Err("--max-connections and --agent-max-connections must be positive".into());
+        }
+        if let Some(agents) = self.agent_listen {
+            if agents == self.listen && agents.port() != 0 {
+                return Err(format!(
+                    "--agent-listen {agents} is --listen's address: give the agents a port of their own"
+                ));
+            }
+            check_listen(
+                agents,
+                self.tls_cert.is_some(),
+                self.auth_enabled(),
+                self.allow_insecure_non_loopback,
+            )
+            .map_err(|e| format!("--agent-listen: {e}"))?;
         }
         self.limits.check()
     }

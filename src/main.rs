@@ -10,7 +10,7 @@ use dcv_broker::{
     auth::Auth,
     config::{Args, ClientsCommand, Command, LogFormat, TlsCommand},
     fleet::{Fleet, persist::Store},
-    server::{connections, serve_until},
+    server::{agent_port::AgentPort, connections, serve_until, serve_with_agent_port},
     store::SqliteStore,
     telemetry,
     tls::{self, ServerTls},
@@ -128,7 +128,16 @@ async fn run(args: Args) -> Result<(), String> {
     }
     // After the store opened: a store refused at start is reported in its
     // one line, with nothing else said before it.
-    config.connections = connections::fit_to_fd_limit(config.connections);
+    let mut agent_connections = connections::ConnectionLimits {
+        max_connections: args.agent_max_connections,
+        ..config.connections
+    };
+    if args.agent_listen.is_some() {
+        (config.connections, agent_connections) =
+            connections::fit_two_to_fd_limit(config.connections, agent_connections);
+    } else {
+        config.connections = connections::fit_to_fd_limit(config.connections);
+    }
     // Bound before the port is announced, so that `dcv-broker clients`
     // works as soon as the broker is up.
     let admin =
@@ -148,8 +157,32 @@ async fn run(args: Args) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
-    // The one line on stdout: scripts read the port from it.
+    // The first line on stdout: scripts read the port from it.
     println!("dcv-broker listening on {addr}");
+    let agent_port = match args.agent_listen {
+        Some(at) => {
+            let listener = std::net::TcpListener::bind(at)
+                .map_err(|e| format!("cannot listen on {at} (--agent-listen): {e}"))?;
+            let agents_addr = listener
+                .local_addr()
+                .map_err(|e| format!("cannot read the agents' listening address: {e}"))?;
+            println!("dcv-broker agents listening on {agents_addr}");
+            tracing::info!(
+                addr = %agents_addr,
+                threads = args.agent_threads,
+                nice = args.agent_nice,
+                max_connections = agent_connections.max_connections,
+                "serving agents apart (the main address serves them too)"
+            );
+            Some(AgentPort {
+                listener,
+                threads: args.agent_threads,
+                nice: args.agent_nice,
+                connections: agent_connections,
+            })
+        }
+        None => None,
+    };
     tracing::info!(%addr, demo_fleet = config.demo_fleet, tls = tls.is_some(), "serving");
     if let Some(tls) = &tls {
         tracing::info!(
@@ -197,9 +230,13 @@ async fn run(args: Args) -> Result<(), String> {
             None => shutdown.await,
         }
     };
-    serve_until(listener, fleet, config, tls, stop, hurry)
-        .await
-        .map_err(|e| e.to_string())?;
+    match agent_port {
+        Some(agents) => {
+            serve_with_agent_port(listener, agents, fleet, config, tls, stop, hurry).await
+        }
+        None => serve_until(listener, fleet, config, tls, stop, hurry).await,
+    }
+    .map_err(|e| e.to_string())?;
     if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
         return Err(format!("stopped: the store failed: {why}"));
     }

@@ -1,30 +1,72 @@
 //! Runs the broker: the gRPC services, reflection, health and every server
 //! knob, until a shutdown signal, then a grace period and a bounded drain.
 
+pub mod agent_port;
 pub mod connections;
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::ServingStatus;
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{
     api::{
-        AgentApi, AuthLayer, HttpGateLayer, OpenServices, RequestSpanLayer, ServersApi,
-        SessionsApi, oauth::TokenEndpoint, verifier::TokenVerifier,
+        AgentApi, HttpGateLayer, OpenServices, ServersApi, SessionsApi, oauth::TokenEndpoint,
+        verifier::TokenVerifier,
     },
     auth::Auth,
     demo,
     fleet::{Fleet, FleetConfig},
-    limits::{ClientRateLayer, InFlightLimitLayer, Limits},
+    limits::Limits,
     pb::{
         agent_server::AgentServer, servers_server::ServersServer, sessions_server::SessionsServer,
     },
     tls::ServerTls,
 };
 
+use self::agent_port::AgentPort;
 use self::connections::{ConnectionLimits, Connections};
+
+/// The layers in front of a port's routes, outermost first. A macro, not a
+/// function: each layer changes the builder's type.
+///
+/// Outside every other layer: counts each connection's open requests
+/// (refused ones too), for idle reaping, and ends streaming replies when the
+/// drain starts. Then the request span, so that refusals below are logged
+/// with the request's id; then the HTTP gate, which refuses what is not for
+/// us (other hosts, other sites, non-gRPC on gRPC paths) and answers the
+/// token endpoint itself, outside the gRPC limits; then authentication, so
+/// that the rate is counted per client id; then the client's rate, so that
+/// a client over it takes no slot from the others; then the in-flight
+/// limit.
+macro_rules! layered {
+    ($builder:expr, $connections:expr, $gate:expr, $config:expr) => {
+        $builder
+            .layer($connections.layer())
+            .layer($crate::api::RequestSpanLayer)
+            .layer($gate)
+            .layer(tower::util::option_layer($config.auth.clone().map(
+                |auth| $crate::api::AuthLayer::new(auth, $config.open_services),
+            )))
+            .layer(tower::util::option_layer($config.limits.client_rate.map(
+                |rate| {
+                    $crate::limits::ClientRateLayer::new(rate, $config.limits.max_tracked_clients)
+                },
+            )))
+            .layer(tower::util::option_layer(
+                $config
+                    .limits
+                    .max_concurrent_requests
+                    .map($crate::limits::InFlightLimitLayer::new),
+            ))
+    };
+}
+pub(crate) use layered;
 
 /// How the broker runs, apart from where it listens.
 #[derive(Debug, Clone)]
@@ -94,6 +136,9 @@ pub enum ServeError {
     /// Reflection could not load a descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The agents' port could not start, or stopped on its own.
+    #[error("agents' port: {0}")]
+    AgentPort(String),
     /// The google.rpc descriptors compiled in do not decode.
     #[error("reflection: google.rpc descriptors: {0}")]
     Descriptors(#[from] prost::DecodeError),
@@ -123,6 +168,49 @@ fn google_rpc_descriptors() -> Result<prost_types::FileDescriptorSet, prost::Dec
         }
     }
     Ok(set)
+}
+
+/// Resolves when the agents' port stops before the main server was told
+/// to stop: that is a failure, whatever it says. Never resolves without an
+/// agents' port.
+async fn agents_stopped(port: &mut Option<agent_port::Running>) -> Result<(), ServeError> {
+    match port {
+        Some(port) => Err(match port.stopped().await {
+            Ok(()) => ServeError::AgentPort("stopped on its own".into()),
+            Err(e) => e,
+        }),
+        None => std::future::pending().await,
+    }
+}
+
+/// A port's server builder with every server knob of `config` set.
+fn builder(config: &BrokerConfig) -> Server {
+    let builder = Server::builder()
+        // The token endpoint is plain HTTP: OAuth clients (curl, Python's
+        // requests) speak HTTP/1.1. hyper then accepts HTTP/1.1 for every
+        // path; the HTTP gate keeps gRPC to HTTP/2 and application/grpc.
+        .accept_http1(true)
+        .http2_keepalive_interval(config.http2_keepalive)
+        .http2_keepalive_timeout(config.http2_keepalive.map(|_| Duration::from_secs(20)));
+    let mut builder = config.limits.http2(builder);
+    if let Some(limit) = config.request_timeout {
+        builder = builder.timeout(limit);
+    }
+    builder
+}
+
+/// The HTTP gate of a port listening on `local`.
+fn gate(config: &BrokerConfig, fleet: &Fleet, local: SocketAddr, tls: bool) -> HttpGateLayer {
+    HttpGateLayer::new(
+        config
+            .auth
+            .clone()
+            .map(|auth| TokenEndpoint::new(auth, &config.limits)),
+        Some(TokenVerifier::new(fleet.clone())),
+        local,
+        tls,
+        &config.allowed_hosts,
+    )
 }
 
 /// Aborts background tasks when the server stops, however it stops.
@@ -188,11 +276,26 @@ pub async fn serve_until(
     shutdown: impl Future<Output = ()>,
     hurry: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    run(listener, fleet, config, tls, shutdown, hurry).await
+    run(listener, None, fleet, config, tls, shutdown, hurry).await
+}
+
+/// [`serve_until`], with the Agent service also served apart on `agents`
+/// (see [`agent_port`]).
+pub async fn serve_with_agent_port(
+    listener: TcpListener,
+    agents: AgentPort,
+    fleet: Fleet,
+    config: BrokerConfig,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run(listener, Some(agents), fleet, config, tls, shutdown, hurry).await
 }
 
 async fn run(
     listener: TcpListener,
+    agent_port: Option<AgentPort>,
     fleet: Fleet,
     config: BrokerConfig,
     tls: Option<ServerTls>,
@@ -215,7 +318,8 @@ async fn run(
         }));
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = HealthReporter::new();
+    let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
     health.set_serving::<ServersServer<ServersApi>>().await;
     health.set_serving::<AgentServer<AgentApi>>().await;
     health.set_serving::<SessionsServer<SessionsApi>>().await;
@@ -241,7 +345,7 @@ async fn run(
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
-    let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping_rx))
+    let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping_rx.clone()))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
 
@@ -249,58 +353,26 @@ async fn run(
     // one whose address cannot be read is treated as one (the strict side).
     let local = listener
         .local_addr()
-        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    let gate = HttpGateLayer::new(
-        config
-            .auth
-            .clone()
-            .map(|auth| TokenEndpoint::new(auth, &config.limits)),
-        Some(TokenVerifier::new(fleet.clone())),
-        local,
-        tls.is_some(),
-        &config.allowed_hosts,
-    );
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let gate = gate(&config, &fleet, local, tls.is_some());
+
+    let mut agent_port = match agent_port {
+        Some(port) => Some(agent_port::start(
+            port,
+            agent_port::Parts {
+                fleet: fleet.clone(),
+                config: config.clone(),
+                tls: tls.clone(),
+                health: health.clone(),
+                stopping: stopping_rx.clone(),
+            },
+        )?),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let builder = Server::builder()
-        // The token endpoint is plain HTTP: OAuth clients (curl, Python's
-        // requests) speak HTTP/1.1. hyper then accepts HTTP/1.1 for every
-        // path; the HTTP gate below keeps gRPC to HTTP/2 and
-        // application/grpc.
-        .accept_http1(true)
-        .http2_keepalive_interval(config.http2_keepalive)
-        .http2_keepalive_timeout(config.http2_keepalive.map(|_| Duration::from_secs(20)));
-    let mut builder = limits.http2(builder);
-    if let Some(limit) = config.request_timeout {
-        builder = builder.timeout(limit);
-    }
     let connections = Connections::new(config.connections);
-    let router = builder
-        // Outside every other layer: counts each connection's open
-        // requests (refused ones too), for idle reaping, and ends streaming
-        // replies when the drain starts.
-        .layer(connections.layer())
-        // Then the request span, so that refusals below are logged with
-        // the request's id; then the HTTP gate, which refuses what is not
-        // for us (other hosts, other sites, non-gRPC on gRPC paths) and
-        // answers the token endpoint itself, outside the gRPC limits; then
-        // authentication, so that the rate is counted per client id; then
-        // the client's rate, so that a client over it takes no slot from
-        // the others; then the global in-flight limit.
-        .layer(RequestSpanLayer)
-        .layer(gate)
-        .layer(tower::util::option_layer(
-            config
-                .auth
-                .clone()
-                .map(|auth| AuthLayer::new(auth, config.open_services)),
-        ))
-        .layer(tower::util::option_layer(limits.client_rate.map(|rate| {
-            ClientRateLayer::new(rate, limits.max_tracked_clients)
-        })))
-        .layer(tower::util::option_layer(
-            limits.max_concurrent_requests.map(InFlightLimitLayer::new),
-        ))
+    let router = layered!(builder(&config), connections, gate, config)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -327,6 +399,7 @@ async fn run(
 
     tokio::select! {
         result = &mut server => return result.map_err(ServeError::from),
+        result = agents_stopped(&mut agent_port) => return result,
         () = shutdown => {}
     }
     let mut hurry = std::pin::pin!(hurry);
@@ -350,6 +423,7 @@ async fn run(
     if !config.shutdown_grace.is_zero() {
         tokio::select! {
             result = &mut server => return result.map_err(ServeError::from),
+            result = agents_stopped(&mut agent_port) => return result,
             () = tokio::time::sleep(config.shutdown_grace) => {}
             () = &mut hurry => {
                 tracing::warn!("second shutdown signal during the grace period: stopping now");
@@ -359,8 +433,10 @@ async fn run(
             }
         }
     }
+    let agent_connections = agent_port.as_ref().map(agent_port::Running::connections);
+    let open = || connections.open() + agent_connections.as_ref().map_or(0, Connections::open);
     tracing::info!(
-        connections = connections.open(),
+        connections = open(),
         "draining: no new requests; open streams end; waiting for requests in progress"
     );
     // End agents' instruction streams, which never end by themselves, and
@@ -368,18 +444,31 @@ async fn run(
     // drain to its deadline.
     let _ = stopping.send(true);
     connections.start_drain();
+    if let Some(port) = agent_port.as_mut() {
+        port.start_drain();
+    }
     let _ = stop_tx.send(());
-    tokio::select! {
-        drained = tokio::time::timeout(config.drain_deadline, &mut server) => match drained {
-            Ok(result) => result?,
-            Err(_) => tracing::warn!(
-                deadline = ?config.drain_deadline,
-                connections = connections.open(),
-                "drain deadline passed; closing the remaining connections"
-            ),
-        },
-        () = &mut hurry => tracing::warn!(
-            connections = connections.open(),
+    let both = async {
+        let main = (&mut server).await.map_err(ServeError::from);
+        let agents = match agent_port.as_mut() {
+            Some(port) => port.stopped().await,
+            None => Ok(()),
+        };
+        main.and(agents)
+    };
+    let drained = tokio::select! {
+        drained = tokio::time::timeout(config.drain_deadline, both) => Some(drained),
+        () = &mut hurry => None,
+    };
+    match drained {
+        Some(Ok(result)) => result?,
+        Some(Err(_)) => tracing::warn!(
+            deadline = ?config.drain_deadline,
+            connections = open(),
+            "drain deadline passed; closing the remaining connections"
+        ),
+        None => tracing::warn!(
+            connections = open(),
             "second shutdown signal: ending the drain now; closing the remaining connections"
         ),
     }

@@ -671,3 +671,39 @@ async fn a_tls_session_silent_after_its_handshake_is_closed_at_the_first_request
     );
     broker.terminate().await;
 }
+
+#[tokio::test]
+async fn the_agents_port_serves_tls_and_reloads_with_the_main_one() {
+    let tmp = TempDir::new();
+    let out = tls_init(tmp.path(), &[]);
+    assert!(out.status.success(), "{out:?}");
+    let first_ca = read(tmp.path().join("ca.pem"));
+    let mut broker = tmp.tls_broker(&["--agent-listen", "127.0.0.1:0"]).await;
+    let agents = broker.agent_addr.expect("an agents' port");
+
+    let channel = tls_channel(agents, &first_ca, "127.0.0.1").await.unwrap();
+    let mut agent = pb::agent_client::AgentClient::new(channel);
+    agent
+        .register_server(common::registration("tls-agent", "linux", 2))
+        .await
+        .expect("an agent registers over TLS on the agents' port");
+    assert!(
+        call_in_plaintext(agents).await.is_err(),
+        "no plaintext there either"
+    );
+
+    // One SIGHUP reloads the certificate of both ports.
+    let rotated = tls_init(tmp.path(), &["--force"]);
+    assert!(rotated.status.success(), "{rotated:?}");
+    let second_ca = read(tmp.path().join("ca.pem"));
+    broker.signal("-HUP");
+    broker.logged("SIGHUP: TLS certificate reloaded").await;
+    let channel = tls_channel(agents, &second_ca, "127.0.0.1").await.unwrap();
+    pb::agent_client::AgentClient::new(channel)
+        .heartbeat(common::beat("tls-agent", vec![]))
+        .await
+        .expect("the agents' port serves the new certificate");
+    assert!(tls_channel(agents, &first_ca, "127.0.0.1").await.is_err());
+
+    broker.terminate().await;
+}

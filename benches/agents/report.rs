@@ -40,7 +40,7 @@ pub fn report(
     let single_ratio = ratio(m(&|a| a.single.p99), mi(&|b| b.single.p99));
     println!();
     println!(
-        "{} agents, {} B/A pairs, {:.0} s windows, {}; medians over the pairs; {machine}",
+        "{} agents, {} B/A pairs, {:.0} s windows, {}, {}; medians over the pairs; {machine}",
         opts.agents,
         opts.reps,
         opts.window.as_secs_f64(),
@@ -48,6 +48,11 @@ pub fn report(
             "broker and DescribeServers client on CPU 0, agents on CPU 1"
         } else {
             "not pinned"
+        },
+        if opts.agent_port {
+            "agents on the agents' port (--agent-listen)"
+        } else {
+            "agents on the main port"
         }
     );
     println!(
@@ -157,6 +162,7 @@ pub fn report(
         "reps": opts.reps,
         "window_s": opts.window.as_secs_f64(),
         "pinned": opts.pin,
+        "agent_port": opts.agent_port,
         "valid": valid,
         "machine": machine,
         "empty_rss_bytes": empty_rss,

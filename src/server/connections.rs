@@ -166,6 +166,37 @@ pub fn fit_to_fd_limit(limits: ConnectionLimits) -> ConnectionLimits {
     fitted
 }
 
+/// [`fit_to_fd_limit`] for two ports at once (the main one and the
+/// agents'): both caps together fit under the open-file limit; when they
+/// do not, each is lowered in proportion.
+pub fn fit_two_to_fd_limit(
+    main: ConnectionLimits,
+    agents: ConnectionLimits,
+) -> (ConnectionLimits, ConnectionLimits) {
+    let total = main.max_connections.saturating_add(agents.max_connections);
+    let fitted = fit_to_fd_limit(ConnectionLimits {
+        max_connections: total,
+        ..main
+    });
+    if fitted.max_connections >= total {
+        return (main, agents);
+    }
+    let share = |n: usize| {
+        let n = (n as u128 * fitted.max_connections as u128 / total.max(1) as u128).max(1);
+        usize::try_from(n).unwrap_or(usize::MAX)
+    };
+    (
+        ConnectionLimits {
+            max_connections: share(main.max_connections),
+            ..main
+        },
+        ConnectionLimits {
+            max_connections: share(agents.max_connections),
+            ..agents
+        },
+    )
+}
+
 /// Counts an event that may come in floods (failed TLS handshakes, refused
 /// connections) and says which occurrences are worth a log line: the 1st,
 /// 2nd, 4th, 8th, ... in each minute. A flood then costs a handful of lines

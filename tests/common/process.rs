@@ -17,6 +17,8 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 pub struct BrokerProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// The agents' port, when started with `--agent-listen`.
+    pub agent_addr: Option<SocketAddr>,
     log: LogLines,
 }
 
@@ -163,6 +165,7 @@ impl BrokerProcess {
     /// Spawns `command`, its stderr where the caller put it (delivered as
     /// log lines when piped), and waits for its address.
     async fn launch(mut command: tokio::process::Command) -> BrokerProcess {
+        let agent_port = command.as_std().get_args().any(|a| a == "--agent-listen");
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -186,9 +189,28 @@ impl BrokerProcess {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("an address");
+        let mut agent_addr = None;
+        if agent_port {
+            let line = tokio::time::timeout(PATIENCE, stdout.next_line())
+                .await
+                .expect("the broker announces its agents' port")
+                .expect("stdout is readable")
+                .unwrap_or_default();
+            agent_addr = Some(
+                line.strip_prefix("dcv-broker agents listening on ")
+                    .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                    .parse()
+                    .expect("an address"),
+            );
+        }
         // Keep reading stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-        BrokerProcess { child, addr, log }
+        BrokerProcess {
+            child,
+            addr,
+            agent_addr,
+            log,
+        }
     }
 
     /// The broker's process id.
