@@ -36,13 +36,14 @@ use crate::{api::AgentApi, fleet::Fleet, pb::agent_server::AgentServer, tls::Ser
 /// Default of `--agent-threads`.
 pub const DEFAULT_THREADS: usize = 1;
 
-/// Default of `--agent-nice`: a nice value 5 above the broker's own gives
-/// the agents' threads about a third of the weight of the operators' ones
+/// Default of `--agent-nice`: a nice value 10 above the broker's own gives
+/// the agents' threads about a tenth of the weight of the operators' ones
 /// when both want the CPU (the kernel's weights fall about 1.25x per
-/// step). In the 10,000-agent benchmark, 5 and 10 protect DescribeServers
-/// alike (BENCHMARKS.md); 5 starves heartbeats less while a client keeps
-/// the CPU busy.
-pub const DEFAULT_NICE: i32 = 5;
+/// step). Even on a CPU kept busy by operators, that tenth of a core serves
+/// about 2,000 heartbeats a second (some 60,000 agents at the default
+/// 30 s interval); at 5, DescribeServers was not protected enough in the
+/// 10,000-agent benchmark (BENCHMARKS.md).
+pub const DEFAULT_NICE: i32 = 10;
 
 /// Where and how agents are served apart.
 #[derive(Debug)]
