@@ -1,6 +1,7 @@
 //! DCV's REST wire format on the broker's port: DCV Session Manager's
 //! routes, decoded into the same requests the gRPC services take.
 
+pub mod openapi;
 pub mod routes;
 
 pub use routes::{ROUTES, RequestBody, Route};
