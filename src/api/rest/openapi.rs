@@ -27,7 +27,7 @@
 //! utoipa writes OpenAPI 3.1 (DCV's file is 3.0): the schemas are JSON
 //! Schema 2020-12, which validators and code generators read directly.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use prost_reflect::{
@@ -458,8 +458,9 @@ fn health_schema() -> Object {
 /// The component schemas reachable from the routes, generated on demand.
 #[derive(Default)]
 struct Schemas {
-    /// Schema names handed out so far (each is generated once).
-    named: BTreeSet<String>,
+    /// Schema names handed out so far (each is generated once), with the
+    /// message each names.
+    named: BTreeMap<String, String>,
     /// Generated schemas, in the order first referenced.
     done: Vec<(String, Object)>,
 }
@@ -469,14 +470,22 @@ impl Schemas {
     /// `via`, if through a field), generating the schema on first use.
     fn reference(&mut self, message: &MessageDescriptor, via: Option<&FieldDescriptor>) -> Ref {
         let name = schema_name(message, via);
-        if self.named.insert(name.clone()) {
-            let object = self.object(message);
-            self.done.push((name.clone(), object));
+        match self.named.get(&name) {
+            Some(named) => {
+                // Two messages under one name would describe one of them
+                // wrongly; the tables above must not map two to one name.
+                debug_assert_eq!(named, message.full_name(), "schema name {name}");
+            }
+            None => {
+                self.named.insert(name.clone(), message.full_name().into());
+                let object = self.object(message);
+                self.done.push((name.clone(), object));
+            }
         }
         Ref::from_schema_name(name)
     }
 
-    fn finish(self) -> std::collections::BTreeMap<String, RefOr<Schema>> {
+    fn finish(self) -> BTreeMap<String, RefOr<Schema>> {
         self.done
             .into_iter()
             .map(|(name, object)| (name, RefOr::T(Schema::Object(object))))
@@ -644,6 +653,7 @@ mod tests {
     /// every component is referenced (nothing generated for nothing).
     #[test]
     fn every_reference_resolves() {
+        use std::collections::BTreeSet;
         fn walk(v: &serde_json::Value, refs: &mut BTreeSet<String>) {
             match v {
                 serde_json::Value::Object(map) => {
@@ -788,6 +798,31 @@ mod tests {
         // The bare-array wrappers are not schemas of their own.
         assert!(schemas["CloseServersRequest"].is_null());
         assert!(schemas["MemoryInfo"].is_null());
+    }
+
+    /// The naming tables name things that exist: no stale entry.
+    #[test]
+    fn every_naming_table_entry_is_used() {
+        let value = served();
+        let schemas = &value["components"]["schemas"];
+        for (message, name) in MESSAGE_SCHEMA_NAMES {
+            assert!(
+                schemas[name].is_object(),
+                "{message} -> {name}: not generated"
+            );
+        }
+        for (field, name) in FIELD_SCHEMA_NAMES {
+            assert!(
+                schemas[name].is_object(),
+                "{field} -> {name}: not generated"
+            );
+        }
+        for (operation, _) in OPERATION_TAGS {
+            assert!(
+                ROUTES.iter().any(|r| r.operation_id == *operation),
+                "{operation}: no such route"
+            );
+        }
     }
 
     #[test]
