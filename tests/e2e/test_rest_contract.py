@@ -30,12 +30,6 @@ import jsonschema
 import pytest
 import yaml
 
-# Until branch `rest` (the REST routes) is merged here, the broker of this
-# branch serves no REST route: remove this mark with the merge.
-pytestmark = pytest.mark.skip(
-    reason="the REST routes (branch rest) are not merged into this branch yet"
-)
-
 DOCUMENT_PATH = "/dcv-session-manager-api.yaml"
 #: The broker's request size limit in these tests, small enough that a
 #: 413 costs little to provoke.
@@ -244,6 +238,12 @@ def contract(rest_broker) -> Contract:
     assert reply.content_type == "application/yaml", reply.content_type
     document = yaml.safe_load(reply.body)
     assert document["openapi"].startswith("3.1"), document.get("openapi")
+    head = Rest(broker.port).call("HEAD", DOCUMENT_PATH)
+    assert head.status == 200 and head.body == b"", (head.status, head.text)
+    assert head.headers.get("content-length") == str(len(reply.body)), head.headers
+    wrong = Rest(broker.port).call("POST", DOCUMENT_PATH, {})
+    assert wrong.status == 405, wrong.text
+    assert "GET" in wrong.headers.get("allow", ""), wrong.headers
     return Contract(document)
 
 

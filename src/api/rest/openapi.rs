@@ -47,9 +47,6 @@ use utoipa::openapi::{
 
 use super::routes::{ROUTES, RequestBody, Route};
 
-/// The path the document is served at (DCV's).
-pub const PATH: &str = "/dcv-session-manager-api.yaml";
-
 /// The content type of [`document`]'s bytes (RFC 9512).
 pub const CONTENT_TYPE: &str = "application/yaml";
 
