@@ -216,22 +216,32 @@ def _token(broker, client_id: str, secret: str) -> str:
         conn.close()
 
 
-@pytest.fixture
-def rest_broker(start_broker, broker_bin):
+def _start(start_broker, broker_bin, *flags: str):
     """A broker with authentication on, an operator token (every REST
     scope) and a read-only one."""
-    broker = start_broker("--auth", "on", "--max-request-bytes", str(MAX_REQUEST_BYTES))
+    broker = start_broker(
+        "--auth", "on", "--max-request-bytes", str(MAX_REQUEST_BYTES), *flags
+    )
     operator = _token(
         broker, *_register(broker_bin, broker, "portal", "read,servers:operate,sessions:manage")
     )
     reader = _token(broker, *_register(broker_bin, broker, "viewer", "read"))
-    yield broker, Rest(broker.port, operator), reader
-    assert broker.stop() == 0, broker.log_tail()
+    return broker, Rest(broker.port, operator), reader
+
+
+@pytest.fixture
+def rest_broker(start_broker, broker_bin):
+    started = _start(start_broker, broker_bin)
+    yield started
+    assert started[0].stop() == 0, started[0].log_tail()
 
 
 @pytest.fixture
 def contract(rest_broker) -> Contract:
-    broker, _, _ = rest_broker
+    return _fetch_contract(rest_broker[0])
+
+
+def _fetch_contract(broker) -> Contract:
     # Open, like DCV's: no token.
     reply = Rest(broker.port).call("GET", DOCUMENT_PATH)
     assert reply.status == 200, reply.text
@@ -368,3 +378,24 @@ def test_error_replies_match_the_error_schema(rest_broker, contract):
     assert reply.status == 200, reply.text
     contract.check_reply("/health", "GET", reply)
     assert reply.json() == {"status": "SERVING"}
+
+
+def test_a_rate_limited_reply_matches_the_document(start_broker, broker_bin):
+    """429 (the per-client rate limit) as the document describes it, with
+    Retry-After. (503 comes only from a broker shutting down or not ready,
+    which no request can provoke on purpose; it is the same error body.)"""
+    broker, rest, _ = _start(
+        start_broker, broker_bin, "--client-rate", "1", "--client-burst", "2"
+    )
+    contract = _fetch_contract(broker)
+    # At one request a second, 200 back-to-back requests cannot all pass.
+    for _ in range(200):
+        reply = rest.call("POST", "/describeServers")
+        if reply.status != 200:
+            break
+        contract.check_reply("/describeServers", "POST", reply)
+    assert reply.status == 429, f"{reply.status}: {reply.text}"
+    contract.check_reply("/describeServers", "POST", reply)
+    assert reply.json()["error"] == "too_many_requests", reply.text
+    assert reply.headers.get("retry-after", "").isdigit(), reply.headers
+    assert broker.stop() == 0, broker.log_tail()
