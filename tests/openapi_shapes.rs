@@ -204,6 +204,33 @@ fn every_dcv_field_is_ours_with_the_same_type() {
     );
 }
 
+/// Our additions to DCV's schemas say so: a field DCV's schema does not
+/// have is described as "Beyond DCV" (in its proto comment).
+#[test]
+fn our_additions_to_dcvs_schemas_are_marked_as_ours() {
+    let dcv = fixture();
+    let ours = ours();
+    let mut additions = 0;
+    for (schema, fields) in dcv["schemas"].as_object().unwrap() {
+        let mine = ours["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap();
+        for (field, my_field) in mine {
+            if fields.get(field).is_some() {
+                continue;
+            }
+            additions += 1;
+            let description = my_field["description"].as_str().unwrap_or_default();
+            assert!(
+                description.starts_with("Beyond DCV"),
+                "{schema}.{field} is ours, not DCV's; its description should say \
+                 so: {description:?}"
+            );
+        }
+    }
+    assert!(additions > 0, "Holds, Reason, ... are ours");
+}
+
 /// Our Session.Server (SessionServer) is DCV's Server with fewer fields:
 /// every field it has is a field of DCV's Server, of the same type.
 #[test]
