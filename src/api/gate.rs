@@ -500,12 +500,14 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
     name == "localhost" || allowed.contains(&name)
 }
 
-/// `/package.Service/Method`: a path tonic would route to a gRPC service.
+/// `/package.Service/Method`: a path tonic would route to a gRPC service
+/// (every service here has a package: `/sessionConnectionData/a` is not
+/// one).
 fn is_grpc_method_path(path: &str) -> bool {
     path.strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .is_some_and(|(service, method)| {
-            !service.is_empty() && !method.is_empty() && !method.contains('/')
+            service.contains('.') && !method.is_empty() && !method.contains('/')
         })
 }
 
