@@ -1073,3 +1073,168 @@ async fn the_openapi_document_is_served() {
         "{reply:?}"
     );
 }
+
+/// One request over TLS, trusting only `ca` (PEM), with ALPN `h2` or
+/// `http/1.1`.
+async fn over_tls(
+    addr: SocketAddr,
+    ca: &str,
+    http: Http,
+    request: http::Request<Full<Bytes>>,
+) -> Reply {
+    use hyper_util::rt::TokioIo;
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![match http {
+        Http::One => b"http/1.1".to_vec(),
+        Http::Two => b"h2".to_vec(),
+    }];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let io = TokioIo::new(tls);
+    let response = match http {
+        Http::One => {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(connection);
+            sender.send_request(request).await.unwrap()
+        }
+        Http::Two => {
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            sender.send_request(request).await.unwrap()
+        }
+    };
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn routes_are_served_over_tls_too() {
+    use dcv_broker::tls::{ServerTls, init};
+    let dir = std::env::temp_dir().join(format!("dcv-rest-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let generated = init::generate(&["localhost".into(), "127.0.0.1".into()], 30).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &generated.server_cert).unwrap();
+    std::fs::write(&key, &generated.server_key).unwrap();
+    let tls = ServerTls::load(&cert, &key).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fleet = dcv_broker::fleet::Fleet::new(Default::default()).unwrap();
+    let (id, description) =
+        dcv_broker::wire::registration_from_pb(registration("serverId1", "linux", 2)).unwrap();
+    fleet.register(&id, description).await.unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(dcv_broker::serve_tls(
+        listener,
+        fleet,
+        quiet_config(),
+        tls,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    for http in BOTH {
+        let version = match http {
+            Http::One => Version::HTTP_11,
+            Http::Two => Version::HTTP_2,
+        };
+        let request = http::Request::builder()
+            .method(Method::POST)
+            .version(version)
+            .uri(format!("https://localhost:{}/closeServers", addr.port()))
+            .header(header::HOST, format!("localhost:{}", addr.port()))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"[{"ServerId": "serverId1"}, {"ServerId": "serverId2"}]"#,
+            )))
+            .unwrap();
+        let request = match http {
+            // HTTP/2 carries the authority in :authority.
+            Http::Two => {
+                let (mut parts, body) = request.into_parts();
+                parts.headers.remove(header::HOST);
+                http::Request::from_parts(parts, body)
+            }
+            Http::One => request,
+        };
+        let reply = over_tls(addr, &generated.ca_cert, http, request).await;
+        let json = reply.ok();
+        assert_eq!(codes(&json), ["DCV_SERVER_NOT_FOUND"], "{json}");
+        let health = over_tls(
+            addr,
+            &generated.ca_cert,
+            http,
+            http::Request::builder()
+                .version(version)
+                .uri(format!("https://localhost:{}/health", addr.port()))
+                .header(header::HOST, format!("localhost:{}", addr.port()))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(health.status, StatusCode::OK, "{health:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_in_flight_limit_sheds_rest_calls_as_503() {
+    let broker = Broker::start(BrokerConfig {
+        fleet: dcv_broker::fleet::FleetConfig {
+            screenshot_timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
+        limits: Limits {
+            max_concurrent_requests: Some(1),
+            ..quiet_config().limits
+        },
+        ..quiet_config()
+    })
+    .await;
+    let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 2)).await;
+    let rest = Rest::new(broker.addr, Http::Two);
+    let id = ready_session(&rest, &mut agent, "gus").await;
+    // A screenshot the agent never answers holds the one slot...
+    let asking = {
+        let rest = rest.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            rest.post("/getSessionScreenshots", json!([{"SessionId": id}]))
+                .await
+        })
+    };
+    agent.next_screenshot().await;
+    // ...so another call is shed, in REST's form.
+    let reply = rest.post("/describeServers", json!({})).await;
+    let json = reply.error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(json["request_id"].is_string(), "{json}");
+    assert!(reply.headers.contains_key(header::RETRY_AFTER));
+    // Health is never shed.
+    assert_eq!(rest.get("/health").await.status, StatusCode::OK);
+    // Once the screenshot gives up, the slot is free again.
+    let shot = asking.await.unwrap().ok();
+    assert_eq!(codes(&shot), ["AGENT_UNAVAILABLE"], "{shot}");
+    rest.post("/describeServers", json!({})).await.ok();
+}
