@@ -1238,3 +1238,33 @@ async fn the_in_flight_limit_sheds_rest_calls_as_503() {
     assert_eq!(codes(&shot), ["AGENT_UNAVAILABLE"], "{shot}");
     rest.post("/describeServers", json!({})).await.ok();
 }
+
+#[tokio::test]
+async fn the_request_timeout_ends_a_rest_call_with_504() {
+    let broker = Broker::start(BrokerConfig {
+        request_timeout: Some(Duration::from_millis(300)),
+        fleet: dcv_broker::fleet::FleetConfig {
+            screenshot_timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+        ..quiet_config()
+    })
+    .await;
+    let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 2)).await;
+    let rest = Rest::new(broker.addr, Http::One);
+    let id = ready_session(&rest, &mut agent, "gus").await;
+    // The agent never answers: the broker's request timeout, not the
+    // screenshot's, ends the call, in REST's form.
+    let asking = {
+        let rest = rest.clone();
+        tokio::spawn(async move {
+            rest.post("/getSessionScreenshots", json!([{"SessionId": id}]))
+                .await
+        })
+    };
+    agent.next_screenshot().await;
+    let reply = asking.await.unwrap();
+    let json = reply.error(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded");
+    assert!(json["request_id"].is_string(), "{json}");
+    rest.assert_healthy().await;
+}
