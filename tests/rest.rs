@@ -1268,3 +1268,33 @@ async fn the_request_timeout_ends_a_rest_call_with_504() {
     assert!(json["request_id"].is_string(), "{json}");
     rest.assert_healthy().await;
 }
+
+#[tokio::test]
+async fn the_gates_host_and_cross_site_rules_cover_rest_routes() {
+    let broker = Broker::quiet().await;
+    let rest = Rest::new(broker.addr, Http::One);
+    let body = || Full::new(Bytes::from_static(br#"[{"ServerId": "a"}]"#));
+    let post = |name: &'static str, value: &str| {
+        http::Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/closeServers", broker.addr))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(name, value)
+    };
+    // A web page's POST (its Origin) is refused before the route.
+    let reply = rest
+        .send(post("origin", "http://attacker.example"), body())
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{reply:?}");
+    let reply = rest
+        .send(post("sec-fetch-site", "cross-site"), body())
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{reply:?}");
+    // A rebinding name as Host, on a plaintext loopback broker.
+    let reply = rest.send(post("host", "attacker.example"), body()).await;
+    assert_eq!(reply.status, StatusCode::MISDIRECTED_REQUEST, "{reply:?}");
+    // The broker's own origin passes.
+    let own = format!("http://{}", broker.addr);
+    let reply = rest.send(post("origin", &own), body()).await;
+    assert_eq!(codes(&reply.ok()), ["DCV_SERVER_NOT_FOUND"]);
+}
