@@ -399,6 +399,31 @@ async fn the_seeds_close_example_and_state_shared_with_grpc() {
         described["Servers"][0]["Availability"], "AVAILABLE",
         "{described}"
     );
+
+    // One path through the code: the gRPC reply, in DCV's JSON, is the
+    // REST reply but for the request id.
+    let grpc = servers
+        .describe_servers(describe_ids(&["serverId1"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let route = dcv_broker::api::rest::ROUTES
+        .iter()
+        .find(|r| r.path == "/describeServers")
+        .unwrap();
+    let (_, output) = dcv_broker::api::rest::json::method_types(route).unwrap();
+    let encoded = dcv_broker::api::rest::json::encode_reply(&output, &grpc).unwrap();
+    let mut grpc: Value = serde_json::from_slice(&encoded).unwrap();
+    let mut described = described;
+    for reply in [&mut grpc, &mut described] {
+        reply.as_object_mut().unwrap().remove("RequestId");
+        // The heartbeat time may move between the two calls.
+        reply["Servers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("LastHeartbeatTime");
+    }
+    assert_eq!(grpc, described);
 }
 
 #[tokio::test]
