@@ -1087,12 +1087,16 @@ async fn health_follows_grpc_health_through_shutdown() {
 }
 
 #[tokio::test]
-#[ignore = "enable when the openapi branch is merged (api::rest::openapi)"]
 async fn the_openapi_document_is_served() {
     let broker = Broker::quiet().await;
     let rest = Rest::new(broker.addr, Http::One);
     let reply = rest.get("/dcv-session-manager-api.yaml").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(
+        reply.headers[header::CONTENT_TYPE],
+        dcv_broker::api::rest::openapi::CONTENT_TYPE
+    );
+    assert_eq!(reply.body, dcv_broker::api::rest::openapi::document());
     assert!(
         String::from_utf8_lossy(&reply.body).contains("/closeServers"),
         "{reply:?}"
