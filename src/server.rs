@@ -16,8 +16,8 @@ use tonic_health::{
 
 use crate::{
     api::{
-        AgentApi, HttpGateLayer, OpenServices, ServersApi, SessionsApi, oauth::TokenEndpoint,
-        verifier::TokenVerifier,
+        AgentApi, HttpGateLayer, OpenServices, ServersApi, SessionsApi, gate::RestGate,
+        oauth::TokenEndpoint, rest::RestLayer, verifier::TokenVerifier,
     },
     auth::Auth,
     demo,
@@ -200,13 +200,20 @@ fn builder(config: &BrokerConfig) -> Server {
 }
 
 /// The HTTP gate of a port listening on `local`.
-fn gate(config: &BrokerConfig, fleet: &Fleet, local: SocketAddr, tls: bool) -> HttpGateLayer {
+fn gate(
+    config: &BrokerConfig,
+    fleet: &Fleet,
+    local: SocketAddr,
+    tls: bool,
+    rest: RestGate,
+) -> HttpGateLayer {
     HttpGateLayer::new(
         config
             .auth
             .clone()
             .map(|auth| TokenEndpoint::new(auth, &config.limits)),
         Some(TokenVerifier::new(fleet.clone())),
+        rest,
         local,
         tls,
         &config.allowed_hosts,
@@ -354,7 +361,17 @@ async fn run(
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let gate = gate(&config, &fleet, local, tls.is_some());
+    let gate = gate(
+        &config,
+        &fleet,
+        local,
+        tls.is_some(),
+        RestGate {
+            health: Some(health.clone()),
+            max_request_bytes: limits.max_request_bytes,
+            routes: true,
+        },
+    );
 
     let mut agent_port = match agent_port {
         Some(port) => Some(agent_port::start(
@@ -373,6 +390,14 @@ async fn run(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let connections = Connections::new(config.connections);
     let router = layered!(builder(&config), connections, gate, config)
+        // Innermost: DCV's REST routes, which the gate renamed to their
+        // gRPC methods and every layer above counted as such, are served
+        // here by the same adapters as the gRPC services below.
+        .layer(RestLayer::new(
+            fleet.clone(),
+            limits.max_request_bytes,
+            config.request_timeout,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -431,6 +431,7 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
     let d = &r.description;
     let h = &d.host;
     let (consoles, virtuals) = r.session_counts();
+    let (port, web_url_path) = dcv_web_endpoint(d);
     pb::Server {
         id: String::from(&*r.id),
         ip: String::from(&*d.ip),
@@ -474,6 +475,8 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
         registration_time: Some(Timestamp::from(r.registered_at)),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),
         max_concurrent_sessions_per_user: saturating_i32(d.max_concurrent_sessions_per_user),
+        port,
+        web_url_path,
     }
 }
 
@@ -545,23 +548,31 @@ pub fn create_spec_to_pb(spec: &fleet::CreateSpec) -> pb::CreateSessionRequestDa
     }
 }
 
-fn session_server_to_pb(server: &fleet::ServerRecord) -> pb::SessionServer {
-    let d = &server.description;
+/// DCV's flat `Port` and `WebUrlPath` of a server: those of its first HTTP
+/// endpoint, or of its first endpoint if none is HTTP (empty without any).
+fn dcv_web_endpoint(d: &fleet::ServerDescription) -> (String, String) {
     let web = d
         .endpoints
         .iter()
         .find(|e| e.protocol == fleet::Protocol::Http)
         .or(d.endpoints.first());
+    (
+        web.map(|e| e.port.to_string()).unwrap_or_default(),
+        web.map(|e| String::from(&*e.web_url_path))
+            .unwrap_or_default(),
+    )
+}
+
+fn session_server_to_pb(server: &fleet::ServerRecord) -> pb::SessionServer {
+    let d = &server.description;
+    let (port, web_url_path) = dcv_web_endpoint(d);
     pb::SessionServer {
         id: String::from(&*server.id),
         ip: String::from(&*d.ip),
         hostname: String::from(&*d.hostname),
-        port: web.map(|e| e.port.to_string()).unwrap_or_default(),
+        port,
         endpoints: d.endpoints.iter().map(endpoint_to_pb).collect(),
-        web_url_path: web
-            .map(|e| e.web_url_path.clone())
-            .unwrap_or_default()
-            .to_string(),
+        web_url_path,
         tags: tags_to_pb(server),
     }
 }

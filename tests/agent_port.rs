@@ -24,6 +24,29 @@ async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
+/// The status of one plain HTTP/1.1 request (JSON body when not empty).
+async fn http1_status(addr: SocketAddr, method: &str, path: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut reply))
+        .await
+        .expect("a reply")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    reply
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"))
+}
+
 /// The nice value of each thread of `pid` whose name is `name`.
 fn nice_of_threads(pid: u32, name: &str) -> Vec<i64> {
     let mut nice = Vec::new();
@@ -83,6 +106,26 @@ async fn agents_on_their_own_port_are_seen_on_the_main_one() {
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // Nor DCV's REST API; but /health, for the agents' load balancer.
+    assert_eq!(
+        http1_status(agents, "POST", "/closeServers", "[]").await,
+        404
+    );
+    assert_eq!(
+        http1_status(agents, "GET", "/dcv-session-manager-api.yaml", "").await,
+        404
+    );
+    assert_eq!(http1_status(agents, "GET", "/health", "").await, 200);
+    assert_eq!(
+        http1_status(
+            broker.addr,
+            "POST",
+            "/closeServers",
+            r#"[{"ServerId":"nope"}]"#
+        )
+        .await,
+        200
     );
     // The main port still takes agents.
     let mut other = TestAgent::connect_to(broker.addr, registration("ap-2", "linux", 4)).await;

@@ -740,3 +740,43 @@ async fn paging_through_2500_servers_while_others_come_and_go() {
     let stable_seen = seen.iter().filter(|id| !id.contains("churn")).count();
     assert_eq!(stable_seen, 2500, "no stable server skipped");
 }
+
+/// DCV's flat Port and WebUrlPath of a described server are those of its
+/// first HTTP endpoint (DCV clients that predate Endpoints read them), else
+/// of its first endpoint, else empty.
+#[tokio::test]
+async fn a_described_server_carries_dcvs_port_and_web_url_path() {
+    let broker = Broker::quiet().await;
+    let mut agent = broker.agent().await;
+    let endpoint = |port: i32, protocol: pb::Protocol, path: &str| pb::Endpoint {
+        ip_address: "192.0.2.10".into(),
+        port,
+        protocol: protocol as i32,
+        web_url_path: path.into(),
+    };
+    let mut http_second = registration("http-second", "linux", 2);
+    http_second.endpoints = vec![
+        endpoint(8444, pb::Protocol::Quic, "/q"),
+        endpoint(8443, pb::Protocol::Http, "/dcv"),
+    ];
+    let mut quic_only = registration("quic-only", "linux", 2);
+    quic_only.endpoints = vec![endpoint(9443, pb::Protocol::Quic, "/quic")];
+    let mut none = registration("none", "linux", 2);
+    none.endpoints.clear();
+    for r in [http_second, quic_only, none] {
+        agent.register_server(r).await.unwrap();
+    }
+    let mut servers = broker.servers().await;
+    for (id, port, path) in [
+        ("http-second", "8443", "/dcv"),
+        ("quic-only", "9443", "/quic"),
+        ("none", "", ""),
+    ] {
+        let s = describe_one(&mut servers, id).await;
+        assert_eq!(
+            (s.port.as_str(), s.web_url_path.as_str()),
+            (port, path),
+            "{id}"
+        );
+    }
+}

@@ -30,7 +30,9 @@ use tonic_health::{
     server::{HealthReporter, HealthService},
 };
 
-use super::{BrokerConfig, ServeError, connections::ConnectionLimits, connections::Connections};
+use super::{
+    BrokerConfig, RestGate, ServeError, connections::ConnectionLimits, connections::Connections,
+};
 use crate::{api::AgentApi, fleet::Fleet, pb::agent_server::AgentServer, tls::ServerTls};
 
 /// Default of `--agent-threads`.
@@ -179,7 +181,19 @@ async fn serve(
     let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
-    let gate = super::gate(&config, &fleet, local, tls.is_some());
+    // Health for the agents' load balancer; DCV's REST API is the
+    // operators' and stays on the main port.
+    let gate = super::gate(
+        &config,
+        &fleet,
+        local,
+        tls.is_some(),
+        RestGate {
+            health: Some(health.clone()),
+            max_request_bytes: limits.max_request_bytes,
+            routes: false,
+        },
+    );
     let router = super::layered!(super::builder(&config), connections, gate, config)
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             health,
