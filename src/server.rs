@@ -12,7 +12,8 @@ use tonic_health::ServingStatus;
 use crate::{
     api::{
         AgentApi, AuthLayer, HttpGateLayer, OpenServices, RequestSpanLayer, ServersApi,
-        SessionsApi, oauth::TokenEndpoint, verifier::TokenVerifier,
+        SessionsApi, gate::RestGate, oauth::TokenEndpoint, rest::RestLayer,
+        verifier::TokenVerifier,
     },
     auth::Auth,
     demo,
@@ -256,6 +257,10 @@ async fn run(
             .clone()
             .map(|auth| TokenEndpoint::new(auth, &config.limits)),
         Some(TokenVerifier::new(fleet.clone())),
+        RestGate {
+            health: Some(health.clone()),
+            max_request_bytes: limits.max_request_bytes,
+        },
         local,
         tls.is_some(),
         &config.allowed_hosts,
@@ -300,6 +305,14 @@ async fn run(
         })))
         .layer(tower::util::option_layer(
             limits.max_concurrent_requests.map(InFlightLimitLayer::new),
+        ))
+        // Innermost: DCV's REST routes, which the gate renamed to their
+        // gRPC methods and every layer above counted as such, are served
+        // here by the same adapters as the gRPC services below.
+        .layer(RestLayer::new(
+            fleet.clone(),
+            limits.max_request_bytes,
+            config.request_timeout,
         ))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,9 +1,10 @@
 //! The HTTP gate: the one layer in front of every route that decides what
 //! may reach the broker at all, with every rule here.
 //!
-//! The port speaks two things: gRPC, and a few plain HTTP routes that
-//! non-gRPC clients need (the OAuth token endpoint, and DCV servers'
-//! token verifier). A browser can
+//! The port speaks two things: gRPC, and plain HTTP routes for non-gRPC
+//! clients (the OAuth token endpoint, DCV servers' token verifier, DCV
+//! Session Manager's REST API, `/health` and our OpenAPI document). A
+//! browser can
 //! reach both: any web page may POST to `http://127.0.0.1:8443` with a
 //! "simple" content type (`text/plain`, forms) and no CORS preflight, and
 //! a DNS-rebinding page can even read the answers. So, in this order:
@@ -22,13 +23,25 @@
 //!    HTTP/2; 404 when authentication is off), outside the gRPC layers
 //!    and their limits; `/agent/validate-authentication-token` goes to
 //!    DCV's token verifier (HTTP/1.1 or HTTP/2, open: DCV servers hold no
-//!    bearer token), likewise with limits of its own. Everything else is gRPC and only gRPC: HTTP/2
-//!    with an `application/grpc*` content type. A gRPC method path with
-//!    another content type gets HTTP 415, gRPC over HTTP/1.x gets HTTP
-//!    505, and any other path 404, all before any handler runs.
+//!    bearer token), likewise with limits of its own; `/health` answers
+//!    from the broker's gRPC health (open, like gRPC health);
+//!    `/dcv-session-manager-api.yaml` serves our OpenAPI document (open).
+//!    DCV's REST routes (`api::rest::ROUTES`, HTTP/1.1 or HTTP/2, paths
+//!    case-sensitive) are checked for method (405 with `Allow`), content
+//!    type when a body comes (415 unless `application/json`) and declared
+//!    length (413), then renamed to their gRPC method's path and passed on
+//!    to the same layers as gRPC (authentication, scope, rate, in-flight
+//!    limit), marked for `api::rest::handler::RestLayer`, which serves them
+//!    innermost; a refusal from those layers comes back here in gRPC's
+//!    form and leaves as the REST error reply. Everything else is gRPC and
+//!    only gRPC: HTTP/2 with an `application/grpc*` content type. A gRPC
+//!    method path with another content type gets HTTP 415, gRPC over
+//!    HTTP/1.x gets HTTP 505, and any other path 404, all before any
+//!    handler runs.
 //!
 //! Refusals are plain HTTP with an OAuth-shaped JSON body
-//! (`{"error", "error_description"}`), never a gRPC status.
+//! (`{"error", "error_description"}`, and `request_id` on REST routes),
+//! never a gRPC status.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -39,12 +52,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Version, header, uri::Authority};
+use http::{HeaderMap, Method, StatusCode, Version, header, uri::Authority};
 use tonic::body::Body;
 use tower::ServiceExt as _;
 
 use super::{
     oauth::{TokenEndpoint, is_oauth_path, oauth_error},
+    rest::handler::{
+        self as rest, HEALTH_PATH, Match, OPENAPI_PATH, RestCall, RestHold, error_reply,
+    },
     verifier::{TokenVerifier, VERIFIER_PATH},
 };
 use crate::layer::{Policy, PolicyLayer, PolicyService, Verdict};
@@ -62,10 +78,30 @@ pub struct HttpGatePolicy {
     shared: Arc<Shared>,
 }
 
+/// What the gate needs for the REST routes.
+#[derive(Debug, Clone)]
+pub struct RestGate {
+    /// The broker's health, for `/health` (`None`: 404).
+    pub health: Option<tonic_health::server::HealthReporter>,
+    /// The largest request body, as gRPC's largest message: a declared
+    /// length over it is refused here with 413.
+    pub max_request_bytes: usize,
+}
+
+impl Default for RestGate {
+    fn default() -> Self {
+        RestGate {
+            health: None,
+            max_request_bytes: crate::limits::Limits::default().max_request_bytes,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     token: Option<TokenEndpoint>,
     verifier: Option<TokenVerifier>,
+    rest: RestGate,
     /// The scheme of the broker's own origin.
     scheme: &'static str,
     /// `None`: any Host. `Some(names)`: IP literals, `localhost` and these
@@ -80,10 +116,11 @@ impl HttpGateLayer {
     /// off, and `/oauth2/...` is 404) and DCV's token verifier with
     /// `verifier` (`None`: 404). `allowed_hosts` are the names, besides IP
     /// literals and `localhost`, that a plaintext loopback broker accepts as
-    /// Host.
+    /// Host. `rest` serves `/health` and bounds REST bodies.
     pub fn new(
         token: Option<TokenEndpoint>,
         verifier: Option<TokenVerifier>,
+        rest: RestGate,
         local: SocketAddr,
         tls: bool,
         allowed_hosts: &[String],
@@ -93,6 +130,7 @@ impl HttpGateLayer {
             shared: Arc::new(Shared {
                 token,
                 verifier,
+                rest,
                 scheme: if tls { "https" } else { "http" },
                 hosts: rebindable.then(|| {
                     allowed_hosts
@@ -111,11 +149,25 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    type Hold = ();
+    /// A REST request's id and whether it carried a token, to answer a
+    /// refusal from the layers behind in REST's form.
+    type Hold = Option<RestHold>;
 
-    fn check<E: Send + 'static>(&self, request: http::Request<B>) -> Verdict<B, (), E> {
+    fn check<E: Send + 'static>(&self, mut request: http::Request<B>) -> Verdict<B, Self::Hold, E> {
         match self.shared.route(&request) {
-            Route::Grpc => Verdict::Pass(request, ()),
+            Route::Grpc => Verdict::Pass(request, None),
+            Route::Rest(call) => {
+                // From here on the request is its gRPC method to every
+                // layer: the scope table, the rate and the in-flight limit
+                // treat it exactly as that call.
+                *request.uri_mut() = http::Uri::from_static(call.route.grpc_path);
+                let hold = RestHold::of(&request);
+                request.extensions_mut().insert(call);
+                Verdict::Pass(request, Some(hold))
+            }
+            Route::Health(reporter) => {
+                Verdict::Later(Box::pin(async move { Ok(rest::health(reporter).await) }))
+            }
             Route::Token(endpoint) => {
                 let request = request.map(Body::new);
                 Verdict::Later(Box::pin(async move {
@@ -150,8 +202,20 @@ where
                         refusal.description
                     );
                 }
-                Verdict::Answer(refusal.response())
+                let request_id = refusal
+                    .rest
+                    .then(|| request.extensions().get::<super::RequestId>())
+                    .flatten()
+                    .map(|id| id.0.to_string());
+                Verdict::Answer(refusal.response(request_id.as_deref()))
             }
+        }
+    }
+
+    fn respond(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
+        match hold {
+            Some(hold) => rest::rest_refusal(hold, response),
+            None => response,
         }
     }
 }
@@ -160,6 +224,10 @@ where
 enum Route {
     /// On to the gRPC layers and services.
     Grpc,
+    /// On to the same layers as its gRPC method, then the REST handler.
+    Rest(RestCall),
+    /// `/health`.
+    Health(tonic_health::server::HealthReporter),
     /// To the token endpoint.
     Token(TokenEndpoint),
     /// To DCV's token verifier.
@@ -172,6 +240,10 @@ struct Refusal {
     status: StatusCode,
     error: &'static str,
     description: String,
+    /// A REST route's refusal: the body names the request id.
+    rest: bool,
+    /// The methods the path takes (405).
+    allow: Option<&'static str>,
 }
 
 impl Refusal {
@@ -180,17 +252,49 @@ impl Refusal {
             status,
             error,
             description: description.into(),
+            rest: false,
+            allow: None,
         })
     }
 
-    fn response(&self) -> http::Response<Body> {
-        oauth_error(self.status, self.error, &self.description)
+    fn rest(status: StatusCode, error: &'static str, description: impl Into<String>) -> Route {
+        Route::Refuse(Refusal {
+            status,
+            error,
+            description: description.into(),
+            rest: true,
+            allow: None,
+        })
+    }
+
+    fn method_not_allowed(path: &str, allow: &'static str) -> Route {
+        Route::Refuse(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            error: "method_not_allowed",
+            description: format!("{path} takes {allow} only"),
+            rest: true,
+            allow: Some(allow),
+        })
+    }
+
+    fn response(&self, request_id: Option<&str>) -> http::Response<Body> {
+        let mut response = if self.rest {
+            error_reply(self.status, self.error, &self.description, request_id, None)
+        } else {
+            oauth_error(self.status, self.error, &self.description)
+        };
+        if let Some(allow) = self.allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+        }
+        response
     }
 }
 
 impl Shared {
     /// The rules, in order: Host, cross-site, then routes.
-    fn route<B>(&self, request: &http::Request<B>) -> Route {
+    fn route<B: http_body::Body>(&self, request: &http::Request<B>) -> Route {
         let headers = request.headers();
         // HTTP/2 carries :authority in the URI; HTTP/1.1 the Host header.
         // Both are checked when both are there.
@@ -251,6 +355,9 @@ impl Shared {
                 ),
             };
         }
+        if let Some(route) = self.rest_route(request) {
+            return route;
+        }
         if !is_grpc_content_type(headers) {
             return if is_grpc_method_path(path) {
                 Refusal::route(
@@ -261,7 +368,7 @@ impl Shared {
             } else {
                 Refusal::route(
                     StatusCode::NOT_FOUND,
-                    "invalid_request",
+                    "not_found",
                     format!("nothing is served at {path:?}"),
                 )
             };
@@ -274,6 +381,67 @@ impl Shared {
             );
         }
         Route::Grpc
+    }
+
+    /// Where a request for `/health`, the OpenAPI document or a REST route
+    /// goes; `None` for other paths.
+    fn rest_route<B: http_body::Body>(&self, request: &http::Request<B>) -> Option<Route> {
+        let path = request.uri().path();
+        let method = request.method();
+        let read = method == Method::GET || method == Method::HEAD;
+        if path == HEALTH_PATH {
+            return Some(match (&self.rest.health, read) {
+                (_, false) => Refusal::method_not_allowed(path, "GET, HEAD"),
+                (Some(reporter), true) => Route::Health(reporter.clone()),
+                (None, true) => Refusal::rest(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "this broker serves no health route",
+                ),
+            });
+        }
+        if path == OPENAPI_PATH {
+            return Some(if read {
+                // TODO(openapi): serve `crate::api::rest::openapi::document()`
+                // with `openapi::CONTENT_TYPE` here once the openapi branch
+                // is merged (tests/rest.rs `the_openapi_document_is_served`
+                // is marked #[ignore] until then).
+                Refusal::rest(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "this broker does not serve its OpenAPI document yet",
+                )
+            } else {
+                Refusal::method_not_allowed(path, "GET, HEAD")
+            });
+        }
+        let (route, params) = match rest::find(method, path) {
+            Match::Route(route, params) => (route, params),
+            Match::WrongMethod(allow) => return Some(Refusal::method_not_allowed(path, allow)),
+            Match::None => return None,
+        };
+        let headers = request.headers();
+        let body = request.body();
+        // What hyper knows before any byte of the body: its declared
+        // length. An undeclared one is bounded while it is read.
+        if body.size_hint().lower() > self.rest.max_request_bytes as u64 {
+            return Some(Refusal::rest(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the request body is over the broker's limit of {} bytes",
+                    self.rest.max_request_bytes
+                ),
+            ));
+        }
+        if !body.is_end_stream() && !rest::is_json(headers.get(header::CONTENT_TYPE)) {
+            return Some(Refusal::rest(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                rest::NOT_JSON,
+            ));
+        }
+        Some(Route::Rest(RestCall { route, params }))
     }
 
     /// A refusal when the request comes from another site's page.
@@ -347,16 +515,23 @@ mod tests {
 
     fn gate(tls: bool, local: &str, allowed: &[&str]) -> Arc<Shared> {
         let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
-        let layer = HttpGateLayer::new(None, None, local.parse().unwrap(), tls, &allowed);
+        let layer = HttpGateLayer::new(
+            None,
+            None,
+            RestGate::default(),
+            local.parse().unwrap(),
+            tls,
+            &allowed,
+        );
         layer.policy().shared.clone()
     }
 
-    fn grpc(host: &str, path: &str) -> http::Request<()> {
+    fn grpc(host: &str, path: &str) -> http::Request<String> {
         http::Request::builder()
             .version(Version::HTTP_2)
             .uri(format!("http://{host}{path}"))
             .header(header::CONTENT_TYPE, "application/grpc")
-            .body(())
+            .body(String::new())
             .unwrap()
     }
 
@@ -425,15 +600,22 @@ mod tests {
                 .uri(path)
                 .header(header::HOST, host)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(())
+                .body(String::new())
                 .unwrap()
         };
         let fleet = crate::fleet::Fleet::new(crate::fleet::FleetConfig::default()).unwrap();
         let local = "127.0.0.1:8443".parse().unwrap();
-        let g = HttpGateLayer::new(None, Some(TokenVerifier::new(fleet)), local, false, &[])
-            .policy()
-            .shared
-            .clone();
+        let g = HttpGateLayer::new(
+            None,
+            Some(TokenVerifier::new(fleet)),
+            RestGate::default(),
+            local,
+            false,
+            &[],
+        )
+        .policy()
+        .shared
+        .clone();
         assert!(matches!(
             g.route(&form("127.0.0.1:8443", VERIFY)),
             Route::Verifier(_)
