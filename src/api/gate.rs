@@ -500,12 +500,14 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
     name == "localhost" || allowed.contains(&name)
 }
 
-/// `/package.Service/Method`: a path tonic would route to a gRPC service.
+/// `/package.Service/Method`: a path tonic would route to a gRPC service
+/// (every service here has a package: `/sessionConnectionData/a` is not
+/// one).
 fn is_grpc_method_path(path: &str) -> bool {
     path.strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .is_some_and(|(service, method)| {
-            !service.is_empty() && !method.is_empty() && !method.contains('/')
+            service.contains('.') && !method.is_empty() && !method.contains('/')
         })
 }
 
@@ -642,6 +644,75 @@ mod tests {
         let none = gate(false, "127.0.0.1:8443", &[]);
         assert_eq!(
             status(none.route(&form("127.0.0.1:8443", VERIFY))),
+            Some(StatusCode::NOT_FOUND)
+        );
+    }
+
+    #[test]
+    fn rest_routes_are_checked_then_passed_on_as_their_grpc_method() {
+        let g = gate(false, "127.0.0.1:8443", &[]);
+        let rest = |method: http::Method, path: &str, content_type: Option<&str>, body: String| {
+            let mut request = http::Request::builder()
+                .version(Version::HTTP_11)
+                .method(method)
+                .uri(path)
+                .header(header::HOST, "127.0.0.1:8443");
+            if let Some(content_type) = content_type {
+                request = request.header(header::CONTENT_TYPE, content_type);
+            }
+            request.body(body).unwrap()
+        };
+        let json = Some("application/json");
+        match g.route(&rest(
+            http::Method::POST,
+            "/closeServers",
+            json,
+            "[]".into(),
+        )) {
+            Route::Rest(call) => assert_eq!(call.route.grpc_path, CLOSE),
+            _ => panic!("not routed to REST"),
+        }
+        // A describe without a body needs no content type.
+        assert!(matches!(
+            g.route(&rest(
+                http::Method::POST,
+                "/describeServers",
+                None,
+                String::new()
+            )),
+            Route::Rest(_)
+        ));
+        let refused = |request| status(g.route(&request));
+        assert_eq!(
+            refused(rest(
+                http::Method::GET,
+                "/closeServers",
+                None,
+                String::new()
+            )),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(
+            refused(rest(
+                http::Method::POST,
+                "/closeServers",
+                Some("text/plain"),
+                "[]".into()
+            )),
+            Some(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        );
+        let over = " ".repeat(RestGate::default().max_request_bytes + 1);
+        assert_eq!(
+            refused(rest(http::Method::POST, "/closeServers", json, over)),
+            Some(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+        // Without a health reporter, /health is 404; paths are exact.
+        assert_eq!(
+            refused(rest(http::Method::GET, "/health", None, String::new())),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            refused(rest(http::Method::POST, "/CloseServers", json, "[]".into())),
             Some(StatusCode::NOT_FOUND)
         );
     }

@@ -289,6 +289,7 @@ where
             return Verdict::Pass(request, ());
         };
         let shared = self.shared.clone();
+        let call_path = call.route.path;
         Verdict::Later(Box::pin(async move {
             let request_id = request
                 .extensions()
@@ -305,6 +306,22 @@ where
                     }),
                 None => shared.serve(call, request).await,
             };
+            // Inside the request's span: the log line carries its id.
+            match &served {
+                Ok(_) => tracing::debug!(route = call_path, "REST call answered"),
+                Err(Reply::Status(status)) => tracing::debug!(
+                    route = call_path,
+                    code = ?status.code(),
+                    message = status.message(),
+                    "REST call refused"
+                ),
+                Err(Reply::Refused(status, error, _)) => tracing::debug!(
+                    route = call_path,
+                    status = status.as_u16(),
+                    error,
+                    "REST call refused"
+                ),
+            }
             Ok(match served {
                 Ok(body) => json_reply(body),
                 Err(Reply::Status(status)) => status_reply(&status, request_id.as_deref(), token),
