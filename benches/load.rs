@@ -16,6 +16,9 @@
 //! for the generator and hands the parent its bearer token on the line
 //! that announces the port, and the run stops unless it refuses a call
 //! without the token.
+//! The `rest` scenario (issue 15) sends DCV's REST CloseServers of one item
+//! and gRPC's CloseServers of one item to the same broker, both with
+//! h2load, alternating repetitions; over h2c, then REST over HTTP/1.1.
 //!
 //! Generators: a tonic client (C connections x M requests in flight, a
 //! warm-up, then R windows; latency in an HDR histogram) for every
@@ -1117,8 +1120,47 @@ async fn close_or_open(
 
 // --------------------------------------------------------------- h2load
 
-/// Runs h2load with a pre-encoded request against `server`: medians over
-/// the repetitions, latency percentiles from its per-request log.
+/// One request as h2load sends it, over and over: a gRPC call or a REST
+/// call, so that both are measured by the same generator.
+struct H2loadRequest {
+    /// The request's path.
+    path: String,
+    /// The body exactly as sent.
+    body: Vec<u8>,
+    /// Its headers (`name: value`).
+    headers: Vec<&'static str>,
+    /// HTTP/1.1 instead of h2c (prior knowledge).
+    h1: bool,
+}
+
+impl H2loadRequest {
+    /// A unary gRPC call: the message in its frame (uncompressed flag,
+    /// big-endian length, message).
+    fn grpc(path: &str, message: &[u8]) -> H2loadRequest {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        frame.extend_from_slice(message);
+        H2loadRequest {
+            path: path.into(),
+            body: frame,
+            headers: vec!["content-type: application/grpc", "te: trailers"],
+            h1: false,
+        }
+    }
+
+    /// A DCV REST call with a JSON body.
+    fn rest(path: &str, json: &serde_json::Value, h1: bool) -> H2loadRequest {
+        H2loadRequest {
+            path: path.into(),
+            body: json.to_string().into_bytes(),
+            headers: vec!["content-type: application/json"],
+            h1,
+        }
+    }
+}
+
+/// Runs h2load with a pre-encoded gRPC request against `server`: medians
+/// over the repetitions, latency percentiles from its per-request log.
 fn h2load(
     opts: &Opts,
     server: &ServerProcess,
@@ -1127,103 +1169,15 @@ fn h2load(
     load: &Load,
     dir: &Path,
 ) -> Figures {
-    let body_file = dir.join("h2load-body.bin");
-    let log_file = dir.join("h2load.log");
-    // The gRPC frame: uncompressed flag, big-endian length, message.
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(body);
-    std::fs::write(&body_file, frame).unwrap();
-    let mut reps = Vec::new();
-    for _ in 0..opts.reps {
-        let _ = std::fs::remove_file(&log_file);
-        let mut command = if opts.pin {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "1", "h2load"]);
-            c
-        } else {
-            Command::new("h2load")
-        };
-        // h2load takes whole units: milliseconds.
-        let window = opts.window.as_millis();
-        let warm = opts.warm_up.as_millis();
-        let mut child = command
-            .args(["-t", "1", "-c"])
-            .arg(load.connections.to_string())
-            .arg("-m")
-            .arg(load.per_connection.to_string())
-            .arg("-D")
-            .arg(format!("{window}ms"))
-            .arg(format!("--warm-up-time={warm}ms"))
-            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-            .args(
-                server
-                    .token
-                    .iter()
-                    .flat_map(|token| ["-H".into(), format!("authorization: Bearer {token}")]),
-            )
-            .arg("-d")
-            .arg(&body_file)
-            .arg(format!("--log-file={}", log_file.display()))
-            .arg(format!("http://{}{path}", server.addr))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(opts.warm_up + Duration::from_millis(50));
-        let before = server.cpu();
-        let measured = Instant::now();
-        std::thread::sleep(opts.window - Duration::from_millis(100));
-        let cpu = (server.cpu() - before) / measured.elapsed().as_secs_f64();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        child.wait().unwrap();
-        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-        // Each line: start time (µs since the epoch), HTTP status, duration
-        // (µs). Only the measured period is logged.
-        let mut lat: Vec<u64> = Vec::new();
-        let mut errors = 0;
-        for line in log.lines() {
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.len() < 3 {
-                continue;
-            }
-            if f[1] != "200" {
-                errors += 1;
-                continue;
-            }
-            lat.push(f[2].trim().parse().unwrap_or(0));
-        }
-        lat.sort_unstable();
-        let q = |q: f64| {
-            lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(0) as f64
-        };
-        let rps = out
-            .lines()
-            .find(|l| l.starts_with("finished in"))
-            .and_then(|l| l.split(", ").nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(lat.len() as f64 / opts.window.as_secs_f64());
-        reps.push(Figures {
-            rps,
-            items_per_s: rps,
-            cpu_us_per_req: cpu * 1e6 / rps.max(1.0),
-            p50_us: q(0.5),
-            p99_us: q(0.99),
-            p999_us: q(0.999),
-            cpu,
-            errors,
-            ..Figures::default()
-        });
-    }
+    let request = H2loadRequest::grpc(path, body);
+    let reps: Vec<Figures> = (0..opts.reps)
+        .map(|_| h2load_once(opts, server, &request, load, dir))
+        .collect();
+    median_figures(&reps)
+}
+
+/// The median of each figure over repetitions; errors summed.
+fn median_figures(reps: &[Figures]) -> Figures {
     Figures {
         rps: median(reps.iter().map(|f| f.rps).collect()),
         items_per_s: median(reps.iter().map(|f| f.items_per_s).collect()),
@@ -1234,6 +1188,215 @@ fn h2load(
         cpu_us_per_req: median(reps.iter().map(|f| f.cpu_us_per_req).collect()),
         errors: reps.iter().map(|f| f.errors).sum(),
         ..Figures::default()
+    }
+}
+
+/// One h2load window of `request` against `server`.
+fn h2load_once(
+    opts: &Opts,
+    server: &ServerProcess,
+    request: &H2loadRequest,
+    load: &Load,
+    dir: &Path,
+) -> Figures {
+    let body_file = dir.join("h2load-body.bin");
+    let log_file = dir.join("h2load.log");
+    std::fs::write(&body_file, &request.body).unwrap();
+    let _ = std::fs::remove_file(&log_file);
+    let mut command = if opts.pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1", "h2load"]);
+        c
+    } else {
+        Command::new("h2load")
+    };
+    if request.h1 {
+        command.arg("--h1");
+    }
+    // h2load takes whole units: milliseconds.
+    let window = opts.window.as_millis();
+    let warm = opts.warm_up.as_millis();
+    let mut child = command
+        .args(["-t", "1", "-c"])
+        .arg(load.connections.to_string())
+        .arg("-m")
+        .arg(load.per_connection.to_string())
+        .arg("-D")
+        .arg(format!("{window}ms"))
+        .arg(format!("--warm-up-time={warm}ms"))
+        .args(request.headers.iter().flat_map(|h| ["-H", h]))
+        .args(
+            server
+                .token
+                .iter()
+                .flat_map(|token| ["-H".into(), format!("authorization: Bearer {token}")]),
+        )
+        .arg("-d")
+        .arg(&body_file)
+        .arg(format!("--log-file={}", log_file.display()))
+        .arg(format!("http://{}{}", server.addr, request.path))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(opts.warm_up + Duration::from_millis(50));
+    let before = server.cpu();
+    let measured = Instant::now();
+    std::thread::sleep(opts.window - Duration::from_millis(100));
+    let cpu = (server.cpu() - before) / measured.elapsed().as_secs_f64();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    // Each line: start time (µs since the epoch), HTTP status, duration
+    // (µs). Only the measured period is logged.
+    let mut lat: Vec<u64> = Vec::new();
+    let mut errors = 0;
+    for line in log.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 3 {
+            continue;
+        }
+        if f[1] != "200" {
+            errors += 1;
+            continue;
+        }
+        lat.push(f[2].trim().parse().unwrap_or(0));
+    }
+    lat.sort_unstable();
+    let q = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    let rps = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(lat.len() as f64 / opts.window.as_secs_f64());
+    Figures {
+        rps,
+        items_per_s: rps,
+        cpu_us_per_req: cpu * 1e6 / rps.max(1.0),
+        p50_us: q(0.5),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        cpu,
+        errors,
+        ..Figures::default()
+    }
+}
+
+/// REST CloseServers of one item (DCV's bare array, JSON) against gRPC
+/// CloseServers of one item, on the same broker, closing the same server
+/// (so the domain does the same work), both sent by h2load so neither pays
+/// for a heavier client. The repetitions alternate between the two, so
+/// drift on a shared machine falls on both. Over h2c at the h2load loads,
+/// then REST over HTTP/1.1 (one request at a time per connection: DCV's
+/// clients do not pipeline) against gRPC at the same connections.
+fn rest_vs_grpc(opts: &Opts, broker: &ServerProcess, dir: &Path) -> Result<Vec<Row>, String> {
+    let server_id = demo::server_id(2);
+    let grpc = H2loadRequest::grpc(
+        "/dcv.sessionmanager.v1.Servers/CloseServers",
+        &pb::CloseServersRequest {
+            servers: vec![pb::CloseServerRequestData {
+                server_id: server_id.clone(),
+                force: Some(true),
+                reason: String::new(),
+            }],
+        }
+        .encode_to_vec(),
+    );
+    let body = serde_json::json!([{"ServerId": server_id, "Force": true}]);
+    check_rest_close(broker, &body, &server_id)?;
+    let rest = H2loadRequest::rest("/closeServers", &body, false);
+    let rest_h1 = H2loadRequest::rest("/closeServers", &body, true);
+    let h2c: &[(usize, usize)] = if opts.quick {
+        &[(16, 64)]
+    } else {
+        &[(4, 16), (16, 64)]
+    };
+    let runs = h2c
+        .iter()
+        .map(|&(c, m)| ("rest close-1 (h2c)", c, m, &rest))
+        .chain([("rest close-1 (http/1.1)", 64, 1, &rest_h1)]);
+    let mut rows = Vec::new();
+    for (name, connections, per_connection, rest) in runs {
+        let load = Load {
+            op: Op::CloseOpen(1),
+            connections,
+            per_connection,
+        };
+        let (mut g, mut r) = (Vec::new(), Vec::new());
+        for _ in 0..opts.reps {
+            g.push(h2load_once(opts, broker, &grpc, &load, dir));
+            r.push(h2load_once(opts, broker, rest, &load, dir));
+        }
+        rows.push(Row {
+            name: name.into(),
+            generator: "h2load",
+            load: format!("{connections}x{per_connection}"),
+            labels: ("", ""),
+            baseline: Some(("grpc".into(), median_figures(&g))),
+            broker: ("rest".into(), median_figures(&r)),
+        });
+    }
+    Ok(rows)
+}
+
+/// Sends the REST close once over HTTP/1.1: an error unless the broker
+/// answers 200 with the server in `SuccessfulList` (the benchmark must
+/// measure the route doing its work, not a refusal).
+fn check_rest_close(
+    broker: &ServerProcess,
+    body: &serde_json::Value,
+    server_id: &str,
+) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("REST CloseServers: {e}");
+    let mut stream = std::net::TcpStream::connect(broker.addr).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let body = body.to_string();
+    let token = broker
+        .token
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST /closeServers HTTP/1.1\r\nHost: {}\r\n{token}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        broker.addr,
+        body.len()
+    )
+    .map_err(io)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).map_err(io)?;
+    let (head, json) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let ok = head.starts_with("HTTP/1.1 200")
+        && serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                v["SuccessfulList"][0]["ServerId"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .is_some_and(|id| id == server_id);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "REST CloseServers did not close {server_id}:\n{reply}"
+        ))
     }
 }
 
@@ -1579,6 +1742,20 @@ fn harness(opts: Opts) {
                 print_row(&row);
                 rows.push(row);
             }
+        }
+    }
+    // DCV's REST facade against gRPC on the same broker.
+    if run_h2load && opts.wants("rest") {
+        match rest_vs_grpc(&opts, &broker, &dir) {
+            Ok(rest_rows) => {
+                for row in rest_rows {
+                    print_row(&row);
+                    rows.push(row);
+                }
+            }
+            // Said, not a panic: a panic here would leave the servers
+            // running.
+            Err(why) => println!("rest: not measured: {why}"),
         }
     }
     echo.stop();

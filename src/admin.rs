@@ -398,9 +398,42 @@ pub fn render(request: &Request, reply: &Value, json: bool) -> String {
     }
 }
 
+/// A registration's reply as DCV Session Manager's `register-api-client`
+/// prints it: exactly `client-id: ID` and `client-password: SECRET`, the
+/// two lines set-up tools written for DCV parse (the Access Console's
+/// wizard: `client-id: (.*?)\n.*?client-password: (.*?)\n`). Nothing else
+/// is printed: an extra line could land between the two.
+pub fn render_dcv_registration(reply: &Value) -> Result<String, String> {
+    let client = &reply["client"];
+    let field = |name: &str| {
+        client
+            .get(name)
+            .and_then(Value::as_str)
+            // A line break inside a value would end the line early.
+            .filter(|v| !v.is_empty() && !v.contains(['\n', '\r']))
+            .ok_or_else(|| format!("the broker's reply has no usable {name}"))
+    };
+    Ok(format!(
+        "client-id: {}\nclient-password: {}\n",
+        field("client_id")?,
+        field("client_secret")?
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dcv_registration_is_two_lines() {
+        let reply = json!({"client": {"client_id": "c1", "client_secret": "s-_1",
+                                      "name": "ac", "scopes": "read"}});
+        assert_eq!(
+            render_dcv_registration(&reply).unwrap(),
+            "client-id: c1\nclient-password: s-_1\n"
+        );
+        assert!(render_dcv_registration(&json!({"client": {"client_id": "c1"}})).is_err());
+    }
 
     #[test]
     fn the_client_list_is_an_aligned_table() {

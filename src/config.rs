@@ -349,6 +349,21 @@ pub enum Command {
         #[command(subcommand)]
         command: ClientsCommand,
     },
+    /// DCV Session Manager's spelling of `clients register`, for set-up
+    /// tools written for DCV (the Access Console's wizard runs
+    /// `register-api-client -cn NAME`): registers an API client with the
+    /// scopes a DCV API client has, every scope but `agent` (read,
+    /// servers:operate, sessions:manage), and prints exactly DCV's two
+    /// lines, `client-id: ID` and `client-password: SECRET`. The secret is
+    /// shown once: only its argon2 hash is stored.
+    RegisterApiClient {
+        /// A name to recognise it by (DCV's `-cn` is accepted too).
+        #[arg(long, visible_alias = "name", value_name = "NAME")]
+        client_name: String,
+        /// Where the broker keeps its clients.
+        #[command(flatten)]
+        location: AdminLocation,
+    },
     /// TLS certificates for the broker.
     Tls {
         /// What to do.
@@ -362,7 +377,8 @@ pub enum Command {
 pub enum ClientsCommand {
     /// Registers an API client (or an agent, with --server-id) and prints
     /// its id and secret. The secret is shown once: only its argon2 hash
-    /// is stored.
+    /// is stored. DCV's spelling, `dcv-broker register-api-client -cn
+    /// NAME`, registers an API client with every scope but `agent`.
     Register {
         /// A name to recognise it by.
         #[arg(long)]
@@ -415,6 +431,29 @@ pub struct AdminLocation {
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The command line with DCV's multi-letter short option `-cn` (of
+/// `register-api-client`) spelled `--client-name`, which clap understands:
+/// clap's short options are single letters, so `-cn NAME` would read as
+/// `-c n NAME`. Nothing else is touched.
+pub fn dcv_spellings<I>(args: I) -> Vec<std::ffi::OsString>
+where
+    I: IntoIterator,
+    I::Item: Into<std::ffi::OsString>,
+{
+    let mut in_register = false;
+    args.into_iter()
+        .map(Into::into)
+        .map(|arg| {
+            if arg == "register-api-client" {
+                in_register = true;
+            } else if in_register && arg == "-cn" {
+                return "--client-name".into();
+            }
+            arg
+        })
+        .collect()
 }
 
 fn scopes(text: &str) -> Result<ScopeSet, String> {

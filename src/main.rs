@@ -7,8 +7,8 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 use clap::Parser;
 use dcv_broker::{
     admin::{self, AdminSocket},
-    auth::Auth,
-    config::{Args, ClientsCommand, Command, LogFormat, TlsCommand},
+    auth::{Auth, ScopeSet},
+    config::{self, Args, ClientsCommand, Command, LogFormat, TlsCommand},
     fleet::{Fleet, persist::Store},
     server::{agent_port::AgentPort, connections, serve_until, serve_with_agent_port},
     store::SqliteStore,
@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_from(config::dcv_spellings(std::env::args_os()));
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -52,6 +52,14 @@ async fn run(args: Args) -> Result<(), String> {
         // the output.
         telemetry::init(LogFormat::Text, "warn")?;
         return clients(command).await;
+    }
+    if let Some(Command::RegisterApiClient {
+        client_name,
+        location,
+    }) = &args.command
+    {
+        telemetry::init(LogFormat::Text, "warn")?;
+        return register_api_client(client_name, location).await;
     }
     args.check()?;
     let rust_log = std::env::var("RUST_LOG").ok();
@@ -288,6 +296,30 @@ async fn clients(command: &ClientsCommand) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     print!("{}", admin::render(&request, &reply, location.json));
+    Ok(())
+}
+
+/// `dcv-broker register-api-client`: `clients register` with a DCV API
+/// client's scopes, answering in DCV's two lines (set-up tools parse them).
+async fn register_api_client(name: &str, location: &config::AdminLocation) -> Result<(), String> {
+    let request = admin::Request::Register {
+        name: name.to_owned(),
+        scopes: ScopeSet::DCV_API_CLIENT,
+        server_id: None,
+    };
+    let reply = admin::run(
+        &location.data_dir,
+        location.admin_socket.as_deref(),
+        &request,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let out = if location.json {
+        admin::render(&request, &reply, true)
+    } else {
+        admin::render_dcv_registration(&reply)?
+    };
+    print!("{out}");
     Ok(())
 }
 

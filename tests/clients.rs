@@ -2,7 +2,7 @@
 //! broker's store and through a running broker's admin socket, tokens from
 //! the broker's /oauth2/token over plain HTTP/1.1, revocation taking effect
 //! on tokens already issued, and clients and the signing key surviving a
-//! restart.
+//! restart; DCV's `register-api-client` spelling and its two-line output.
 
 mod common;
 
@@ -230,4 +230,119 @@ fn bad_registrations_are_refused_with_one_line() {
         assert!(err.contains(expected), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// Runs the binary with exactly `args`: stdout, or stderr on failure.
+fn broker_command(args: &[&OsStr]) -> Result<String, String> {
+    let out = std::process::Command::new(BROKER_BIN)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    match out.status.success() {
+        true => Ok(String::from_utf8(out.stdout).unwrap()),
+        false => Err(stderr),
+    }
+}
+
+/// `register-api-client NAME_ARGS --data-dir DIR`, parsed as the Access
+/// Console's configuration wizard parses it: the id and the secret.
+fn register_api_client(dir: &Path, name_args: &[&str]) -> (String, String) {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("register-api-client")];
+    args.extend(name_args.iter().map(OsStr::new));
+    args.extend([OsStr::new("--data-dir"), dir.as_os_str()]);
+    let out = broker_command(&args).unwrap();
+    // The wizard decodes with Python's `unicode_escape` (ASCII in, ASCII
+    // out) and searches with re.DOTALL; `(?s)` is DOTALL, and Rust's
+    // regex, like Python's, takes the leftmost match with lazy repeats.
+    assert!(out.is_ascii(), "{out:?}");
+    let wizard = regex::Regex::new(r"(?s)client-id: (.*?)\n.*?client-password: (.*?)\n").unwrap();
+    let found = wizard.captures(&out).unwrap_or_else(|| panic!("{out:?}"));
+    let (id, secret) = (found[1].to_owned(), found[2].to_owned());
+    // DCV's format exactly: two lines, nothing around them.
+    assert_eq!(out, format!("client-id: {id}\nclient-password: {secret}\n"));
+    assert!(!id.is_empty() && !secret.is_empty(), "{out:?}");
+    (id, secret)
+}
+
+#[tokio::test]
+async fn register_api_client_prints_dcv_two_lines_and_the_client_gets_a_dcv_api_clients_token() {
+    let tmp = TempDir::new();
+    // Created by the broker, as a first install's is.
+    let data = tmp.0.join("data");
+    let dir = TempDir(data.clone());
+    // Stopped broker (on the store), with the wizard's `-cn`.
+    let (console, console_secret) = register_api_client(&dir.0, &["-cn", "access-console"]);
+    let broker = Running::start(&dir.0).await;
+    // Running broker (through the admin socket), DCV's documented spelling.
+    let (portal, portal_secret) = register_api_client(&dir.0, &["--client-name", "portal"]);
+    for (id, secret) in [(&console, &console_secret), (&portal, &portal_secret)] {
+        let (status, body) = broker.token_request(id, secret).await;
+        assert_eq!(status, 200, "{body}");
+        // Everything a DCV API client may do, and not acting as an agent.
+        assert_eq!(
+            body["scope"], "read servers:operate sessions:manage",
+            "{body}"
+        );
+        let token = body["access_token"].as_str().unwrap();
+        assert_eq!(broker.describe(token).await.unwrap(), 2);
+    }
+    broker.stop().await;
+
+    let listed = clients(&dir.0, &["list"]).unwrap();
+    let names: Vec<_> = listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["scopes"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("access-console", "read servers:operate sessions:manage"),
+            ("portal", "read servers:operate sessions:manage"),
+        ]
+    );
+    // The secrets were printed, never written: no file of the data
+    // directory holds them, and none is open to other users.
+    for entry in std::fs::read_dir(&dir.0).unwrap() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{:?} is {mode:o}", entry.path());
+        if entry.file_type().unwrap().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            for secret in [&console_secret, &portal_secret] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{:?} holds a secret",
+                    entry.path()
+                );
+            }
+        }
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&dir.0).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the data directory is {mode:o}");
+}
+
+#[test]
+fn register_api_client_without_a_name_is_refused_and_registers_nothing() {
+    let dir = TempDir::new();
+    for name_args in [&[][..], &["-cn"], &["--client-name"], &["-cn", " "]] {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("register-api-client")];
+        args.extend(name_args.iter().map(OsStr::new));
+        args.extend([OsStr::new("--data-dir"), dir.0.as_os_str()]);
+        let err = broker_command(&args).unwrap_err();
+        let expected = match name_args.len() {
+            2 => "a client name is 1 to 128 bytes",
+            _ => "--client-name <NAME>",
+        };
+        assert!(err.contains(expected), "{name_args:?}: {err}");
+    }
+    assert_eq!(
+        clients(&dir.0, &["list"]).unwrap()["clients"],
+        serde_json::json!([])
+    );
 }

@@ -66,6 +66,11 @@ impl ScopeSet {
     pub const EMPTY: ScopeSet = ScopeSet(0);
     /// Every scope.
     pub const ALL: ScopeSet = ScopeSet(0b1111);
+    /// What a DCV Session Manager API client may do: every scope but
+    /// `agent` (DCV's API clients call every REST operation; acting for a
+    /// DCV server is its agents' business, with their own credentials).
+    /// `register-api-client` grants this set.
+    pub const DCV_API_CLIENT: ScopeSet = ScopeSet(0b0111);
 
     /// Whether it holds `scope`.
     pub fn contains(self, scope: Scope) -> bool {
@@ -175,6 +180,14 @@ mod tests {
             Err(UnknownScope("admin".into()))
         );
         assert_eq!(ScopeSet::parse("").unwrap(), ScopeSet::EMPTY);
+    }
+
+    #[test]
+    fn a_dcv_api_client_may_do_everything_but_act_as_an_agent() {
+        assert_eq!(
+            ScopeSet::DCV_API_CLIENT,
+            ScopeSet::ALL.difference(ScopeSet::from(Scope::Agent))
+        );
     }
 
     #[test]

@@ -239,3 +239,39 @@ fn screenshot_flags_default_to_dcvs_settings_and_are_bounded() {
         assert!(Args::try_parse_from(argv).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn register_api_client_takes_dcv_spellings_of_the_name() {
+    let name = |argv: &[&str]| {
+        let mut full = vec!["dcv-broker"];
+        full.extend_from_slice(argv);
+        match Args::try_parse_from(dcv_spellings(full)).map(|a| a.command) {
+            Ok(Some(Command::RegisterApiClient { client_name, .. })) => Ok(client_name),
+            Ok(other) => panic!("{argv:?}: {other:?}"),
+            Err(e) => Err(e.kind()),
+        }
+    };
+    for argv in [
+        &["register-api-client", "--client-name", "ac"][..],
+        &["register-api-client", "-cn", "ac"],
+        &["register-api-client", "--name", "ac"],
+        &["register-api-client", "--client-name=ac"],
+        &["register-api-client", "--data-dir", "d", "-cn", "ac"],
+    ] {
+        assert_eq!(name(argv), Ok("ac".to_owned()), "{argv:?}");
+    }
+    // A name that happens to be spelled like the option is kept.
+    assert_eq!(
+        name(&["register-api-client", "--client-name=-cn"]),
+        Ok("-cn".to_owned())
+    );
+    assert_eq!(
+        name(&["register-api-client"]),
+        Err(clap::error::ErrorKind::MissingRequiredArgument)
+    );
+    // Only after the subcommand: elsewhere `-cn` means what clap says.
+    assert_eq!(
+        dcv_spellings(["dcv-broker", "-cn", "register-api-client"]),
+        ["dcv-broker", "-cn", "register-api-client"].map(std::ffi::OsString::from)
+    );
+}
