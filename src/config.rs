@@ -106,6 +106,14 @@ pub struct Args {
     )]
     pub agent_max_connections: usize,
 
+    /// DCV REST replies also carry dcv-broker's fields beyond DCV's (Holds,
+    /// Reason, UnavailabilityReasons, FailureCode on session failures,
+    /// ...). Off: exactly the fields DCV's OpenAPI file names, because
+    /// clients generated from it (Amazon's Access Console, openapi-generator's
+    /// Java clients) refuse any other. gRPC always has them.
+    #[arg(long, env = "DCV_BROKER_REST_ADDITIONS")]
+    pub rest_additions: bool,
+
     /// Serve gRPC over TLS only, with this certificate (PEM: the server's
     /// certificate, then any intermediates). Needs --tls-key. Both files
     /// are read again on SIGHUP. `dcv-broker tls init` makes a pair.
@@ -604,6 +612,7 @@ impl Args {
                 reflection: !self.auth_reflection,
             },
             allowed_hosts: self.allowed_hosts.clone(),
+            rest_additions: self.rest_additions,
         }
     }
 }

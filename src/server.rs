@@ -102,6 +102,11 @@ pub struct BrokerConfig {
     /// Host names a plaintext broker on loopback answers besides IP
     /// literals and `localhost` (see `api::gate`: DNS rebinding).
     pub allowed_hosts: Vec<String>,
+    /// Whether DCV REST replies carry dcv-broker's fields beyond DCV's
+    /// (`Holds`, `Reason`, `FailureCode` on session failures, ...). Off by
+    /// default: clients generated from DCV's OpenAPI file may refuse
+    /// fields it does not name.
+    pub rest_additions: bool,
 }
 
 impl Default for BrokerConfig {
@@ -119,6 +124,7 @@ impl Default for BrokerConfig {
             auth: None,
             open_services: OpenServices::default(),
             allowed_hosts: Vec::new(),
+            rest_additions: false,
         }
     }
 }
@@ -397,6 +403,7 @@ async fn run(
             fleet.clone(),
             limits.max_request_bytes,
             config.request_timeout,
+            config.rest_additions,
         ))
         .add_service(health_service)
         .add_service(reflection_v1)

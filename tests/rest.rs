@@ -25,6 +25,16 @@ use serde_json::{Value, json};
 /// Bounds every wait: a broker that misbehaves fails the test.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A quiet broker whose REST replies carry our fields beyond DCV's
+/// (`--rest-additions`), so that per-item failure codes of every route are
+/// visible; `dcv_exact_replies_by_default` covers the default.
+fn config() -> BrokerConfig {
+    BrokerConfig {
+        rest_additions: true,
+        ..quiet_config()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Http {
     One,
@@ -242,7 +252,7 @@ async fn ready_session(rest: &Rest, agent: &mut TestAgent, owner: &str) -> Strin
 
 #[tokio::test]
 async fn every_route_answers_over_http1_and_http2() {
-    let broker = Broker::quiet().await;
+    let broker = Broker::start(config()).await;
     let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 8)).await;
     for http in BOTH {
         let rest = Rest::new(broker.addr, http);
@@ -349,6 +359,7 @@ async fn every_route_answers_over_http1_and_http2() {
 
 #[tokio::test]
 async fn the_seeds_close_example_and_state_shared_with_grpc() {
+    // The default: DCV's fields only, as DCV documents the reply.
     let broker = Broker::quiet().await;
     let _agent = TestAgent::connect(&broker, registration("serverId1", "linux", 2)).await;
     let rest = Rest::new(broker.addr, Http::One);
@@ -364,7 +375,7 @@ async fn the_seeds_close_example_and_state_shared_with_grpc() {
     assert_eq!(
         reply["UnsuccessfulList"],
         json!([{
-            "CloseServerRequestData": {"ServerId": "serverId2", "Force": false, "Reason": ""},
+            "CloseServerRequestData": {"ServerId": "serverId2", "Force": false},
             "FailureCode": "DCV_SERVER_NOT_FOUND",
             "FailureReason": "Dcv server not found.",
         }])
@@ -381,8 +392,7 @@ async fn the_seeds_close_example_and_state_shared_with_grpc() {
         .await
         .ok();
     assert_eq!(
-        described["Servers"][0]["UnavailabilityReasons"],
-        json!(["SERVER_CLOSED"]),
+        described["Servers"][0]["UnavailabilityReason"], "SERVER_CLOSED",
         "{described}"
     );
     // Opened over gRPC: open over REST.
@@ -394,7 +404,12 @@ async fn the_seeds_close_example_and_state_shared_with_grpc() {
         .post("/describeServers", json!({"ServerIds": ["serverId1"]}))
         .await
         .ok();
-    assert_eq!(described["Servers"][0]["UnavailabilityReasons"], json!([]));
+    assert!(
+        described["Servers"][0]
+            .get("UnavailabilityReason")
+            .is_none(),
+        "{described}"
+    );
     assert_eq!(
         described["Servers"][0]["Availability"], "AVAILABLE",
         "{described}"
@@ -412,18 +427,89 @@ async fn the_seeds_close_example_and_state_shared_with_grpc() {
         .find(|r| r.path == "/describeServers")
         .unwrap();
     let (_, output) = dcv_broker::api::rest::json::method_types(route).unwrap();
-    let encoded = dcv_broker::api::rest::json::encode_reply(&output, &grpc).unwrap();
+    let encoded = dcv_broker::api::rest::json::encode_reply(&output, &grpc, false).unwrap();
     let mut grpc: Value = serde_json::from_slice(&encoded).unwrap();
     let mut described = described;
     for reply in [&mut grpc, &mut described] {
         reply.as_object_mut().unwrap().remove("RequestId");
-        // The heartbeat time may move between the two calls.
-        reply["Servers"][0]
-            .as_object_mut()
-            .unwrap()
-            .remove("LastHeartbeatTime");
     }
     assert_eq!(grpc, described);
+}
+
+#[tokio::test]
+async fn dcv_exact_replies_by_default_and_our_additions_on_request() {
+    for additions in [false, true] {
+        let broker = Broker::start(BrokerConfig {
+            rest_additions: additions,
+            ..quiet_config()
+        })
+        .await;
+        let _agent = TestAgent::connect(&broker, registration("lin", "linux", 2)).await;
+        let rest = Rest::new(broker.addr, Http::Two);
+        rest.post(
+            "/closeServers",
+            json!([{"ServerId": "lin", "Reason": "maintenance"}]),
+        )
+        .await
+        .ok();
+        let described = rest.post("/describeServers", json!({})).await.ok();
+        let server = described["Servers"][0].as_object().unwrap();
+        // DCV's fields are there either way.
+        for field in [
+            "Id",
+            "Hostname",
+            "Availability",
+            "UnavailabilityReason",
+            "Host",
+            "Tags",
+        ] {
+            assert!(server.contains_key(field), "{field}: {described}");
+        }
+        for field in [
+            "Holds",
+            "UnavailabilityReasons",
+            "LastHeartbeatTime",
+            "RegistrationTime",
+            "MaxVirtualSessions",
+        ] {
+            assert_eq!(
+                server.contains_key(field),
+                additions,
+                "{field}: {described}"
+            );
+        }
+        if additions {
+            assert_eq!(server["Holds"][0]["Reason"], "maintenance");
+        }
+        // DCV's DeleteSessions failures carry no FailureCode; ours do.
+        let deleted = rest
+            .post(
+                "/deleteSessions",
+                json!([{"SessionId": "nope", "Owner": "alice"}]),
+            )
+            .await
+            .ok();
+        let failure = deleted["UnsuccessfulList"][0].as_object().unwrap();
+        assert_eq!(failure["SessionId"], "nope", "{deleted}");
+        assert!(failure.contains_key("FailureReason"), "{deleted}");
+        assert_eq!(failure.contains_key("FailureCode"), additions, "{deleted}");
+        // CloseServers' FailureCode is DCV's own: always there; the echoed
+        // item's Reason is ours.
+        let closed = rest
+            .post("/closeServers", json!([{"ServerId": "gone"}]))
+            .await
+            .ok();
+        let failure = &closed["UnsuccessfulList"][0];
+        assert_eq!(failure["FailureCode"], "DCV_SERVER_NOT_FOUND", "{closed}");
+        assert_eq!(
+            failure["CloseServerRequestData"]
+                .as_object()
+                .unwrap()
+                .contains_key("Reason"),
+            additions,
+            "{closed}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -433,7 +519,7 @@ async fn every_per_item_failure_code_arrives_by_name() {
             queue_max_size: 1,
             ..Default::default()
         },
-        ..quiet_config()
+        ..config()
     })
     .await;
     let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 8)).await;
@@ -645,7 +731,7 @@ async fn every_per_item_failure_code_arrives_by_name() {
 
 #[tokio::test]
 async fn malformed_bodies_are_400s_naming_the_field() {
-    let broker = Broker::quiet().await;
+    let broker = Broker::start(config()).await;
     for http in BOTH {
         let rest = Rest::new(broker.addr, http);
         for route in dcv_broker::api::rest::ROUTES {
@@ -800,7 +886,7 @@ async fn call(rest: &Rest, route: &dcv_broker::api::rest::Route) -> Reply {
 
 #[tokio::test]
 async fn tokens_and_scopes_as_for_grpc() {
-    let (broker, auth) = auth_broker(quiet_config()).await;
+    let (broker, auth) = auth_broker(config()).await;
     let (_, read) = token(&broker, &auth, "read").await;
     let (operator, all) = token(&broker, &auth, "read servers:operate sessions:manage").await;
     for http in BOTH {
@@ -908,7 +994,7 @@ async fn streamed(addr: SocketAddr, path: &str, chunks: Vec<Bytes>) -> Reply {
 
 #[tokio::test]
 async fn sizes_methods_media_types_and_paths() {
-    let broker = Broker::quiet().await;
+    let broker = Broker::start(config()).await;
     let limit = Limits::default().max_request_bytes;
     for http in BOTH {
         let rest = Rest::new(broker.addr, http);
@@ -1036,9 +1122,9 @@ async fn the_clients_rate_is_the_one_grpc_calls_count_against() {
     let (broker, auth) = auth_broker(BrokerConfig {
         limits: Limits {
             client_rate: ClientRate::new(1, 2),
-            ..quiet_config().limits
+            ..config().limits
         },
-        ..quiet_config()
+        ..config()
     })
     .await;
     let (_, read) = token(&broker, &auth, "read").await;
@@ -1060,7 +1146,7 @@ async fn the_clients_rate_is_the_one_grpc_calls_count_against() {
 
 #[tokio::test]
 async fn health_follows_grpc_health_through_shutdown() {
-    let mut config = quiet_config();
+    let mut config = config();
     config.shutdown_grace = Duration::from_secs(30);
     let mut broker = Broker::start(config).await;
     let rest = Rest::new(broker.addr, Http::One);
@@ -1088,7 +1174,7 @@ async fn health_follows_grpc_health_through_shutdown() {
 
 #[tokio::test]
 async fn the_openapi_document_is_served() {
-    let broker = Broker::quiet().await;
+    let broker = Broker::start(config()).await;
     let rest = Rest::new(broker.addr, Http::One);
     let reply = rest.get("/dcv-session-manager-api.yaml").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
@@ -1179,7 +1265,7 @@ async fn routes_are_served_over_tls_too() {
     tokio::spawn(dcv_broker::serve_tls(
         listener,
         fleet,
-        quiet_config(),
+        config(),
         tls,
         async {
             let _ = stopped.await;
@@ -1237,9 +1323,9 @@ async fn the_in_flight_limit_sheds_rest_calls_as_503() {
         },
         limits: Limits {
             max_concurrent_requests: Some(1),
-            ..quiet_config().limits
+            ..config().limits
         },
-        ..quiet_config()
+        ..config()
     })
     .await;
     let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 2)).await;
@@ -1276,7 +1362,7 @@ async fn the_request_timeout_ends_a_rest_call_with_504() {
             screenshot_timeout: Duration::from_secs(60),
             ..Default::default()
         },
-        ..quiet_config()
+        ..config()
     })
     .await;
     let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 2)).await;
@@ -1300,7 +1386,7 @@ async fn the_request_timeout_ends_a_rest_call_with_504() {
 
 #[tokio::test]
 async fn the_gates_host_and_cross_site_rules_cover_rest_routes() {
-    let broker = Broker::quiet().await;
+    let broker = Broker::start(config()).await;
     let rest = Rest::new(broker.addr, Http::One);
     let body = || Full::new(Bytes::from_static(br#"[{"ServerId": "a"}]"#));
     let post = |name: &'static str, value: &str| {

@@ -52,6 +52,7 @@ pub fn quiet_config() -> BrokerConfig {
         auth: None,
         open_services: Default::default(),
         allowed_hosts: Vec::new(),
+        rest_additions: false,
     }
 }
 

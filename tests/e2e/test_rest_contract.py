@@ -229,9 +229,12 @@ def _start(start_broker, broker_bin, *flags: str):
     return broker, Rest(broker.port, operator), reader
 
 
-@pytest.fixture
-def rest_broker(start_broker, broker_bin):
-    started = _start(start_broker, broker_bin)
+@pytest.fixture(params=[False, True], ids=["dcv-fields", "rest-additions"])
+def rest_broker(request, start_broker, broker_bin):
+    """Both reply modes: DCV's fields only (the default), and with our
+    additions (--rest-additions); the document describes both."""
+    flags = ("--rest-additions",) if request.param else ()
+    started = _start(start_broker, broker_bin, *flags)
     yield started
     assert started[0].stop() == 0, started[0].log_tail()
 

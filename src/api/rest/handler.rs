@@ -255,16 +255,19 @@ struct Shared {
     sessions: SessionsApi,
     max_request_bytes: usize,
     deadline: Option<Duration>,
+    additions: bool,
 }
 
 impl RestLayer {
     /// Serves `fleet` through the gRPC adapters; bodies up to
     /// `max_request_bytes` (as gRPC messages), calls for at most
-    /// `request_timeout`.
+    /// `request_timeout`; replies with our fields beyond DCV's only with
+    /// `additions` (see [`json::is_addition`]).
     pub fn new(
         fleet: Fleet,
         max_request_bytes: usize,
         request_timeout: Option<Duration>,
+        additions: bool,
     ) -> RestLayer {
         PolicyLayer::of(RestPolicy {
             shared: Arc::new(Shared {
@@ -272,6 +275,7 @@ impl RestLayer {
                 sessions: SessionsApi::new(fleet),
                 max_request_bytes,
                 deadline: request_timeout.map(|t| t.checked_sub(TIMEOUT_MARGIN).unwrap_or(t)),
+                additions,
             }),
         })
     }
@@ -387,13 +391,13 @@ fn json_reply(body: Vec<u8>) -> http::Response<Body> {
 /// `$request`, carrying `$parts`' extensions and headers as a gRPC call
 /// would; the reply as DCV's JSON.
 macro_rules! call {
-    ($parts:ident, $route:ident, $body:ident, $params:ident, $api:expr, $method:ident) => {{
+    ($parts:ident, $route:ident, $body:ident, $params:ident, $api:expr, $method:ident, $additions:expr) => {{
         let message = json::decode_request($route, &$body, &$params)?;
         let request = tonic::Request::from_http(http::Request::from_parts($parts, message));
         let reply = $api.$method(request).await?.into_inner();
         let (_, output) = json::method_types($route)
             .ok_or_else(|| FleetError::Internal(format!("{} has no method", $route.path)))?;
-        Ok(json::encode_reply(&output, &reply)?)
+        Ok(json::encode_reply(&output, &reply, $additions)?)
     }};
 }
 
@@ -430,22 +434,70 @@ impl Shared {
         }
         match route.grpc_path {
             "/dcv.sessionmanager.v1.Servers/CloseServers" => {
-                call!(parts, route, body, params, self.servers, close_servers)
+                call!(
+                    parts,
+                    route,
+                    body,
+                    params,
+                    self.servers,
+                    close_servers,
+                    self.additions
+                )
             }
             "/dcv.sessionmanager.v1.Servers/OpenServers" => {
-                call!(parts, route, body, params, self.servers, open_servers)
+                call!(
+                    parts,
+                    route,
+                    body,
+                    params,
+                    self.servers,
+                    open_servers,
+                    self.additions
+                )
             }
             "/dcv.sessionmanager.v1.Servers/DescribeServers" => {
-                call!(parts, route, body, params, self.servers, describe_servers)
+                call!(
+                    parts,
+                    route,
+                    body,
+                    params,
+                    self.servers,
+                    describe_servers,
+                    self.additions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/CreateSessions" => {
-                call!(parts, route, body, params, self.sessions, create_sessions)
+                call!(
+                    parts,
+                    route,
+                    body,
+                    params,
+                    self.sessions,
+                    create_sessions,
+                    self.additions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/DescribeSessions" => {
-                call!(parts, route, body, params, self.sessions, describe_sessions)
+                call!(
+                    parts,
+                    route,
+                    body,
+                    params,
+                    self.sessions,
+                    describe_sessions,
+                    self.additions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/DeleteSessions" => {
-                call!(parts, route, body, params, self.sessions, delete_sessions)
+                call!(
+                    parts,
+                    route,
+                    body,
+                    params,
+                    self.sessions,
+                    delete_sessions,
+                    self.additions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/UpdateSessionPermissions" => call!(
                 parts,
@@ -453,7 +505,8 @@ impl Shared {
                 body,
                 params,
                 self.sessions,
-                update_session_permissions
+                update_session_permissions,
+                self.additions
             ),
             "/dcv.sessionmanager.v1.Sessions/GetSessionConnectionData" => call!(
                 parts,
@@ -461,7 +514,8 @@ impl Shared {
                 body,
                 params,
                 self.sessions,
-                get_session_connection_data
+                get_session_connection_data,
+                self.additions
             ),
             "/dcv.sessionmanager.v1.Sessions/GetSessionScreenshots" => {
                 call!(
@@ -470,7 +524,8 @@ impl Shared {
                     body,
                     params,
                     self.sessions,
-                    get_session_screenshots
+                    get_session_screenshots,
+                    self.additions
                 )
             }
             other => Err(FleetError::Internal(format!("no REST dispatch for {other}")).into()),

@@ -87,15 +87,16 @@ pub fn decode_request<M: prost::Message + Default>(
 }
 
 /// The JSON of a reply message, by DCV's rules (see the module
-/// documentation).
+/// documentation); with `additions`, dcv-broker's fields beyond DCV's too.
 pub fn encode_reply<M: prost::Message>(
     output: &MessageDescriptor,
     reply: &M,
+    additions: bool,
 ) -> Result<Vec<u8>, FleetError> {
     let bytes = reply.encode_to_vec();
     let message = DynamicMessage::decode(output.clone(), bytes.as_slice())
         .map_err(|e| FleetError::Internal(format!("reply does not decode as itself: {e}")))?;
-    serde_json::to_vec(&Reply(&message))
+    serde_json::to_vec(&Reply(&message, additions))
         .map_err(|e| FleetError::Internal(format!("reply does not serialize: {e}")))
 }
 
@@ -356,8 +357,41 @@ impl<'de> Visitor<'de> for Items {
     }
 }
 
-/// A reply message, serialized by DCV's rules.
-struct Reply<'a>(&'a DynamicMessage);
+/// A reply message, serialized by DCV's rules; the flag: with our fields
+/// beyond DCV's.
+struct Reply<'a>(&'a DynamicMessage, bool);
+
+/// Whether `field` is one of dcv-broker's additions to DCV's API: the
+/// contract marks each with a comment that starts "Beyond DCV" (the
+/// OpenAPI names test checks that every field DCV lacks is so marked).
+/// Clients generated from DCV's OpenAPI file by openapi-generator's Java
+/// defaults (Amazon's Access Console among them) refuse a reply with any
+/// field their file does not name, so REST replies leave these out unless
+/// the broker is told otherwise (`--rest-additions`).
+pub fn is_addition(field: &FieldDescriptor) -> bool {
+    static ADDITIONS: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    ADDITIONS
+        .get_or_init(|| {
+            let mut marked = std::collections::HashSet::new();
+            for message in crate::pb::descriptor_pool().all_messages() {
+                for field in message.fields() {
+                    let file = field.parent_file();
+                    let comment = file
+                        .file_descriptor_proto()
+                        .source_code_info
+                        .as_ref()
+                        .and_then(|info| info.location.iter().find(|l| l.path == field.path()))
+                        .and_then(|location| location.leading_comments.as_deref());
+                    if comment.is_some_and(|c| c.trim_start().starts_with("Beyond DCV")) {
+                        marked.insert(field.full_name().to_owned());
+                    }
+                }
+            }
+            marked
+        })
+        .contains(field.full_name())
+}
 
 /// Well-known types keep proto3's JSON form (a `Timestamp` is an RFC 3339
 /// string).
@@ -367,13 +401,16 @@ fn is_well_known(message: &MessageDescriptor) -> bool {
 
 impl Serialize for Reply<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let message = self.0;
+        let (message, additions) = (self.0, self.1);
         let descriptor = message.descriptor();
         if is_well_known(&descriptor) {
             return message.serialize_with_options(serializer, &SerializeOptions::new());
         }
         let mut map = serializer.serialize_map(None)?;
         for field in descriptor.fields() {
+            if !additions && is_addition(&field) {
+                continue;
+            }
             let value = message.get_field(&field);
             if field.is_list() || field.is_map() {
                 map.serialize_entry(
@@ -381,6 +418,7 @@ impl Serialize for Reply<'_> {
                     &Field {
                         field: &field,
                         value: &value,
+                        additions,
                     },
                 )?;
                 continue;
@@ -396,6 +434,7 @@ impl Serialize for Reply<'_> {
                 &Field {
                     field: &field,
                     value: &value,
+                    additions,
                 },
             )?;
         }
@@ -407,6 +446,7 @@ impl Serialize for Reply<'_> {
 struct Field<'a> {
     field: &'a FieldDescriptor,
     value: &'a Value,
+    additions: bool,
 }
 
 impl Serialize for Field<'_> {
@@ -419,6 +459,7 @@ impl Serialize for Field<'_> {
                     seq.serialize_element(&Single {
                         kind: &kind,
                         value: item,
+                        additions: self.additions,
                     })?;
                 }
                 seq.end()
@@ -443,12 +484,18 @@ impl Serialize for Field<'_> {
                         &Single {
                             kind: &value_kind,
                             value,
+                            additions: self.additions,
                         },
                     )?;
                 }
                 map.end()
             }
-            value => Single { kind: &kind, value }.serialize(serializer),
+            value => Single {
+                kind: &kind,
+                value,
+                additions: self.additions,
+            }
+            .serialize(serializer),
         }
     }
 }
@@ -457,6 +504,7 @@ impl Serialize for Field<'_> {
 struct Single<'a> {
     kind: &'a Kind,
     value: &'a Value,
+    additions: bool,
 }
 
 impl Serialize for Single<'_> {
@@ -481,7 +529,7 @@ impl Serialize for Single<'_> {
                 },
                 _ => serializer.serialize_i32(*n),
             },
-            Value::Message(m) => Reply(m).serialize(serializer),
+            Value::Message(m) => Reply(m, self.additions).serialize(serializer),
             // Lists and maps are whole fields, never single values.
             Value::List(_) | Value::Map(_) => serializer.serialize_seq(Some(0))?.end(),
         }
@@ -503,6 +551,34 @@ fn float<S: Serializer>(serializer: S, n: f64) -> Result<S::Ok, S::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn additions_are_the_fields_the_contract_marks_beyond_dcv() {
+        let pool = crate::pb::descriptor_pool();
+        let field = |message: &str, name: &str| {
+            pool.get_message_by_name(&format!("dcv.sessionmanager.v1.{message}"))
+                .unwrap()
+                .get_field_by_name(name)
+                .unwrap()
+        };
+        for (message, name) in [
+            ("Server", "holds"),
+            ("Server", "unavailability_reasons"),
+            ("CloseServerRequestData", "reason"),
+            ("DeleteSessionUnsuccessfulResponse", "failure_code"),
+            ("GetSessionConnectionDataResponse", "request_id"),
+        ] {
+            assert!(is_addition(&field(message, name)), "{message}.{name}");
+        }
+        for (message, name) in [
+            ("Server", "id"),
+            ("Server", "unavailability_reason"),
+            ("CloseServerUnsuccessfulResponse", "failure_code"),
+            ("CloseServersResponse", "request_id"),
+        ] {
+            assert!(!is_addition(&field(message, name)), "{message}.{name}");
+        }
+    }
     use crate::{api::rest::ROUTES, pb};
 
     fn route(path: &str) -> &'static Route {
@@ -604,7 +680,7 @@ mod tests {
             }],
         };
         let json: serde_json::Value =
-            serde_json::from_slice(&encode_reply(&output, &reply).unwrap()).unwrap();
+            serde_json::from_slice(&encode_reply(&output, &reply, true).unwrap()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -628,7 +704,7 @@ mod tests {
             .unwrap();
         let mut message = DynamicMessage::new(storage.clone());
         message.set_field_by_name("total_bytes", Value::I64(1 << 40));
-        let json = serde_json::to_value(Reply(&message)).unwrap();
+        let json = serde_json::to_value(Reply(&message, true)).unwrap();
         assert_eq!(json["TotalBytes"], serde_json::json!(1u64 << 40));
         assert_eq!(json["UsedBytes"], serde_json::json!(0));
 
@@ -644,7 +720,7 @@ mod tests {
             ..Default::default()
         };
         let json: serde_json::Value =
-            serde_json::from_slice(&encode_reply(&output, &reply).unwrap()).unwrap();
+            serde_json::from_slice(&encode_reply(&output, &reply, true).unwrap()).unwrap();
         let session = &json["Sessions"][0];
         assert_eq!(session["CreationTime"], "1970-01-01T00:00:00Z");
         assert!(session.get("LastDisconnectionTime").is_none());

@@ -218,7 +218,8 @@ pub fn build() -> OpenApi {
         "DCV Session Manager's REST operations as dcv-broker serves them, \
          generated from dcv-broker's routes and protobuf contract. Paths, \
          operationIds, schema and field names are DCV's; fields DCV does not \
-         have are dcv-broker's additions and say so (\"Beyond DCV\"). Every \
+         have are dcv-broker's additions and say so (\"Beyond DCV\"); replies \
+         carry them only when the broker runs with `--rest-additions`. Every \
          list field is present (`[]` when empty) and every scalar field is \
          present with its value; an enum field at its unset value and an \
          unset object are omitted; nothing is ever `null`. Obtain a token \
