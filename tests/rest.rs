@@ -1413,3 +1413,62 @@ async fn the_gates_host_and_cross_site_rules_cover_rest_routes() {
     let reply = rest.send(post("origin", &own), body()).await;
     assert_eq!(codes(&reply.ok()), ["DCV_SERVER_NOT_FOUND"]);
 }
+
+#[tokio::test]
+async fn screenshots_past_the_reply_budget_fail_with_reply_size_limit_over_rest() {
+    use dcv_broker::fleet::sessions::screenshots::MAX_SCREENSHOT_REPLY_BYTES;
+    let broker = Broker::start(config()).await;
+    let mut agent = TestAgent::connect(&broker, registration("lin", "linux", 4)).await;
+    let rest = Rest::new(broker.addr, Http::One);
+    let mut ids = Vec::new();
+    for owner in ["alice", "bob", "carol"] {
+        ids.push(ready_session(&rest, &mut agent, owner).await);
+    }
+    let asking = {
+        let rest = rest.clone();
+        let items: Vec<Value> = ids.iter().map(|id| json!({"SessionId": id})).collect();
+        tokio::spawn(async move { rest.post("/getSessionScreenshots", json!(items)).await })
+    };
+    // The first two in the request's order each take half the budget and
+    // a byte: the second does not fit.
+    let half = MAX_SCREENSHOT_REPLY_BYTES / 2 + 1;
+    let sizes = [half, half, 1000];
+    for _ in 0..3 {
+        let (instruction_id, shot) = agent.next_screenshot().await;
+        let n = ids.iter().position(|i| *i == shot.session_id).unwrap();
+        let image = pb::SessionScreenshotImage {
+            format: "png".into(),
+            data: vec![n as u8; sizes[n]],
+            creation_time: Some(std::time::SystemTime::now().into()),
+            primary: true,
+        };
+        agent
+            .report_screenshot(&shot.session_id, &instruction_id, Ok(vec![image]))
+            .await
+            .unwrap();
+    }
+    let reply = asking.await.unwrap().ok();
+    let got: Vec<&str> = reply["SuccessfulList"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["SessionScreenshot"]["SessionId"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, [ids[0].as_str(), ids[2].as_str()]);
+    // The images are base64, as DCV's Data.
+    let data = reply["SuccessfulList"][1]["SessionScreenshot"]["Images"][0]["Data"]
+        .as_str()
+        .unwrap();
+    use base64::Engine as _;
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+        vec![2u8; 1000]
+    );
+    assert_eq!(codes(&reply), ["REPLY_SIZE_LIMIT"], "{reply}");
+    assert_eq!(
+        reply["UnsuccessfulList"][0]["GetSessionScreenshotRequestData"]["SessionId"],
+        ids[1].as_str()
+    );
+}
