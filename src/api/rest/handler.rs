@@ -124,15 +124,8 @@ pub fn error_reply(
     if let Some(violations) = violations {
         body["field_violations"] = json!(violations);
     }
-    let mut response = http::Response::new(Body::new(Full::new(Bytes::from(body.to_string()))));
+    let mut response = json_reply(body.to_string().into_bytes());
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -375,6 +368,7 @@ fn not_json() -> Reply {
 /// Why a body is refused with 415.
 pub const NOT_JSON: &str = "the request body must be JSON: send Content-Type: application/json";
 
+/// A JSON body, never cached (replies carry tokens and fleet state).
 fn json_reply(body: Vec<u8>) -> http::Response<Body> {
     let mut response = http::Response::new(Body::new(Full::new(Bytes::from(body))));
     response.headers_mut().insert(
