@@ -385,13 +385,13 @@ fn json_reply(body: Vec<u8>) -> http::Response<Body> {
 /// `$request`, carrying `$parts`' extensions and headers as a gRPC call
 /// would; the reply as DCV's JSON.
 macro_rules! call {
-    ($parts:ident, $route:ident, $body:ident, $params:ident, $api:expr, $method:ident, $additions:expr) => {{
+    ($shared:expr, $parts:ident, $route:ident, $body:ident, $params:ident, $api:ident, $method:ident) => {{
         let message = json::decode_request($route, &$body, &$params)?;
         let request = tonic::Request::from_http(http::Request::from_parts($parts, message));
-        let reply = $api.$method(request).await?.into_inner();
+        let reply = $shared.$api.$method(request).await?.into_inner();
         let (_, output) = json::method_types($route)
             .ok_or_else(|| FleetError::Internal(format!("{} has no method", $route.path)))?;
-        Ok(json::encode_reply(&output, &reply, $additions)?)
+        Ok(json::encode_reply(&output, &reply, $shared.additions)?)
     }};
 }
 
@@ -428,98 +428,58 @@ impl Shared {
         }
         match route.grpc_path {
             "/dcv.sessionmanager.v1.Servers/CloseServers" => {
-                call!(
-                    parts,
-                    route,
-                    body,
-                    params,
-                    self.servers,
-                    close_servers,
-                    self.additions
-                )
+                call!(self, parts, route, body, params, servers, close_servers)
             }
             "/dcv.sessionmanager.v1.Servers/OpenServers" => {
-                call!(
-                    parts,
-                    route,
-                    body,
-                    params,
-                    self.servers,
-                    open_servers,
-                    self.additions
-                )
+                call!(self, parts, route, body, params, servers, open_servers)
             }
             "/dcv.sessionmanager.v1.Servers/DescribeServers" => {
-                call!(
-                    parts,
-                    route,
-                    body,
-                    params,
-                    self.servers,
-                    describe_servers,
-                    self.additions
-                )
+                call!(self, parts, route, body, params, servers, describe_servers)
             }
             "/dcv.sessionmanager.v1.Sessions/CreateSessions" => {
-                call!(
-                    parts,
-                    route,
-                    body,
-                    params,
-                    self.sessions,
-                    create_sessions,
-                    self.additions
-                )
+                call!(self, parts, route, body, params, sessions, create_sessions)
             }
             "/dcv.sessionmanager.v1.Sessions/DescribeSessions" => {
                 call!(
+                    self,
                     parts,
                     route,
                     body,
                     params,
-                    self.sessions,
-                    describe_sessions,
-                    self.additions
+                    sessions,
+                    describe_sessions
                 )
             }
             "/dcv.sessionmanager.v1.Sessions/DeleteSessions" => {
-                call!(
-                    parts,
-                    route,
-                    body,
-                    params,
-                    self.sessions,
-                    delete_sessions,
-                    self.additions
-                )
+                call!(self, parts, route, body, params, sessions, delete_sessions)
             }
             "/dcv.sessionmanager.v1.Sessions/UpdateSessionPermissions" => call!(
+                self,
                 parts,
                 route,
                 body,
                 params,
-                self.sessions,
-                update_session_permissions,
-                self.additions
+                sessions,
+                update_session_permissions
             ),
             "/dcv.sessionmanager.v1.Sessions/GetSessionConnectionData" => call!(
+                self,
                 parts,
                 route,
                 body,
                 params,
-                self.sessions,
-                get_session_connection_data,
-                self.additions
+                sessions,
+                get_session_connection_data
             ),
             "/dcv.sessionmanager.v1.Sessions/GetSessionScreenshots" => {
                 call!(
+                    self,
                     parts,
                     route,
                     body,
                     params,
-                    self.sessions,
-                    get_session_screenshots,
-                    self.additions
+                    sessions,
+                    get_session_screenshots
                 )
             }
             other => Err(FleetError::Internal(format!("no REST dispatch for {other}")).into()),

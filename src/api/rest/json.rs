@@ -373,22 +373,15 @@ pub fn is_addition(field: &FieldDescriptor) -> bool {
         std::sync::OnceLock::new();
     ADDITIONS
         .get_or_init(|| {
-            let mut marked = std::collections::HashSet::new();
-            for message in crate::pb::descriptor_pool().all_messages() {
-                for field in message.fields() {
-                    let file = field.parent_file();
-                    let comment = file
-                        .file_descriptor_proto()
-                        .source_code_info
-                        .as_ref()
-                        .and_then(|info| info.location.iter().find(|l| l.path == field.path()))
-                        .and_then(|location| location.leading_comments.as_deref());
-                    if comment.is_some_and(|c| c.trim_start().starts_with("Beyond DCV")) {
-                        marked.insert(field.full_name().to_owned());
-                    }
-                }
-            }
-            marked
+            crate::pb::descriptor_pool()
+                .all_messages()
+                .flat_map(|message| message.fields().collect::<Vec<_>>())
+                .filter(|field| {
+                    super::openapi::field_comment(field)
+                        .is_some_and(|c| c.starts_with("Beyond DCV"))
+                })
+                .map(|field| field.full_name().to_owned())
+                .collect()
         })
         .contains(field.full_name())
 }

@@ -593,7 +593,8 @@ fn schema_name(message: &MessageDescriptor, via: Option<&FieldDescriptor>) -> St
         .map_or_else(|| message.name().into(), |(_, name)| (*name).into())
 }
 
-fn field_comment(field: &FieldDescriptor) -> Option<String> {
+/// A field's leading comment in the contract, as the document shows it.
+pub(super) fn field_comment(field: &FieldDescriptor) -> Option<String> {
     comment_of(&field.parent_file(), field.path())
 }
 
