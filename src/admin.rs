@@ -113,6 +113,8 @@ pub async fn execute(auth: &Auth, request: &Request) -> Result<Value, AuthError>
                 scopes = %registered.client.scopes,
                 "client registered"
             );
+            let why = format!("{} ({})", registered.client.name, registered.client.scopes);
+            audit(auth, "clients register", &registered.client.id, why).await;
             let mut reply = client_json(&registered.client);
             if let Some(map) = reply.as_object_mut() {
                 map.insert("client_secret".into(), registered.secret.into());
@@ -125,10 +127,34 @@ pub async fn execute(auth: &Auth, request: &Request) -> Result<Value, AuthError>
         Request::Revoke { client_id } => {
             let client = auth.revoke(client_id).await?;
             tracing::info!(client = %client.id, name = %client.name, "client revoked");
+            audit(auth, "clients revoke", &client.id, client.name.clone()).await;
             Ok(json!({"client": client_json(&client)}))
         }
     }
 }
+
+/// Keeps the audit record of a change made through the admin socket (or
+/// on a stopped broker's store): its actor is whoever may open the socket,
+/// the broker's own user.
+async fn audit(auth: &Auth, method: &str, client_id: &str, reason: String) {
+    use crate::fleet::persist::{AuditItem, AuditRecord, wall_clock};
+    auth.record_audit(AuditRecord {
+        at: wall_clock(),
+        actor: ADMIN_ACTOR.to_owned(),
+        request_id: String::new(),
+        method: method.to_owned(),
+        peer: None,
+        items: vec![AuditItem {
+            id: client_id.to_owned(),
+            outcome: AuditItem::OK.to_owned(),
+            reason,
+        }],
+    })
+    .await;
+}
+
+/// The actor of changes made through the admin socket.
+pub const ADMIN_ACTOR: &str = "admin";
 
 fn client_json(client: &ClientInfo) -> Value {
     json!({

@@ -20,7 +20,10 @@
 //! # }
 //! ```
 
-use std::{fmt, time::Duration};
+use std::{fmt, io, time::Duration};
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
 
 use tonic::{
     metadata::{Ascii, MetadataValue},
@@ -29,6 +32,7 @@ use tonic::{
 };
 
 mod insecure;
+pub mod pinned;
 
 use crate::pb::{
     agent_client::AgentClient, servers_client::ServersClient, sessions_client::SessionsClient,
@@ -338,6 +342,40 @@ impl BrokerClient {
             bearer: BearerToken::new(token)?,
         })
     }
+}
+
+/// A connection maker for tonic's `connect_with_connector`: TLS by our own
+/// rules (any certificate, or a pinned one), which tonic's TLS cannot do.
+pub type TlsConnector = tower::util::BoxCloneService<
+    Uri,
+    TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    io::Error,
+>;
+
+/// A connector to `host:port` over TLS with `config` (ALPN `h2` added),
+/// for a channel given the same address with `http://`: tonic refuses an
+/// `https://` one without its own TLS.
+fn tls_connector(
+    mut config: rustls::ClientConfig,
+    host: String,
+    port: u16,
+) -> Result<TlsConnector, String> {
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    Ok(tower::util::BoxCloneService::new(tower::service_fn(
+        move |_: Uri| {
+            let tls = tls.clone();
+            let name = name.clone();
+            let host = host.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(name, tcp).await?;
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        },
+    )))
 }
 
 #[cfg(test)]

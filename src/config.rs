@@ -170,6 +170,71 @@ pub struct Args {
     )]
     pub data_dir: std::path::PathBuf,
 
+    /// Keep the state in this PostgreSQL database instead of the SQLite
+    /// store in --data-dir: postgres://USER:PASSWORD@HOST:PORT/DBNAME (or
+    /// libpq's key=value form). Servers, holds, sessions, API clients and
+    /// the token-signing key all live there; the schema is created or
+    /// migrated at start. Plain TCP or a Unix socket, no TLS yet. The
+    /// password is never logged. --data-dir then holds only the admin
+    /// socket (created 0700 if missing); `dcv-broker clients` needs the
+    /// broker running.
+    #[arg(
+        long,
+        env = "DCV_BROKER_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        conflicts_with = "in_memory"
+    )]
+    pub database_url: Option<DatabaseUrl>,
+
+    /// With --database-url: this replica's name among the brokers sharing
+    /// the database (default: a fresh UUID each start). Shown as the
+    /// lease's holder and in forwarded calls.
+    #[arg(
+        long,
+        env = "DCV_BROKER_NODE_ID",
+        value_name = "ID",
+        requires = "database_url"
+    )]
+    pub node_id: Option<String>,
+
+    /// With --database-url: the URL the other replicas reach this one at
+    /// when it leads (they forward writes there): http://HOST:PORT, or
+    /// https:// with TLS. Default: the listening address, which must then
+    /// be a specific one (not 0.0.0.0 or ::).
+    #[arg(
+        long,
+        env = "DCV_BROKER_ADVERTISE_URL",
+        value_name = "URL",
+        requires = "database_url"
+    )]
+    pub advertise_url: Option<String>,
+
+    /// With --database-url: how long the leader's lease lasts without a
+    /// renewal (renewed every third of it). A failed leader is replaced
+    /// after about this long; too short, and a slow database or a long
+    /// pause costs a needless failover. At least 500ms.
+    #[arg(
+        long,
+        env = "DCV_BROKER_LEADER_LEASE",
+        default_value = "5s",
+        value_parser = duration,
+        value_name = "DURATION"
+    )]
+    pub leader_lease: Duration,
+
+    /// With --database-url and TLS: the CA certificates (PEM) that the
+    /// leader's certificate is checked against when a follower forwards a
+    /// write. Default: the broker's own --tls-cert, which works when every
+    /// replica serves the same certificate.
+    #[arg(
+        long,
+        env = "DCV_BROKER_CLUSTER_CA",
+        value_name = "PATH",
+        requires = "database_url"
+    )]
+    pub cluster_ca: Option<PathBuf>,
+
     /// Keep state in memory only: a restart forgets every server, close and
     /// session. For tests and demos.
     #[arg(long, env = "DCV_BROKER_IN_MEMORY", conflicts_with = "data_dir")]
@@ -329,6 +394,21 @@ pub struct Args {
     /// Without this flag, RUST_LOG, if set, is taken as is.
     #[arg(long, env = "DCV_BROKER_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// Also write the audit log (one JSON line per state-changing call) to
+    /// this file (appended; created 0600) or to stdout (`-`). The store
+    /// keeps every record either way.
+    #[arg(long, env = "DCV_BROKER_AUDIT_LOG", value_name = "DEST")]
+    pub audit_log: Option<String>,
+
+    /// How long the store keeps audit records before pruning them.
+    #[arg(
+        long,
+        env = "DCV_BROKER_AUDIT_RETENTION",
+        default_value = "90days",
+        value_parser = duration
+    )]
+    pub audit_retention: Duration,
 
     /// Without a subcommand, the broker serves.
     #[command(subcommand)]
@@ -506,6 +586,34 @@ impl Args {
                     .into(),
             );
         }
+        if self.database_url.is_some() {
+            if self.leader_lease < Duration::from_millis(500) {
+                return Err("--leader-lease must be at least 500ms".into());
+            }
+            if self.demo_fleet > 0 {
+                return Err(
+                    "--demo-fleet runs simulated agents inside one broker; it does not go with \
+                     --database-url (replicas share their fleet through the database)"
+                        .into(),
+                );
+            }
+            if let Some(url) = &self.advertise_url {
+                check_advertise_url(url, self.tls_cert.is_some())?;
+            } else if self.listen.ip().is_unspecified() {
+                return Err(format!(
+                    "--listen {} is every address: give --advertise-url, the URL the other \
+                     replicas reach this one at",
+                    self.listen
+                ));
+            }
+            if let Some(id) = &self.node_id
+                && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
+            {
+                return Err(
+                    "--node-id must be 1 to 128 characters, none a control character".into(),
+                );
+            }
+        }
         if self.token_ttl.is_zero() {
             return Err("--token-ttl must be positive".into());
         }
@@ -613,6 +721,8 @@ impl Args {
             },
             allowed_hosts: self.allowed_hosts.clone(),
             rest_additions: self.rest_additions,
+            cluster: crate::cluster::ClusterView::standalone(),
+            cluster_ca: self.cluster_ca.clone(),
         }
     }
 }
@@ -737,5 +847,51 @@ pub fn check_listen(
     ))
 }
 
+/// Refuses an --advertise-url that is not a plain `http(s)://HOST:PORT`
+/// URL, or whose scheme does not match the broker's transport.
+fn check_advertise_url(url: &str, tls: bool) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("--advertise-url {url:?} is not a URL: {e}"))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    let wanted = if tls { "https" } else { "http" };
+    if scheme != wanted {
+        return Err(format!(
+            "--advertise-url {url:?} must start with {wanted}:// (the broker serves {})",
+            if tls { "TLS" } else { "plaintext" }
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
+        return Err(format!(
+            "--advertise-url {url:?} must name a host and a port"
+        ));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("--advertise-url {url:?} must have no path"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;
+
+/// A `--database-url`, kept out of `Debug` output and clap's messages: it
+/// may carry a password. Not checked when parsed (clap would echo a refused
+/// value); the store checks it when it connects and names only host, port
+/// and database in its errors.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl(url.to_owned()))
+    }
+}

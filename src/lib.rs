@@ -21,7 +21,10 @@
 //!   the broker issues; never sees the network.
 //! - [`fleet`]: the domain. Servers, holds, availability, pagination,
 //!   sessions, placement and the queue. Never imports tonic or prost.
-//! - [`store`]: the durable SQLite store behind the fleet's `Store` trait.
+//! - [`store`]: the durable SQLite store behind the fleet's `Store` trait,
+//!   and [`store::postgres`], the same on PostgreSQL (`--database-url`).
+//! - [`cluster`]: several brokers on one PostgreSQL database: the leader,
+//!   the followers, and the view of the role every layer reads.
 //! - [`tls`]: TLS certificates from PEM files, reloadable while serving;
 //!   [`tls::init`] makes a private CA and certificates (`dcv-broker tls`).
 //! - [`admin`]: `dcv-broker clients`, over the admin socket of a running
@@ -32,6 +35,8 @@
 //! - [`demo`]: a simulated fleet of agents for demos and load;
 //!   [`sample`]: the deterministic server descriptions it registers, which
 //!   tests and benchmarks reuse.
+//! - [`audit`]: the audit log's JSON-lines sink and the pruning of the
+//!   records the store keeps (the adapters build them: `api::audit`).
 //! - [`config`] and [`telemetry`]: the binary's flags, and logging;
 //!   [`table`]: the aligned text tables of `dcvsm` and `dcv-broker clients`.
 
@@ -40,8 +45,10 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod fleet;

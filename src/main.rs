@@ -7,11 +7,19 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 use clap::Parser;
 use dcv_broker::{
     admin::{self, AdminSocket},
+    audit::{self, AuditLog, AuditedStore},
     auth::{Auth, ScopeSet},
+    cluster::{ClusterStore, ClusterView, Replica},
     config::{self, Args, ClientsCommand, Command, LogFormat, TlsCommand},
-    fleet::{Fleet, persist::Store},
+    fleet::{
+        Fleet,
+        persist::{MemoryStore, Snapshot},
+    },
     server::{agent_port::AgentPort, connections, serve_until, serve_with_agent_port},
-    store::SqliteStore,
+    store::{
+        SqliteStore,
+        postgres::{ClusterOptions, Database, FORWARDING_KEY},
+    },
     telemetry,
     tls::{self, ServerTls},
 };
@@ -88,22 +96,85 @@ async fn run(args: Args) -> Result<(), String> {
     let signals = shutdown_signals().map_err(|e| format!("cannot watch signals: {e}"))?;
     let mut config = args.broker_config();
     let registry;
+    // With --database-url: what the cluster controller needs once the port
+    // is bound (it advertises the bound address).
+    let mut replica = None;
+    // The JSON-lines copy of the audit log, teed off every store below.
+    let audit_log = match &args.audit_log {
+        Some(dest) => Some(
+            AuditLog::open(&audit::Destination::parse(dest))
+                .map_err(|e| format!("cannot open the audit log {dest}: {e}"))?,
+        ),
+        None => None,
+    };
     let (fleet, store_failed) = if args.in_memory {
         tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
-        let fleet = Fleet::new(config.fleet.clone()).map_err(|e| e.to_string())?;
-        registry = Auth::in_memory(args.auth_config())
+        let store = AuditedStore::wrap(Arc::new(MemoryStore), audit_log.as_ref());
+        let fleet = Fleet::restore(config.fleet.clone(), store.clone(), Snapshot::default())
+            .map_err(|e| e.to_string())?;
+        registry = Auth::restore(args.auth_config(), store, &Snapshot::default())
             .await
             .map_err(|e| format!("authentication: {e}"))?;
+        (fleet, None)
+    } else if let Some(url) = &args.database_url {
+        let started = Instant::now();
+        let db = Database::connect(&url.0).await.map_err(|e| e.to_string())?;
+        let (snapshot, seq) = db.snapshot().await.map_err(|e| e.to_string())?;
+        let (servers, sessions) = (snapshot.servers.len(), snapshot.sessions.len());
+        let node = args
+            .node_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let view = ClusterView::clustered(node.clone());
+        let key = snapshot
+            .secrets
+            .iter()
+            .find(|(name, _)| name == FORWARDING_KEY)
+            .and_then(|(_, key)| <[u8; 32]>::try_from(key.as_slice()).ok())
+            .ok_or_else(|| {
+                format!(
+                    "PostgreSQL database {}: no valid {FORWARDING_KEY}",
+                    db.target()
+                )
+            })?;
+        view.set_forwarding_key(key);
+        // Every replica writes through this one store, which the
+        // controller points at the leader's fenced writer while this
+        // replica leads and which refuses writes otherwise.
+        let store = Arc::new(ClusterStore::new());
+        let audited = AuditedStore::wrap(store.clone(), audit_log.as_ref());
+        registry = Auth::restore(args.auth_config(), audited.clone(), &snapshot)
+            .await
+            .map_err(|e| format!("authentication: {e}"))?;
+        let fleet =
+            Fleet::restore(config.fleet.clone(), audited, snapshot).map_err(|e| e.to_string())?;
+        // Nothing runs on its own, and no client is registered, before the
+        // controller decides the role.
+        fleet.set_writable(false);
+        registry.set_writable(false);
+        view.reset_applied(seq);
+        tracing::info!(
+            store = %format!("postgres://{}", db.target()),
+            node = %node,
+            servers,
+            sessions,
+            seq,
+            elapsed = ?started.elapsed(),
+            "store loaded"
+        );
+        config.cluster = view.clone();
+        replica = Some((db, store, view, seq));
         (fleet, None)
     } else {
         let started = Instant::now();
         let (store, snapshot) = SqliteStore::open(&args.data_dir).map_err(|e| e.to_string())?;
+        let failed = store.failed();
+        let store = AuditedStore::wrap(Arc::new(store), audit_log.as_ref());
+        let location = args.data_dir.display().to_string();
         let (servers, sessions) = match config.demo_fleet {
             0 => (snapshot.servers.len(), snapshot.sessions.len()),
             _ => (0, 0),
         };
-        let failed = store.failed();
-        let store: Arc<dyn Store> = Arc::new(store);
         registry = Auth::restore(args.auth_config(), store.clone(), &snapshot)
             .await
             .map_err(|e| format!("authentication: {e}"))?;
@@ -113,7 +184,7 @@ async fn run(args: Args) -> Result<(), String> {
         // are real and stay in the store.
         let fleet = if config.demo_fleet > 0 {
             tracing::warn!(
-                data_dir = %args.data_dir.display(),
+                store = %location,
                 "--demo-fleet: servers, holds and sessions are kept in memory only; \
                  the store keeps API clients and the token-signing key"
             );
@@ -123,7 +194,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
         .map_err(|e| e.to_string())?;
         tracing::info!(
-            data_dir = %args.data_dir.display(),
+            store = %location,
             servers,
             sessions,
             elapsed = ?started.elapsed(),
@@ -134,6 +205,12 @@ async fn run(args: Args) -> Result<(), String> {
     if args.auth_enabled() {
         config.auth = Some(registry.clone());
     }
+    // Whoever writes prunes: a follower's fleet submits nothing.
+    let _audit_pruning = AbortOnDrop(tokio::spawn(audit::prune_periodically(
+        fleet.clone(),
+        args.audit_retention,
+        audit::PRUNE_EVERY,
+    )));
     // After the store opened: a store refused at start is reported in its
     // one line, with nothing else said before it.
     let mut agent_connections = connections::ConnectionLimits {
@@ -148,6 +225,21 @@ async fn run(args: Args) -> Result<(), String> {
     }
     // Bound before the port is announced, so that `dcv-broker clients`
     // works as soon as the broker is up.
+    if args.database_url.is_some()
+        && args.admin_socket.is_none()
+        && let Some(path) = args.admin_socket_path()
+        && let Some(dir) = path.parent()
+    {
+        // With PostgreSQL the data directory holds only the admin socket,
+        // and nothing else may have made it: it is created private.
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let admin =
         match args.admin_socket_path() {
             Some(path) => Some(AdminSocket::bind(&path).await.map_err(|e| {
@@ -165,6 +257,37 @@ async fn run(args: Args) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    // A replica takes its first role (and, as leader, reloads) before it
+    // says it is up: a broker that announced itself answers with current
+    // state, or forwards to one that does.
+    let controller = match replica {
+        Some((db, store, view, seq)) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let options = ClusterOptions {
+                node: view.node().to_owned(),
+                advertise: args
+                    .advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{scheme}://{addr}")),
+                lease: args.leader_lease,
+            };
+            let replica = Replica {
+                db,
+                options,
+                fleet: fleet.clone(),
+                auth: registry.clone(),
+                store,
+                view,
+            };
+            Some(
+                replica
+                    .start(seq)
+                    .await
+                    .map_err(|e| format!("cannot join the replicas: {e}"))?,
+            )
+        }
+        None => None,
+    };
     // The first line on stdout: scripts read the port from it.
     println!("dcv-broker listening on {addr}");
     let agent_port = match args.agent_listen {
@@ -245,6 +368,11 @@ async fn run(args: Args) -> Result<(), String> {
         None => serve_until(listener, fleet, config, tls, stop, hurry).await,
     }
     .map_err(|e| e.to_string())?;
+    // Drained: a leader hands its lease over now rather than let the
+    // others wait for it to lapse.
+    if let Some(controller) = controller {
+        controller.resign().await;
+    }
     if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
         return Err(format!("stopped: the store failed: {why}"));
     }

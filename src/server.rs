@@ -16,8 +16,9 @@ use tonic_health::{
 
 use crate::{
     api::{
-        AgentApi, HttpGateLayer, OpenServices, ServersApi, SessionsApi, gate::RestGate,
-        oauth::TokenEndpoint, rest::RestLayer, verifier::TokenVerifier,
+        AgentApi, Forwarder, HttpGateLayer, OpenServices, ServersApi, SessionsApi,
+        forward::ForwarderConfig, gate::RestGate, oauth::TokenEndpoint, rest::RestLayer,
+        verifier::TokenVerifier,
     },
     auth::Auth,
     demo,
@@ -48,7 +49,7 @@ macro_rules! layered {
     ($builder:expr, $connections:expr, $gate:expr, $config:expr) => {
         $builder
             .layer($connections.layer())
-            .layer($crate::api::RequestSpanLayer)
+            .layer($crate::api::RequestSpanLayer::new($config.cluster.clone()))
             .layer($gate)
             .layer(tower::util::option_layer($config.auth.clone().map(
                 |auth| $crate::api::AuthLayer::new(auth, $config.open_services),
@@ -107,6 +108,14 @@ pub struct BrokerConfig {
     /// default: clients generated from DCV's OpenAPI file may refuse
     /// fields it does not name.
     pub rest_additions: bool,
+    /// This broker's place among replicas on one database (standalone by
+    /// default: the leader, forwarding nothing).
+    pub cluster: crate::cluster::ClusterView,
+    /// PEM roots that verify an `https://` leader's certificate when this
+    /// replica forwards to it (`None`: the broker's own certificate file,
+    /// which fits replicas sharing one certificate; without TLS, the
+    /// system's roots).
+    pub cluster_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -125,6 +134,8 @@ impl Default for BrokerConfig {
             open_services: OpenServices::default(),
             allowed_hosts: Vec::new(),
             rest_additions: false,
+            cluster: crate::cluster::ClusterView::standalone(),
+            cluster_ca: None,
         }
     }
 }
@@ -148,6 +159,14 @@ pub enum ServeError {
     /// The google.rpc descriptors compiled in do not decode.
     #[error("reflection: google.rpc descriptors: {0}")]
     Descriptors(#[from] prost::DecodeError),
+    /// The roots to verify the leader's certificate with cannot be read.
+    #[error("cluster CA {path}: {error}")]
+    ClusterCa {
+        /// The file.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -224,6 +243,73 @@ fn gate(
         tls,
         &config.allowed_hosts,
     )
+}
+
+/// The forwarder of a replica among several (standalone: one that forwards
+/// nothing), trusting `config.cluster_ca` or else the certificate `tls`
+/// serves for an `https://` leader.
+fn forwarder(config: &BrokerConfig, tls: Option<&ServerTls>) -> Result<Forwarder, ServeError> {
+    if !config.cluster.is_clustered() {
+        return Ok(Forwarder::standalone());
+    }
+    let path = config
+        .cluster_ca
+        .clone()
+        .or_else(|| tls.map(|tls| tls.cert_path().to_path_buf()));
+    let roots = match path {
+        Some(path) => Some(std::fs::read(&path).map_err(|error| ServeError::ClusterCa {
+            path: path.display().to_string(),
+            error,
+        })?),
+        None => None,
+    };
+    Ok(Forwarder::new(
+        config.cluster.clone(),
+        ForwarderConfig {
+            roots,
+            max_request_bytes: config.limits.max_request_bytes,
+            max_response_bytes: config.limits.max_response_bytes,
+            request_timeout: config.request_timeout,
+        },
+    ))
+}
+
+/// The health service's name that is SERVING on the leader only (a single
+/// broker always leads).
+pub const LEADER_HEALTH: &str = "dcv-broker.leader";
+
+/// The health service's name that is SERVING while this broker can take a
+/// write: it leads, or it knows a leader to forward to. Reads are served
+/// either way (the overall status stays SERVING).
+pub const WRITES_HEALTH: &str = "dcv-broker.writes";
+
+/// Keeps [`LEADER_HEALTH`] and [`WRITES_HEALTH`] in step with the
+/// replica's role, for as long as the server runs.
+async fn report_role(cluster: crate::cluster::ClusterView, health: HealthReporter) {
+    use crate::cluster::Role;
+    let mut roles = cluster.roles();
+    loop {
+        let role = roles.borrow_and_update().clone();
+        let status = |on: bool| {
+            if on {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        health
+            .set_service_status(LEADER_HEALTH, status(role == Role::Leader))
+            .await;
+        health
+            .set_service_status(
+                WRITES_HEALTH,
+                status(!matches!(role, Role::Unavailable { .. })),
+            )
+            .await;
+        if roles.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Aborts background tasks when the server stops, however it stops.
@@ -337,6 +423,10 @@ async fn run(
     health.set_serving::<AgentServer<AgentApi>>().await;
     health.set_serving::<SessionsServer<SessionsApi>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
+    let roles = TaskGuard(vec![tokio::spawn(report_role(
+        config.cluster.clone(),
+        health.clone(),
+    ))]);
 
     let google_rpc = google_rpc_descriptors()?;
     let reflection = || {
@@ -351,16 +441,21 @@ async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let limits = &config.limits;
-    let servers = ServersServer::new(ServersApi::new(fleet.clone()))
-        .max_decoding_message_size(limits.max_request_bytes)
-        .max_encoding_message_size(limits.max_response_bytes);
-    let sessions = SessionsServer::new(SessionsApi::new(fleet.clone()))
-        .max_decoding_message_size(limits.max_request_bytes)
-        .max_encoding_message_size(limits.max_response_bytes);
+    let forward = forwarder(&config, tls.as_ref())?;
+    let servers =
+        ServersServer::new(ServersApi::new(fleet.clone()).with_forwarder(forward.clone()))
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes);
+    let sessions =
+        SessionsServer::new(SessionsApi::new(fleet.clone()).with_forwarder(forward.clone()))
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes);
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
-    let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping_rx.clone()))
-        .max_decoding_message_size(limits.max_request_bytes)
-        .max_encoding_message_size(limits.max_response_bytes);
+    let agent = AgentServer::new(
+        AgentApi::new(fleet.clone(), stopping_rx.clone()).with_forwarder(forward.clone()),
+    )
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_response_bytes);
 
     // Rebinding checks need to know whether this is a loopback listener;
     // one whose address cannot be read is treated as one (the strict side).
@@ -376,6 +471,7 @@ async fn run(
             health: Some(health.clone()),
             max_request_bytes: limits.max_request_bytes,
             routes: true,
+            cluster: config.cluster.clone(),
         },
     );
 
@@ -388,6 +484,7 @@ async fn run(
                 tls: tls.clone(),
                 health: health.clone(),
                 stopping: stopping_rx.clone(),
+                forward: forward.clone(),
             },
         )?),
         None => None,
@@ -404,6 +501,7 @@ async fn run(
             limits.max_request_bytes,
             config.request_timeout,
             config.rest_additions,
+            forward,
         ))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -444,6 +542,12 @@ async fn run(
         "shutting down: reporting NOT_SERVING, serving on for the grace period, then draining \
          (a second signal stops at once)"
     );
+    drop(roles);
+    for role in [LEADER_HEALTH, WRITES_HEALTH] {
+        health
+            .set_service_status(role, ServingStatus::NotServing)
+            .await;
+    }
     health.set_not_serving::<ServersServer<ServersApi>>().await;
     health.set_not_serving::<AgentServer<AgentApi>>().await;
     health

@@ -2,6 +2,7 @@
 //! acknowledged changes survive SIGKILL at random moments, batches are
 //! never half-applied, closed state (reason, actor, time) survives clean
 //! and unclean restarts and re-registration, and queued sessions come back.
+//! The SIGKILL test runs on PostgreSQL (`--database-url`) too.
 
 mod common;
 
@@ -24,8 +25,36 @@ use tonic::transport::Channel;
 /// A broker process on a data directory.
 struct Proc(BrokerProcess);
 
+/// Where a broker keeps its state.
+enum StoreAt {
+    /// The SQLite store in a data directory.
+    Dir(std::path::PathBuf),
+    /// A PostgreSQL database (`--database-url`); the data directory holds
+    /// only the admin socket.
+    Postgres(String, std::path::PathBuf),
+}
+
+impl StoreAt {
+    async fn start(&self) -> Proc {
+        match self {
+            StoreAt::Dir(dir) => Proc::start(dir).await,
+            // The same --node-id at every start, as a replica's service
+            // unit would give it: the restarted broker takes back its own
+            // lease at once rather than wait for it to lapse.
+            StoreAt::Postgres(url, dir) => {
+                let args = ["--database-url", url, "--node-id", "durability"];
+                Proc::start_with(dir, &args.map(OsStr::new)).await
+            }
+        }
+    }
+}
+
 impl Proc {
     async fn start(dir: &Path) -> Proc {
+        Proc::start_with(dir, &[]).await
+    }
+
+    async fn start_with(dir: &Path, extra: &[&OsStr]) -> Proc {
         let mut args: Vec<&OsStr> = [
             "--log",
             "warn",
@@ -40,6 +69,7 @@ impl Proc {
         .map(OsStr::new)
         .to_vec();
         args.push(dir.as_os_str());
+        args.extend_from_slice(extra);
         Proc(BrokerProcess::start_exactly(&args).await)
     }
 
@@ -313,12 +343,25 @@ async fn check_session_client(channel: Channel, client: &mut SessionClient) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_changes_survive_sigkill_at_random_moments() {
     let dir = tempdir();
+    sigkill_at_random_moments(StoreAt::Dir(dir.path().to_path_buf())).await;
+}
+
+/// The same with the state in PostgreSQL (a throwaway server of the
+/// test's own, or `DCV_BROKER_TEST_DATABASE_URL`'s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_changes_survive_sigkill_at_random_moments_on_postgres() {
+    let db = common::postgres::TestDatabase::new().await;
+    let dir = tempdir();
+    sigkill_at_random_moments(StoreAt::Postgres(db.url.clone(), dir.path().to_path_buf())).await;
+}
+
+async fn sigkill_at_random_moments(store: StoreAt) {
     let seed = std::env::var("DURABILITY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5EED_u64);
     let mut rng = Rng(seed);
-    let mut broker = Proc::start(dir.path()).await;
+    let mut broker = store.start().await;
 
     // Four clients, five servers each, registered (durably) up front.
     let mut clients: Vec<ServerClient> = (0..4)
@@ -355,9 +398,16 @@ async fn acknowledged_changes_survive_sigkill_at_random_moments() {
         ));
         // Kill after a random number of acknowledgements.
         let threshold = 5 + rng.below(80);
-        while acks.load(Ordering::Relaxed) < threshold {
-            tokio::task::yield_now().await;
-        }
+        let progress = tokio::time::timeout(common::process::PATIENCE, async {
+            while acks.load(Ordering::Relaxed) < threshold {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(
+            progress.await.is_ok(),
+            "cycle {cycle}: the clients stopped at {} acknowledgements, short of {threshold}",
+            acks.load(Ordering::Relaxed)
+        );
         broker.kill().await;
         for task in tasks {
             clients.push(task.await.unwrap());
@@ -365,7 +415,7 @@ async fn acknowledged_changes_survive_sigkill_at_random_moments() {
         session_client = sessions.await.unwrap();
         total_acks += acks.load(Ordering::Relaxed);
 
-        broker = Proc::start(dir.path()).await;
+        broker = store.start().await;
         let mut servers = ServersClient::new(broker.channel().await);
         for client in &clients {
             let shown = describe(&mut servers, &client.ids).await;

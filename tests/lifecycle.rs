@@ -19,6 +19,9 @@ async fn health_reports_serving_for_the_server_and_each_service() {
         "dcv.sessionmanager.v1.Servers",
         "dcv.sessionmanager.v1.Agent",
         "dcv.sessionmanager.v1.Sessions",
+        // A single broker always leads, and takes writes.
+        "dcv-broker.leader",
+        "dcv-broker.writes",
     ] {
         let status = health
             .check(HealthCheckRequest {
@@ -37,6 +40,99 @@ async fn health_reports_serving_for_the_server_and_each_service() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// The next status a health watch reports that differs from `last` (a
+/// watch repeats a status each time it is set, changed or not).
+async fn next_status(
+    watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    last: &mut Option<ServingStatus>,
+) -> ServingStatus {
+    loop {
+        let status = watch
+            .next()
+            .await
+            .expect("a status")
+            .expect("no error")
+            .status;
+        let status = ServingStatus::try_from(status).expect("a known status");
+        if *last != Some(status) {
+            *last = Some(status);
+            return status;
+        }
+    }
+}
+
+#[tokio::test]
+async fn health_follows_a_replicas_role() {
+    use dcv_broker::cluster::{ClusterView, Role};
+    let cluster = ClusterView::clustered("replica-1".into());
+    let broker = Broker::start(dcv_broker::BrokerConfig {
+        cluster: cluster.clone(),
+        ..quiet_config()
+    })
+    .await;
+    let mut health = HealthClient::new(broker.channel().await);
+    let watch = |service: &str| {
+        let mut health = health.clone();
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        async move { health.watch(request).await.unwrap().into_inner() }
+    };
+    let mut leader = (watch("dcv-broker.leader").await, None);
+    let mut writes = (watch("dcv-broker.writes").await, None);
+    // Starting: no leader known, so no writes either; reads still work.
+    assert_eq!(
+        next_status(&mut leader.0, &mut leader.1).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        next_status(&mut writes.0, &mut writes.1).await,
+        ServingStatus::NotServing
+    );
+    cluster.set_role(Role::Leader);
+    assert_eq!(
+        next_status(&mut leader.0, &mut leader.1).await,
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        next_status(&mut writes.0, &mut writes.1).await,
+        ServingStatus::Serving
+    );
+    cluster.set_role(Role::Follower {
+        leader: "http://127.0.0.1:1".into(),
+    });
+    assert_eq!(
+        next_status(&mut leader.0, &mut leader.1).await,
+        ServingStatus::NotServing
+    );
+    // A follower forwards writes: still SERVING.
+    let follower_writes = health
+        .check(HealthCheckRequest {
+            service: "dcv-broker.writes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(follower_writes, ServingStatus::Serving as i32);
+    cluster.set_role(Role::Unavailable {
+        why: "the database is unreachable".into(),
+    });
+    assert_eq!(
+        next_status(&mut writes.0, &mut writes.1).await,
+        ServingStatus::NotServing
+    );
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(overall, ServingStatus::Serving as i32);
 }
 
 macro_rules! reflection_lists_services {

@@ -174,6 +174,15 @@ async fn a_silent_agent_loses_the_session_to_another_server() {
         Instr::DeleteSession(d) => assert_eq!(d.session_id, id),
         other => panic!("expected DeleteSession, got {other:?}"),
     }
+    // Nor does its heartbeat saying the session is gone there: the
+    // session is on the other server now.
+    a.client
+        .heartbeat(beat("a", vec![session(&id, Ty::Virtual, St::Deleted)]))
+        .await
+        .unwrap();
+    let s = describe_session(&mut sessions, &id).await;
+    assert_eq!(s.server.as_ref().unwrap().id, "b", "{s:?}");
+    assert_eq!(state(&s), St::Creating);
     // A late answer from the first agent changes nothing.
     a.report(&id, Kind::CreateSession, true, St::Ready).await;
     assert_eq!(
@@ -189,6 +198,49 @@ async fn a_silent_agent_loses_the_session_to_another_server() {
         state(&describe_session(&mut sessions, &id).await),
         St::Ready
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_deleted_while_being_created_is_not_retried_when_its_server_goes() {
+    let broker = Broker::start(config()).await;
+    let mut a = TestAgent::connect(&broker, registration("a", "linux", 4)).await;
+    let _b = TestAgent::connect(&broker, registration("b", "linux", 4)).await;
+    let mut sessions = broker.sessions().await;
+    let r = sessions
+        .create_sessions(create_req(vec![create_item("s", "rex", Ty::Virtual)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = r.successful_list[0].id.clone();
+    assert_eq!(r.successful_list[0].server.as_ref().unwrap().id, "a");
+    assert_eq!(a.next_create().await.session_id, id);
+    let deleted = sessions
+        .delete_sessions(pb::DeleteSessionsRequest {
+            sessions: vec![pb::DeleteSessionRequestData {
+                session_id: id.clone(),
+                owner: "rex".into(),
+                force: None,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.successful_list.len(), 1, "{deleted:?}");
+    assert_eq!(
+        state(&describe_session(&mut sessions, &id).await),
+        St::Deleting
+    );
+    // Its server goes before answering: the session ends there, and is
+    // not created anew on the other server.
+    a.client
+        .deregister_server(pb::DeregisterServerRequest {
+            server_id: "a".into(),
+        })
+        .await
+        .unwrap();
+    let s = describe_session(&mut sessions, &id).await;
+    assert_eq!(state(&s), St::Deleted, "{s:?}");
+    assert!(s.state_reason.contains("removed"), "{}", s.state_reason);
 }
 
 #[tokio::test(start_paused = true)]

@@ -1173,6 +1173,46 @@ async fn health_follows_grpc_health_through_shutdown() {
 }
 
 #[tokio::test]
+async fn health_says_where_a_replica_stands() {
+    use dcv_broker::cluster::{ClusterView, Role};
+    let cluster = ClusterView::clustered("replica-2".into());
+    let broker = Broker::start(BrokerConfig {
+        cluster: cluster.clone(),
+        ..config()
+    })
+    .await;
+    let rest = Rest::new(broker.addr, Http::One);
+    cluster.set_epoch(4);
+    cluster.reset_applied(17);
+    cluster.set_role(Role::Follower {
+        leader: "http://10.0.0.1:8443".into(),
+    });
+    let reply = rest.get("/health").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({"status": "SERVING", "role": "follower", "leader": "http://10.0.0.1:8443",
+               "epoch": 4, "applied_seq": 17, "lag_ms": 0})
+    );
+    // Cut off from the database: still SERVING (reads work), and says why.
+    cluster.set_role(Role::Unavailable {
+        why: "the database is unreachable".into(),
+    });
+    let reply = rest.get("/health").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let body = reply.json();
+    assert_eq!(body["role"], "unavailable");
+    assert_eq!(body["why"], "the database is unreachable");
+    cluster.set_role(Role::Leader);
+    cluster.set_committed(18);
+    let body = rest.get("/health").await.json();
+    assert_eq!(
+        (&body["role"], &body["applied_seq"], &body["lag_ms"]),
+        (&json!("leader"), &json!(18), &json!(0))
+    );
+}
+
+#[tokio::test]
 async fn the_openapi_document_is_served() {
     let broker = Broker::start(config()).await;
     let rest = Rest::new(broker.addr, Http::One);

@@ -23,7 +23,7 @@ use crate::{
     layer::{Policy, PolicyLayer, PolicyService, Verdict},
 };
 
-use super::ANONYMOUS_ACTOR;
+use super::{ANONYMOUS_ACTOR, forward::Forwarded};
 
 const SERVERS: &str = "dcv.sessionmanager.v1.Servers";
 const SESSIONS: &str = "dcv.sessionmanager.v1.Sessions";
@@ -150,8 +150,10 @@ impl<B> Policy<B> for AuthPolicy {
         match authorize(&self.shared.auth, &request, access) {
             Ok(principal) => {
                 tracing::Span::current().record("client", &*principal.client_id);
+                // A token client's stream (direct or forwarded) ends when
+                // the client is revoked; a certificate has no client.
                 let revocable = (request.uri().path() == INSTRUCTION_STREAM
-                    && request.headers().contains_key(http::header::AUTHORIZATION))
+                    && !principal.client_id.starts_with(MTLS_PREFIX))
                 .then(|| (self.shared.auth.clone(), principal.client_id.clone()));
                 request.extensions_mut().insert(principal);
                 Verdict::Pass(request, revocable)
@@ -233,13 +235,42 @@ impl http_body::Body for EndOnRevocation {
     }
 }
 
+/// How a certificate agent's client id starts: it names no registered
+/// client.
+const MTLS_PREFIX: &str = "mtls:";
+
 fn authorize<B>(
     auth: &Auth,
     request: &http::Request<B>,
     access: Access,
 ) -> Result<Principal, AuthError> {
-    let principal = match request.headers().get(http::header::AUTHORIZATION) {
-        Some(value) => {
+    let forwarded = request.extensions().get::<Forwarded>();
+    let principal = match (
+        forwarded,
+        request.headers().get(http::header::AUTHORIZATION),
+    ) {
+        // A call another replica forwarded, whose signed identity the
+        // request-id layer verified: the caller that replica
+        // authenticated, as long as its client is still active here (a
+        // revocation reaches replicas a moment apart).
+        (Some(forwarded), _) => match &forwarded.principal {
+            Some(p) if p.client_id.starts_with(MTLS_PREFIX) || auth.is_active(&p.client_id) => {
+                p.clone()
+            }
+            Some(_) => {
+                return Err(AuthError::InvalidToken(
+                    "its client is no longer active (forwarded call)".into(),
+                ));
+            }
+            None => {
+                return Err(AuthError::Missing(
+                    "a forwarded call without a caller, from a replica running without \
+                     authentication"
+                        .to_owned(),
+                ));
+            }
+        },
+        (None, Some(value)) => {
             let token = value
                 .to_str()
                 .ok()
@@ -253,7 +284,7 @@ fn authorize<B>(
                 })?;
             auth.authenticate(token)?
         }
-        None => certificate_principal(request.extensions()).ok_or_else(|| {
+        (None, None) => certificate_principal(request.extensions()).ok_or_else(|| {
             AuthError::Missing(
                 "this call needs credentials: send `authorization: Bearer <token>` with a token \
                  from POST /oauth2/token?grant_type=client_credentials"
@@ -288,7 +319,7 @@ fn certificate_principal(extensions: &http::Extensions) -> Option<Principal> {
     let certs = info.peer_certs()?;
     let server_id = crate::tls::agent_server_id(certs.first()?)?;
     Some(Principal {
-        client_id: format!("mtls:{server_id}").into(),
+        client_id: format!("{MTLS_PREFIX}{server_id}").into(),
         scopes: ScopeSet::from(Scope::Agent),
         server_id: Some(server_id.into()),
     })

@@ -131,7 +131,7 @@ impl From<AuthError> for Status {
             }
             AuthError::Invalid(_) => Status::invalid_argument(err.to_string()),
             AuthError::NotFound(_) => Status::not_found(err.to_string()),
-            AuthError::Busy => Status::unavailable(err.to_string()),
+            AuthError::Busy | AuthError::NotLeader => Status::unavailable(err.to_string()),
             AuthError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the broker's log")

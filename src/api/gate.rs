@@ -89,6 +89,9 @@ pub struct RestGate {
     /// Whether DCV's REST routes and our OpenAPI document are served here
     /// (false on the agents' port: they are the operators').
     pub routes: bool,
+    /// The replica's role and progress, which `/health` reports when the
+    /// broker is one of several.
+    pub cluster: crate::cluster::ClusterView,
 }
 
 impl Default for RestGate {
@@ -97,6 +100,7 @@ impl Default for RestGate {
             health: None,
             max_request_bytes: crate::limits::Limits::default().max_request_bytes,
             routes: true,
+            cluster: crate::cluster::ClusterView::standalone(),
         }
     }
 }
@@ -158,6 +162,17 @@ where
     type Hold = Option<RestHold>;
 
     fn check<E: Send + 'static>(&self, mut request: http::Request<B>) -> Verdict<B, Self::Hold, E> {
+        // Forwarding headers that did not verify (see `api::forward`):
+        // never trusted, with or without authentication.
+        if let Some(refused) = request.extensions().get::<super::forward::ForwardRefused>() {
+            // DEBUG, like the gate's other refusals of a flood: a caller
+            // sending forged headers must not fill the log.
+            tracing::debug!(why = %refused.0, "refused a forwarded call");
+            return Verdict::Answer(
+                tonic::Status::unauthenticated(format!("forwarded call refused: {}", refused.0))
+                    .into_http(),
+            );
+        }
         match self.shared.route(&request) {
             Route::Grpc => Verdict::Pass(request, None),
             Route::Rest(call) => {
@@ -170,7 +185,10 @@ where
                 Verdict::Pass(request, Some(hold))
             }
             Route::Health(reporter) => {
-                Verdict::Later(Box::pin(async move { Ok(rest::health(reporter).await) }))
+                let cluster = self.shared.rest.cluster.clone();
+                Verdict::Later(Box::pin(async move {
+                    Ok(rest::health(reporter, &cluster).await)
+                }))
             }
             Route::Document { head } => {
                 let document = super::rest::openapi::document();

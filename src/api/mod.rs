@@ -3,9 +3,11 @@
 //! back into DCV-shaped responses.
 
 pub mod agent;
+pub mod audit;
 pub mod auth;
 pub mod codec;
 pub mod error;
+pub mod forward;
 pub mod gate;
 pub mod oauth;
 pub mod request_id;
@@ -16,6 +18,7 @@ pub mod verifier;
 
 pub use agent::AgentApi;
 pub use auth::{AuthLayer, OpenServices};
+pub use forward::Forwarder;
 pub use gate::HttpGateLayer;
 pub use request_id::{RequestId, RequestSpanLayer};
 pub use servers::ServersApi;

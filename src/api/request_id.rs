@@ -2,7 +2,9 @@
 //! tracing span (method, request id, peer) that every event of the request
 //! carries when the log shows DEBUG. The id reaches handlers through the
 //! request's extensions, so the id in a response is the one in the
-//! broker's log.
+//! broker's log. A call forwarded by another replica keeps that replica's
+//! request id once its signed identity verifies (`api::forward`), so one id
+//! names the call in both brokers' logs and in the reply.
 
 use std::{
     cell::Cell,
@@ -13,7 +15,8 @@ use tower::{Layer, Service};
 use tracing::{Instrument as _, instrument::Instrumented};
 use uuid::Uuid;
 
-use crate::transport::peer_addr;
+use super::forward::{self, ForwardRefused};
+use crate::{cluster::ClusterView, transport::peer_addr};
 
 /// The id of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +34,29 @@ impl RequestId {
     }
 }
 
-/// The tower layer that assigns request ids and spans.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestSpanLayer;
+/// The tower layer that assigns request ids and spans, and checks the
+/// identity of calls forwarded by other replicas.
+#[derive(Debug, Clone, Default)]
+pub struct RequestSpanLayer {
+    view: ClusterView,
+}
+
+impl RequestSpanLayer {
+    /// The layer of a broker whose place among replicas `view` tells (its
+    /// forwarding key checks forwarded calls).
+    pub fn new(view: ClusterView) -> RequestSpanLayer {
+        RequestSpanLayer { view }
+    }
+}
 
 impl<S> Layer<S> for RequestSpanLayer {
     type Service = RequestSpan<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestSpan { inner }
+        RequestSpan {
+            inner,
+            view: self.view.clone(),
+        }
     }
 }
 
@@ -47,6 +64,7 @@ impl<S> Layer<S> for RequestSpanLayer {
 #[derive(Debug, Clone)]
 pub struct RequestSpan<S> {
     inner: S,
+    view: ClusterView,
 }
 
 impl<S, B> Service<http::Request<B>> for RequestSpan<S>
@@ -62,7 +80,21 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let id = fresh_id();
+        // Two header lookups for an ordinary call; the check itself only
+        // when a forwarding header is there. A forwarded identity that does
+        // not verify is marked for the HTTP gate to refuse (this layer
+        // never answers), and its request id is not adopted.
+        let id = match forward::check(request.headers(), &self.view, std::time::SystemTime::now()) {
+            forward::Check::Absent => fresh_id(),
+            forward::Check::Verified(forwarded, id) => {
+                request.extensions_mut().insert(forwarded);
+                id
+            }
+            forward::Check::Refused(why) => {
+                request.extensions_mut().insert(ForwardRefused(why));
+                fresh_id()
+            }
+        };
         let peer = peer_addr(request.extensions());
         // DEBUG, like the per-request events: at INFO, tracing-subscriber's
         // formatter built and tracked this span for every request, about a

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{RequestId, error::truncated};
+use super::{Forwarder, RequestId, audit::AuditCall, error::truncated};
 use crate::{
     fleet::{self, CloseItem, DescribeQuery, Fleet, query},
     pb::{self, servers_server::Servers},
@@ -35,12 +35,23 @@ fn echoed(mut reason: String, failure_reason: String) -> (String, String) {
 #[derive(Debug, Clone)]
 pub struct ServersApi {
     fleet: Fleet,
+    /// Sends writes to the leader when this replica follows one.
+    forward: Forwarder,
 }
 
 impl ServersApi {
     /// The service for `fleet`.
     pub fn new(fleet: Fleet) -> Self {
-        ServersApi { fleet }
+        ServersApi {
+            fleet,
+            forward: Forwarder::standalone(),
+        }
+    }
+
+    /// The same service, forwarding writes as `forward` says.
+    pub fn with_forwarder(mut self, forward: Forwarder) -> Self {
+        self.forward = forward;
+        self
     }
 }
 
@@ -50,7 +61,14 @@ impl Servers for ServersApi {
         &self,
         request: Request<pb::CloseServersRequest>,
     ) -> Result<Response<pb::CloseServersResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.servers().close_servers(forwarded))
+                .await;
+        }
         let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "CloseServers");
         let actor = super::auth::actor(&request);
         let servers = request.into_inner().servers;
         // The size first: nothing is built per item of a batch too big.
@@ -66,6 +84,13 @@ impl Servers for ServersApi {
             })
             .collect();
         let results = self.fleet.close_servers(&items, &actor).await?;
+        let audited = items.iter().zip(&results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(i, r)| (i.server_id.as_str(), r, i.reason.as_str())),
+        )
+        .await;
         let mut response = pb::CloseServersResponse {
             request_id,
             ..Default::default()
@@ -101,18 +126,30 @@ impl Servers for ServersApi {
             failed = response.unsuccessful_list.len(),
             "servers closed"
         );
-        Ok(Response::new(response))
+        Ok(self.forward.stamped(response))
     }
 
     async fn open_servers(
         &self,
         request: Request<pb::OpenServersRequest>,
     ) -> Result<Response<pb::OpenServersResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader.reply(leader.servers().open_servers(forwarded)).await;
+        }
         let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "OpenServers");
         let servers = request.into_inner().servers;
         fleet::validate_batch_size("Servers", servers.len())?;
         let ids: Vec<String> = servers.into_iter().map(|s| s.server_id).collect();
         let results = self.fleet.open_servers(&ids).await?;
+        let audited = ids.iter().zip(&results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(id, r)| (id.as_str(), r, "")),
+        )
+        .await;
         let mut response = pb::OpenServersResponse {
             request_id,
             ..Default::default()
@@ -138,7 +175,7 @@ impl Servers for ServersApi {
             failed = response.unsuccessful_list.len(),
             "servers opened"
         );
-        Ok(Response::new(response))
+        Ok(self.forward.stamped(response))
     }
 
     async fn describe_servers(

@@ -4,7 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::RequestId;
+use super::{Forwarder, RequestId, audit::AuditCall};
 use crate::{
     fleet::{
         self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query,
@@ -18,12 +18,23 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct SessionsApi {
     fleet: Fleet,
+    /// Sends writes to the leader when this replica follows one.
+    forward: Forwarder,
 }
 
 impl SessionsApi {
     /// The service for `fleet`.
     pub fn new(fleet: Fleet) -> Self {
-        SessionsApi { fleet }
+        SessionsApi {
+            fleet,
+            forward: Forwarder::standalone(),
+        }
+    }
+
+    /// The same service, forwarding writes as `forward` says.
+    pub fn with_forwarder(mut self, forward: Forwarder) -> Self {
+        self.forward = forward;
+        self
     }
 }
 
@@ -33,7 +44,14 @@ impl Sessions for SessionsApi {
         &self,
         request: Request<pb::CreateSessionsRequest>,
     ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().create_sessions(forwarded))
+                .await;
+        }
         let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "CreateSessions");
         let items = request.into_inner().sessions;
         // The size first: nothing is copied per item of a batch too big.
         fleet::validate_batch_size("Sessions", items.len())?;
@@ -45,6 +63,18 @@ impl Sessions for SessionsApi {
                 created.push((index, wire::session_to_pb(view)));
             })
             .await?;
+        if audit.is_some() {
+            // A created session is audited under the id it was given; a
+            // failed item has none.
+            let mut ids = vec![""; results.len()];
+            for (index, session) in &created {
+                if let Some(id) = ids.get_mut(*index) {
+                    *id = session.id.as_str();
+                }
+            }
+            let audited = ids.iter().zip(&results);
+            AuditCall::finish(audit, &self.fleet, audited.map(|(id, r)| (*id, r, ""))).await;
+        }
         let mut response = pb::CreateSessionsResponse {
             request_id,
             ..Default::default()
@@ -66,7 +96,7 @@ impl Sessions for SessionsApi {
             failed = response.unsuccessful_list.len(),
             "sessions created"
         );
-        Ok(Response::new(response))
+        Ok(self.forward.stamped(response))
     }
 
     async fn describe_sessions(
@@ -101,7 +131,14 @@ impl Sessions for SessionsApi {
         &self,
         request: Request<pb::DeleteSessionsRequest>,
     ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().delete_sessions(forwarded))
+                .await;
+        }
         let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "DeleteSessions");
         let items = request.into_inner().sessions;
         fleet::validate_batch_size("Sessions", items.len())?;
         let domain: Vec<DeleteItem> = items
@@ -113,6 +150,13 @@ impl Sessions for SessionsApi {
             })
             .collect();
         let results = self.fleet.delete_sessions(&domain).await?;
+        let audited = domain.iter().zip(&results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
+        )
+        .await;
         let mut response = pb::DeleteSessionsResponse {
             request_id,
             ..Default::default()
@@ -141,7 +185,7 @@ impl Sessions for SessionsApi {
             failed = response.unsuccessful_list.len(),
             "sessions deleted"
         );
-        Ok(Response::new(response))
+        Ok(self.forward.stamped(response))
     }
 
     async fn get_session_connection_data(
@@ -166,7 +210,14 @@ impl Sessions for SessionsApi {
         &self,
         request: Request<pb::UpdateSessionPermissionsRequest>,
     ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().update_session_permissions(forwarded))
+                .await;
+        }
         let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "UpdateSessionPermissions");
         let items = request.into_inner().sessions;
         fleet::validate_batch_size("Sessions", items.len())?;
         let domain: Vec<PermissionsItem> = items
@@ -178,6 +229,13 @@ impl Sessions for SessionsApi {
             })
             .collect();
         let results = self.fleet.update_session_permissions(&domain).await?;
+        let audited = domain.iter().zip(&results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
+        )
+        .await;
         let mut response = pb::UpdateSessionPermissionsResponse {
             request_id,
             ..Default::default()
@@ -200,13 +258,19 @@ impl Sessions for SessionsApi {
                 ),
             }
         }
-        Ok(Response::new(response))
+        Ok(self.forward.stamped(response))
     }
 
     async fn get_session_screenshots(
         &self,
         request: Request<pb::GetSessionScreenshotsRequest>,
     ) -> Result<Response<pb::GetSessionScreenshotsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().get_session_screenshots(forwarded))
+                .await;
+        }
         let request_id = RequestId::of(&request);
         let items = request.into_inner().sessions;
         fleet::validate_batch_size_up_to("Sessions", items.len(), MAX_SCREENSHOT_ITEMS)?;
@@ -247,6 +311,6 @@ impl Sessions for SessionsApi {
             failed = response.unsuccessful_list.len(),
             "screenshots taken"
         );
-        Ok(Response::new(response))
+        Ok(self.forward.stamped(response))
     }
 }

@@ -154,6 +154,12 @@ pub enum AuthError {
     /// Too many token requests are being checked at once.
     #[error("too many token requests at once; retry shortly")]
     Busy,
+    /// This broker is a replica that does not lead: clients are registered
+    /// and revoked by the leader only.
+    #[error(
+        "this broker does not lead its replicas: register and revoke clients through the leader's admin socket"
+    )]
+    NotLeader,
     /// The store or the hashing failed.
     #[error("{0}")]
     Internal(String),
@@ -175,12 +181,17 @@ pub struct Auth {
 struct Inner {
     config: AuthConfig,
     clients: RwLock<HashMap<String, StoredClient>>,
-    keys: token::Keys,
+    /// Swapped whole when a replica takes the shared key from the store;
+    /// a clone of the `Arc` per token, the lock held for no longer.
+    keys: RwLock<Arc<token::Keys>>,
     store: Arc<dyn Store>,
     hashing: Arc<Semaphore>,
     /// Told of every revocation, so that calls still open (an agent's
     /// instruction stream) can end when their client is revoked.
     revocations: watch::Sender<()>,
+    /// Whether clients may be registered and revoked here (false on a
+    /// replica that does not lead, whose registry follows the leader's).
+    writable: std::sync::atomic::AtomicBool,
     /// Verified against when the client is unknown or revoked, so that the
     /// answer takes as long as for a wrong secret.
     decoy_hash: String,
@@ -235,12 +246,13 @@ impl Auth {
             .collect();
         Ok(Auth {
             inner: Arc::new(Inner {
-                keys: token::Keys::new(&key, &config.issuer),
+                keys: RwLock::new(Arc::new(token::Keys::new(&key, &config.issuer))),
                 config,
                 clients: RwLock::new(clients),
                 store,
                 hashing: Arc::new(Semaphore::new(CONCURRENT_HASHES)),
                 revocations: watch::Sender::new(()),
+                writable: std::sync::atomic::AtomicBool::new(true),
                 decoy_hash,
             }),
         })
@@ -256,9 +268,44 @@ impl Auth {
         .await
     }
 
+    /// Keeps an audit record of a change to the registry (a client
+    /// registered or revoked) in the registry's store, waiting until it
+    /// is durable; nothing on a replica that does not lead (it refused the
+    /// change) or a store that wants no records.
+    pub async fn record_audit(&self, record: crate::fleet::persist::AuditRecord) {
+        if self.check_writable().is_err() || !self.inner.store.keeps_audit() {
+            return;
+        }
+        let durable = self.inner.store.submit(vec![Change::PutAudit(record)]);
+        if let Err(e) = durable.wait().await {
+            tracing::error!(error = %e, "an audit record could not be stored");
+        }
+    }
+
     /// How authentication behaves.
     pub fn config(&self) -> &AuthConfig {
         &self.inner.config
+    }
+
+    /// Whether clients may be registered and revoked here: the cluster
+    /// controller turns it off while this replica does not lead, so that a
+    /// refused change never touches the registry in memory.
+    pub fn set_writable(&self, writable: bool) {
+        self.inner
+            .writable
+            .store(writable, std::sync::atomic::Ordering::Release);
+    }
+
+    fn check_writable(&self) -> Result<(), AuthError> {
+        if self
+            .inner
+            .writable
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(())
+        } else {
+            Err(AuthError::NotLeader)
+        }
     }
 
     /// Registers a client that may be granted `scopes` (an agent client
@@ -270,6 +317,7 @@ impl Auth {
         scopes: ScopeSet,
         server_id: Option<&str>,
     ) -> Result<Registered, AuthError> {
+        self.check_writable()?;
         let name = name.trim();
         if name.is_empty() || name.len() > MAX_CLIENT_NAME || name.chars().any(char::is_control) {
             return Err(AuthError::Invalid(format!(
@@ -337,6 +385,7 @@ impl Auth {
     /// Revokes a client: it gets no more tokens, and the ones it holds stop
     /// working now. Revoking a revoked client changes nothing.
     pub async fn revoke(&self, id: &str) -> Result<ClientInfo, AuthError> {
+        self.check_writable()?;
         let (client, durable) = {
             let mut clients = self.inner.clients.write();
             let client = clients
@@ -398,7 +447,7 @@ impl Auth {
                 None => requested,
             },
         };
-        self.inner.keys.issue(
+        self.keys().issue(
             &client.id,
             scopes,
             client.server_id.as_deref(),
@@ -412,10 +461,7 @@ impl Auth {
     /// revoked. Its scopes are those of the token that the client still
     /// has.
     pub fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
-        let claims = self
-            .inner
-            .keys
-            .verify(bearer, (self.inner.config.clock)())?;
+        let claims = self.keys().verify(bearer, (self.inner.config.clock)())?;
         let clients = self.inner.clients.read();
         let client = clients
             .get(&claims.sub)
@@ -430,6 +476,86 @@ impl Auth {
                 .intersection(ScopeSet::parse_names(&client.scopes)),
             server_id: client.server_id.as_deref().map(Arc::from),
         })
+    }
+
+    fn keys(&self) -> Arc<token::Keys> {
+        Arc::clone(&self.inner.keys.read())
+    }
+
+    /// Replaces the clients and the signing key with what `snapshot` holds
+    /// (a replica whose role changed). A client revoked or gone by the
+    /// snapshot fires [`Auth::revocations`], so its open calls end. On
+    /// error nothing changed.
+    pub fn reload(&self, snapshot: &Snapshot) -> Result<(), AuthError> {
+        let key = match snapshot
+            .secrets
+            .iter()
+            .find(|(name, _)| name == SIGNING_KEY)
+        {
+            Some((_, key)) if key.len() < 32 => {
+                return Err(AuthError::Internal(format!(
+                    "the stored {SIGNING_KEY} is shorter than 32 bytes"
+                )));
+            }
+            Some((_, key)) => Some(key),
+            None => None,
+        };
+        let fresh: HashMap<String, StoredClient> = snapshot
+            .clients
+            .iter()
+            .map(|c| (c.id.clone(), c.clone()))
+            .collect();
+        if let Some(key) = key {
+            self.set_key(key);
+        }
+        let revoked = {
+            let mut clients = self.inner.clients.write();
+            let revoked = clients.iter().any(|(id, old)| {
+                old.revoked_at.is_none() && fresh.get(id).is_none_or(|new| new.revoked_at.is_some())
+            });
+            *clients = fresh;
+            revoked
+        };
+        if revoked {
+            self.inner.revocations.send_modify(|()| {});
+        }
+        Ok(())
+    }
+
+    /// Applies the clients and the signing key among a leader's committed
+    /// changes (a follower's batch; the fleet applies the rest). A
+    /// revocation fires [`Auth::revocations`] at once. A signing key too
+    /// short to be the store's is ignored, and said so.
+    pub fn apply_replicated(&self, changes: &[Change]) {
+        let mut revoked = false;
+        for change in changes {
+            match change {
+                Change::PutClient(client) => {
+                    let mut clients = self.inner.clients.write();
+                    let was_active = clients
+                        .get(&client.id)
+                        .is_some_and(|c| c.revoked_at.is_none());
+                    revoked |= was_active && client.revoked_at.is_some();
+                    clients.insert(client.id.clone(), client.clone());
+                }
+                Change::PutSecret { name, value } if name == SIGNING_KEY => {
+                    if value.len() >= 32 {
+                        self.set_key(value);
+                    } else {
+                        tracing::error!("ignored a replicated {SIGNING_KEY} shorter than 32 bytes");
+                    }
+                }
+                _ => {}
+            }
+        }
+        if revoked {
+            self.inner.revocations.send_modify(|()| {});
+        }
+    }
+
+    fn set_key(&self, key: &[u8]) {
+        let keys = Arc::new(token::Keys::new(key, &self.inner.config.issuer));
+        *self.inner.keys.write() = keys;
     }
 
     /// Changes each time a client is revoked.

@@ -8,10 +8,8 @@
 //! given an `http://` URL, the real `https://` origin, and this connector,
 //! which does TLS itself (ALPN h2, the client certificate if any).
 
-use std::{io, sync::Arc};
+use std::sync::Arc;
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -73,24 +71,14 @@ pub(super) fn connector(
     host: String,
     port: u16,
     identity: Option<&(Vec<u8>, Vec<u8>)>,
-) -> Result<
-    impl tower::Service<
-        Uri,
-        Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
-        Error = io::Error,
-        Future = impl Future + Send,
-    > + Clone
-    + Send
-    + 'static,
-    String,
-> {
+) -> Result<super::TlsConnector, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
-    let mut config = match identity {
+    let config = match identity {
         Some((cert, key)) => {
             let certs = CertificateDer::pem_slice_iter(cert)
                 .collect::<Result<Vec<_>, _>>()
@@ -103,18 +91,5 @@ pub(super) fn connector(
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-    Ok(tower::service_fn(move |_: Uri| {
-        let tls = tls.clone();
-        let name = name.clone();
-        let host = host.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let stream = tls.connect(name, tcp).await?;
-            Ok::<_, io::Error>(TokioIo::new(stream))
-        }
-    }))
+    super::tls_connector(config, host, port)
 }

@@ -275,3 +275,66 @@ fn register_api_client_takes_dcv_spellings_of_the_name() {
         ["dcv-broker", "-cn", "register-api-client"].map(std::ffi::OsString::from)
     );
 }
+
+#[test]
+fn cluster_flags_are_checked() {
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["dcv-broker", "--database-url", "postgres://db/broker"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    };
+    let check = |extra: &[&str]| parse(extra).unwrap().check();
+    assert!(check(&[]).is_ok());
+    assert_eq!(parse(&[]).unwrap().leader_lease, Duration::from_secs(5));
+    let why = check(&["--leader-lease", "100ms"]).unwrap_err();
+    assert!(why.contains("at least 500ms"), "{why}");
+    let why = check(&["--demo-fleet", "3"]).unwrap_err();
+    assert!(why.contains("--demo-fleet"), "{why}");
+    // Every address: the other replicas need to be told where this is.
+    let everywhere = ["--listen", "0.0.0.0:8443", "--allow-insecure-non-loopback"];
+    let why = check(&everywhere).unwrap_err();
+    assert!(why.contains("--advertise-url"), "{why}");
+    assert!(
+        check(
+            &[
+                &everywhere[..],
+                &["--advertise-url", "http://10.0.0.1:8443"]
+            ]
+            .concat()
+        )
+        .is_ok()
+    );
+    for (url, says) in [
+        ("https://10.0.0.1:8443", "http://"),
+        ("http://10.0.0.1", "host and a port"),
+        ("http://10.0.0.1:8443/x", "no path"),
+        ("not a url at all", "not a URL"),
+    ] {
+        let why = check(&["--advertise-url", url]).unwrap_err();
+        assert!(why.contains(says), "{url}: {why}");
+    }
+    let tls = ["--tls-cert", "s.pem", "--tls-key", "k.pem"];
+    assert!(check(&[&tls[..], &["--advertise-url", "https://b1.example:8443"]].concat()).is_ok());
+    let why =
+        check(&[&tls[..], &["--advertise-url", "http://b1.example:8443"]].concat()).unwrap_err();
+    assert!(why.contains("https://"), "{why}");
+    let why = check(&["--node-id", ""]).unwrap_err();
+    assert!(why.contains("--node-id"), "{why}");
+    // Cluster flags mean nothing without a shared database.
+    assert!(Args::try_parse_from(["dcv-broker", "--node-id", "a"]).is_err());
+}
+
+#[test]
+fn audit_flags_default_to_no_copy_and_ninety_days() {
+    let args = Args::try_parse_from(["dcv-broker"]).unwrap();
+    assert_eq!(args.audit_log, None);
+    assert_eq!(args.audit_retention, crate::audit::DEFAULT_RETENTION);
+    let args = Args::try_parse_from(["dcv-broker", "--audit-log", "-", "--audit-retention", "7d"])
+        .unwrap();
+    assert_eq!(
+        crate::audit::Destination::parse(args.audit_log.as_deref().unwrap()),
+        crate::audit::Destination::Stdout
+    );
+    assert_eq!(args.audit_retention, Duration::from_secs(7 * 24 * 3600));
+    assert!(Args::try_parse_from(["dcv-broker", "--audit-retention", "soon"]).is_err());
+}

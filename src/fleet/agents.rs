@@ -328,21 +328,12 @@ impl State {
         let Some(server) = self.servers.get_mut(id) else {
             return false;
         };
+        report.update_host(&mut server.description.host);
         server.dcv_server_healthy = report.dcv_server_healthy;
         server.logged_in_users = report.logged_in_users;
         let old = self.by_load.update(server, |server| {
             std::mem::replace(&mut server.sessions, report.sessions)
         });
-        let host = &mut server.description.host;
-        if let Some(load) = report.cpu_load_average {
-            host.cpu_load_average = load;
-        }
-        if let Some(memory) = report.memory {
-            host.memory = memory;
-        }
-        if let Some(swap) = report.swap {
-            host.swap = swap;
-        }
         server.last_seen = now;
         server.last_seen_wall = persist::wall_clock();
         let returned = std::mem::replace(&mut server.agent_departed, false);
@@ -350,6 +341,7 @@ impl State {
         if returned {
             self.server_state_changed(&id);
         }
+        self.liveness_changed(&id);
         self.reconcile_report(&id, &old, now, ctx);
         true
     }

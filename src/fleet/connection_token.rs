@@ -1,16 +1,22 @@
 //! Connection tokens: signed, expiring grants of one user's access to one
 //! session.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, KeyInit, Mac};
+use parking_lot::RwLock;
 use sha2::Sha256;
 
 /// Signs connection tokens: who may connect to which session until when.
 #[derive(Clone)]
 pub(in crate::fleet) struct ConnectionTokens {
-    pub(in crate::fleet) key: [u8; 32],
+    /// Shared by the fleet's clones and swapped in place when a replica
+    /// reloads or applies a new stored key.
+    key: Arc<RwLock<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for ConnectionTokens {
@@ -23,11 +29,18 @@ const TOKEN_MAC_BYTES: usize = 32;
 
 impl ConnectionTokens {
     pub(in crate::fleet) fn with_key(key: [u8; 32]) -> Self {
-        ConnectionTokens { key }
+        ConnectionTokens {
+            key: Arc::new(RwLock::new(key)),
+        }
+    }
+
+    /// Signs and checks with `key` from now on, in every clone.
+    pub(in crate::fleet) fn set_key(&self, key: [u8; 32]) {
+        *self.key.write() = key;
     }
 
     pub(in crate::fleet) fn mac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&*self.key.read())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
     }
 

@@ -4,7 +4,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -40,13 +40,16 @@ pub struct Fleet {
     /// agent's answer then never waits for the fleet's lock, and the
     /// lock is never taken while this one is held.
     pub(in crate::fleet) screenshots: PendingShots,
+    /// False on a replica that follows another's writes (see
+    /// [`Fleet::set_writable`]).
+    pub(in crate::fleet) writable: Arc<AtomicBool>,
 }
 
 /// The stored secret keying page tokens.
-const PAGE_TOKEN_KEY: &str = "page-token-key/hmac-sha256";
+pub(in crate::fleet) const PAGE_TOKEN_KEY: &str = "page-token-key/hmac-sha256";
 
 /// The stored secret keying connection tokens.
-const CONNECTION_TOKEN_KEY: &str = "connection-token-key/hmac-sha256";
+pub(in crate::fleet) const CONNECTION_TOKEN_KEY: &str = "connection-token-key/hmac-sha256";
 
 /// The key called `name` in the store, or a fresh random one, stored. Kept
 /// so that page and connection tokens survive a restart (a DCV server
@@ -99,6 +102,7 @@ impl Fleet {
         let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
         let mut state = State::from_snapshot(snapshot, &config)?;
         state.tracks_changes = store.keeps_changes();
+        state.tracks_liveness = state.tracks_changes && store.keeps_liveness();
         Ok(Fleet {
             state: Arc::new(RwLock::new(state)),
             config: Arc::new(config),
@@ -108,6 +112,7 @@ impl Fleet {
             store,
             longest_write_ns: Arc::new(AtomicU64::new(0)),
             screenshots: PendingShots::default(),
+            writable: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -119,7 +124,7 @@ impl Fleet {
     }
 
     /// Takes the write lock, timed (see [`WriteGuard`]), and nothing else.
-    fn lock_write(&self) -> WriteGuard<'_> {
+    pub(in crate::fleet) fn lock_write(&self) -> WriteGuard<'_> {
         let guard = self.state.write();
         WriteGuard {
             guard,
@@ -148,7 +153,7 @@ impl Fleet {
     /// state that should already have moved on.
     pub(in crate::fleet) fn write(&self, now: Instant) -> WriteGuard<'_> {
         let mut state = self.lock_write();
-        if state.maintenance_due(now) {
+        if self.is_writable() && state.maintenance_due(now) {
             state.maintain(now, &self.ctx());
             // Nobody waits for housekeeping to be durable, but it goes to
             // the store in order, before what the caller changes next.
@@ -164,6 +169,20 @@ impl Fleet {
             state.forget_changes();
             return persist::Durable::done();
         }
+        if !self.is_writable() {
+            // A follower's writes are the leader's to make (the API
+            // forwards them); one made here anyway is not kept, and whoever
+            // waits for it is told so rather than told it is durable.
+            let changed = !state.dirty_servers.is_empty()
+                || !state.dirty_server_state.is_empty()
+                || !state.sessions.dirty.is_empty();
+            state.forget_changes();
+            return if changed {
+                persist::Durable::failed("this broker is not the leader")
+            } else {
+                persist::Durable::done()
+            };
+        }
         let changes = state.take_changes();
         if changes.is_empty() {
             persist::Durable::done()
@@ -172,10 +191,54 @@ impl Fleet {
         }
     }
 
+    /// Whether audit records are wanted (see [`persist::Store::keeps_audit`]):
+    /// the adapters build none otherwise.
+    pub fn keeps_audit(&self) -> bool {
+        self.store.keeps_audit()
+    }
+
+    /// Submits an audit record through the store's writer, in the next
+    /// group commit. Never takes the fleet's lock: records are
+    /// insert-only and order nothing else. A follower writes none (the
+    /// leader audits what it was forwarded).
+    pub fn record_audit(&self, record: persist::AuditRecord) -> persist::Durable {
+        if !self.is_writable() || !self.store.keeps_audit() {
+            return persist::Durable::done();
+        }
+        self.store.submit(vec![persist::Change::PutAudit(record)])
+    }
+
+    /// Removes audit records older than `before`, on the replica that
+    /// writes (the leader); nothing on a follower.
+    pub fn prune_audit(&self, before: std::time::SystemTime) -> persist::Durable {
+        if !self.is_writable() || !self.store.keeps_audit() {
+            return persist::Durable::done();
+        }
+        self.store
+            .submit(vec![persist::Change::PruneAudit { before }])
+    }
+
+    /// Whether this fleet makes changes of its own (see
+    /// [`Fleet::set_writable`]).
+    pub(in crate::fleet) fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Makes this fleet a leader's (true, the default) or a follower's
+    /// (false). A follower's state moves only by
+    /// [`Fleet::apply_replicated`] and [`Fleet::reload`]: nothing that
+    /// changes state on its own (forgetting silent servers, session
+    /// deadlines, queue timeouts, the end of deleted sessions' retention)
+    /// runs on reads, writes or [`Fleet::sweep`], since the leader does it
+    /// and its changes arrive here; and nothing is submitted to the store.
+    pub fn set_writable(&self, writable: bool) {
+        self.writable.store(writable, Ordering::Release);
+    }
+
     /// Takes the read lock, doing what is due first.
     pub(in crate::fleet) fn read(&self, now: Instant) -> parking_lot::RwLockReadGuard<'_, State> {
         let state = self.state.read();
-        if !state.maintenance_due(now) {
+        if !self.is_writable() || !state.maintenance_due(now) {
             return state;
         }
         drop(state);
@@ -187,6 +250,9 @@ impl Fleet {
     /// silent past the removal timeout (returning their ids) and processes
     /// session deadlines. The server runs it periodically.
     pub fn sweep(&self) -> Vec<ServerId> {
+        if !self.is_writable() {
+            return Vec::new();
+        }
         let now = Instant::now();
         let mut state = self.lock_write();
         let removed = state.maintain(now, &self.ctx());

@@ -22,7 +22,9 @@
 //! lock discipline, `state.rs` the state behind the lock, `servers.rs` and
 //! `agents.rs` the operators' and the agents' operations on servers,
 //! [`sessions`] everything about sessions, `validate.rs` the stateless
-//! checks. This file only maps the modules and re-exports the public
+//! checks, `replica.rs` what a replica of several brokers on one database
+//! does instead (applying the leader's changes, reloading on a change of
+//! role). This file only maps the modules and re-exports the public
 //! paths, so that no module needs to import it.
 
 mod agents;
@@ -37,6 +39,7 @@ pub mod model;
 pub mod page_token;
 pub mod persist;
 pub mod query;
+mod replica;
 pub mod requirements;
 mod servers;
 pub mod sessions;

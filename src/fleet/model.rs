@@ -278,6 +278,22 @@ pub struct Heartbeat {
     pub swap: Option<MemoryUsage>,
 }
 
+impl Heartbeat {
+    /// Puts the host figures it reports (load, memory, swap) into `host`;
+    /// a figure it does not report stays as it was.
+    pub(in crate::fleet) fn update_host(&self, host: &mut HostInfo) {
+        if let Some(load) = self.cpu_load_average {
+            host.cpu_load_average = load;
+        }
+        if let Some(memory) = self.memory {
+            host.memory = memory;
+        }
+        if let Some(swap) = self.swap {
+            host.swap = swap;
+        }
+    }
+}
+
 /// A session the broker placed on a server and is waiting for the agent to
 /// report.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,10 +9,14 @@
 //! mismatched token is told apart from a good one and rejected with a
 //! precise message.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, KeyInit, Mac};
+use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
 const VERSION: u8 = 1;
@@ -42,7 +46,10 @@ pub enum TokenError {
 /// Signs and checks page tokens with the store's key (per process with --in-memory/--demo-fleet).
 #[derive(Clone)]
 pub struct PageTokens {
-    key: [u8; 32],
+    /// Shared by the fleet's clones and swapped in place when a replica
+    /// reloads or applies a new stored key: one uncontended read lock per
+    /// token, nothing on the paths that issue none.
+    key: Arc<RwLock<[u8; 32]>>,
     ttl: Duration,
 }
 
@@ -77,18 +84,28 @@ impl PageTokens {
     pub fn random(ttl: Duration) -> Result<Self, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
-        Ok(PageTokens { key, ttl })
+        Ok(PageTokens::with_key(key, ttl))
     }
 
     /// Tokens under a given key (the stored one, so that tokens survive a
     /// restart).
     pub fn with_key(key: [u8; 32], ttl: Duration) -> Self {
-        PageTokens { key, ttl }
+        PageTokens {
+            key: Arc::new(RwLock::new(key)),
+            ttl,
+        }
+    }
+
+    /// Signs and checks with `key` from now on, in every clone (another
+    /// replica's tokens, signed with the same shared key, are then good
+    /// here too).
+    pub fn set_key(&self, key: [u8; 32]) {
+        *self.key.write() = key;
     }
 
     fn mac(&self) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
-        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&*self.key.read())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
     }
 

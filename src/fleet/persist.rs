@@ -15,7 +15,10 @@
 //! (refreshed by every heartbeat; after a restart every server gets a fresh
 //! heartbeat window), which servers an agent reported sessions on beyond
 //! the session records themselves (rebuilt from them), and agents'
-//! instruction streams (agents reconnect).
+//! instruction streams (agents reconnect). A store shared by replicas
+//! ([`Store::keeps_liveness`]) is handed what heartbeats said too
+//! ([`Change::PutLiveness`], the latest per server in each submission), to
+//! pass on to followers, not to keep.
 
 use std::time::SystemTime;
 
@@ -24,7 +27,8 @@ use tokio::{sync::oneshot, time::Instant};
 use super::{
     error::FleetError,
     model::{
-        CreateSpec, Hold, ServerDescription, ServerRecord, SessionKind, SessionState, Substate,
+        CreateSpec, Heartbeat, Hold, ServerDescription, ServerRecord, SessionKind, SessionState,
+        Substate,
     },
 };
 
@@ -115,6 +119,93 @@ pub enum Change {
         /// Its bytes.
         value: Vec<u8>,
     },
+    /// What a server's latest heartbeat said, for replicas that serve
+    /// reads (several brokers on one database): never stored in a table,
+    /// only passed on, and submitted only to a store whose
+    /// [`Store::keeps_liveness`] says so.
+    PutLiveness(StoredLiveness),
+    /// Append one audit record (who changed what, and how each item
+    /// went): insert-only, never passed on to followers' fleets.
+    PutAudit(AuditRecord),
+    /// Remove the audit records older than `before` (the retention).
+    PruneAudit {
+        /// The oldest time kept.
+        before: SystemTime,
+    },
+}
+
+/// One state-changing call, as the audit log keeps it: built by the API
+/// adapters from what the fleet returned, and kept by the store in the
+/// same writer (and group commit) as the changes themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// When the call was answered (microsecond precision, as stored).
+    pub at: SystemTime,
+    /// The authenticated client id; `anonymous` without authentication,
+    /// `admin` for the admin socket.
+    pub actor: String,
+    /// The request id the caller was answered with (empty when there is
+    /// none, as for the admin socket).
+    pub request_id: String,
+    /// The gRPC method (`CloseServers`), the REST route (`POST
+    /// /closeServers`) or the admin command (`clients register`).
+    pub method: String,
+    /// The caller's address, when known.
+    pub peer: Option<String>,
+    /// Each item of the call, in request order.
+    pub items: Vec<AuditItem>,
+}
+
+/// One item of an audited call and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditItem {
+    /// The server, session or client it named.
+    pub id: String,
+    /// `OK`, or the failure code it got (`SERVER_NOT_FOUND`, ...).
+    pub outcome: String,
+    /// The reason the caller gave (a close's Reason), or the failure's.
+    pub reason: String,
+}
+
+impl AuditItem {
+    /// The outcome of a successful item.
+    pub const OK: &'static str = "OK";
+
+    /// The longest id an audit item keeps, in bytes: an item refused for
+    /// its id may name one as long as the request allowed.
+    pub const MAX_ID_BYTES: usize = 512;
+
+    /// The item naming `id` (as the caller sent it, however malformed),
+    /// with its `outcome` and `reason`. The id is made storable: a NUL
+    /// becomes U+FFFD (PostgreSQL's text and JSON refuse NUL, and a write
+    /// the store refuses would cost the leader its lease) and a long id is
+    /// cut at [`Self::MAX_ID_BYTES`], marked with an ellipsis.
+    pub fn new(id: &str, outcome: String, reason: String) -> AuditItem {
+        let mut end = id.len().min(Self::MAX_ID_BYTES);
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut kept = id[..end].replace('\0', "\u{FFFD}");
+        if end < id.len() {
+            kept.push('…');
+        }
+        AuditItem {
+            id: kept,
+            outcome,
+            reason: reason.replace('\0', "\u{FFFD}"),
+        }
+    }
+}
+
+/// A server's heartbeat-derived state, as passed to replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredLiveness {
+    /// The server.
+    pub id: String,
+    /// When the heartbeat arrived, in wall-clock time.
+    pub last_seen: SystemTime,
+    /// What it said.
+    pub heartbeat: Heartbeat,
 }
 
 /// An API or agent client, as stored: never its secret, only a slow
@@ -163,6 +254,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn keeps_changes(&self) -> bool {
         true
     }
+
+    /// Whether heartbeats are passed on too ([`Change::PutLiveness`]):
+    /// only for replicas on a shared database, where followers show what
+    /// the leader's agents report.
+    fn keeps_liveness(&self) -> bool {
+        false
+    }
+
+    /// Whether audit records are wanted ([`Change::PutAudit`]): by
+    /// default when changes are kept; a store that keeps nothing but feeds
+    /// an audit log says yes too. Nobody builds a record otherwise.
+    fn keeps_audit(&self) -> bool {
+        self.keeps_changes()
+    }
 }
 
 /// Resolves when a submission is durable.
@@ -174,6 +279,14 @@ impl Durable {
     /// Already durable (or nothing to keep).
     pub fn done() -> Self {
         Durable(None)
+    }
+
+    /// Never durable: `why` is what the waiter is told.
+    pub fn failed(why: &str) -> Self {
+        let (tx, rx) = oneshot::channel();
+        // The receiver is right here: the send cannot fail.
+        let _ = tx.send(Err(why.to_owned()));
+        Durable(Some(rx))
     }
 
     /// Durable when the store sends on the other end.
@@ -224,6 +337,26 @@ pub(super) fn stored_server(server: &ServerRecord) -> StoredServer {
     }
 }
 
+/// What a server's heartbeats said, as passed to replicas: its record's
+/// current reported sessions, health, users and host metrics (what
+/// DescribeServers and DescribeSessions show of them), so the latest one
+/// carries everything and earlier ones can be dropped.
+pub(super) fn stored_liveness(server: &ServerRecord) -> StoredLiveness {
+    let host = &server.description.host;
+    StoredLiveness {
+        id: server.id.to_string(),
+        last_seen: server.last_seen_wall,
+        heartbeat: Heartbeat {
+            dcv_server_healthy: server.dcv_server_healthy,
+            logged_in_users: server.logged_in_users.clone(),
+            sessions: server.sessions.clone(),
+            cpu_load_average: Some(host.cpu_load_average),
+            memory: Some(host.memory),
+            swap: Some(host.swap),
+        },
+    }
+}
+
 /// The wall-clock time of a monotonic deadline, relative to a pair of
 /// readings of both clocks taken together.
 pub(super) fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
@@ -248,5 +381,32 @@ pub fn wall_clock() -> SystemTime {
             std::time::UNIX_EPOCH + std::time::Duration::from_micros(since.as_micros() as u64)
         }
         Err(_) => now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuditItem;
+
+    #[test]
+    fn an_audit_item_never_holds_a_nul() {
+        let item = AuditItem::new("nul\0id", "NOT_FOUND".into(), "no \0 such".into());
+        assert_eq!(item.id, "nul\u{FFFD}id");
+        assert_eq!(item.reason, "no \u{FFFD} such");
+        assert_eq!(item.outcome, "NOT_FOUND");
+    }
+
+    #[test]
+    fn a_long_audit_item_id_is_cut_on_a_char_boundary() {
+        // 'é' is two bytes: 300 of them straddle the limit at an odd offset.
+        let id = format!("x{}", "é".repeat(300));
+        let item = AuditItem::new(&id, AuditItem::OK.into(), String::new());
+        assert!(item.id.ends_with('…'));
+        let kept = item.id.trim_end_matches('…');
+        assert!(kept.len() <= AuditItem::MAX_ID_BYTES);
+        assert!(kept.len() > AuditItem::MAX_ID_BYTES - 2);
+        assert!(id.starts_with(kept));
+        let short = AuditItem::new("srv-1", AuditItem::OK.into(), String::new());
+        assert_eq!(short.id, "srv-1");
     }
 }

@@ -46,6 +46,12 @@ pub(in crate::fleet) struct State {
     /// Whether the store keeps changes; when it does not, nothing is
     /// marked dirty (a set insert per item of every batch, for nothing).
     pub(in crate::fleet) tracks_changes: bool,
+    /// Servers whose heartbeat-derived state changed since the last
+    /// submission; tracked only for a store that passes heartbeats on to
+    /// replicas ([`persist::Store::keeps_liveness`]).
+    pub(in crate::fleet) dirty_liveness: FastSet<ServerId>,
+    /// Whether `dirty_liveness` is tracked.
+    pub(in crate::fleet) tracks_liveness: bool,
     /// The shared copies of description texts.
     pub(in crate::fleet) texts: intern::Interner,
 }
@@ -59,6 +65,14 @@ impl State {
     pub(in crate::fleet) fn server_changed(&mut self, id: &ServerId) {
         if self.tracks_changes {
             self.dirty_servers.insert(id.clone());
+        }
+    }
+
+    /// Notes that what `id`'s heartbeats say changed (its reported
+    /// sessions, health, users, load), for replicas.
+    pub(in crate::fleet) fn liveness_changed(&mut self, id: &ServerId) {
+        if self.tracks_liveness {
+            self.dirty_liveness.insert(id.clone());
         }
     }
 
@@ -120,7 +134,9 @@ impl State {
         use persist::Change;
         let now = Instant::now();
         let wall = SystemTime::now();
-        let mut changes = Vec::with_capacity(self.dirty_servers.len() + self.sessions.dirty.len());
+        let mut changes = Vec::with_capacity(
+            self.dirty_servers.len() + self.sessions.dirty.len() + self.dirty_liveness.len(),
+        );
         for id in std::mem::take(&mut self.dirty_server_state) {
             if self.dirty_servers.contains(&id) {
                 continue;
@@ -145,6 +161,13 @@ impl State {
                 None => Change::DeleteSession(id.to_string()),
             });
         }
+        // Last, so that a replica applying them in order finds the
+        // sessions they report already in place.
+        for id in std::mem::take(&mut self.dirty_liveness) {
+            if let Some(server) = self.servers.get(&id) {
+                changes.push(Change::PutLiveness(persist::stored_liveness(server)));
+            }
+        }
         changes
     }
 
@@ -153,6 +176,7 @@ impl State {
         self.dirty_server_state.clear();
         self.dirty_servers.clear();
         self.sessions.dirty.clear();
+        self.dirty_liveness.clear();
     }
 
     pub(in crate::fleet) fn maintenance_due(&self, now: Instant) -> bool {

@@ -42,10 +42,17 @@ pub fn validate_server_id(id: &str) -> Result<(), String> {
             model::MAX_SERVER_ID_BYTES,
             id.len()
         ))
+    } else if id.contains('\0') {
+        Err(NUL_REFUSED.into())
     } else {
         Ok(())
     }
 }
+
+/// Why text with a NUL character is refused. No DCV id or name holds one,
+/// and a store may not be able to keep it (PostgreSQL's TEXT cannot): a
+/// value the store refuses would stop the broker, so it is refused here.
+pub(in crate::fleet) const NUL_REFUSED: &str = "must not contain NUL characters";
 
 pub(in crate::fleet) fn validate_reason(reason: &str) -> Result<(), String> {
     let chars = reason.chars().count();
@@ -158,6 +165,9 @@ pub(in crate::fleet) fn precheck_ids<'a>(
 }
 
 fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
+    if value.contains('\0') {
+        violations.push(FieldViolation::new(field, NUL_REFUSED));
+    }
     if value.len() > MAX_TEXT_BYTES {
         violations.push(FieldViolation::new(
             field,

@@ -70,6 +70,8 @@ pub(super) struct Parts {
     /// The main server's health: one state, served on both ports.
     pub health: HealthReporter,
     pub stopping: watch::Receiver<bool>,
+    /// Sends agents' writes to the leader when this replica follows one.
+    pub forward: crate::api::Forwarder,
 }
 
 /// The running agents' port, as the main server drives it.
@@ -176,9 +178,10 @@ async fn serve(
         tls,
         health,
         stopping,
+        forward,
     } = parts;
     let limits = &config.limits;
-    let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping))
+    let agent = AgentServer::new(AgentApi::new(fleet.clone(), stopping).with_forwarder(forward))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
     // Health for the agents' load balancer; DCV's REST API is the
@@ -192,6 +195,7 @@ async fn serve(
             health: Some(health.clone()),
             max_request_bytes: limits.max_request_bytes,
             routes: false,
+            cluster: config.cluster.clone(),
         },
     );
     let router = super::layered!(super::builder(&config), connections, gate, config)

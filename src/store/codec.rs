@@ -16,7 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 
 use crate::{
-    fleet::{CreateSpec, HoldKind, ServerDescription, SessionKind, SessionState, Substate},
+    fleet::{
+        CreateSpec, Heartbeat, HoldKind, MemoryUsage, ServerDescription, SessionKind, SessionState,
+        Substate,
+        persist::{AuditItem, StoredLiveness},
+    },
     pb, wire,
 };
 
@@ -37,6 +41,39 @@ pub(super) fn time_from_micros(m: i64) -> Option<SystemTime> {
     } else {
         UNIX_EPOCH.checked_sub(magnitude)
     }
+}
+
+/// An audit record's items as stored: a JSON array of objects, readable
+/// by `sqlite3` and `psql` alike (and by PostgreSQL's JSON operators).
+pub(super) fn encode_audit_items(items: &[AuditItem]) -> String {
+    let items: Vec<_> = items
+        .iter()
+        .map(|i| serde_json::json!({"id": i.id, "outcome": i.outcome, "reason": i.reason}))
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+/// The items of a stored audit record.
+pub(super) fn decode_audit_items(text: &str) -> Result<Vec<AuditItem>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("audit items: {e}"))?;
+    let items = value.as_array().ok_or("audit items: not a JSON array")?;
+    let text = |item: &serde_json::Value, key: &str| {
+        item.get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("audit item without {key}"))
+    };
+    items
+        .iter()
+        .map(|item| {
+            Ok(AuditItem {
+                id: text(item, "id")?,
+                outcome: text(item, "outcome")?,
+                reason: text(item, "reason")?,
+            })
+        })
+        .collect()
 }
 
 pub(super) fn hold_kind_name(kind: HoldKind) -> &'static str {
@@ -129,6 +166,97 @@ pub(super) fn decode_request(bytes: &[u8]) -> Result<CreateSpec, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A heartbeat as the request an agent would send for it, so that the
+/// change log passes it on in the published encoding and a follower checks
+/// it exactly as the leader checked the agent's.
+pub(super) fn heartbeat_to_pb(id: &str, h: &Heartbeat) -> pb::HeartbeatRequest {
+    let time = |t: Option<SystemTime>| t.map(prost_types::Timestamp::from);
+    pb::HeartbeatRequest {
+        server_id: id.to_owned(),
+        dcv_server_healthy: h.dcv_server_healthy,
+        logged_in_users: h
+            .logged_in_users
+            .iter()
+            .map(|u| pb::LoggedInUser {
+                username: u.clone(),
+            })
+            .collect(),
+        sessions: h
+            .sessions
+            .iter()
+            .map(|s| pb::AgentSession {
+                id: s.id.clone(),
+                owner: s.owner.clone(),
+                r#type: match s.kind {
+                    SessionKind::Console => pb::SessionType::Console,
+                    SessionKind::Virtual => pb::SessionType::Virtual,
+                } as i32,
+                state: match s.state {
+                    SessionState::Creating => pb::SessionState::Creating,
+                    SessionState::Ready => pb::SessionState::Ready,
+                    SessionState::Deleting => pb::SessionState::Deleting,
+                    SessionState::Deleted => pb::SessionState::Deleted,
+                    SessionState::Unknown => pb::SessionState::Unknown,
+                } as i32,
+                num_of_connections: i32::try_from(s.details.connections).unwrap_or(i32::MAX),
+                last_disconnection_time: time(s.details.last_disconnection),
+                creation_time: time(s.details.created_at),
+                name: s.details.name.clone(),
+            })
+            .collect(),
+        cpu_load_average: h.cpu_load_average.map(|l| pb::CpuLoadAverage {
+            one_minute: l.one_minute,
+            five_minutes: l.five_minutes,
+            fifteen_minutes: l.fifteen_minutes,
+        }),
+        memory: h.memory.map(memory_to_pb),
+        swap: h.swap.map(memory_to_pb),
+    }
+}
+
+fn memory_to_pb(m: MemoryUsage) -> pb::MemoryInfo {
+    pb::MemoryInfo {
+        total_bytes: m.total_bytes,
+        used_bytes: m.used_bytes,
+    }
+}
+
+/// A group's heartbeats, for the change log: each its arrival time (unix
+/// microseconds, 8 bytes big-endian) and its request, length-delimited.
+pub(super) fn encode_liveness(records: &[&StoredLiveness]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for record in records {
+        out.extend_from_slice(&micros(record.last_seen).to_be_bytes());
+        let request = heartbeat_to_pb(&record.id, &record.heartbeat);
+        // Writing into a Vec cannot run out of room.
+        let _ = request.encode_length_delimited(&mut out);
+    }
+    out
+}
+
+/// The heartbeats of a change-log row; a record that does not decode or
+/// that the API would refuse fails the whole row.
+pub(super) fn decode_liveness(mut bytes: &[u8]) -> Result<Vec<StoredLiveness>, String> {
+    let mut records = Vec::new();
+    while !bytes.is_empty() {
+        let Some((time, rest)) = bytes.split_first_chunk::<8>() else {
+            return Err("a heartbeat record is cut short".into());
+        };
+        let last_seen = time_from_micros(i64::from_be_bytes(*time))
+            .ok_or("a heartbeat's time is out of range")?;
+        bytes = rest;
+        let request =
+            pb::HeartbeatRequest::decode_length_delimited(&mut bytes).map_err(|e| e.to_string())?;
+        let (id, heartbeat) = wire::heartbeat_from_pb(request).map_err(|e| e.to_string())?;
+        records.push(StoredLiveness {
+            id,
+            last_seen,
+            heartbeat,
+        });
+    }
+    Ok(records)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +309,50 @@ mod tests {
             ..CreateSpec::default()
         };
         assert_eq!(decode_request(&encode_request(&spec)), Ok(spec));
+    }
+
+    #[test]
+    fn heartbeats_round_trip() {
+        use crate::fleet::{LoadAverage, ReportedDetails, ReportedSession};
+        let full = StoredLiveness {
+            id: "s1".into(),
+            last_seen: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            heartbeat: Heartbeat {
+                dcv_server_healthy: true,
+                logged_in_users: vec!["alice".into(), "bob".into()],
+                sessions: vec![ReportedSession {
+                    id: "a".into(),
+                    owner: "alice".into(),
+                    kind: SessionKind::Virtual,
+                    state: SessionState::Ready,
+                    details: ReportedDetails {
+                        connections: 2,
+                        last_disconnection: Some(UNIX_EPOCH + Duration::from_secs(5)),
+                        created_at: Some(UNIX_EPOCH + Duration::from_secs(3)),
+                        name: "desk".into(),
+                    },
+                }],
+                cpu_load_average: Some(LoadAverage {
+                    one_minute: 0.5,
+                    five_minutes: 1.0,
+                    fifteen_minutes: 1.5,
+                }),
+                memory: Some(MemoryUsage {
+                    total_bytes: 10,
+                    used_bytes: 4,
+                }),
+                swap: None,
+            },
+        };
+        let empty = StoredLiveness {
+            id: "s2".into(),
+            last_seen: UNIX_EPOCH,
+            heartbeat: Heartbeat::default(),
+        };
+        let bytes = encode_liveness(&[&full, &empty]);
+        assert_eq!(decode_liveness(&bytes), Ok(vec![full, empty]));
+        assert_eq!(decode_liveness(&[]), Ok(vec![]));
+        assert!(decode_liveness(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_liveness(&bytes[..3]).is_err());
     }
 }

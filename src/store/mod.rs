@@ -43,10 +43,16 @@
 //! write fails, the store stops: that group and every later submission
 //! fail, and [`SqliteStore::failed`] tells the server to stop serving,
 //! since its memory would no longer match what a restart would load.
+//!
+//! [`postgres`] is the second implementation of the same trait, for a
+//! database shared by brokers (`--database-url`); it reuses this module's
+//! column encodings ([`codec`]).
 
+pub mod audit;
 mod codec;
 mod load;
 mod open;
+pub mod postgres;
 mod private;
 mod writer;
 
@@ -67,6 +73,7 @@ use tokio::sync::{oneshot, watch};
 use crate::fleet::persist::{Change, Durable, Snapshot, Store};
 
 pub use open::{MIGRATIONS, SCHEMA_VERSION};
+pub use postgres::{PostgresOpenError, PostgresStore};
 
 /// The store's file name inside its directory.
 pub const FILE_NAME: &str = "broker.sqlite3";

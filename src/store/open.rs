@@ -88,6 +88,28 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: how many DeleteSessions requests each session's agent was sent,
     // part of each delete instruction's stable id.
     "ALTER TABLE sessions ADD COLUMN deletions INTEGER NOT NULL DEFAULT 0;",
+    // 4: the audit log (see `store::audit`): one row per state-changing
+    // call, its items as a JSON array, and one `audit_subjects` row per
+    // item naming the server, session or client it touched, so that a
+    // history of one id is an index lookup.
+    "CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        method TEXT NOT NULL,
+        peer TEXT,
+        -- [{\"id\": ..., \"outcome\": \"OK\" or a failure code, \"reason\": ...}]
+        items TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_at ON audit (at);
+    CREATE INDEX audit_actor_at ON audit (actor, at);
+    CREATE INDEX audit_request_id ON audit (request_id);
+    CREATE TABLE audit_subjects (
+        subject TEXT NOT NULL,
+        audit_id INTEGER NOT NULL,
+        PRIMARY KEY (subject, audit_id)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.

@@ -141,6 +141,46 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
                 .execute(params![name, value])?;
             Ok(())
         }
+        // Heartbeats are never stored: this store serves one broker.
+        Change::PutLiveness(_) => Ok(()),
+        Change::PutAudit(record) => {
+            tx.prepare_cached(
+                "INSERT INTO audit (at, actor, request_id, method, peer, items)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                codec::micros(record.at),
+                record.actor,
+                record.request_id,
+                record.method,
+                record.peer,
+                codec::encode_audit_items(&record.items),
+            ])?;
+            let audit_id = tx.last_insert_rowid();
+            let mut subject = tx.prepare_cached(
+                "INSERT OR IGNORE INTO audit_subjects (subject, audit_id) VALUES (?1, ?2)",
+            )?;
+            for item in &record.items {
+                subject.execute(params![item.id, audit_id])?;
+            }
+            Ok(())
+        }
+        Change::PruneAudit { before } => {
+            let before = codec::micros(*before);
+            // Bounded, so one prune never holds the writer (and every
+            // change behind it) for long; the pruner comes back.
+            tx.prepare_cached(
+                "DELETE FROM audit_subjects WHERE audit_id IN
+                     (SELECT id FROM audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
+            )?
+            .execute(params![before, crate::store::audit::PRUNE_BATCH])?;
+            tx.prepare_cached(
+                "DELETE FROM audit WHERE id IN
+                     (SELECT id FROM audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
+            )?
+            .execute(params![before, crate::store::audit::PRUNE_BATCH])?;
+            Ok(())
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod agent_process;
+pub mod postgres;
 pub mod process;
 pub mod raw_h2;
 
@@ -53,6 +54,8 @@ pub fn quiet_config() -> BrokerConfig {
         open_services: Default::default(),
         allowed_hosts: Vec::new(),
         rest_additions: false,
+        cluster: Default::default(),
+        cluster_ca: None,
     }
 }
 

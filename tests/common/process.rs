@@ -253,3 +253,239 @@ impl BrokerProcess {
         assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
     }
 }
+
+/// The leader lease the cluster tests give their replicas: short, so that a
+/// failover takes about a second (the broker refuses less than 500 ms).
+pub const TEST_LEASE: &str = "1s";
+
+/// How long one health check may take before the replica counts as not
+/// answering (a stopped process never answers).
+const HEALTH_PATIENCE: Duration = Duration::from_millis(500);
+
+/// The health service a replica reports SERVING only while it leads.
+pub const LEADER_HEALTH: &str = "dcv-broker.leader";
+/// The health service a replica reports SERVING while it can take a write
+/// (it leads, or it follows a leader it can forward to).
+pub const WRITES_HEALTH: &str = "dcv-broker.writes";
+
+/// One broker of a cluster on a shared PostgreSQL database: the binary
+/// with `--database-url`, a node id of its own, the test lease, plaintext
+/// on loopback without authentication, and a data directory of its own
+/// (which holds only its admin socket). It can be killed and started again
+/// on the same address, where clients' lazy channels find it again.
+pub struct Replica {
+    pub node: String,
+    pub addr: SocketAddr,
+    /// The running process; `None` between a kill and a restart.
+    pub process: Option<BrokerProcess>,
+    /// A lazily connected channel to `addr` (reconnects after a restart).
+    channel: tonic::transport::Channel,
+    url: String,
+    dir: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl Replica {
+    /// Starts a replica on a fresh loopback port, with `extra` flags.
+    pub async fn start(url: &str, node: &str, extra: &[&str]) -> Replica {
+        let dir = std::env::temp_dir().join(format!(
+            "dcv-broker-replica-{}-{node}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the replica's data directory");
+        let mut replica = Replica {
+            node: node.to_string(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            process: None,
+            channel: lazy_channel(SocketAddr::from(([127, 0, 0, 1], 1))),
+            url: url.to_string(),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let process = BrokerProcess::start_exactly(&replica.args()).await;
+        replica.addr = process.addr;
+        replica.channel = lazy_channel(process.addr);
+        replica.process = Some(process);
+        replica
+    }
+
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = [
+            "--database-url",
+            self.url.as_str(),
+            "--node-id",
+            self.node.as_str(),
+            "--leader-lease",
+            TEST_LEASE,
+            "--auth",
+            "off",
+            // Every test client comes from 127.0.0.1: one client to the
+            // rate limit, which would refuse the load the tests make.
+            "--client-rate",
+            "0",
+            "--log",
+            "info",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| std::ffi::OsString::from(*s))
+        .collect();
+        args.push(self.dir.clone().into_os_string());
+        args.extend(self.extra.iter().map(std::ffi::OsString::from));
+        args
+    }
+
+    /// Starts the replica again, after [`kill`](Self::kill), on the same
+    /// address, node id and flags.
+    pub async fn restart(&mut self) {
+        assert!(self.process.is_none(), "{} is still running", self.node);
+        self.process = Some(BrokerProcess::start_on(self.addr, &self.args()).await);
+    }
+
+    /// SIGKILL, and waits until the process is gone.
+    pub async fn kill(&mut self) {
+        let mut process = self.process.take().expect("the replica runs");
+        process.signal("-KILL");
+        process.exited().await;
+    }
+
+    /// SIGTERM, and a graceful exit.
+    pub async fn terminate(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.terminate().await;
+        }
+    }
+
+    /// The running process.
+    pub fn process(&mut self) -> &mut BrokerProcess {
+        self.process.as_mut().expect("the replica runs")
+    }
+
+    /// Sends `name` (`-STOP`, `-CONT`, ...) to the replica, by PID.
+    pub fn signal(&self, name: &str) {
+        self.process
+            .as_ref()
+            .expect("the replica runs")
+            .signal(name);
+    }
+
+    /// Waits for a log line containing `text`; returns it.
+    pub async fn logged(&mut self, text: &str) -> String {
+        self.process().logged(text).await
+    }
+
+    /// A channel to the replica, connected on first use, reconnecting
+    /// after a restart on the same address.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        self.channel.clone()
+    }
+
+    /// `service`'s gRPC health status, or `None` when the replica does
+    /// not answer within a short deadline (stopped, killed, starting) or
+    /// does not know the service.
+    pub async fn health(
+        &self,
+        service: &str,
+    ) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let mut client = HealthClient::new(self.channel());
+        let reply = tokio::time::timeout(
+            HEALTH_PATIENCE,
+            client.check(HealthCheckRequest {
+                service: service.to_string(),
+            }),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        ServingStatus::try_from(reply.into_inner().status).ok()
+    }
+
+    /// Whether the replica says it leads (`dcv-broker.leader` SERVING).
+    pub async fn is_leader(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        self.health(LEADER_HEALTH).await == Some(ServingStatus::Serving)
+    }
+
+    /// Whether the replica says it follows a leader: it answers, does not
+    /// lead, and takes writes (forwarding them).
+    pub async fn is_follower(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        self.health(LEADER_HEALTH).await == Some(ServingStatus::NotServing)
+            && self.health(WRITES_HEALTH).await == Some(ServingStatus::Serving)
+    }
+
+    /// Polls health until the replica follows a leader, within `patience`.
+    pub async fn wait_following(&self, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        while !self.is_follower().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not become a follower within {patience:?} (leader: {:?}, writes: {:?})",
+                self.node,
+                self.health(LEADER_HEALTH).await,
+                self.health(WRITES_HEALTH).await,
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        // The process goes with its handle (kill_on_drop); reap it so no
+        // zombie outlives the test.
+        if let Some(mut process) = self.process.take() {
+            let _ = process.child.start_kill();
+            let _ = process.child.try_wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A channel to `addr`, connected on first use, with bounded connect and
+/// call times so that a stopped or killed replica fails calls instead of
+/// hanging them.
+fn lazy_channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+/// Polls the replicas' health until exactly one of those running leads;
+/// returns its index. Panics after `patience`.
+pub async fn wait_for_leader(replicas: &[Replica], patience: Duration) -> usize {
+    wait_for_leader_among(replicas, &(0..replicas.len()).collect::<Vec<_>>(), patience).await
+}
+
+/// [`wait_for_leader`] among the replicas at `candidates` only (the others
+/// are stopped or killed, and not asked).
+pub async fn wait_for_leader_among(
+    replicas: &[Replica],
+    candidates: &[usize],
+    patience: Duration,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let mut leaders = Vec::new();
+        for &i in candidates {
+            if replicas[i].process.is_some() && replicas[i].is_leader().await {
+                leaders.push(i);
+            }
+        }
+        match leaders.as_slice() {
+            [one] => return *one,
+            many => assert!(
+                tokio::time::Instant::now() < deadline,
+                "no single leader among {candidates:?} within {patience:?}: {many:?} say they lead"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

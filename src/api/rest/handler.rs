@@ -29,7 +29,7 @@ use super::{
     routes::{ROUTES, RequestBody, Route},
 };
 use crate::{
-    api::{RequestId, ServersApi, SessionsApi},
+    api::{Forwarder, RequestId, ServersApi, SessionsApi},
     fleet::{Fleet, FleetError},
     layer::{Policy, PolicyLayer, PolicyService, Verdict},
     pb::{servers_server::Servers as _, sessions_server::Sessions as _},
@@ -255,17 +255,19 @@ impl RestLayer {
     /// Serves `fleet` through the gRPC adapters; bodies up to
     /// `max_request_bytes` (as gRPC messages), calls for at most
     /// `request_timeout`; replies with our fields beyond DCV's only with
-    /// `additions` (see [`json::is_addition`]).
+    /// `additions` (see [`json::is_addition`]); writes go to the leader as
+    /// `forward` says, as gRPC calls' do.
     pub fn new(
         fleet: Fleet,
         max_request_bytes: usize,
         request_timeout: Option<Duration>,
         additions: bool,
+        forward: Forwarder,
     ) -> RestLayer {
         PolicyLayer::of(RestPolicy {
             shared: Arc::new(Shared {
-                servers: ServersApi::new(fleet.clone()),
-                sessions: SessionsApi::new(fleet),
+                servers: ServersApi::new(fleet.clone()).with_forwarder(forward.clone()),
+                sessions: SessionsApi::new(fleet).with_forwarder(forward),
                 max_request_bytes,
                 deadline: request_timeout.map(|t| t.checked_sub(TIMEOUT_MARGIN).unwrap_or(t)),
                 additions,
@@ -387,7 +389,10 @@ fn json_reply(body: Vec<u8>) -> http::Response<Body> {
 macro_rules! call {
     ($shared:expr, $parts:ident, $route:ident, $body:ident, $params:ident, $api:ident, $method:ident) => {{
         let message = json::decode_request($route, &$body, &$params)?;
-        let request = tonic::Request::from_http(http::Request::from_parts($parts, message));
+        let mut request = tonic::Request::from_http(http::Request::from_parts($parts, message));
+        request
+            .extensions_mut()
+            .insert($crate::api::audit::RestRoute::of($route));
         let reply = $shared.$api.$method(request).await?.into_inner();
         let (_, output) = json::method_types($route)
             .ok_or_else(|| FleetError::Internal(format!("{} has no method", $route.path)))?;
@@ -508,7 +513,17 @@ fn decode_params(template: &str, raw: &[String]) -> Result<Vec<String>, FleetErr
 
 /// `GET /health`: 200 `{"status":"SERVING"}` while the broker's overall
 /// gRPC health (service "") is SERVING, else 503 `{"status":"NOT_SERVING"}`.
-pub async fn health(reporter: tonic_health::server::HealthReporter) -> http::Response<Body> {
+/// A replica of several adds where it stands: `role` (`leader`,
+/// `follower` with its `leader` URL, or `unavailable` with `why`), the
+/// lease's `epoch`, the change-log position it has applied
+/// (`applied_seq`) and how far behind its commit the last change was
+/// applied (`lag_ms`). A follower, or a replica cut off from the database,
+/// still serves reads: the status stays SERVING.
+pub async fn health(
+    reporter: tonic_health::server::HealthReporter,
+    cluster: &crate::cluster::ClusterView,
+) -> http::Response<Body> {
+    use crate::cluster::Role;
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_server::Health as _,
     };
@@ -524,7 +539,28 @@ pub async fn health(reporter: tonic_health::server::HealthReporter) -> http::Res
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
     };
-    let mut response = json_reply(json!({"status": text}).to_string().into_bytes());
+    let mut body = json!({"status": text});
+    if cluster.is_clustered() {
+        let state = cluster.status();
+        let fields = [
+            ("epoch", json!(state.epoch)),
+            ("applied_seq", json!(state.applied_seq)),
+            (
+                "lag_ms",
+                json!(u64::try_from(state.lag.as_millis()).unwrap_or(u64::MAX)),
+            ),
+        ];
+        let role = match state.role {
+            Role::Leader => json!({"role": "leader"}),
+            Role::Follower { leader } => json!({"role": "follower", "leader": leader}),
+            Role::Unavailable { why } => json!({"role": "unavailable", "why": why}),
+        };
+        if let (Some(body), Some(role)) = (body.as_object_mut(), role.as_object()) {
+            body.extend(role.clone());
+            body.extend(fields.map(|(k, v)| (k.to_owned(), v)));
+        }
+    }
+    let mut response = json_reply(body.to_string().into_bytes());
     *response.status_mut() = status;
     response
 }

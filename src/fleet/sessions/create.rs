@@ -449,6 +449,10 @@ impl State {
         record.state_reason.clear();
         record.queue_position = None;
         record.tried.push(server.clone());
+        // A new attempt on a new server: no client of an earlier one is
+        // connected to it.
+        record.connections = 0;
+        record.last_disconnection = None;
         let permissions_file = record.permissions_file.clone();
         let id = record.create_id();
         if let Some(target) = self.servers.get_mut(server) {

@@ -98,9 +98,13 @@ impl State {
             .sessions
             .iter()
             .any(|s| *s.id == **session && s.state != SessionState::Deleted);
+        let reported_before = target.sessions.len();
         self.by_load.update(target, |target| {
             target.sessions.retain(|s| *s.id != **session)
         });
+        if target.sessions.len() != reported_before {
+            self.liveness_changed(server);
+        }
         if live_before {
             self.emit(
                 FleetEvent::SessionLeft {
@@ -145,11 +149,14 @@ impl State {
         if let Some(record) = self.sessions.record_mut(session) {
             record.queue_position = Some(position);
             record.server = None;
+            // Queued: on no server, so no client is connected to it.
+            record.connections = 0;
+            record.last_disconnection = None;
             record.state = SessionState::Creating;
             record.substate = Some(Substate::Placing);
         }
         if let Some(order) = self.queued_order(session) {
-            self.sessions.queue.push(session.clone(), order);
+            self.sessions.queue.push(session.clone(), order, position);
         }
         self.set_deadline(session, Some(now + ctx.config.queue_timeout));
     }
@@ -167,6 +174,17 @@ impl State {
         let Some(record) = self.sessions.records.get(session) else {
             return;
         };
+        if record.state == SessionState::Deleting {
+            // Its caller asked for it to go while it was being created:
+            // a failed attempt ends it rather than starting another.
+            self.mark_deleted(
+                session,
+                format!("Deleted; its creation failed: {why}"),
+                now,
+                ctx,
+            );
+            return;
+        }
         let Some(order) = record.order.clone() else {
             return;
         };

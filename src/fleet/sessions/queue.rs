@@ -30,6 +30,8 @@ pub(in crate::fleet) struct Entry {
     pub(in crate::fleet) order: Arc<Order>,
     /// The id of its Requirements' group; `None` without Requirements.
     pub(in crate::fleet) group: Option<u64>,
+    /// Its queue position (entries are in position order).
+    position: u64,
 }
 
 /// The queued sessions that share one expression.
@@ -80,9 +82,36 @@ impl Queue {
         }
     }
 
-    /// Adds `id` at the back.
-    pub(in crate::fleet) fn push(&mut self, id: SessionId, order: Arc<Order>) {
-        let group = order.requirements.as_ref().map(|r| {
+    /// Adds `id` at the back; `position` is past every queued one's.
+    pub(in crate::fleet) fn push(&mut self, id: SessionId, order: Arc<Order>, position: u64) {
+        let group = self.join(&order);
+        self.entries.push(Entry {
+            id,
+            order,
+            group,
+            position,
+        });
+    }
+
+    /// Adds `id` where `position` puts it (a replica applying the
+    /// leader's queue, whose changes may arrive in any order).
+    pub(in crate::fleet) fn insert(&mut self, id: SessionId, order: Arc<Order>, position: u64) {
+        let group = self.join(&order);
+        let at = self.entries.partition_point(|e| e.position <= position);
+        self.entries.insert(
+            at,
+            Entry {
+                id,
+                order,
+                group,
+                position,
+            },
+        );
+    }
+
+    /// Counts a new member of `order`'s Requirements group; its id.
+    fn join(&mut self, order: &Order) -> Option<u64> {
+        order.requirements.as_ref().map(|r| {
             let next = &mut self.next_group;
             let group = self.groups.entry(r.canonical().clone()).or_insert_with(|| {
                 *next += 1;
@@ -97,8 +126,7 @@ impl Queue {
             }
             group.members += 1;
             group.id
-        });
-        self.entries.push(Entry { id, order, group });
+        })
     }
 
     /// Takes out the session at `i`.

@@ -39,8 +39,7 @@ impl State {
             let server = s
                 .server
                 .as_deref()
-                .and_then(|sid| self.servers.get(sid))
-                .map(|srv| srv.id.clone());
+                .and_then(|sid| self.known_server(sid, s.state));
             if let (Some(server_id), true) = (&server, s.state != SessionState::Deleted)
                 && let Some(target) = self.servers.get_mut(server_id)
             {
@@ -102,13 +101,26 @@ impl State {
         }
         queued.sort();
         self.sessions.next_queue_position = queued.last().map_or(0, |(p, _)| p + 1);
-        for (_, id) in queued {
+        for (position, id) in queued {
             // Admitted when it was queued: restored whatever the bound.
             if let Some(order) = self.queued_order(&id) {
-                self.sessions.queue.push(id, order);
+                self.sessions.queue.push(id, order, position);
             }
         }
         Ok(())
+    }
+
+    /// The server a stored session names, as the record's reference: the
+    /// known server's shared id, or for a DELETED session whose server
+    /// has gone since, the id alone (the leader's record keeps it, and
+    /// shows the server again should it re-register); `None` for a live
+    /// session on an unknown server.
+    pub(in crate::fleet) fn known_server(&self, id: &str, state: SessionState) -> Option<ServerId> {
+        match self.servers.get(id) {
+            Some(server) => Some(server.id.clone()),
+            None if state == SessionState::Deleted => Some(Arc::from(id)),
+            None => None,
+        }
     }
 
     /// Brings session records in line with a server's new report, then
@@ -126,13 +138,14 @@ impl State {
         let reported: Vec<ReportedSession> = target.sessions.clone();
         let placing_before: HashSet<SessionId> =
             target.placing.iter().map(|p| p.session.clone()).collect();
-        // Placements the agent now reports stop being reservations.
+        // Placements the agent now reports stop being reservations: a
+        // live one occupies the server as reported, and one it reports
+        // DELETED is over (its record says so below), so it must not
+        // hold the slot until the server goes.
         self.by_load.update(target, |target| {
-            target.placing.retain(|p| {
-                !reported
-                    .iter()
-                    .any(|s| s.id == *p.session && s.state != SessionState::Deleted)
-            });
+            target
+                .placing
+                .retain(|p| !reported.iter().any(|s| s.id == *p.session));
         });
         let live_now: HashSet<&str> = reported
             .iter()
@@ -147,6 +160,7 @@ impl State {
         let placing_ids: HashSet<SessionId> =
             target.placing.iter().map(|p| p.session.clone()).collect();
 
+        let mut moved = Vec::new();
         for s in &reported {
             let id: SessionId = Arc::from(s.id.as_str());
             let (state, substate) = match s.state {
@@ -156,23 +170,48 @@ impl State {
                 other => (other, None),
             };
             match self.sessions.record_mut(&id) {
+                // An agent's word that a session is gone from its server
+                // says nothing of one the broker holds elsewhere: queued,
+                // or placed on another server after this one failed it.
+                Some(record)
+                    if state == SessionState::Deleted && record.server.as_ref() != Some(server) => {
+                }
                 Some(record) => {
                     let revive = record.state == SessionState::Deleted
                         && record.forgotten
                         && state != SessionState::Deleted;
                     let deleting =
                         record.state == SessionState::Deleting && state != SessionState::Deleted;
+                    let kept = (record.state == SessionState::Deleted && !revive) || deleting;
+                    // The agent's word on connections stands for every
+                    // session of this server's, whatever the broker makes
+                    // of it (deleted, being deleted): a replica shown the
+                    // report takes it by the same rule.
+                    if !kept || record.server.as_ref() == Some(server) {
+                        record.connections = s.details.connections;
+                        record.last_disconnection = s.details.last_disconnection;
+                    }
                     if record.state == SessionState::Deleted && !revive {
                         continue;
                     }
                     if deleting {
                         continue;
                     }
+                    if let Some(other) = record.server.as_ref().filter(|o| *o != server)
+                        && let Some(elsewhere) = self.servers.get_mut(other)
+                        && elsewhere.placing.iter().any(|p| p.session == id)
+                    {
+                        // Placed on another server, reported by this one:
+                        // it occupies this one now, and its reservation
+                        // there must not hold a slot for good.
+                        self.by_load.update(elsewhere, |elsewhere| {
+                            elsewhere.placing.retain(|p| p.session != id)
+                        });
+                        moved.push((id.clone(), other.clone()));
+                    }
                     record.server = Some(server.clone());
                     record.state = state;
                     record.substate = substate;
-                    record.connections = s.details.connections;
-                    record.last_disconnection = s.details.last_disconnection;
                     if record.order.is_none() {
                         // Adopted: the agent's word is the only one there is.
                         if !s.details.name.is_empty() {
@@ -225,6 +264,9 @@ impl State {
                 }
                 None => {}
             }
+        }
+        for (session, server) in moved {
+            self.emit(FleetEvent::SessionLeft { session, server }, ctx.events);
         }
         // Sessions the agent reported before and no longer does are gone.
         for gone in was_live.difference(&live_now) {
@@ -320,6 +362,11 @@ impl State {
             .map(|r| r.id.clone())
             .collect();
         for id in ids {
+            if let Some(record) = self.sessions.record_mut(&id) {
+                // Its server is gone, and with it any client of it.
+                record.connections = 0;
+                record.last_disconnection = None;
+            }
             let placing = server.placing.iter().any(|p| p.session == id);
             if placing {
                 // Already released with the server; retry elsewhere.

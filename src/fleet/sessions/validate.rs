@@ -16,7 +16,7 @@ use crate::fleet::{
     error::{FailureCode, ItemFailure},
     model::{OsFamily, ServerRecord, SessionKind},
     requirements::Requirements,
-    validate::precheck_ids,
+    validate::{NUL_REFUSED, precheck_ids},
 };
 
 pub(in crate::fleet) fn check_session_id(id: &str) -> Result<(), String> {
@@ -27,6 +27,8 @@ pub(in crate::fleet) fn check_session_id(id: &str) -> Result<(), String> {
             "must be at most {MAX_SESSION_ID_BYTES} bytes; got {}",
             id.len()
         ))
+    } else if id.contains('\0') {
+        Err(NUL_REFUSED.into())
     } else {
         Ok(())
     }
