@@ -49,6 +49,7 @@
 //! column encodings ([`codec`]).
 
 pub mod audit;
+mod backup;
 mod codec;
 mod load;
 mod open;
@@ -171,6 +172,14 @@ pub struct StoreFailed(pub String);
 /// One submission on its way to the writer thread.
 type Submission = (Vec<Change>, oneshot::Sender<Result<(), String>>);
 
+/// What the writer thread is asked to do, in the order asked.
+enum Job {
+    /// Commit these changes.
+    Changes(Submission),
+    /// Copy the store into a new file (see `backup.rs`).
+    Backup(backup::Job),
+}
+
 /// What the handles and the writer thread share.
 #[derive(Debug)]
 struct Shared {
@@ -191,9 +200,11 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     /// `None` once closed.
-    queue: Mutex<Option<mpsc::Sender<Submission>>>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     shared: Arc<Shared>,
+    /// Whether a backup is running (one at a time: they share a file).
+    backing_up: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -237,6 +248,7 @@ impl SqliteStore {
                 queue: Mutex::new(Some(queue)),
                 writer: Mutex::new(Some(writer)),
                 shared,
+                backing_up: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         Ok((store, snapshot))
@@ -308,7 +320,7 @@ impl Store for SqliteStore {
         };
         // A send fails only if the writer thread is gone, which drops the
         // answer and so fails the Durable too.
-        let _ = queue.send((changes, answer));
+        let _ = queue.send(Job::Changes((changes, answer)));
         Durable::pending(durable)
     }
 }

@@ -3,13 +3,14 @@
 //! other already queued, applies them all in order inside one transaction
 //! and commits once, so a burst of operations pays for one fsync instead
 //! of one each. Each submission lies entirely inside one transaction, so
-//! it is atomic.
+//! it is atomic. A backup the admin socket asks for runs here as well, in
+//! steps between commits.
 
 use std::sync::{atomic::Ordering, mpsc};
 
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
-use super::{Shared, Submission, codec};
+use super::{Job, Shared, Submission, backup, codec};
 use crate::fleet::persist::{Change, StoredServer, StoredSession};
 
 /// The most submissions one transaction takes. A burst larger than this
@@ -42,39 +43,17 @@ impl Drop for PanicGuard<'_> {
 
 /// Commits submissions until every handle is gone, then closes the
 /// connection (which checkpoints the write-ahead log into the database).
-pub(super) fn run(
-    mut connection: Connection,
-    submissions: mpsc::Receiver<Submission>,
-    shared: &Shared,
-) {
+/// A backup runs here too, between commits (see `backup.rs`).
+pub(super) fn run(connection: Connection, jobs: mpsc::Receiver<Job>, shared: &Shared) {
     let _guard = PanicGuard(shared);
     let mut group = Vec::new();
-    while let Ok(first) = submissions.recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP
-            && let Ok(next) = submissions.try_recv()
+    while let Ok(first) = jobs.recv() {
+        let backup = gather(first, &jobs, &mut group);
+        commit_group(&connection, &mut group, shared);
+        if let Some(backup) = backup
+            && backup::run(&connection, backup, &jobs, shared) == backup::After::Stop
         {
-            group.push(next);
-        }
-        let failed = shared.failed.borrow().clone();
-        let result = match failed {
-            Some(why) => Err(why),
-            None => match commit(&mut connection, &group) {
-                Ok(()) => {
-                    shared.commits.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    tracing::error!(error = %why, "the store could not write; nothing more will be stored");
-                    shared.failed.send_replace(Some(why.clone()));
-                    Err(why)
-                }
-            },
-        };
-        for (_, answer) in group.drain(..) {
-            // The submitter may have stopped waiting; that is its choice.
-            let _ = answer.send(result.clone());
+            break;
         }
     }
     if let Err((_, e)) = connection.close() {
@@ -82,9 +61,62 @@ pub(super) fn run(
     }
 }
 
+/// Puts `first` and the submissions already queued behind it into
+/// `group`, up to [`MAX_GROUP`]. Stops at a backup request and returns it,
+/// so that it starts once the submissions before it are committed.
+pub(super) fn gather(
+    first: Job,
+    jobs: &mpsc::Receiver<Job>,
+    group: &mut Vec<Submission>,
+) -> Option<backup::Job> {
+    let mut next = Some(first);
+    while let Some(job) = next {
+        match job {
+            Job::Changes(submission) => group.push(submission),
+            Job::Backup(backup) => return Some(backup),
+        }
+        next = match group.len() < MAX_GROUP {
+            true => jobs.try_recv().ok(),
+            false => None,
+        };
+    }
+    None
+}
+
+/// Commits `group` (if any) in one transaction and answers each of its
+/// submitters; empties it.
+pub(super) fn commit_group(connection: &Connection, group: &mut Vec<Submission>, shared: &Shared) {
+    if group.is_empty() {
+        return;
+    }
+    let failed = shared.failed.borrow().clone();
+    let result = match failed {
+        Some(why) => Err(why),
+        None => match commit(connection, group) {
+            Ok(()) => {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(error = %why, "the store could not write; nothing more will be stored");
+                shared.failed.send_replace(Some(why.clone()));
+                Err(why)
+            }
+        },
+    };
+    for (_, answer) in group.drain(..) {
+        // The submitter may have stopped waiting; that is its choice.
+        let _ = answer.send(result.clone());
+    }
+}
+
 /// Applies a group in one transaction and commits it.
-fn commit(connection: &mut Connection, group: &[Submission]) -> Result<(), WriteError> {
-    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+fn commit(connection: &Connection, group: &[Submission]) -> Result<(), WriteError> {
+    // Unchecked (a shared borrow): a running backup borrows the connection
+    // too. This thread is its only user, so no transaction is ever open
+    // here already.
+    let tx = Transaction::new_unchecked(connection, TransactionBehavior::Immediate)?;
     for change in group.iter().flat_map(|(changes, _)| changes) {
         apply(&tx, change)?;
     }
