@@ -11,6 +11,8 @@
 //!
 //! With no broker running, the subcommands open the store themselves; the
 //! store's exclusive lock guarantees no broker is writing meanwhile.
+//!
+//! The socket also answers `dcv-broker backup` (see [`crate::backup`]).
 
 use std::{
     io,
@@ -93,7 +95,7 @@ impl Request {
                     .ok_or("revoke needs a client_id")?
                     .to_owned(),
             }),
-            _ => Err("command is one of register, list, revoke".into()),
+            _ => Err("command is one of register, list, revoke, backup".into()),
         }
     }
 }
@@ -205,8 +207,9 @@ impl AdminSocket {
         &self.path
     }
 
-    /// Answers connections until the future is dropped.
-    pub async fn serve(self, auth: Auth) {
+    /// Answers connections until the future is dropped; `backups` is what
+    /// `dcv-broker backup` copies.
+    pub async fn serve(self, auth: Auth, backups: crate::backup::Source) {
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -217,8 +220,9 @@ impl AdminSocket {
                 }
             };
             let auth = auth.clone();
+            let backups = backups.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &auth).await {
+                if let Err(e) = answer(stream, &auth, &backups).await {
                     tracing::debug!(error = %e, "admin socket: connection failed");
                 }
             });
@@ -232,17 +236,26 @@ impl Drop for AdminSocket {
     }
 }
 
-async fn answer(stream: UnixStream, auth: &Auth) -> io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    auth: &Auth,
+    backups: &crate::backup::Source,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request in time"))??;
-    let reply = match serde_json::from_str::<Value>(&line)
-        .map_err(|e| format!("not JSON: {e}"))
-        .and_then(|v| Request::from_json(&v))
+    let request = serde_json::from_str::<Value>(&line).map_err(|e| format!("not JSON: {e}"));
+    // A backup's reply is the copy itself, streamed (see `backup`).
+    if let Ok(value) = &request
+        && value.get("command").and_then(Value::as_str) == Some(crate::backup::COMMAND)
     {
+        crate::backup::answer(&mut write, backups).await?;
+        return write.shutdown().await;
+    }
+    let reply = match request.and_then(|v| Request::from_json(&v)) {
         Ok(request) => match execute(auth, &request).await {
             Ok(reply) => reply,
             Err(e) => json!({"error": e.to_string()}),

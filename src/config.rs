@@ -452,6 +452,21 @@ pub enum Command {
         #[command(flatten)]
         location: AdminLocation,
     },
+    /// Copies the store of a running broker into FILE while it keeps
+    /// serving (through its admin socket, with SQLite's online backup
+    /// API): a complete store, mode 0600, that a broker starts from as
+    /// DIR/broker.sqlite3. Not for a PostgreSQL store: use pg_dump.
+    Backup {
+        /// The backup file to write (read where this command runs).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Where the running broker is.
+        #[command(flatten)]
+        location: AdminLocation,
+    },
     /// TLS certificates for the broker.
     Tls {
         /// What to do.

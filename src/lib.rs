@@ -28,7 +28,8 @@
 //! - [`tls`]: TLS certificates from PEM files, reloadable while serving;
 //!   [`tls::init`] makes a private CA and certificates (`dcv-broker tls`).
 //! - [`admin`]: `dcv-broker clients`, over the admin socket of a running
-//!   broker or on the store of a stopped one.
+//!   broker or on the store of a stopped one; [`backup`]: `dcv-broker
+//!   backup`, a running broker's store copied through that socket.
 //! - [`client`]: connecting to the broker from Rust (TLS, bearer token,
 //!   client certificate), as `dcvsm` and `dcv-broker-agent` do;
 //!   [`oauth`]: buying their bearer tokens (client credentials grant).
@@ -47,6 +48,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -61,6 +61,20 @@ async fn run(args: Args) -> Result<(), String> {
         telemetry::init(LogFormat::Text, "warn")?;
         return clients(command).await;
     }
+    if let Some(Command::Backup {
+        out,
+        force,
+        location,
+    }) = &args.command
+    {
+        telemetry::init(LogFormat::Text, "warn")?;
+        let socket = location.admin_socket.clone().unwrap_or_else(|| {
+            location.data_dir.join(admin::SOCKET_NAME)
+        });
+        let written = dcv_broker::backup::run(&socket, out, *force).await?;
+        print!("{}", dcv_broker::backup::render(&written, location.json));
+        return Ok(());
+    }
     if let Some(Command::RegisterApiClient {
         client_name,
         location,
@@ -107,6 +121,8 @@ async fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
+    // What `dcv-broker backup` copies, set with the store below.
+    let mut backups = dcv_broker::backup::Source::InMemory;
     let (fleet, store_failed) = if args.in_memory {
         tracing::warn!("--in-memory: nothing is stored; a restart forgets every server and close");
         let store = AuditedStore::wrap(Arc::new(MemoryStore), audit_log.as_ref());
@@ -163,12 +179,14 @@ async fn run(args: Args) -> Result<(), String> {
             "store loaded"
         );
         config.cluster = view.clone();
+        backups = dcv_broker::backup::Source::Postgres;
         replica = Some((db, store, view, seq));
         (fleet, None)
     } else {
         let started = Instant::now();
         let (store, snapshot) = SqliteStore::open(&args.data_dir).map_err(|e| e.to_string())?;
         let failed = store.failed();
+        backups = dcv_broker::backup::Source::Sqlite(store.clone());
         let store = AuditedStore::wrap(Arc::new(store), audit_log.as_ref());
         let location = args.data_dir.display().to_string();
         let (servers, sessions) = match config.demo_fleet {
@@ -249,7 +267,7 @@ async fn run(args: Args) -> Result<(), String> {
         };
     let _admin_task = admin.map(|socket| {
         tracing::info!(path = %socket.path().display(), "admin socket listening");
-        AbortOnDrop(tokio::spawn(socket.serve(registry.clone())))
+        AbortOnDrop(tokio::spawn(socket.serve(registry.clone(), backups)))
     });
     let listener = TcpListener::bind(args.listen)
         .await

@@ -75,6 +75,7 @@ use crate::fleet::persist::{Change, Durable, Snapshot, Store};
 
 pub use open::{MIGRATIONS, SCHEMA_VERSION};
 pub use postgres::{PostgresOpenError, PostgresStore};
+pub use backup::{BackupCopy, BackupError};
 
 /// The store's file name inside its directory.
 pub const FILE_NAME: &str = "broker.sqlite3";
