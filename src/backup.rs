@@ -70,7 +70,11 @@ pub async fn answer<W: AsyncWrite + Unpin>(write: &mut W, source: &Source) -> io
             .await;
         }
         Source::InMemory => {
-            return refuse(write, "this broker keeps nothing (--in-memory): there is nothing to back up").await;
+            return refuse(
+                write,
+                "this broker keeps nothing (--in-memory): there is nothing to back up",
+            )
+            .await;
         }
     };
     match store.back_up().await {
@@ -104,16 +108,21 @@ pub struct Written {
 pub async fn run(socket: &Path, out: &Path, force: bool) -> Result<Written, String> {
     let target = Target::check(out, force)?;
     let mut partial = Partial::create(&target.partial).await?;
-    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => format!(
-            "no broker answers on {} ({e}): a backup is taken from a running broker \
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => format!(
+                "no broker answers on {} ({e}): a backup is taken from a running broker \
              through its admin socket (give --data-dir or --admin-socket as the broker \
              has them); a stopped broker's store is DIR/broker.sqlite3, which can be \
              copied as it is while the broker stays stopped",
-            socket.display()
-        ),
-        _ => format!("cannot reach the broker's admin socket {}: {e}", socket.display()),
-    })?;
+                socket.display()
+            ),
+            _ => format!(
+                "cannot reach the broker's admin socket {}: {e}",
+                socket.display()
+            ),
+        })?;
     let bytes = receive(stream, partial.file()?).await?;
     partial.place(out, force).await?;
     Ok(Written {
@@ -149,7 +158,10 @@ impl Target {
         }
         match std::fs::symlink_metadata(out) {
             Ok(meta) if meta.is_dir() => {
-                return Err(format!("{} is a directory; --out names a file", out.display()));
+                return Err(format!(
+                    "{} is a directory; --out names a file",
+                    out.display()
+                ));
             }
             Ok(_) if !force => {
                 return Err(format!(
@@ -290,8 +302,8 @@ async fn header<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<u64, 
     if line.is_empty() {
         return Err("the broker closed the admin socket without a reply".into());
     }
-    let reply: Value = serde_json::from_str(&line)
-        .map_err(|e| format!("admin socket: bad reply: {e}"))?;
+    let reply: Value =
+        serde_json::from_str(&line).map_err(|e| format!("admin socket: bad reply: {e}"))?;
     if let Some(error) = reply.get("error").and_then(Value::as_str) {
         return Err(error.to_owned());
     }

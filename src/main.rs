@@ -68,9 +68,10 @@ async fn run(args: Args) -> Result<(), String> {
     }) = &args.command
     {
         telemetry::init(LogFormat::Text, "warn")?;
-        let socket = location.admin_socket.clone().unwrap_or_else(|| {
-            location.data_dir.join(admin::SOCKET_NAME)
-        });
+        let socket = location
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| location.data_dir.join(admin::SOCKET_NAME));
         let written = dcv_broker::backup::run(&socket, out, *force).await?;
         print!("{}", dcv_broker::backup::render(&written, location.json));
         return Ok(());

@@ -24,7 +24,7 @@ use std::{
     fs,
     os::raw::c_int,
     path::{Path, PathBuf},
-    sync::{atomic::Ordering, mpsc},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -34,12 +34,12 @@ use rusqlite::{
 };
 use tokio::sync::oneshot;
 
-use super::{Job as WriterJob, Shared, SqliteStore, writer};
+use super::{Job as WriterJob, Shared, SqliteStore};
 
-/// Pages copied per step (4 MiB at SQLite's default 4 KiB page): about a
+/// Pages copied per step (1 MiB at SQLite's default 4 KiB page): well under a
 /// millisecond of copying from the page cache, the longest a write waits
 /// for the backup.
-pub(super) const PAGES_PER_STEP: c_int = 1024;
+pub(super) const PAGES_PER_STEP: c_int = 256;
 
 /// How long the writer waits for a submission between two steps before it
 /// copies on: it leaves the disk to the broker's own commits for a moment.
@@ -89,20 +89,34 @@ pub(super) enum After {
     Stop,
 }
 
-/// Runs `job` on the writer thread, committing submissions between its
-/// steps.
+impl Job {
+    /// Answers the job without running it.
+    pub(super) fn refuse(self, why: String) {
+        let _ = self.answer.send(Err(why));
+    }
+}
+
+/// Runs `job` on the writer thread; `between_steps` runs after each step
+/// (the writer commits what was submitted meanwhile, waiting up to the
+/// pause it is given for a submission) and says whether to go on.
 pub(super) fn run(
     source: &Connection,
     job: Job,
-    jobs: &mpsc::Receiver<WriterJob>,
     shared: &Shared,
+    mut between_steps: impl FnMut(Duration) -> After,
 ) -> After {
     let Job {
         mut destination,
         pages_per_step,
         answer,
     } = job;
-    let (copied, after) = copy(source, &mut destination, pages_per_step, jobs, shared);
+    let (copied, after) = copy(
+        source,
+        &mut destination,
+        pages_per_step,
+        shared,
+        &mut between_steps,
+    );
     // The caller may have stopped waiting; the copy is then removed.
     let _ = answer.send(copied.map(|()| destination));
     after
@@ -112,8 +126,8 @@ fn copy(
     source: &Connection,
     destination: &mut Connection,
     pages_per_step: c_int,
-    jobs: &mpsc::Receiver<WriterJob>,
     shared: &Shared,
+    between_steps: &mut impl FnMut(Duration) -> After,
 ) -> (Result<(), String>, After) {
     let backup = match Backup::new(source, destination) {
         Ok(backup) => backup,
@@ -131,18 +145,8 @@ fn copy(
             Ok(_) => {}
             Err(e) => return (Err(e.to_string()), After::Continue),
         }
-        match jobs.recv_timeout(PAUSE) {
-            Ok(first) => {
-                let mut group = Vec::new();
-                if let Some(other) = writer::gather(first, jobs, &mut group) {
-                    let _ = other.answer.send(Err(BackupError::Busy.to_string()));
-                }
-                writer::commit_group(source, &mut group, shared);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return (Err("the broker is stopping".into()), After::Stop);
-            }
+        if between_steps(PAUSE) == After::Stop {
+            return (Err("the broker is stopping".into()), After::Stop);
         }
     }
 }
@@ -301,7 +305,7 @@ mod tests {
     use std::{io::Read as _, time::SystemTime};
 
     use super::*;
-    use crate::fleet::persist::{Change, StoredClient, Store as _};
+    use crate::fleet::persist::{Change, Store as _, StoredClient};
 
     fn client(n: usize) -> Change {
         Change::PutClient(StoredClient {
@@ -388,7 +392,10 @@ mod tests {
             .map(|(n, _)| *n)
             .collect();
         for n in (0..200).chain(before) {
-            assert!(ids.contains(&format!("client-{n}")), "client-{n} is missing");
+            assert!(
+                ids.contains(&format!("client-{n}")),
+                "client-{n} is missing"
+            );
         }
         // The writes were sequential: a consistent copy holds a prefix of
         // them, never one without those acknowledged before it.

@@ -73,9 +73,9 @@ use tokio::sync::{oneshot, watch};
 
 use crate::fleet::persist::{Change, Durable, Snapshot, Store};
 
+pub use backup::{BackupCopy, BackupError};
 pub use open::{MIGRATIONS, SCHEMA_VERSION};
 pub use postgres::{PostgresOpenError, PostgresStore};
-pub use backup::{BackupCopy, BackupError};
 
 /// The store's file name inside its directory.
 pub const FILE_NAME: &str = "broker.sqlite3";

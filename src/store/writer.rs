@@ -50,10 +50,11 @@ pub(super) fn run(connection: Connection, jobs: mpsc::Receiver<Job>, shared: &Sh
     while let Ok(first) = jobs.recv() {
         let backup = gather(first, &jobs, &mut group);
         commit_group(&connection, &mut group, shared);
-        if let Some(backup) = backup
-            && backup::run(&connection, backup, &jobs, shared) == backup::After::Stop
-        {
-            break;
+        if let Some(backup) = backup {
+            let between_steps = |pause| between_steps(&connection, &jobs, shared, pause);
+            if backup::run(&connection, backup, shared, between_steps) == backup::After::Stop {
+                break;
+            }
         }
     }
     if let Err((_, e)) = connection.close() {
@@ -61,10 +62,32 @@ pub(super) fn run(connection: Connection, jobs: mpsc::Receiver<Job>, shared: &Sh
     }
 }
 
+/// Between two steps of a backup: commits what was submitted meanwhile,
+/// waiting up to `pause` for a submission (a second backup is refused).
+fn between_steps(
+    connection: &Connection,
+    jobs: &mpsc::Receiver<Job>,
+    shared: &Shared,
+    pause: std::time::Duration,
+) -> backup::After {
+    match jobs.recv_timeout(pause) {
+        Ok(first) => {
+            let mut group = Vec::new();
+            if let Some(other) = gather(first, jobs, &mut group) {
+                other.refuse(super::BackupError::Busy.to_string());
+            }
+            commit_group(connection, &mut group, shared);
+            backup::After::Continue
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => backup::After::Continue,
+        Err(mpsc::RecvTimeoutError::Disconnected) => backup::After::Stop,
+    }
+}
+
 /// Puts `first` and the submissions already queued behind it into
 /// `group`, up to [`MAX_GROUP`]. Stops at a backup request and returns it,
 /// so that it starts once the submissions before it are committed.
-pub(super) fn gather(
+fn gather(
     first: Job,
     jobs: &mpsc::Receiver<Job>,
     group: &mut Vec<Submission>,
@@ -85,7 +108,7 @@ pub(super) fn gather(
 
 /// Commits `group` (if any) in one transaction and answers each of its
 /// submitters; empties it.
-pub(super) fn commit_group(connection: &Connection, group: &mut Vec<Submission>, shared: &Shared) {
+fn commit_group(connection: &Connection, group: &mut Vec<Submission>, shared: &Shared) {
     if group.is_empty() {
         return;
     }
