@@ -42,6 +42,9 @@ pub const COMMAND: &str = "backup";
 /// Longest reply line read before the copy: one small JSON object.
 const MAX_HEADER_BYTES: u64 = 4096;
 
+/// How long the broker waits for a command that stopped reading the copy.
+const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The first bytes of every SQLite database file.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -82,10 +85,28 @@ pub async fn answer<W: AsyncWrite + Unpin>(write: &mut W, source: &Source) -> io
             let header = json!({"backup": {"bytes": copy.bytes}});
             write.write_all(format!("{header}\n").as_bytes()).await?;
             let mut file = tokio::fs::File::from_std(copy.file).take(copy.bytes);
-            tokio::io::copy(&mut file, write).await?;
-            write.flush().await
+            stream(&mut file, write).await
         }
         Err(e) => refuse(write, &e.to_string()).await,
+    }
+}
+
+/// Copies `file` to `write`, giving up on a reader that takes nothing for
+/// [`STALL_TIMEOUT`]: the copy takes disk space while it is held open.
+async fn stream<R, W>(file: &mut R, write: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut chunk = vec![0; 64 * 1024];
+    loop {
+        let n = file.read(&mut chunk).await?;
+        if n == 0 {
+            return write.flush().await;
+        }
+        tokio::time::timeout(STALL_TIMEOUT, write.write_all(&chunk[..n]))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the reader stalled"))??;
     }
 }
 
