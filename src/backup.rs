@@ -124,19 +124,25 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Backs up the broker listening on `socket` into `out` (replacing a file
-/// there only if `force`).
-pub async fn run(socket: &Path, out: &Path, force: bool) -> Result<Written, String> {
+/// Backs up the broker listening on `socket`, whose store is in
+/// `data_dir`, into `out` (replacing a file there only if `force`).
+pub async fn run(
+    socket: &Path,
+    data_dir: &Path,
+    out: &Path,
+    force: bool,
+) -> Result<Written, String> {
     let target = Target::check(out, force)?;
+    refuse_the_store_itself(&target.dir, out, data_dir)?;
     let mut partial = Partial::create(&target.partial).await?;
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => format!(
                 "no broker answers on {} ({e}): a backup is taken from a running broker \
-             through its admin socket (give --data-dir or --admin-socket as the broker \
-             has them); a stopped broker's store is DIR/broker.sqlite3, which can be \
-             copied as it is while the broker stays stopped",
+                 through its admin socket (give --data-dir or --admin-socket as the broker \
+                 has them); a stopped broker's store is DIR/broker.sqlite3, which can be \
+                 copied as it is while the broker stays stopped",
                 socket.display()
             ),
             _ => format!(
@@ -154,6 +160,7 @@ pub async fn run(socket: &Path, out: &Path, force: bool) -> Result<Written, Stri
 
 /// Where the backup goes, checked before the broker does any work.
 struct Target {
+    dir: PathBuf,
     partial: PathBuf,
 }
 
@@ -196,8 +203,31 @@ impl Target {
         partial.push(name);
         partial.push(format!(".partial-{}", std::process::id()));
         Ok(Target {
+            dir: dir.to_path_buf(),
             partial: dir.join(partial),
         })
+    }
+}
+
+/// Refuses to write over the store (or its write-ahead log) in `data_dir`:
+/// the broker keeps its own file open, and at its next start would pair
+/// the backup with the old log.
+fn refuse_the_store_itself(dir: &Path, out: &Path, data_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let same_dir = match (std::fs::metadata(dir), std::fs::metadata(data_dir)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    };
+    let store_file = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(crate::store::FILE_NAME));
+    match same_dir && store_file {
+        true => Err(format!(
+            "{} is the running broker's own store; write the backup elsewhere",
+            out.display()
+        )),
+        false => Ok(()),
     }
 }
 

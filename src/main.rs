@@ -72,7 +72,7 @@ async fn run(args: Args) -> Result<(), String> {
             .admin_socket
             .clone()
             .unwrap_or_else(|| location.data_dir.join(admin::SOCKET_NAME));
-        let written = dcv_broker::backup::run(&socket, out, *force).await?;
+        let written = dcv_broker::backup::run(&socket, &location.data_dir, out, *force).await?;
         print!("{}", dcv_broker::backup::render(&written, location.json));
         return Ok(());
     }

@@ -348,7 +348,8 @@ async fn a_backup_under_write_load_holds_every_change_acknowledged_before_it_beg
 }
 
 /// The file is 0600 even under umask 000; an existing file is kept unless
-/// --force; a directory that does not exist is named.
+/// --force, and the broker's own store even with it; a directory that does
+/// not exist is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_is_private_and_replaces_a_file_only_with_force() {
     let live = TempDir::new();
@@ -394,6 +395,25 @@ async fn a_backup_is_private_and_replaces_a_file_only_with_force() {
     assert_eq!(
         mode, 0o600,
         "the replaced file is the backup's, not the old one's"
+    );
+
+    let store = live.path().join(dcv_broker::store::FILE_NAME);
+    let refused = backup(
+        &[
+            &[
+                OsStr::new("--out"),
+                store.as_os_str(),
+                OsStr::new("--force"),
+            ],
+            &data_dir[..],
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("the running broker's own store"),
+        "{refused}"
     );
 
     let nowhere = out_dir.path().join("missing").join("b.sqlite3");
