@@ -3,8 +3,16 @@
 //! EnvFilter syntax) or RUST_LOG. Logs go to stderr; stdout is kept for the
 //! one line that says where the broker listens.
 
+pub mod request;
+
 use clap::ValueEnum;
-use tracing_subscriber::{EnvFilter, filter::LevelFilter};
+use tracing_subscriber::{
+    EnvFilter,
+    filter::LevelFilter,
+    fmt::{self as formatter, format::JsonFields},
+};
+
+use self::request::WithRequest;
 
 /// How log lines are written (`--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,9 +61,16 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    // Both formats add the request's id and method to events logged
+    // while a request is served (`request`).
     let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .event_format(WithRequest::text(formatter::format().with_ansi(ansi)))
+            .try_init(),
+        LogFormat::Json => builder
+            .fmt_fields(JsonFields::new())
+            .event_format(WithRequest::json(formatter::format().json()))
+            .try_init(),
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
 }
