@@ -20,7 +20,10 @@ use uuid::Uuid;
 use super::forward::{self, ForwardRefused};
 use crate::{
     cluster::ClusterView,
-    telemetry::request::{self, RequestContext},
+    telemetry::{
+        otlp::{self, TRACE_TARGET},
+        request::{self, RequestContext},
+    },
     transport::peer_addr,
 };
 
@@ -113,6 +116,22 @@ where
             peer = peer.map(tracing::field::display),
             client = tracing::field::Empty,
         );
+        // With --otlp-endpoint, the RPC's exported span, under the log's
+        // and the caller's trace; a disabled call site (no span) else.
+        let rpc = tracing::info_span!(
+            target: TRACE_TARGET,
+            parent: &span,
+            "rpc",
+            otel.name = request.uri().path(),
+            otel.kind = "server",
+            request_id = %id,
+        );
+        let span = if rpc.is_disabled() {
+            span
+        } else {
+            otlp::continue_trace(&rpc, request.headers());
+            rpc
+        };
         request.extensions_mut().insert(RequestId(id));
         tracing::debug!(parent: &span, "request received");
         // What every event of the request names at any level: set while
