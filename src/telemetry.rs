@@ -67,10 +67,7 @@ pub fn init_exporting(
     filter: &str,
     otlp: Option<&otlp::Exporter>,
 ) -> Result<(), String> {
-    // The exported spans are never the log's, whatever the filter says;
-    // without an exporter this disables them at their call sites.
-    let env_filter = EnvFilter::try_new(format!("{filter},{}=off", otlp::TRACE_TARGET))
-        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+    let env_filter = log_filter(filter)?;
     // Colour codes only help a person at a terminal; in files and pipes
     // they are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -88,6 +85,14 @@ pub fn init_exporting(
             .try_init(),
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// The log's filter of `directives`. The exported spans are never the
+/// log's, whatever the directives say; without an exporter this disables
+/// them at their call sites.
+fn log_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(format!("{directives},{}=off", otlp::TRACE_TARGET))
+        .map_err(|e| format!("invalid log filter {directives:?}: {e}"))
 }
 
 /// The layer writing log lines on stderr. Both formats add the request's
@@ -112,7 +117,22 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::directives;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::{directives, log_filter, otlp::TRACE_TARGET};
+
+    #[test]
+    fn without_an_exporter_no_trace_span_is_ever_built() {
+        for filter in ["info", "info,dcv_broker=trace", "trace", "warn"] {
+            let subscriber = tracing_subscriber::registry().with(log_filter(filter).unwrap());
+            tracing::subscriber::with_default(subscriber, || {
+                let span = tracing::info_span!(target: TRACE_TARGET, "placement");
+                assert!(span.is_disabled(), "{filter}");
+                let span = tracing::error_span!(target: "dcv_broker::x", "other");
+                assert!(!span.is_disabled(), "{filter}");
+            });
+        }
+    }
 
     #[test]
     fn a_bare_level_is_the_brokers_and_a_directive_is_taken_as_is() {

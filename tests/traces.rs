@@ -1,7 +1,8 @@
 //! `--otlp-endpoint`: the real binary exports its spans to an in-process
 //! OTLP/gRPC collector, a CreateSessions under the caller's `traceparent`
 //! giving the RPC, placement and store-commit spans of that trace, all
-//! flushed before the broker exits.
+//! flushed before the broker exits; a REST call's `traceparent` header
+//! likewise.
 
 mod common;
 
@@ -100,6 +101,16 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
     assert_eq!(reply.successful_list.len(), 1, "{reply:?}");
     assert!(reply.unsuccessful_list.is_empty(), "{reply:?}");
 
+    // A REST call's traceparent is an HTTP header like any other.
+    let rest_trace = "0af7651916cd43dd8448eb211c80319c";
+    let rest_reply = http1_post(
+        broker.addr,
+        "/describeServers",
+        &format!("traceparent: 00-{rest_trace}-b7ad6b7169203331-01"),
+    )
+    .await;
+    assert!(rest_reply.starts_with("HTTP/1.1 200"), "{rest_reply}");
+
     // The spans are sent in a batch by the time the broker has exited.
     broker.signal("-TERM");
     assert_eq!(broker.exited().await.code(), Some(0));
@@ -134,6 +145,12 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
             .unwrap_or_else(|| panic!("no {child} span in the caller's trace: {names:?}"));
         assert_eq!(span.parent_span_id, rpc.span_id, "{child}");
     }
+    assert!(
+        spans.iter().any(|s| s.name == "/describeServers"
+            && hex(&s.trace_id) == rest_trace
+            && hex(&s.parent_span_id) == "b7ad6b7169203331"),
+        "{names:?}"
+    );
     // Other calls (the agent's) are traces of their own, not the caller's.
     assert!(
         spans
@@ -141,4 +158,18 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
             .any(|s| s.name.contains("RegisterServer") && hex(&s.trace_id) != trace_id),
         "{names:?}"
     );
+}
+
+/// The reply to an empty HTTP/1.1 POST to `path` with one more header.
+async fn http1_post(addr: std::net::SocketAddr, path: &str, header: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    reply
 }
