@@ -1,8 +1,8 @@
 //! `--otlp-endpoint`: the real binary exports its spans to an in-process
 //! OTLP/gRPC collector, a CreateSessions under the caller's `traceparent`
-//! giving the RPC, placement and store-commit spans of that trace, all
-//! flushed before the broker exits; a REST call's `traceparent` header
-//! likewise.
+//! giving the RPC, placement and store-commit spans of that trace, and a
+//! GetSessionScreenshots its agent round trip, all flushed before the
+//! broker exits; a REST call's `traceparent` header likewise.
 
 mod common;
 
@@ -76,7 +76,7 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
         .env_remove("DCV_BROKER_LOG")
         .env_remove("RUST_LOG");
     let mut broker = BrokerProcess::spawn(command).await;
-    let _agent = TestAgent::connect_to(broker.addr, registration("srv-1", "linux", 4)).await;
+    let mut agent = TestAgent::connect_to(broker.addr, registration("srv-1", "linux", 4)).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
@@ -100,6 +100,41 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
         .into_inner();
     assert_eq!(reply.successful_list.len(), 1, "{reply:?}");
     assert!(reply.unsuccessful_list.is_empty(), "{reply:?}");
+
+    // The agent creates the session; a screenshot of it is a round trip
+    // to the agent, inside the GetSessionScreenshots call.
+    let session = reply.successful_list[0].id.clone();
+    assert_eq!(agent.next_create().await.session_id, session);
+    agent
+        .report(
+            &session,
+            pb::InstructionKind::CreateSession,
+            true,
+            pb::SessionState::Ready,
+        )
+        .await;
+    let screenshot_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
+    let mut request = tonic::Request::new(pb::GetSessionScreenshotsRequest {
+        sessions: vec![pb::GetSessionScreenshotRequestData {
+            session_id: session.clone(),
+            ..Default::default()
+        }],
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{screenshot_trace}-{caller_span}-01")
+            .parse()
+            .unwrap(),
+    );
+    let mut screenshots = sessions.clone();
+    let call = tokio::spawn(async move { screenshots.get_session_screenshots(request).await });
+    let (instruction, _) = agent.next_screenshot().await;
+    agent
+        .report_screenshot(&session, &instruction, Err("no display"))
+        .await
+        .unwrap();
+    let answered = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(answered.unsuccessful_list.len(), 1, "{answered:?}");
 
     // A REST call's traceparent is an HTTP header like any other.
     let rest_trace = "0af7651916cd43dd8448eb211c80319c";
@@ -151,6 +186,18 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
             && hex(&s.parent_span_id) == "b7ad6b7169203331"),
         "{names:?}"
     );
+    let in_screenshot_trace: HashMap<String, &Span> = spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == screenshot_trace)
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    let rpc = in_screenshot_trace
+        .get("/dcv.sessionmanager.v1.Sessions/GetSessionScreenshots")
+        .unwrap_or_else(|| panic!("no GetSessionScreenshots span: {names:?}"));
+    let round_trip = in_screenshot_trace
+        .get("agent round trip")
+        .unwrap_or_else(|| panic!("no agent round trip span: {names:?}"));
+    assert_eq!(round_trip.parent_span_id, rpc.span_id);
     // Other calls (the agent's) are traces of their own, not the caller's.
     assert!(
         spans
