@@ -395,6 +395,13 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector
+    /// (`http://HOST:4317`): spans of each RPC, placement, the store commit
+    /// and the agent round trip, under the caller's W3C `traceparent`.
+    /// Off when absent, and then free.
+    #[arg(long, env = "DCV_BROKER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
     /// Also write the audit log (one JSON line per state-changing call) to
     /// this file (appended; created 0600) or to stdout (`-`). The store
     /// keeps every record either way.

@@ -11,8 +11,8 @@
 //!
 //! The one layer not built here is `api::request_id::RequestSpanLayer`: it
 //! never answers, and its future is the inner one instrumented with the
-//! request's span (`tracing::instrument::Instrumented`), with no box at
-//! all; the shell's boxed future would add an allocation to every request.
+//! request's span and scoped to its log context (`Instrumented` inside a
+//! `TaskLocalFuture`), with no box at all; the shell's boxed future would add an allocation to every request.
 
 use std::{
     future::Future,

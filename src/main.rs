@@ -86,9 +86,16 @@ async fn run(args: Args) -> Result<(), String> {
     }
     args.check()?;
     let rust_log = std::env::var("RUST_LOG").ok();
-    telemetry::init(
+    // Inside the runtime, which carries the exporter's connection.
+    let otlp = args
+        .otlp_endpoint
+        .as_deref()
+        .map(telemetry::otlp::Exporter::start)
+        .transpose()?;
+    telemetry::init_exporting(
         args.log_format,
         &telemetry::directives(args.log.as_deref(), rust_log.as_deref()),
+        otlp.as_ref(),
     )?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -391,6 +398,15 @@ async fn run(args: Args) -> Result<(), String> {
     // others wait for it to lapse.
     if let Some(controller) = controller {
         controller.resign().await;
+    }
+    if let Some(otlp) = otlp {
+        // The flush blocks (with its own deadline) on the exporter's
+        // thread, whose sends the runtime's workers carry.
+        match tokio::task::spawn_blocking(move || otlp.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => tracing::warn!("{why}"),
+            Err(e) => tracing::warn!(error = %e, "OTLP: the last spans may be lost"),
+        }
     }
     if let Some(why) = store_failed.and_then(|f| f.borrow().clone()) {
         return Err(format!("stopped: the store failed: {why}"));

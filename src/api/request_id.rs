@@ -1,6 +1,7 @@
-//! Gives every request a fresh UUID v4 `RequestId` and a DEBUG-level
-//! tracing span (method, request id, peer) that every event of the request
-//! carries when the log shows DEBUG. The id reaches handlers through the
+//! Gives every request a fresh UUID v4 `RequestId`, the request context
+//! (id and method) that every event of the request carries at any level
+//! (`telemetry::request`), and a DEBUG-level tracing span (method, request
+//! id, peer). The id reaches handlers through the
 //! request's extensions, so the id in a response is the one in the
 //! broker's log. A call forwarded by another replica keeps that replica's
 //! request id once its signed identity verifies (`api::forward`), so one id
@@ -11,12 +12,20 @@ use std::{
     task::{Context, Poll},
 };
 
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::{Instrument as _, instrument::Instrumented};
 use uuid::Uuid;
 
 use super::forward::{self, ForwardRefused};
-use crate::{cluster::ClusterView, transport::peer_addr};
+use crate::{
+    cluster::ClusterView,
+    telemetry::{
+        otlp::{self, TRACE_TARGET},
+        request::{self, RequestContext},
+    },
+    transport::peer_addr,
+};
 
 /// The id of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +82,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Instrumented<S::Future>;
+    type Future = TaskLocalFuture<RequestContext, Instrumented<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -107,9 +116,33 @@ where
             peer = peer.map(tracing::field::display),
             client = tracing::field::Empty,
         );
+        // With --otlp-endpoint, the RPC's exported span, under the log's
+        // and the caller's trace; a disabled call site (no span) else.
+        let rpc = tracing::info_span!(
+            target: TRACE_TARGET,
+            parent: &span,
+            "rpc",
+            otel.name = request.uri().path(),
+            otel.kind = "server",
+            request_id = %id,
+        );
+        let span = if rpc.is_disabled() {
+            span
+        } else {
+            otlp::continue_trace(&rpc, request.headers());
+            rpc
+        };
         request.extensions_mut().insert(RequestId(id));
         tracing::debug!(parent: &span, "request received");
-        self.inner.call(request).instrument(span)
+        // What every event of the request names at any level: set while
+        // the layers below decide (some log then) and while the response
+        // future runs.
+        let context = RequestContext {
+            id,
+            path: request.uri().path_and_query().cloned(),
+        };
+        let inner = request::CURRENT.sync_scope(context.clone(), || self.inner.call(request));
+        request::CURRENT.scope(context, inner.instrument(span))
     }
 }
 

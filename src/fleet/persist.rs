@@ -23,6 +23,9 @@
 use std::time::SystemTime;
 
 use tokio::{sync::oneshot, time::Instant};
+use tracing::Instrument as _;
+
+use crate::telemetry::otlp::TRACE_TARGET;
 
 use super::{
     error::FleetError,
@@ -299,7 +302,9 @@ impl Durable {
         let Some(receiver) = self.0 else {
             return Ok(());
         };
-        match receiver.await {
+        // Exported with --otlp-endpoint only; a disabled call site else.
+        let commit = tracing::info_span!(target: TRACE_TARGET, "store commit");
+        match receiver.instrument(commit).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(FleetError::Unavailable(format!(
                 "the change could not be stored: {why}"

@@ -5,6 +5,8 @@ use std::{sync::Arc, time::SystemTime};
 
 use tokio::time::Instant;
 
+use crate::telemetry::otlp::TRACE_TARGET;
+
 use super::{
     CreateSpec, FleetEvent, Instruction, MAX_ITEMS_PER_SECTION, MAX_RECHECK_MISSES,
     MAX_REQUEST_EVALUATION_COST, MAX_SECTION_EVALUATION_COST, Order, PlacementStrategy, STEP_COST,
@@ -42,7 +44,10 @@ impl Fleet {
         specs: &[CreateSpec],
         visit: impl FnMut(usize, SessionView<'_>),
     ) -> Result<Vec<Result<(), ItemFailure>>, FleetError> {
-        let (results, durables) = self.create_sessions_locked(specs, visit)?;
+        // Exported with --otlp-endpoint only; a disabled call site else.
+        let placement = tracing::info_span!(target: TRACE_TARGET, "placement", items = specs.len());
+        let (results, durables) =
+            placement.in_scope(|| self.create_sessions_locked(specs, visit))?;
         for durable in durables {
             durable.wait().await?;
         }

@@ -14,6 +14,9 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::oneshot, time::Instant};
+use tracing::Instrument as _;
+
+use crate::telemetry::otlp::TRACE_TARGET;
 
 use super::{
     Instruction, SessionView,
@@ -202,7 +205,11 @@ impl Fleet {
             answers.push(match slot {
                 Slot::Failed(failure) => Err(failure),
                 Slot::Waiting(server, answer) => {
-                    match tokio::time::timeout_at(deadline, answer).await {
+                    // From the instruction's sending, not from this wait.
+                    let round_trip =
+                        tracing::info_span!(target: TRACE_TARGET, "agent round trip", server = %server);
+                    let answer = tokio::time::timeout_at(deadline, answer).instrument(round_trip);
+                    match answer.await {
                         Ok(Ok(Ok(images))) => Ok(images),
                         Ok(Ok(Err(why))) => Err(ItemFailure::new(
                             FailureCode::AgentFailed,
