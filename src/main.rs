@@ -4,13 +4,12 @@
 
 use std::{process::ExitCode, sync::Arc, time::Instant};
 
-use clap::Parser;
 use dcv_broker::{
     admin::{self, AdminSocket},
     audit::{self, AuditLog, AuditedStore},
     auth::{Auth, ScopeSet},
     cluster::{ClusterStore, ClusterView, Replica},
-    config::{self, Args, ClientsCommand, Command, LogFormat, TlsCommand},
+    config::{self, Args, ClientsCommand, Command, ConfigCommand, LogFormat, TlsCommand},
     fleet::{
         Fleet,
         persist::{MemoryStore, Snapshot},
@@ -27,7 +26,14 @@ use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse_from(config::dcv_spellings(std::env::args_os()));
+    // Flags, then the environment, then --config's file, then defaults.
+    let args = match config::file::parse(config::dcv_spellings(std::env::args_os())) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("dcv-broker: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -53,6 +59,16 @@ async fn run(args: Args) -> Result<(), String> {
             "{}",
             tls::init::run_agent_cert(agent).map_err(|e| e.to_string())?
         );
+        return Ok(());
+    }
+    if let Some(Command::Config { command }) = &args.command {
+        match command {
+            ConfigCommand::Check { config } => {
+                // The settings it gives, each with its origin.
+                print!("{}", config::file::check(config)?);
+            }
+            ConfigCommand::Defaults => print!("{}", config::file::defaults()),
+        }
         return Ok(());
     }
     if let Some(Command::Clients { command }) = &args.command {
