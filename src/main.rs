@@ -14,6 +14,7 @@ use dcv_broker::{
         Fleet,
         persist::{MemoryStore, Snapshot},
     },
+    notify,
     server::{agent_port::AgentPort, connections, serve_until, serve_with_agent_port},
     store::{
         SqliteStore,
@@ -330,6 +331,10 @@ async fn run(args: Args) -> Result<(), String> {
         }
         None => None,
     };
+    // Every port is bound, the store loaded and a replica's role taken:
+    // systemd may start what depends on the broker.
+    notify::ready(&format!("serving on {addr}"));
+    let _watchdog = notify::watchdog().map(AbortOnDrop);
     tracing::info!(%addr, demo_fleet = config.demo_fleet, tls = tls.is_some(), "serving");
     if let Some(tls) = &tls {
         tracing::info!(
@@ -371,10 +376,13 @@ async fn run(args: Args) -> Result<(), String> {
             // A store that cannot write stops the broker: nothing more may
             // be acknowledged, and a restart reloads what is on disk.
             Some(failed) => tokio::select! {
-                () = shutdown => {}
-                _ = failed.wait_for(Option::is_some) => {}
+                () = shutdown => notify::stopping("shutting down: draining"),
+                _ = failed.wait_for(Option::is_some) => notify::stopping("stopping: the store failed"),
             },
-            None => shutdown.await,
+            None => {
+                shutdown.await;
+                notify::stopping("shutting down: draining");
+            }
         }
     };
     match agent_port {
