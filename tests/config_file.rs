@@ -161,6 +161,7 @@ fn config_defaults_has_a_key_for_every_flag_and_config_check_accepts_it() {
 /// some settings exclude others) that between them set every key of
 /// `config defaults` to a value other than its default; `config check`
 /// reports each at the file's value, from the file.
+/// A flag added to the broker fails this test until a line here sets it.
 #[test]
 fn files_set_every_setting() {
     let sqlite = r#"
