@@ -417,6 +417,12 @@ pub struct Args {
     )]
     pub audit_retention: Duration,
 
+    /// Take every setting not given as a flag or environment variable from
+    /// this TOML file: each key is a flag's name, `-` written `_`
+    /// (`dcv-broker config defaults` prints one with every key).
+    #[arg(long, env = "DCV_BROKER_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
     /// Without a subcommand, the broker serves.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -480,6 +486,28 @@ pub enum Command {
         #[command(subcommand)]
         command: TlsCommand,
     },
+    /// The configuration file (--config).
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+/// `dcv-broker config ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigCommand {
+    /// Checks a configuration file as the broker would take it at a start
+    /// (with the current environment, which overrides it): exits 0 if it
+    /// would start, else 1 with one line naming what is wrong.
+    Check {
+        /// The file.
+        #[arg(long, env = "DCV_BROKER_CONFIG", value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// Prints a configuration file of every setting at its default, each
+    /// under its flag's help (settings without a default commented out).
+    Defaults,
 }
 
 /// `dcv-broker clients ...`.
@@ -894,6 +922,7 @@ fn check_advertise_url(url: &str, tls: bool) -> Result<(), String> {
     Ok(())
 }
 
+pub mod file;
 #[cfg(test)]
 mod tests;
 

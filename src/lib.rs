@@ -39,7 +39,8 @@
 //! - [`audit`]: the audit log's JSON-lines sink and the pruning of the
 //!   records the store keeps (the adapters build them: `api::audit`).
 //! - [`config`] and [`telemetry`]: the binary's flags, and logging;
-//!   [`table`]: the aligned text tables of `dcvsm` and `dcv-broker clients`.
+//!   [`table`]: the aligned text tables of `dcvsm` and `dcv-broker clients`;
+//!   [`notify`]: systemd's readiness, stopping and watchdog notifications.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
@@ -56,6 +57,7 @@ pub mod demo;
 pub mod fleet;
 pub mod layer;
 pub mod limits;
+pub mod notify;
 pub mod oauth;
 pub mod pb;
 pub mod sample;

@@ -4,17 +4,17 @@
 
 use std::{process::ExitCode, sync::Arc, time::Instant};
 
-use clap::Parser;
 use dcv_broker::{
     admin::{self, AdminSocket},
     audit::{self, AuditLog, AuditedStore},
     auth::{Auth, ScopeSet},
     cluster::{ClusterStore, ClusterView, Replica},
-    config::{self, Args, ClientsCommand, Command, LogFormat, TlsCommand},
+    config::{self, Args, ClientsCommand, Command, ConfigCommand, LogFormat, TlsCommand},
     fleet::{
         Fleet,
         persist::{MemoryStore, Snapshot},
     },
+    notify,
     server::{agent_port::AgentPort, connections, serve_until, serve_with_agent_port},
     store::{
         SqliteStore,
@@ -27,7 +27,14 @@ use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse_from(config::dcv_spellings(std::env::args_os()));
+    // Flags, then the environment, then --config's file, then defaults.
+    let args = match config::file::parse(config::dcv_spellings(std::env::args_os())) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("dcv-broker: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -53,6 +60,16 @@ async fn run(args: Args) -> Result<(), String> {
             "{}",
             tls::init::run_agent_cert(agent).map_err(|e| e.to_string())?
         );
+        return Ok(());
+    }
+    if let Some(Command::Config { command }) = &args.command {
+        match command {
+            ConfigCommand::Check { config } => {
+                // The settings it gives, each with its origin.
+                print!("{}", config::file::check(config)?);
+            }
+            ConfigCommand::Defaults => print!("{}", config::file::defaults()),
+        }
         return Ok(());
     }
     if let Some(Command::Clients { command }) = &args.command {
@@ -340,6 +357,10 @@ async fn run(args: Args) -> Result<(), String> {
         }
         None => None,
     };
+    // Every port is bound, the store loaded and a replica's role taken:
+    // systemd may start what depends on the broker.
+    notify::ready(&format!("serving on {addr}"));
+    let _watchdog = notify::watchdog().map(AbortOnDrop);
     tracing::info!(%addr, demo_fleet = config.demo_fleet, tls = tls.is_some(), "serving");
     if let Some(tls) = &tls {
         tracing::info!(
@@ -381,10 +402,13 @@ async fn run(args: Args) -> Result<(), String> {
             // A store that cannot write stops the broker: nothing more may
             // be acknowledged, and a restart reloads what is on disk.
             Some(failed) => tokio::select! {
-                () = shutdown => {}
-                _ = failed.wait_for(Option::is_some) => {}
+                () = shutdown => notify::stopping("shutting down: draining"),
+                _ = failed.wait_for(Option::is_some) => notify::stopping("stopping: the store failed"),
             },
-            None => shutdown.await,
+            None => {
+                shutdown.await;
+                notify::stopping("shutting down: draining");
+            }
         }
     };
     match agent_port {

@@ -223,10 +223,16 @@ impl AgentProcess {
     /// state in its environment. Does not wait for anything: tests wait
     /// for the log line they need (`registered server_id=`, ...).
     pub fn start(home: &AgentHome) -> AgentProcess {
+        AgentProcess::start_with_env(home, &[])
+    }
+
+    /// [`start`](Self::start) with `env` besides (`NOTIFY_SOCKET`, ...).
+    pub fn start_with_env(home: &AgentHome, env: &[(&str, &std::ffi::OsStr)]) -> AgentProcess {
         let mut child = tokio::process::Command::new(AGENT_BIN)
             .arg("--config")
             .arg(home.config_path())
             .env("FAKE_DCV_STATE", home.fake_state())
+            .envs(env.iter().copied())
             .env_remove("DCV_BROKER_AGENT_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

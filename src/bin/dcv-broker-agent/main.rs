@@ -225,8 +225,15 @@ async fn run(config: Config) -> Result<(), (u8, String)> {
         )),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Handlers first: systemd may send SIGTERM as soon as it hears READY.
+    let signal = signals().map_err(fatal)?;
     let talking = tokio::spawn(agent.clone().run(stop_rx));
-    let signal = wait_for_signal().await.map_err(fatal)?;
+    // Ready once started, not once the broker answers: a broker that is
+    // down must not fail the agent's start (it reconnects on its own).
+    dcv_broker::notify::ready(&format!("server {}", agent.server_id));
+    let _watchdog = dcv_broker::notify::watchdog();
+    let signal = signal.await;
+    dcv_broker::notify::stopping("stopping: finishing instructions");
     tracing::info!("{signal}: stopping (the broker keeps this server; it is not deregistered)");
     let _ = stop_tx.send(true);
     let _ = talking.await;
@@ -238,14 +245,18 @@ async fn run(config: Config) -> Result<(), (u8, String)> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<&'static str, String> {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves with
+/// the first signal's name.
+fn signals() -> Result<impl Future<Output = &'static str>, String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }
