@@ -207,6 +207,7 @@ first_request_timeout = "4s"
 idle_connection_timeout = "10m"
 log_format = "json"
 log = "debug"
+otlp_endpoint = "http://127.0.0.1:4317"
 audit_log = "/var/log/dcv-broker/audit.jsonl"
 audit_retention = "30days"
 max_request_bytes = 65536
