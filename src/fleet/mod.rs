@@ -32,6 +32,7 @@ pub mod availability;
 mod config;
 mod connection_token;
 pub mod error;
+mod gauges;
 mod handle;
 mod intern;
 mod load_index;
@@ -50,6 +51,7 @@ pub use self::{
     availability::{Reason, Reasons},
     config::FleetConfig,
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
+    gauges::{FleetGauges, PlacementCounts, SESSION_STATES},
     handle::Fleet,
     model::*,
     query::DescribeQuery,

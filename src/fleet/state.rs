@@ -268,6 +268,8 @@ pub(in crate::fleet) struct Sessions {
     pub(in crate::fleet) dirty: HashSet<SessionId>,
     /// The next queue position (queue order survives restarts).
     pub(in crate::fleet) next_queue_position: u64,
+    /// Placements and their failures since start, for metrics.
+    pub(in crate::fleet) placements: super::gauges::PlacementCounts,
 }
 
 impl Sessions {

@@ -74,6 +74,7 @@ impl<B> Policy<B> for InFlightPolicy {
             Ok(slot) => Verdict::Pass(request, Some(slot)),
             Err(_) => {
                 let limit = shared.limit;
+                crate::metrics::COUNTERS.shed.inc();
                 let shed = shared.shed.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logged inside the request's span (the future runs in it).
                 Verdict::Later(Box::pin(async move {

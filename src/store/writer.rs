@@ -59,12 +59,13 @@ pub(super) fn run(
         let failed = shared.failed.borrow().clone();
         let result = match failed {
             Some(why) => Err(why),
-            None => match commit(&mut connection, &group) {
+            None => match timed_commit(&mut connection, &group) {
                 Ok(()) => {
                     shared.commits.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
                 Err(e) => {
+                    crate::metrics::COUNTERS.store_commit_failures.inc();
                     let why = e.to_string();
                     tracing::error!(error = %why, "the store could not write; nothing more will be stored");
                     shared.failed.send_replace(Some(why.clone()));
@@ -80,6 +81,19 @@ pub(super) fn run(
     if let Err((_, e)) = connection.close() {
         tracing::warn!(error = %e, "closing the store failed; the next open recovers from the write-ahead log");
     }
+}
+
+/// [`commit`], measured for the metrics: its time and its changes.
+fn timed_commit(connection: &mut Connection, group: &[Submission]) -> Result<(), WriteError> {
+    let start = std::time::Instant::now();
+    commit(connection, group)?;
+    let metrics = &*crate::metrics::COUNTERS;
+    metrics
+        .store_commit_seconds
+        .observe(start.elapsed().as_secs_f64());
+    let changes: usize = group.iter().map(|(changes, _)| changes.len()).sum();
+    metrics.store_changes_per_commit.observe(changes as f64);
+    Ok(())
 }
 
 /// Applies a group in one transaction and commits it.

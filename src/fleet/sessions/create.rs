@@ -373,6 +373,7 @@ impl State {
         ctx: &Ctx<'_>,
     ) -> Result<SessionId, ItemFailure> {
         if target.is_none() && !order.enqueue {
+            self.sessions.placements.no_server += 1;
             return Err(ItemFailure::new(
                 FailureCode::NoServerAvailable,
                 "No DCV server is available for the session's Type and Requirements.",
@@ -380,6 +381,7 @@ impl State {
         }
         let queue_max_size = ctx.config.queue_max_size;
         if target.is_none() && self.sessions.queue.len() >= queue_max_size {
+            self.sessions.placements.queue_full += 1;
             return Err(ItemFailure::new(
                 FailureCode::QueueFull,
                 format!(
@@ -388,6 +390,7 @@ impl State {
             ));
         }
         if target.is_none() && !self.sessions.queue.admits(order.requirements.as_ref()) {
+            self.sessions.placements.queue_full += 1;
             return Err(ItemFailure::new(
                 FailureCode::QueueFull,
                 format!(
@@ -472,6 +475,7 @@ impl State {
             },
             ctx.events,
         );
+        self.sessions.placements.placed += 1;
         self.send(Instruction::Create {
             server: server.clone(),
             session: session.clone(),
