@@ -50,10 +50,12 @@ impl InFlightLimitLayer {
     /// layer, see `server::run`.)
     pub fn new(limit: usize) -> Self {
         let limit = limit.min(Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(limit));
+        crate::metrics::track_in_flight(limit, &slots);
         PolicyLayer::of(InFlightPolicy {
             shared: Arc::new(Shared {
                 limit,
-                slots: Arc::new(Semaphore::new(limit)),
+                slots,
                 shed: AtomicU64::new(0),
             }),
         })

@@ -20,7 +20,9 @@ mod listener;
 mod process;
 pub mod rpc;
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Weak};
+
+use tokio::sync::Semaphore;
 
 use prometheus_client::{
     collector::Collector,
@@ -141,6 +143,30 @@ pub static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
     tokens_issued: Counter::default(),
     tokens_refused: Default::default(),
 });
+
+/// Every in-flight limit's slots (the main port's and the agents'), read
+/// at scrape time: the limit itself keeps the count, so the requests pay
+/// nothing more for the gauge.
+static IN_FLIGHT: parking_lot::Mutex<Vec<(usize, Weak<Semaphore>)>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Makes the requests holding `slots` (of `limit`) part of
+/// `dcv_broker_requests_in_flight`, for as long as the slots live.
+pub fn track_in_flight(limit: usize, slots: &Arc<Semaphore>) {
+    let mut tracked = IN_FLIGHT.lock();
+    tracked.retain(|(_, slots)| slots.strong_count() > 0);
+    tracked.push((limit, Arc::downgrade(slots)));
+}
+
+/// Requests holding an in-flight slot now, across the live limits.
+fn in_flight() -> u64 {
+    let mut tracked = IN_FLIGHT.lock();
+    tracked.retain(|(_, slots)| slots.strong_count() > 0);
+    tracked
+        .iter()
+        .filter_map(|(limit, slots)| Some(limit.saturating_sub(slots.upgrade()?.available_permits())))
+        .sum::<usize>() as u64
+}
 
 /// One broker's metrics: the registry `/metrics` encodes and the request
 /// layer's method table.
@@ -308,6 +334,12 @@ impl Collector for Scraped {
         c.too_large_rest
             .encode(too_large.encode_family(&[("protocol", "rest")])?)?;
 
+        gauge(
+            &mut encoder,
+            "dcv_broker_requests_in_flight",
+            "Requests holding a slot of the in-flight limit (a stream frees its slot once it starts)",
+            saturating(in_flight()),
+        )?;
         let fleet = self.fleet.gauges();
         gauge(
             &mut encoder,
