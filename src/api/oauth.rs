@@ -141,8 +141,9 @@ impl Service<http::Request<Body>> for TokenEndpoint {
                 Ok(_) => {
                     metrics.tokens_issued.inc();
                 }
-                Err(refusal) => metrics
-                    .token_refused(crate::metrics::TokenRefusal::of_status(refusal.status())),
+                Err(refusal) => {
+                    metrics.token_refused(crate::metrics::TokenRefusal::of_status(refusal.status()))
+                }
             }
             Ok(response.unwrap_or_else(|e| e))
         })

@@ -10,22 +10,8 @@ use super::{
     availability::{self, Reason},
     handle::Fleet,
     model::{SessionState, Substate},
+    state::PlacementCounts,
 };
-
-/// Placements and their failures since the broker started. Kept in the
-/// state, so they move under the write lock with the placement itself.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PlacementCounts {
-    /// Sessions handed to a server's agent to create (retries included).
-    pub placed: u64,
-    /// CreateSessions items refused because no server could take them
-    /// and they could not be queued.
-    pub no_server: u64,
-    /// CreateSessions items refused because the queue was full.
-    pub queue_full: u64,
-    /// Attempts an agent failed or did not answer in time.
-    pub agent_failed: u64,
-}
 
 /// The fleet's gauges at one instant.
 #[derive(Debug, Default, Clone, PartialEq)]

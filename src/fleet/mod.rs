@@ -51,7 +51,7 @@ pub use self::{
     availability::{Reason, Reasons},
     config::FleetConfig,
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
-    gauges::{FleetGauges, PlacementCounts, SESSION_STATES},
+    gauges::{FleetGauges, SESSION_STATES},
     handle::Fleet,
     model::*,
     query::DescribeQuery,
@@ -62,6 +62,7 @@ pub use self::{
         SessionRecord, SessionView,
         screenshots::{ScreenshotItem, ScreenshotResult},
     },
+    state::PlacementCounts,
     validate::{
         MAX_AGENT_REASON_CHARS, MAX_BATCH_ITEMS, MAX_ENDPOINTS, MAX_GPUS, MAX_LOGGED_IN_USERS,
         MAX_REPORTED_SESSIONS, MAX_SESSION_CONNECTIONS, MAX_TAGS, MAX_TEXT_BYTES, agent_text,

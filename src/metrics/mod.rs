@@ -164,7 +164,9 @@ fn in_flight() -> u64 {
     tracked.retain(|(_, slots)| slots.strong_count() > 0);
     tracked
         .iter()
-        .filter_map(|(limit, slots)| Some(limit.saturating_sub(slots.upgrade()?.available_permits())))
+        .filter_map(|(limit, slots)| {
+            Some(limit.saturating_sub(slots.upgrade()?.available_permits()))
+        })
         .sum::<usize>() as u64
 }
 
@@ -320,7 +322,8 @@ impl Collector for Scraped {
             MetricType::Counter,
         )?;
         for why in TokenRefusal::ALL {
-            c.tokens_refused[why as usize].encode(refused.encode_family(&[("reason", why.label())])?)?;
+            c.tokens_refused[why as usize]
+                .encode(refused.encode_family(&[("reason", why.label())])?)?;
         }
         let mut too_large = encoder.encode_descriptor(
             "dcv_broker_requests_too_large",
@@ -352,9 +355,12 @@ impl Collector for Scraped {
             "dcv_broker_servers_unavailable",
             "Servers that cannot take a new session, by each reason that applies \
              (a server with two reasons counts under both)",
-            Reason::ALL
-                .iter()
-                .map(|r| ([("reason", r.as_str())], saturating(fleet.unavailable[*r as usize]))),
+            Reason::ALL.iter().map(|r| {
+                (
+                    [("reason", r.as_str())],
+                    saturating(fleet.unavailable[*r as usize]),
+                )
+            }),
         )?;
         gauge(
             &mut encoder,
@@ -456,4 +462,3 @@ impl Collector for Scraped {
         process::encode(&mut encoder)
     }
 }
-

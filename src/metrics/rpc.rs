@@ -218,7 +218,10 @@ impl Table {
     }
 
     /// The gRPC families, in the registry's scrape.
-    pub(super) fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    pub(super) fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
         let mut sorted: Vec<&Arc<Method>> = self.methods.values().collect();
         sorted.sort_by(|a, b| (&a.service, &a.method).cmp(&(&b.service, &b.method)));
         sorted.push(&self.unknown);
