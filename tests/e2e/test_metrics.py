@@ -1,6 +1,6 @@
 """End to end for GET /metrics: the real broker binary, a known sequence of
-calls (a session created and deleted, closes with a failure, a request
-shed, one rate-limited, requests too large), then one scrape parsed with
+calls (a session created and deleted, closes with a failure, a session
+with nowhere to go, a request shed, one rate-limited, requests too large), then one scrape parsed with
 Prometheus' own text parser whose counters and gauges must have exactly
 the expected values. Also the OpenMetrics form, --metrics-listen, and
 --metrics false.
@@ -161,6 +161,17 @@ def test_metrics_count_a_known_sequence(start_broker, pb, spb):
         )
         assert len(closed.successful_list) == 1 and len(closed.unsuccessful_list) == 1, closed
 
+        # Nowhere to place a session now, and no queueing asked for.
+        unplaced = sessions.CreateSessions(
+            spb.sm.CreateSessionsRequest(
+                sessions=[
+                    spb.sm.CreateSessionRequestData(name="n", owner="bob", type=spb.t.VIRTUAL)
+                ]
+            ),
+            timeout=TIMEOUT,
+        )
+        assert len(unplaced.unsuccessful_list) == 1, unplaced
+
         # Too large: a gRPC message over --max-request-bytes, and a REST
         # body declared over it.
         with pytest.raises(grpc.RpcError) as too_large:
@@ -205,9 +216,9 @@ def test_metrics_count_a_known_sequence(start_broker, pb, spb):
     m = scrape()
 
     # Per RPC.
-    assert rpc(m, SESSIONS, "CreateSessions", "started_total") == 1
-    assert rpc(m, SESSIONS, "CreateSessions", "handled_total", grpc_code="OK") == 1
-    assert rpc(m, SESSIONS, "CreateSessions", "handling_seconds_count") == 1
+    assert rpc(m, SESSIONS, "CreateSessions", "started_total") == 2
+    assert rpc(m, SESSIONS, "CreateSessions", "handled_total", grpc_code="OK") == 2
+    assert rpc(m, SESSIONS, "CreateSessions", "handling_seconds_count") == 2
     assert rpc(m, SESSIONS, "DeleteSessions", "handled_total", grpc_code="OK") == 1
     assert rpc(m, SERVERS, "CloseServers", "started_total") == 1
     assert rpc(m, SERVERS, "CloseServers", "handled_total", grpc_code="OK") == 1
@@ -242,7 +253,8 @@ def test_metrics_count_a_known_sequence(start_broker, pb, spb):
     assert value(m, "dcv_broker_queue_oldest_age_seconds") == 0
     assert value(m, "dcv_broker_instructions_in_flight") == 0
     assert value(m, "dcv_broker_placements_total") == 1
-    for reason in ["no_server", "queue_full", "agent_failed"]:
+    assert value(m, "dcv_broker_placement_failures_total", reason="no_server") == 1
+    for reason in ["queue_full", "agent_failed"]:
         assert value(m, "dcv_broker_placement_failures_total", reason=reason) == 0, reason
 
     # The store: every change committed, none failed.
