@@ -1710,7 +1710,7 @@ fn harness(opts: Opts) {
                 connections: 16,
                 per_connection: 64,
             };
-            for round in 1..=2 {
+            for round in 1..=3 {
                 let without = runtime.block_on(drive(&opts, &load, &plain(&off), opts.fleet));
                 let with = runtime.block_on(drive(&opts, &load, &plain(&broker), opts.fleet));
                 let row = Row {
