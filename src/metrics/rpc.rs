@@ -20,7 +20,8 @@
 //! arrival to its response's headers: for a unary call, the whole call.
 //! The code comes from `grpc-status` in the headers (a refusal, or any
 //! failure of a unary handler) or else in the trailers, read as the body
-//! ends; a body dropped before it ends counts as CANCELLED.
+//! ends; a request dropped before its response, or a body dropped before
+//! it ends, counts as CANCELLED.
 
 use std::{
     collections::HashMap,
@@ -367,8 +368,20 @@ pin_project_lite::pin_project! {
     pub struct MetricsFuture<F> {
         #[pin]
         inner: F,
+        // `None` once counted.
         call: Option<Call>,
         start: Instant,
+    }
+
+    impl<F> PinnedDrop for MetricsFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its response: the client went away (or the
+            // connection did). Counted, so that every started RPC is
+            // handled once.
+            if let Some(Call::Grpc(method)) = this.project().call.take() {
+                method.handled(Code::Cancelled);
+            }
+        }
     }
 }
 
