@@ -517,3 +517,92 @@ impl http_body::Body for TrailersBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    const PATH: &str = "/dcv.sessionmanager.v1.Servers/DescribeServers";
+
+    fn request(path: &str) -> http::Request<()> {
+        http::Request::builder()
+            .uri(path)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    /// A reply whose code is in its trailers, after one message.
+    fn with_trailers(code: &'static str) -> http::Response<Body> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+        let frames: Vec<Result<Frame<Bytes>, tonic::Status>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        http::Response::new(Body::new(http_body_util::StreamBody::new(
+            tokio_stream::iter(frames),
+        )))
+    }
+
+    fn handled(table: &Table, path: &str, code: Code) -> u64 {
+        table.method(path).handled[code as usize].get()
+    }
+
+    #[tokio::test]
+    async fn codes_come_from_headers_trailers_or_the_request_going_away() {
+        let table = Arc::new(Table::new());
+        let layer = MetricsLayer::new(table.clone());
+
+        // OK, read from the trailers once the body has been read.
+        let service = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(with_trailers("0"))
+        }));
+        let response = service.clone().oneshot(request(PATH)).await.unwrap();
+        assert_eq!(
+            handled(&table, PATH, Code::Ok),
+            0,
+            "not before the trailers"
+        );
+        response.into_body().collect().await.unwrap();
+        assert_eq!(handled(&table, PATH, Code::Ok), 1);
+
+        // A body dropped before its end: the client went away.
+        drop(service.oneshot(request(PATH)).await.unwrap());
+        assert_eq!(handled(&table, PATH, Code::Cancelled), 1);
+
+        // A refusal: the code in the headers (trailers-only).
+        let refuse = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(tonic::Status::resource_exhausted("busy").into_http())
+        }));
+        refuse.oneshot(request(PATH)).await.unwrap();
+        assert_eq!(handled(&table, PATH, Code::ResourceExhausted), 1);
+
+        // A request dropped before its response.
+        let mut never = layer.layer(tower::service_fn(|_: http::Request<()>| {
+            std::future::pending::<Result<http::Response<Body>, Infallible>>()
+        }));
+        drop(never.call(request(PATH)));
+        assert_eq!(handled(&table, PATH, Code::Cancelled), 2);
+
+        let method = table.method(PATH);
+        assert_eq!(method.started.get(), 4);
+        assert_eq!(method.kind, "unary");
+        assert_eq!(method.service, "dcv.sessionmanager.v1.Servers");
+
+        // A path no service has counts as `unknown`, never by its name.
+        let service = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(with_trailers("12"))
+        }));
+        let response = service.oneshot(request("/made.Up/Path")).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(table.unknown.started.get(), 1);
+        assert_eq!(table.unknown.handled[Code::Unimplemented as usize].get(), 1);
+        assert!(!table.methods.contains_key("/made.Up/Path"));
+    }
+}
