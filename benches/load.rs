@@ -16,6 +16,8 @@
 //! for the generator and hands the parent its bearer token on the line
 //! that announces the port, and the run stops unless it refuses a call
 //! without the token.
+//! The `metrics` scenario (issue 17) compares the broker with its metrics
+//! on (the default) and off (`--metrics false`), alternating.
 //! The `rest` scenario (issue 15) sends DCV's REST CloseServers of one item
 //! and gRPC's CloseServers of one item to the same broker, both with
 //! h2load, alternating repetitions; over h2c, then REST over HTTP/1.1.
@@ -351,6 +353,14 @@ mod child {
                             Fleet::restore(config.fleet.clone(), Arc::new(store), snapshot).unwrap()
                         }
                     };
+                    // Metrics as the binary has them: on unless
+                    // `--metrics false`.
+                    if cli.metrics {
+                        config.metrics = Some(dcv_broker::metrics::Metrics::new(
+                            fleet.clone(),
+                            config.cluster.clone(),
+                        ));
+                    }
                     let started = Instant::now();
                     let _demo = if o.fleet > 0 {
                         let handle =
@@ -1678,6 +1688,44 @@ fn harness(opts: Opts) {
         };
         print_row(&row);
         rows.push(row);
+    }
+
+    // Metrics on (the default, as every broker above) against off
+    // (`--metrics false`), in the same run: two brokers, alternated.
+    if opts.wants("metrics") {
+        let mut off_args = broker_args(&["--fleet", &fleet, "--in-flight", &in_flight]);
+        off_args.extend(["--metrics", "false"].map(String::from));
+        let off = ServerProcess::start(
+            "serve-broker",
+            &off_args,
+            opts.pin,
+            log("broker-no-metrics"),
+        );
+        for (name, op) in [
+            ("describe-1", Op::Describe(1)),
+            ("close/open-1", Op::CloseOpen(1)),
+        ] {
+            let load = Load {
+                op,
+                connections: 16,
+                per_connection: 64,
+            };
+            for round in 1..=3 {
+                let without = runtime.block_on(drive(&opts, &load, &plain(&off), opts.fleet));
+                let with = runtime.block_on(drive(&opts, &load, &plain(&broker), opts.fleet));
+                let row = Row {
+                    name: format!("metrics {name} (round {round})"),
+                    generator: "tonic",
+                    load: "16x64".into(),
+                    labels: load.op.labels(),
+                    baseline: Some(("metrics-off".into(), without)),
+                    broker: ("metrics-on".into(), with),
+                };
+                print_row(&row);
+                rows.push(row);
+            }
+        }
+        off.stop();
     }
 
     if run_h2load {

@@ -114,6 +114,25 @@ pub struct Args {
     #[arg(long, env = "DCV_BROKER_REST_ADDITIONS")]
     pub rest_additions: bool,
 
+    /// Serve Prometheus metrics at GET /metrics on --listen (and on
+    /// --metrics-listen). Open like health: they reveal counts, never names.
+    /// `--metrics false` turns them off, and the per-request counting with
+    /// them.
+    #[arg(
+        long,
+        env = "DCV_BROKER_METRICS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub metrics: bool,
+
+    /// Also serve GET /metrics, and only that, as plain HTTP/1.1 on this
+    /// address, for a scraper kept off the API port. Only loopback
+    /// addresses, unless --allow-insecure-non-loopback is given.
+    #[arg(long, env = "DCV_BROKER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Serve gRPC over TLS only, with this certificate (PEM: the server's
     /// certificate, then any intermediates). Needs --tls-key. Both files
     /// are read again on SIGHUP. `dcv-broker tls init` makes a pair.
@@ -693,6 +712,17 @@ impl Args {
             )
             .map_err(|e| format!("--agent-listen: {e}"))?;
         }
+        if let Some(at) = self.metrics_listen {
+            if !self.metrics {
+                return Err("--metrics-listen needs the metrics on (not --metrics false)".into());
+            }
+            if !at.ip().is_loopback() && !self.allow_insecure_non_loopback {
+                return Err(format!(
+                    "--metrics-listen {at}: the metrics port is plaintext HTTP; listen on \
+                     loopback, or pass --allow-insecure-non-loopback on a trusted network"
+                ));
+            }
+        }
         self.limits.check()
     }
 
@@ -773,6 +803,8 @@ impl Args {
             rest_additions: self.rest_additions,
             cluster: crate::cluster::ClusterView::standalone(),
             cluster_ca: self.cluster_ca.clone(),
+            // Built by the binary once the fleet exists (--metrics).
+            metrics: None,
         }
     }
 }

@@ -16,6 +16,8 @@
 //!   peer's address, the health and reflection paths, gRPC content types).
 //! - [`limits`]: every limit against abusive clients in one place, and the
 //!   rate and load-shedding layers that enforce them.
+//! - [`metrics`]: Prometheus metrics (`GET /metrics`): the per-request
+//!   layer, the process-wide counters, and the fleet read at scrape time.
 //! - [`layer`]: the one tower shell every request layer is built with.
 //! - [`auth`]: API and agent clients, their scopes and the bearer tokens
 //!   the broker issues; never sees the network.
@@ -57,6 +59,7 @@ pub mod demo;
 pub mod fleet;
 pub mod layer;
 pub mod limits;
+pub mod metrics;
 pub mod notify;
 pub mod oauth;
 pub mod pb;

@@ -248,6 +248,12 @@ async fn run(args: Args) -> Result<(), String> {
     if args.auth_enabled() {
         config.auth = Some(registry.clone());
     }
+    if args.metrics {
+        config.metrics = Some(dcv_broker::metrics::Metrics::new(
+            fleet.clone(),
+            config.cluster.clone(),
+        ));
+    }
     // Whoever writes prunes: a follower's fleet submits nothing.
     let _audit_pruning = AbortOnDrop(tokio::spawn(audit::prune_periodically(
         fleet.clone(),
@@ -356,6 +362,22 @@ async fn run(args: Args) -> Result<(), String> {
             })
         }
         None => None,
+    };
+    let _metrics_port = match (args.metrics_listen, &config.metrics) {
+        (Some(at), Some(metrics)) => {
+            let listener = TcpListener::bind(at)
+                .await
+                .map_err(|e| format!("cannot listen on {at} (--metrics-listen): {e}"))?;
+            let metrics_addr = listener
+                .local_addr()
+                .map_err(|e| format!("cannot read the metrics' listening address: {e}"))?;
+            println!("dcv-broker metrics listening on {metrics_addr}");
+            tracing::info!(addr = %metrics_addr, "serving GET /metrics apart");
+            Some(AbortOnDrop(tokio::spawn(
+                dcv_broker::metrics::serve_metrics(listener, metrics.clone()),
+            )))
+        }
+        _ => None,
     };
     // Every port is bound, the store loaded and a replica's role taken:
     // systemd may start what depends on the broker.

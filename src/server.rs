@@ -38,7 +38,8 @@ use self::connections::{ConnectionLimits, Connections};
 ///
 /// Outside every other layer: counts each connection's open requests
 /// (refused ones too), for idle reaping, and ends streaming replies when the
-/// drain starts. Then the request span, so that refusals below are logged
+/// drain starts. Then the metrics, so that every refusal below is counted
+/// with its code. Then the request span, so that refusals below are logged
 /// with the request's id; then the HTTP gate, which refuses what is not for
 /// us (other hosts, other sites, non-gRPC on gRPC paths) and answers the
 /// token endpoint itself, outside the gRPC limits; then authentication, so
@@ -49,6 +50,9 @@ macro_rules! layered {
     ($builder:expr, $connections:expr, $gate:expr, $config:expr) => {
         $builder
             .layer($connections.layer())
+            .layer(tower::util::option_layer(
+                $config.metrics.as_ref().map(|metrics| metrics.layer()),
+            ))
             .layer($crate::api::RequestSpanLayer::new($config.cluster.clone()))
             .layer($gate)
             .layer(tower::util::option_layer($config.auth.clone().map(
@@ -116,6 +120,9 @@ pub struct BrokerConfig {
     /// which fits replicas sharing one certificate; without TLS, the
     /// system's roots).
     pub cluster_ca: Option<std::path::PathBuf>,
+    /// The metrics `GET /metrics` serves and every request updates
+    /// (`None`: no metrics route and no per-request counting).
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for BrokerConfig {
@@ -136,6 +143,7 @@ impl Default for BrokerConfig {
             rest_additions: false,
             cluster: crate::cluster::ClusterView::standalone(),
             cluster_ca: None,
+            metrics: None,
         }
     }
 }
@@ -472,6 +480,7 @@ async fn run(
             max_request_bytes: limits.max_request_bytes,
             routes: true,
             cluster: config.cluster.clone(),
+            metrics: config.metrics.clone(),
         },
     );
 

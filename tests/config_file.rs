@@ -208,6 +208,7 @@ idle_connection_timeout = "10m"
 log_format = "json"
 log = "debug"
 otlp_endpoint = "http://127.0.0.1:4317"
+metrics_listen = "127.0.0.2:9446"
 audit_log = "/var/log/dcv-broker/audit.jsonl"
 audit_retention = "30days"
 max_request_bytes = 65536
@@ -224,7 +225,7 @@ advertise_url = "http://127.0.0.1:9443"
 leader_lease = "3s"
 cluster_ca = "/etc/dcv-broker/tls/cluster-ca.pem"
 "#;
-    let memory = "in_memory = true\n";
+    let memory = "in_memory = true\nmetrics = false\n";
     let dir = dir("every");
     let mut set = BTreeSet::new();
     for (name, text) in [("sqlite", sqlite), ("cluster", cluster), ("memory", memory)] {

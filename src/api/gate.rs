@@ -25,7 +25,9 @@
 //!    DCV's token verifier (HTTP/1.1 or HTTP/2, open: DCV servers hold no
 //!    bearer token), likewise with limits of its own; `/health` answers
 //!    from the broker's gRPC health (open, like gRPC health);
-//!    `/dcv-session-manager-api.yaml` serves our OpenAPI document (open).
+//!    `/dcv-session-manager-api.yaml` serves our OpenAPI document (open);
+//!    `/metrics` the Prometheus metrics when they are on (open: counts,
+//!    never names).
 //!    DCV's REST routes (`api::rest::ROUTES`, HTTP/1.1 or HTTP/2, paths
 //!    case-sensitive) are checked for method (405 with `Allow`), content
 //!    type when a body comes (415 unless `application/json`) and declared
@@ -92,6 +94,8 @@ pub struct RestGate {
     /// The replica's role and progress, which `/health` reports when the
     /// broker is one of several.
     pub cluster: crate::cluster::ClusterView,
+    /// What `GET /metrics` serves (`None`: 404, like any unknown path).
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for RestGate {
@@ -101,6 +105,7 @@ impl Default for RestGate {
             max_request_bytes: crate::limits::Limits::default().max_request_bytes,
             routes: true,
             cluster: crate::cluster::ClusterView::standalone(),
+            metrics: None,
         }
     }
 }
@@ -190,6 +195,7 @@ where
                     Ok(rest::health(reporter, &cluster).await)
                 }))
             }
+            Route::Metrics(response) => Verdict::Answer(response),
             Route::Document { head } => {
                 let document = super::rest::openapi::document();
                 let body = if head {
@@ -266,6 +272,8 @@ enum Route {
     Rest(RestCall),
     /// `/health`.
     Health(tonic_health::server::HealthReporter),
+    /// `/metrics`: the reply, already encoded.
+    Metrics(http::Response<Body>),
     /// Our OpenAPI document (open, like DCV's); without its bytes for HEAD.
     Document { head: bool },
     /// To the token endpoint.
@@ -438,6 +446,20 @@ impl Shared {
                     "not_found",
                     "this broker serves no health route",
                 ),
+            });
+        }
+        if path == crate::metrics::METRICS_PATH
+            && let Some(metrics) = &self.rest.metrics
+        {
+            return Some(if read {
+                let head = method == Method::HEAD;
+                Route::Metrics(
+                    metrics
+                        .reply(request.headers().get(header::ACCEPT), head)
+                        .map(|text| Body::new(http_body_util::Full::new(Bytes::from(text)))),
+                )
+            } else {
+                Refusal::method_not_allowed(path, "GET, HEAD")
             });
         }
         if !self.rest.routes {

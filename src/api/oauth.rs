@@ -134,7 +134,19 @@ impl Service<http::Request<Body>> for TokenEndpoint {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let endpoint = self.clone();
-        Box::pin(async move { Ok(token(&endpoint, request).await.unwrap_or_else(|e| e)) })
+        Box::pin(async move {
+            let response = token(&endpoint, request).await;
+            let metrics = &*crate::metrics::COUNTERS;
+            match &response {
+                Ok(_) => {
+                    metrics.tokens_issued.inc();
+                }
+                Err(refusal) => {
+                    metrics.token_refused(crate::metrics::TokenRefusal::of_status(refusal.status()))
+                }
+            }
+            Ok(response.unwrap_or_else(|e| e))
+        })
     }
 }
 

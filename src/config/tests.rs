@@ -338,3 +338,38 @@ fn audit_flags_default_to_no_copy_and_ninety_days() {
     assert_eq!(args.audit_retention, Duration::from_secs(7 * 24 * 3600));
     assert!(Args::try_parse_from(["dcv-broker", "--audit-retention", "soon"]).is_err());
 }
+
+#[test]
+fn metrics_are_on_by_default_and_their_port_is_loopback_unless_allowed() {
+    let parse =
+        |extra: &[&str]| Args::try_parse_from(["dcv-broker"].iter().chain(extra).copied()).unwrap();
+    let default = parse(&[]);
+    assert!(default.metrics);
+    assert_eq!(default.metrics_listen, None);
+    assert!(!parse(&["--metrics", "false"]).metrics);
+    assert!(
+        parse(&["--metrics-listen", "127.0.0.1:9464"])
+            .check()
+            .is_ok()
+    );
+    let why = parse(&["--metrics-listen", "0.0.0.0:9464"])
+        .check()
+        .unwrap_err();
+    assert!(why.contains("--metrics-listen 0.0.0.0:9464"), "{why}");
+    assert!(
+        parse(&[
+            "--metrics-listen",
+            "0.0.0.0:9464",
+            "--allow-insecure-non-loopback"
+        ])
+        .check()
+        .is_ok()
+    );
+    let why = parse(&["--metrics", "false", "--metrics-listen", "127.0.0.1:9464"])
+        .check()
+        .unwrap_err();
+    assert!(
+        why.contains("--metrics-listen needs the metrics on"),
+        "{why}"
+    );
+}

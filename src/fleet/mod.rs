@@ -32,6 +32,7 @@ pub mod availability;
 mod config;
 mod connection_token;
 pub mod error;
+mod gauges;
 mod handle;
 mod intern;
 mod load_index;
@@ -50,6 +51,7 @@ pub use self::{
     availability::{Reason, Reasons},
     config::FleetConfig,
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
+    gauges::{FleetGauges, SESSION_STATES},
     handle::Fleet,
     model::*,
     query::DescribeQuery,
@@ -60,6 +62,7 @@ pub use self::{
         SessionRecord, SessionView,
         screenshots::{ScreenshotItem, ScreenshotResult},
     },
+    state::PlacementCounts,
     validate::{
         MAX_AGENT_REASON_CHARS, MAX_BATCH_ITEMS, MAX_ENDPOINTS, MAX_GPUS, MAX_LOGGED_IN_USERS,
         MAX_REPORTED_SESSIONS, MAX_SESSION_CONNECTIONS, MAX_TAGS, MAX_TEXT_BYTES, agent_text,

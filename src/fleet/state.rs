@@ -250,6 +250,21 @@ impl State {
     }
 }
 
+/// Placements and their failures since the broker started. Kept in the
+/// state, so they move under the write lock with the placement itself.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlacementCounts {
+    /// Sessions handed to a server's agent to create (retries included).
+    pub placed: u64,
+    /// CreateSessions items refused because no server could take them
+    /// and they could not be queued.
+    pub no_server: u64,
+    /// CreateSessions items refused because the queue was full.
+    pub queue_full: u64,
+    /// Attempts an agent failed or did not answer in time.
+    pub agent_failed: u64,
+}
+
 /// Sessions' share of the state behind the fleet's lock.
 #[derive(Debug, Default)]
 pub(in crate::fleet) struct Sessions {
@@ -268,6 +283,8 @@ pub(in crate::fleet) struct Sessions {
     pub(in crate::fleet) dirty: HashSet<SessionId>,
     /// The next queue position (queue order survives restarts).
     pub(in crate::fleet) next_queue_position: u64,
+    /// Placements and their failures since start, for metrics.
+    pub(in crate::fleet) placements: PlacementCounts,
 }
 
 impl Sessions {

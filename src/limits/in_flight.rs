@@ -50,10 +50,12 @@ impl InFlightLimitLayer {
     /// layer, see `server::run`.)
     pub fn new(limit: usize) -> Self {
         let limit = limit.min(Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(limit));
+        crate::metrics::track_in_flight(limit, &slots);
         PolicyLayer::of(InFlightPolicy {
             shared: Arc::new(Shared {
                 limit,
-                slots: Arc::new(Semaphore::new(limit)),
+                slots,
                 shed: AtomicU64::new(0),
             }),
         })
@@ -74,6 +76,7 @@ impl<B> Policy<B> for InFlightPolicy {
             Ok(slot) => Verdict::Pass(request, Some(slot)),
             Err(_) => {
                 let limit = shared.limit;
+                crate::metrics::COUNTERS.shed.inc();
                 let shed = shared.shed.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logged inside the request's span (the future runs in it).
                 Verdict::Later(Box::pin(async move {

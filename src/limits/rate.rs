@@ -161,6 +161,7 @@ impl<B> Policy<B> for ClientRatePolicy {
             return Verdict::Pass(request, ());
         };
         let rate = shared.table.rate;
+        crate::metrics::COUNTERS.rate_limited.inc();
         let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
         // Logged inside the request's span (the future runs in it).
         Verdict::Later(Box::pin(async move {

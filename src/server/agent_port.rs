@@ -196,6 +196,7 @@ async fn serve(
             max_request_bytes: limits.max_request_bytes,
             routes: false,
             cluster: config.cluster.clone(),
+            metrics: config.metrics.clone(),
         },
     );
     let router = super::layered!(super::builder(&config), connections, gate, config)

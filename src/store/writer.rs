@@ -115,12 +115,13 @@ fn commit_group(connection: &Connection, group: &mut Vec<Submission>, shared: &S
     let failed = shared.failed.borrow().clone();
     let result = match failed {
         Some(why) => Err(why),
-        None => match commit(connection, group) {
+        None => match timed_commit(connection, group) {
             Ok(()) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
+                crate::metrics::COUNTERS.store_commit_failures.inc();
                 let why = e.to_string();
                 tracing::error!(error = %why, "the store could not write; nothing more will be stored");
                 shared.failed.send_replace(Some(why.clone()));
@@ -132,6 +133,19 @@ fn commit_group(connection: &Connection, group: &mut Vec<Submission>, shared: &S
         // The submitter may have stopped waiting; that is its choice.
         let _ = answer.send(result.clone());
     }
+}
+
+/// [`commit`], measured for the metrics: its time and its changes.
+fn timed_commit(connection: &Connection, group: &[Submission]) -> Result<(), WriteError> {
+    let start = std::time::Instant::now();
+    commit(connection, group)?;
+    let metrics = &*crate::metrics::COUNTERS;
+    metrics
+        .store_commit_seconds
+        .observe(start.elapsed().as_secs_f64());
+    let changes: usize = group.iter().map(|(changes, _)| changes.len()).sum();
+    metrics.store_changes_per_commit.observe(changes as f64);
+    Ok(())
 }
 
 /// Applies a group in one transaction and commits it.

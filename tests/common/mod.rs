@@ -56,6 +56,7 @@ pub fn quiet_config() -> BrokerConfig {
         rest_additions: false,
         cluster: Default::default(),
         cluster_ca: None,
+        metrics: None,
     }
 }
 

@@ -52,15 +52,18 @@ def broker_binary() -> Path:
 class Broker:
     """A `dcv-broker` child process listening on 127.0.0.1."""
 
-    def __init__(self, binary: Path, log_path: Path, *extra_args: str):
+    def __init__(
+        self, binary: Path, log_path: Path, *extra_args: str, demo_fleet: int = DEMO_FLEET
+    ):
         self.log_path = log_path
+        self._stdout_rest = b""
         self._log = open(log_path, "wb")
         self.args = [
             str(binary),
             "--listen",
             "127.0.0.1:0",
             "--demo-fleet",
-            str(DEMO_FLEET),
+            str(demo_fleet),
             # Each broker its own durable store, so brokers never share state.
             "--data-dir",
             str(log_path.parent / f"{log_path.stem}-data"),
@@ -97,7 +100,7 @@ class Broker:
         seconds or when the broker closes stdout (exits) first."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        buf = b""
+        buf = self._stdout_rest
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
@@ -119,6 +122,10 @@ class Broker:
         line, _, rest = buf.partition(b"\n")
         self._stdout_rest = rest
         return line.decode()
+
+    def next_line(self, timeout: float = START_TIMEOUT_S) -> str:
+        """The next line the broker prints on stdout."""
+        return self._read_first_line(timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the broker's stderr log, for failure messages."""
@@ -204,8 +211,13 @@ def start_broker(broker_bin: Path, tmp_path: Path):
     teardown are killed."""
     started: list[Broker] = []
 
-    def start(*extra_args: str) -> Broker:
-        b = Broker(broker_bin, tmp_path / f"dcv-broker-{len(started)}.log", *extra_args)
+    def start(*extra_args: str, demo_fleet: int = DEMO_FLEET) -> Broker:
+        b = Broker(
+            broker_bin,
+            tmp_path / f"dcv-broker-{len(started)}.log",
+            *extra_args,
+            demo_fleet=demo_fleet,
+        )
         started.append(b)
         return b
 

@@ -378,6 +378,7 @@ impl State {
         ctx: &Ctx<'_>,
     ) -> Result<SessionId, ItemFailure> {
         if target.is_none() && !order.enqueue {
+            self.sessions.placements.no_server += 1;
             return Err(ItemFailure::new(
                 FailureCode::NoServerAvailable,
                 "No DCV server is available for the session's Type and Requirements.",
@@ -385,6 +386,7 @@ impl State {
         }
         let queue_max_size = ctx.config.queue_max_size;
         if target.is_none() && self.sessions.queue.len() >= queue_max_size {
+            self.sessions.placements.queue_full += 1;
             return Err(ItemFailure::new(
                 FailureCode::QueueFull,
                 format!(
@@ -393,6 +395,7 @@ impl State {
             ));
         }
         if target.is_none() && !self.sessions.queue.admits(order.requirements.as_ref()) {
+            self.sessions.placements.queue_full += 1;
             return Err(ItemFailure::new(
                 FailureCode::QueueFull,
                 format!(
@@ -477,6 +480,7 @@ impl State {
             },
             ctx.events,
         );
+        self.sessions.placements.placed += 1;
         self.send(Instruction::Create {
             server: server.clone(),
             session: session.clone(),

@@ -170,6 +170,7 @@ impl State {
         now: Instant,
         ctx: &Ctx<'_>,
     ) {
+        self.sessions.placements.agent_failed += 1;
         self.release(session, ctx);
         let Some(record) = self.sessions.records.get(session) else {
             return;
