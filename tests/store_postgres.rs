@@ -598,6 +598,29 @@ async fn holds(broker: &BrokerProcess, id: &str) -> Vec<pb::Hold> {
     found.remove(0).holds
 }
 
+/// The broker's GET /metrics, as text.
+async fn scrape(broker: &BrokerProcess) -> String {
+    use http_body_util::BodyExt as _;
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let client =
+        Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{}/metrics", broker.addr).parse().unwrap();
+    let response = client.get(uri).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {page}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_binary_keeps_a_close_in_postgres_across_sigkill() {
     let db = TestDatabase::new().await;
@@ -640,6 +663,22 @@ async fn the_binary_keeps_a_close_in_postgres_across_sigkill() {
     assert!(reply.unsuccessful_list.is_empty());
     let before = holds(&broker, "pg-1").await;
     assert_eq!(before.len(), 1);
+    // The PostgreSQL writer's commits are measured as SQLite's are: at
+    // least the registration's and the close's, none failed.
+    let metrics = scrape(&broker).await;
+    assert!(
+        metric(&metrics, "dcv_broker_store_commit_seconds_count") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "dcv_broker_store_changes_per_commit_sum") >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "dcv_broker_store_commit_failures_total"),
+        0.0,
+        "{metrics}"
+    );
 
     broker.signal("-KILL");
     broker.exited().await;

@@ -307,6 +307,7 @@ pub(super) async fn run(
             (None, None) => Err("the store's connection is closed".to_owned()),
             (None, Some(connection)) => {
                 let prune = pruning.due();
+                let started = std::time::Instant::now();
                 let committing = commit(connection, &mut statements, &fence, prune, &group);
                 let outcome = match tokio::time::timeout(fence.timeout, committing).await {
                     Ok(outcome) => outcome,
@@ -315,6 +316,12 @@ pub(super) async fn run(
                 match outcome {
                     Ok(seq) => {
                         shared.commits.fetch_add(1, Ordering::Relaxed);
+                        let metrics = &*crate::metrics::COUNTERS;
+                        metrics
+                            .store_commit_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        let changes: usize = group.iter().map(|(changes, _)| changes.len()).sum();
+                        metrics.store_changes_per_commit.observe(changes as f64);
                         pruning.committed(seq);
                         // Before anyone is told: a reply sent after the
                         // wait carries a sequence number that includes it.
@@ -327,6 +334,7 @@ pub(super) async fn run(
                             // Expected when another replica took over.
                             tracing::warn!(database = %target, epoch = fence.epoch, "{FENCED}; this writer stores nothing more");
                         } else {
+                            crate::metrics::COUNTERS.store_commit_failures.inc();
                             tracing::error!(database = %target, error = %why, "the store could not write; nothing more will be stored");
                         }
                         shared.failed.send_replace(Some(why.clone()));
