@@ -1710,9 +1710,18 @@ fn harness(opts: Opts) {
                 connections: 16,
                 per_connection: 64,
             };
-            for round in 1..=3 {
-                let without = runtime.block_on(drive(&opts, &load, &plain(&off), opts.fleet));
-                let with = runtime.block_on(drive(&opts, &load, &plain(&broker), opts.fleet));
+            // Which broker goes first swaps every round, so that an order
+            // effect (a warmer cache, a CPU clock still rising) cancels.
+            for round in 1..=4 {
+                let (without, with) = if round % 2 == 1 {
+                    let without = runtime.block_on(drive(&opts, &load, &plain(&off), opts.fleet));
+                    let with = runtime.block_on(drive(&opts, &load, &plain(&broker), opts.fleet));
+                    (without, with)
+                } else {
+                    let with = runtime.block_on(drive(&opts, &load, &plain(&broker), opts.fleet));
+                    let without = runtime.block_on(drive(&opts, &load, &plain(&off), opts.fleet));
+                    (without, with)
+                };
                 let row = Row {
                     name: format!("metrics {name} (round {round})"),
                     generator: "tonic",
