@@ -166,6 +166,46 @@ pub(super) fn decode_request(bytes: &[u8]) -> Result<CreateSpec, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A session row's columns that both stores keep in a form of their own
+/// (a name, encoded bytes, a signed integer), turned back into the
+/// session's values; a refusal names its column.
+pub(super) struct SessionColumns {
+    pub substate: Option<Substate>,
+    pub request: Option<CreateSpec>,
+    pub queue_position: Option<u64>,
+    pub deletions: u32,
+}
+
+impl SessionColumns {
+    pub(super) fn decode(
+        substate: Option<String>,
+        request: Option<Vec<u8>>,
+        queue_position: Option<i64>,
+        deletions: i64,
+    ) -> Result<SessionColumns, (&'static str, String)> {
+        let substate = substate
+            .map(|name| {
+                substate_from_name(&name)
+                    .ok_or_else(|| ("substate", format!("unknown value {name:?}")))
+            })
+            .transpose()?;
+        let request = request
+            .map(|bytes| decode_request(&bytes).map_err(|e| ("request does not decode", e)))
+            .transpose()?;
+        let queue_position = queue_position
+            .map(|p| u64::try_from(p).map_err(|_| ("queue_position", "negative".to_owned())))
+            .transpose()?;
+        let deletions =
+            u32::try_from(deletions).map_err(|_| ("deletions", "out of range".to_owned()))?;
+        Ok(SessionColumns {
+            substate,
+            request,
+            queue_position,
+            deletions,
+        })
+    }
+}
+
 /// A heartbeat as the request an agent would send for it, so that the
 /// change log passes it on in the published encoding and a follower checks
 /// it exactly as the leader checked the agent's.

@@ -339,25 +339,18 @@ async fn read_sessions(
             what: "session",
             id: &id,
         };
-        let substate: Option<String> = f.get(6, "substate")?;
-        let substate = substate
-            .map(|name| {
-                codec::substate_from_name(&name)
-                    .ok_or_else(|| f.bad("substate", format!("unknown value {name:?}")))
-            })
-            .transpose()?;
-        let request: Option<Vec<u8>> = f.get(9, "request")?;
-        let request = request
-            .map(|bytes| {
-                codec::decode_request(&bytes).map_err(|e| f.bad("request does not decode", e))
-            })
-            .transpose()?;
-        let queue_position: Option<i64> = f.get(13, "queue_position")?;
-        let queue_position = queue_position
-            .map(|p| u64::try_from(p).map_err(|_| f.bad("queue_position", "negative")))
-            .transpose()?;
-        let deletions: i64 = f.get(14, "deletions")?;
-        let deletions = u32::try_from(deletions).map_err(|_| f.bad("deletions", "out of range"))?;
+        let codec::SessionColumns {
+            substate,
+            request,
+            queue_position,
+            deletions,
+        } = codec::SessionColumns::decode(
+            f.get(6, "substate")?,
+            f.get(9, "request")?,
+            f.get(13, "queue_position")?,
+            f.get(14, "deletions")?,
+        )
+        .map_err(|(column, why)| f.bad(column, why))?;
         sessions.push(StoredSession {
             name: f.get(1, "name")?,
             owner: f.get(2, "owner")?,
