@@ -318,8 +318,10 @@ async fn drive(
                                         server_id: id.clone(),
                                         force: Some(true),
                                         reason: "bench".into(),
+                                        ..Default::default()
                                     })
                                     .collect(),
+                                ..Default::default()
                             })
                             .await
                             .is_ok_and(|r| r.get_ref().unsuccessful_list.is_empty())
@@ -330,8 +332,10 @@ async fn drive(
                                     .iter()
                                     .map(|id| pb::OpenServerRequestData {
                                         server_id: id.clone(),
+                                        ..Default::default()
                                     })
                                     .collect(),
+                                ..Default::default()
                             })
                             .await
                             .is_ok_and(|r| r.get_ref().unsuccessful_list.is_empty())
@@ -577,7 +581,9 @@ async fn failovers(
                                 server_id: ids[0].clone(),
                                 force: Some(true),
                                 reason: "failover".into(),
+                                ..Default::default()
                             }],
+                            ..Default::default()
                         })
                         .await
                         .is_ok()
@@ -586,7 +592,9 @@ async fn failovers(
                         .open_servers(pb::OpenServersRequest {
                             servers: vec![pb::OpenServerRequestData {
                                 server_id: ids[0].clone(),
+                                ..Default::default()
                             }],
+                            ..Default::default()
                         })
                         .await
                         .is_ok()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dcv_broker::{
     demo,
-    fleet::{CloseItem, Fleet, FleetConfig, ServerId},
+    fleet::{CloseItem, Fleet, FleetConfig, OpenItem, ServerId},
 };
 
 /// Servers registered for the batch measurement.
@@ -59,6 +59,14 @@ async fn batches(rounds: usize) {
                     server_id: id.clone(),
                     force: true,
                     reason: String::new(),
+                    ..Default::default()
+                })
+                .collect();
+            let opens: Vec<OpenItem> = ids
+                .iter()
+                .map(|id| OpenItem {
+                    server_id: id.clone(),
+                    ..Default::default()
                 })
                 .collect();
             let started = Instant::now();
@@ -66,7 +74,7 @@ async fn batches(rounds: usize) {
             c += started.elapsed();
             assert!(closed.iter().all(Result::is_ok), "a close failed");
             let started = Instant::now();
-            let opened = fleet.open_servers(ids).await.expect("opened");
+            let opened = fleet.open_servers(&opens).await.expect("opened");
             o += started.elapsed();
             assert!(opened.iter().all(Result::is_ok), "an open failed");
         }

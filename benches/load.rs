@@ -500,6 +500,7 @@ mod child {
                 request_id: REQUEST_ID.into(),
                 successful_list,
                 unsuccessful_list: Vec::new(),
+                ..Default::default()
             }))
         }
 
@@ -519,6 +520,7 @@ mod child {
                 request_id: REQUEST_ID.into(),
                 successful_list,
                 unsuccessful_list: Vec::new(),
+                ..Default::default()
             }))
         }
 
@@ -589,6 +591,7 @@ fn create_request(task: usize, n: u64) -> pb::CreateSessionsRequest {
             r#type: pb::SessionType::Virtual as i32,
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 
@@ -599,6 +602,7 @@ fn delete_request(id: &str, task: usize) -> pb::DeleteSessionsRequest {
             owner: format!("bench-user-{task}"),
             force: None,
         }],
+        ..Default::default()
     }
 }
 
@@ -1092,8 +1096,10 @@ async fn close_or_open(
                 .iter()
                 .map(|&i| pb::OpenServerRequestData {
                     server_id: ids[i].clone(),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         };
         servers
             .open_servers(bearer.request(request))
@@ -1110,8 +1116,10 @@ async fn close_or_open(
                     server_id: ids[i].clone(),
                     force: Some(true),
                     reason: String::new(),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         };
         servers
             .close_servers(bearer.request(request))
@@ -1320,7 +1328,9 @@ fn rest_vs_grpc(opts: &Opts, broker: &ServerProcess, dir: &Path) -> Result<Vec<R
                 server_id: server_id.clone(),
                 force: Some(true),
                 reason: String::new(),
+                ..Default::default()
             }],
+            ..Default::default()
         }
         .encode_to_vec(),
     );
@@ -1747,12 +1757,16 @@ fn harness(opts: Opts) {
                 server_id: demo::server_id(2),
                 force: Some(true),
                 reason: String::new(),
+                ..Default::default()
             }],
+            ..Default::default()
         };
         let open = pb::OpenServersRequest {
             servers: vec![pb::OpenServerRequestData {
                 server_id: demo::server_id(3),
+                ..Default::default()
             }],
+            ..Default::default()
         };
         let bodies: [(&str, &str, Vec<u8>); 3] = [
             (

@@ -87,15 +87,25 @@ async fn throughput(channels: &[Channel], inflight: usize) -> f64 {
                                 server_id: id,
                                 force: Some(true),
                                 reason: String::new(),
+                                ..Default::default()
                             }];
                             client
-                                .close_servers(pb::CloseServersRequest { servers: items })
+                                .close_servers(pb::CloseServersRequest {
+                                    servers: items,
+                                    ..Default::default()
+                                })
                                 .await
                                 .unwrap();
                         } else {
-                            let items = vec![pb::OpenServerRequestData { server_id: id }];
+                            let items = vec![pb::OpenServerRequestData {
+                                server_id: id,
+                                ..Default::default()
+                            }];
                             client
-                                .open_servers(pb::OpenServersRequest { servers: items })
+                                .open_servers(pb::OpenServersRequest {
+                                    servers: items,
+                                    ..Default::default()
+                                })
                                 .await
                                 .unwrap();
                         }
@@ -180,6 +190,7 @@ fn startup() -> f64 {
                         id: demo::server_id(i),
                         description,
                         holds: Vec::new(),
+                        state_version: 0,
                         registered_at: now,
                         last_seen: now,
                         agent_departed: false,

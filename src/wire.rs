@@ -52,6 +52,67 @@ fn time_from_pb(
         .ok()
 }
 
+/// A CloseServers item's expiry from its ExpiresAt and ExpiresIn.
+pub fn expiry_from_pb(
+    at: Option<Timestamp>,
+    within: Option<prost_types::Duration>,
+) -> fleet::Expiry {
+    match (at, within) {
+        (None, None) => fleet::Expiry::Never,
+        (Some(_), Some(_)) => {
+            fleet::Expiry::Malformed("Give ExpiresAt or ExpiresIn, not both.".into())
+        }
+        (Some(t), None) => {
+            let mut violations = Vec::new();
+            match time_from_pb("ExpiresAt", Some(t), &mut violations) {
+                Some(at) => fleet::Expiry::At(at),
+                None => fleet::Expiry::Malformed(format!(
+                    "ExpiresAt is {}",
+                    violations
+                        .first()
+                        .map_or("not a valid timestamp", |v| v.description.as_str())
+                )),
+            }
+        }
+        (None, Some(d)) => match std::time::Duration::try_from(d) {
+            Ok(d) => fleet::Expiry::In(d),
+            Err(_) => fleet::Expiry::Malformed("ExpiresIn must be positive.".into()),
+        },
+    }
+}
+
+/// A dry run's report on the wire.
+pub fn blast_radius_to_pb(radius: fleet::BlastRadius) -> pb::BlastRadius {
+    let pool = |p: fleet::PoolCapacity| pb::PoolCapacity {
+        tag_key: p.key,
+        tag_value: p.value,
+        available_before: saturating_i32(p.before),
+        available_after: saturating_i32(p.after),
+    };
+    pb::BlastRadius {
+        servers: radius
+            .servers
+            .into_iter()
+            .map(|s| pb::AffectedServer {
+                server_id: s.server_id,
+                available_before: s.available_before,
+                available_after: s.available_after,
+                sessions: s
+                    .sessions
+                    .into_iter()
+                    .map(|x| pb::AffectedSession {
+                        id: x.id,
+                        owner: x.owner,
+                        r#type: session_kind_to_pb(x.kind) as i32,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        pools: radius.pools.into_iter().map(pool).collect(),
+        overall: Some(pool(radius.overall)),
+    }
+}
+
 fn memory_from_pb(m: Option<pb::MemoryInfo>) -> Option<fleet::MemoryUsage> {
     m.map(|m| fleet::MemoryUsage {
         total_bytes: m.total_bytes,
@@ -297,6 +358,10 @@ pub fn failure_code_to_pb(code: fleet::FailureCode) -> pb::FailureCode {
         fleet::FailureCode::AgentUnavailable => pb::FailureCode::AgentUnavailable,
         fleet::FailureCode::AgentFailed => pb::FailureCode::AgentFailed,
         fleet::FailureCode::ReplySizeLimit => pb::FailureCode::ReplySizeLimit,
+        fleet::FailureCode::HoldsRemain => pb::FailureCode::HoldsRemain,
+        fleet::FailureCode::StateVersionMismatch => pb::FailureCode::StateVersionMismatch,
+        fleet::FailureCode::CapacityFloor => pb::FailureCode::CapacityFloor,
+        fleet::FailureCode::InvalidHold => pb::FailureCode::InvalidHold,
     }
 }
 
@@ -469,8 +534,11 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
                 actor: String::from(&*hold.actor),
                 creation_time: Some(Timestamp::from(hold.since)),
                 reason: hold.reason.clone(),
+                name: String::from(&*hold.name),
+                expiration_time: hold.expires_at.map(Timestamp::from),
             })
             .collect(),
+        state_version: r.state_version,
         last_heartbeat_time: Some(Timestamp::from(r.last_seen_wall)),
         registration_time: Some(Timestamp::from(r.registered_at)),
         max_virtual_sessions: saturating_i32(d.max_virtual_sessions),

@@ -178,6 +178,7 @@ async fn create(addr: SocketAddr, item: pb::CreateSessionRequestData) -> String 
         .await
         .create_sessions(pb::CreateSessionsRequest {
             sessions: vec![item],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -355,6 +356,7 @@ async fn delete_sessions_runs_dcv_close_session_and_the_session_becomes_deleted(
                 owner: owner(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -280,6 +280,7 @@ async fn every_state_changing_call_leaves_one_record_in_the_file_and_the_store()
             owner: "alice".into(),
             permissions_file: "".into(),
         }],
+        ..Default::default()
     };
     let reply = sessions
         .update_session_permissions(bearer(permissions, &token))
@@ -317,6 +318,7 @@ async fn every_state_changing_call_leaves_one_record_in_the_file_and_the_store()
                 force: Some(true),
             },
         ],
+        ..Default::default()
     };
     let reply = sessions
         .delete_sessions(bearer(delete, &token))

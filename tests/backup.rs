@@ -152,7 +152,9 @@ async fn write(
                     server_id: id.clone(),
                     force: Some(true),
                     reason: reason.clone(),
+                    ..Default::default()
                 }],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -187,8 +189,10 @@ async fn seed(channel: Channel) {
                                 server_id: id.clone(),
                                 force: Some(true),
                                 reason: "r".repeat(LONGEST_REASON),
+                                ..Default::default()
                             })
                             .collect(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -338,7 +342,9 @@ async fn a_backup_under_write_load_holds_every_change_acknowledged_before_it_beg
         .open_servers(pb::OpenServersRequest {
             servers: vec![pb::OpenServerRequestData {
                 server_id: "w0-0".into(),
+                ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

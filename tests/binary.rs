@@ -69,6 +69,7 @@ async fn logs_each_request_in_a_span_carrying_its_request_id() {
                 server_id: "serverId1".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -146,6 +147,7 @@ async fn a_demo_fleet_does_not_outlive_its_process() {
                 reason: "demo".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -220,8 +220,10 @@ fn close_all(ids: &[String], reason: &str) -> pb::CloseServersRequest {
                 server_id: id.clone(),
                 force: Some(true),
                 reason: reason.into(),
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -231,8 +233,10 @@ fn open_all(ids: &[String]) -> pb::OpenServersRequest {
             .iter()
             .map(|id| pb::OpenServerRequestData {
                 server_id: id.clone(),
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -393,6 +397,7 @@ async fn three_replicas_answer_every_rpc_and_followers_apply_within_100ms() {
                 owner: "alice".into(),
                 permissions_file: "W3Blcm1pc3Npb25zXQ==".into(),
             }],
+            ..Default::default()
         })
         .await
         .expect("UpdateSessionPermissions through a follower")
@@ -447,6 +452,7 @@ async fn three_replicas_answer_every_rpc_and_followers_apply_within_100ms() {
                 owner: "alice".into(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .expect("DeleteSessions through a follower")
@@ -1303,6 +1309,7 @@ async fn placements_through_followers_never_land_on_servers_closed_through_anoth
             let reply = deleter
                 .delete_sessions(pb::DeleteSessionsRequest {
                     sessions: chunk.to_vec(),
+                    ..Default::default()
                 })
                 .await
                 .expect("DeleteSessions through a follower")

@@ -171,8 +171,10 @@ async fn run_server_client(
                             server_id: id.clone(),
                             force: Some(true),
                             reason: format!("op-{k}"),
+                            ..Default::default()
                         })
                         .collect(),
+                    ..Default::default()
                 })
                 .await
                 .map(|r| r.into_inner().unsuccessful_list.len())
@@ -184,8 +186,10 @@ async fn run_server_client(
                         .iter()
                         .map(|id| pb::OpenServerRequestData {
                             server_id: id.clone(),
+                            ..Default::default()
                         })
                         .collect(),
+                    ..Default::default()
                 })
                 .await
                 .map(|r| r.into_inner().unsuccessful_list.len())
@@ -255,6 +259,7 @@ async fn run_session_client(
                         owner: "crash".into(),
                         force: None,
                     }],
+                    ..Default::default()
                 })
                 .await;
             match r {
@@ -278,6 +283,7 @@ async fn run_session_client(
                         requirements: "tag:nowhere = 'true'".into(),
                         ..Default::default()
                     }],
+                    ..Default::default()
                 })
                 .await;
             match r {
@@ -462,7 +468,9 @@ async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() 
             server_id: id.into(),
             force: None,
             reason: reason.into(),
+            ..Default::default()
         }],
+        ..Default::default()
     };
     servers
         .close_servers(close("clean", "kernel patch"))

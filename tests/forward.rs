@@ -241,6 +241,7 @@ async fn writes_through_the_follower_land_on_the_leader() {
                 owner: "alice".into(),
                 permissions_file: "W2dyb3Vwc10K".into(),
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -258,6 +259,7 @@ async fn writes_through_the_follower_land_on_the_leader() {
                 owner: "alice".into(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

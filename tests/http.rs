@@ -151,7 +151,9 @@ fn close_request(server_id: &str) -> pb::CloseServersRequest {
             server_id: server_id.into(),
             force: Some(true),
             reason: "csrf".into(),
+            ..Default::default()
         }],
+        ..Default::default()
     }
 }
 

@@ -61,6 +61,7 @@ fn delete_req(session: &str) -> pb::DeleteSessionsRequest {
             owner: "alice".into(),
             force: None,
         }],
+        ..Default::default()
     }
 }
 

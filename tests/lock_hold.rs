@@ -231,6 +231,7 @@ async fn a_full_queue_of_costly_requirements_holds_the_lock_briefly() {
                 owner: "mallory".into(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -36,7 +36,7 @@ use dcv_broker::{
     demo,
     fleet::{
         CloseItem, DescribeQuery, FailureCode, Fleet, FleetConfig, FleetError, ItemResult,
-        MAX_BATCH_ITEMS, Reason, ReportedSession, ServerView, SessionKind, SessionState,
+        MAX_BATCH_ITEMS, OpenItem, Reason, ReportedSession, ServerView, SessionKind, SessionState,
         model::{HoldKind, MAX_REASON_CHARS, MAX_SERVER_ID_BYTES},
     },
 };
@@ -644,6 +644,7 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
                     server_id: id.resolve(model),
                     force,
                     reason: reason.resolve(),
+                    ..Default::default()
                 })
                 .collect();
             let actor = ACTORS[*actor];
@@ -658,6 +659,7 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
                     server_id: sized_id(i),
                     force: i % 2 == 0,
                     reason: format!("bulk {i}"),
+                    ..Default::default()
                 })
                 .collect();
             let actor = ACTORS[*actor];
@@ -668,14 +670,29 @@ fn apply(fleet: &Fleet, model: &mut Model, op: &Op) -> TestCaseResult {
         }
         Op::Open { ids } => {
             let ids: Vec<String> = ids.iter().map(|id| id.resolve(model)).collect();
-            compare_batch(block(fleet.open_servers(&ids)), model.open(&ids))?;
+            compare_batch(
+                block(fleet.open_servers(&open_items(&ids))),
+                model.open(&ids),
+            )?;
         }
         Op::OpenSized { len } => {
             let ids: Vec<String> = (0..*len).map(sized_id).collect();
-            compare_batch(block(fleet.open_servers(&ids)), model.open(&ids))?;
+            compare_batch(
+                block(fleet.open_servers(&open_items(&ids))),
+                model.open(&ids),
+            )?;
         }
     }
     Ok(())
+}
+
+fn open_items(ids: &[String]) -> Vec<OpenItem> {
+    ids.iter()
+        .map(|id| OpenItem {
+            server_id: id.clone(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 fn check_state(fleet: &Fleet, model: &Model, page_size: usize) -> TestCaseResult {

@@ -227,7 +227,10 @@ async fn creator(mut client: SessionsClient<Channel>, seed: u64) -> Facts {
         };
         let sent = items.len();
         let reply = client
-            .create_sessions(pb::CreateSessionsRequest { sessions: items })
+            .create_sessions(pb::CreateSessionsRequest {
+                sessions: items,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -381,7 +384,10 @@ async fn deleter(mut client: SessionsClient<Channel>, seed: u64) -> Facts {
         let forced = items.iter().filter(|i| i.force == Some(true)).count();
         let sent = items.len();
         let reply = client
-            .delete_sessions(pb::DeleteSessionsRequest { sessions: items })
+            .delete_sessions(pb::DeleteSessionsRequest {
+                sessions: items,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();

@@ -221,6 +221,7 @@ async fn a_session_deleted_while_being_created_is_not_retried_when_its_server_go
                 owner: "rex".into(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -309,6 +310,7 @@ async fn deleted_sessions_are_forgotten_after_their_retention() {
                 owner: "quinn".into(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -367,6 +369,7 @@ fn force_delete(id: &str) -> pb::DeleteSessionsRequest {
             owner: "quinn".into(),
             force: Some(true),
         }],
+        ..Default::default()
     }
 }
 

@@ -19,7 +19,7 @@ use dcv_broker::{
     auth::{Auth, AuthConfig, Scope, ScopeSet},
     fleet::{
         CloseItem, CreateSpec, DeleteItem, DescribeQuery, Fleet, FleetConfig, Heartbeat,
-        Instruction, InstructionKind, InstructionOutcome, OsFamily, ReportedDetails,
+        Instruction, InstructionKind, InstructionOutcome, OpenItem, OsFamily, ReportedDetails,
         ReportedSession, SessionKind, SessionQuery, SessionState,
         persist::{Change, Durable, Snapshot, Store, StoredLiveness},
     },
@@ -71,10 +71,12 @@ impl Tables {
                 Change::PutServerState {
                     id,
                     holds,
+                    state_version,
                     agent_departed,
                 } => {
                     let s = self.servers.get_mut(id).expect("state of a stored server");
                     s.holds.clone_from(holds);
+                    s.state_version = *state_version;
                     s.agent_departed = *agent_departed;
                 }
                 Change::DeleteServer(id) => {
@@ -348,14 +350,18 @@ async fn step(rng: &mut Rng, leader: &Fleet, agents: &mut [Agent]) -> String {
                     server_id: server_id(rng.below(SERVERS as u64) as usize),
                     force: rng.chance(50),
                     reason: "maintenance".into(),
+                    ..Default::default()
                 })
                 .collect();
             let r = leader.close_servers(&items, "ops").await.unwrap();
             format!("close {items:?}: {r:?}")
         }
         6 => {
-            let ids: Vec<String> = (0..=rng.below(2))
-                .map(|_| server_id(rng.below(SERVERS as u64) as usize))
+            let ids: Vec<OpenItem> = (0..=rng.below(2))
+                .map(|_| OpenItem {
+                    server_id: server_id(rng.below(SERVERS as u64) as usize),
+                    ..Default::default()
+                })
                 .collect();
             let r = leader.open_servers(&ids).await.unwrap();
             format!("open {ids:?}: {r:?}")

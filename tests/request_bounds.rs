@@ -529,6 +529,7 @@ async fn thousands_of_bad_items_get_a_bounded_list_of_violations() {
 
     let close = pb::CloseServersRequest {
         servers: vec![Default::default(); 5000],
+        ..Default::default()
     };
     let outcome = harness
         .abuse(

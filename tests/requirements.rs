@@ -30,6 +30,7 @@ fn record(id: &str, description: ServerDescription) -> ServerRecord {
         sessions: Vec::new(),
         placing: Vec::new(),
         holds: Vec::new(),
+        state_version: 0,
         registered_at: SystemTime::now(),
         last_seen: Instant::now(),
         last_seen_wall: SystemTime::now(),

@@ -10,7 +10,7 @@ use dcv_broker::{
     demo,
     fleet::{
         CloseItem, CreateSpec, DeleteItem, DescribeQuery, Fleet, FleetConfig, Heartbeat,
-        InstructionKind, InstructionOutcome, ReportedSession, SessionKind, SessionQuery,
+        InstructionKind, InstructionOutcome, OpenItem, ReportedSession, SessionKind, SessionQuery,
         SessionState,
     },
     store::SqliteStore,
@@ -106,6 +106,7 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
             server_id: demo::server_id(id),
             force: true,
             reason: reason.into(),
+            ..Default::default()
         };
         fleet
             .close_servers(
@@ -114,7 +115,13 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
             )
             .await
             .unwrap();
-        fleet.open_servers(&[demo::server_id(2)]).await.unwrap();
+        fleet
+            .open_servers(&[OpenItem {
+                server_id: demo::server_id(2),
+                ..Default::default()
+            }])
+            .await
+            .unwrap();
         assert!(!fleet.deregister(&demo::server_id(3)).await.unwrap());
         // An adopted session on serverId1 (Linux).
         fleet

@@ -407,6 +407,7 @@ async fn delete_asks_the_agent_and_force_does_not() {
                 del(&two, "mallory", None),
                 del("", "fay", None),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -459,6 +460,7 @@ async fn delete_asks_the_agent_and_force_does_not() {
     let again = sessions
         .delete_sessions(pb::DeleteSessionsRequest {
             sessions: vec![del(&one, "fay", None)],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -470,6 +472,7 @@ async fn delete_asks_the_agent_and_force_does_not() {
     let r = sessions
         .delete_sessions(pb::DeleteSessionsRequest {
             sessions: vec![del(&two, "fay", Some(true))],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -583,6 +586,7 @@ async fn connection_data_tokens_and_permissions() {
                 perm("missing", "gus", "W3Blcm1pc3Npb25zXQ=="),
                 perm(&id, "gus", "%%%"),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -611,6 +615,7 @@ async fn connection_data_tokens_and_permissions() {
     let bad = sessions
         .update_session_permissions(pb::UpdateSessionPermissionsRequest {
             sessions: vec![perm(&id, "gus", "%%%")],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -90,6 +90,7 @@ fn server(i: usize, holds: Vec<Hold>) -> StoredServer {
         id: demo::server_id(i),
         description: demo::description(i),
         holds,
+        state_version: 0,
         registered_at: at(1_700_000_000 + i as u64),
         last_seen: at(1_700_100_000 + i as u64),
         agent_departed: false,
@@ -149,6 +150,8 @@ fn liveness(i: usize, users: &[&str]) -> StoredLiveness {
 fn closed(actor: &str) -> Hold {
     Hold {
         kind: HoldKind::Closed,
+        name: dcv_broker::fleet::DEFAULT_HOLD_NAME.into(),
+        expires_at: None,
         actor: actor.into(),
         since: at(1_700_000_900),
         reason: "maintenance".into(),
@@ -460,6 +463,7 @@ async fn the_log_is_gap_free_and_a_tail_sees_each_group_as_one_batch() {
             Change::PutServerState {
                 id: demo::server_id(0),
                 holds: vec![closed("ops")],
+                state_version: 0,
                 agent_departed: true,
             },
         ],

@@ -344,6 +344,7 @@ async fn a_damaged_store_is_reported_in_one_line() {
                     id: demo::server_id(i),
                     description: demo::description(i),
                     holds: Vec::new(),
+                    state_version: 0,
                     registered_at: SystemTime::now(),
                     last_seen: SystemTime::now(),
                     agent_departed: false,

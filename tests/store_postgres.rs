@@ -69,6 +69,7 @@ fn server(i: usize, holds: Vec<Hold>) -> StoredServer {
         id: demo::server_id(i),
         description: demo::description(i),
         holds,
+        state_version: 0,
         registered_at: at(1_700_000_000 + i as u64, 123_456),
         last_seen: at(1_700_100_000 + i as u64, 654_321),
         agent_departed: false,
@@ -78,6 +79,8 @@ fn server(i: usize, holds: Vec<Hold>) -> StoredServer {
 fn closed(actor: &str, since: SystemTime, reason: &str) -> Hold {
     Hold {
         kind: HoldKind::Closed,
+        name: dcv_broker::fleet::DEFAULT_HOLD_NAME.into(),
+        expires_at: None,
         actor: actor.into(),
         since,
         reason: reason.into(),
@@ -301,6 +304,7 @@ async fn deletes_and_replaces_are_kept() {
             Change::PutServerState {
                 id: demo::server_id(2),
                 holds: vec![closed("c", at(3, 3), "maintenance")],
+                state_version: 0,
                 agent_departed: true,
             },
             Change::DeleteServer(demo::server_id(1)),
@@ -343,6 +347,7 @@ async fn a_submission_is_all_or_nothing_and_a_failed_write_stops_the_store() {
             Change::PutServerState {
                 id: demo::server_id(0),
                 holds: vec![closed("a", at(1, 1), "half")],
+                state_version: 0,
                 agent_departed: false,
             },
             Change::PutSession(bad),
@@ -655,7 +660,9 @@ async fn the_binary_keeps_a_close_in_postgres_across_sigkill() {
                 server_id: "pg-1".into(),
                 force: None,
                 reason: "kernel patch".into(),
+                ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -723,7 +730,9 @@ async fn the_binary_keeps_reading_when_postgres_goes_away_and_acknowledges_nothi
                 server_id: "pg-2".into(),
                 force: None,
                 reason: "never stored".into(),
+                ..Default::default()
             }],
+            ..Default::default()
         })
         .await;
     match result {
@@ -801,7 +810,9 @@ async fn a_nul_in_an_id_is_refused_at_the_edge_and_the_broker_keeps_serving() {
                 server_id: "nul\0id".into(),
                 force: None,
                 reason: String::new(),
+                ..Default::default()
             }],
+            ..Default::default()
         })
         .await;
     if let Ok(reply) = reply {

@@ -81,6 +81,7 @@ fn server(i: usize, holds: Vec<Hold>) -> StoredServer {
         id: demo::server_id(i),
         description: demo::description(i),
         holds,
+        state_version: 0,
         registered_at: at(1_700_000_000 + i as u64, 123_456),
         last_seen: at(1_700_100_000 + i as u64, 654_321),
         agent_departed: false,
@@ -90,6 +91,8 @@ fn server(i: usize, holds: Vec<Hold>) -> StoredServer {
 fn closed(actor: &str, since: SystemTime, reason: &str) -> Hold {
     Hold {
         kind: HoldKind::Closed,
+        name: dcv_broker::fleet::DEFAULT_HOLD_NAME.into(),
+        expires_at: None,
         actor: actor.into(),
         since,
         reason: reason.into(),

@@ -410,6 +410,7 @@ async fn a_token_admits_its_user_to_its_session_only_over_http1_and_h2c() {
                 owner: "gus".into(),
                 force: None,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -242,8 +242,10 @@ impl Broker {
                     server_id: server_id(i),
                     force: Some(true),
                     reason: "fuzz fixture".into(),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         };
         let closed = broker
             .servers
@@ -265,6 +267,7 @@ impl Broker {
                 gpu,
                 queued,
             ],
+            ..Default::default()
         };
         let created = broker
             .sessions

@@ -26,6 +26,7 @@ fn close(id: &str, force: Option<bool>, reason: &str) -> pb::CloseServerRequestD
         server_id: id.into(),
         force,
         reason: reason.into(),
+        ..Default::default()
     }
 }
 
@@ -35,8 +36,10 @@ fn open(ids: &[&str]) -> pb::OpenServersRequest {
             .iter()
             .map(|id| pb::OpenServerRequestData {
                 server_id: id.to_string(),
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -77,11 +80,13 @@ pub fn requests() -> Vec<Seed> {
     add(Rpc::CloseServers, &|| {
         Rpc::CloseServers.input(&pb::CloseServersRequest {
             servers: vec![close("srv-07", None, ""), close("srv-99", None, "")],
+            ..Default::default()
         })
     });
     add(Rpc::CloseServers, &|| {
         Rpc::CloseServers.input(&pb::CloseServersRequest {
             servers: vec![close("srv-01", Some(true), "kernel patch, CHG-1234")],
+            ..Default::default()
         })
     });
     add(Rpc::CloseServers, &|| {
@@ -92,6 +97,7 @@ pub fn requests() -> Vec<Seed> {
                 close("", None, ""),
                 close("srv-03", None, "bad\u{1}reason"),
             ],
+            ..Default::default()
         })
     });
     add(Rpc::OpenServers, &|| {
@@ -137,6 +143,7 @@ pub fn requests() -> Vec<Seed> {
     add(Rpc::CreateSessions, &|| {
         Rpc::CreateSessions.input(&pb::CreateSessionsRequest {
             sessions: vec![create_item("desk", "alice", pb::SessionType::Virtual)],
+            ..Default::default()
         })
     });
     add(Rpc::CreateSessions, &|| {
@@ -149,6 +156,7 @@ pub fn requests() -> Vec<Seed> {
         queued.enqueue_request = true;
         Rpc::CreateSessions.input(&pb::CreateSessionsRequest {
             sessions: vec![console, queued],
+            ..Default::default()
         })
     });
     add(Rpc::CreateSessions, &|| {
@@ -167,6 +175,7 @@ pub fn requests() -> Vec<Seed> {
         bad.permissions_file = "not base64!".into();
         Rpc::CreateSessions.input(&pb::CreateSessionsRequest {
             sessions: vec![full, bad],
+            ..Default::default()
         })
     });
     add(Rpc::DescribeSessions, &|| {
@@ -192,6 +201,7 @@ pub fn requests() -> Vec<Seed> {
     add(Rpc::DeleteSessions, &|| {
         Rpc::DeleteSessions.input(&pb::DeleteSessionsRequest {
             sessions: vec![delete(&s1, "alice", None), delete("nope", "alice", None)],
+            ..Default::default()
         })
     });
     add(Rpc::DeleteSessions, &|| {
@@ -202,6 +212,7 @@ pub fn requests() -> Vec<Seed> {
                 delete("sess-00-b", "mallory", None),
                 delete("", "", None),
             ],
+            ..Default::default()
         })
     });
     add(Rpc::GetSessionConnectionData, &|| {
@@ -230,6 +241,7 @@ pub fn requests() -> Vec<Seed> {
                     permissions_file: "***".into(),
                 },
             ],
+            ..Default::default()
         })
     });
 

@@ -411,6 +411,7 @@ mod tests {
         let per_item = 1 + 100;
         let batch = |n| pb::CreateSessionsRequest {
             sessions: vec![item.clone(); n],
+            ..Default::default()
         };
         let fits = MAX_REQUEST_LIST_ITEMS / per_item;
         assert!(check(&batch(fits)).is_ok());

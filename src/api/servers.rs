@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Forwarder, RequestId, audit::AuditCall, error::truncated};
 use crate::{
-    fleet::{self, CloseItem, DescribeQuery, Fleet, query},
+    fleet::{self, CloseItem, DescribeQuery, Fleet, OpenItem, query},
     pb::{self, servers_server::Servers},
     wire,
 };
@@ -68,34 +68,63 @@ impl Servers for ServersApi {
                 .await;
         }
         let request_id = RequestId::of(&request);
-        let audit = AuditCall::begin(&self.fleet, &request, "CloseServers");
         let actor = super::auth::actor(&request);
-        let servers = request.into_inner().servers;
+        let dry_run = request.get_ref().dry_run;
+        // A dry run changes nothing: nothing to audit.
+        let audit = (!dry_run)
+            .then(|| AuditCall::begin(&self.fleet, &request, "CloseServers"))
+            .flatten();
+        let pb::CloseServersRequest {
+            servers,
+            capacity_tag_key,
+            ..
+        } = request.into_inner();
         // The size first: nothing is built per item of a batch too big.
         fleet::validate_batch_size("Servers", servers.len())?;
         // The request's strings move into the items and back into the
         // response: no copy per item.
+        let mut expiries = Vec::with_capacity(servers.len());
         let items: Vec<CloseItem> = servers
             .into_iter()
-            .map(|s| CloseItem {
-                server_id: s.server_id,
-                force: s.force.unwrap_or(false),
-                reason: s.reason,
+            .map(|s| {
+                let expiry = wire::expiry_from_pb(s.expires_at, s.expires_in);
+                expiries.push((s.expires_at, s.expires_in));
+                CloseItem {
+                    server_id: s.server_id,
+                    force: s.force.unwrap_or(false),
+                    reason: s.reason,
+                    hold_name: s.hold_name.unwrap_or_default(),
+                    expiry,
+                    expected_version: s.expected_state_version,
+                    override_floor: s.override_capacity_floor.unwrap_or(false),
+                }
             })
             .collect();
-        let results = self.fleet.close_servers(&items, &actor).await?;
-        let audited = items.iter().zip(&results);
-        AuditCall::finish(
-            audit,
-            &self.fleet,
-            audited.map(|(i, r)| (i.server_id.as_str(), r, i.reason.as_str())),
-        )
-        .await;
         let mut response = pb::CloseServersResponse {
             request_id,
             ..Default::default()
         };
-        for (item, result) in items.into_iter().zip(results) {
+        let results = if dry_run {
+            let (results, radius) = self
+                .fleet
+                .close_servers_dry_run(&items, &capacity_tag_key)?;
+            response.dry_run = Some(true);
+            response.blast_radius = Some(wire::blast_radius_to_pb(radius));
+            results
+        } else {
+            let results = self.fleet.close_servers(&items, &actor).await?;
+            let audited = items.iter().zip(&results);
+            AuditCall::finish(
+                audit,
+                &self.fleet,
+                audited.map(|(i, r)| (i.server_id.as_str(), r, i.reason.as_str())),
+            )
+            .await;
+            results
+        };
+        for ((item, result), (expires_at, expires_in)) in
+            items.into_iter().zip(results).zip(expiries)
+        {
             match result {
                 Ok(()) => response
                     .successful_list
@@ -105,11 +134,17 @@ impl Servers for ServersApi {
                 Err(failure) => {
                     let (reason, failure_reason) = echoed(item.reason, failure.reason);
                     // Force is echoed explicitly, so JSON shows what was
-                    // applied.
+                    // applied; the fields beyond DCV only when given, so
+                    // that a DCV client sees DCV's shape.
                     let data = pb::CloseServerRequestData {
                         server_id: item.server_id,
                         force: Some(item.force),
                         reason,
+                        hold_name: (!item.hold_name.is_empty()).then_some(item.hold_name),
+                        expires_at,
+                        expires_in,
+                        expected_state_version: item.expected_version,
+                        override_capacity_floor: item.override_floor.then_some(true),
                     };
                     response
                         .unsuccessful_list
@@ -124,6 +159,7 @@ impl Servers for ServersApi {
         tracing::debug!(
             succeeded = response.successful_list.len(),
             failed = response.unsuccessful_list.len(),
+            dry_run,
             "servers closed"
         );
         Ok(self.forward.stamped(response))
@@ -138,32 +174,60 @@ impl Servers for ServersApi {
             return leader.reply(leader.servers().open_servers(forwarded)).await;
         }
         let request_id = RequestId::of(&request);
-        let audit = AuditCall::begin(&self.fleet, &request, "OpenServers");
-        let servers = request.into_inner().servers;
+        let dry_run = request.get_ref().dry_run;
+        let audit = (!dry_run)
+            .then(|| AuditCall::begin(&self.fleet, &request, "OpenServers"))
+            .flatten();
+        let pb::OpenServersRequest {
+            servers,
+            capacity_tag_key,
+            ..
+        } = request.into_inner();
         fleet::validate_batch_size("Servers", servers.len())?;
-        let ids: Vec<String> = servers.into_iter().map(|s| s.server_id).collect();
-        let results = self.fleet.open_servers(&ids).await?;
-        let audited = ids.iter().zip(&results);
-        AuditCall::finish(
-            audit,
-            &self.fleet,
-            audited.map(|(id, r)| (id.as_str(), r, "")),
-        )
-        .await;
+        let items: Vec<OpenItem> = servers
+            .into_iter()
+            .map(|s| OpenItem {
+                server_id: s.server_id,
+                hold_name: s.hold_name.unwrap_or_default(),
+                expected_version: s.expected_state_version,
+            })
+            .collect();
         let mut response = pb::OpenServersResponse {
             request_id,
             ..Default::default()
         };
-        for (server_id, result) in ids.into_iter().zip(results) {
+        let results = if dry_run {
+            let (results, radius) = self.fleet.open_servers_dry_run(&items, &capacity_tag_key)?;
+            response.dry_run = Some(true);
+            response.blast_radius = Some(wire::blast_radius_to_pb(radius));
+            results
+        } else {
+            let results = self.fleet.open_servers(&items).await?;
+            let audited = items.iter().zip(&results);
+            AuditCall::finish(
+                audit,
+                &self.fleet,
+                audited.map(|(i, r)| (i.server_id.as_str(), r, i.hold_name.as_str())),
+            )
+            .await;
+            results
+        };
+        for (item, result) in items.into_iter().zip(results) {
             match result {
                 Ok(()) => response
                     .successful_list
-                    .push(pb::OpenServerSuccessfulResponse { server_id }),
+                    .push(pb::OpenServerSuccessfulResponse {
+                        server_id: item.server_id,
+                    }),
                 Err(failure) => {
                     response
                         .unsuccessful_list
                         .push(pb::OpenServerUnsuccessfulResponse {
-                            open_server_request_data: Some(pb::OpenServerRequestData { server_id }),
+                            open_server_request_data: Some(pb::OpenServerRequestData {
+                                server_id: item.server_id,
+                                hold_name: (!item.hold_name.is_empty()).then_some(item.hold_name),
+                                expected_state_version: item.expected_version,
+                            }),
                             failure_code: wire::failure_code_to_pb(failure.code) as i32,
                             failure_reason: failure.reason,
                         })
@@ -173,6 +237,7 @@ impl Servers for ServersApi {
         tracing::debug!(
             succeeded = response.successful_list.len(),
             failed = response.unsuccessful_list.len(),
+            dry_run,
             "servers opened"
         );
         Ok(self.forward.stamped(response))

@@ -61,6 +61,7 @@ impl Fleet {
             }
             None => {
                 let id: ServerId = Arc::from(id);
+                let state_version = state.next_state_version();
                 state.insert_server(
                     id.clone(),
                     Box::new(ServerRecord {
@@ -71,6 +72,7 @@ impl Fleet {
                         sessions: Vec::new(),
                         placing: Vec::new(),
                         holds: Vec::new(),
+                        state_version,
                         registered_at: wall,
                         last_seen: now,
                         last_seen_wall: wall,

@@ -80,6 +80,11 @@ impl Reasons {
         Reason::ALL.into_iter().filter(move |r| self.contains(*r))
     }
 
+    /// The same reasons but `reason`.
+    pub fn without(self, reason: Reason) -> Reasons {
+        Reasons(self.0 & !reason.bit())
+    }
+
     fn insert(&mut self, reason: Reason) {
         self.0 |= reason.bit();
     }

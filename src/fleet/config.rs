@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{model::ImageFormat, sessions::PlacementStrategy};
+use super::{holds::CapacityFloor, model::ImageFormat, sessions::PlacementStrategy};
 
 /// Timeouts and lifetimes the fleet enforces.
 #[derive(Debug, Clone)]
@@ -47,6 +47,8 @@ pub struct FleetConfig {
     /// The encoding agents are asked for (DCV's
     /// `session-screenshot-format`).
     pub screenshot_format: ImageFormat,
+    /// Pools' capacity floors (`--capacity-floor`).
+    pub capacity_floors: Vec<CapacityFloor>,
 }
 
 impl Default for FleetConfig {
@@ -68,6 +70,7 @@ impl Default for FleetConfig {
             screenshot_max_width: 160,
             screenshot_max_height: 100,
             screenshot_format: ImageFormat::Png,
+            capacity_floors: Vec::new(),
         }
     }
 }

@@ -130,6 +130,14 @@ pub enum FailureCode {
     AgentFailed,
     /// GetSessionScreenshots: earlier items' images filled the reply.
     ReplySizeLimit,
+    /// The named hold is gone, but others keep the server closed.
+    HoldsRemain,
+    /// The item's expected state version is not the server's.
+    StateVersionMismatch,
+    /// Closing would leave a pool below its capacity floor.
+    CapacityFloor,
+    /// The hold's name or expiry is malformed.
+    InvalidHold,
 }
 
 /// A failed batch item: a code for programs and a reason for people.

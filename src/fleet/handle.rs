@@ -103,6 +103,7 @@ impl Fleet {
         let mut state = State::from_snapshot(snapshot, &config)?;
         state.tracks_changes = store.keeps_changes();
         state.tracks_liveness = state.tracks_changes && store.keeps_liveness();
+        state.tracks_audit = state.tracks_changes && store.keeps_audit();
         Ok(Fleet {
             state: Arc::new(RwLock::new(state)),
             config: Arc::new(config),

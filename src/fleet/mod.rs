@@ -29,11 +29,13 @@
 
 mod agents;
 pub mod availability;
+pub mod blast;
 mod config;
 mod connection_token;
 pub mod error;
 mod gauges;
 mod handle;
+pub mod holds;
 mod intern;
 mod load_index;
 pub mod model;
@@ -49,13 +51,15 @@ mod validate;
 
 pub use self::{
     availability::{Reason, Reasons},
+    blast::{AffectedServer, AffectedSession, BlastRadius, PoolCapacity},
     config::FleetConfig,
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
     gauges::{FleetGauges, SESSION_STATES},
     handle::Fleet,
+    holds::{CapacityFloor, Expiry},
     model::*,
     query::DescribeQuery,
-    servers::{CloseItem, ServerView},
+    servers::{CloseItem, OpenItem, ServerView},
     sessions::{
         DeleteItem, FleetEvent, Instruction, InstructionId, InstructionKind, InstructionOutcome,
         Order, PermissionsItem, PlacementStrategy, SequencedEvent, SessionId, SessionQuery,

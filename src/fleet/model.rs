@@ -324,19 +324,28 @@ pub enum HoldKind {
     Closed,
 }
 
+/// The name of the hold a close or an open without a hold name places or
+/// removes: DCV's single closed flag.
+pub const DEFAULT_HOLD_NAME: &str = "default";
+
 /// An operator's hold: while a server has one, nothing is placed on it.
 /// A record rather than a flag, because who, when and why matter to the
-/// next operator, and more kinds of hold (drain, maintenance window) come.
+/// next operator; named, because several teams may hold one server for
+/// different reasons, and each must release only its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
     /// Kind of hold.
     pub kind: HoldKind,
+    /// Its name, unique among the server's holds.
+    pub name: Arc<str>,
     /// Who placed it. Shared: every hold of a batch has the same actor.
     pub actor: Arc<str>,
     /// When it was placed.
     pub since: SystemTime,
     /// Free-text reason; may be empty.
     pub reason: String,
+    /// When it ends by itself, if it does.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// Everything the broker keeps about one server.
@@ -359,6 +368,8 @@ pub struct ServerRecord {
     pub placing: Vec<Placement>,
     /// Operators' holds.
     pub holds: Vec<Hold>,
+    /// Changes whenever `holds` does: what ExpectedStateVersion checks.
+    pub state_version: u64,
     /// When the server first registered.
     pub registered_at: SystemTime,
     /// When the agent was last heard from (monotonic, for timeouts).

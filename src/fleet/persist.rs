@@ -44,6 +44,8 @@ pub struct StoredServer {
     pub description: ServerDescription,
     /// Operators' holds (the closed state: who, when, why).
     pub holds: Vec<Hold>,
+    /// The version of `holds` (see [`ServerRecord::state_version`]).
+    pub state_version: u64,
     /// When it first registered.
     pub registered_at: SystemTime,
     /// When its agent last registered (heartbeats are not stored).
@@ -104,6 +106,8 @@ pub enum Change {
         id: String,
         /// Its holds.
         holds: Vec<Hold>,
+        /// Their version.
+        state_version: u64,
         /// Its agent deregistered while it was held.
         agent_departed: bool,
     },
@@ -336,6 +340,7 @@ pub(super) fn stored_server(server: &ServerRecord) -> StoredServer {
         id: server.id.to_string(),
         description: server.description.clone(),
         holds: server.holds.clone(),
+        state_version: server.state_version,
         registered_at: server.registered_at,
         last_seen: server.last_seen_wall,
         agent_departed: server.agent_departed,

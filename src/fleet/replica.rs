@@ -82,6 +82,7 @@ impl Fleet {
         let mut state = self.lock_write();
         fresh.tracks_changes = state.tracks_changes;
         fresh.tracks_liveness = state.tracks_liveness;
+        fresh.tracks_audit = state.tracks_audit;
         fresh.sessions.agents = std::mem::take(&mut state.sessions.agents);
         // Event numbers stay gap-free and increasing for watchers.
         fresh.sessions.seq = state.sessions.seq;
@@ -124,12 +125,15 @@ impl Fleet {
                 Change::PutServerState {
                     id,
                     holds,
+                    state_version,
                     agent_departed,
                 } => {
                     if let Some(server) = state.servers.get_mut(id.as_str()) {
                         server.holds.clone_from(holds);
+                        server.state_version = *state_version;
                         server.agent_departed = *agent_departed;
                     }
+                    state.schedule_hold_expiries(id, holds);
                 }
                 Change::DeleteServer(id) => {
                     if let Some(server) = state.take_server(id) {
@@ -183,6 +187,7 @@ impl State {
         now: Instant,
         remove_after: std::time::Duration,
     ) {
+        self.schedule_hold_expiries(&s.id, &s.holds);
         let mut description = s.description.clone();
         self.texts.description(&mut description);
         // Another registration time: the leader forgot the server and it
@@ -207,6 +212,7 @@ impl State {
                 }
                 server.description = description;
                 server.holds.clone_from(&s.holds);
+                server.state_version = s.state_version;
                 server.registered_at = s.registered_at;
                 server.agent_departed = s.agent_departed;
                 if s.last_seen > server.last_seen_wall {
@@ -227,6 +233,7 @@ impl State {
                         sessions: Vec::new(),
                         placing: Vec::new(),
                         holds: s.holds.clone(),
+                        state_version: s.state_version,
                         registered_at: s.registered_at,
                         last_seen: now,
                         last_seen_wall: s.last_seen,

@@ -5,12 +5,15 @@ use std::{sync::Arc, time::SystemTime};
 use tokio::time::Instant;
 
 use super::{
-    availability::{self, Reasons},
+    availability::{self, Reason, Reasons},
+    blast::{self, AffectedServer, BlastRadius},
     error::{FailureCode, FleetError, ItemFailure, ItemResult},
     handle::Fleet,
-    model::{Hold, HoldKind, ServerRecord},
+    holds::{self, Expiry},
+    model::{DEFAULT_HOLD_NAME, Hold, HoldKind, ServerRecord},
     page_token, persist,
     query::{self, DescribeQuery, ValidQuery},
+    state::State,
     validate::{precheck, validate_batch_size, validate_reason},
 };
 
@@ -23,6 +26,25 @@ pub struct CloseItem {
     pub force: bool,
     /// Why (may be empty).
     pub reason: String,
+    /// The hold to place (empty: [`DEFAULT_HOLD_NAME`]).
+    pub hold_name: String,
+    /// When the hold ends by itself.
+    pub expiry: Expiry,
+    /// Act only if the server's state version is this.
+    pub expected_version: Option<u64>,
+    /// Close even below a capacity floor.
+    pub override_floor: bool,
+}
+
+/// One OpenServers item.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenItem {
+    /// Server to open.
+    pub server_id: String,
+    /// The hold to remove (empty: [`DEFAULT_HOLD_NAME`]).
+    pub hold_name: String,
+    /// Act only if the server's state version is this.
+    pub expected_version: Option<u64>,
 }
 
 /// A server as DescribeServers sees it: the record and its availability.
@@ -32,6 +54,82 @@ pub struct ServerView<'a> {
     pub record: &'a ServerRecord,
     /// Why it is unavailable, if it is.
     pub reasons: Reasons,
+}
+
+/// What a judged CloseServers item would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloseStep {
+    /// The server already has a hold of that name: nothing.
+    Held,
+    /// Place the hold, ending at the given time; `closes` when the server
+    /// had no hold before.
+    Place {
+        expires_at: Option<SystemTime>,
+        closes: bool,
+    },
+}
+
+/// What a judged OpenServers item would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenStep {
+    /// The server is open already: nothing.
+    Open,
+    /// Remove hold `index`; `opens` when it is the server's last.
+    Remove { index: usize, opens: bool },
+}
+
+fn hold_name(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_HOLD_NAME
+    } else {
+        name
+    }
+}
+
+/// The item's failure when its expected version is not `server`'s.
+fn check_version(server: &ServerRecord, expected: Option<u64>) -> Result<(), ItemFailure> {
+    match expected {
+        Some(v) if v != server.state_version => Err(ItemFailure::new(
+            FailureCode::StateVersionMismatch,
+            format!(
+                "ExpectedStateVersion is {v} but the server's StateVersion is {}: its holds changed since it was read; describe it again.",
+                server.state_version
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `text` cut to 64 bytes (at a character boundary), for a listing.
+fn short(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The holds of `server` but `except`, as a failure reason lists them.
+fn remaining_holds(server: &ServerRecord, except: Option<usize>) -> String {
+    let mut out = String::new();
+    for (i, hold) in server.holds.iter().enumerate() {
+        if Some(i) == except {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(&format!("{:?} (by {}", hold.name, hold.actor));
+        if !hold.reason.is_empty() {
+            out.push_str(&format!(": {}", short(&hold.reason)));
+        }
+        out.push(')');
+    }
+    out
 }
 
 impl Fleet {
@@ -47,105 +145,271 @@ impl Fleet {
         Ok(results)
     }
 
+    /// Judges a CloseServers batch exactly as [`Fleet::close_servers`]
+    /// would, changes nothing, and says what it would affect, with
+    /// capacity counted per value of `tag_key` (none when empty).
+    pub fn close_servers_dry_run(
+        &self,
+        items: &[CloseItem],
+        tag_key: &str,
+    ) -> Result<(Vec<ItemResult>, BlastRadius), FleetError> {
+        let pre = close_precheck(items)?;
+        let now = Instant::now();
+        let state = self.read(now);
+        let steps = self.judge_close(&state, items, pre, now);
+        let unreachable_after = self.config.unreachable_after;
+        let mut radius = BlastRadius::default();
+        for (item, step) in items.iter().zip(&steps) {
+            let Ok(step) = step else { continue };
+            let Some(server) = state.servers.get(item.server_id.as_str()) else {
+                continue;
+            };
+            let before = availability::reasons(server, now, unreachable_after).is_available();
+            let after = match step {
+                CloseStep::Place { closes: true, .. } => false,
+                _ => before,
+            };
+            radius.servers.push(AffectedServer {
+                server_id: item.server_id.clone(),
+                available_before: before,
+                available_after: after,
+                sessions: blast::sessions_on(server),
+            });
+        }
+        state.count_capacity(&mut radius, tag_key, now, unreachable_after);
+        Ok((steps.into_iter().map(|s| s.map(drop)).collect(), radius))
+    }
+
+    /// Judges each item of a batch against `state`, as one batch: floors
+    /// count what the batch's earlier items take.
+    fn judge_close(
+        &self,
+        state: &State,
+        items: &[CloseItem],
+        pre: Vec<Option<ItemFailure>>,
+        now: Instant,
+    ) -> Vec<Result<CloseStep, ItemFailure>> {
+        let wall = state.hold_expiries.wall(now);
+        let floors = &self.config.capacity_floors;
+        let unreachable_after = self.config.unreachable_after;
+        // Counted once, at the first item that would take an AVAILABLE
+        // server from a floored pool: a walk of the fleet, which only
+        // operators who declare floors pay for.
+        let mut available: Option<Vec<u32>> = None;
+        let mut steps = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            steps.push((|| {
+                if let Some(failure) = pre {
+                    return Err(failure);
+                }
+                let expires_at = item
+                    .expiry
+                    .resolve(wall)
+                    .map_err(|why| ItemFailure::new(FailureCode::InvalidHold, why))?;
+                let server = state
+                    .servers
+                    .get(item.server_id.as_str())
+                    .ok_or_else(ItemFailure::not_found)?;
+                check_version(server, item.expected_version)?;
+                let name = hold_name(&item.hold_name);
+                if server.holds.iter().any(|h| &*h.name == name) {
+                    return Ok(CloseStep::Held);
+                }
+                if server.holds.len() >= holds::MAX_HOLDS_PER_SERVER {
+                    return Err(ItemFailure::new(
+                        FailureCode::InvalidHold,
+                        format!(
+                            "The server has {} holds already, the most it may have; open one first.",
+                            server.holds.len()
+                        ),
+                    ));
+                }
+                if server.is_closed() {
+                    return Ok(CloseStep::Place {
+                        expires_at,
+                        closes: false,
+                    });
+                }
+                // Placements in flight count: a close never races a placement.
+                let running = server.live_sessions().count();
+                if running > 0 && !item.force {
+                    return Err(ItemFailure::new(
+                        FailureCode::HasRunningSessions,
+                        format!(
+                            "Dcv server has {running} running session(s); set Force to close it anyway (the sessions keep running)."
+                        ),
+                    ));
+                }
+                if !floors.is_empty()
+                    && floors.iter().any(|f| f.covers(server))
+                    && availability::reasons(server, now, unreachable_after).is_available()
+                {
+                    let counts = available.get_or_insert_with(|| {
+                        state.available_per_floor(floors, now, unreachable_after)
+                    });
+                    if !item.override_floor
+                        && let Some((floor, count)) = floors
+                            .iter()
+                            .zip(counts.iter())
+                            .find(|(f, n)| f.covers(server) && **n <= f.min_available)
+                    {
+                        return Err(ItemFailure::new(
+                            FailureCode::CapacityFloor,
+                            format!(
+                                "Closing it would leave pool {} with {} AVAILABLE server(s), below its floor of {}; set OverrideCapacityFloor to close it anyway.",
+                                floor.pool(),
+                                count.saturating_sub(1),
+                                floor.min_available
+                            ),
+                        ));
+                    }
+                    for (floor, count) in floors.iter().zip(counts.iter_mut()) {
+                        if floor.covers(server) {
+                            *count = count.saturating_sub(1);
+                        }
+                    }
+                }
+                Ok(CloseStep::Place {
+                    expires_at,
+                    closes: true,
+                })
+            })());
+        }
+        steps
+    }
+
     fn close_servers_locked(
         &self,
         items: &[CloseItem],
         actor: &str,
     ) -> Result<(Vec<ItemResult>, persist::Durable), FleetError> {
-        validate_batch_size("Servers", items.len())?;
-        let mut pre = precheck(items.iter().map(|i| i.server_id.as_str()));
-        for (item, slot) in items.iter().zip(pre.iter_mut()) {
-            if slot.is_none()
-                && let Err(why) = validate_reason(&item.reason)
-            {
-                *slot = Some(ItemFailure::new(FailureCode::InvalidReason, why));
-            }
-        }
+        let pre = close_precheck(items)?;
         let wall = persist::wall_clock();
         let now = Instant::now();
         let ctx = self.ctx();
         let mut state = self.write(now);
-        let mut results = Vec::with_capacity(items.len());
+        let steps = self.judge_close(&state, items, pre, now);
         let actor: Arc<str> = Arc::from(actor);
-        for (item, pre) in items.iter().zip(pre) {
-            if let Some(failure) = pre {
-                results.push(Err(failure));
-                continue;
-            }
-            let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
-                results.push(Err(ItemFailure::not_found()));
+        let mut results = Vec::with_capacity(items.len());
+        for (item, step) in items.iter().zip(steps) {
+            let step = match step {
+                Ok(step) => step,
+                Err(failure) => {
+                    results.push(Err(failure));
+                    continue;
+                }
+            };
+            results.push(Ok(()));
+            let CloseStep::Place { expires_at, closes } = step else {
                 continue;
             };
-            if server.is_closed() {
-                results.push(Ok(()));
+            let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
                 continue;
-            }
-            // Placements in flight count: a close never races a placement.
-            let running = server.live_sessions().count();
-            if running > 0 && !item.force {
-                results.push(Err(ItemFailure::new(
-                    FailureCode::HasRunningSessions,
-                    format!(
-                        "Dcv server has {running} running session(s); set Force to close it anyway (the sessions keep running)."
-                    ),
-                )));
-                continue;
-            }
-            server.holds.push(Hold {
+            };
+            let hold = Hold {
                 kind: HoldKind::Closed,
+                name: Arc::from(hold_name(&item.hold_name)),
                 actor: actor.clone(),
                 since: wall,
                 reason: item.reason.clone(),
-            });
+                expires_at,
+            };
             let id = server.id.clone();
-            state.server_state_changed(&id);
-            state.emit_close(&id, item.force, &ctx);
-            results.push(Ok(()));
+            if expires_at.is_some() {
+                state.schedule_hold_expiries(&id, std::slice::from_ref(&hold));
+            }
+            if let Some(server) = state.servers.get_mut(&id) {
+                server.holds.push(hold);
+            }
+            state.holds_changed(&id);
+            if closes {
+                state.emit_close(&id, item.force, &ctx);
+            }
         }
         let durable = self.commit(&mut state);
         Ok((results, durable))
     }
 
     /// Opens servers. See `servers.proto`; one result per item, in order.
-    pub async fn open_servers(&self, server_ids: &[String]) -> Result<Vec<ItemResult>, FleetError> {
-        let (results, durable) = self.open_servers_locked(server_ids)?;
+    pub async fn open_servers(&self, items: &[OpenItem]) -> Result<Vec<ItemResult>, FleetError> {
+        let (results, durable) = self.open_servers_locked(items)?;
         durable.wait().await?;
         Ok(results)
     }
 
+    /// Judges an OpenServers batch exactly as [`Fleet::open_servers`]
+    /// would, changes nothing, and says what it would affect.
+    pub fn open_servers_dry_run(
+        &self,
+        items: &[OpenItem],
+        tag_key: &str,
+    ) -> Result<(Vec<ItemResult>, BlastRadius), FleetError> {
+        validate_batch_size("Servers", items.len())?;
+        let pre = precheck(items.iter().map(|i| i.server_id.as_str()));
+        let now = Instant::now();
+        let state = self.read(now);
+        let unreachable_after = self.config.unreachable_after;
+        let mut radius = BlastRadius::default();
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            let judged = judge_open(&state, item, pre);
+            if let Ok(step) | Err((_, Some(step))) = &judged
+                && let Some(server) = state.servers.get(item.server_id.as_str())
+            {
+                let reasons = availability::reasons(server, now, unreachable_after);
+                let after = match step {
+                    OpenStep::Remove { opens: true, .. } => {
+                        reasons.without(Reason::ServerClosed).is_available()
+                    }
+                    _ => reasons.is_available(),
+                };
+                radius.servers.push(AffectedServer {
+                    server_id: item.server_id.clone(),
+                    available_before: reasons.is_available(),
+                    available_after: after,
+                    sessions: Vec::new(),
+                });
+            }
+            results.push(judged.map(drop).map_err(|(failure, _)| failure));
+        }
+        state.count_capacity(&mut radius, tag_key, now, unreachable_after);
+        Ok((results, radius))
+    }
+
     fn open_servers_locked(
         &self,
-        server_ids: &[String],
+        items: &[OpenItem],
     ) -> Result<(Vec<ItemResult>, persist::Durable), FleetError> {
-        validate_batch_size("Servers", server_ids.len())?;
-        let pre = precheck(server_ids.iter().map(String::as_str));
+        validate_batch_size("Servers", items.len())?;
+        let pre = precheck(items.iter().map(|i| i.server_id.as_str()));
         let now = Instant::now();
         let ctx = self.ctx();
         let mut state = self.write(now);
         let remove_after = self.config.remove_after;
-        let mut results = Vec::with_capacity(server_ids.len());
+        let mut results = Vec::with_capacity(items.len());
         let mut opened = Vec::new();
-        for (id, pre) in server_ids.iter().zip(pre) {
-            if let Some(failure) = pre {
-                results.push(Err(failure));
-                continue;
-            }
-            let Some(server) = state.servers.get_mut(id.as_str()) else {
-                results.push(Err(ItemFailure::not_found()));
+        for (item, pre) in items.iter().zip(pre) {
+            let judged = judge_open(&state, item, pre);
+            let step = match &judged {
+                Ok(step) | Err((_, Some(step))) => *step,
+                Err((_, None)) => OpenStep::Open,
+            };
+            results.push(judged.map(drop).map_err(|(failure, _)| failure));
+            let OpenStep::Remove { index, opens } = step else {
                 continue;
             };
-            if !server.is_closed() {
-                results.push(Ok(()));
+            let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
                 continue;
-            }
-            server.holds.retain(|h| h.kind != HoldKind::Closed);
+            };
+            server.holds.remove(index);
             let deadline = server.last_seen + remove_after;
             let id = server.id.clone();
-            state.server_state_changed(&id);
-            state.note_removable(deadline);
-            state.emit_open(&id, &ctx);
-            opened.push(id);
-            results.push(Ok(()));
+            state.holds_changed(&id);
+            if opens {
+                state.note_removable(deadline);
+                state.emit_open(&id, &ctx);
+                opened.push(id);
+            }
         }
         // Queued sessions may fit now. Each server checks the queue in a
         // write section of its own: one check is bounded, a batch of them
@@ -217,4 +481,78 @@ impl Fleet {
             .map(Some)
             .map_err(|e| FleetError::invalid("NextToken", e.to_string()))
     }
+}
+
+/// The checks of a CloseServers batch that need no lock: its size, and
+/// each item's id, reason and hold name.
+fn close_precheck(items: &[CloseItem]) -> Result<Vec<Option<ItemFailure>>, FleetError> {
+    validate_batch_size("Servers", items.len())?;
+    let mut pre = precheck(items.iter().map(|i| i.server_id.as_str()));
+    for (item, slot) in items.iter().zip(pre.iter_mut()) {
+        if slot.is_some() {
+            continue;
+        }
+        if let Err(why) = validate_reason(&item.reason) {
+            *slot = Some(ItemFailure::new(FailureCode::InvalidReason, why));
+        } else if !item.hold_name.is_empty()
+            && let Err(why) = holds::validate_hold_name(&item.hold_name)
+        {
+            *slot = Some(ItemFailure::new(FailureCode::InvalidHold, why));
+        } else if let Expiry::Malformed(why) = &item.expiry {
+            *slot = Some(ItemFailure::new(FailureCode::InvalidHold, why.clone()));
+        }
+    }
+    Ok(pre)
+}
+
+/// What an OpenServers item would do: a step, or a failure (with the step
+/// still taken when the named hold goes but others remain).
+#[allow(clippy::type_complexity)]
+fn judge_open(
+    state: &State,
+    item: &OpenItem,
+    pre: Option<ItemFailure>,
+) -> Result<OpenStep, (ItemFailure, Option<OpenStep>)> {
+    if let Some(failure) = pre {
+        return Err((failure, None));
+    }
+    if !item.hold_name.is_empty()
+        && let Err(why) = holds::validate_hold_name(&item.hold_name)
+    {
+        return Err((ItemFailure::new(FailureCode::InvalidHold, why), None));
+    }
+    let server = state
+        .servers
+        .get(item.server_id.as_str())
+        .ok_or_else(|| (ItemFailure::not_found(), None))?;
+    check_version(server, item.expected_version).map_err(|f| (f, None))?;
+    if !server.is_closed() {
+        return Ok(OpenStep::Open);
+    }
+    let name = hold_name(&item.hold_name);
+    let index = server.holds.iter().position(|h| &*h.name == name);
+    let left = server.holds.len() - usize::from(index.is_some());
+    if left == 0
+        && let Some(index) = index
+    {
+        return Ok(OpenStep::Remove { index, opens: true });
+    }
+    let what = match index {
+        Some(_) => format!("Hold {name:?} removed, but"),
+        None => format!("The server has no hold named {name:?};"),
+    };
+    let failure = ItemFailure::new(
+        FailureCode::HoldsRemain,
+        format!(
+            "{what} the server stays closed: {left} other hold(s) remain: {}.",
+            remaining_holds(server, index)
+        ),
+    );
+    Err((
+        failure,
+        index.map(|index| OpenStep::Remove {
+            index,
+            opens: false,
+        }),
+    ))
 }

@@ -19,7 +19,7 @@ use tokio::{sync::mpsc, time::Instant};
 use super::{
     config::FleetConfig,
     error::FleetError,
-    intern, load_index,
+    holds, intern, load_index,
     model::{FastSet, ServerId, ServerMap, ServerRecord},
     persist,
     sessions::{
@@ -54,6 +54,15 @@ pub(in crate::fleet) struct State {
     pub(in crate::fleet) tracks_liveness: bool,
     /// The shared copies of description texts.
     pub(in crate::fleet) texts: intern::Interner,
+    /// Holds that end by themselves, and the clock they end by.
+    pub(in crate::fleet) hold_expiries: holds::HoldExpiries,
+    /// The greatest server state version given out or seen.
+    pub(in crate::fleet) last_state_version: u64,
+    /// Whether the store keeps audit records the state makes itself
+    /// (expired holds).
+    pub(in crate::fleet) tracks_audit: bool,
+    /// Audit records for the next submission.
+    pub(in crate::fleet) audit: Vec<persist::AuditRecord>,
 }
 
 impl State {
@@ -99,6 +108,8 @@ impl State {
         let mut state = State::default();
         for stored in snapshot.servers {
             let id: ServerId = Arc::from(stored.id.as_str());
+            state.schedule_hold_expiries(&stored.id, &stored.holds);
+            state.last_state_version = state.last_state_version.max(stored.state_version);
             let mut description = stored.description;
             state.texts.description(&mut description);
             state.insert_server(
@@ -111,6 +122,7 @@ impl State {
                     sessions: Vec::new(),
                     placing: Vec::new(),
                     holds: stored.holds,
+                    state_version: stored.state_version,
                     registered_at: stored.registered_at,
                     last_seen: now,
                     last_seen_wall: stored.last_seen,
@@ -145,6 +157,7 @@ impl State {
                 changes.push(Change::PutServerState {
                     id: id.to_string(),
                     holds: server.holds.clone(),
+                    state_version: server.state_version,
                     agent_departed: server.agent_departed,
                 });
             }
@@ -168,6 +181,7 @@ impl State {
                 changes.push(Change::PutLiveness(persist::stored_liveness(server)));
             }
         }
+        changes.extend(self.audit.drain(..).map(Change::PutAudit));
         changes
     }
 
@@ -177,10 +191,11 @@ impl State {
         self.dirty_servers.clear();
         self.sessions.dirty.clear();
         self.dirty_liveness.clear();
+        self.audit.clear();
     }
 
     pub(in crate::fleet) fn maintenance_due(&self, now: Instant) -> bool {
-        self.removal_due(now) || self.session_deadline_due(now)
+        self.removal_due(now) || self.session_deadline_due(now) || self.hold_expiry_due(now)
     }
 
     /// Forgets due servers and processes due session deadlines.
@@ -191,6 +206,9 @@ impl State {
             Vec::new()
         };
         self.process_session_deadlines(now, ctx);
+        if self.hold_expiry_due(now) {
+            self.expire_holds(now, ctx);
+        }
         log_removed(&removed);
         removed
     }

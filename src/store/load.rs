@@ -160,10 +160,12 @@ fn read_holds(connection: &Connection) -> Result<HashMap<String, Vec<Hold>>, Loa
             id: &server,
         };
         let hold = Hold {
+            name: crate::fleet::DEFAULT_HOLD_NAME.into(),
             kind: f.name(1, "kind", codec::hold_kind_from_name)?,
             actor: f.get::<String>(2, "actor")?.into(),
             since: f.time(3, "since")?,
             reason: f.get(4, "reason")?,
+            expires_at: None,
         };
         holds.entry(server).or_default().push(hold);
     }
@@ -230,6 +232,7 @@ fn read_servers(
         .into_iter()
         .zip(descriptions)
         .map(|(s, description)| StoredServer {
+            state_version: 0,
             description,
             holds: holds.remove(&s.id).unwrap_or_default(),
             registered_at: s.registered_at,

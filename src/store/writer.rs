@@ -168,6 +168,7 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
             id,
             holds,
             agent_departed,
+            ..
         } => {
             tx.prepare_cached("UPDATE servers SET agent_departed = ?2 WHERE id = ?1")?
                 .execute(params![id, agent_departed])?;

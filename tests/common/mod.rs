@@ -175,11 +175,15 @@ pub fn close_item(id: &str, force: Option<bool>, reason: &str) -> pb::CloseServe
         server_id: id.into(),
         force,
         reason: reason.into(),
+        ..Default::default()
     }
 }
 
 pub fn close_req(items: Vec<pb::CloseServerRequestData>) -> pb::CloseServersRequest {
-    pb::CloseServersRequest { servers: items }
+    pb::CloseServersRequest {
+        servers: items,
+        ..Default::default()
+    }
 }
 
 pub fn open_req(ids: &[&str]) -> pb::OpenServersRequest {
@@ -188,8 +192,10 @@ pub fn open_req(ids: &[&str]) -> pb::OpenServersRequest {
             .iter()
             .map(|id| pb::OpenServerRequestData {
                 server_id: id.to_string(),
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -381,7 +387,10 @@ pub fn create_item(name: &str, owner: &str, kind: pb::SessionType) -> pb::Create
 }
 
 pub fn create_req(items: Vec<pb::CreateSessionRequestData>) -> pb::CreateSessionsRequest {
-    pb::CreateSessionsRequest { sessions: items }
+    pb::CreateSessionsRequest {
+        sessions: items,
+        ..Default::default()
+    }
 }
 
 /// Describes one session, which must exist.

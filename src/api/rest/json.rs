@@ -667,10 +667,12 @@ mod tests {
                     server_id: "x".into(),
                     force: None,
                     reason: String::new(),
+                    ..Default::default()
                 }),
                 failure_code: pb::FailureCode::DcvServerNotFound as i32,
                 failure_reason: "Dcv server not found.".into(),
             }],
+            ..Default::default()
         };
         let json: serde_json::Value =
             serde_json::from_slice(&encode_reply(&output, &reply, true).unwrap()).unwrap();

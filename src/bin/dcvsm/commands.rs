@@ -63,11 +63,13 @@ async fn close_servers(mut servers: Servers, args: &CloseServersArgs) -> Result<
             server_id,
             force: args.force.then_some(true),
             reason: args.reason.clone().unwrap_or_default(),
+            ..Default::default()
         })
         .collect();
     let r = servers
         .close_servers(pb::CloseServersRequest {
             servers: servers_data,
+            ..Default::default()
         })
         .await
         .map_err(status_failure)?;
@@ -77,11 +79,15 @@ async fn close_servers(mut servers: Servers, args: &CloseServersArgs) -> Result<
 async fn open_servers(mut servers: Servers, args: &OpenServersArgs) -> Result<Value, Failure> {
     let servers_data = split_ids("--server-ids", &args.server_ids)?
         .into_iter()
-        .map(|server_id| pb::OpenServerRequestData { server_id })
+        .map(|server_id| pb::OpenServerRequestData {
+            server_id,
+            ..Default::default()
+        })
         .collect();
     let r = servers
         .open_servers(pb::OpenServersRequest {
             servers: servers_data,
+            ..Default::default()
         })
         .await
         .map_err(status_failure)?;
@@ -160,6 +166,7 @@ async fn create_session(
     let r = sessions
         .create_sessions(pb::CreateSessionsRequest {
             sessions: vec![data],
+            ..Default::default()
         })
         .await
         .map_err(status_failure)?;
@@ -216,6 +223,7 @@ async fn delete_session(
                 owner: args.owner.clone(),
                 force: args.force.then_some(true),
             }],
+            ..Default::default()
         })
         .await
         .map_err(status_failure)?;
@@ -248,6 +256,7 @@ async fn update_session_permissions(
                 owner: args.owner.clone(),
                 permissions_file,
             }],
+            ..Default::default()
         })
         .await
         .map_err(status_failure)?;

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::{Entry, LoadIndex, load_of};
 use crate::fleet::{
     CloseItem, CreateSpec, DeleteItem, Fleet, FleetConfig, InstructionKind, InstructionOutcome,
-    PlacementStrategy,
+    OpenItem, PlacementStrategy,
     model::{
         Heartbeat, OsFamily, ReportedSession, ServerDescription, ServerId, SessionKind,
         SessionState,
@@ -418,12 +418,17 @@ async fn apply(fleet: &mut Fleet, h: &mut Harness, op: &Op) {
             let item = CloseItem {
                 server_id: h.server(server).into(),
                 force,
-                reason: String::new(),
+                ..Default::default()
             };
             let _ = fleet.close_servers(&[item], "tester").await;
         }
         Op::Open { server } => {
-            let _ = fleet.open_servers(&[h.server(server).to_string()]).await;
+            let _ = fleet
+                .open_servers(&[OpenItem {
+                    server_id: h.server(server).to_string(),
+                    ..Default::default()
+                }])
+                .await;
         }
         Op::Deregister { server } => {
             let _ = fleet.deregister(h.server(server)).await;

@@ -247,10 +247,12 @@ async fn read_holds(
             id: &server,
         };
         let hold = Hold {
+            name: crate::fleet::DEFAULT_HOLD_NAME.into(),
             kind: f.name(1, "kind", codec::hold_kind_from_name)?,
             actor: f.get::<String>(2, "actor")?.into(),
             since: f.time(3, "since")?,
             reason: f.get(4, "reason")?,
+            expires_at: None,
         };
         holds.entry(server).or_default().push(hold);
     }
@@ -304,6 +306,7 @@ async fn read_servers(
         let description = codec::decode_description(&description)
             .map_err(|e| f.bad("description does not decode", e))?;
         servers.push(StoredServer {
+            state_version: 0,
             description,
             holds: holds.remove(&id).unwrap_or_default(),
             registered_at: f.time(2, "registered_at")?,

@@ -461,6 +461,7 @@ async fn apply(tx: &Transaction<'_>, s: &Statements, change: &Change) -> Result<
             id,
             holds,
             agent_departed,
+            ..
         } => {
             tx.execute(&s.server_state, &[id, agent_departed]).await?;
             put_holds(tx, s, id, holds).await

@@ -1,0 +1,336 @@
+//! Named holds: their names and expiries, the versions that change with
+//! them, the timed end of expiring holds, and operators' capacity floors.
+//!
+//! Expiry runs on the broker's clock, which is the wall clock at the
+//! fleet's start advanced by tokio's monotonic clock: a hold ends exactly
+//! when tokio's clock says (tests on a paused clock see exact timing), a
+//! wall-clock step does not end holds early, and an expiry is stored as a
+//! wall time so that it survives restarts. Like session deadlines, due
+//! expiries are processed by the first operation at or after them and by
+//! the periodic sweep: no background timer per hold.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use super::{
+    availability,
+    model::{Hold, ServerId, ServerRecord},
+    persist::{AuditItem, AuditRecord},
+    state::{Ctx, State},
+};
+
+/// The longest hold name, in bytes.
+pub const MAX_HOLD_NAME_BYTES: usize = 64;
+
+/// The most holds one server may carry: bounds what a describe, a store
+/// row set and a HOLDS_REMAIN reason hold per server.
+pub const MAX_HOLDS_PER_SERVER: usize = 16;
+
+/// The longest a hold may last from its placing.
+pub const MAX_HOLD_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The actor audit records of expiries name.
+pub const EXPIRY_ACTOR: &str = "broker";
+
+/// Whether `name` may name a hold: 1 to 64 characters of ASCII letters,
+/// digits and `.`, `_`, `-`, `:`, `@` (readable in a table, safe in logs,
+/// and enough for `team:ticket-123` or `alice@example`).
+pub fn validate_hold_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_HOLD_NAME_BYTES {
+        return Err(format!(
+            "HoldName must be 1 to {MAX_HOLD_NAME_BYTES} characters long."
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-_:@".contains(&b))
+    {
+        return Err(
+            "HoldName may hold only ASCII letters, digits and the characters . _ - : @".into(),
+        );
+    }
+    Ok(())
+}
+
+/// When a hold asked for ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Expiry {
+    /// Never by itself.
+    #[default]
+    Never,
+    /// At this wall time.
+    At(SystemTime),
+    /// This long after it is placed.
+    In(Duration),
+    /// The request's expiry cannot be used, for this reason.
+    Malformed(String),
+}
+
+impl Expiry {
+    /// The wall time a hold placed at `now_wall` (the broker's clock) ends,
+    /// or why the expiry cannot be used.
+    pub fn resolve(&self, now_wall: SystemTime) -> Result<Option<SystemTime>, String> {
+        match *self {
+            Expiry::Never => Ok(None),
+            Expiry::Malformed(ref why) => Err(why.clone()),
+            Expiry::In(d) if d.is_zero() => Err("ExpiresIn must be positive.".into()),
+            Expiry::In(d) if d > MAX_HOLD_DURATION => {
+                Err("ExpiresIn must be at most 366 days.".into())
+            }
+            Expiry::In(d) => Ok(Some(now_wall + d)),
+            Expiry::At(at) if at <= now_wall => Err("ExpiresAt must be in the future.".into()),
+            Expiry::At(at)
+                if at.duration_since(now_wall).unwrap_or_default() > MAX_HOLD_DURATION =>
+            {
+                Err("ExpiresAt must be at most 366 days from now.".into())
+            }
+            Expiry::At(at) => Ok(Some(at)),
+        }
+    }
+}
+
+/// A pool's floor: the fewest AVAILABLE servers with tag `key` = `value`
+/// that a CloseServers may leave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityFloor {
+    /// The tag key.
+    pub key: String,
+    /// The tag value.
+    pub value: String,
+    /// The fewest AVAILABLE servers.
+    pub min_available: u32,
+}
+
+impl CapacityFloor {
+    /// Parses `tag:KEY=VALUE:N`.
+    pub fn parse(text: &str) -> Result<CapacityFloor, String> {
+        let usage = || {
+            format!("{text:?}: a capacity floor is tag:KEY=VALUE:N (for example tag:pool=gpu:5)")
+        };
+        let rest = text.strip_prefix("tag:").ok_or_else(usage)?;
+        let (pool, n) = rest.rsplit_once(':').ok_or_else(usage)?;
+        let (key, value) = pool.split_once('=').ok_or_else(usage)?;
+        let min_available = n.parse::<u32>().map_err(|_| usage())?;
+        if key.is_empty() {
+            return Err(usage());
+        }
+        Ok(CapacityFloor {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            min_available,
+        })
+    }
+
+    /// Whether `server` is in this floor's pool.
+    pub fn covers(&self, server: &ServerRecord) -> bool {
+        server.tag(&self.key).is_some_and(|v| v == self.value)
+    }
+
+    /// The pool's name, as failure reasons print it.
+    pub fn pool(&self) -> String {
+        format!("tag:{}={}", self.key, self.value)
+    }
+}
+
+/// Timed holds: the broker's clock and the expiries to process, earliest
+/// first. An entry whose hold is gone or changed is skipped when due.
+#[derive(Debug, Default)]
+pub(in crate::fleet) struct HoldExpiries {
+    /// The broker clock's origin, taken at first use.
+    anchor: OnceLock<(Instant, SystemTime)>,
+    /// (expiry, server, hold name).
+    due: BTreeSet<(SystemTime, ServerId, Arc<str>)>,
+}
+
+impl HoldExpiries {
+    /// The broker's wall clock at `now`.
+    pub(in crate::fleet) fn wall(&self, now: Instant) -> SystemTime {
+        let (i, w) = *self.anchor.get_or_init(|| (now, SystemTime::now()));
+        w + now.saturating_duration_since(i)
+    }
+}
+
+impl State {
+    /// A fresh state version: greater than every version this state has
+    /// seen, so a version never repeats while its server is known.
+    pub(in crate::fleet) fn next_state_version(&mut self) -> u64 {
+        self.last_state_version += 1;
+        self.last_state_version
+    }
+
+    /// Notes that `id`'s holds changed: a new version, and the store told.
+    pub(in crate::fleet) fn holds_changed(&mut self, id: &ServerId) {
+        let version = self.next_state_version();
+        if let Some(server) = self.servers.get_mut(id.as_ref()) {
+            server.state_version = version;
+        }
+        self.server_state_changed(id);
+    }
+
+    /// Makes sure every expiring hold of `holds` (server `id`'s) ends on
+    /// time. Entries already there are not added twice.
+    pub(in crate::fleet) fn schedule_hold_expiries(&mut self, id: &str, holds: &[Hold]) {
+        let mut server: Option<ServerId> = None;
+        for hold in holds {
+            if let Some(at) = hold.expires_at {
+                let server = server.get_or_insert_with(|| Arc::from(id)).clone();
+                self.hold_expiries
+                    .due
+                    .insert((at, server, hold.name.clone()));
+            }
+        }
+    }
+
+    /// Whether an expiry is due at `now`.
+    pub(in crate::fleet) fn hold_expiry_due(&self, now: Instant) -> bool {
+        self.hold_expiries
+            .due
+            .first()
+            .is_some_and(|(at, _, _)| *at <= self.hold_expiries.wall(now))
+    }
+
+    /// Ends every hold due at `now`; servers left without a hold are open
+    /// again. Each end is recorded for the audit log.
+    pub(in crate::fleet) fn expire_holds(&mut self, now: Instant, ctx: &Ctx<'_>) {
+        let wall = self.hold_expiries.wall(now);
+        let mut reopened = Vec::new();
+        while let Some((at, _, _)) = self.hold_expiries.due.first()
+            && *at <= wall
+        {
+            let Some((at, id, name)) = self.hold_expiries.due.pop_first() else {
+                break;
+            };
+            let Some(server) = self.servers.get_mut(id.as_ref()) else {
+                continue;
+            };
+            let Some(i) = server
+                .holds
+                .iter()
+                .position(|h| h.name == name && h.expires_at == Some(at))
+            else {
+                continue;
+            };
+            let hold = server.holds.remove(i);
+            let open = !server.is_closed();
+            let deadline = server.last_seen + ctx.config.remove_after;
+            let id = server.id.clone();
+            self.holds_changed(&id);
+            tracing::info!(server = %id, hold = %hold.name, actor = %hold.actor, "hold expired");
+            if self.tracks_audit {
+                let outcome = if open { "OK" } else { "HOLDS_REMAIN" };
+                self.audit.push(AuditRecord {
+                    at: wall,
+                    actor: EXPIRY_ACTOR.to_owned(),
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    method: "HoldExpired".to_owned(),
+                    peer: None,
+                    items: vec![AuditItem::new(
+                        &id,
+                        outcome.to_owned(),
+                        format!(
+                            "hold {:?} placed by {} expired{}",
+                            hold.name,
+                            hold.actor,
+                            if hold.reason.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (reason: {})", hold.reason)
+                            }
+                        ),
+                    )],
+                });
+            }
+            if open {
+                self.note_removable(deadline);
+                self.emit_open(&id, ctx);
+                reopened.push(id);
+            }
+        }
+        if !self.sessions.queue.is_empty() {
+            for id in reopened {
+                self.after_server_change(&id, now, ctx);
+            }
+        }
+    }
+
+    /// AVAILABLE servers now, per floor of `floors` (same order).
+    pub(in crate::fleet) fn available_per_floor(
+        &self,
+        floors: &[CapacityFloor],
+        now: Instant,
+        unreachable_after: Duration,
+    ) -> Vec<u32> {
+        let mut counts = vec![0u32; floors.len()];
+        for server in self.servers.values() {
+            let mut covered = floors.iter().enumerate().filter(|(_, f)| f.covers(server));
+            let Some(first) = covered.next() else {
+                continue;
+            };
+            if !availability::reasons(server, now, unreachable_after).is_available() {
+                continue;
+            }
+            counts[first.0] += 1;
+            for (i, _) in covered {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floors_parse_and_refuse() {
+        let f = CapacityFloor::parse("tag:pool=gpu:5").unwrap();
+        assert_eq!(
+            (f.key.as_str(), f.value.as_str(), f.min_available),
+            ("pool", "gpu", 5)
+        );
+        let f = CapacityFloor::parse("tag:a:b=c:d:2").unwrap();
+        assert_eq!((f.key.as_str(), f.value.as_str()), ("a:b", "c:d"));
+        for bad in [
+            "pool=gpu:5",
+            "tag:pool=gpu",
+            "tag:=gpu:1",
+            "tag:poolgpu:1",
+            "tag:p=g:-1",
+        ] {
+            assert!(CapacityFloor::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hold_names_are_bounded_and_plain() {
+        assert!(validate_hold_name("team:ticket-12_a.b@x").is_ok());
+        assert!(validate_hold_name("").is_err());
+        assert!(validate_hold_name(&"a".repeat(65)).is_err());
+        assert!(validate_hold_name("a b").is_err());
+        assert!(validate_hold_name("é").is_err());
+    }
+
+    #[test]
+    fn expiries_must_lie_ahead_within_a_year() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(Expiry::Never.resolve(now), Ok(None));
+        assert_eq!(
+            Expiry::In(Duration::from_secs(60)).resolve(now),
+            Ok(Some(now + Duration::from_secs(60)))
+        );
+        assert!(Expiry::In(Duration::ZERO).resolve(now).is_err());
+        assert!(Expiry::In(MAX_HOLD_DURATION * 2).resolve(now).is_err());
+        assert!(Expiry::At(now).resolve(now).is_err());
+        assert!(
+            Expiry::At(now + MAX_HOLD_DURATION * 2)
+                .resolve(now)
+                .is_err()
+        );
+    }
+}
