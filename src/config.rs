@@ -32,6 +32,10 @@ pub enum ScreenshotFormat {
     Jpeg,
 }
 
+fn capacity_floor(s: &str) -> Result<crate::fleet::CapacityFloor, String> {
+    crate::fleet::CapacityFloor::parse(s)
+}
+
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -345,6 +349,19 @@ pub struct Args {
         default_value = "png"
     )]
     pub screenshot_format: ScreenshotFormat,
+
+    /// A pool's capacity floor, `tag:KEY=VALUE:N`: a CloseServers item that
+    /// would leave fewer than N AVAILABLE servers with that tag fails with
+    /// CAPACITY_FLOOR unless it sets OverrideCapacityFloor (repeat for
+    /// several pools).
+    #[arg(
+        long = "capacity-floor",
+        env = "DCV_BROKER_CAPACITY_FLOORS",
+        value_name = "tag:KEY=VALUE:N",
+        value_delimiter = ',',
+        value_parser = capacity_floor
+    )]
+    pub capacity_floors: Vec<crate::fleet::CapacityFloor>,
 
     /// How long DELETED sessions stay visible in DescribeSessions.
     #[arg(long, env = "DCV_BROKER_DELETED_SESSION_RETENTION", default_value = "1h", value_parser = duration)]
@@ -778,6 +795,7 @@ impl Args {
                     ScreenshotFormat::Png => crate::fleet::ImageFormat::Png,
                     ScreenshotFormat::Jpeg => crate::fleet::ImageFormat::Jpeg,
                 },
+                capacity_floors: self.capacity_floors.clone(),
                 ..FleetConfig::default()
             },
             request_timeout: (!self.request_timeout.is_zero()).then_some(self.request_timeout),

@@ -168,6 +168,7 @@ fn files_set_every_setting() {
 listen = "127.0.0.2:9443"
 allow_insecure_non_loopback = true
 allowed_host = ["broker.internal", "b.test"]
+capacity_floor = ["tag:pool=gpu:5", "tag:zone=a:2"]
 agent_listen = "127.0.0.2:9445"
 agent_threads = 3
 agent_nice = 5
