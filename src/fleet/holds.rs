@@ -37,6 +37,14 @@ pub const MAX_HOLD_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The actor audit records of expiries name.
 pub const EXPIRY_ACTOR: &str = "broker";
 
+/// The default hold's name, shared: a DCV-style close allocates nothing
+/// for it.
+pub(in crate::fleet) fn default_name() -> Arc<str> {
+    static NAME: OnceLock<Arc<str>> = OnceLock::new();
+    NAME.get_or_init(|| Arc::from(super::model::DEFAULT_HOLD_NAME))
+        .clone()
+}
+
 /// Whether `name` may name a hold: 1 to 64 characters of ASCII letters,
 /// digits and `.`, `_`, `-`, `:`, `@` (readable in a table, safe in logs,
 /// and enough for `team:ticket-123` or `alice@example`).

@@ -303,25 +303,30 @@ impl Fleet {
             let CloseStep::Place { expires_at, closes } = step else {
                 continue;
             };
+            let version = state.next_state_version();
             let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
                 continue;
             };
-            let hold = Hold {
+            let name = if item.hold_name.is_empty() {
+                holds::default_name()
+            } else {
+                Arc::from(item.hold_name.as_str())
+            };
+            server.holds.push(Hold {
                 kind: HoldKind::Closed,
-                name: Arc::from(hold_name(&item.hold_name)),
+                name,
                 actor: actor.clone(),
                 since: wall,
                 reason: item.reason.clone(),
                 expires_at,
-            };
+            });
+            server.state_version = version;
             let id = server.id.clone();
             if expires_at.is_some() {
-                state.schedule_hold_expiries(&id, std::slice::from_ref(&hold));
+                let holds = server.holds.clone();
+                state.schedule_hold_expiries(&id, &holds);
             }
-            if let Some(server) = state.servers.get_mut(&id) {
-                server.holds.push(hold);
-            }
-            state.holds_changed(&id);
+            state.server_state_changed(&id);
             if closes {
                 state.emit_close(&id, item.force, &ctx);
             }
@@ -398,13 +403,15 @@ impl Fleet {
             let OpenStep::Remove { index, opens } = step else {
                 continue;
             };
+            let version = state.next_state_version();
             let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
                 continue;
             };
             server.holds.remove(index);
+            server.state_version = version;
             let deadline = server.last_seen + remove_after;
             let id = server.id.clone();
-            state.holds_changed(&id);
+            state.server_state_changed(&id);
             if opens {
                 state.note_removable(deadline);
                 state.emit_open(&id, &ctx);
