@@ -62,6 +62,9 @@ fn opens(items: Vec<pb::OpenServerRequestData>) -> pb::OpenServersRequest {
     }
 }
 
+/// A blast radius's server: id, available before and after, sessions.
+type Affected<'a> = (&'a str, bool, bool, Vec<(&'a str, &'a str, i32)>);
+
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
@@ -154,7 +157,10 @@ async fn two_actors_holds_keep_a_server_closed_until_both_are_opened() {
     // The network team is done: its hold goes, the server stays closed,
     // and the reply says whose hold remains.
     let reply = servers
-        .open_servers(with_token(opens(vec![open_item("s1", "net-upgrade")]), &network))
+        .open_servers(with_token(
+            opens(vec![open_item("s1", "net-upgrade")]),
+            &network,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -193,7 +199,10 @@ async fn two_actors_holds_keep_a_server_closed_until_both_are_opened() {
     );
 
     let reply = servers
-        .open_servers(with_token(opens(vec![open_item("s1", "disk-swap")]), &storage))
+        .open_servers(with_token(
+            opens(vec![open_item("s1", "disk-swap")]),
+            &storage,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -227,7 +236,10 @@ async fn dcv_style_closes_and_opens_use_the_default_hold() {
         assert_eq!(reply.blast_radius, None);
     }
     let s1 = describe_one(&mut servers, "s1").await;
-    assert_eq!(hold_names(&s1), vec![("default".into(), "anonymous".into())]);
+    assert_eq!(
+        hold_names(&s1),
+        vec![("default".into(), "anonymous".into())]
+    );
     assert!(s1.holds[0].expiration_time.is_none());
     let reply = servers
         .open_servers(open_req(&["s1"]))
@@ -412,16 +424,20 @@ async fn an_expiring_hold_ends_after_a_restart_and_its_end_is_durable_and_audite
     tokio::time::advance(Duration::from_secs(3600)).await;
     let s1 = describe_one(&mut servers, "s1").await;
     assert!(s1.holds.is_empty(), "{s1:?}");
-    assert!(!s1
-        .unavailability_reasons
-        .contains(&(pb::UnavailabilityReason::ServerClosed as i32)));
+    assert!(
+        !s1.unavailability_reasons
+            .contains(&(pb::UnavailabilityReason::ServerClosed as i32))
+    );
     drop(servers);
     stop(broker).await;
 
     let broker = durable_broker(&dir).await;
     let mut servers = broker.servers().await;
     let s1 = describe_one(&mut servers, "s1").await;
-    assert!(s1.holds.is_empty(), "the end of the hold was stored: {s1:?}");
+    assert!(
+        s1.holds.is_empty(),
+        "the end of the hold was stored: {s1:?}"
+    );
     drop(servers);
     stop(broker).await;
 
@@ -474,7 +490,11 @@ async fn dry_runs_change_nothing_report_the_blast_radius_and_predict_the_real_ca
     agent
         .heartbeat(beat(
             "c1",
-            vec![session("c", pb::SessionType::Virtual, pb::SessionState::Ready)],
+            vec![session(
+                "c",
+                pb::SessionType::Virtual,
+                pb::SessionState::Ready,
+            )],
         ))
         .await
         .unwrap();
@@ -530,7 +550,11 @@ async fn dry_runs_change_nothing_report_the_blast_radius_and_predict_the_real_ca
         .iter()
         .map(|f| {
             (
-                f.close_server_request_data.as_ref().unwrap().server_id.as_str(),
+                f.close_server_request_data
+                    .as_ref()
+                    .unwrap()
+                    .server_id
+                    .as_str(),
                 f.failure_code,
             )
         })
@@ -546,11 +570,13 @@ async fn dry_runs_change_nothing_report_the_blast_radius_and_predict_the_real_ca
     );
     let floor = &dry.unsuccessful_list[1].failure_reason;
     assert!(
-        floor.contains("tag:pool=gpu") && floor.contains("with 0 AVAILABLE") && floor.contains("floor of 1"),
+        floor.contains("tag:pool=gpu")
+            && floor.contains("with 0 AVAILABLE")
+            && floor.contains("floor of 1"),
         "{floor}"
     );
     let radius = dry.blast_radius.clone().unwrap();
-    let affected: Vec<(&str, bool, bool, Vec<(&str, &str, i32)>)> = radius
+    let affected: Vec<Affected<'_>> = radius
         .servers
         .iter()
         .map(|s| {
@@ -569,7 +595,12 @@ async fn dry_runs_change_nothing_report_the_blast_radius_and_predict_the_real_ca
     assert_eq!(
         affected,
         vec![
-            ("g1", true, false, vec![("v1", "alice", virt), ("v2", "alice", virt)]),
+            (
+                "g1",
+                true,
+                false,
+                vec![("v1", "alice", virt), ("v2", "alice", virt)]
+            ),
             ("g2", true, false, vec![]),
         ]
     );
@@ -732,7 +763,10 @@ async fn expected_state_versions_guard_read_decide_write() {
         .close_servers(close_req(vec![hold_item("s1", "a", "")]))
         .await
         .unwrap();
-    assert_eq!(describe_one(&mut servers, "s1").await.state_version, v_closed);
+    assert_eq!(
+        describe_one(&mut servers, "s1").await.state_version,
+        v_closed
+    );
 }
 
 #[tokio::test]
@@ -769,7 +803,9 @@ async fn capacity_floors_refuse_the_items_that_cross_them_unless_overridden() {
     for failed in &reply.unsuccessful_list {
         assert_eq!(failed.failure_code, pb::FailureCode::CapacityFloor as i32);
         assert!(
-            failed.failure_reason.contains("tag:pool=gpu with 1 AVAILABLE server(s), below its floor of 2"),
+            failed
+                .failure_reason
+                .contains("tag:pool=gpu with 1 AVAILABLE server(s), below its floor of 2"),
             "{}",
             failed.failure_reason
         );

@@ -156,11 +156,17 @@ impl Fleet {
         let pre = close_precheck(items)?;
         let now = Instant::now();
         let state = self.read(now);
-        let steps = self.judge_close(&state, items, pre, now);
+        let mut judge = self.close_judge(&state, now);
         let unreachable_after = self.config.unreachable_after;
         let mut radius = BlastRadius::default();
-        for (item, step) in items.iter().zip(&steps) {
-            let Ok(step) = step else { continue };
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            let step = judge_close(&state, item, pre, &mut judge);
+            let Ok(step) = step else {
+                results.push(step.map(drop));
+                continue;
+            };
+            results.push(Ok(()));
             let Some(server) = state.servers.get(item.server_id.as_str()) else {
                 continue;
             };
@@ -177,105 +183,18 @@ impl Fleet {
             });
         }
         state.count_capacity(&mut radius, tag_key, now, unreachable_after);
-        Ok((steps.into_iter().map(|s| s.map(drop)).collect(), radius))
+        Ok((results, radius))
     }
 
-    /// Judges each item of a batch against `state`, as one batch: floors
-    /// count what the batch's earlier items take.
-    fn judge_close(
-        &self,
-        state: &State,
-        items: &[CloseItem],
-        pre: Vec<Option<ItemFailure>>,
-        now: Instant,
-    ) -> Vec<Result<CloseStep, ItemFailure>> {
-        let wall = state.hold_expiries.wall(now);
-        let floors = &self.config.capacity_floors;
-        let unreachable_after = self.config.unreachable_after;
-        // Counted once, at the first item that would take an AVAILABLE
-        // server from a floored pool: a walk of the fleet, which only
-        // operators who declare floors pay for.
-        let mut available: Option<Vec<u32>> = None;
-        let mut steps = Vec::with_capacity(items.len());
-        for (item, pre) in items.iter().zip(pre) {
-            steps.push((|| {
-                if let Some(failure) = pre {
-                    return Err(failure);
-                }
-                let expires_at = item
-                    .expiry
-                    .resolve(wall)
-                    .map_err(|why| ItemFailure::new(FailureCode::InvalidHold, why))?;
-                let server = state
-                    .servers
-                    .get(item.server_id.as_str())
-                    .ok_or_else(ItemFailure::not_found)?;
-                check_version(server, item.expected_version)?;
-                let name = hold_name(&item.hold_name);
-                if server.holds.iter().any(|h| &*h.name == name) {
-                    return Ok(CloseStep::Held);
-                }
-                if server.holds.len() >= holds::MAX_HOLDS_PER_SERVER {
-                    return Err(ItemFailure::new(
-                        FailureCode::InvalidHold,
-                        format!(
-                            "The server has {} holds already, the most it may have; open one first.",
-                            server.holds.len()
-                        ),
-                    ));
-                }
-                if server.is_closed() {
-                    return Ok(CloseStep::Place {
-                        expires_at,
-                        closes: false,
-                    });
-                }
-                // Placements in flight count: a close never races a placement.
-                let running = server.live_sessions().count();
-                if running > 0 && !item.force {
-                    return Err(ItemFailure::new(
-                        FailureCode::HasRunningSessions,
-                        format!(
-                            "Dcv server has {running} running session(s); set Force to close it anyway (the sessions keep running)."
-                        ),
-                    ));
-                }
-                if !floors.is_empty()
-                    && floors.iter().any(|f| f.covers(server))
-                    && availability::reasons(server, now, unreachable_after).is_available()
-                {
-                    let counts = available.get_or_insert_with(|| {
-                        state.available_per_floor(floors, now, unreachable_after)
-                    });
-                    if !item.override_floor
-                        && let Some((floor, count)) = floors
-                            .iter()
-                            .zip(counts.iter())
-                            .find(|(f, n)| f.covers(server) && **n <= f.min_available)
-                    {
-                        return Err(ItemFailure::new(
-                            FailureCode::CapacityFloor,
-                            format!(
-                                "Closing it would leave pool {} with {} AVAILABLE server(s), below its floor of {}; set OverrideCapacityFloor to close it anyway.",
-                                floor.pool(),
-                                count.saturating_sub(1),
-                                floor.min_available
-                            ),
-                        ));
-                    }
-                    for (floor, count) in floors.iter().zip(counts.iter_mut()) {
-                        if floor.covers(server) {
-                            *count = count.saturating_sub(1);
-                        }
-                    }
-                }
-                Ok(CloseStep::Place {
-                    expires_at,
-                    closes: true,
-                })
-            })());
+    /// What judging a batch's items carries from one item to the next.
+    fn close_judge(&self, state: &State, now: Instant) -> CloseJudge<'_> {
+        CloseJudge {
+            wall: state.hold_expiries.wall(now),
+            now,
+            floors: &self.config.capacity_floors,
+            unreachable_after: self.config.unreachable_after,
+            available: None,
         }
-        steps
     }
 
     fn close_servers_locked(
@@ -288,11 +207,11 @@ impl Fleet {
         let now = Instant::now();
         let ctx = self.ctx();
         let mut state = self.write(now);
-        let steps = self.judge_close(&state, items, pre, now);
+        let mut judge = self.close_judge(&state, now);
         let actor: Arc<str> = Arc::from(actor);
         let mut results = Vec::with_capacity(items.len());
-        for (item, step) in items.iter().zip(steps) {
-            let step = match step {
+        for (item, pre) in items.iter().zip(pre) {
+            let step = match judge_close(&state, item, pre, &mut judge) {
                 Ok(step) => step,
                 Err(failure) => {
                     results.push(Err(failure));
@@ -488,6 +407,107 @@ impl Fleet {
             .map(Some)
             .map_err(|e| FleetError::invalid("NextToken", e.to_string()))
     }
+}
+
+/// What judging a CloseServers batch carries from item to item.
+struct CloseJudge<'a> {
+    /// The broker's clock now, for expiries.
+    wall: SystemTime,
+    now: Instant,
+    floors: &'a [holds::CapacityFloor],
+    unreachable_after: std::time::Duration,
+    /// AVAILABLE servers per floor, less what earlier items take. Counted
+    /// once, at the first item that would take an AVAILABLE server from a
+    /// floored pool: a walk of the fleet, which only operators who declare
+    /// floors pay for.
+    available: Option<Vec<u32>>,
+}
+
+/// Judges one CloseServers item against `state`, after the batch's
+/// earlier items (whose servers are others: ids are unique in a batch).
+/// The real call applies each item as soon as it is judged, while its
+/// record is in the cache; a dry run only judges: both judge alike.
+fn judge_close(
+    state: &State,
+    item: &CloseItem,
+    pre: Option<ItemFailure>,
+    j: &mut CloseJudge<'_>,
+) -> Result<CloseStep, ItemFailure> {
+    if let Some(failure) = pre {
+        return Err(failure);
+    }
+    let expires_at = item
+        .expiry
+        .resolve(j.wall)
+        .map_err(|why| ItemFailure::new(FailureCode::InvalidHold, why))?;
+    let server = state
+        .servers
+        .get(item.server_id.as_str())
+        .ok_or_else(ItemFailure::not_found)?;
+    check_version(server, item.expected_version)?;
+    let name = hold_name(&item.hold_name);
+    if server.holds.iter().any(|h| &*h.name == name) {
+        return Ok(CloseStep::Held);
+    }
+    if server.holds.len() >= holds::MAX_HOLDS_PER_SERVER {
+        return Err(ItemFailure::new(
+            FailureCode::InvalidHold,
+            format!(
+                "The server has {} holds already, the most it may have; open one first.",
+                server.holds.len()
+            ),
+        ));
+    }
+    if server.is_closed() {
+        return Ok(CloseStep::Place {
+            expires_at,
+            closes: false,
+        });
+    }
+    // Placements in flight count: a close never races a placement.
+    let running = server.live_sessions().count();
+    if running > 0 && !item.force {
+        return Err(ItemFailure::new(
+            FailureCode::HasRunningSessions,
+            format!(
+                "Dcv server has {running} running session(s); set Force to close it anyway (the sessions keep running)."
+            ),
+        ));
+    }
+    if !j.floors.is_empty()
+        && j.floors.iter().any(|f| f.covers(server))
+        && availability::reasons(server, j.now, j.unreachable_after).is_available()
+    {
+        let (floors, now, unreachable_after) = (j.floors, j.now, j.unreachable_after);
+        let counts = j
+            .available
+            .get_or_insert_with(|| state.available_per_floor(floors, now, unreachable_after));
+        if !item.override_floor
+            && let Some((floor, count)) = floors
+                .iter()
+                .zip(counts.iter())
+                .find(|(f, n)| f.covers(server) && **n <= f.min_available)
+        {
+            return Err(ItemFailure::new(
+                FailureCode::CapacityFloor,
+                format!(
+                    "Closing it would leave pool {} with {} AVAILABLE server(s), below its floor of {}; set OverrideCapacityFloor to close it anyway.",
+                    floor.pool(),
+                    count.saturating_sub(1),
+                    floor.min_available
+                ),
+            ));
+        }
+        for (floor, count) in floors.iter().zip(counts.iter_mut()) {
+            if floor.covers(server) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+    Ok(CloseStep::Place {
+        expires_at,
+        closes: true,
+    })
 }
 
 /// The checks of a CloseServers batch that need no lock: its size, and
