@@ -1512,3 +1512,74 @@ async fn screenshots_past_the_reply_budget_fail_with_reply_size_limit_over_rest(
         ids[1].as_str()
     );
 }
+
+#[tokio::test]
+async fn named_holds_expiries_and_versions_over_rest() {
+    // Issue 18's per-item fields ride in the array's items; the replies
+    // show them with --rest-additions.
+    let broker = Broker::start(config()).await;
+    let _agent = TestAgent::connect(&broker, registration("s1", "linux", 2)).await;
+    for http in BOTH {
+        let rest = Rest::new(broker.addr, http);
+        let reply = rest
+            .post(
+                "/closeServers",
+                json!([{"ServerId": "s1", "HoldName": "net", "ExpiresIn": "3600s", "Reason": "cabling"}]),
+            )
+            .await
+            .ok();
+        assert_eq!(
+            reply["SuccessfulList"],
+            json!([{"ServerId": "s1"}]),
+            "{reply}"
+        );
+        let described = rest
+            .post("/describeServers", json!({"ServerIds": ["s1"]}))
+            .await
+            .ok();
+        let server = &described["Servers"][0];
+        assert_eq!(server["Holds"][0]["Name"], "net", "{described}");
+        assert!(
+            server["Holds"][0]["ExpirationTime"].is_string(),
+            "{described}"
+        );
+        let version = server["StateVersion"].as_u64().unwrap();
+        // A stale version, then another team's name: typed failures.
+        let reply = rest
+            .post(
+                "/openServers",
+                json!([{"ServerId": "s1", "HoldName": "net", "ExpectedStateVersion": version + 1}]),
+            )
+            .await
+            .ok();
+        assert_eq!(codes(&reply), ["STATE_VERSION_MISMATCH"], "{reply}");
+        let reply = rest
+            .post(
+                "/openServers",
+                json!([{"ServerId": "s1", "HoldName": "disk"}]),
+            )
+            .await
+            .ok();
+        assert_eq!(codes(&reply), ["HOLDS_REMAIN"], "{reply}");
+        let reply = rest
+            .post(
+                "/openServers",
+                json!([{"ServerId": "s1", "HoldName": "net", "ExpectedStateVersion": version}]),
+            )
+            .await
+            .ok();
+        assert_eq!(
+            reply["SuccessfulList"],
+            json!([{"ServerId": "s1"}]),
+            "{reply}"
+        );
+        let reply = rest
+            .post(
+                "/closeServers",
+                json!([{"ServerId": "s1", "HoldName": "bad name"}]),
+            )
+            .await
+            .ok();
+        assert_eq!(codes(&reply), ["INVALID_HOLD"], "{reply}");
+    }
+}

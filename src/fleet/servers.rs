@@ -231,6 +231,10 @@ impl Fleet {
             } else {
                 Arc::from(item.hold_name.as_str())
             };
+            // Most servers carry one hold at most: room for exactly one,
+            // not the four a first push makes (a smaller block, which the
+            // allocator serves from its fast lists).
+            server.holds.reserve_exact(1);
             server.holds.push(Hold {
                 kind: HoldKind::Closed,
                 name,
