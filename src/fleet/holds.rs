@@ -45,6 +45,17 @@ pub(in crate::fleet) fn default_name() -> Arc<str> {
         .clone()
 }
 
+/// Whether `hold` is the one `name` names (empty: the default hold). The
+/// default hold's name is usually the shared one: compared by address
+/// first.
+pub(in crate::fleet) fn is_named(hold: &Hold, name: &str) -> bool {
+    if name.is_empty() {
+        Arc::ptr_eq(&hold.name, &default_name()) || &*hold.name == super::model::DEFAULT_HOLD_NAME
+    } else {
+        &*hold.name == name
+    }
+}
+
 /// Whether `name` may name a hold: 1 to 64 characters of ASCII letters,
 /// digits and `.`, `_`, `-`, `:`, `@` (readable in a table, safe in logs,
 /// and enough for `team:ticket-123` or `alice@example`).
@@ -192,6 +203,16 @@ impl State {
                     .insert((at, server, hold.name.clone()));
             }
         }
+    }
+
+    /// Makes sure hold `name` of server `id` ends at `at`.
+    pub(in crate::fleet) fn schedule_hold_expiry(
+        &mut self,
+        at: SystemTime,
+        id: &ServerId,
+        name: Arc<str>,
+    ) {
+        self.hold_expiries.due.insert((at, id.clone(), name));
     }
 
     /// Whether an expiry is due at `now`.

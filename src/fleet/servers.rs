@@ -161,15 +161,14 @@ impl Fleet {
         let mut radius = BlastRadius::default();
         let mut results = Vec::with_capacity(items.len());
         for (item, pre) in items.iter().zip(pre) {
-            let step = judge_close(&state, item, pre, &mut judge);
-            let Ok(step) = step else {
+            judge.count_floors_for(&state, item);
+            let server = state.servers.get(item.server_id.as_str());
+            let step = judge_close(server.map(|s| &**s), item, pre, &mut judge);
+            let (Ok(step), Some(server)) = (&step, server) else {
                 results.push(step.map(drop));
                 continue;
             };
             results.push(Ok(()));
-            let Some(server) = state.servers.get(item.server_id.as_str()) else {
-                continue;
-            };
             let before = availability::reasons(server, now, unreachable_after).is_available();
             let after = match step {
                 CloseStep::Place { closes: true, .. } => false,
@@ -211,19 +210,16 @@ impl Fleet {
         let actor: Arc<str> = Arc::from(actor);
         let mut results = Vec::with_capacity(items.len());
         for (item, pre) in items.iter().zip(pre) {
-            let step = match judge_close(&state, item, pre, &mut judge) {
-                Ok(step) => step,
-                Err(failure) => {
-                    results.push(Err(failure));
-                    continue;
-                }
-            };
-            results.push(Ok(()));
-            let CloseStep::Place { expires_at, closes } = step else {
+            judge.count_floors_for(&state, item);
+            let version = state.next_state_version();
+            let server = state.servers.get_mut(item.server_id.as_str());
+            let step = judge_close(server.as_deref().map(|s| &**s), item, pre, &mut judge);
+            let (Ok(step), Some(server)) = (step.as_ref(), server) else {
+                results.push(step.map(drop));
                 continue;
             };
-            let version = state.next_state_version();
-            let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
+            results.push(Ok(()));
+            let CloseStep::Place { expires_at, closes } = *step else {
                 continue;
             };
             let name = if item.hold_name.is_empty() {
@@ -232,12 +228,11 @@ impl Fleet {
                 Arc::from(item.hold_name.as_str())
             };
             // Most servers carry one hold at most: room for exactly one,
-            // not the four a first push makes (a smaller block, which the
-            // allocator serves from its fast lists).
+            // not the four a first push makes.
             server.holds.reserve_exact(1);
             server.holds.push(Hold {
                 kind: HoldKind::Closed,
-                name,
+                name: name.clone(),
                 actor: actor.clone(),
                 since: wall,
                 reason: item.reason.clone(),
@@ -245,9 +240,8 @@ impl Fleet {
             });
             server.state_version = version;
             let id = server.id.clone();
-            if expires_at.is_some() {
-                let holds = server.holds.clone();
-                state.schedule_hold_expiries(&id, &holds);
+            if let Some(at) = expires_at {
+                state.schedule_hold_expiry(at, &id, name);
             }
             state.server_state_changed(&id);
             if closes {
@@ -280,9 +274,10 @@ impl Fleet {
         let mut radius = BlastRadius::default();
         let mut results = Vec::with_capacity(items.len());
         for (item, pre) in items.iter().zip(pre) {
-            let judged = judge_open(&state, item, pre);
+            let server = state.servers.get(item.server_id.as_str()).map(|s| &**s);
+            let judged = judge_open(server, item, pre);
             if let Ok(step) | Err((_, Some(step))) = &judged
-                && let Some(server) = state.servers.get(item.server_id.as_str())
+                && let Some(server) = server
             {
                 let reasons = availability::reasons(server, now, unreachable_after);
                 let after = match step {
@@ -317,17 +312,15 @@ impl Fleet {
         let mut results = Vec::with_capacity(items.len());
         let mut opened = Vec::new();
         for (item, pre) in items.iter().zip(pre) {
-            let judged = judge_open(&state, item, pre);
+            let version = state.next_state_version();
+            let server = state.servers.get_mut(item.server_id.as_str());
+            let judged = judge_open(server.as_deref().map(|s| &**s), item, pre);
             let step = match &judged {
                 Ok(step) | Err((_, Some(step))) => *step,
                 Err((_, None)) => OpenStep::Open,
             };
             results.push(judged.map(drop).map_err(|(failure, _)| failure));
-            let OpenStep::Remove { index, opens } = step else {
-                continue;
-            };
-            let version = state.next_state_version();
-            let Some(server) = state.servers.get_mut(item.server_id.as_str()) else {
+            let (OpenStep::Remove { index, opens }, Some(server)) = (step, server) else {
                 continue;
             };
             server.holds.remove(index);
@@ -421,10 +414,26 @@ struct CloseJudge<'a> {
     floors: &'a [holds::CapacityFloor],
     unreachable_after: std::time::Duration,
     /// AVAILABLE servers per floor, less what earlier items take. Counted
-    /// once, at the first item that would take an AVAILABLE server from a
-    /// floored pool: a walk of the fleet, which only operators who declare
-    /// floors pay for.
+    /// once, before the first item whose server is in a floored pool: a
+    /// walk of the fleet, which only operators who declare floors pay for.
     available: Option<Vec<u32>>,
+}
+
+impl CloseJudge<'_> {
+    /// Counts the floored pools' AVAILABLE servers if `item`'s server is
+    /// the batch's first in one. Before the item's record is borrowed for
+    /// the item itself, since the count walks every record.
+    fn count_floors_for(&mut self, state: &State, item: &CloseItem) {
+        if self.floors.is_empty() || self.available.is_some() {
+            return;
+        }
+        if let Some(server) = state.servers.get(item.server_id.as_str())
+            && self.floors.iter().any(|f| f.covers(server))
+        {
+            self.available =
+                Some(state.available_per_floor(self.floors, self.now, self.unreachable_after));
+        }
+    }
 }
 
 /// Judges one CloseServers item against `state`, after the batch's
@@ -432,7 +441,7 @@ struct CloseJudge<'a> {
 /// The real call applies each item as soon as it is judged, while its
 /// record is in the cache; a dry run only judges: both judge alike.
 fn judge_close(
-    state: &State,
+    server: Option<&ServerRecord>,
     item: &CloseItem,
     pre: Option<ItemFailure>,
     j: &mut CloseJudge<'_>,
@@ -440,17 +449,19 @@ fn judge_close(
     if let Some(failure) = pre {
         return Err(failure);
     }
-    let expires_at = item
-        .expiry
-        .resolve(j.wall)
-        .map_err(|why| ItemFailure::new(FailureCode::InvalidHold, why))?;
-    let server = state
-        .servers
-        .get(item.server_id.as_str())
-        .ok_or_else(ItemFailure::not_found)?;
+    let expires_at = match item.expiry {
+        Expiry::Never => None,
+        ref expiry => expiry
+            .resolve(j.wall)
+            .map_err(|why| ItemFailure::new(FailureCode::InvalidHold, why))?,
+    };
+    let server = server.ok_or_else(ItemFailure::not_found)?;
     check_version(server, item.expected_version)?;
-    let name = hold_name(&item.hold_name);
-    if server.holds.iter().any(|h| &*h.name == name) {
+    if server
+        .holds
+        .iter()
+        .any(|h| holds::is_named(h, &item.hold_name))
+    {
         return Ok(CloseStep::Held);
     }
     if server.holds.len() >= holds::MAX_HOLDS_PER_SERVER {
@@ -478,14 +489,11 @@ fn judge_close(
             ),
         ));
     }
-    if !j.floors.is_empty()
+    if let Some(counts) = j.available.as_mut()
         && j.floors.iter().any(|f| f.covers(server))
         && availability::reasons(server, j.now, j.unreachable_after).is_available()
     {
-        let (floors, now, unreachable_after) = (j.floors, j.now, j.unreachable_after);
-        let counts = j
-            .available
-            .get_or_insert_with(|| state.available_per_floor(floors, now, unreachable_after));
+        let floors = j.floors;
         if !item.override_floor
             && let Some((floor, count)) = floors
                 .iter()
@@ -540,7 +548,7 @@ fn close_precheck(items: &[CloseItem]) -> Result<Vec<Option<ItemFailure>>, Fleet
 /// still taken when the named hold goes but others remain).
 #[allow(clippy::type_complexity)]
 fn judge_open(
-    state: &State,
+    server: Option<&ServerRecord>,
     item: &OpenItem,
     pre: Option<ItemFailure>,
 ) -> Result<OpenStep, (ItemFailure, Option<OpenStep>)> {
@@ -552,22 +560,22 @@ fn judge_open(
     {
         return Err((ItemFailure::new(FailureCode::InvalidHold, why), None));
     }
-    let server = state
-        .servers
-        .get(item.server_id.as_str())
-        .ok_or_else(|| (ItemFailure::not_found(), None))?;
+    let server = server.ok_or_else(|| (ItemFailure::not_found(), None))?;
     check_version(server, item.expected_version).map_err(|f| (f, None))?;
     if !server.is_closed() {
         return Ok(OpenStep::Open);
     }
-    let name = hold_name(&item.hold_name);
-    let index = server.holds.iter().position(|h| &*h.name == name);
+    let index = server
+        .holds
+        .iter()
+        .position(|h| holds::is_named(h, &item.hold_name));
     let left = server.holds.len() - usize::from(index.is_some());
     if left == 0
         && let Some(index) = index
     {
         return Ok(OpenStep::Remove { index, opens: true });
     }
+    let name = hold_name(&item.hold_name);
     let what = match index {
         Some(_) => format!("Hold {name:?} removed, but"),
         None => format!("The server has no hold named {name:?};"),
