@@ -230,9 +230,10 @@ impl Fleet {
             // Most servers carry one hold at most: room for exactly one,
             // not the four a first push makes.
             server.holds.reserve_exact(1);
+            let expiring = expires_at.map(|at| (at, name.clone()));
             server.holds.push(Hold {
                 kind: HoldKind::Closed,
-                name: name.clone(),
+                name,
                 actor: actor.clone(),
                 since: wall,
                 reason: item.reason.clone(),
@@ -240,7 +241,7 @@ impl Fleet {
             });
             server.state_version = version;
             let id = server.id.clone();
-            if let Some(at) = expires_at {
+            if let Some((at, name)) = expiring {
                 state.schedule_hold_expiry(at, &id, name);
             }
             state.server_state_changed(&id);
@@ -323,7 +324,12 @@ impl Fleet {
             let (OpenStep::Remove { index, opens }, Some(server)) = (step, server) else {
                 continue;
             };
-            server.holds.remove(index);
+            if index + 1 == server.holds.len() {
+                // The usual case (one hold): no shifting.
+                server.holds.pop();
+            } else {
+                server.holds.remove(index);
+            }
             server.state_version = version;
             let deadline = server.last_seen + remove_after;
             let id = server.id.clone();
