@@ -1,7 +1,8 @@
 //! Durability of the real `dcv-broker` binary with its default store:
 //! acknowledged changes survive SIGKILL at random moments, batches are
 //! never half-applied, closed state (reason, actor, time) survives clean
-//! and unclean restarts and re-registration, and queued sessions come back.
+//! and unclean restarts and re-registration, as do named holds (their
+//! expiries) and state versions, and queued sessions come back.
 //! The SIGKILL test runs on PostgreSQL (`--database-url`) too.
 
 mod common;
@@ -527,6 +528,94 @@ async fn closed_state_survives_clean_and_unclean_restarts_and_re_registration() 
         "the re-registration was stored"
     );
     assert_eq!(after[0].holds, before[0].holds);
+}
+
+/// Named holds survive clean and unclean restarts whole: each hold's name,
+/// expiry, actor, time and reason, and the server's StateVersion, which an
+/// ExpectedStateVersion read before the restart still matches after it.
+#[tokio::test]
+async fn named_holds_and_state_versions_survive_restarts() {
+    let dir = tempdir();
+    let broker = Proc::start(dir.path()).await;
+    AgentClient::new(broker.channel().await)
+        .register_server(registration("held", "192.0.2.1"))
+        .await
+        .unwrap();
+    let mut servers = ServersClient::new(broker.channel().await);
+    let close = |name: &str, reason: &str, expires_in: Option<u64>| pb::CloseServersRequest {
+        servers: vec![pb::CloseServerRequestData {
+            server_id: "held".into(),
+            reason: reason.into(),
+            hold_name: Some(name.into()),
+            expires_in: expires_in.map(|seconds| prost_types::Duration {
+                seconds: seconds as i64,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    for request in [
+        close("team:db-7", "reindex", Some(3600)),
+        close("alice", "kernel patch", None),
+    ] {
+        let reply = servers.close_servers(request).await.unwrap().into_inner();
+        assert!(reply.unsuccessful_list.is_empty(), "{reply:?}");
+    }
+    let before = describe(&mut servers, &["held".into()]).await.remove(0);
+    let names: Vec<&str> = before.holds.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["team:db-7", "alice"]);
+    assert!(before.holds[0].expiration_time.is_some());
+    assert!(before.holds[1].expiration_time.is_none());
+    assert!(before.state_version > 0);
+
+    let check = |after: &pb::Server, when: &str| {
+        assert_eq!(after.holds, before.holds, "holds after {when}");
+        assert_eq!(after.state_version, before.state_version, "after {when}");
+    };
+    broker.stop().await;
+    let broker = Proc::start(dir.path()).await;
+    let mut servers = ServersClient::new(broker.channel().await);
+    check(
+        &describe(&mut servers, &["held".into()]).await[0],
+        "a clean restart",
+    );
+    broker.kill().await;
+    let broker = Proc::start(dir.path()).await;
+    let mut servers = ServersClient::new(broker.channel().await);
+    check(
+        &describe(&mut servers, &["held".into()]).await[0],
+        "SIGKILL",
+    );
+
+    // The version read before the restarts still guards an open, and the
+    // next version is new.
+    let reply = servers
+        .open_servers(pb::OpenServersRequest {
+            servers: vec![pb::OpenServerRequestData {
+                server_id: "held".into(),
+                hold_name: Some("alice".into()),
+                expected_state_version: Some(before.state_version),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = reply
+        .unsuccessful_list
+        .iter()
+        .map(|u| u.failure_code)
+        .collect();
+    assert_eq!(
+        codes,
+        [pb::FailureCode::HoldsRemain as i32],
+        "removed, and only the other hold keeps it closed: {reply:?}"
+    );
+    let after = describe(&mut servers, &["held".into()]).await.remove(0);
+    assert_eq!(after.holds, before.holds[..1]);
+    assert!(after.state_version > before.state_version);
+    broker.stop().await;
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

@@ -2,14 +2,15 @@
 //! kind of change (registrations, closes and opens with reasons, placed,
 //! queued, adopted, failed and deleted sessions), then reloaded from its
 //! SQLite store, describes the same servers and sessions, and its queue
-//! and occupancy behave as before.
+//! and occupancy behave as before; holds that end by themselves still do,
+//! on time.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use dcv_broker::{
     demo,
     fleet::{
-        CloseItem, CreateSpec, DeleteItem, DescribeQuery, Fleet, FleetConfig, Heartbeat,
+        CloseItem, CreateSpec, DeleteItem, DescribeQuery, Expiry, Fleet, FleetConfig, Heartbeat,
         InstructionKind, InstructionOutcome, OpenItem, ReportedSession, SessionKind, SessionQuery,
         SessionState,
     },
@@ -26,9 +27,10 @@ fn servers_of(fleet: &Fleet) -> Vec<String> {
         .describe_servers(&DescribeQuery::default(), |v| {
             let r = v.record;
             out.push(format!(
-                "{} {:?} {:?} reg={:?} departed={} sessions={:?} description={:?}",
+                "{} {:?} v={} {:?} reg={:?} departed={} sessions={:?} description={:?}",
                 r.id,
                 r.holds,
+                r.state_version,
                 r.session_counts(),
                 r.registered_at,
                 r.agent_departed,
@@ -72,8 +74,12 @@ fn sessions_of(fleet: &Fleet) -> Vec<String> {
 }
 
 fn open(dir: &std::path::Path) -> Fleet {
+    open_with(dir, FleetConfig::default())
+}
+
+fn open_with(dir: &std::path::Path, config: FleetConfig) -> Fleet {
     let (store, snapshot) = SqliteStore::open(dir).unwrap();
-    Fleet::restore(FleetConfig::default(), Arc::new(store), snapshot).unwrap()
+    Fleet::restore(config, Arc::new(store), snapshot).unwrap()
 }
 
 /// A creation request; each owner its own, since demo servers allow one
@@ -108,6 +114,12 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
             reason: reason.into(),
             ..Default::default()
         };
+        // serverId1 also held under a name, until a time.
+        let named = CloseItem {
+            hold_name: "team:db-7".into(),
+            expiry: Expiry::In(Duration::from_secs(3600)),
+            ..close(1, "reindex")
+        };
         fleet
             .close_servers(
                 &[close(1, "patch"), close(2, "swap"), close(3, "gone")],
@@ -115,6 +127,8 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
             )
             .await
             .unwrap();
+        let results = fleet.close_servers(&[named], "dba").await.unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
         fleet
             .open_servers(&[OpenItem {
                 server_id: demo::server_id(2),
@@ -220,6 +234,77 @@ async fn a_reloaded_fleet_is_the_fleet_that_was_stored() {
     });
     fleet.register("late", description).await.unwrap();
     assert_eq!(fleet.queued(), 0);
+    drop(fleet);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Holds that end by themselves still do after a restart, on time by the
+/// broker's clock: the expiry is stored, not a timer that dies with the
+/// process. The other holds stay.
+#[tokio::test(start_paused = true)]
+async fn expiring_holds_end_on_time_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("dcv-restart-expiry-{}", uuid::Uuid::new_v4()));
+    // Open servers silent this long would be forgotten; not in this test.
+    let config = FleetConfig {
+        remove_after: Duration::from_secs(24 * 3600),
+        ..FleetConfig::default()
+    };
+    let hour = Duration::from_secs(3600);
+    let hold = |id: usize, name: &str, expiry: Expiry| CloseItem {
+        server_id: demo::server_id(id),
+        force: true,
+        reason: format!("{name} reason"),
+        hold_name: name.into(),
+        expiry,
+        ..Default::default()
+    };
+    let before = {
+        let fleet = open_with(&dir, config.clone());
+        for i in 0..2 {
+            fleet
+                .register(&demo::server_id(i), demo::description(i))
+                .await
+                .unwrap();
+        }
+        // One hold per server per batch: a batch names each server once.
+        for batch in [
+            vec![
+                hold(0, "maint", Expiry::In(hour)),
+                hold(1, "short", Expiry::In(hour)),
+            ],
+            vec![hold(0, "forever", Expiry::Never)],
+        ] {
+            let results = fleet.close_servers(&batch, "ops").await.unwrap();
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+        }
+        servers_of(&fleet)
+    };
+
+    let fleet = open_with(&dir, config);
+    // The periodic sweep's first run: the broker's clock starts here.
+    assert!(fleet.sweep().is_empty());
+    assert_eq!(servers_of(&fleet), before);
+    tokio::time::advance(hour - Duration::from_secs(60)).await;
+    fleet.sweep();
+    assert_eq!(servers_of(&fleet), before, "nothing ends early");
+    tokio::time::advance(Duration::from_secs(120)).await;
+    fleet.sweep();
+    let mut holds = Vec::new();
+    fleet
+        .describe_servers(&DescribeQuery::default(), |v| {
+            let names: Vec<String> = v.record.holds.iter().map(|h| h.name.to_string()).collect();
+            holds.push((v.record.id.to_string(), names, v.record.is_closed()));
+        })
+        .unwrap();
+    holds.sort();
+    assert_eq!(
+        holds,
+        [
+            (demo::server_id(1), Vec::new(), false),
+            (demo::server_id(0), vec!["forever".to_owned()], true),
+        ],
+        "the expiring holds ended; the other stays"
+    );
     drop(fleet);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -147,6 +147,18 @@ fn liveness(i: usize, users: &[&str]) -> StoredLiveness {
     }
 }
 
+/// DCV's hold and a named one that ends by itself.
+fn two_holds() -> Vec<Hold> {
+    vec![
+        closed("ops"),
+        Hold {
+            name: "team:db-7".into(),
+            expires_at: Some(at(1_800_000_000)),
+            ..closed("dba")
+        },
+    ]
+}
+
 fn closed(actor: &str) -> Hold {
     Hold {
         kind: HoldKind::Closed,
@@ -462,17 +474,20 @@ async fn the_log_is_gap_free_and_a_tail_sees_each_group_as_one_batch() {
             Change::DeleteServer(demo::server_id(1)),
             Change::PutServerState {
                 id: demo::server_id(0),
-                holds: vec![closed("ops")],
-                state_version: 0,
+                holds: two_holds(),
+                state_version: 5,
                 agent_departed: true,
             },
         ],
     )
     .await;
     let batch = within("batch 3", tail.next()).await.unwrap();
+    // A follower sees the state as the whole server: its named holds,
+    // their expiries and its state version.
     let held = StoredServer {
         agent_departed: true,
-        ..server(0, vec![closed("ops")])
+        state_version: 5,
+        ..server(0, two_holds())
     };
     assert_eq!(
         batch,

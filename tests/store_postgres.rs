@@ -87,6 +87,18 @@ fn closed(actor: &str, since: SystemTime, reason: &str) -> Hold {
     }
 }
 
+/// A named hold, ending at `expires_at` if given.
+fn named(name: &str, actor: &str, since: SystemTime, expires_at: Option<SystemTime>) -> Hold {
+    Hold {
+        kind: HoldKind::Closed,
+        name: name.into(),
+        expires_at,
+        actor: actor.into(),
+        since,
+        reason: format!("{name} by {actor}"),
+    }
+}
+
 fn spec(name: &str) -> CreateSpec {
     CreateSpec {
         name: name.into(),
@@ -325,6 +337,237 @@ async fn deletes_and_replaces_are_kept() {
             sessions: vec![s1],
             ..Snapshot::default()
         }
+    );
+}
+
+/// Several named holds per server, some ending by themselves, and each
+/// server's state version come back exactly, in their order, whether put
+/// with the whole server or as its state alone.
+#[tokio::test]
+async fn named_holds_with_expiries_and_state_versions_come_back_exactly() {
+    let db = TestDatabase::new().await;
+    let (store, _) = open(&db).await;
+    let since = at(1_700_000_100, 1);
+    let default = dcv_broker::fleet::DEFAULT_HOLD_NAME;
+    let mut held = server(
+        0,
+        vec![
+            // Not in name order: the order placed is the order kept.
+            named("zeta", "alice", since, None),
+            named("team:ops-1", "bob", since, Some(at(1_800_000_000, 999_999))),
+            named(default, "dcv", since, None),
+        ],
+    );
+    held.state_version = 7;
+    let mut full = server(
+        1,
+        (0..dcv_broker::fleet::holds::MAX_HOLDS_PER_SERVER)
+            .map(|i| {
+                let expires = (i % 2 == 1).then(|| at(1_750_000_000 + i as u64, 3));
+                named(
+                    &format!("h{i:02}"),
+                    "ops",
+                    at(1_700_000_000, i as u32),
+                    expires,
+                )
+            })
+            .collect(),
+    );
+    full.state_version = i64::MAX as u64;
+    let mut open_server = server(2, Vec::new());
+    open_server.state_version = 3;
+    put(
+        &store,
+        vec![
+            Change::PutServer(held.clone()),
+            Change::PutServer(full.clone()),
+            Change::PutServer(open_server.clone()),
+        ],
+    )
+    .await;
+    held.holds.remove(1);
+    held.state_version = 8;
+    open_server.holds = vec![
+        named(default, "dcv", since, None),
+        named("@x", "carol", since, Some(at(1_700_000_200, 0))),
+    ];
+    open_server.state_version = 9;
+    open_server.agent_departed = true;
+    let state = |s: &StoredServer| Change::PutServerState {
+        id: s.id.clone(),
+        holds: s.holds.clone(),
+        state_version: s.state_version,
+        agent_departed: s.agent_departed,
+    };
+    put(&store, vec![state(&held), state(&open_server)]).await;
+    store.close().await.unwrap();
+
+    let (store, found) = open(&db).await;
+    let mut servers = vec![held, full, open_server];
+    servers.sort_by(|a, b| a.id.cmp(&b.id));
+    for (f, e) in found.servers.iter().zip(&servers) {
+        assert_eq!(f, e, "server {}", e.id);
+    }
+    assert_eq!(
+        found,
+        Snapshot {
+            servers,
+            ..Snapshot::default()
+        }
+    );
+    drop(store);
+    let (_store, again) = open(&db).await;
+    assert_eq!(again, found);
+}
+
+/// A database written before named holds (schema version 3) migrates: its
+/// holds become the hold named `default` (DCV's closed flag), with no
+/// expiry, every server's state version is 0, and afterwards a server can
+/// carry several holds.
+#[tokio::test]
+async fn a_version_3_database_migrates_and_keeps_its_holds_as_default() {
+    let db = TestDatabase::new().await;
+    let default = dcv_broker::fleet::DEFAULT_HOLD_NAME;
+    let mut servers = vec![
+        server(
+            0,
+            vec![named(default, "operator", at(1_700_000_000, 5), None)],
+        ),
+        server(1, Vec::new()),
+        server(2, vec![named(default, "", at(1_600_000_000, 0), None)]),
+    ];
+    servers[0].holds[0].reason = "kernel patch; ticket #7".into();
+    servers[2].holds[0].reason = String::new();
+    servers[2].agent_departed = true;
+    // This build encodes the descriptions; then the database is made
+    // again, exactly as the first three migrations left it, and the rows
+    // written as a broker of that version wrote them.
+    let (store, _) = open(&db).await;
+    put(
+        &store,
+        servers.iter().cloned().map(Change::PutServer).collect(),
+    )
+    .await;
+    store.close().await.unwrap();
+    let mut client = db.connect().await;
+    let descriptions: Vec<(String, Vec<u8>)> = client
+        .query("SELECT id, description FROM servers", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let micros = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "DROP TABLE servers, holds, sessions, session_tried, clients, secrets,
+             dcv_broker_leader, dcv_broker_changes, audit, audit_subjects, dcv_broker_schema",
+    )
+    .await
+    .unwrap();
+    for migration in &dcv_broker::store::postgres::MIGRATIONS[..3] {
+        tx.batch_execute(migration).await.unwrap();
+    }
+    tx.batch_execute(
+        "CREATE TABLE dcv_broker_schema (
+             singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+             version BIGINT NOT NULL
+         );
+         INSERT INTO dcv_broker_schema (singleton, version) VALUES (TRUE, 3);",
+    )
+    .await
+    .unwrap();
+    for s in &servers {
+        let description = &descriptions.iter().find(|(id, _)| *id == s.id).unwrap().1;
+        tx.execute(
+            "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &s.id,
+                description,
+                &micros(s.registered_at),
+                &micros(s.last_seen),
+                &s.agent_departed,
+            ],
+        )
+        .await
+        .unwrap();
+        for hold in &s.holds {
+            tx.execute(
+                "INSERT INTO holds (server_id, position, kind, actor, since, reason)
+                 VALUES ($1, 0, 'CLOSED', $2, $3, $4)",
+                &[&s.id, &&*hold.actor, &micros(hold.since), &hold.reason],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+
+    let (store, found) = open(&db).await;
+    servers.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(
+        found,
+        Snapshot {
+            servers: servers.clone(),
+            ..Snapshot::default()
+        }
+    );
+    let migrated = found.servers.iter().find(|s| !s.holds.is_empty()).unwrap();
+    // What the migration wrote is what the domain calls DCV's hold.
+    assert_eq!(&*migrated.holds[0].name, "default");
+    let version: i64 = client
+        .query_one("SELECT version FROM dcv_broker_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION);
+
+    // A second hold beside the migrated one: the key is the name now.
+    let i = servers
+        .iter()
+        .position(|s| s.id == demo::server_id(0))
+        .unwrap();
+    servers[i].holds.push(named(
+        "team:ops",
+        "bob",
+        at(1_700_000_001, 0),
+        Some(at(1_800_000_000, 0)),
+    ));
+    servers[i].state_version = 2;
+    put(
+        &store,
+        vec![Change::PutServerState {
+            id: servers[i].id.clone(),
+            holds: servers[i].holds.clone(),
+            state_version: 2,
+            agent_departed: false,
+        }],
+    )
+    .await;
+    store.close().await.unwrap();
+    let (_store, found) = open(&db).await;
+    assert_eq!(
+        found,
+        Snapshot {
+            servers,
+            ..Snapshot::default()
+        }
+    );
+
+    // A damaged name is refused, naming the row.
+    db.execute("UPDATE holds SET name = 'two words' WHERE name = 'team:ops'")
+        .await;
+    let err = match PostgresStore::open(&db.url).await {
+        Ok(_) => panic!("a hold named 'two words' was loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!(
+            "the hold of server {:?}: name",
+            demo::server_id(0)
+        )),
+        "{err}"
     );
 }
 

@@ -99,6 +99,18 @@ fn closed(actor: &str, since: SystemTime, reason: &str) -> Hold {
     }
 }
 
+/// A named hold, ending at `expires_at` if given.
+fn named(name: &str, actor: &str, since: SystemTime, expires_at: Option<SystemTime>) -> Hold {
+    Hold {
+        kind: HoldKind::Closed,
+        name: name.into(),
+        expires_at,
+        actor: actor.into(),
+        since,
+        reason: format!("{name} by {actor}"),
+    }
+}
+
 fn spec(name: &str) -> CreateSpec {
     CreateSpec {
         name: name.into(),
@@ -280,6 +292,85 @@ async fn what_is_put_comes_back_after_a_reopen() {
     );
     drop(store);
     // And again: opening a store changes nothing in it.
+    let (_store, again) = open(dir.path());
+    assert_eq!(again, found);
+}
+
+/// Several named holds per server, some ending by themselves, and each
+/// server's state version come back exactly, in their order, whether put
+/// with the whole server or as its state alone.
+#[tokio::test]
+async fn named_holds_with_expiries_and_state_versions_come_back_exactly() {
+    let dir = TempDir::new("named-holds");
+    let (store, _) = open(dir.path());
+    let since = at(1_700_000_100, 1);
+    let mut held = server(
+        0,
+        vec![
+            // Not in name order: the order placed is the order kept.
+            named("zeta", "alice", since, None),
+            named("team:ops-1", "bob", since, Some(at(1_800_000_000, 999_999))),
+            named(dcv_broker::fleet::DEFAULT_HOLD_NAME, "dcv", since, None),
+        ],
+    );
+    held.state_version = 7;
+    let mut full = server(
+        1,
+        (0..dcv_broker::fleet::holds::MAX_HOLDS_PER_SERVER)
+            .map(|i| {
+                let expires = (i % 2 == 1).then(|| at(1_750_000_000 + i as u64, 3));
+                named(
+                    &format!("h{i:02}"),
+                    "ops",
+                    at(1_700_000_000, i as u32),
+                    expires,
+                )
+            })
+            .collect(),
+    );
+    full.state_version = i64::MAX as u64;
+    let mut open_server = server(2, Vec::new());
+    open_server.state_version = 3;
+    put(
+        &store,
+        vec![
+            Change::PutServer(held.clone()),
+            Change::PutServer(full.clone()),
+            Change::PutServer(open_server.clone()),
+        ],
+    )
+    .await;
+    // The state alone: one hold ends, another server is held twice.
+    held.holds.remove(1);
+    held.state_version = 8;
+    open_server.holds = vec![
+        named(dcv_broker::fleet::DEFAULT_HOLD_NAME, "dcv", since, None),
+        named("@x", "carol", since, Some(at(1_700_000_200, 0))),
+    ];
+    open_server.state_version = 9;
+    open_server.agent_departed = true;
+    let state = |s: &StoredServer| Change::PutServerState {
+        id: s.id.clone(),
+        holds: s.holds.clone(),
+        state_version: s.state_version,
+        agent_departed: s.agent_departed,
+    };
+    put(&store, vec![state(&held), state(&open_server)]).await;
+    store.close().unwrap();
+
+    let (store, found) = open(dir.path());
+    for e in [&held, &full, &open_server] {
+        let f = found.servers.iter().find(|f| f.id == e.id).unwrap();
+        assert_eq!(f.state_version, e.state_version, "server {}", e.id);
+    }
+    assert_snapshot(
+        &found,
+        Snapshot {
+            servers: vec![held, full, open_server],
+            ..Snapshot::default()
+        },
+    );
+    drop(store);
     let (_store, again) = open(dir.path());
     assert_eq!(again, found);
 }
@@ -658,6 +749,33 @@ fn a_row_that_does_not_decode_names_itself() {
     connection.close().unwrap();
     let err = refused_unchanged(&dir);
     assert!(err.to_string().contains("session \"s\": state"), "{err}");
+
+    // A hold's name no CloseServers could have placed, and a state
+    // version below zero.
+    for (case, sql, named) in [
+        (
+            "bad-hold-name",
+            "UPDATE holds SET name = 'two words'",
+            "the hold of server \"serverId1\": name",
+        ),
+        (
+            "bad-state-version",
+            "UPDATE servers SET state_version = -1",
+            "server \"serverId1\": state_version",
+        ),
+    ] {
+        let dir = TempDir::new(case);
+        let (store, _) = open(dir.path());
+        let held = server(0, vec![closed("a", at(1, 1), "r")]);
+        drop(store.submit(vec![Change::PutServer(held)]));
+        store.close().unwrap();
+        let connection = rusqlite::Connection::open(dir.file()).unwrap();
+        assert_eq!(connection.execute(sql, []).unwrap(), 1, "{case}");
+        connection.close().unwrap();
+        let err = refused_unchanged(&dir);
+        assert!(matches!(err, StoreOpenError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains(named), "{case}: {err}");
+    }
 }
 
 #[tokio::test]
@@ -909,21 +1027,10 @@ fn startup_with_a_hundred_thousand_servers() {
 #[tokio::test]
 async fn a_version_1_store_migrates_and_keeps_clients_and_secrets_after() {
     let dir = TempDir::new("migrate-v1");
-    let (store, _) = open(dir.path());
     let held = server(0, vec![closed("operator", at(1_700_000_000, 0), "kept")]);
-    put(&store, vec![Change::PutServer(held.clone())]).await;
-    store.close().unwrap();
-    // Make it a version 1 store, as a broker before authentication (and
-    // before sessions counted their deletions) left it.
-    let connection = rusqlite::Connection::open(dir.path().join(FILE_NAME)).unwrap();
-    connection
-        .execute_batch(
-            "DROP TABLE clients; DROP TABLE secrets; \
-             ALTER TABLE sessions DROP COLUMN deletions; \
-             DROP TABLE audit; DROP TABLE audit_subjects; PRAGMA user_version = 1;",
-        )
-        .unwrap();
-    connection.close().unwrap();
+    // A version 1 store, as a broker before authentication (and before
+    // sessions counted their deletions) left it.
+    write_old_store(dir.path(), 1, std::slice::from_ref(&held));
 
     let (store, snapshot) = open(dir.path());
     assert_eq!(snapshot.servers, vec![held.clone()], "the servers survive");
@@ -964,6 +1071,126 @@ async fn a_version_1_store_migrates_and_keeps_clients_and_secrets_after() {
     assert_eq!(
         snapshot.secrets,
         vec![("key".to_owned(), vec![0, 1, 2, 255])]
+    );
+}
+
+/// Writes at `dir` a store of schema `version` (its tables exactly as the
+/// released migrations made them) holding `servers`, each with at most one
+/// hold, of kind CLOSED, as every store before named holds had it. The
+/// servers' descriptions are encoded by this build's store, in a store of
+/// its own.
+fn write_old_store(dir: &Path, version: usize, servers: &[StoredServer]) {
+    let scratch = TempDir::new("scratch");
+    let (store, _) = open(scratch.path());
+    drop(store.submit(servers.iter().cloned().map(Change::PutServer).collect()));
+    store.close().unwrap();
+    let scratch = rusqlite::Connection::open(scratch.file()).unwrap();
+    let description = |id: &str| -> Vec<u8> {
+        scratch
+            .query_row("SELECT description FROM servers WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let micros = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
+
+    let connection = rusqlite::Connection::open(dir.join(FILE_NAME)).unwrap();
+    for migration in &dcv_broker::store::MIGRATIONS[..version] {
+        connection.execute_batch(migration).unwrap();
+    }
+    connection
+        .execute_batch(&format!(
+            "PRAGMA application_id = {}; PRAGMA user_version = {version};",
+            0x4443_5642
+        ))
+        .unwrap();
+    for s in servers {
+        connection
+            .execute(
+                "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![
+                    s.id,
+                    description(&s.id),
+                    micros(s.registered_at),
+                    micros(s.last_seen),
+                    s.agent_departed
+                ],
+            )
+            .unwrap();
+        assert!(s.holds.len() <= 1, "one hold per server before named holds");
+        for hold in &s.holds {
+            connection
+                .execute(
+                    "INSERT INTO holds (server_id, kind, actor, since, reason)
+                     VALUES (?1, 'CLOSED', ?2, ?3, ?4)",
+                    rusqlite::params![s.id, &*hold.actor, micros(hold.since), hold.reason],
+                )
+                .unwrap();
+        }
+    }
+    connection.close().unwrap();
+}
+
+/// A store written before named holds opens: its holds become the hold
+/// named `default` (DCV's closed flag), with no expiry, and every server's
+/// state version is 0; after the migration a server can carry several
+/// holds, and they are kept.
+#[tokio::test]
+async fn a_version_4_store_migrates_and_keeps_its_holds_as_default() {
+    let dir = TempDir::new("migrate-v4");
+    let default = dcv_broker::fleet::DEFAULT_HOLD_NAME;
+    let mut servers = vec![
+        server(
+            0,
+            vec![named(default, "operator", at(1_700_000_000, 5), None)],
+        ),
+        server(1, Vec::new()),
+        server(2, vec![named(default, "", at(1_600_000_000, 0), None)]),
+    ];
+    servers[0].holds[0].reason = "kernel patch; ticket #7".into();
+    servers[2].holds[0].reason = String::new();
+    servers[2].agent_departed = true;
+    write_old_store(dir.path(), 4, &servers);
+
+    let (store, snapshot) = open(dir.path());
+    assert_snapshot(
+        &snapshot,
+        Snapshot {
+            servers: servers.clone(),
+            ..Snapshot::default()
+        },
+    );
+    // What the migration wrote is what the domain calls DCV's hold.
+    let migrated = snapshot.servers.iter().find(|s| s.id == servers[0].id);
+    assert_eq!(&*migrated.unwrap().holds[0].name, "default");
+
+    // A second hold beside the migrated one: the key is the name now.
+    servers[0].holds.push(named(
+        "team:ops",
+        "bob",
+        at(1_700_000_001, 0),
+        Some(at(1_800_000_000, 0)),
+    ));
+    servers[0].state_version = 2;
+    put(
+        &store,
+        vec![Change::PutServerState {
+            id: servers[0].id.clone(),
+            holds: servers[0].holds.clone(),
+            state_version: 2,
+            agent_departed: false,
+        }],
+    )
+    .await;
+    store.close().unwrap();
+    let (_store, snapshot) = open(dir.path());
+    assert_snapshot(
+        &snapshot,
+        Snapshot {
+            servers,
+            ..Snapshot::default()
+        },
     );
 }
 

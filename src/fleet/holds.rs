@@ -92,8 +92,14 @@ pub enum Expiry {
 
 impl Expiry {
     /// The wall time a hold placed at `now_wall` (the broker's clock) ends,
-    /// or why the expiry cannot be used.
+    /// or why the expiry cannot be used. At the stores' precision
+    /// (microseconds, rounded down), so that the expiry a broker shows and
+    /// acts on is the one it shows after a restart and its replicas show.
     pub fn resolve(&self, now_wall: SystemTime) -> Result<Option<SystemTime>, String> {
+        Ok(self.resolve_exactly(now_wall)?.map(to_micros))
+    }
+
+    fn resolve_exactly(&self, now_wall: SystemTime) -> Result<Option<SystemTime>, String> {
         match *self {
             Expiry::Never => Ok(None),
             Expiry::Malformed(ref why) => Err(why.clone()),
@@ -109,6 +115,22 @@ impl Expiry {
                 Err("ExpiresAt must be at most 366 days from now.".into())
             }
             Expiry::At(at) => Ok(Some(at)),
+        }
+    }
+}
+
+/// `t` rounded down to a whole microsecond.
+fn to_micros(t: SystemTime) -> SystemTime {
+    let sub_micro = |d: Duration| Duration::from_nanos(u64::from(d.subsec_nanos() % 1000));
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => t - sub_micro(after),
+        Err(e) => {
+            let before = sub_micro(e.duration());
+            if before.is_zero() {
+                t
+            } else {
+                t - (Duration::from_micros(1) - before)
+            }
         }
     }
 }
@@ -343,6 +365,30 @@ mod tests {
         assert!(validate_hold_name(&"a".repeat(65)).is_err());
         assert!(validate_hold_name("a b").is_err());
         assert!(validate_hold_name("é").is_err());
+    }
+
+    #[test]
+    fn expiries_are_kept_at_the_stores_precision() {
+        let now = SystemTime::UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
+        assert_eq!(
+            Expiry::In(Duration::from_secs(60)).resolve(now),
+            Ok(Some(
+                SystemTime::UNIX_EPOCH + Duration::new(1_000_000_060, 123_456_000)
+            ))
+        );
+        let at = now + Duration::from_nanos(5_000_999);
+        assert_eq!(
+            Expiry::At(at).resolve(now),
+            Ok(Some(
+                SystemTime::UNIX_EPOCH + Duration::new(1_000_000_000, 128_457_000)
+            ))
+        );
+        let before_epoch = SystemTime::UNIX_EPOCH - Duration::from_nanos(1_500);
+        assert_eq!(
+            to_micros(before_epoch),
+            SystemTime::UNIX_EPOCH - Duration::from_micros(2)
+        );
+        assert_eq!(to_micros(SystemTime::UNIX_EPOCH), SystemTime::UNIX_EPOCH);
     }
 
     #[test]

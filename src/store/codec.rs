@@ -11,14 +11,17 @@
 //! uses, so a stored value is checked exactly like one an agent or a
 //! portal sends.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use prost::Message as _;
 
 use crate::{
     fleet::{
         CreateSpec, Heartbeat, HoldKind, MemoryUsage, ServerDescription, SessionKind, SessionState,
-        Substate,
+        Substate, holds,
         persist::{AuditItem, StoredLiveness},
     },
     pb, wire,
@@ -87,6 +90,23 @@ pub(super) fn hold_kind_from_name(name: &str) -> Option<HoldKind> {
         "CLOSED" => Some(HoldKind::Closed),
         _ => None,
     }
+}
+
+/// A stored hold's name, checked as CloseServers checks one: a name no
+/// request could have placed means the row was damaged.
+pub(super) fn hold_name_from_column(name: &str) -> Result<Arc<str>, String> {
+    holds::validate_hold_name(name)?;
+    Ok(Arc::from(name))
+}
+
+/// A server's state version as a column value (the columns are signed).
+pub(super) fn state_version_column(version: u64) -> Result<i64, String> {
+    i64::try_from(version).map_err(|_| format!("state version {version} out of range"))
+}
+
+/// A server's state version from its column value.
+pub(super) fn state_version_from_column(column: i64) -> Result<u64, String> {
+    u64::try_from(column).map_err(|_| format!("negative ({column})"))
 }
 
 pub(super) fn session_kind_name(kind: SessionKind) -> &'static str {
@@ -332,6 +352,24 @@ mod tests {
             Some(HoldKind::Closed)
         );
         assert_eq!(state_from_name("ready"), None);
+    }
+
+    #[test]
+    fn state_versions_and_hold_names_are_checked_both_ways() {
+        for v in [0, 1, i64::MAX as u64] {
+            assert_eq!(
+                state_version_from_column(state_version_column(v).unwrap()),
+                Ok(v)
+            );
+        }
+        assert!(state_version_column(u64::MAX).is_err());
+        assert!(state_version_from_column(-1).is_err());
+        assert_eq!(
+            hold_name_from_column("team:ops-1").as_deref(),
+            Ok("team:ops-1")
+        );
+        assert!(hold_name_from_column("").is_err());
+        assert!(hold_name_from_column("two words").is_err());
     }
 
     #[test]

@@ -135,6 +135,15 @@ impl Fields<'_, '_> {
         codec::time_from_micros(micros).ok_or_else(|| self.bad(column, "time out of range"))
     }
 
+    fn optional_time(&self, index: usize, column: &str) -> Result<Option<SystemTime>, LoadError> {
+        let micros: Option<i64> = self.get(index, column)?;
+        micros
+            .map(|m| {
+                codec::time_from_micros(m).ok_or_else(|| self.bad(column, "time out of range"))
+            })
+            .transpose()
+    }
+
     fn name<T>(
         &self,
         index: usize,
@@ -148,7 +157,8 @@ impl Fields<'_, '_> {
 
 fn read_holds(connection: &Connection) -> Result<HashMap<String, Vec<Hold>>, LoadError> {
     let mut statement = connection.prepare(
-        "SELECT server_id, kind, actor, since, reason FROM holds ORDER BY server_id, rowid",
+        "SELECT server_id, kind, name, actor, since, reason, expires_at
+         FROM holds ORDER BY server_id, rowid",
     )?;
     let mut rows = statement.query([])?;
     let mut holds: HashMap<String, Vec<Hold>> = HashMap::new();
@@ -159,13 +169,14 @@ fn read_holds(connection: &Connection) -> Result<HashMap<String, Vec<Hold>>, Loa
             what: "the hold of server",
             id: &server,
         };
+        let name: String = f.get(2, "name")?;
         let hold = Hold {
-            name: crate::fleet::DEFAULT_HOLD_NAME.into(),
             kind: f.name(1, "kind", codec::hold_kind_from_name)?,
-            actor: f.get::<String>(2, "actor")?.into(),
-            since: f.time(3, "since")?,
-            reason: f.get(4, "reason")?,
-            expires_at: None,
+            name: codec::hold_name_from_column(&name).map_err(|e| f.bad("name", e))?,
+            actor: f.get::<String>(3, "actor")?.into(),
+            since: f.time(4, "since")?,
+            reason: f.get(5, "reason")?,
+            expires_at: f.optional_time(6, "expires_at")?,
         };
         holds.entry(server).or_default().push(hold);
     }
@@ -192,6 +203,7 @@ struct EncodedServer {
     registered_at: SystemTime,
     last_seen: SystemTime,
     agent_departed: bool,
+    state_version: u64,
 }
 
 fn read_servers(
@@ -199,7 +211,7 @@ fn read_servers(
     holds: &mut HashMap<String, Vec<Hold>>,
 ) -> Result<Vec<StoredServer>, LoadError> {
     let mut statement = connection.prepare(
-        "SELECT id, description, registered_at, last_seen, agent_departed
+        "SELECT id, description, registered_at, last_seen, agent_departed, state_version
          FROM servers ORDER BY id",
     )?;
     let mut rows = statement.query([])?;
@@ -216,6 +228,8 @@ fn read_servers(
             registered_at: f.time(2, "registered_at")?,
             last_seen: f.time(3, "last_seen")?,
             agent_departed: f.get(4, "agent_departed")?,
+            state_version: codec::state_version_from_column(f.get(5, "state_version")?)
+                .map_err(|e| f.bad("state_version", e))?,
             id,
         });
     }
@@ -232,7 +246,7 @@ fn read_servers(
         .into_iter()
         .zip(descriptions)
         .map(|(s, description)| StoredServer {
-            state_version: 0,
+            state_version: s.state_version,
             description,
             holds: holds.remove(&s.id).unwrap_or_default(),
             registered_at: s.registered_at,

@@ -110,6 +110,30 @@ pub const MIGRATIONS: &[&str] = &[
         audit_id INTEGER NOT NULL,
         PRIMARY KEY (subject, audit_id)
     ) STRICT, WITHOUT ROWID;",
+    // 5: named holds, several per server (each name once), each with an
+    // optional expiry; and each server's state version, which changes
+    // with its holds. SQLite cannot change a primary key in place, so
+    // `holds` is rebuilt. A version 4 store has at most one hold per
+    // server (its key was the kind, and CLOSED the only kind): DCV's
+    // closed flag, which is the hold named 'default'. The copy keeps the
+    // rows' order (the holds' order is their rowids').
+    "CREATE TABLE holds_v5 (
+        server_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        since INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        -- NULL: until it is removed.
+        expires_at INTEGER,
+        PRIMARY KEY (server_id, name)
+    ) STRICT;
+    INSERT INTO holds_v5 (server_id, kind, name, actor, since, reason, expires_at)
+        SELECT server_id, kind, 'default', actor, since, reason, NULL
+        FROM holds ORDER BY server_id, rowid;
+    DROP TABLE holds;
+    ALTER TABLE holds_v5 RENAME TO holds;
+    ALTER TABLE servers ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

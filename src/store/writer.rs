@@ -167,11 +167,14 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
         Change::PutServerState {
             id,
             holds,
+            state_version,
             agent_departed,
-            ..
         } => {
-            tx.prepare_cached("UPDATE servers SET agent_departed = ?2 WHERE id = ?1")?
-                .execute(params![id, agent_departed])?;
+            let state_version = state_version_column(id, *state_version)?;
+            tx.prepare_cached(
+                "UPDATE servers SET agent_departed = ?2, state_version = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id, agent_departed, state_version])?;
             put_holds(tx, id, holds)
         }
         Change::DeleteServer(id) => {
@@ -256,14 +259,17 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
 
 fn put_server(tx: &Transaction<'_>, s: &StoredServer) -> Result<(), WriteError> {
     let description = codec::encode_description(&s.description);
+    let state_version = state_version_column(&s.id, s.state_version)?;
     tx.prepare_cached(
-        "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed,
+                              state_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (id) DO UPDATE SET
              description = excluded.description,
              registered_at = excluded.registered_at,
              last_seen = excluded.last_seen,
-             agent_departed = excluded.agent_departed",
+             agent_departed = excluded.agent_departed,
+             state_version = excluded.state_version",
     )?
     .execute(params![
         s.id,
@@ -271,10 +277,17 @@ fn put_server(tx: &Transaction<'_>, s: &StoredServer) -> Result<(), WriteError> 
         codec::micros(s.registered_at),
         codec::micros(s.last_seen),
         s.agent_departed,
+        state_version,
     ])?;
     put_holds(tx, &s.id, &s.holds)
 }
 
+fn state_version_column(id: &str, version: u64) -> Result<i64, WriteError> {
+    codec::state_version_column(version)
+        .map_err(|e| WriteError::Encode(format!("server {id:?}: {e}")))
+}
+
+/// Replaces the server's holds; their order is their rows' (rowid) order.
 fn put_holds(
     tx: &Transaction<'_>,
     id: &str,
@@ -283,15 +296,18 @@ fn put_holds(
     tx.prepare_cached("DELETE FROM holds WHERE server_id = ?1")?
         .execute([id])?;
     let mut insert = tx.prepare_cached(
-        "INSERT INTO holds (server_id, kind, actor, since, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO holds (server_id, kind, name, actor, since, reason, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     for hold in holds {
         insert.execute(params![
             id,
             codec::hold_kind_name(hold.kind),
+            &*hold.name,
             &*hold.actor,
             codec::micros(hold.since),
             hold.reason,
+            hold.expires_at.map(codec::micros),
         ])?;
     }
     Ok(())

@@ -232,7 +232,7 @@ async fn read_holds(
 ) -> Result<HashMap<String, Vec<Hold>>, LoadError> {
     let rows = rows(
         tx,
-        "SELECT server_id, kind, actor, since, reason FROM holds",
+        "SELECT server_id, kind, name, actor, since, reason, expires_at FROM holds",
         "server_id",
         "server_id COLLATE \"C\", position",
         ids,
@@ -247,12 +247,12 @@ async fn read_holds(
             id: &server,
         };
         let hold = Hold {
-            name: crate::fleet::DEFAULT_HOLD_NAME.into(),
             kind: f.name(1, "kind", codec::hold_kind_from_name)?,
-            actor: f.get::<String>(2, "actor")?.into(),
-            since: f.time(3, "since")?,
-            reason: f.get(4, "reason")?,
-            expires_at: None,
+            name: codec::hold_name_from_column(f.get(2, "name")?).map_err(|e| f.bad("name", e))?,
+            actor: f.get::<String>(3, "actor")?.into(),
+            since: f.time(4, "since")?,
+            reason: f.get(5, "reason")?,
+            expires_at: f.optional_time(6, "expires_at")?,
         };
         holds.entry(server).or_default().push(hold);
     }
@@ -288,7 +288,8 @@ async fn read_servers(
 ) -> Result<Vec<StoredServer>, LoadError> {
     let rows = rows(
         tx,
-        "SELECT id, description, registered_at, last_seen, agent_departed FROM servers",
+        "SELECT id, description, registered_at, last_seen, agent_departed, state_version
+         FROM servers",
         "id",
         "id COLLATE \"C\"",
         ids,
@@ -306,7 +307,8 @@ async fn read_servers(
         let description = codec::decode_description(&description)
             .map_err(|e| f.bad("description does not decode", e))?;
         servers.push(StoredServer {
-            state_version: 0,
+            state_version: codec::state_version_from_column(f.get(5, "state_version")?)
+                .map_err(|e| f.bad("state_version", e))?,
             description,
             holds: holds.remove(&id).unwrap_or_default(),
             registered_at: f.time(2, "registered_at")?,

@@ -120,6 +120,18 @@ pub const MIGRATIONS: &[&str] = &[
         audit_id BIGINT NOT NULL,
         PRIMARY KEY (subject, audit_id)
     );",
+    // 4: named holds with expiries and servers' state versions, as the
+    // SQLite store's version 5: a hold is keyed by its name, and the
+    // rows already there are DCV's closed flag, the hold named 'default'.
+    // The name's default stays, so that a broker of the previous version
+    // still leading while a newer one migrates keeps writing rows that
+    // mean what its holds meant.
+    "ALTER TABLE holds
+        ADD COLUMN name TEXT NOT NULL DEFAULT 'default',
+        ADD COLUMN expires_at BIGINT,
+        DROP CONSTRAINT holds_pkey,
+        ADD PRIMARY KEY (server_id, name);
+    ALTER TABLE servers ADD COLUMN state_version BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

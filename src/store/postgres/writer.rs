@@ -145,25 +145,28 @@ impl Statements {
                 .await?,
             put_server: client
                 .prepare(
-                    "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed)
-                     VALUES ($1, $2, $3, $4, $5)
+                    "INSERT INTO servers (id, description, registered_at, last_seen, agent_departed,
+                                          state_version)
+                     VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (id) DO UPDATE SET
                          description = excluded.description,
                          registered_at = excluded.registered_at,
                          last_seen = excluded.last_seen,
-                         agent_departed = excluded.agent_departed",
+                         agent_departed = excluded.agent_departed,
+                         state_version = excluded.state_version",
                 )
                 .await?,
             server_state: client
-                .prepare("UPDATE servers SET agent_departed = $2 WHERE id = $1")
+                .prepare("UPDATE servers SET agent_departed = $2, state_version = $3 WHERE id = $1")
                 .await?,
             delete_holds: client
                 .prepare("DELETE FROM holds WHERE server_id = $1")
                 .await?,
             insert_hold: client
                 .prepare(
-                    "INSERT INTO holds (server_id, position, kind, actor, since, reason)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO holds
+                         (server_id, position, kind, name, actor, since, reason, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .await?,
             delete_server: client.prepare("DELETE FROM servers WHERE id = $1").await?,
@@ -460,10 +463,12 @@ async fn apply(tx: &Transaction<'_>, s: &Statements, change: &Change) -> Result<
         Change::PutServerState {
             id,
             holds,
+            state_version,
             agent_departed,
-            ..
         } => {
-            tx.execute(&s.server_state, &[id, agent_departed]).await?;
+            let state_version = state_version_column(id, *state_version)?;
+            tx.execute(&s.server_state, &[id, agent_departed, &state_version])
+                .await?;
             put_holds(tx, s, id, holds).await
         }
         Change::DeleteServer(id) => {
@@ -533,6 +538,7 @@ async fn put_server(
     server: &StoredServer,
 ) -> Result<(), WriteError> {
     let description = codec::encode_description(&server.description);
+    let state_version = state_version_column(&server.id, server.state_version)?;
     tx.execute(
         &s.put_server,
         &[
@@ -541,10 +547,16 @@ async fn put_server(
             &codec::micros(server.registered_at),
             &codec::micros(server.last_seen),
             &server.agent_departed,
+            &state_version,
         ],
     )
     .await?;
     put_holds(tx, s, &server.id, &server.holds).await
+}
+
+fn state_version_column(id: &str, version: u64) -> Result<i64, WriteError> {
+    codec::state_version_column(version)
+        .map_err(|e| WriteError::Encode(format!("server {id:?}: {e}")))
 }
 
 async fn put_holds(
@@ -561,9 +573,11 @@ async fn put_holds(
                 id,
                 &position,
                 &codec::hold_kind_name(hold.kind),
+                &&*hold.name,
                 &&*hold.actor,
                 &codec::micros(hold.since),
                 &hold.reason,
+                &hold.expires_at.map(codec::micros),
             ],
         )
         .await?;
