@@ -35,6 +35,7 @@ mod connection_token;
 pub mod error;
 mod gauges;
 mod handle;
+mod hold_state;
 pub mod holds;
 mod intern;
 mod load_index;

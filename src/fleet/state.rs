@@ -106,6 +106,9 @@ impl State {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut state = State::default();
+        // The broker's clock starts with the state, not at its first use:
+        // an expiry is as far ahead as it was when the store was written.
+        state.hold_expiries.wall(now);
         for stored in snapshot.servers {
             let id: ServerId = Arc::from(stored.id.as_str());
             state.schedule_hold_expiries(&stored.id, &stored.holds);
