@@ -138,8 +138,16 @@ impl Sessions for SessionsApi {
                 .await;
         }
         let request_id = RequestId::of(&request);
-        let audit = AuditCall::begin(&self.fleet, &request, "DeleteSessions");
-        let items = request.into_inner().sessions;
+        let dry_run = request.get_ref().dry_run;
+        // A dry run changes nothing: nothing to audit.
+        let audit = (!dry_run)
+            .then(|| AuditCall::begin(&self.fleet, &request, "DeleteSessions"))
+            .flatten();
+        let pb::DeleteSessionsRequest {
+            sessions: items,
+            capacity_tag_key,
+            ..
+        } = request.into_inner();
         fleet::validate_batch_size("Sessions", items.len())?;
         let domain: Vec<DeleteItem> = items
             .iter()
@@ -149,16 +157,28 @@ impl Sessions for SessionsApi {
                 force: d.force.unwrap_or(false),
             })
             .collect();
-        let results = self.fleet.delete_sessions(&domain).await?;
-        let audited = domain.iter().zip(&results);
-        AuditCall::finish(
-            audit,
-            &self.fleet,
-            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
-        )
-        .await;
+        let mut blast_radius = None;
+        let results = if dry_run {
+            let (results, radius) = self
+                .fleet
+                .delete_sessions_dry_run(&domain, &capacity_tag_key)?;
+            blast_radius = Some(wire::blast_radius_to_pb(radius));
+            results
+        } else {
+            let results = self.fleet.delete_sessions(&domain).await?;
+            let audited = domain.iter().zip(&results);
+            AuditCall::finish(
+                audit,
+                &self.fleet,
+                audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
+            )
+            .await;
+            results
+        };
         let mut response = pb::DeleteSessionsResponse {
             request_id,
+            dry_run: dry_run.then_some(true),
+            blast_radius,
             ..Default::default()
         };
         for (data, result) in items.into_iter().zip(results) {
@@ -183,6 +203,7 @@ impl Sessions for SessionsApi {
         tracing::debug!(
             succeeded = response.successful_list.len(),
             failed = response.unsuccessful_list.len(),
+            dry_run,
             "sessions deleted"
         );
         Ok(self.forward.stamped(response))

@@ -7,8 +7,10 @@ use tokio::time::Instant;
 
 use super::{
     availability,
+    error::FleetError,
     model::{ServerRecord, SessionKind},
     state::State,
+    validate::MAX_TEXT_BYTES,
 };
 
 /// A session a call would affect.
@@ -57,6 +59,19 @@ pub struct BlastRadius {
     pub pools: Vec<PoolCapacity>,
     /// The whole fleet.
     pub overall: PoolCapacity,
+}
+
+/// Checks a request's CapacityTagKey: no tag key is longer than
+/// [`MAX_TEXT_BYTES`], so a longer one is a mistake, and it is compared
+/// with every server's tags.
+pub(in crate::fleet) fn check_tag_key(key: &str) -> Result<(), FleetError> {
+    if key.len() > MAX_TEXT_BYTES {
+        return Err(FleetError::invalid(
+            "CapacityTagKey",
+            format!("must be at most {MAX_TEXT_BYTES} bytes; got {}", key.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// The sessions running on `server`, as a dry run lists them.

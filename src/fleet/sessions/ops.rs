@@ -10,17 +10,88 @@ use super::{
     validate::{check_name, check_permissions, check_session_id, dedupe_ids, invalid, not_found},
 };
 use crate::fleet::{
+    availability,
+    blast::{self, AffectedServer, AffectedSession, BlastRadius},
     error::{FieldViolation, FleetError, ItemFailure},
     handle::Fleet,
-    model::SessionState,
+    model::{FastMap, FastSet, ServerId, ServerRecord, SessionState},
     persist::Durable,
     query::{self, parse_session_filters, session_matches},
+    state::State,
     validate::validate_batch_size,
 };
+
+/// What a judged DeleteSessions item would do. Judged against the state
+/// before the batch: no item's verdict depends on what an earlier item of
+/// the same batch did (see [`Fleet::delete_sessions`]), which is what lets
+/// a dry run give the real call's results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DeleteStep {
+    /// Deleted already: nothing to do.
+    Gone,
+    /// Queued, on no server: deleted at once.
+    Dequeue,
+    /// Forgotten at once (Force); its room on the server is freed.
+    Forget(ServerId),
+    /// Its server's agent is asked to delete it.
+    Ask(ServerId),
+}
+
+impl DeleteStep {
+    /// The state the item reports.
+    fn result(&self) -> SessionState {
+        match self {
+            DeleteStep::Ask(_) => SessionState::Deleting,
+            DeleteStep::Gone | DeleteStep::Dequeue | DeleteStep::Forget(_) => SessionState::Deleted,
+        }
+    }
+}
+
+/// Per-item checks of a DeleteSessions batch that need no state.
+fn delete_precheck(items: &[DeleteItem]) -> Result<Vec<Option<ItemFailure>>, FleetError> {
+    validate_batch_size("Sessions", items.len())?;
+    let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
+    for (item, slot) in items.iter().zip(pre.iter_mut()) {
+        if slot.is_none()
+            && let Err(why) = check_name("Owner", &item.owner)
+        {
+            *slot = Some(invalid(why));
+        }
+    }
+    Ok(pre)
+}
+
+/// Judges one item against `state`.
+fn judge_delete(
+    state: &State,
+    item: &DeleteItem,
+    pre: Option<ItemFailure>,
+) -> Result<DeleteStep, ItemFailure> {
+    if let Some(failure) = pre {
+        return Err(failure);
+    }
+    let record = state
+        .sessions
+        .records
+        .get(item.session_id.as_str())
+        .filter(|r| r.owner == item.owner)
+        .ok_or_else(not_found)?;
+    Ok(match (record.state, &record.server) {
+        (SessionState::Deleted, _) => DeleteStep::Gone,
+        (_, None) => DeleteStep::Dequeue,
+        (_, Some(server)) if item.force => DeleteStep::Forget(server.clone()),
+        (_, Some(server)) => DeleteStep::Ask(server.clone()),
+    })
+}
 
 impl Fleet {
     /// Deletes sessions; one result per item (the state the session is in
     /// afterwards), in order.
+    ///
+    /// Every item is judged against the state before the batch: the room a
+    /// forced deletion frees goes to the queue only once the whole batch is
+    /// applied, so a queued session deleted by a later item of the same
+    /// batch is never placed first.
     pub async fn delete_sessions(
         &self,
         items: &[DeleteItem],
@@ -30,59 +101,111 @@ impl Fleet {
         Ok(results)
     }
 
+    /// Judges a DeleteSessions batch exactly as [`Fleet::delete_sessions`]
+    /// would, changes nothing, and says what it would affect: each server
+    /// (in order of first appearance) with the sessions that would be
+    /// deleted on it, and capacity counted per value of `tag_key` (none
+    /// when empty) as if they were gone. A queued session is on no server,
+    /// so it appears in its item's result only.
+    #[allow(clippy::type_complexity)]
+    pub fn delete_sessions_dry_run(
+        &self,
+        items: &[DeleteItem],
+        tag_key: &str,
+    ) -> Result<(Vec<Result<SessionState, ItemFailure>>, BlastRadius), FleetError> {
+        let pre = delete_precheck(items)?;
+        blast::check_tag_key(tag_key)?;
+        let now = Instant::now();
+        let unreachable_after = self.config.unreachable_after;
+        let state = self.read(now);
+        let mut radius = BlastRadius::default();
+        // Each affected server's index in `radius.servers`.
+        let mut index: FastMap<ServerId, usize> = FastMap::default();
+        let mut results = Vec::with_capacity(items.len());
+        for (item, pre) in items.iter().zip(pre) {
+            let judged = judge_delete(&state, item, pre);
+            if let Ok(DeleteStep::Forget(server) | DeleteStep::Ask(server)) = &judged
+                && let Some(record) = state.sessions.records.get(item.session_id.as_str())
+            {
+                let at = *index.entry(server.clone()).or_insert_with(|| {
+                    radius.servers.push(AffectedServer {
+                        server_id: server.to_string(),
+                        available_before: false,
+                        available_after: false,
+                        sessions: Vec::new(),
+                    });
+                    radius.servers.len() - 1
+                });
+                if let Some(affected) = radius.servers.get_mut(at) {
+                    affected.sessions.push(AffectedSession {
+                        id: record.id.to_string(),
+                        owner: record.owner.clone(),
+                        kind: record.kind,
+                    });
+                }
+            }
+            results.push(judged.map(|step| step.result()));
+        }
+        for affected in &mut radius.servers {
+            // A server forgotten since its sessions were placed on it
+            // counts as unavailable before and after.
+            let Some(server) = state.servers.get(affected.server_id.as_str()) else {
+                continue;
+            };
+            affected.available_before =
+                availability::reasons(server, now, unreachable_after).is_available();
+            let gone: FastSet<&str> = affected.sessions.iter().map(|s| s.id.as_str()).collect();
+            let mut after = ServerRecord::clone(server);
+            after.sessions.retain(|s| !gone.contains(&*s.id));
+            after.placing.retain(|p| !gone.contains(&*p.session));
+            affected.available_after =
+                availability::reasons(&after, now, unreachable_after).is_available();
+        }
+        state.count_capacity(&mut radius, tag_key, now, unreachable_after);
+        Ok((results, radius))
+    }
+
     #[allow(clippy::type_complexity)]
     fn delete_sessions_locked(
         &self,
         items: &[DeleteItem],
     ) -> Result<(Vec<Result<SessionState, ItemFailure>>, Durable), FleetError> {
-        validate_batch_size("Sessions", items.len())?;
-        let mut pre = dedupe_ids(items.iter().map(|i| i.session_id.as_str()));
-        for (item, slot) in items.iter().zip(pre.iter_mut()) {
-            if slot.is_none()
-                && let Err(why) = check_name("Owner", &item.owner)
-            {
-                *slot = Some(invalid(why));
-            }
-        }
+        let pre = delete_precheck(items)?;
         let now = Instant::now();
         let ctx = self.ctx();
         let mut state = self.write(now);
         let mut results = Vec::with_capacity(items.len());
+        // The servers forced deletions freed room on, in order, once each.
+        let mut freed: Vec<ServerId> = Vec::new();
         for (item, pre) in items.iter().zip(pre) {
-            if let Some(failure) = pre {
-                results.push(Err(failure));
-                continue;
-            }
-            let id: SessionId = Arc::from(item.session_id.as_str());
-            let Some(record) = state.sessions.records.get(&id) else {
-                results.push(Err(not_found()));
-                continue;
-            };
-            if record.owner != item.owner {
-                results.push(Err(not_found()));
-                continue;
-            }
-            let server = record.server.clone();
-            match (record.state, server) {
-                (SessionState::Deleted, _) => results.push(Ok(SessionState::Deleted)),
-                (_, None) => {
-                    state.mark_deleted(&id, "Deleted while queued.".into(), now, &ctx);
-                    results.push(Ok(SessionState::Deleted));
+            let step = match judge_delete(&state, item, pre) {
+                Ok(step) => step,
+                Err(failure) => {
+                    results.push(Err(failure));
+                    continue;
                 }
-                (_, Some(server)) if item.force => {
+            };
+            results.push(Ok(step.result()));
+            let id: SessionId = Arc::from(item.session_id.as_str());
+            match step {
+                DeleteStep::Gone => {}
+                DeleteStep::Dequeue => {
+                    state.mark_deleted(&id, "Deleted while queued.".into(), now, &ctx);
+                }
+                DeleteStep::Forget(server) => {
                     state.mark_deleted(&id, "Deleted with Force.".into(), now, &ctx);
                     if let Some(record) = state.sessions.record_mut(&id) {
                         record.forgotten = true;
                     }
                     // Forgotten means it no longer occupies its server, from
                     // now on (if the agent still reports it, the next
-                    // heartbeat brings it back); the room goes to the queue,
-                    // oldest first, before any newer request can take it.
+                    // heartbeat brings it back).
                     state.forget_reported(&server, &id, &ctx);
-                    state.drain_queue_onto(&server, now, &ctx);
-                    results.push(Ok(SessionState::Deleted));
+                    if !freed.contains(&server) {
+                        freed.push(server);
+                    }
                 }
-                (_, Some(server)) => {
+                DeleteStep::Ask(server) => {
                     let mut instruction_id = None;
                     if let Some(record) = state.sessions.record_mut(&id) {
                         if record.state != SessionState::Deleting {
@@ -103,9 +226,13 @@ impl Fleet {
                             id: instruction_id,
                         });
                     }
-                    results.push(Ok(SessionState::Deleting));
                 }
             }
+        }
+        // The freed room goes to the queue, oldest first, before any newer
+        // request can take it.
+        for server in freed {
+            state.drain_queue_onto(&server, now, &ctx);
         }
         let durable = self.commit(&mut state);
         Ok((results, durable))
