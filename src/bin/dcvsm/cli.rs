@@ -88,9 +88,11 @@ pub enum SessionTypeArg {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Close DCV servers: no new sessions are placed on them.
+    /// Close DCV servers: no new sessions are placed on them. A close places a named hold
+    /// (--hold); a server stays closed while it has any hold.
     CloseServers(CloseServersArgs),
-    /// Open closed DCV servers again.
+    /// Open closed DCV servers again: removes the named hold (--hold); a server opens once
+    /// no hold remains.
     OpenServers(OpenServersArgs),
     /// Describe DCV servers; follows every page unless --next-token or --no-paginate.
     DescribeServers(DescribeServersArgs),
@@ -98,7 +100,7 @@ pub enum Command {
     CreateSession(CreateSessionArgs),
     /// Describe sessions; follows every page unless --next-token or --no-paginate.
     DescribeSessions(DescribeSessionsArgs),
-    /// Delete a session.
+    /// Delete a session (--dry-run: say what it would do, change nothing).
     DeleteSession(DeleteSessionArgs),
     /// Get the data a DCV client needs to connect to a session.
     GetSessionConnectionData(GetSessionConnectionDataArgs),
@@ -115,6 +117,28 @@ pub enum Command {
     },
 }
 
+/// Beyond DCV: what every command that changes something takes.
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// Make the call safe to repeat: the same token with the same request (within the
+    /// broker's retention window, 24 hours by default) returns the first reply again and
+    /// applies nothing twice. 1 to 64 printable ASCII characters, e.g. a UUID.
+    #[arg(long, value_name = "TOKEN")]
+    pub client_token: Option<String>,
+}
+
+/// Beyond DCV: a dry run.
+#[derive(Args, Debug)]
+pub struct DryRunArgs {
+    /// Judge every item exactly as for real, change nothing, and print what the call would
+    /// affect: the servers, the sessions on them, and AVAILABLE capacity before and after.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: count AVAILABLE capacity per value of this tag, e.g. pool.
+    #[arg(long, value_name = "KEY", requires = "dry_run")]
+    pub capacity_tag: Option<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct CloseServersArgs {
     /// Comma-separated server ids.
@@ -126,6 +150,29 @@ pub struct CloseServersArgs {
     /// Why the servers are closed (shown by describe-servers in Holds).
     #[arg(long)]
     pub reason: Option<String>,
+    /// The name of the hold to place (default `default`, the one DCV-style closes use).
+    /// Each team closing with its own name opens only its own hold.
+    #[arg(long, value_name = "NAME")]
+    pub hold: Option<String>,
+    /// The hold ends by itself after this long (the server reopens if it was the last),
+    /// e.g. 2h, 90m, 1h30m; at most a year.
+    #[arg(long, value_name = "DURATION", conflicts_with = "expires_at")]
+    pub expires_in: Option<String>,
+    /// The hold ends by itself at this time, RFC 3339, e.g. 2026-12-02T06:00:00Z.
+    #[arg(long, value_name = "RFC3339")]
+    pub expires_at: Option<String>,
+    /// Act only on servers whose StateVersion (describe-servers) is N; any other fails with
+    /// STATE_VERSION_MISMATCH. Applies to every id given.
+    #[arg(long, value_name = "N")]
+    pub expected_version: Option<u64>,
+    /// Close even if that leaves a pool below its capacity floor (the broker's
+    /// --capacity-floor).
+    #[arg(long)]
+    pub override_capacity_floor: bool,
+    #[command(flatten)]
+    pub dry: DryRunArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +180,18 @@ pub struct OpenServersArgs {
     /// Comma-separated server ids.
     #[arg(long, required = true)]
     pub server_ids: String,
+    /// The name of the hold to remove (default `default`). A server that keeps other holds
+    /// stays closed, and its item fails with HOLDS_REMAIN naming them.
+    #[arg(long, value_name = "NAME")]
+    pub hold: Option<String>,
+    /// Act only on servers whose StateVersion (describe-servers) is N. Applies to every id
+    /// given.
+    #[arg(long, value_name = "N")]
+    pub expected_version: Option<u64>,
+    #[command(flatten)]
+    pub dry: DryRunArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +254,8 @@ pub struct CreateSessionArgs {
     /// Do not retry the creation on another server after a failure.
     #[arg(long)]
     pub disable_retry_on_failure: bool,
+    #[command(flatten)]
+    pub retry: RetryArgs,
 }
 
 #[derive(Args, Debug)]
@@ -227,6 +288,10 @@ pub struct DeleteSessionArgs {
     /// Delete even when the DCV server does not answer.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub dry: DryRunArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
 }
 
 #[derive(Args, Debug)]
@@ -266,4 +331,6 @@ pub struct UpdateSessionPermissionsArgs {
     /// A local permissions file; it is read and sent base64-encoded.
     #[arg(long, required = true)]
     pub permission_file: PathBuf,
+    #[command(flatten)]
+    pub retry: RetryArgs,
 }

@@ -20,7 +20,7 @@ use crate::{
     cli::{
         CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeServersArgs,
         DescribeSessionsArgs, GetSessionConnectionDataArgs, GetSessionScreenshotsArgs,
-        OpenServersArgs, SessionTypeArg, UpdateSessionPermissionsArgs,
+        OpenServersArgs, RetryArgs, SessionTypeArg, UpdateSessionPermissionsArgs,
     },
     exit, fail,
     output::to_json,
@@ -57,19 +57,37 @@ pub async fn execute(
 }
 
 async fn close_servers(mut servers: Servers, args: &CloseServersArgs) -> Result<Value, Failure> {
-    let servers_data = split_ids("--server-ids", &args.server_ids)?
+    let ids = split_ids("--server-ids", &args.server_ids)?;
+    let expires_in = args
+        .expires_in
+        .as_deref()
+        .map(parse_expires_in)
+        .transpose()?;
+    let expires_at = args
+        .expires_at
+        .as_deref()
+        .map(parse_expires_at)
+        .transpose()?;
+    let client_token = client_token(&args.retry)?;
+    let servers_data = ids
         .into_iter()
         .map(|server_id| pb::CloseServerRequestData {
             server_id,
             force: args.force.then_some(true),
             reason: args.reason.clone().unwrap_or_default(),
-            ..Default::default()
+            hold_name: args.hold.clone(),
+            expires_at,
+            expires_in,
+            expected_state_version: args.expected_version,
+            override_capacity_floor: args.override_capacity_floor.then_some(true),
         })
         .collect();
     let r = servers
         .close_servers(pb::CloseServersRequest {
             servers: servers_data,
-            ..Default::default()
+            client_token,
+            dry_run: args.dry.dry_run,
+            capacity_tag_key: args.dry.capacity_tag.clone().unwrap_or_default(),
         })
         .await
         .map_err(status_failure)?;
@@ -77,21 +95,70 @@ async fn close_servers(mut servers: Servers, args: &CloseServersArgs) -> Result<
 }
 
 async fn open_servers(mut servers: Servers, args: &OpenServersArgs) -> Result<Value, Failure> {
-    let servers_data = split_ids("--server-ids", &args.server_ids)?
+    let ids = split_ids("--server-ids", &args.server_ids)?;
+    let client_token = client_token(&args.retry)?;
+    let servers_data = ids
         .into_iter()
         .map(|server_id| pb::OpenServerRequestData {
             server_id,
-            ..Default::default()
+            hold_name: args.hold.clone(),
+            expected_state_version: args.expected_version,
         })
         .collect();
     let r = servers
         .open_servers(pb::OpenServersRequest {
             servers: servers_data,
-            ..Default::default()
+            client_token,
+            dry_run: args.dry.dry_run,
+            capacity_tag_key: args.dry.capacity_tag.clone().unwrap_or_default(),
         })
         .await
         .map_err(status_failure)?;
     to_json("OpenServersResponse", &r.into_inner())
+}
+
+/// The longest token the broker accepts in ClientToken.
+const MAX_CLIENT_TOKEN_CHARS: usize = 64;
+
+/// --client-token, checked as the broker documents it (empty: none).
+fn client_token(args: &RetryArgs) -> Result<String, Failure> {
+    let Some(token) = &args.client_token else {
+        return Ok(String::new());
+    };
+    let printable = token.chars().all(|c| (' '..='~').contains(&c));
+    if token.is_empty() || token.len() > MAX_CLIENT_TOKEN_CHARS || !printable {
+        return Err(fail(
+            exit::BAD_PARAMETER,
+            format!(
+                "--client-token must be 1 to {MAX_CLIENT_TOKEN_CHARS} printable ASCII characters"
+            ),
+        ));
+    }
+    Ok(token.clone())
+}
+
+/// --expires-in: a duration such as 2h, 90m or 1h30m.
+fn parse_expires_in(text: &str) -> Result<prost_types::Duration, Failure> {
+    let bad = |why: String| {
+        fail(
+            exit::BAD_PARAMETER,
+            format!("--expires-in {text:?}: {why} (expected a duration such as 2h, 90m or 1h30m)"),
+        )
+    };
+    let duration = humantime::parse_duration(text).map_err(|e| bad(e.to_string()))?;
+    prost_types::Duration::try_from(duration).map_err(|_| bad("too long".into()))
+}
+
+/// --expires-at: an RFC 3339 time, with Z or an offset.
+fn parse_expires_at(text: &str) -> Result<prost_types::Timestamp, Failure> {
+    text.parse().map_err(|_| {
+        fail(
+            exit::BAD_PARAMETER,
+            format!(
+                "--expires-at {text:?}: expected an RFC 3339 time such as 2026-12-02T06:00:00Z"
+            ),
+        )
+    })
 }
 
 async fn describe_servers(servers: Servers, args: &DescribeServersArgs) -> Result<Value, Failure> {
@@ -141,6 +208,7 @@ async fn create_session(
         Some(path) => read_base64("--permissions-file", path)?,
         None => String::new(),
     };
+    let client_token = client_token(&args.retry)?;
     let data = pb::CreateSessionRequestData {
         name: args.name.clone(),
         owner: args.owner.clone(),
@@ -166,7 +234,7 @@ async fn create_session(
     let r = sessions
         .create_sessions(pb::CreateSessionsRequest {
             sessions: vec![data],
-            ..Default::default()
+            client_token,
         })
         .await
         .map_err(status_failure)?;
@@ -216,6 +284,7 @@ async fn delete_session(
     mut sessions: Sessions,
     args: &DeleteSessionArgs,
 ) -> Result<Value, Failure> {
+    let client_token = client_token(&args.retry)?;
     let r = sessions
         .delete_sessions(pb::DeleteSessionsRequest {
             sessions: vec![pb::DeleteSessionRequestData {
@@ -223,7 +292,9 @@ async fn delete_session(
                 owner: args.owner.clone(),
                 force: args.force.then_some(true),
             }],
-            ..Default::default()
+            client_token,
+            dry_run: args.dry.dry_run,
+            capacity_tag_key: args.dry.capacity_tag.clone().unwrap_or_default(),
         })
         .await
         .map_err(status_failure)?;
@@ -249,6 +320,7 @@ async fn update_session_permissions(
     args: &UpdateSessionPermissionsArgs,
 ) -> Result<Value, Failure> {
     let permissions_file = read_base64("--permission-file", &args.permission_file)?;
+    let client_token = client_token(&args.retry)?;
     let r = sessions
         .update_session_permissions(pb::UpdateSessionPermissionsRequest {
             sessions: vec![pb::UpdateSessionPermissionsRequestData {
@@ -256,7 +328,7 @@ async fn update_session_permissions(
                 owner: args.owner.clone(),
                 permissions_file,
             }],
-            ..Default::default()
+            client_token,
         })
         .await
         .map_err(status_failure)?;

@@ -144,7 +144,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
     };
 
-    output::print(&reply, settings.output)?;
+    output::print(&reply, settings.output, &cli.command)?;
     let partial = reply
         .get("UnsuccessfulList")
         .and_then(Value::as_array)

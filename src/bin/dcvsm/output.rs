@@ -8,15 +8,22 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::Value;
 
-use crate::{Failure, cli::OutputFormat, exit, fail};
+use crate::{
+    Failure,
+    cli::{Command, OutputFormat},
+    exit, fail,
+};
 
-/// Prints `reply` on stdout in `format`.
-pub fn print(reply: &Value, format: OutputFormat) -> Result<(), Failure> {
+/// Prints `command`'s `reply` on stdout in `format`.
+pub fn print(reply: &Value, format: OutputFormat, command: &Command) -> Result<(), Failure> {
     let text = match format {
         OutputFormat::Json => format!(
             "{}\n",
             serde_json::to_string_pretty(reply).expect("a Value always serializes")
         ),
+        OutputFormat::Table if reply.get("DryRun") == Some(&Value::Bool(true)) => {
+            dry_run_table(reply, command)
+        }
         OutputFormat::Table => table(reply),
     };
     // A reader that stopped early (`| head`) is not an error worth a panic.
@@ -48,6 +55,174 @@ pub fn to_json<M: Message>(name: &str, message: &M) -> Result<Value, Failure> {
     let text =
         serde_json::to_string(&dynamic).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))?;
     serde_json::from_str(&text).map_err(|e| fail(exit::OTHER, format!("JSON: {e}")))
+}
+
+/// The header of a dry run's table output.
+const DRY_RUN_HEADER: &str = "DRY RUN — nothing was changed";
+
+/// A dry run's reply for people: what each item would do, the servers the
+/// call would act on with the sessions on them, and AVAILABLE capacity
+/// before and after, per pool and overall.
+fn dry_run_table(reply: &Value, command: &Command) -> String {
+    let empty = Vec::new();
+    let list = |key: &str| reply.get(key).and_then(Value::as_array).unwrap_or(&empty);
+    let text = |v: &Value, key: &str| v.get(key).and_then(scalar).unwrap_or_default();
+    let mut out = format!("{DRY_RUN_HEADER}\n");
+    if let Some(id) = reply.get("RequestId").and_then(scalar) {
+        out.push_str(&format!("RequestId: {id}\n"));
+    }
+
+    let (succeeded, failed) = (list("SuccessfulList"), list("UnsuccessfulList"));
+    out.push_str(&format!(
+        "\nItems ({}): {} would succeed, {} would fail\n",
+        succeeded.len() + failed.len(),
+        succeeded.len(),
+        failed.len()
+    ));
+    // The item's id: a failed server item's is in its echoed request data.
+    let id = |item: &Value| {
+        let data = ["CloseServerRequestData", "OpenServerRequestData"]
+            .iter()
+            .find_map(|key| item.get(*key))
+            .unwrap_or(item);
+        ["ServerId", "SessionId"]
+            .iter()
+            .find_map(|key| data.get(*key).and_then(scalar))
+            .unwrap_or_default()
+    };
+    let rows = succeeded
+        .iter()
+        .map(|item| {
+            // A deletion says the state it would leave the session in.
+            let result = item
+                .get("State")
+                .and_then(scalar)
+                .unwrap_or_else(|| "OK".into());
+            [id(item), result, String::new()]
+        })
+        .chain(failed.iter().map(|item| {
+            [
+                id(item),
+                text(item, "FailureCode"),
+                text(item, "FailureReason"),
+            ]
+        }));
+    out.push_str(&dcv_broker::table::aligned(
+        ["Item", "Result", "Reason"],
+        rows,
+    ));
+
+    let radius = reply.get("BlastRadius").unwrap_or(&Value::Null);
+    let servers = radius
+        .get("Servers")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    // Proto3 JSON leaves false out.
+    let yes_no = |v: &Value, key: &str| {
+        if v.get(key) == Some(&Value::Bool(true)) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    out.push_str(&format!("\nAffected servers ({})\n", servers.len()));
+    if servers.is_empty() {
+        out.push_str("(none)\n");
+    } else {
+        let rows = servers.iter().map(|s| {
+            let sessions = s
+                .get("Sessions")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            [
+                text(s, "ServerId"),
+                format!(
+                    "{} → {}",
+                    yes_no(s, "AvailableBefore"),
+                    yes_no(s, "AvailableAfter")
+                ),
+                sessions.to_string(),
+            ]
+        });
+        out.push_str(&dcv_broker::table::aligned(
+            ["Server", "Available (before → after)", "Sessions"],
+            rows,
+        ));
+    }
+
+    let sessions_title = match command {
+        Command::CloseServers(_) => Some("Sessions that would keep running on closed servers"),
+        Command::DeleteSession(_) => Some("Sessions that would be deleted"),
+        _ => None,
+    };
+    if let Some(title) = sessions_title {
+        let sessions: Vec<[String; 4]> = servers
+            .iter()
+            .flat_map(|s| {
+                let server = text(s, "ServerId");
+                s.get("Sessions")
+                    .and_then(Value::as_array)
+                    .unwrap_or(&empty)
+                    .iter()
+                    .map(move |x| {
+                        [
+                            server.clone(),
+                            text(x, "Id"),
+                            text(x, "Owner"),
+                            text(x, "Type"),
+                        ]
+                    })
+            })
+            .collect();
+        out.push_str(&format!("\n{title} ({})\n", sessions.len()));
+        if sessions.is_empty() {
+            out.push_str("(none)\n");
+        } else {
+            out.push_str(&dcv_broker::table::aligned(
+                ["Server", "Session", "Owner", "Type"],
+                sessions,
+            ));
+        }
+    }
+
+    // Proto3 JSON leaves 0 out.
+    let count = |pool: &Value, key: &str| pool.get(key).and_then(Value::as_i64).unwrap_or_default();
+    let row = |name: String, pool: &Value| {
+        let (before, after) = (
+            count(pool, "AvailableBefore"),
+            count(pool, "AvailableAfter"),
+        );
+        let change = match after - before {
+            0 => "0".to_owned(),
+            n => format!("{n:+}"),
+        };
+        [name, format!("{before} → {after}"), change]
+    };
+    let pools = radius
+        .get("Pools")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    let rows = pools
+        .iter()
+        .map(|p| {
+            let value = text(p, "TagValue");
+            let value = if value.is_empty() {
+                "(no tag)".to_owned()
+            } else {
+                value
+            };
+            row(format!("{}={value}", text(p, "TagKey")), p)
+        })
+        .chain(std::iter::once(row(
+            "all servers".into(),
+            radius.get("Overall").unwrap_or(&Value::Null),
+        )));
+    out.push_str("\nAVAILABLE capacity\n");
+    out.push_str(&dcv_broker::table::aligned(
+        ["Pool", "Before → after", "Change"],
+        rows,
+    ));
+    out
 }
 
 /// A reply for people: its scalars as `Key: value` lines, then one aligned
@@ -115,7 +290,8 @@ fn field(object: &serde_json::Map<String, Value>, key: &str) -> String {
 }
 
 /// One element of a list of objects in a cell: a screenshot image as
-/// "FILE (FORMAT, primary)", a hold as "KIND by ACTOR at TIME: REASON", a
+/// "FILE (FORMAT, primary)", a hold as "[NAME] KIND by ACTOR at TIME until
+/// EXPIRY: REASON", a
 /// tag as "KEY=VALUE", an endpoint as "IP:PORT PROTOCOL PATH", anything
 /// else as its "Key=value" scalars.
 fn summary(item: &Value) -> String {
@@ -131,12 +307,21 @@ fn summary(item: &Value) -> String {
         return format!("{} ({}{primary})", field(o, "File"), field(o, "Format"));
     }
     if o.contains_key("Actor") || o.contains_key("CreationTime") {
-        let mut text = format!(
+        let mut text = String::new();
+        let name = field(o, "Name");
+        if !name.is_empty() {
+            text.push_str(&format!("[{name}] "));
+        }
+        text.push_str(&format!(
             "{} by {} at {}",
             field(o, "Kind"),
             field(o, "Actor"),
             field(o, "CreationTime")
-        );
+        ));
+        let expiry = field(o, "ExpirationTime");
+        if !expiry.is_empty() {
+            text.push_str(&format!(" until {expiry}"));
+        }
         let reason = field(o, "Reason");
         if !reason.is_empty() {
             text.push_str(&format!(": {reason}"));
@@ -272,6 +457,73 @@ mod tests {
         let rows: Vec<&str> = text.lines().filter(|l| l.contains("-1")).collect();
         assert_eq!(rows.len(), 2, "{text}");
         assert_eq!(width(rows[0]), width(rows[1]), "{text}");
+    }
+
+    /// Every cell a dry run prints, from a reply whose zeros and falses
+    /// proto3 JSON left out.
+    #[test]
+    fn a_dry_run_reads_as_items_servers_sessions_and_capacity() {
+        let reply = serde_json::json!({
+            "RequestId": "r",
+            "SuccessfulList": [{"ServerId": "g1"}],
+            "UnsuccessfulList": [{
+                "CloseServerRequestData": {"ServerId": "g2", "HoldName": "kernel"},
+                "FailureCode": "CAPACITY_FLOOR",
+                "FailureReason": "below its floor"
+            }],
+            "DryRun": true,
+            "BlastRadius": {
+                "Servers": [{"ServerId": "g1", "AvailableBefore": true, "Sessions": [
+                    {"Id": "s1", "Owner": "alice", "Type": "VIRTUAL"}
+                ]}],
+                "Pools": [
+                    {"TagKey": "pool", "AvailableBefore": 2, "AvailableAfter": 2},
+                    {"TagKey": "pool", "TagValue": "gpu", "AvailableBefore": 3, "AvailableAfter": 2}
+                ],
+                "Overall": {"AvailableBefore": 5, "AvailableAfter": 4}
+            }
+        });
+        let close = Command::CloseServers(crate::cli::CloseServersArgs {
+            server_ids: "g1,g2".into(),
+            force: false,
+            reason: None,
+            hold: None,
+            expires_in: None,
+            expires_at: None,
+            expected_version: None,
+            override_capacity_floor: false,
+            dry: crate::cli::DryRunArgs {
+                dry_run: true,
+                capacity_tag: Some("pool".into()),
+            },
+            retry: crate::cli::RetryArgs { client_token: None },
+        });
+        let text = dry_run_table(&reply, &close);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let has = |cells: &[&str]| rows.iter().any(|r| r == cells);
+        assert!(
+            text.starts_with("DRY RUN — nothing was changed\nRequestId: r\n"),
+            "{text}"
+        );
+        assert!(
+            has(&[
+                "Items", "(2):", "1", "would", "succeed,", "1", "would", "fail"
+            ]),
+            "{text}"
+        );
+        assert!(has(&["g1", "OK"]), "{text}");
+        assert!(
+            has(&["g2", "CAPACITY_FLOOR", "below", "its", "floor"]),
+            "{text}"
+        );
+        assert!(has(&["g1", "yes", "→", "no", "1"]), "{text}");
+        assert!(has(&["g1", "s1", "alice", "VIRTUAL"]), "{text}");
+        assert!(has(&["pool=(no", "tag)", "2", "→", "2", "0"]), "{text}");
+        assert!(has(&["pool=gpu", "3", "→", "2", "-1"]), "{text}");
+        assert!(has(&["all", "servers", "5", "→", "4", "-1"]), "{text}");
     }
 
     #[test]
