@@ -465,7 +465,7 @@ async fn the_table_shows_holds_tags_endpoints_and_host() {
         .find(|l| l.starts_with("serverId1 "))
         .unwrap_or_else(|| panic!("{text}"));
     let expected_hold = format!(
-        "CLOSED by {} at {}: {reason}",
+        "[default] CLOSED by {} at {}: {reason}",
         hold["Actor"].as_str().unwrap(),
         hold["CreationTime"].as_str().unwrap()
     );
@@ -495,6 +495,507 @@ async fn the_table_shows_holds_tags_endpoints_and_host() {
         .skip(1)
         .count();
     assert_eq!(rows, 3, "{text}");
+}
+
+/// The table's rows as their whitespace-separated cells.
+fn rows(text: &str) -> Vec<Vec<&str>> {
+    text.lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect()
+}
+
+/// Whether a row of `text` begins with `cells`.
+fn has_row(text: &str, cells: &[&str]) -> bool {
+    rows(text).iter().any(|r| r.starts_with(cells))
+}
+
+/// The demo fleet's AVAILABLE servers per value of its `pool` tag.
+fn available_per_pool(broker: &Broker) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut pools = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for server in broker.json(&["describe-servers"])["Servers"]
+        .as_array()
+        .unwrap()
+    {
+        let pool = server["Tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["Key"] == "pool")
+            .map(|t| t["Value"].as_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let entry = pools.entry(pool).or_default();
+        if server["Availability"] == "AVAILABLE" {
+            entry.push(server["Id"].as_str().unwrap().to_owned());
+        }
+    }
+    pools
+}
+
+/// What an operator changes on each server, as describe-servers shows it:
+/// availability, holds and StateVersion (heartbeats change the rest).
+fn operator_state(broker: &Broker) -> Vec<Value> {
+    broker.json(&["describe-servers"])["Servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::json!([s["Id"], s["Availability"], s["Holds"], s["StateVersion"]]))
+        .collect()
+}
+
+/// A server's StateVersion (a uint64: a JSON string).
+fn state_version(broker: &Broker, id: &str) -> u64 {
+    broker.json(&["describe-servers", "--server-ids", id])["Servers"][0]["StateVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The engineering pool of an eight-server demo fleet, AVAILABLE: what the
+/// safe-maintenance tests close, under a floor of two.
+const ENGINEERING: [&str; 4] = ["dcv-0000001", "dcv-0000005", "dcv-0000006", "dcv-0000007"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_dry_run_close_prints_its_blast_radius_per_pool_and_changes_nothing() {
+    let broker =
+        Broker::start_with(8, &["--capacity-floor", "tag:pool=engineering:2"], "http").await;
+    let pools = available_per_pool(&broker);
+    assert_eq!(pools["engineering"], ENGINEERING, "the demo fleet changed");
+    let all: usize = pools.values().map(Vec::len).sum();
+    let training = pools["training"].len().to_string();
+    let session = &broker.json(&["describe-sessions"])["Sessions"][0];
+    let busy = session["Server"]["Id"].as_str().unwrap().to_owned();
+    assert!(pools["training"].contains(&busy), "{session}");
+    let before = operator_state(&broker);
+
+    let out = broker.dcvsm(&[
+        "--output-format",
+        "table",
+        "close-servers",
+        "--server-ids",
+        &format!("dcv-0000001,dcv-0000005,dcv-0000006,{busy},nope"),
+        "--hold",
+        "kernel",
+        "--expires-in",
+        "2h",
+        "--dry-run",
+        "--capacity-tag",
+        "pool",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "some items would fail");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("DRY RUN — nothing was changed\n"),
+        "{text}"
+    );
+    for row in [
+        &[
+            "Items", "(5):", "2", "would", "succeed,", "3", "would", "fail",
+        ][..],
+        &["dcv-0000001", "OK"],
+        &["dcv-0000005", "OK"],
+        // The floor: four AVAILABLE, two may go.
+        &[
+            "dcv-0000006",
+            "CAPACITY_FLOOR",
+            "Closing",
+            "it",
+            "would",
+            "leave",
+            "pool",
+        ],
+        &[&busy, "DCV_SERVER_HAS_RUNNING_SESSIONS"],
+        &["nope", "DCV_SERVER_NOT_FOUND"],
+        &["Affected", "servers", "(2)"],
+        &["dcv-0000001", "yes", "→", "no", "0"],
+        &["dcv-0000005", "yes", "→", "no", "0"],
+        &[
+            "Sessions", "that", "would", "keep", "running", "on", "closed", "servers", "(0)",
+        ],
+        &["pool=engineering", "4", "→", "2", "-2"],
+        &["pool=training", &training, "→", &training, "0"],
+        &[
+            "all",
+            "servers",
+            &all.to_string(),
+            "→",
+            &(all - 2).to_string(),
+            "-2",
+        ],
+    ] {
+        assert!(has_row(&text, row), "{row:?} in\n{text}");
+    }
+    assert_eq!(operator_state(&broker), before, "a dry run changes nothing");
+
+    // With Force and the floor overridden: the busy server's session
+    // would keep running; JSON prints the reply as it is.
+    let reply = broker.json(&[
+        "close-servers",
+        "--server-ids",
+        &format!("dcv-0000006,{busy}"),
+        "--force",
+        "--override-capacity-floor",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        keys(&reply),
+        set(&["RequestId", "SuccessfulList", "DryRun", "BlastRadius"])
+    );
+    assert_eq!(reply["DryRun"], true);
+    let affected = &reply["BlastRadius"]["Servers"];
+    assert_eq!(affected[0]["ServerId"], "dcv-0000006");
+    assert_eq!(affected[1]["ServerId"], busy.as_str());
+    assert_eq!(
+        affected[1]["Sessions"],
+        serde_json::json!([{
+            "Id": session["Id"],
+            "Owner": session["Owner"],
+            "Type": session["Type"],
+        }])
+    );
+    assert_eq!(reply["BlastRadius"].get("Pools"), None, "no --capacity-tag");
+    assert_eq!(operator_state(&broker), before, "a dry run changes nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn named_holds_expiry_versions_and_floors_from_the_command_line() {
+    let broker =
+        Broker::start_with(8, &["--capacity-floor", "tag:pool=engineering:2"], "http").await;
+    assert_eq!(available_per_pool(&broker)["engineering"], ENGINEERING);
+    let target = "dcv-0000001";
+
+    // One team's hold, for two hours.
+    let asked = std::time::SystemTime::now();
+    let out = broker.dcvsm(&[
+        "close-servers",
+        "--server-ids",
+        target,
+        "--hold",
+        "kernel",
+        "--expires-in",
+        "2h",
+        "--reason",
+        "kernel 6.8",
+        "--client-token",
+        "kernel-2026-12-02",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let server = broker.json(&["describe-servers", "--server-ids", target])["Servers"][0].clone();
+    let hold = &server["Holds"][0];
+    assert_eq!(hold["Name"], "kernel");
+    let expires = humantime::parse_rfc3339(hold["ExpirationTime"].as_str().unwrap()).unwrap();
+    let two_hours = std::time::Duration::from_secs(7200);
+    assert!(
+        expires >= asked + two_hours
+            && expires <= asked + two_hours + std::time::Duration::from_secs(60),
+        "{hold}"
+    );
+
+    // Another team's, only if nobody changed the server since it was read.
+    let version = state_version(&broker, target);
+    let out = broker.dcvsm(&[
+        "close-servers",
+        "--server-ids",
+        target,
+        "--hold",
+        "audit",
+        "--expected-version",
+        &(version + 1000).to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        reply["UnsuccessfulList"][0]["FailureCode"],
+        "STATE_VERSION_MISMATCH"
+    );
+    // Until a time given with an offset: the same instant in UTC.
+    let at = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let local =
+        humantime::format_rfc3339_seconds(at + std::time::Duration::from_secs(7200)).to_string();
+    let with_offset = format!("{}+02:00", local.trim_end_matches('Z'));
+    let out = broker.dcvsm(&[
+        "close-servers",
+        "--server-ids",
+        target,
+        "--hold",
+        "audit",
+        "--expected-version",
+        &version.to_string(),
+        "--expires-at",
+        &with_offset,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let server = broker.json(&["describe-servers", "--server-ids", target])["Servers"][0].clone();
+    let audit = &server["Holds"][1];
+    assert_eq!(audit["Name"], "audit");
+    assert_eq!(
+        audit["ExpirationTime"],
+        humantime::format_rfc3339_seconds(at).to_string().as_str()
+    );
+
+    // The table names both holds, with their expiry, and the StateVersion.
+    let out = broker.dcvsm(&[
+        "--output-format",
+        "table",
+        "describe-servers",
+        "--server-ids",
+        target,
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let header = text.lines().find(|l| l.starts_with("Id ")).unwrap();
+    assert!(
+        header.split_whitespace().any(|c| c == "StateVersion"),
+        "{header}"
+    );
+    for hold in server["Holds"].as_array().unwrap() {
+        let cell = format!(
+            "[{}] CLOSED by {} at {} until {}",
+            hold["Name"].as_str().unwrap(),
+            hold["Actor"].as_str().unwrap(),
+            hold["CreationTime"].as_str().unwrap(),
+            hold["ExpirationTime"].as_str().unwrap()
+        );
+        assert!(text.contains(&cell), "{cell} in {text}");
+    }
+    let version = state_version(&broker, target);
+    let row = text.lines().find(|l| l.starts_with(target)).unwrap();
+    assert!(row.trim_end().ends_with(&format!(" {version}")), "{row}");
+
+    // Opening one team's hold leaves the server closed, and says why; a
+    // dry run of it says the same and that the server stays unavailable.
+    let out = broker.dcvsm(&[
+        "--output-format",
+        "table",
+        "open-servers",
+        "--server-ids",
+        target,
+        "--hold",
+        "kernel",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("DRY RUN — nothing was changed\n"),
+        "{text}"
+    );
+    assert!(has_row(&text, &[target, "HOLDS_REMAIN"]), "{text}");
+    assert!(has_row(&text, &[target, "no", "→", "no", "0"]), "{text}");
+    assert_eq!(state_version(&broker, target), version);
+    let out = broker.dcvsm(&["open-servers", "--server-ids", target, "--hold", "kernel"]);
+    assert_eq!(out.status.code(), Some(3));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failed = &reply["UnsuccessfulList"][0];
+    assert_eq!(failed["FailureCode"], "HOLDS_REMAIN");
+    assert!(
+        failed["FailureReason"].as_str().unwrap().contains("audit"),
+        "{failed}"
+    );
+    let version = state_version(&broker, target);
+    let out = broker.dcvsm(&[
+        "open-servers",
+        "--server-ids",
+        target,
+        "--hold",
+        "audit",
+        "--expected-version",
+        &version.to_string(),
+        "--client-token",
+        "audit-open-1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let server = &broker.json(&["describe-servers", "--server-ids", target])["Servers"][0];
+    assert_eq!(server["Availability"], "AVAILABLE");
+
+    // The floor: of four AVAILABLE engineering servers, two may close.
+    let out = broker.dcvsm(&[
+        "close-servers",
+        "--server-ids",
+        "dcv-0000005,dcv-0000006,dcv-0000007",
+        "--hold",
+        "gpu-driver",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        reply["SuccessfulList"].as_array().unwrap().len(),
+        2,
+        "{reply}"
+    );
+    let failed = &reply["UnsuccessfulList"][0];
+    assert_eq!(failed["CloseServerRequestData"]["ServerId"], "dcv-0000007");
+    assert_eq!(failed["FailureCode"], "CAPACITY_FLOOR");
+    let out = broker.dcvsm(&[
+        "close-servers",
+        "--server-ids",
+        "dcv-0000007",
+        "--hold",
+        "gpu-driver",
+        "--override-capacity-floor",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(available_per_pool(&broker)["engineering"], [target]);
+
+    // Every flag reaches the broker: a failed item echoes what was sent.
+    let reply = broker.json(&[
+        "close-servers",
+        "--server-ids",
+        "nope",
+        "--force",
+        "--hold",
+        "team-a",
+        "--expires-in",
+        "90m",
+        "--expected-version",
+        "3",
+        "--override-capacity-floor",
+    ]);
+    assert_eq!(
+        reply["UnsuccessfulList"][0]["CloseServerRequestData"],
+        serde_json::json!({
+            "ServerId": "nope",
+            "Force": true,
+            "HoldName": "team-a",
+            "ExpiresIn": "5400s",
+            "ExpectedStateVersion": "3",
+            "OverrideCapacityFloor": true,
+        })
+    );
+    let reply = broker.json(&[
+        "open-servers",
+        "--server-ids",
+        "nope",
+        "--hold",
+        "team-a",
+        "--expected-version",
+        "4",
+    ]);
+    assert_eq!(
+        reply["UnsuccessfulList"][0]["OpenServerRequestData"],
+        serde_json::json!({"ServerId": "nope", "HoldName": "team-a", "ExpectedStateVersion": "4"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_dry_run_delete_names_the_session_and_deletes_nothing() {
+    let broker = Broker::start(8).await;
+    let session = broker.json(&["describe-sessions"])["Sessions"][0].clone();
+    let (id, owner) = (
+        session["Id"].as_str().unwrap(),
+        session["Owner"].as_str().unwrap(),
+    );
+    let server = session["Server"]["Id"].as_str().unwrap();
+    let available = broker.json(&["describe-servers", "--server-ids", server])["Servers"][0]["Availability"]
+        == "AVAILABLE";
+    let yes_no = if available { "yes" } else { "no" };
+
+    let out = broker.dcvsm(&[
+        "--output-format",
+        "table",
+        "delete-session",
+        "--session-id",
+        id,
+        "--owner",
+        owner,
+        "--dry-run",
+        "--capacity-tag",
+        "pool",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("DRY RUN — nothing was changed\n"),
+        "{text}"
+    );
+    for row in [
+        &[
+            "Items", "(1):", "1", "would", "succeed,", "0", "would", "fail",
+        ][..],
+        &[id, "DELETING"],
+        &[server, yes_no, "→", "yes", "1"],
+        &["Sessions", "that", "would", "be", "deleted", "(1)"],
+        &[server, id, owner, session["Type"].as_str().unwrap()],
+        &["Pool", "Before", "→", "after", "Change"],
+    ] {
+        assert!(has_row(&text, row), "{row:?} in\n{text}");
+    }
+    let after = &broker.json(&["describe-sessions", "--session-ids", id])["Sessions"][0];
+    assert_eq!(
+        after["State"], session["State"],
+        "a dry run deletes nothing"
+    );
+
+    let reply = broker.json(&[
+        "delete-session",
+        "--session-id",
+        id,
+        "--owner",
+        owner,
+        "--client-token",
+        "delete-1",
+    ]);
+    assert_eq!(reply["SuccessfulList"][0]["State"], "DELETING");
+    assert_eq!(reply.get("DryRun"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn safe_maintenance_flags_are_checked_before_calling_the_broker() {
+    let broker = Broker::start(1).await;
+    let close = |extra: &[&str]| {
+        let mut args = vec!["close-servers", "--server-ids", "serverId1"];
+        args.extend_from_slice(extra);
+        broker.dcvsm(&args)
+    };
+    // 252: values dcvsm can tell are wrong.
+    for (extra, flag) in [
+        (&["--expires-in", "soon"][..], "--expires-in"),
+        (&["--expires-at", "tomorrow"], "--expires-at"),
+        (&["--client-token", ""], "--client-token"),
+        (&["--client-token", &"x".repeat(65)], "--client-token"),
+        (&["--client-token", "tab\there"], "--client-token"),
+    ] {
+        let out = close(extra);
+        assert_eq!(out.status.code(), Some(252), "{extra:?}");
+        assert!(stderr(&out).contains(flag), "{}", stderr(&out));
+    }
+    // 2: combinations the command line refuses.
+    for extra in [
+        &["--expires-in", "2h", "--expires-at", "2026-12-02T06:00:00Z"][..],
+        &["--capacity-tag", "pool"],
+        &["--expected-version", "-1"],
+    ] {
+        assert_eq!(close(extra).status.code(), Some(2), "{extra:?}");
+    }
+    // Nothing was closed by any of them.
+    let server = &broker.json(&["describe-servers"])["Servers"][0];
+    assert_eq!(server["Availability"], "AVAILABLE");
+    // --client-token on the session commands that change something.
+    let perms = scratch("perms-token").join("perms.txt");
+    std::fs::write(&perms, "[permissions]\n%owner% allow builtin\n").unwrap();
+    let created = broker.json(&[
+        "create-session",
+        "--name",
+        "n",
+        "--owner",
+        "alice",
+        "--type",
+        "VIRTUAL",
+        "--client-token",
+        "create-1",
+    ]);
+    let id = created["SuccessfulList"][0]["Id"].as_str().unwrap();
+    let out = broker.dcvsm(&[
+        "update-session-permissions",
+        "--session-id",
+        id,
+        "--owner",
+        "alice",
+        "--permission-file",
+        perms.to_str().unwrap(),
+        "--client-token",
+        "perms-1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
