@@ -780,7 +780,15 @@ async fn named_holds_expiry_versions_and_floors_from_the_command_line() {
         "{text}"
     );
     assert!(has_row(&text, &[target, "HOLDS_REMAIN"]), "{text}");
-    assert!(has_row(&text, &[target, "no", "→", "no", "0"]), "{text}");
+    let overall = rows(&text)
+        .into_iter()
+        .find(|r| r.starts_with(&["all", "servers"]))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        overall.last(),
+        Some(&"0"),
+        "the server stays closed: {text}"
+    );
     assert_eq!(state_version(&broker, target), version);
     let out = broker.dcvsm(&["open-servers", "--server-ids", target, "--hold", "kernel"]);
     assert_eq!(out.status.code(), Some(3));
