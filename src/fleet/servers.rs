@@ -154,6 +154,7 @@ impl Fleet {
         tag_key: &str,
     ) -> Result<(Vec<ItemResult>, BlastRadius), FleetError> {
         let pre = close_precheck(items)?;
+        blast::check_tag_key(tag_key)?;
         let now = Instant::now();
         let state = self.read(now);
         let mut judge = self.close_judge(&state, now);
@@ -268,6 +269,7 @@ impl Fleet {
         tag_key: &str,
     ) -> Result<(Vec<ItemResult>, BlastRadius), FleetError> {
         validate_batch_size("Servers", items.len())?;
+        blast::check_tag_key(tag_key)?;
         let pre = precheck(items.iter().map(|i| i.server_id.as_str()));
         let now = Instant::now();
         let state = self.read(now);
