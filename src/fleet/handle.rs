@@ -20,6 +20,7 @@ use super::{
     model::ServerId,
     page_token::PageTokens,
     persist,
+    client_tokens::ClientTokens,
     sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent},
     state::{Ctx, State, WriteGuard},
 };
@@ -43,6 +44,9 @@ pub struct Fleet {
     /// False on a replica that follows another's writes (see
     /// [`Fleet::set_writable`]).
     pub(in crate::fleet) writable: Arc<AtomicBool>,
+    /// The `ClientToken` records (idempotent retries), beside the state
+    /// with a lock of their own.
+    pub(in crate::fleet) client_tokens: ClientTokens,
 }
 
 /// The stored secret keying page tokens.
@@ -91,8 +95,14 @@ impl Fleet {
     pub fn restore(
         config: FleetConfig,
         store: Arc<dyn persist::Store>,
-        snapshot: persist::Snapshot,
+        mut snapshot: persist::Snapshot,
     ) -> Result<Self, FleetError> {
+        let client_tokens = ClientTokens::load(
+            &std::mem::take(&mut snapshot.client_tokens),
+            config.client_token_retention,
+            Instant::now(),
+            persist::wall_clock(),
+        );
         let tokens = PageTokens::with_key(
             stored_key(&snapshot, PAGE_TOKEN_KEY, &*store)?,
             config.page_token_ttl,
@@ -114,6 +124,7 @@ impl Fleet {
             longest_write_ns: Arc::new(AtomicU64::new(0)),
             screenshots: PendingShots::default(),
             writable: Arc::new(AtomicBool::new(true)),
+            client_tokens,
         })
     }
 
@@ -258,6 +269,8 @@ impl Fleet {
         let mut state = self.lock_write();
         let removed = state.maintain(now, &self.ctx());
         drop(self.commit(&mut state));
+        drop(state);
+        self.expire_client_tokens(now);
         removed
     }
 
