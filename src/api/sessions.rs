@@ -4,7 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Forwarder, RequestId, audit::AuditCall};
+use super::{Forwarder, RequestId, audit::AuditCall, idempotency};
 use crate::{
     fleet::{
         self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query,
@@ -50,53 +50,11 @@ impl Sessions for SessionsApi {
                 .reply(leader.sessions().create_sessions(forwarded))
                 .await;
         }
-        let request_id = RequestId::of(&request);
-        let audit = AuditCall::begin(&self.fleet, &request, "CreateSessions");
-        let items = request.into_inner().sessions;
-        // The size first: nothing is copied per item of a batch too big.
-        fleet::validate_batch_size("Sessions", items.len())?;
-        let specs: Vec<_> = items.iter().map(wire::create_spec_from_pb).collect();
-        let mut created = Vec::new();
-        let results = self
-            .fleet
-            .create_sessions(&specs, |index, view| {
-                created.push((index, wire::session_to_pb(view)));
-            })
-            .await?;
-        if audit.is_some() {
-            // A created session is audited under the id it was given; a
-            // failed item has none.
-            let mut ids = vec![""; results.len()];
-            for (index, session) in &created {
-                if let Some(id) = ids.get_mut(*index) {
-                    *id = session.id.as_str();
-                }
-            }
-            let audited = ids.iter().zip(&results);
-            AuditCall::finish(audit, &self.fleet, audited.map(|(id, r)| (*id, r, ""))).await;
-        }
-        let mut response = pb::CreateSessionsResponse {
-            request_id,
-            ..Default::default()
-        };
-        response.successful_list = created.into_iter().map(|(_, s)| s).collect();
-        for (data, result) in items.into_iter().zip(results) {
-            if let Err(failure) = result {
-                response
-                    .unsuccessful_list
-                    .push(pb::CreateSessionUnsuccessfulResponse {
-                        create_session_request_data: Some(data),
-                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
-                        failure_reason: failure.reason,
-                    });
-            }
-        }
-        tracing::debug!(
-            succeeded = response.successful_list.len(),
-            failed = response.unsuccessful_list.len(),
-            "sessions created"
-        );
-        Ok(self.forward.stamped(response))
+        let api = self.clone();
+        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
+            api.create_sessions_here(request).await
+        })
+        .await
     }
 
     async fn describe_sessions(
@@ -137,55 +95,11 @@ impl Sessions for SessionsApi {
                 .reply(leader.sessions().delete_sessions(forwarded))
                 .await;
         }
-        let request_id = RequestId::of(&request);
-        let audit = AuditCall::begin(&self.fleet, &request, "DeleteSessions");
-        let items = request.into_inner().sessions;
-        fleet::validate_batch_size("Sessions", items.len())?;
-        let domain: Vec<DeleteItem> = items
-            .iter()
-            .map(|d| DeleteItem {
-                session_id: d.session_id.clone(),
-                owner: d.owner.clone(),
-                force: d.force.unwrap_or(false),
-            })
-            .collect();
-        let results = self.fleet.delete_sessions(&domain).await?;
-        let audited = domain.iter().zip(&results);
-        AuditCall::finish(
-            audit,
-            &self.fleet,
-            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
-        )
-        .await;
-        let mut response = pb::DeleteSessionsResponse {
-            request_id,
-            ..Default::default()
-        };
-        for (data, result) in items.into_iter().zip(results) {
-            match result {
-                Ok(state) => response
-                    .successful_list
-                    .push(pb::DeleteSessionSuccessfulResponse {
-                        session_id: data.session_id,
-                        state: wire::session_state_to_pb(state) as i32,
-                    }),
-                Err(failure) => {
-                    response
-                        .unsuccessful_list
-                        .push(pb::DeleteSessionUnsuccessfulResponse {
-                            session_id: data.session_id,
-                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
-                            failure_reason: failure.reason,
-                        })
-                }
-            }
-        }
-        tracing::debug!(
-            succeeded = response.successful_list.len(),
-            failed = response.unsuccessful_list.len(),
-            "sessions deleted"
-        );
-        Ok(self.forward.stamped(response))
+        let api = self.clone();
+        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
+            api.delete_sessions_here(request).await
+        })
+        .await
     }
 
     async fn get_session_connection_data(
@@ -216,49 +130,11 @@ impl Sessions for SessionsApi {
                 .reply(leader.sessions().update_session_permissions(forwarded))
                 .await;
         }
-        let request_id = RequestId::of(&request);
-        let audit = AuditCall::begin(&self.fleet, &request, "UpdateSessionPermissions");
-        let items = request.into_inner().sessions;
-        fleet::validate_batch_size("Sessions", items.len())?;
-        let domain: Vec<PermissionsItem> = items
-            .iter()
-            .map(|d| PermissionsItem {
-                session_id: d.session_id.clone(),
-                owner: d.owner.clone(),
-                permissions_file: d.permissions_file.clone(),
-            })
-            .collect();
-        let results = self.fleet.update_session_permissions(&domain).await?;
-        let audited = domain.iter().zip(&results);
-        AuditCall::finish(
-            audit,
-            &self.fleet,
-            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
-        )
-        .await;
-        let mut response = pb::UpdateSessionPermissionsResponse {
-            request_id,
-            ..Default::default()
-        };
-        for (data, result) in items.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    response
-                        .successful_list
-                        .push(pb::UpdateSessionPermissionsSuccessfulResponse {
-                            session_id: data.session_id,
-                        })
-                }
-                Err(failure) => response.unsuccessful_list.push(
-                    pb::UpdateSessionPermissionsUnsuccessfulResponse {
-                        session_id: data.session_id,
-                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
-                        failure_reason: failure.reason,
-                    },
-                ),
-            }
-        }
-        Ok(self.forward.stamped(response))
+        let api = self.clone();
+        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
+            api.update_session_permissions_here(request).await
+        })
+        .await
     }
 
     async fn get_session_screenshots(
@@ -311,6 +187,168 @@ impl Sessions for SessionsApi {
             failed = response.unsuccessful_list.len(),
             "screenshots taken"
         );
+        Ok(self.forward.stamped(response))
+    }
+}
+
+impl SessionsApi {
+    /// CreateSessions, served here (this broker leads or stands alone).
+    async fn create_sessions_here(
+        &self,
+        request: Request<pb::CreateSessionsRequest>,
+    ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "CreateSessions");
+        let items = request.into_inner().sessions;
+        // The size first: nothing is copied per item of a batch too big.
+        fleet::validate_batch_size("Sessions", items.len())?;
+        let specs: Vec<_> = items.iter().map(wire::create_spec_from_pb).collect();
+        let mut created = Vec::new();
+        let results = self
+            .fleet
+            .create_sessions(&specs, |index, view| {
+                created.push((index, wire::session_to_pb(view)));
+            })
+            .await?;
+        if audit.is_some() {
+            // A created session is audited under the id it was given; a
+            // failed item has none.
+            let mut ids = vec![""; results.len()];
+            for (index, session) in &created {
+                if let Some(id) = ids.get_mut(*index) {
+                    *id = session.id.as_str();
+                }
+            }
+            let audited = ids.iter().zip(&results);
+            AuditCall::finish(audit, &self.fleet, audited.map(|(id, r)| (*id, r, ""))).await;
+        }
+        let mut response = pb::CreateSessionsResponse {
+            request_id,
+            ..Default::default()
+        };
+        response.successful_list = created.into_iter().map(|(_, s)| s).collect();
+        for (data, result) in items.into_iter().zip(results) {
+            if let Err(failure) = result {
+                response
+                    .unsuccessful_list
+                    .push(pb::CreateSessionUnsuccessfulResponse {
+                        create_session_request_data: Some(data),
+                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                        failure_reason: failure.reason,
+                    });
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "sessions created"
+        );
+        Ok(self.forward.stamped(response))
+    }
+
+    /// DeleteSessions, served here (this broker leads or stands alone).
+    async fn delete_sessions_here(
+        &self,
+        request: Request<pb::DeleteSessionsRequest>,
+    ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "DeleteSessions");
+        let items = request.into_inner().sessions;
+        fleet::validate_batch_size("Sessions", items.len())?;
+        let domain: Vec<DeleteItem> = items
+            .iter()
+            .map(|d| DeleteItem {
+                session_id: d.session_id.clone(),
+                owner: d.owner.clone(),
+                force: d.force.unwrap_or(false),
+            })
+            .collect();
+        let results = self.fleet.delete_sessions(&domain).await?;
+        let audited = domain.iter().zip(&results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
+        )
+        .await;
+        let mut response = pb::DeleteSessionsResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in items.into_iter().zip(results) {
+            match result {
+                Ok(state) => response
+                    .successful_list
+                    .push(pb::DeleteSessionSuccessfulResponse {
+                        session_id: data.session_id,
+                        state: wire::session_state_to_pb(state) as i32,
+                    }),
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::DeleteSessionUnsuccessfulResponse {
+                            session_id: data.session_id,
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "sessions deleted"
+        );
+        Ok(self.forward.stamped(response))
+    }
+
+    /// UpdateSessionPermissions, served here (this broker leads or stands alone).
+    async fn update_session_permissions_here(
+        &self,
+        request: Request<pb::UpdateSessionPermissionsRequest>,
+    ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "UpdateSessionPermissions");
+        let items = request.into_inner().sessions;
+        fleet::validate_batch_size("Sessions", items.len())?;
+        let domain: Vec<PermissionsItem> = items
+            .iter()
+            .map(|d| PermissionsItem {
+                session_id: d.session_id.clone(),
+                owner: d.owner.clone(),
+                permissions_file: d.permissions_file.clone(),
+            })
+            .collect();
+        let results = self.fleet.update_session_permissions(&domain).await?;
+        let audited = domain.iter().zip(&results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(d, r)| (d.session_id.as_str(), r, "")),
+        )
+        .await;
+        let mut response = pb::UpdateSessionPermissionsResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in items.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    response
+                        .successful_list
+                        .push(pb::UpdateSessionPermissionsSuccessfulResponse {
+                            session_id: data.session_id,
+                        })
+                }
+                Err(failure) => response.unsuccessful_list.push(
+                    pb::UpdateSessionPermissionsUnsuccessfulResponse {
+                        session_id: data.session_id,
+                        failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                        failure_reason: failure.reason,
+                    },
+                ),
+            }
+        }
         Ok(self.forward.stamped(response))
     }
 }
