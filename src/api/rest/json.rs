@@ -708,6 +708,7 @@ mod tests {
             route("/closeServers"),
             br#"[{"ServerId": "a", "Force": true, "Reason": null}, {"server_id": "b"}]"#,
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(request.servers.len(), 2);
@@ -722,7 +723,7 @@ mod tests {
         let close = route("/closeServers");
         let bad = |body: &str| {
             violation(
-                decode_request::<pb::CloseServersRequest>(close, body.as_bytes(), &[]).unwrap_err(),
+                decode_request::<pb::CloseServersRequest>(close, body.as_bytes(), &[], None).unwrap_err(),
             )
         };
         let (field, why) = bad(r#"[{"ServerId": "a"}, {"Bogus": 1}]"#);
@@ -749,6 +750,7 @@ mod tests {
             close,
             format!("[{}{{}}]", "{},".repeat(MAX_REQUEST_LIST_ITEMS - 1)).as_bytes(),
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(ok.servers.len(), MAX_REQUEST_LIST_ITEMS);
@@ -759,16 +761,16 @@ mod tests {
         let describe = route("/describeServers");
         for body in ["", "  ", "{}", "null"] {
             let r: pb::DescribeServersRequest =
-                decode_request(describe, body.as_bytes(), &[]).unwrap();
+                decode_request(describe, body.as_bytes(), &[], None).unwrap();
             assert_eq!(r, pb::DescribeServersRequest::default(), "{body:?}");
         }
         let r: pb::DescribeServersRequest =
-            decode_request(describe, br#"{"ServerIds": ["a"], "MaxResults": "5"}"#, &[]).unwrap();
+            decode_request(describe, br#"{"ServerIds": ["a"], "MaxResults": "5"}"#, &[], None).unwrap();
         assert_eq!(r.server_ids, ["a"]);
         assert_eq!(r.max_results, Some(5));
-        let e = decode_request::<pb::DescribeServersRequest>(describe, b"[]", &[]).unwrap_err();
+        let e = decode_request::<pb::DescribeServersRequest>(describe, b"[]", &[], None).unwrap_err();
         assert_eq!(violation(e).0, BODY);
-        let e = decode_request::<pb::DescribeServersRequest>(describe, br#"{"Nope": 1}"#, &[])
+        let e = decode_request::<pb::DescribeServersRequest>(describe, br#"{"Nope": 1}"#, &[], None)
             .unwrap_err();
         assert_eq!(violation(e).0, "Nope");
     }
