@@ -34,13 +34,16 @@ use prost::Message as _;
 use tokio::sync::{oneshot, watch};
 use tonic::Code;
 
+/// A held write's acknowledgement.
+type Ack = oneshot::Sender<Result<(), String>>;
+
 /// Records every change submitted, passes them on to `inner` (when there
 /// is one), and while held keeps writes from becoming durable.
 #[derive(Debug)]
 struct Recorder {
     inner: Option<Arc<dyn Store>>,
     changes: Mutex<Vec<Change>>,
-    held: Mutex<Option<Vec<oneshot::Sender<Result<(), String>>>>>,
+    held: Mutex<Option<Vec<Ack>>>,
     waiting: watch::Sender<usize>,
 }
 
@@ -56,7 +59,12 @@ impl Recorder {
 
     /// How many submitted changes `pick` selects.
     fn count(&self, pick: impl Fn(&Change) -> bool) -> usize {
-        self.changes.lock().unwrap().iter().filter(|c| pick(c)).count()
+        self.changes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| pick(c))
+            .count()
     }
 
     fn server_writes(&self, id: &str) -> usize {
@@ -118,7 +126,8 @@ fn config(fleet: FleetConfig) -> BrokerConfig {
 async fn recorded(fleet: FleetConfig) -> (Broker, Arc<Recorder>) {
     let recorder = Recorder::new(None);
     let config = config(fleet);
-    let fleet = Fleet::restore(config.fleet.clone(), recorder.clone(), Snapshot::default()).unwrap();
+    let fleet =
+        Fleet::restore(config.fleet.clone(), recorder.clone(), Snapshot::default()).unwrap();
     (Broker::start_with(config, fleet).await, recorder)
 }
 
@@ -160,10 +169,18 @@ async fn a_lost_close_reply_is_replayed_and_the_close_applied_once() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(retry.encode_to_vec(), first.encode_to_vec(), "byte-identical");
+    assert_eq!(
+        retry.encode_to_vec(),
+        first.encode_to_vec(),
+        "byte-identical"
+    );
     assert_eq!(retry.request_id, first.request_id);
     assert!(describe_one(&mut servers, "s1").await.holds.is_empty());
-    assert_eq!(recorder.server_writes("s1"), writes, "nothing applied again");
+    assert_eq!(
+        recorder.server_writes("s1"),
+        writes,
+        "nothing applied again"
+    );
     assert_eq!(recorder.audits("CloseServers"), 1, "audited once");
     assert_eq!(recorder.tokens(), 1);
 
@@ -425,7 +442,10 @@ async fn post(broker: &Broker, path_and_query: &str, body: &str) -> (http::Statu
         .unwrap();
     let response = client.request(request).await.unwrap();
     let status = response.status();
-    (status, response.into_body().collect().await.unwrap().to_bytes())
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 fn json(body: &Bytes) -> serde_json::Value {
@@ -465,7 +485,10 @@ async fn rest_takes_the_token_and_request_fields_as_query_parameters() {
     )
     .await;
     assert_eq!(status, http::StatusCode::BAD_REQUEST);
-    assert_eq!(json(&refused)["field_violations"][0]["field"], "ClientToken");
+    assert_eq!(
+        json(&refused)["field_violations"][0]["field"],
+        "ClientToken"
+    );
 
     // A dry run by query parameter changes nothing and keeps no token.
     let (status, dry) = post(
@@ -484,7 +507,10 @@ async fn rest_takes_the_token_and_request_fields_as_query_parameters() {
     let (status, unknown) = post(&broker, "/closeServers?Bogus=1&ClientToken=x", body).await;
     assert_eq!(status, http::StatusCode::BAD_REQUEST);
     let unknown = json(&unknown);
-    assert_eq!(unknown["field_violations"][0]["field"], "Bogus", "{unknown}");
+    assert_eq!(
+        unknown["field_violations"][0]["field"], "Bogus",
+        "{unknown}"
+    );
     let (status, typed) = post(&broker, "/closeServers?DryRun=maybe", body).await;
     assert_eq!(status, http::StatusCode::BAD_REQUEST);
     assert_eq!(json(&typed)["field_violations"][0]["field"], "DryRun");
@@ -498,6 +524,9 @@ async fn rest_takes_the_token_and_request_fields_as_query_parameters() {
     assert_eq!(json(&twice)["field_violations"][0]["field"], "ClientToken");
     let (status, describe) = post(&broker, "/describeServers?MaxResults=1", "{}").await;
     assert_eq!(status, http::StatusCode::BAD_REQUEST, "{describe:?}");
-    assert_eq!(json(&describe)["field_violations"][0]["field"], "MaxResults");
+    assert_eq!(
+        json(&describe)["field_violations"][0]["field"],
+        "MaxResults"
+    );
     assert_eq!(recorder.server_writes("s2"), 0);
 }

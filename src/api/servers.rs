@@ -68,9 +68,12 @@ impl Servers for ServersApi {
                 .await;
         }
         let api = self.clone();
-        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
-            api.close_servers_here(request).await
-        })
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.close_servers_here(request).await },
+        )
         .await
     }
 
@@ -83,9 +86,12 @@ impl Servers for ServersApi {
             return leader.reply(leader.servers().open_servers(forwarded)).await;
         }
         let api = self.clone();
-        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
-            api.open_servers_here(request).await
-        })
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.open_servers_here(request).await },
+        )
         .await
     }
 

@@ -51,9 +51,12 @@ impl Sessions for SessionsApi {
                 .await;
         }
         let api = self.clone();
-        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
-            api.create_sessions_here(request).await
-        })
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.create_sessions_here(request).await },
+        )
         .await
     }
 
@@ -96,9 +99,12 @@ impl Sessions for SessionsApi {
                 .await;
         }
         let api = self.clone();
-        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
-            api.delete_sessions_here(request).await
-        })
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.delete_sessions_here(request).await },
+        )
         .await
     }
 
@@ -131,9 +137,12 @@ impl Sessions for SessionsApi {
                 .await;
         }
         let api = self.clone();
-        idempotency::serve(&self.fleet, &self.forward, request, move |request| async move {
-            api.update_session_permissions_here(request).await
-        })
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.update_session_permissions_here(request).await },
+        )
         .await
     }
 

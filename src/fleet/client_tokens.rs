@@ -33,8 +33,7 @@ use tokio::time::Instant;
 
 use super::{
     error::FleetError,
-    handle::Fleet,
-    persist::{self, Change, StoredClientToken},
+    persist::{self, StoredClientToken},
 };
 
 /// How long a token's record is kept by default (`--client-token-retention`).
@@ -185,7 +184,9 @@ impl Table {
     }
 
     fn abandon(&mut self, key: &TokenKey, serial: u64) {
-        if let Some(Entry::Running { serial: running, .. }) = self.entries.get(key)
+        if let Some(Entry::Running {
+            serial: running, ..
+        }) = self.entries.get(key)
             && *running == serial
         {
             self.entries.remove(key);
@@ -251,22 +252,18 @@ impl ClientTokens {
     pub(in crate::fleet) fn len(&self) -> usize {
         self.0.lock().entries.len()
     }
-}
 
-impl Fleet {
-    /// Claims `key` for a call whose request hashes to `request_hash`:
-    /// [`Claim::New`] to run it, or [`Claim::Replay`] of the first reply.
-    /// Fails with INVALID_ARGUMENT when the token was used with another
-    /// request, ABORTED while a call with it is still running, and
-    /// RESOURCE_EXHAUSTED when the table is full.
-    pub fn claim_client_token(
+    /// See [`crate::fleet::Fleet::claim_client_token`]: the table's part,
+    /// at `now`, with at most `limit` records.
+    pub(in crate::fleet) fn claim(
         &self,
         key: TokenKey,
         request_hash: [u8; 32],
+        limit: usize,
+        now: Instant,
     ) -> Result<Claim, FleetError> {
-        let limit = self.config.client_token_limit;
-        let mut table = self.client_tokens.0.lock();
-        table.expire(Instant::now());
+        let mut table = self.0.lock();
+        table.expire(now);
         match table.entries.get(&key) {
             Some(Entry::Kept {
                 request_hash: first,
@@ -319,96 +316,67 @@ impl Fleet {
             },
         );
         Ok(Claim::New(TokenTicket {
-            table: self.client_tokens.0.clone(),
+            table: self.0.clone(),
             key: Some(key),
             serial,
             request_hash,
         }))
     }
 
-    /// Keeps `reply` as the answer to the call `ticket` was claimed for,
-    /// in memory at once and in the store, and waits until it is durable.
-    /// Call it only once the call's own changes are durable: a retry that
-    /// finds the record must find its effects too. A record the store
-    /// cannot keep is logged, not returned: the call itself is done, and a
-    /// failed store stops the broker anyway.
-    pub async fn keep_client_token(&self, mut ticket: TokenTicket, reply: Vec<u8>) {
-        let Some(key) = ticket.key.take() else { return };
-        let created_at = persist::wall_clock();
-        let now = Instant::now();
-        let stored = {
-            let mut table = ticket.table.lock();
-            match table.entries.get(&key) {
-                Some(Entry::Running { serial, .. }) if *serial == ticket.serial => {}
-                // Replaced by a reload: this broker no longer leads.
-                _ => return,
-            }
-            let reply: Arc<[u8]> = Arc::from(reply);
-            table.bytes += reply.len();
-            table.expiries.push_back((
-                now + self.config.client_token_retention,
-                key.clone(),
-                ticket.serial,
-            ));
-            let stored = (self.is_writable() && self.store.keeps_changes()).then(|| {
-                StoredClientToken {
-                    actor: key.actor.clone(),
-                    method: key.method.clone(),
-                    token: key.token.clone(),
-                    request_hash: ticket.request_hash,
-                    reply: reply.to_vec(),
-                    created_at,
-                }
-            });
-            table.entries.insert(
-                key,
-                Entry::Kept {
-                    serial: ticket.serial,
-                    request_hash: ticket.request_hash,
-                    reply,
-                },
-            );
-            stored
-        };
-        let Some(stored) = stored else { return };
-        let durable = self.store.submit(vec![Change::PutClientToken(stored)]);
-        if let Err(e) = durable.wait().await {
-            tracing::error!(error = %e, "a ClientToken record could not be stored");
+    /// Keeps `reply` for `ticket`'s call until `expires`; the record to
+    /// store (created `created_at`), or `None` when the ticket's entry is
+    /// gone (a reload replaced the table: this broker no longer leads).
+    pub(in crate::fleet) fn keep(
+        mut ticket: TokenTicket,
+        reply: Vec<u8>,
+        expires: Instant,
+        created_at: SystemTime,
+    ) -> Option<StoredClientToken> {
+        let key = ticket.key.take()?;
+        let mut table = ticket.table.lock();
+        match table.entries.get(&key) {
+            Some(Entry::Running { serial, .. }) if *serial == ticket.serial => {}
+            _ => return None,
         }
+        let reply: Arc<[u8]> = Arc::from(reply);
+        table.bytes += reply.len();
+        table
+            .expiries
+            .push_back((expires, key.clone(), ticket.serial));
+        let stored = StoredClientToken {
+            actor: key.actor.clone(),
+            method: key.method.clone(),
+            token: key.token.clone(),
+            request_hash: ticket.request_hash,
+            reply: reply.to_vec(),
+            created_at,
+        };
+        table.entries.insert(
+            key,
+            Entry::Kept {
+                serial: ticket.serial,
+                request_hash: ticket.request_hash,
+                reply,
+            },
+        );
+        Some(stored)
     }
 
-    /// Forgets expired records and, while the store may hold records past
-    /// the retention, prunes a batch of them (not waited for). Part of the
-    /// periodic sweep, on the replica that writes.
-    pub(in crate::fleet) fn expire_client_tokens(&self, now: Instant) {
-        let prune = {
-            let mut table = self.client_tokens.0.lock();
-            table.expire(now);
-            let stale = table.stale_in_store;
-            table.stale_in_store = stale.saturating_sub(PRUNE_BATCH as u64);
-            stale > 0
-        };
-        if prune && self.store.keeps_changes() {
-            let retention = self.config.client_token_retention;
-            if let Some(before) = persist::wall_clock().checked_sub(retention) {
-                drop(
-                    self.store
-                        .submit(vec![Change::PruneClientTokens { before }]),
-                );
-            }
-        }
-    }
-
-    /// How many `ClientToken` records the broker holds (running and kept).
-    pub fn client_token_count(&self) -> usize {
-        self.client_tokens.len()
+    /// Forgets the records expired at `now`; whether the store may hold
+    /// records past the retention (then a prune is due, and one is
+    /// counted as done).
+    pub(in crate::fleet) fn expire(&self, now: Instant) -> bool {
+        let mut table = self.0.lock();
+        table.expire(now);
+        let stale = table.stale_in_store;
+        table.stale_in_store = stale.saturating_sub(PRUNE_BATCH as u64);
+        stale > 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::FleetConfig;
 
     fn key(token: &str) -> TokenKey {
         TokenKey {
@@ -418,12 +386,11 @@ mod tests {
         }
     }
 
-    fn fleet(limit: usize) -> Fleet {
-        Fleet::new(FleetConfig {
-            client_token_limit: limit,
-            ..FleetConfig::default()
-        })
-        .unwrap()
+    fn new(claim: Result<Claim, FleetError>) -> TokenTicket {
+        match claim {
+            Ok(Claim::New(ticket)) => ticket,
+            other => panic!("a new token, not {other:?}"),
+        }
     }
 
     #[test]
@@ -438,38 +405,67 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_kept_reply_is_replayed_until_it_expires() {
-        let fleet = fleet(10);
-        let Claim::New(ticket) = fleet.claim_client_token(key("t"), [1; 32]).unwrap() else {
-            panic!("a new token")
-        };
+        let tokens = ClientTokens::default();
+        let now = Instant::now();
+        let ticket = new(tokens.claim(key("t"), [1; 32], 10, now));
         // Running: the same request is told to retry, another refused.
-        let running = fleet.claim_client_token(key("t"), [1; 32]).unwrap_err();
+        let running = tokens.claim(key("t"), [1; 32], 10, now).unwrap_err();
         assert!(matches!(running, FleetError::Aborted(_)), "{running:?}");
-        let other = fleet.claim_client_token(key("t"), [2; 32]).unwrap_err();
+        let other = tokens.claim(key("t"), [2; 32], 10, now).unwrap_err();
         assert!(matches!(other, FleetError::InvalidArgument(_)), "{other:?}");
-        fleet.keep_client_token(ticket, b"reply".to_vec()).await;
-        let Claim::Replay(reply) = fleet.claim_client_token(key("t"), [1; 32]).unwrap() else {
+        let expires = now + DEFAULT_RETENTION;
+        let stored = ClientTokens::keep(ticket, b"reply".to_vec(), expires, SystemTime::now());
+        assert_eq!(stored.map(|s| s.reply), Some(b"reply".to_vec()));
+        let Ok(Claim::Replay(reply)) = tokens.claim(key("t"), [1; 32], 10, now) else {
             panic!("a replay")
         };
         assert_eq!(&*reply, b"reply");
-        tokio::time::advance(DEFAULT_RETENTION).await;
-        assert!(matches!(
-            fleet.claim_client_token(key("t"), [2; 32]).unwrap(),
-            Claim::New(_)
-        ));
+        assert!(!tokens.expire(now), "nothing stale yet");
+        let ticket = new(tokens.claim(key("t"), [2; 32], 10, expires));
+        assert!(
+            tokens.expire(expires),
+            "the expired record is stale in the store"
+        );
+        drop(ticket);
+        assert_eq!(tokens.len(), 0);
     }
 
-    #[tokio::test]
-    async fn a_dropped_ticket_frees_its_token_and_a_full_table_refuses() {
-        let fleet = fleet(1);
-        let claim = fleet.claim_client_token(key("t"), [1; 32]).unwrap();
-        let full = fleet.claim_client_token(key("u"), [1; 32]).unwrap_err();
+    #[test]
+    fn a_dropped_ticket_frees_its_token_and_a_full_table_refuses() {
+        let tokens = ClientTokens::default();
+        let now = Instant::now();
+        let ticket = new(tokens.claim(key("t"), [1; 32], 1, now));
+        let full = tokens.claim(key("u"), [1; 32], 1, now).unwrap_err();
         assert!(matches!(full, FleetError::ResourceExhausted(_)), "{full:?}");
-        drop(claim);
-        assert_eq!(fleet.client_token_count(), 0);
+        drop(ticket);
+        assert_eq!(tokens.len(), 0);
+        new(tokens.claim(key("u"), [1; 32], 1, now));
+    }
+
+    #[test]
+    fn a_reloaded_table_has_the_live_records_only() {
+        let wall = SystemTime::now();
+        let record = |token: &str, age: Duration| StoredClientToken {
+            actor: "a".into(),
+            method: "CloseServers".into(),
+            token: token.into(),
+            request_hash: [1; 32],
+            reply: b"r".to_vec(),
+            created_at: wall - age,
+        };
+        let hour = Duration::from_secs(3600);
+        let tokens = ClientTokens::load(
+            &[record("live", hour), record("gone", 25 * hour)],
+            DEFAULT_RETENTION,
+            Instant::now(),
+            wall,
+        );
+        assert_eq!(tokens.len(), 1);
+        let now = Instant::now();
         assert!(matches!(
-            fleet.claim_client_token(key("u"), [1; 32]).unwrap(),
-            Claim::New(_)
+            tokens.claim(key("live"), [1; 32], 10, now),
+            Ok(Claim::Replay(_))
         ));
+        assert!(tokens.expire(now), "the expired record is to be pruned");
     }
 }

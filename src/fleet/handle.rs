@@ -13,6 +13,7 @@ use parking_lot::RwLock;
 use tokio::time::Instant;
 
 use super::{
+    client_tokens::{Claim, ClientTokens, TokenKey, TokenTicket},
     config::FleetConfig,
     connection_token::ConnectionTokens,
     error::FleetError,
@@ -20,7 +21,6 @@ use super::{
     model::ServerId,
     page_token::PageTokens,
     persist,
-    client_tokens::ClientTokens,
     sessions::{MAX_SECTION_EVALUATION_COST, SequencedEvent},
     state::{Ctx, State, WriteGuard},
 };
@@ -290,5 +290,69 @@ impl Fleet {
     /// than the configured buffer behind loses events and is told so.
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<SequencedEvent> {
         self.events.subscribe()
+    }
+}
+
+impl Fleet {
+    /// Claims `key` for a call whose request hashes to `request_hash`
+    /// (see [`client_tokens`](super::client_tokens)): [`Claim::New`] to run
+    /// it, or [`Claim::Replay`] of the first reply. Fails with
+    /// INVALID_ARGUMENT when the token was used with another request,
+    /// ABORTED while a call with it is still running, and
+    /// RESOURCE_EXHAUSTED when the table is full.
+    pub fn claim_client_token(
+        &self,
+        key: TokenKey,
+        request_hash: [u8; 32],
+    ) -> Result<Claim, FleetError> {
+        self.client_tokens.claim(
+            key,
+            request_hash,
+            self.config.client_token_limit,
+            Instant::now(),
+        )
+    }
+
+    /// Keeps `reply` as the answer to the call `ticket` was claimed for,
+    /// in memory at once and in the store, and waits until it is durable.
+    /// Call it only once the call's own changes are durable: a retry that
+    /// finds the record must find its effects too. A record the store
+    /// cannot keep is logged, not returned: the call itself is done, and a
+    /// failed store stops the broker anyway.
+    pub async fn keep_client_token(&self, ticket: TokenTicket, reply: Vec<u8>) {
+        let expires = Instant::now() + self.config.client_token_retention;
+        let Some(stored) = ClientTokens::keep(ticket, reply, expires, persist::wall_clock()) else {
+            return;
+        };
+        if !self.is_writable() || !self.store.keeps_changes() {
+            return;
+        }
+        let durable = self
+            .store
+            .submit(vec![persist::Change::PutClientToken(stored)]);
+        if let Err(e) = durable.wait().await {
+            tracing::error!(error = %e, "a ClientToken record could not be stored");
+        }
+    }
+
+    /// Forgets expired `ClientToken` records and, while the store may hold
+    /// records past the retention, prunes a batch of them (not waited
+    /// for). Part of the sweep, on the replica that writes.
+    fn expire_client_tokens(&self, now: Instant) {
+        if !self.client_tokens.expire(now) || !self.store.keeps_changes() {
+            return;
+        }
+        let retention = self.config.client_token_retention;
+        if let Some(before) = persist::wall_clock().checked_sub(retention) {
+            drop(
+                self.store
+                    .submit(vec![persist::Change::PruneClientTokens { before }]),
+            );
+        }
+    }
+
+    /// How many `ClientToken` records the broker holds (running and kept).
+    pub fn client_token_count(&self) -> usize {
+        self.client_tokens.len()
     }
 }

@@ -439,16 +439,52 @@ impl Shared {
         }
         match route.grpc_path {
             "/dcv.sessionmanager.v1.Servers/CloseServers" => {
-                call!(self, parts, route, body, params, query, servers, close_servers)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    servers,
+                    close_servers
+                )
             }
             "/dcv.sessionmanager.v1.Servers/OpenServers" => {
-                call!(self, parts, route, body, params, query, servers, open_servers)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    servers,
+                    open_servers
+                )
             }
             "/dcv.sessionmanager.v1.Servers/DescribeServers" => {
-                call!(self, parts, route, body, params, query, servers, describe_servers)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    servers,
+                    describe_servers
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/CreateSessions" => {
-                call!(self, parts, route, body, params, query, sessions, create_sessions)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    sessions,
+                    create_sessions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/DescribeSessions" => {
                 call!(
@@ -463,7 +499,16 @@ impl Shared {
                 )
             }
             "/dcv.sessionmanager.v1.Sessions/DeleteSessions" => {
-                call!(self, parts, route, body, params, query, sessions, delete_sessions)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    sessions,
+                    delete_sessions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/UpdateSessionPermissions" => call!(
                 self,

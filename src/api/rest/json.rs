@@ -60,28 +60,7 @@ pub fn method_types(route: &Route) -> Option<(MessageDescriptor, MessageDescript
 /// three at most; a query of thousands is refused before any is looked at.
 pub const MAX_QUERY_PARAMETERS: usize = 16;
 
-/// The request fields a route takes as query parameters, by their JSON
-/// names: a batch route's body is a bare array, so its request-level
-/// fields (`ClientToken`, `DryRun`, `CapacityTagKey`) come in the query;
-/// every top-level singular scalar or enum field of its request message.
-/// Other routes take none (their body or path carries every field).
-pub fn query_fields(route: &Route, input: &MessageDescriptor) -> Vec<FieldDescriptor> {
-    if !matches!(route.body, RequestBody::BareArray { .. }) {
-        return Vec::new();
-    }
-    input
-        .fields()
-        .filter(|f| !f.is_list() && !f.is_map())
-        .filter(|f| {
-            !matches!(
-                f.kind(),
-                Kind::Message(_) | Kind::Bytes | Kind::Float | Kind::Double
-            )
-        })
-        .collect()
-}
-
-/// Sets the fields `query` names (see [`query_fields`]) on `message`:
+/// Sets the fields `query` names (see [`query_fields`](super::routes::query_fields)) on `message`:
 /// percent-decoded, each by its field's type. An unknown parameter, one
 /// given twice, or a value of the wrong type is INVALID_ARGUMENT naming
 /// the parameter.
@@ -91,7 +70,7 @@ fn apply_query(
     message: &mut DynamicMessage,
     query: &str,
 ) -> Result<(), FleetError> {
-    let fields = query_fields(route, input);
+    let fields = super::routes::query_fields(route, input);
     let takes = if fields.is_empty() {
         "this route takes no query parameters".to_owned()
     } else {
@@ -170,7 +149,7 @@ fn enum_names(e: &prost_reflect::EnumDescriptor) -> String {
 
 /// Decodes `route`'s request from its body (batch and describe routes) or
 /// its percent-decoded path parameters, and its query (see
-/// [`query_fields`]), into the gRPC service's request message `M`.
+/// [`query_fields`](super::routes::query_fields)), into the gRPC service's request message `M`.
 pub fn decode_request<M: prost::Message + Default>(
     route: &Route,
     body: &[u8],
@@ -723,7 +702,8 @@ mod tests {
         let close = route("/closeServers");
         let bad = |body: &str| {
             violation(
-                decode_request::<pb::CloseServersRequest>(close, body.as_bytes(), &[], None).unwrap_err(),
+                decode_request::<pb::CloseServersRequest>(close, body.as_bytes(), &[], None)
+                    .unwrap_err(),
             )
         };
         let (field, why) = bad(r#"[{"ServerId": "a"}, {"Bogus": 1}]"#);
@@ -764,14 +744,21 @@ mod tests {
                 decode_request(describe, body.as_bytes(), &[], None).unwrap();
             assert_eq!(r, pb::DescribeServersRequest::default(), "{body:?}");
         }
-        let r: pb::DescribeServersRequest =
-            decode_request(describe, br#"{"ServerIds": ["a"], "MaxResults": "5"}"#, &[], None).unwrap();
+        let r: pb::DescribeServersRequest = decode_request(
+            describe,
+            br#"{"ServerIds": ["a"], "MaxResults": "5"}"#,
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(r.server_ids, ["a"]);
         assert_eq!(r.max_results, Some(5));
-        let e = decode_request::<pb::DescribeServersRequest>(describe, b"[]", &[], None).unwrap_err();
+        let e =
+            decode_request::<pb::DescribeServersRequest>(describe, b"[]", &[], None).unwrap_err();
         assert_eq!(violation(e).0, BODY);
-        let e = decode_request::<pb::DescribeServersRequest>(describe, br#"{"Nope": 1}"#, &[], None)
-            .unwrap_err();
+        let e =
+            decode_request::<pb::DescribeServersRequest>(describe, br#"{"Nope": 1}"#, &[], None)
+                .unwrap_err();
         assert_eq!(violation(e).0, "Nope");
     }
 

@@ -303,7 +303,7 @@ fn route_operation(
             op.request_body = Some(RefOr::T(body));
         }
         RequestBody::BareArray { field } => {
-            let parameters: Vec<_> = super::json::query_fields(route, &input)
+            let parameters: Vec<_> = super::routes::query_fields(route, &input)
                 .iter()
                 .map(|field| {
                     let mut p = Parameter::new(field.json_name());
