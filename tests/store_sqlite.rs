@@ -944,7 +944,8 @@ async fn a_version_1_store_migrates_and_keeps_clients_and_secrets_after() {
         .execute_batch(
             "DROP TABLE clients; DROP TABLE secrets; \
              ALTER TABLE sessions DROP COLUMN deletions; \
-             DROP TABLE audit; DROP TABLE audit_subjects; PRAGMA user_version = 1;",
+             DROP TABLE audit; DROP TABLE audit_subjects; DROP TABLE client_tokens; \
+             PRAGMA user_version = 1;",
         )
         .unwrap();
     connection.close().unwrap();
