@@ -453,6 +453,28 @@ pub struct Args {
     )]
     pub audit_retention: Duration,
 
+    /// How long the first reply to a call made with a ClientToken
+    /// (CloseServers, OpenServers, CreateSessions, DeleteSessions,
+    /// UpdateSessionPermissions) is kept: the same caller sending the same
+    /// request with the same token within it gets that reply again, same
+    /// RequestId, and nothing is applied twice; the same token with
+    /// another request is refused (INVALID_ARGUMENT). Kept in the store.
+    #[arg(
+        long,
+        env = "DCV_BROKER_CLIENT_TOKEN_RETENTION",
+        default_value = "24h",
+        value_parser = duration
+    )]
+    pub client_token_retention: Duration,
+
+    /// The most ClientToken records kept at once. A call with a new token
+    /// beyond it fails with RESOURCE_EXHAUSTED: a live record is never
+    /// evicted, since that would make its caller's retry apply twice.
+    #[arg(long, env = "DCV_BROKER_CLIENT_TOKEN_LIMIT", default_value_t = 100_000,
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::value_parser!(u64).range(1..=100_000_000), |n| n as usize))]
+    pub client_token_limit: usize,
+
     /// Take every setting not given as a flag or environment variable from
     /// this TOML file: each key is a flag's name, `-` written `_`
     /// (`dcv-broker config defaults` prints one with every key).
@@ -703,6 +725,9 @@ impl Args {
         if self.token_ttl.is_zero() {
             return Err("--token-ttl must be positive".into());
         }
+        if self.client_token_retention.is_zero() {
+            return Err("--client-token-retention must be positive".into());
+        }
         if self.unreachable_after >= self.remove_after {
             return Err(format!(
                 "--unreachable-after ({:?}) must be shorter than --remove-after ({:?})",
@@ -788,6 +813,8 @@ impl Args {
                 create_retries: self.create_retries,
                 deleted_retention: self.deleted_session_retention,
                 connection_token_ttl: self.connection_token_ttl,
+                client_token_retention: self.client_token_retention,
+                client_token_limit: self.client_token_limit,
                 screenshot_timeout: self.screenshot_timeout,
                 screenshot_max_width: self.screenshot_max_width,
                 screenshot_max_height: self.screenshot_max_height,

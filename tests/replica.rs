@@ -98,8 +98,12 @@ impl Tables {
                 Change::PutLiveness(l) => {
                     self.liveness.insert(l.id.clone(), l.clone());
                 }
-                // The audit log is not replicated state.
-                Change::PutAudit(_) | Change::PruneAudit { .. } => {}
+                // The audit log and ClientToken records are not
+                // replicated state.
+                Change::PutAudit(_)
+                | Change::PruneAudit { .. }
+                | Change::PutClientToken(_)
+                | Change::PruneClientTokens { .. } => {}
             }
         }
     }
@@ -114,6 +118,7 @@ impl Tables {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            client_tokens: Vec::new(),
         }
     }
 
@@ -509,7 +514,9 @@ fn as_the_log_batches_them(group: &[Vec<Change>], tables: &Tables) -> Vec<Change
             Change::PutClient(_)
             | Change::PutSecret { .. }
             | Change::PutAudit(_)
-            | Change::PruneAudit { .. } => {}
+            | Change::PruneAudit { .. }
+            | Change::PutClientToken(_)
+            | Change::PruneClientTokens { .. } => {}
         }
     }
     let mut batch: Vec<Change> = sessions

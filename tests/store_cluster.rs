@@ -246,7 +246,9 @@ impl Model {
                 Change::PutLiveness(_) => {}
                 other @ (Change::PutServerState { .. }
                 | Change::PutAudit(_)
-                | Change::PruneAudit { .. }) => {
+                | Change::PruneAudit { .. }
+                | Change::PutClientToken(_)
+                | Change::PruneClientTokens { .. }) => {
                     panic!("a tail passes full records, not {other:?}")
                 }
             }

@@ -22,7 +22,10 @@ use dcv_broker::{
     demo,
     fleet::{
         CreateSpec, Hold, HoldKind, SessionKind, SessionState, Substate, Tag,
-        persist::{Change, Snapshot, Store as _, StoredClient, StoredServer, StoredSession},
+        persist::{
+            Change, Snapshot, Store as _, StoredClient, StoredClientToken, StoredServer,
+            StoredSession,
+        },
     },
     pb::{self, agent_client::AgentClient, servers_client::ServersClient},
     store::{
@@ -35,6 +38,19 @@ use tonic::transport::Channel;
 /// A wall-clock time at the store's precision.
 fn at(seconds: u64, micros: u32) -> SystemTime {
     UNIX_EPOCH + Duration::new(seconds, micros * 1000)
+}
+
+/// A ClientToken record named `token`, kept at `created_at`, replying
+/// `reply`.
+fn token_record(token: &str, created_at: SystemTime, reply: &[u8]) -> StoredClientToken {
+    StoredClientToken {
+        actor: "a-client".into(),
+        method: "CloseServers".into(),
+        token: token.into(),
+        request_hash: [7; 32],
+        reply: reply.to_vec(),
+        created_at,
+    }
 }
 
 /// The secrets every replica shares, drawn when the database is first
@@ -258,6 +274,13 @@ async fn what_is_put_comes_back_after_a_reopen() {
                 name: secrets[0].0.clone(),
                 value: secrets[0].1.clone(),
             },
+            // A record replaced under its key, one pruned, one kept.
+            Change::PutClientToken(token_record("kept", at(2_000, 1), b"first")),
+            Change::PutClientToken(token_record("old", at(1_000, 0), b"old")),
+            Change::PutClientToken(token_record("kept", at(3_000, 2), b"\0second")),
+            Change::PruneClientTokens {
+                before: at(2_500, 0),
+            },
         ],
     )
     .await;
@@ -278,6 +301,7 @@ async fn what_is_put_comes_back_after_a_reopen() {
         },
         clients,
         secrets,
+        client_tokens: vec![token_record("kept", at(3_000, 2), b"\0second")],
     };
     for (f, e) in found.sessions.iter().zip(&expected.sessions) {
         assert_eq!(f, e, "session {}", e.id);

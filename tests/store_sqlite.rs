@@ -22,7 +22,10 @@ use dcv_broker::{
     demo,
     fleet::{
         CreateSpec, Hold, HoldKind, SessionKind, SessionState, Substate, Tag,
-        persist::{Change, Snapshot, Store as _, StoredClient, StoredServer, StoredSession},
+        persist::{
+            Change, Snapshot, Store as _, StoredClient, StoredClientToken, StoredServer,
+            StoredSession,
+        },
     },
     store::{FILE_NAME, SCHEMA_VERSION, SqliteStore, StoreFailed, StoreOpenError},
 };
@@ -63,6 +66,19 @@ impl Drop for TempDir {
 /// A wall-clock time at the store's precision.
 fn at(seconds: u64, micros: u32) -> SystemTime {
     UNIX_EPOCH + Duration::new(seconds, micros * 1000)
+}
+
+/// A ClientToken record named `token`, kept at `created_at`, replying
+/// `reply`.
+fn token_record(token: &str, created_at: SystemTime, reply: &[u8]) -> StoredClientToken {
+    StoredClientToken {
+        actor: "a-client".into(),
+        method: "CloseServers".into(),
+        token: token.into(),
+        request_hash: [7; 32],
+        reply: reply.to_vec(),
+        created_at,
+    }
 }
 
 fn open(dir: &Path) -> (SqliteStore, Snapshot) {
@@ -276,6 +292,13 @@ async fn what_is_put_comes_back_after_a_reopen() {
         vec![
             Change::DeleteSession("s-gone".into()),
             Change::DeleteServer(demo::server_id(9)),
+            // A record replaced under its key, one pruned, one kept.
+            Change::PutClientToken(token_record("kept", at(2_000, 1), b"first")),
+            Change::PutClientToken(token_record("old", at(1_000, 0), b"old")),
+            Change::PutClientToken(token_record("kept", at(3_000, 2), b"\0second")),
+            Change::PruneClientTokens {
+                before: at(2_500, 0),
+            },
         ],
     )
     .await;
@@ -287,6 +310,7 @@ async fn what_is_put_comes_back_after_a_reopen() {
         Snapshot {
             servers,
             sessions,
+            client_tokens: vec![token_record("kept", at(3_000, 2), b"\0second")],
             ..Snapshot::default()
         },
     );

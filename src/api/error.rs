@@ -112,6 +112,8 @@ impl From<FleetError> for Status {
                 tracing::error!(%why, "request failed: broker unavailable");
                 Status::unavailable(why)
             }
+            FleetError::Aborted(why) => Status::aborted(why),
+            FleetError::ResourceExhausted(why) => Status::resource_exhausted(why),
             FleetError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the broker's log")

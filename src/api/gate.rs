@@ -500,7 +500,12 @@ impl Shared {
                 rest::NOT_JSON,
             ));
         }
-        Some(Route::Rest(RestCall { route, params }))
+        let query = request.uri().query().map(str::to_owned);
+        Some(Route::Rest(RestCall {
+            route,
+            params,
+            query,
+        }))
     }
 
     /// A refusal when the request comes from another site's page.

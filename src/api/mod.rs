@@ -9,6 +9,7 @@ pub mod codec;
 pub mod error;
 pub mod forward;
 pub mod gate;
+pub mod idempotency;
 pub mod oauth;
 pub mod request_id;
 pub mod rest;

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Forwarder, RequestId, audit::AuditCall, error::truncated};
+use super::{Forwarder, RequestId, audit::AuditCall, error::truncated, idempotency};
 use crate::{
     fleet::{self, CloseItem, DescribeQuery, Fleet, OpenItem, query},
     pb::{self, servers_server::Servers},
@@ -67,6 +67,73 @@ impl Servers for ServersApi {
                 .reply(leader.servers().close_servers(forwarded))
                 .await;
         }
+        let api = self.clone();
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.close_servers_here(request).await },
+        )
+        .await
+    }
+
+    async fn open_servers(
+        &self,
+        request: Request<pb::OpenServersRequest>,
+    ) -> Result<Response<pb::OpenServersResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader.reply(leader.servers().open_servers(forwarded)).await;
+        }
+        let api = self.clone();
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.open_servers_here(request).await },
+        )
+        .await
+    }
+
+    async fn describe_servers(
+        &self,
+        request: Request<pb::DescribeServersRequest>,
+    ) -> Result<Response<pb::DescribeServersResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        fleet::check_lengths(&[
+            ("ServerIds", r.server_ids.len(), query::MAX_DESCRIBE_IDS),
+            ("Filters", r.filters.len(), query::MAX_FILTERS),
+        ])?;
+        let query = DescribeQuery {
+            server_ids: r.server_ids,
+            next_token: r.next_token,
+            max_results: r.max_results,
+            filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
+        };
+        let mut servers = Vec::new();
+        let next_token = self
+            .fleet
+            .describe_servers(&query, |view| servers.push(wire::server_to_pb(view)))?;
+        tracing::debug!(
+            servers = servers.len(),
+            more = next_token.is_some(),
+            "servers described"
+        );
+        Ok(Response::new(pb::DescribeServersResponse {
+            request_id,
+            servers,
+            next_token: next_token.unwrap_or_default(),
+        }))
+    }
+}
+
+impl ServersApi {
+    /// CloseServers, served here (this broker leads or stands alone).
+    async fn close_servers_here(
+        &self,
+        request: Request<pb::CloseServersRequest>,
+    ) -> Result<Response<pb::CloseServersResponse>, Status> {
         let request_id = RequestId::of(&request);
         let actor = super::auth::actor(&request);
         let dry_run = request.get_ref().dry_run;
@@ -165,14 +232,11 @@ impl Servers for ServersApi {
         Ok(self.forward.stamped(response))
     }
 
-    async fn open_servers(
+    /// OpenServers, served here.
+    async fn open_servers_here(
         &self,
         request: Request<pb::OpenServersRequest>,
     ) -> Result<Response<pb::OpenServersResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader.reply(leader.servers().open_servers(forwarded)).await;
-        }
         let request_id = RequestId::of(&request);
         let dry_run = request.get_ref().dry_run;
         let audit = (!dry_run)
@@ -241,37 +305,5 @@ impl Servers for ServersApi {
             "servers opened"
         );
         Ok(self.forward.stamped(response))
-    }
-
-    async fn describe_servers(
-        &self,
-        request: Request<pb::DescribeServersRequest>,
-    ) -> Result<Response<pb::DescribeServersResponse>, Status> {
-        let request_id = RequestId::of(&request);
-        let r = request.into_inner();
-        fleet::check_lengths(&[
-            ("ServerIds", r.server_ids.len(), query::MAX_DESCRIBE_IDS),
-            ("Filters", r.filters.len(), query::MAX_FILTERS),
-        ])?;
-        let query = DescribeQuery {
-            server_ids: r.server_ids,
-            next_token: r.next_token,
-            max_results: r.max_results,
-            filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
-        };
-        let mut servers = Vec::new();
-        let next_token = self
-            .fleet
-            .describe_servers(&query, |view| servers.push(wire::server_to_pb(view)))?;
-        tracing::debug!(
-            servers = servers.len(),
-            more = next_token.is_some(),
-            "servers described"
-        );
-        Ok(Response::new(pb::DescribeServersResponse {
-            request_id,
-            servers,
-            next_token: next_token.unwrap_or_default(),
-        }))
     }
 }

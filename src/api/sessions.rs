@@ -4,7 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Forwarder, RequestId, audit::AuditCall};
+use super::{Forwarder, RequestId, audit::AuditCall, idempotency};
 use crate::{
     fleet::{
         self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query,
@@ -50,6 +50,162 @@ impl Sessions for SessionsApi {
                 .reply(leader.sessions().create_sessions(forwarded))
                 .await;
         }
+        let api = self.clone();
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.create_sessions_here(request).await },
+        )
+        .await
+    }
+
+    async fn describe_sessions(
+        &self,
+        request: Request<pb::DescribeSessionsRequest>,
+    ) -> Result<Response<pb::DescribeSessionsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        fleet::check_lengths(&[
+            ("SessionIds", r.session_ids.len(), query::MAX_DESCRIBE_IDS),
+            ("Filters", r.filters.len(), query::MAX_FILTERS),
+        ])?;
+        let query = SessionQuery {
+            session_ids: r.session_ids,
+            filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
+            max_results: r.max_results,
+            next_token: r.next_token,
+        };
+        let mut sessions = Vec::new();
+        let next_token = self
+            .fleet
+            .describe_sessions(&query, |view| sessions.push(wire::session_to_pb(view)))?;
+        tracing::debug!(sessions = sessions.len(), "sessions described");
+        Ok(Response::new(pb::DescribeSessionsResponse {
+            request_id,
+            sessions,
+            next_token: next_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_sessions(
+        &self,
+        request: Request<pb::DeleteSessionsRequest>,
+    ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().delete_sessions(forwarded))
+                .await;
+        }
+        let api = self.clone();
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.delete_sessions_here(request).await },
+        )
+        .await
+    }
+
+    async fn get_session_connection_data(
+        &self,
+        request: Request<pb::GetSessionConnectionDataRequest>,
+    ) -> Result<Response<pb::GetSessionConnectionDataResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        let mut session = None;
+        let connection_token = self.fleet.connection_data(&r.session_id, &r.user, |view| {
+            session = Some(wire::session_to_pb(view));
+        })?;
+        tracing::debug!(session_id = %r.session_id, user = %r.user, "connection token issued");
+        Ok(Response::new(pb::GetSessionConnectionDataResponse {
+            request_id,
+            session,
+            connection_token,
+        }))
+    }
+
+    async fn update_session_permissions(
+        &self,
+        request: Request<pb::UpdateSessionPermissionsRequest>,
+    ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().update_session_permissions(forwarded))
+                .await;
+        }
+        let api = self.clone();
+        idempotency::serve(
+            &self.fleet,
+            &self.forward,
+            request,
+            move |request| async move { api.update_session_permissions_here(request).await },
+        )
+        .await
+    }
+
+    async fn get_session_screenshots(
+        &self,
+        request: Request<pb::GetSessionScreenshotsRequest>,
+    ) -> Result<Response<pb::GetSessionScreenshotsResponse>, Status> {
+        if let Some(leader) = self.forward.route(&request)? {
+            let forwarded = leader.request(request.into_inner());
+            return leader
+                .reply(leader.sessions().get_session_screenshots(forwarded))
+                .await;
+        }
+        let request_id = RequestId::of(&request);
+        let items = request.into_inner().sessions;
+        fleet::validate_batch_size_up_to("Sessions", items.len(), MAX_SCREENSHOT_ITEMS)?;
+        let domain: Vec<_> = items.iter().map(wire::screenshot_item_from_pb).collect();
+        let results = self.fleet.get_session_screenshots(&domain).await?;
+        let mut response = pb::GetSessionScreenshotsResponse {
+            request_id,
+            ..Default::default()
+        };
+        for (data, result) in items.into_iter().zip(results) {
+            match result {
+                Ok(images) => {
+                    response
+                        .successful_list
+                        .push(pb::GetSessionScreenshotSuccessfulResponse {
+                            session_screenshot: Some(pb::SessionScreenshot {
+                                session_id: data.session_id,
+                                images: images
+                                    .into_iter()
+                                    .map(wire::screenshot_image_to_pb)
+                                    .collect(),
+                            }),
+                        })
+                }
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::GetSessionScreenshotUnsuccessfulResponse {
+                            get_session_screenshot_request_data: Some(data),
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
+            }
+        }
+        tracing::debug!(
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "screenshots taken"
+        );
+        Ok(self.forward.stamped(response))
+    }
+}
+
+impl SessionsApi {
+    /// CreateSessions, served here (this broker leads or stands alone).
+    async fn create_sessions_here(
+        &self,
+        request: Request<pb::CreateSessionsRequest>,
+    ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
         let request_id = RequestId::of(&request);
         let audit = AuditCall::begin(&self.fleet, &request, "CreateSessions");
         let items = request.into_inner().sessions;
@@ -99,44 +255,11 @@ impl Sessions for SessionsApi {
         Ok(self.forward.stamped(response))
     }
 
-    async fn describe_sessions(
-        &self,
-        request: Request<pb::DescribeSessionsRequest>,
-    ) -> Result<Response<pb::DescribeSessionsResponse>, Status> {
-        let request_id = RequestId::of(&request);
-        let r = request.into_inner();
-        fleet::check_lengths(&[
-            ("SessionIds", r.session_ids.len(), query::MAX_DESCRIBE_IDS),
-            ("Filters", r.filters.len(), query::MAX_FILTERS),
-        ])?;
-        let query = SessionQuery {
-            session_ids: r.session_ids,
-            filters: r.filters.into_iter().map(|f| (f.key, f.value)).collect(),
-            max_results: r.max_results,
-            next_token: r.next_token,
-        };
-        let mut sessions = Vec::new();
-        let next_token = self
-            .fleet
-            .describe_sessions(&query, |view| sessions.push(wire::session_to_pb(view)))?;
-        tracing::debug!(sessions = sessions.len(), "sessions described");
-        Ok(Response::new(pb::DescribeSessionsResponse {
-            request_id,
-            sessions,
-            next_token: next_token.unwrap_or_default(),
-        }))
-    }
-
-    async fn delete_sessions(
+    /// DeleteSessions, served here (this broker leads or stands alone).
+    async fn delete_sessions_here(
         &self,
         request: Request<pb::DeleteSessionsRequest>,
     ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.sessions().delete_sessions(forwarded))
-                .await;
-        }
         let request_id = RequestId::of(&request);
         let dry_run = request.get_ref().dry_run;
         // A dry run changes nothing: nothing to audit.
@@ -209,34 +332,11 @@ impl Sessions for SessionsApi {
         Ok(self.forward.stamped(response))
     }
 
-    async fn get_session_connection_data(
-        &self,
-        request: Request<pb::GetSessionConnectionDataRequest>,
-    ) -> Result<Response<pb::GetSessionConnectionDataResponse>, Status> {
-        let request_id = RequestId::of(&request);
-        let r = request.into_inner();
-        let mut session = None;
-        let connection_token = self.fleet.connection_data(&r.session_id, &r.user, |view| {
-            session = Some(wire::session_to_pb(view));
-        })?;
-        tracing::debug!(session_id = %r.session_id, user = %r.user, "connection token issued");
-        Ok(Response::new(pb::GetSessionConnectionDataResponse {
-            request_id,
-            session,
-            connection_token,
-        }))
-    }
-
-    async fn update_session_permissions(
+    /// UpdateSessionPermissions, served here (this broker leads or stands alone).
+    async fn update_session_permissions_here(
         &self,
         request: Request<pb::UpdateSessionPermissionsRequest>,
     ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.sessions().update_session_permissions(forwarded))
-                .await;
-        }
         let request_id = RequestId::of(&request);
         let audit = AuditCall::begin(&self.fleet, &request, "UpdateSessionPermissions");
         let items = request.into_inner().sessions;
@@ -279,59 +379,6 @@ impl Sessions for SessionsApi {
                 ),
             }
         }
-        Ok(self.forward.stamped(response))
-    }
-
-    async fn get_session_screenshots(
-        &self,
-        request: Request<pb::GetSessionScreenshotsRequest>,
-    ) -> Result<Response<pb::GetSessionScreenshotsResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.sessions().get_session_screenshots(forwarded))
-                .await;
-        }
-        let request_id = RequestId::of(&request);
-        let items = request.into_inner().sessions;
-        fleet::validate_batch_size_up_to("Sessions", items.len(), MAX_SCREENSHOT_ITEMS)?;
-        let domain: Vec<_> = items.iter().map(wire::screenshot_item_from_pb).collect();
-        let results = self.fleet.get_session_screenshots(&domain).await?;
-        let mut response = pb::GetSessionScreenshotsResponse {
-            request_id,
-            ..Default::default()
-        };
-        for (data, result) in items.into_iter().zip(results) {
-            match result {
-                Ok(images) => {
-                    response
-                        .successful_list
-                        .push(pb::GetSessionScreenshotSuccessfulResponse {
-                            session_screenshot: Some(pb::SessionScreenshot {
-                                session_id: data.session_id,
-                                images: images
-                                    .into_iter()
-                                    .map(wire::screenshot_image_to_pb)
-                                    .collect(),
-                            }),
-                        })
-                }
-                Err(failure) => {
-                    response
-                        .unsuccessful_list
-                        .push(pb::GetSessionScreenshotUnsuccessfulResponse {
-                            get_session_screenshot_request_data: Some(data),
-                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
-                            failure_reason: failure.reason,
-                        })
-                }
-            }
-        }
-        tracing::debug!(
-            succeeded = response.successful_list.len(),
-            failed = response.unsuccessful_list.len(),
-            "screenshots taken"
-        );
         Ok(self.forward.stamped(response))
     }
 }

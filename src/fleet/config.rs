@@ -49,6 +49,11 @@ pub struct FleetConfig {
     pub screenshot_format: ImageFormat,
     /// Pools' capacity floors (`--capacity-floor`).
     pub capacity_floors: Vec<CapacityFloor>,
+    /// How long a `ClientToken`'s first reply is kept for retries
+    /// (`--client-token-retention`).
+    pub client_token_retention: Duration,
+    /// The most `ClientToken` records kept at once (`--client-token-limit`).
+    pub client_token_limit: usize,
 }
 
 impl Default for FleetConfig {
@@ -71,6 +76,8 @@ impl Default for FleetConfig {
             screenshot_max_height: 100,
             screenshot_format: ImageFormat::Png,
             capacity_floors: Vec::new(),
+            client_token_retention: super::client_tokens::DEFAULT_RETENTION,
+            client_token_limit: super::client_tokens::DEFAULT_LIMIT,
         }
     }
 }

@@ -76,6 +76,14 @@ pub enum FleetError {
     /// failed); it is safe to retry against a healthy broker.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A concurrent call conflicts with this one (a call with the same
+    /// `ClientToken` is still running); retrying later is right.
+    #[error("aborted: {0}")]
+    Aborted(String),
+    /// A bounded resource of the broker is full (its `ClientToken`
+    /// records); nothing was changed.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// Something failed inside the broker.
     #[error("internal error: {0}")]
     Internal(String),

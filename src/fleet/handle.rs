@@ -13,6 +13,7 @@ use parking_lot::RwLock;
 use tokio::time::Instant;
 
 use super::{
+    client_tokens::{Claim, ClientTokens, TokenKey, TokenTicket},
     config::FleetConfig,
     connection_token::ConnectionTokens,
     error::FleetError,
@@ -43,6 +44,9 @@ pub struct Fleet {
     /// False on a replica that follows another's writes (see
     /// [`Fleet::set_writable`]).
     pub(in crate::fleet) writable: Arc<AtomicBool>,
+    /// The `ClientToken` records (idempotent retries), beside the state
+    /// with a lock of their own.
+    pub(in crate::fleet) client_tokens: ClientTokens,
 }
 
 /// The stored secret keying page tokens.
@@ -91,8 +95,14 @@ impl Fleet {
     pub fn restore(
         config: FleetConfig,
         store: Arc<dyn persist::Store>,
-        snapshot: persist::Snapshot,
+        mut snapshot: persist::Snapshot,
     ) -> Result<Self, FleetError> {
+        let client_tokens = ClientTokens::load(
+            &std::mem::take(&mut snapshot.client_tokens),
+            config.client_token_retention,
+            Instant::now(),
+            persist::wall_clock(),
+        );
         let tokens = PageTokens::with_key(
             stored_key(&snapshot, PAGE_TOKEN_KEY, &*store)?,
             config.page_token_ttl,
@@ -114,6 +124,7 @@ impl Fleet {
             longest_write_ns: Arc::new(AtomicU64::new(0)),
             screenshots: PendingShots::default(),
             writable: Arc::new(AtomicBool::new(true)),
+            client_tokens,
         })
     }
 
@@ -258,6 +269,8 @@ impl Fleet {
         let mut state = self.lock_write();
         let removed = state.maintain(now, &self.ctx());
         drop(self.commit(&mut state));
+        drop(state);
+        self.expire_client_tokens(now);
         removed
     }
 
@@ -277,5 +290,69 @@ impl Fleet {
     /// than the configured buffer behind loses events and is told so.
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<SequencedEvent> {
         self.events.subscribe()
+    }
+}
+
+impl Fleet {
+    /// Claims `key` for a call whose request hashes to `request_hash`
+    /// (see [`client_tokens`](super::client_tokens)): [`Claim::New`] to run
+    /// it, or [`Claim::Replay`] of the first reply. Fails with
+    /// INVALID_ARGUMENT when the token was used with another request,
+    /// ABORTED while a call with it is still running, and
+    /// RESOURCE_EXHAUSTED when the table is full.
+    pub fn claim_client_token(
+        &self,
+        key: TokenKey,
+        request_hash: [u8; 32],
+    ) -> Result<Claim, FleetError> {
+        self.client_tokens.claim(
+            key,
+            request_hash,
+            self.config.client_token_limit,
+            Instant::now(),
+        )
+    }
+
+    /// Keeps `reply` as the answer to the call `ticket` was claimed for,
+    /// in memory at once and in the store, and waits until it is durable.
+    /// Call it only once the call's own changes are durable: a retry that
+    /// finds the record must find its effects too. A record the store
+    /// cannot keep is logged, not returned: the call itself is done, and a
+    /// failed store stops the broker anyway.
+    pub async fn keep_client_token(&self, ticket: TokenTicket, reply: Vec<u8>) {
+        let expires = Instant::now() + self.config.client_token_retention;
+        let Some(stored) = ClientTokens::keep(ticket, reply, expires, persist::wall_clock()) else {
+            return;
+        };
+        if !self.is_writable() || !self.store.keeps_changes() {
+            return;
+        }
+        let durable = self
+            .store
+            .submit(vec![persist::Change::PutClientToken(stored)]);
+        if let Err(e) = durable.wait().await {
+            tracing::error!(error = %e, "a ClientToken record could not be stored");
+        }
+    }
+
+    /// Forgets expired `ClientToken` records and, while the store may hold
+    /// records past the retention, prunes a batch of them (not waited
+    /// for). Part of the sweep, on the replica that writes.
+    fn expire_client_tokens(&self, now: Instant) {
+        if !self.client_tokens.expire(now) || !self.store.keeps_changes() {
+            return;
+        }
+        let retention = self.config.client_token_retention;
+        if let Some(before) = persist::wall_clock().checked_sub(retention) {
+            drop(
+                self.store
+                    .submit(vec![persist::Change::PruneClientTokens { before }]),
+            );
+        }
+    }
+
+    /// How many `ClientToken` records the broker holds (running and kept).
+    pub fn client_token_count(&self) -> usize {
+        self.client_tokens.len()
     }
 }

@@ -30,6 +30,7 @@
 mod agents;
 pub mod availability;
 pub mod blast;
+pub mod client_tokens;
 mod config;
 mod connection_token;
 pub mod error;
@@ -53,6 +54,7 @@ mod validate;
 pub use self::{
     availability::{Reason, Reasons},
     blast::{AffectedServer, AffectedSession, BlastRadius, PoolCapacity},
+    client_tokens::{Claim, TokenKey, TokenTicket},
     config::FleetConfig,
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
     gauges::{FleetGauges, SESSION_STATES},

@@ -139,6 +139,34 @@ pub enum Change {
         /// The oldest time kept.
         before: SystemTime,
     },
+    /// Keep the first reply to a call made with a `ClientToken`, replacing
+    /// an expired record of the same key: the leader's alone, never
+    /// passed on to followers' fleets (a new leader loads them).
+    PutClientToken(StoredClientToken),
+    /// Remove the `ClientToken` records created before `before` (the
+    /// retention), at most a bounded number per prune.
+    PruneClientTokens {
+        /// The oldest creation time kept.
+        before: SystemTime,
+    },
+}
+
+/// The first reply to a call made with a `ClientToken` (see
+/// `fleet::client_tokens`), as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClientToken {
+    /// The caller (the authenticated client id, or `anonymous`).
+    pub actor: String,
+    /// The gRPC method (`CloseServers`).
+    pub method: String,
+    /// The caller's token.
+    pub token: String,
+    /// SHA-256 of the request, encoded with its token cleared.
+    pub request_hash: [u8; 32],
+    /// The reply, encoded.
+    pub reply: Vec<u8>,
+    /// When the reply was kept (microsecond precision, as stored).
+    pub created_at: SystemTime,
 }
 
 /// One state-changing call, as the audit log keeps it: built by the API
@@ -247,6 +275,9 @@ pub struct Snapshot {
     pub clients: Vec<StoredClient>,
     /// Named secrets.
     pub secrets: Vec<(String, Vec<u8>)>,
+    /// `ClientToken` records, oldest first (expired ones included: the
+    /// fleet skips them).
+    pub client_tokens: Vec<StoredClientToken>,
 }
 
 /// Where the fleet's changes go to be kept.

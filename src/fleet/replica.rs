@@ -19,6 +19,7 @@ use std::{sync::Arc, time::SystemTime};
 use tokio::time::Instant;
 
 use super::{
+    client_tokens::ClientTokens,
     error::FleetError,
     handle::{CONNECTION_TOKEN_KEY, Fleet, PAGE_TOKEN_KEY},
     model::{Placement, ServerId, ServerRecord, SessionState, Substate},
@@ -79,6 +80,12 @@ impl Fleet {
         }
         // Built outside the lock: it costs the whole fleet.
         let mut fresh = State::from_snapshot(snapshot.clone(), &self.config)?;
+        let tokens = ClientTokens::load(
+            &snapshot.client_tokens,
+            self.config.client_token_retention,
+            Instant::now(),
+            persist::wall_clock(),
+        );
         let mut state = self.lock_write();
         fresh.tracks_changes = state.tracks_changes;
         fresh.tracks_liveness = state.tracks_liveness;
@@ -88,6 +95,8 @@ impl Fleet {
         fresh.sessions.seq = state.sessions.seq;
         let old = std::mem::replace(&mut *state, fresh);
         self.rekey(&keys);
+        // A new leader answers retries of what its predecessor did.
+        self.client_tokens.replace(tokens);
         drop(state);
         // Freed after the lock is released: dropping a fleet's worth of
         // records is not free.

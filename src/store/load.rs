@@ -11,7 +11,7 @@ use rusqlite::{Connection, ErrorCode, Row, types::FromSql};
 use super::{StoreOpenError, codec};
 use crate::fleet::{
     Hold,
-    persist::{Snapshot, StoredClient, StoredServer, StoredSession},
+    persist::{Snapshot, StoredClient, StoredClientToken, StoredServer, StoredSession},
 };
 
 /// Reads every server and session, each list in id order.
@@ -39,7 +39,36 @@ fn read_all(connection: &Connection) -> Result<Snapshot, LoadError> {
         sessions,
         clients: read_clients(connection)?,
         secrets: read_secrets(connection)?,
+        client_tokens: read_client_tokens(connection)?,
     })
+}
+
+fn read_client_tokens(connection: &Connection) -> Result<Vec<StoredClientToken>, LoadError> {
+    let mut statement = connection.prepare(
+        "SELECT actor, method, token, request_hash, reply, created_at
+         FROM client_tokens ORDER BY created_at",
+    )?;
+    let mut rows = statement.query([])?;
+    let mut records = Vec::new();
+    while let Some(row) = rows.next()? {
+        let token: String = row.get(2)?;
+        let f = Fields {
+            row,
+            what: "the ClientToken record",
+            id: &token,
+        };
+        let hash: Vec<u8> = f.get(3, "request_hash")?;
+        records.push(StoredClientToken {
+            actor: f.get(0, "actor")?,
+            method: f.get(1, "method")?,
+            request_hash: <[u8; 32]>::try_from(hash.as_slice())
+                .map_err(|_| f.bad("request_hash", "not 32 bytes long"))?,
+            reply: f.get(4, "reply")?,
+            created_at: f.time(5, "created_at")?,
+            token,
+        });
+    }
+    Ok(records)
 }
 
 fn read_clients(connection: &Connection) -> Result<Vec<StoredClient>, LoadError> {

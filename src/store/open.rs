@@ -134,6 +134,22 @@ pub const MIGRATIONS: &[&str] = &[
     DROP TABLE holds;
     ALTER TABLE holds_v5 RENAME TO holds;
     ALTER TABLE servers ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0;",
+    // 6: the first reply to each call made with a ClientToken (see
+    // `fleet::client_tokens`), per caller, method and token, pruned by
+    // age through `created_at`. (Numbered after 5, the holds' columns,
+    // which a parallel change appends before this one.)
+    "CREATE TABLE client_tokens (
+        actor TEXT NOT NULL,
+        method TEXT NOT NULL,
+        token TEXT NOT NULL,
+        -- SHA-256 of the encoded request, its ClientToken cleared.
+        request_hash BLOB NOT NULL,
+        -- The encoded reply (CloseServersResponse, ...).
+        reply BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (actor, method, token)
+    ) STRICT;
+    CREATE INDEX client_tokens_created_at ON client_tokens (created_at);",
 ];
 
 /// The schema version this build writes.

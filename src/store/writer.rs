@@ -254,6 +254,35 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<(), WriteError> {
             .execute(params![before, crate::store::audit::PRUNE_BATCH])?;
             Ok(())
         }
+        Change::PutClientToken(record) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO client_tokens
+                     (actor, method, token, request_hash, reply, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                record.actor,
+                record.method,
+                record.token,
+                record.request_hash.as_slice(),
+                record.reply,
+                codec::micros(record.created_at),
+            ])?;
+            Ok(())
+        }
+        Change::PruneClientTokens { before } => {
+            // Bounded, as the audit log's prune.
+            tx.prepare_cached(
+                "DELETE FROM client_tokens WHERE rowid IN
+                     (SELECT rowid FROM client_tokens WHERE created_at < ?1
+                      ORDER BY created_at LIMIT ?2)",
+            )?
+            .execute(params![
+                codec::micros(*before),
+                crate::fleet::client_tokens::PRUNE_BATCH
+            ])?;
+            Ok(())
+        }
     }
 }
 

@@ -54,6 +54,9 @@ pub struct RestCall {
     pub route: &'static Route,
     /// The path's `{...}` segments, in order, as sent.
     pub params: Vec<String>,
+    /// The query string, as sent (the gate renames the path to the gRPC
+    /// method's, which has none).
+    pub query: Option<String>,
 }
 
 /// Which route a request is.
@@ -144,6 +147,8 @@ pub fn status_reply(
         Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_token"),
         Code::PermissionDenied => (StatusCode::FORBIDDEN, "insufficient_scope"),
         Code::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        // A call with the same ClientToken is still running.
+        Code::Aborted => (StatusCode::CONFLICT, "conflict"),
         // The client's own rate (it carries RetryInfo): 429. The broker's
         // in-flight limit sheds load from everyone: that is the server's
         // overload, 503, which load balancers and clients retry elsewhere.
@@ -387,8 +392,8 @@ fn json_reply(body: Vec<u8>) -> http::Response<Body> {
 /// `$request`, carrying `$parts`' extensions and headers as a gRPC call
 /// would; the reply as DCV's JSON.
 macro_rules! call {
-    ($shared:expr, $parts:ident, $route:ident, $body:ident, $params:ident, $api:ident, $method:ident) => {{
-        let message = json::decode_request($route, &$body, &$params)?;
+    ($shared:expr, $parts:ident, $route:ident, $body:ident, $params:ident, $query:ident, $api:ident, $method:ident) => {{
+        let message = json::decode_request($route, &$body, &$params, $query)?;
         let mut request = tonic::Request::from_http(http::Request::from_parts($parts, message));
         request
             .extensions_mut()
@@ -407,6 +412,7 @@ impl Shared {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let route = call.route;
+        let query = call.query.as_deref();
         let (parts, body) = request.into_parts();
         let params = match route.body {
             RequestBody::PathParams { .. } => decode_params(route.path, &call.params)?,
@@ -433,16 +439,52 @@ impl Shared {
         }
         match route.grpc_path {
             "/dcv.sessionmanager.v1.Servers/CloseServers" => {
-                call!(self, parts, route, body, params, servers, close_servers)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    servers,
+                    close_servers
+                )
             }
             "/dcv.sessionmanager.v1.Servers/OpenServers" => {
-                call!(self, parts, route, body, params, servers, open_servers)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    servers,
+                    open_servers
+                )
             }
             "/dcv.sessionmanager.v1.Servers/DescribeServers" => {
-                call!(self, parts, route, body, params, servers, describe_servers)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    servers,
+                    describe_servers
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/CreateSessions" => {
-                call!(self, parts, route, body, params, sessions, create_sessions)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    sessions,
+                    create_sessions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/DescribeSessions" => {
                 call!(
@@ -451,12 +493,22 @@ impl Shared {
                     route,
                     body,
                     params,
+                    query,
                     sessions,
                     describe_sessions
                 )
             }
             "/dcv.sessionmanager.v1.Sessions/DeleteSessions" => {
-                call!(self, parts, route, body, params, sessions, delete_sessions)
+                call!(
+                    self,
+                    parts,
+                    route,
+                    body,
+                    params,
+                    query,
+                    sessions,
+                    delete_sessions
+                )
             }
             "/dcv.sessionmanager.v1.Sessions/UpdateSessionPermissions" => call!(
                 self,
@@ -464,6 +516,7 @@ impl Shared {
                 route,
                 body,
                 params,
+                query,
                 sessions,
                 update_session_permissions
             ),
@@ -473,6 +526,7 @@ impl Shared {
                 route,
                 body,
                 params,
+                query,
                 sessions,
                 get_session_connection_data
             ),
@@ -483,6 +537,7 @@ impl Shared {
                     route,
                     body,
                     params,
+                    query,
                     sessions,
                     get_session_screenshots
                 )

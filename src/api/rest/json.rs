@@ -56,13 +56,105 @@ pub fn method_types(route: &Route) -> Option<(MessageDescriptor, MessageDescript
     Some((method.input(), method.output()))
 }
 
+/// The most query parameters a request may carry: a batch route takes
+/// three at most; a query of thousands is refused before any is looked at.
+pub const MAX_QUERY_PARAMETERS: usize = 16;
+
+/// Sets the fields `query` names (see [`query_fields`](super::routes::query_fields)) on `message`:
+/// percent-decoded, each by its field's type. An unknown parameter, one
+/// given twice, or a value of the wrong type is INVALID_ARGUMENT naming
+/// the parameter.
+fn apply_query(
+    route: &Route,
+    input: &MessageDescriptor,
+    message: &mut DynamicMessage,
+    query: &str,
+) -> Result<(), FleetError> {
+    let fields = super::routes::query_fields(route, input);
+    let takes = if fields.is_empty() {
+        "this route takes no query parameters".to_owned()
+    } else {
+        let names: Vec<&str> = fields.iter().map(|f| f.json_name()).collect();
+        format!("this route takes {}", names.join(", "))
+    };
+    let mut violations = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, (name, value)) in form_urlencoded::parse(query.as_bytes()).enumerate() {
+        if i == MAX_QUERY_PARAMETERS {
+            violations.push(crate::fleet::FieldViolation::new(
+                "query",
+                format!("more than {MAX_QUERY_PARAMETERS} query parameters"),
+            ));
+            break;
+        }
+        let Some(field) = fields.iter().find(|f| f.json_name() == name) else {
+            violations.push(crate::fleet::FieldViolation::new(
+                name.into_owned(),
+                format!("unknown query parameter; {takes}"),
+            ));
+            continue;
+        };
+        if seen.contains(&field.json_name()) {
+            violations.push(crate::fleet::FieldViolation::new(
+                name.into_owned(),
+                "given more than once",
+            ));
+            continue;
+        }
+        seen.push(field.json_name());
+        match query_value(field, &value) {
+            Ok(value) => message.set_field(field, value),
+            Err(why) => violations.push(crate::fleet::FieldViolation::new(name.into_owned(), why)),
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(FleetError::InvalidArgument(violations))
+    }
+}
+
+/// A query parameter's text as `field`'s value.
+fn query_value(field: &FieldDescriptor, text: &str) -> Result<Value, String> {
+    fn number<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, String> {
+        text.parse()
+            .map_err(|_| format!("must be {what}, not {text:?}"))
+    }
+    Ok(match field.kind() {
+        Kind::String => Value::String(text.to_owned()),
+        Kind::Bool => Value::Bool(match text {
+            "true" => true,
+            "false" => false,
+            _ => return Err(format!("must be true or false, not {text:?}")),
+        }),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => Value::I32(number(text, "an integer")?),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => Value::I64(number(text, "an integer")?),
+        Kind::Uint32 | Kind::Fixed32 => Value::U32(number(text, "a non-negative integer")?),
+        Kind::Uint64 | Kind::Fixed64 => Value::U64(number(text, "a non-negative integer")?),
+        Kind::Enum(e) => match e.get_value_by_name(text) {
+            Some(v) if v.number() != 0 => Value::EnumNumber(v.number()),
+            _ => return Err(format!("must be one of {}", enum_names(&e))),
+        },
+        _ => return Err("is not a query parameter".into()),
+    })
+}
+
+fn enum_names(e: &prost_reflect::EnumDescriptor) -> String {
+    e.values()
+        .filter(|v| v.number() != 0)
+        .map(|v| v.name().to_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Decodes `route`'s request from its body (batch and describe routes) or
-/// its percent-decoded path parameters, into the gRPC service's request
-/// message `M`.
+/// its percent-decoded path parameters, and its query (see
+/// [`query_fields`](super::routes::query_fields)), into the gRPC service's request message `M`.
 pub fn decode_request<M: prost::Message + Default>(
     route: &Route,
     body: &[u8],
     params: &[String],
+    query: Option<&str>,
 ) -> Result<M, FleetError> {
     let (input, _) = method_types(route).ok_or_else(|| {
         FleetError::Internal(format!("route {} names no contract method", route.path))
@@ -81,6 +173,10 @@ pub fn decode_request<M: prost::Message + Default>(
             message
         }
     };
+    let mut message = message;
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        apply_query(route, &input, &mut message, query)?;
+    }
     message
         .transcode_to::<M>()
         .map_err(|e| FleetError::invalid(BODY, format!("does not fit the request message: {e}")))
@@ -591,6 +687,7 @@ mod tests {
             route("/closeServers"),
             br#"[{"ServerId": "a", "Force": true, "Reason": null}, {"server_id": "b"}]"#,
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(request.servers.len(), 2);
@@ -605,7 +702,8 @@ mod tests {
         let close = route("/closeServers");
         let bad = |body: &str| {
             violation(
-                decode_request::<pb::CloseServersRequest>(close, body.as_bytes(), &[]).unwrap_err(),
+                decode_request::<pb::CloseServersRequest>(close, body.as_bytes(), &[], None)
+                    .unwrap_err(),
             )
         };
         let (field, why) = bad(r#"[{"ServerId": "a"}, {"Bogus": 1}]"#);
@@ -632,6 +730,7 @@ mod tests {
             close,
             format!("[{}{{}}]", "{},".repeat(MAX_REQUEST_LIST_ITEMS - 1)).as_bytes(),
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(ok.servers.len(), MAX_REQUEST_LIST_ITEMS);
@@ -642,17 +741,24 @@ mod tests {
         let describe = route("/describeServers");
         for body in ["", "  ", "{}", "null"] {
             let r: pb::DescribeServersRequest =
-                decode_request(describe, body.as_bytes(), &[]).unwrap();
+                decode_request(describe, body.as_bytes(), &[], None).unwrap();
             assert_eq!(r, pb::DescribeServersRequest::default(), "{body:?}");
         }
-        let r: pb::DescribeServersRequest =
-            decode_request(describe, br#"{"ServerIds": ["a"], "MaxResults": "5"}"#, &[]).unwrap();
+        let r: pb::DescribeServersRequest = decode_request(
+            describe,
+            br#"{"ServerIds": ["a"], "MaxResults": "5"}"#,
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(r.server_ids, ["a"]);
         assert_eq!(r.max_results, Some(5));
-        let e = decode_request::<pb::DescribeServersRequest>(describe, b"[]", &[]).unwrap_err();
+        let e =
+            decode_request::<pb::DescribeServersRequest>(describe, b"[]", &[], None).unwrap_err();
         assert_eq!(violation(e).0, BODY);
-        let e = decode_request::<pb::DescribeServersRequest>(describe, br#"{"Nope": 1}"#, &[])
-            .unwrap_err();
+        let e =
+            decode_request::<pb::DescribeServersRequest>(describe, br#"{"Nope": 1}"#, &[], None)
+                .unwrap_err();
         assert_eq!(violation(e).0, "Nope");
     }
 

@@ -133,6 +133,12 @@ const ERROR_STATUSES: &[(u16, &str, ErrorHeader)] = &[
          (`payload_too_large`).",
         None,
     ),
+    (
+        409,
+        "A call with the same `ClientToken` is still running (`conflict`); \
+         retry later to get its reply.",
+        None,
+    ),
     (415, "A request body that is not `application/json`.", None),
     (
         429,
@@ -142,7 +148,12 @@ const ERROR_STATUSES: &[(u16, &str, ErrorHeader)] = &[
             "Seconds to wait before retrying, when known.",
         )),
     ),
-    (503, "The broker is shutting down or not ready.", None),
+    (
+        503,
+        "The broker is shutting down or not ready, or holds as many \
+         `ClientToken` records as it may (`unavailable`).",
+        None,
+    ),
 ];
 
 /// The served document: built once, then the same bytes for every request.
@@ -292,6 +303,20 @@ fn route_operation(
             op.request_body = Some(RefOr::T(body));
         }
         RequestBody::BareArray { field } => {
+            let parameters: Vec<_> = super::routes::query_fields(route, &input)
+                .iter()
+                .map(|field| {
+                    let mut p = Parameter::new(field.json_name());
+                    p.parameter_in = ParameterIn::Query;
+                    p.required = Required::False;
+                    p.description = field_comment(field);
+                    p.schema = Some(schemas.value(field));
+                    RefOr::T(p)
+                })
+                .collect();
+            if !parameters.is_empty() {
+                op.parameters = Some(parameters);
+            }
             if let Some(field) = input.get_field_by_name(field)
                 && let Kind::Message(item) = field.kind()
             {

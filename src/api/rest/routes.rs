@@ -3,6 +3,7 @@
 //! our OpenAPI document are both built from.
 
 use http::Method;
+use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 
 /// How a route's HTTP request becomes its gRPC request message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +120,27 @@ pub const ROUTES: &[Route] = &[
         body: RequestBody::BareArray { field: "servers" },
     },
 ];
+
+/// The request fields a route takes as query parameters, by their JSON
+/// names: a batch route's body is a bare array, so its request-level
+/// fields (`ClientToken`, `DryRun`, `CapacityTagKey`) come in the query;
+/// every top-level singular scalar or enum field of its request message.
+/// Other routes take none (their body or path carries every field).
+pub fn query_fields(route: &Route, input: &MessageDescriptor) -> Vec<FieldDescriptor> {
+    if !matches!(route.body, RequestBody::BareArray { .. }) {
+        return Vec::new();
+    }
+    input
+        .fields()
+        .filter(|f| !f.is_list() && !f.is_map())
+        .filter(|f| {
+            !matches!(
+                f.kind(),
+                Kind::Message(_) | Kind::Bytes | Kind::Float | Kind::Double
+            )
+        })
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {

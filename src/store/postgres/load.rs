@@ -18,7 +18,7 @@ use super::PostgresError;
 use crate::{
     fleet::{
         Hold,
-        persist::{Snapshot, StoredClient, StoredServer, StoredSession},
+        persist::{Snapshot, StoredClient, StoredClientToken, StoredServer, StoredSession},
     },
     store::codec,
 };
@@ -75,6 +75,7 @@ pub(super) async fn snapshot(client: &mut Client) -> Result<(Snapshot, u64), Loa
     }
     let clients = read_clients(&tx, None).await?;
     let secrets = read_secrets(&tx, None).await?;
+    let client_tokens = read_client_tokens(&tx).await?;
     tx.commit().await?;
     Ok((
         Snapshot {
@@ -82,6 +83,7 @@ pub(super) async fn snapshot(client: &mut Client) -> Result<(Snapshot, u64), Loa
             sessions,
             clients,
             secrets,
+            client_tokens,
         },
         seq,
     ))
@@ -180,6 +182,36 @@ async fn read_secrets(
     .iter()
     .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
     .collect::<Result<_, tokio_postgres::Error>>()?)
+}
+
+async fn read_client_tokens(tx: &Transaction<'_>) -> Result<Vec<StoredClientToken>, LoadError> {
+    let rows = tx
+        .query(
+            "SELECT actor, method, token, request_hash, reply, created_at
+             FROM client_tokens ORDER BY created_at",
+            &[],
+        )
+        .await?;
+    let mut records = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let token: String = row.try_get(2)?;
+        let f = Fields {
+            row,
+            what: "the ClientToken record",
+            id: &token,
+        };
+        let hash: Vec<u8> = f.get(3, "request_hash")?;
+        records.push(StoredClientToken {
+            actor: f.get(0, "actor")?,
+            method: f.get(1, "method")?,
+            request_hash: <[u8; 32]>::try_from(hash.as_slice())
+                .map_err(|_| f.bad("request_hash", "not 32 bytes long"))?,
+            reply: f.get(4, "reply")?,
+            created_at: f.time(5, "created_at")?,
+            token,
+        });
+    }
+    Ok(records)
 }
 
 /// Column readers that name the row on failure.

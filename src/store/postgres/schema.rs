@@ -132,6 +132,20 @@ pub const MIGRATIONS: &[&str] = &[
         DROP CONSTRAINT holds_pkey,
         ADD PRIMARY KEY (server_id, name);
     ALTER TABLE servers ADD COLUMN state_version BIGINT NOT NULL DEFAULT 0;",
+    // 5: the ClientToken records, as the SQLite store's version 6. (After
+    // 4, the holds' columns, which a parallel change appends before it.)
+    // Written by the leader only and never in the change log: a new
+    // leader loads them with everything else.
+    "CREATE TABLE client_tokens (
+        actor TEXT NOT NULL,
+        method TEXT NOT NULL,
+        token TEXT NOT NULL,
+        request_hash BYTEA NOT NULL,
+        reply BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (actor, method, token)
+    );
+    CREATE INDEX client_tokens_created_at ON client_tokens (created_at);",
 ];
 
 /// The schema version this build writes.

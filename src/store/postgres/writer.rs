@@ -100,6 +100,8 @@ struct Statements {
     put_secret: Statement,
     put_audit: Statement,
     prune_audit: Statement,
+    put_client_token: Statement,
+    prune_client_tokens: Statement,
 }
 
 impl Statements {
@@ -141,6 +143,24 @@ impl Statements {
                              (SELECT id FROM audit WHERE at < $1 ORDER BY at LIMIT $2)
                          RETURNING id)
                      DELETE FROM audit_subjects WHERE audit_id IN (SELECT id FROM old)",
+                )
+                .await?,
+            put_client_token: client
+                .prepare(
+                    "INSERT INTO client_tokens
+                         (actor, method, token, request_hash, reply, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (actor, method, token) DO UPDATE SET
+                         request_hash = excluded.request_hash,
+                         reply = excluded.reply,
+                         created_at = excluded.created_at",
+                )
+                .await?,
+            prune_client_tokens: client
+                .prepare(
+                    "DELETE FROM client_tokens WHERE ctid IN
+                         (SELECT ctid FROM client_tokens WHERE created_at < $1
+                          ORDER BY created_at LIMIT $2)",
                 )
                 .await?,
             put_server: client
@@ -383,7 +403,11 @@ impl<'a> Touched<'a> {
             Change::PutSecret { name, .. } => (3, name.as_str(), &mut self.secrets),
             // The audit log is the leader's to write and nobody's to
             // follow: followers' fleets have nothing to apply.
-            Change::PutAudit(_) | Change::PruneAudit { .. } => return,
+            // So are ClientToken records: a new leader loads them.
+            Change::PutAudit(_)
+            | Change::PruneAudit { .. }
+            | Change::PutClientToken(_)
+            | Change::PruneClientTokens { .. } => return,
             Change::PutLiveness(record) => {
                 match self.liveness_at.get(record.id.as_str()) {
                     Some(&at) => self.liveness[at] = record,
@@ -525,6 +549,32 @@ async fn apply(tx: &Transaction<'_>, s: &Statements, change: &Change) -> Result<
             tx.execute(
                 &s.prune_audit,
                 &[&codec::micros(*before), &crate::store::audit::PRUNE_BATCH],
+            )
+            .await?;
+            Ok(())
+        }
+        Change::PutClientToken(record) => {
+            tx.execute(
+                &s.put_client_token,
+                &[
+                    &record.actor,
+                    &record.method,
+                    &record.token,
+                    &record.request_hash.as_slice(),
+                    &record.reply,
+                    &codec::micros(record.created_at),
+                ],
+            )
+            .await?;
+            Ok(())
+        }
+        Change::PruneClientTokens { before } => {
+            tx.execute(
+                &s.prune_client_tokens,
+                &[
+                    &codec::micros(*before),
+                    &crate::fleet::client_tokens::PRUNE_BATCH,
+                ],
             )
             .await?;
             Ok(())

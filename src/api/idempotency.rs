@@ -1,0 +1,171 @@
+//! Idempotent retries at the API's edge: the `ClientToken` of the five
+//! mutating calls (CloseServers, OpenServers, CreateSessions,
+//! DeleteSessions, UpdateSessionPermissions), over gRPC and REST alike.
+//!
+//! Without a token nothing here runs beyond one emptiness check. With one:
+//! the token's form is checked (1 to 64 printable ASCII characters, else
+//! INVALID_ARGUMENT on `ClientToken`); a dry run changes nothing and so is
+//! just run; otherwise the request, encoded with its token cleared, is
+//! hashed (SHA-256) and the token claimed in the fleet's table under the
+//! caller (`auth::actor`) and the method (see `fleet::client_tokens`):
+//! - a first call runs, and its reply is kept once the call's changes (and
+//!   its audit record) are durable;
+//! - the same request again gets that reply, decoded from the bytes kept:
+//!   the same RequestId, nothing applied, nothing audited;
+//! - another request under the same token is INVALID_ARGUMENT, a call
+//!   while the first still runs ABORTED, a full table RESOURCE_EXHAUSTED.
+//!
+//! A call with a token runs in a task of its own, so that a client that
+//! gives up (a deadline, a dropped connection: the lost reply a retry is
+//! for) does not cancel it between its changes and its record.
+//!
+//! The window that remains: a broker that crashes after a call's changes
+//! are durable and before its record is has applied the call without
+//! remembering it, and a retry after the restart applies it again. For
+//! CloseServers and OpenServers that is harmless (the same holds are
+//! placed or removed again); a CreateSessions retry then creates its
+//! sessions a second time, and a DeleteSessions or UpdateSessionPermissions
+//! retry finds its work done (per-item results may differ from the first).
+//!
+//! In a cluster, writes are forwarded to the leader before this runs, so
+//! the leader's table answers; a new leader loads the records from the
+//! shared database.
+
+use std::future::Future;
+
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
+
+use super::Forwarder;
+use crate::{
+    fleet::{Claim, Fleet, TokenKey, client_tokens},
+    pb,
+    telemetry::request::CURRENT,
+};
+
+/// A request that may carry a `ClientToken`.
+pub trait Tokened: Message + Send + 'static {
+    /// The gRPC method's name, part of a token's scope.
+    const METHOD: &'static str;
+
+    /// The request's `client_token` field.
+    fn client_token_mut(&mut self) -> &mut String;
+
+    /// Whether the request is a dry run (changes nothing, so records no
+    /// token).
+    fn is_dry_run(&self) -> bool {
+        false
+    }
+}
+
+impl Tokened for pb::CloseServersRequest {
+    const METHOD: &'static str = "CloseServers";
+    fn client_token_mut(&mut self) -> &mut String {
+        &mut self.client_token
+    }
+    fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+}
+
+impl Tokened for pb::OpenServersRequest {
+    const METHOD: &'static str = "OpenServers";
+    fn client_token_mut(&mut self) -> &mut String {
+        &mut self.client_token
+    }
+    fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+}
+
+impl Tokened for pb::CreateSessionsRequest {
+    const METHOD: &'static str = "CreateSessions";
+    fn client_token_mut(&mut self) -> &mut String {
+        &mut self.client_token
+    }
+}
+
+impl Tokened for pb::DeleteSessionsRequest {
+    const METHOD: &'static str = "DeleteSessions";
+    fn client_token_mut(&mut self) -> &mut String {
+        &mut self.client_token
+    }
+    fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+}
+
+impl Tokened for pb::UpdateSessionPermissionsRequest {
+    const METHOD: &'static str = "UpdateSessionPermissions";
+    fn client_token_mut(&mut self) -> &mut String {
+        &mut self.client_token
+    }
+}
+
+/// Serves `request` through `run` (the adapter's own handling), honouring
+/// its `ClientToken` as the module documentation says. `forward` stamps a
+/// replayed reply as a fresh one is.
+pub async fn serve<M, R, F, Fut>(
+    fleet: &Fleet,
+    forward: &Forwarder,
+    mut request: Request<M>,
+    run: F,
+) -> Result<Response<R>, Status>
+where
+    M: Tokened,
+    R: Message + Default + Send + 'static,
+    F: FnOnce(Request<M>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
+{
+    if request.get_mut().client_token_mut().is_empty() {
+        return run(request).await;
+    }
+    client_tokens::validate_token(request.get_mut().client_token_mut())?;
+    if request.get_ref().is_dry_run() {
+        return run(request).await;
+    }
+    let token = std::mem::take(request.get_mut().client_token_mut());
+    let request_hash: [u8; 32] = Sha256::digest(request.get_ref().encode_to_vec()).into();
+    let key = TokenKey {
+        actor: super::auth::actor(&request),
+        method: M::METHOD.to_owned(),
+        token,
+    };
+    let ticket = match fleet.claim_client_token(key, request_hash)? {
+        Claim::Replay(reply) => {
+            let reply = R::decode(&*reply).map_err(|e| {
+                Status::from(crate::fleet::FleetError::Internal(format!(
+                    "a kept {} reply does not decode: {e}",
+                    M::METHOD
+                )))
+            })?;
+            tracing::debug!(method = M::METHOD, "replayed the reply to a ClientToken");
+            return Ok(forward.stamped(reply));
+        }
+        Claim::New(ticket) => ticket,
+    };
+    let fleet = fleet.clone();
+    let work = async move {
+        let response = run(request).await?;
+        // `run` returned once the call's changes and its audit record
+        // were durable: only now may a retry find the reply.
+        fleet
+            .keep_client_token(ticket, response.get_ref().encode_to_vec())
+            .await;
+        Ok(response)
+    }
+    .instrument(tracing::Span::current());
+    // The request's log context is a task-local: carried into the task.
+    let handle = match CURRENT.try_with(Clone::clone) {
+        Ok(context) => tokio::spawn(CURRENT.scope(context, work)),
+        Err(_) => tokio::spawn(work),
+    };
+    handle.await.map_err(|e| {
+        Status::from(crate::fleet::FleetError::Internal(format!(
+            "a {} call with a ClientToken failed: {e}",
+            M::METHOD
+        )))
+    })?
+}
