@@ -1049,12 +1049,10 @@ impl Case {
                             .zip(&expected)
                             .filter(|(i, r)| match r {
                                 Ok(()) => true,
-                                Err(FailureCode::HoldsRemain) => {
-                                    self.model.servers[&i.server_id]
-                                        .holds
-                                        .iter()
-                                        .any(|h| h.name == name_or_default(&i.hold_name))
-                                }
+                                Err(FailureCode::HoldsRemain) => self.model.servers[&i.server_id]
+                                    .holds
+                                    .iter()
+                                    .any(|h| h.name == name_or_default(&i.hold_name)),
                                 Err(_) => false,
                             })
                             .map(|(i, _)| i.server_id.clone())
@@ -1148,7 +1146,12 @@ impl Case {
                 continue;
             };
             if self.model.changed.contains(id) {
-                prop_assert!(now > before, "{}: holds changed, version {} stayed", id, now);
+                prop_assert!(
+                    now > before,
+                    "{}: holds changed, version {} stayed",
+                    id,
+                    now
+                );
             } else {
                 prop_assert_eq!(now, before, "{}: holds unchanged, version moved", id);
             }
