@@ -10,8 +10,10 @@
 //! with random hold names (the default one, named ones, a malformed one),
 //! expiries, expected state versions (the one just read, a stale one, or
 //! none), Force and OverrideCapacityFloor, and opening with random names and
-//! versions; dry runs of both; and tokio's paused clock moving on, which ends
-//! expiring holds and makes silent agents unreachable.
+//! versions; piles of up to 18 holds on one server (16 is the most); empty
+//! and oversized batches; dry runs of both; and tokio's paused clock moving
+//! on, which ends expiring holds (exactly at their expiry) and makes silent
+//! agents unreachable.
 //!
 //! The model is a map from id to the server's holds in order of placement
 //! (name, actor, reason, expiry), its pool and zone, live sessions, health,
