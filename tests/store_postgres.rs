@@ -485,7 +485,7 @@ async fn a_version_3_database_migrates_and_keeps_its_holds_as_default() {
     let tx = client.transaction().await.unwrap();
     tx.batch_execute(
         "DROP TABLE servers, holds, sessions, session_tried, clients, secrets,
-             dcv_broker_leader, dcv_broker_changes, audit, audit_subjects, dcv_broker_schema",
+             dcv_broker_leader, dcv_broker_changes, audit, audit_subjects, client_tokens, dcv_broker_schema",
     )
     .await
     .unwrap();
