@@ -254,7 +254,8 @@ def test_describe_after_close_shows_the_hold(call):
     holds = server["Holds"]
     assert len(holds) == 1, holds
     hold = holds[0]
-    assert set(hold) == {"Kind", "Actor", "CreationTime", "Reason"}, hold
+    assert set(hold) == {"Kind", "Actor", "CreationTime", "Reason", "Name"}, hold
+    assert hold["Name"] == "default"
     assert hold["Kind"] == "CLOSED"
     assert hold["Actor"] == "anonymous"
     assert hold["Reason"] == reason

@@ -303,13 +303,23 @@ def json_keys(value):
 def test_python_field_names_and_pascal_case_json(pb, servers):
     sm = pb.servers_pb2
     fields = sm.CloseServersResponse.DESCRIPTOR.fields
-    assert [f.name for f in fields] == ["request_id", "successful_list", "unsuccessful_list"]
-    assert [f.json_name for f in fields] == ["RequestId", "SuccessfulList", "UnsuccessfulList"]
+    # DCV's three fields first; ours beyond DCV (issue 18) after them.
+    assert [f.name for f in fields] == [
+        "request_id", "successful_list", "unsuccessful_list", "dry_run", "blast_radius",
+    ]
+    assert [f.json_name for f in fields] == [
+        "RequestId", "SuccessfulList", "UnsuccessfulList", "DryRun", "BlastRadius",
+    ]
     data = sm.CloseServerRequestData.DESCRIPTOR.fields
     assert [(f.name, f.json_name) for f in data] == [
         ("server_id", "ServerId"),
         ("force", "Force"),
         ("reason", "Reason"),
+        ("hold_name", "HoldName"),
+        ("expires_at", "ExpiresAt"),
+        ("expires_in", "ExpiresIn"),
+        ("expected_state_version", "ExpectedStateVersion"),
+        ("override_capacity_floor", "OverrideCapacityFloor"),
     ]
 
     # DCV's documented JSON parses as is.
