@@ -292,7 +292,7 @@ async fn malformed_holds_fail_per_item() {
             ..hold_item("s1", "z", "")
         },
     ];
-    for item in items {
+    for item in &items {
         let reply = servers
             .close_servers(close_req(vec![item.clone()]))
             .await
@@ -303,8 +303,53 @@ async fn malformed_holds_fail_per_item() {
             pb::FailureCode::InvalidHold as i32,
             "{item:?}: {reply:?}"
         );
+        assert_eq!(
+            reply.unsuccessful_list[0]
+                .close_server_request_data
+                .as_ref(),
+            Some(item),
+            "the failed item is echoed as given"
+        );
     }
     assert!(is_available(&describe_one(&mut servers, "s1").await));
+
+    // The same items in one batch, each on a server of its own, between
+    // items without an expiry that succeed or fail: every failed item's
+    // echo is its own, expiry included.
+    let mut batch = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let (id, fine) = (format!("m{i}"), format!("f{i}"));
+        register(&mut agent, &id, "linux", 4).await;
+        register(&mut agent, &fine, "linux", 4).await;
+        batch.push(hold_item(&fine, "fine", ""));
+        batch.push(pb::CloseServerRequestData {
+            server_id: id,
+            ..item
+        });
+    }
+    batch.push(hold_item("unknown", "", ""));
+    let reply = servers
+        .close_servers(close_req(batch.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.successful_list.len(), 7, "{reply:?}");
+    let echoed: Vec<_> = reply
+        .unsuccessful_list
+        .iter()
+        .map(|f| f.close_server_request_data.clone().unwrap())
+        .collect();
+    let mut failed: Vec<_> = batch.iter().skip(1).step_by(2).cloned().collect();
+    failed.extend(batch.last().cloned());
+    assert_eq!(echoed, failed);
+    assert!(
+        reply
+            .unsuccessful_list
+            .iter()
+            .take(7)
+            .all(|f| f.failure_code == pb::FailureCode::InvalidHold as i32),
+        "{reply:?}"
+    );
 
     // At most 16 holds on one server.
     let many: Vec<_> = (0..16)

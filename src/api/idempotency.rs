@@ -45,6 +45,41 @@ use crate::{
     telemetry::request::CURRENT,
 };
 
+/// The body of a mutating RPC's handler: forwarded to the leader when this
+/// broker follows one; else served here by `$here` (a method of the
+/// adapter taking the request), through [`serve`] when the request carries
+/// a `ClientToken`. Without one (nearly every call) the adapter is not
+/// cloned and no task is spawned: `$here` runs in place.
+///
+/// `mutating!(self, request, servers, close_servers, close_servers_here)`
+/// where `servers` names the leader's client and `close_servers` its method.
+macro_rules! mutating {
+    ($api:ident, $request:ident, $client:ident, $method:ident, $here:ident) => {{
+        if let Some(leader) = $api.forward.route(&$request)? {
+            let forwarded = leader.request($request.into_inner());
+            return leader.reply(leader.$client().$method(forwarded)).await;
+        }
+        if !$crate::api::idempotency::has_token(&mut $request) {
+            return $api.$here($request).await;
+        }
+        let api = $api.clone();
+        $crate::api::idempotency::serve(
+            &$api.fleet,
+            &$api.forward,
+            $request,
+            move |request| async move { api.$here(request).await },
+        )
+        .await
+    }};
+}
+pub(crate) use mutating;
+
+/// Whether `request` carries a `ClientToken` (of any form: [`serve`]
+/// checks it).
+pub fn has_token<M: Tokened>(request: &mut Request<M>) -> bool {
+    !request.get_mut().client_token_mut().is_empty()
+}
+
 /// A request that may carry a `ClientToken`.
 pub trait Tokened: Message + Send + 'static {
     /// The gRPC method's name, part of a token's scope.

@@ -59,40 +59,16 @@ impl ServersApi {
 impl Servers for ServersApi {
     async fn close_servers(
         &self,
-        request: Request<pb::CloseServersRequest>,
+        mut request: Request<pb::CloseServersRequest>,
     ) -> Result<Response<pb::CloseServersResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.servers().close_servers(forwarded))
-                .await;
-        }
-        let api = self.clone();
-        idempotency::serve(
-            &self.fleet,
-            &self.forward,
-            request,
-            move |request| async move { api.close_servers_here(request).await },
-        )
-        .await
+        idempotency::mutating!(self, request, servers, close_servers, close_servers_here)
     }
 
     async fn open_servers(
         &self,
-        request: Request<pb::OpenServersRequest>,
+        mut request: Request<pb::OpenServersRequest>,
     ) -> Result<Response<pb::OpenServersResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader.reply(leader.servers().open_servers(forwarded)).await;
-        }
-        let api = self.clone();
-        idempotency::serve(
-            &self.fleet,
-            &self.forward,
-            request,
-            move |request| async move { api.open_servers_here(request).await },
-        )
-        .await
+        idempotency::mutating!(self, request, servers, open_servers, open_servers_here)
     }
 
     async fn describe_servers(
@@ -149,13 +125,17 @@ impl ServersApi {
         // The size first: nothing is built per item of a batch too big.
         fleet::validate_batch_size("Servers", servers.len())?;
         // The request's strings move into the items and back into the
-        // response: no copy per item.
-        let mut expiries = Vec::with_capacity(servers.len());
+        // response: no copy per item. An expiry as given is kept apart, for
+        // the echo of a failed item, only for the items that have one.
+        let mut expiries = Vec::new();
         let items: Vec<CloseItem> = servers
             .into_iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let expiry = wire::expiry_from_pb(s.expires_at, s.expires_in);
-                expiries.push((s.expires_at, s.expires_in));
+                if s.expires_at.is_some() || s.expires_in.is_some() {
+                    expiries.push((i, s.expires_at, s.expires_in));
+                }
                 CloseItem {
                     server_id: s.server_id,
                     force: s.force.unwrap_or(false),
@@ -189,9 +169,12 @@ impl ServersApi {
             .await;
             results
         };
-        for ((item, result), (expires_at, expires_in)) in
-            items.into_iter().zip(results).zip(expiries)
-        {
+        let mut expiries = expiries.into_iter().peekable();
+        for (i, (item, result)) in items.into_iter().zip(results).enumerate() {
+            let (expires_at, expires_in) = match expiries.next_if(|(at, ..)| *at == i) {
+                Some((_, at, within)) => (at, within),
+                None => (None, None),
+            };
             match result {
                 Ok(()) => response
                     .successful_list

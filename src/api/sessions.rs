@@ -42,22 +42,15 @@ impl SessionsApi {
 impl Sessions for SessionsApi {
     async fn create_sessions(
         &self,
-        request: Request<pb::CreateSessionsRequest>,
+        mut request: Request<pb::CreateSessionsRequest>,
     ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.sessions().create_sessions(forwarded))
-                .await;
-        }
-        let api = self.clone();
-        idempotency::serve(
-            &self.fleet,
-            &self.forward,
+        idempotency::mutating!(
+            self,
             request,
-            move |request| async move { api.create_sessions_here(request).await },
+            sessions,
+            create_sessions,
+            create_sessions_here
         )
-        .await
     }
 
     async fn describe_sessions(
@@ -90,22 +83,15 @@ impl Sessions for SessionsApi {
 
     async fn delete_sessions(
         &self,
-        request: Request<pb::DeleteSessionsRequest>,
+        mut request: Request<pb::DeleteSessionsRequest>,
     ) -> Result<Response<pb::DeleteSessionsResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.sessions().delete_sessions(forwarded))
-                .await;
-        }
-        let api = self.clone();
-        idempotency::serve(
-            &self.fleet,
-            &self.forward,
+        idempotency::mutating!(
+            self,
             request,
-            move |request| async move { api.delete_sessions_here(request).await },
+            sessions,
+            delete_sessions,
+            delete_sessions_here
         )
-        .await
     }
 
     async fn get_session_connection_data(
@@ -128,22 +114,15 @@ impl Sessions for SessionsApi {
 
     async fn update_session_permissions(
         &self,
-        request: Request<pb::UpdateSessionPermissionsRequest>,
+        mut request: Request<pb::UpdateSessionPermissionsRequest>,
     ) -> Result<Response<pb::UpdateSessionPermissionsResponse>, Status> {
-        if let Some(leader) = self.forward.route(&request)? {
-            let forwarded = leader.request(request.into_inner());
-            return leader
-                .reply(leader.sessions().update_session_permissions(forwarded))
-                .await;
-        }
-        let api = self.clone();
-        idempotency::serve(
-            &self.fleet,
-            &self.forward,
+        idempotency::mutating!(
+            self,
             request,
-            move |request| async move { api.update_session_permissions_here(request).await },
+            sessions,
+            update_session_permissions,
+            update_session_permissions_here
         )
-        .await
     }
 
     async fn get_session_screenshots(

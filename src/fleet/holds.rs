@@ -35,17 +35,24 @@ pub const EXPIRY_ACTOR: &str = "broker";
 /// The default hold's name, shared: a DCV-style close allocates nothing
 /// for it.
 pub(in crate::fleet) fn default_name() -> Arc<str> {
+    shared_default_name().clone()
+}
+
+/// The one shared copy of the default hold's name. Borrowed to compare
+/// with: a clone would be two atomic operations per hold looked at.
+fn shared_default_name() -> &'static Arc<str> {
     static NAME: OnceLock<Arc<str>> = OnceLock::new();
     NAME.get_or_init(|| Arc::from(super::model::DEFAULT_HOLD_NAME))
-        .clone()
 }
 
 /// Whether `hold` is the one `name` names (empty: the default hold). The
 /// default hold's name is usually the shared one: compared by address
 /// first.
+#[inline]
 pub(in crate::fleet) fn is_named(hold: &Hold, name: &str) -> bool {
     if name.is_empty() {
-        Arc::ptr_eq(&hold.name, &default_name()) || &*hold.name == super::model::DEFAULT_HOLD_NAME
+        Arc::ptr_eq(&hold.name, shared_default_name())
+            || &*hold.name == super::model::DEFAULT_HOLD_NAME
     } else {
         &*hold.name == name
     }

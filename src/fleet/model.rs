@@ -349,37 +349,45 @@ pub struct Hold {
 }
 
 /// Everything the broker keeps about one server.
+///
+/// `repr(C)`, fields in this order: what every close, open, heartbeat and
+/// placement reads or writes comes first, in the record's first two cache
+/// lines; the description (most of the record) after. A batch touches
+/// thousands of records that are not in the cache, so each line more per
+/// record is a memory stall per item (the compiler's own order put
+/// `holds`, `state_version` and `id` on three lines).
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct ServerRecord {
-    /// Stable id.
-    pub id: ServerId,
-    /// The agent's latest description.
-    pub description: ServerDescription,
-    /// Whether the DCV server was healthy at the last heartbeat (assumed
-    /// healthy from registration until the first heartbeat says otherwise).
-    pub dcv_server_healthy: bool,
-    /// Users logged in at the last heartbeat.
-    pub logged_in_users: Vec<String>,
+    /// Operators' holds.
+    pub holds: Vec<Hold>,
+    /// Changes whenever `holds` does: what ExpectedStateVersion checks.
+    pub state_version: u64,
     /// Sessions at the last heartbeat.
     pub sessions: Vec<ReportedSession>,
     /// Sessions the broker placed here that the agent has not reported
     /// yet. They occupy the server like reported ones, so that a close and
     /// the next placement see them at once.
     pub placing: Vec<Placement>,
-    /// Operators' holds.
-    pub holds: Vec<Hold>,
-    /// Changes whenever `holds` does: what ExpectedStateVersion checks.
-    pub state_version: u64,
-    /// When the server first registered.
-    pub registered_at: SystemTime,
+    /// Stable id.
+    pub id: ServerId,
     /// When the agent was last heard from (monotonic, for timeouts).
     pub last_seen: Instant,
-    /// When the agent was last heard from (wall clock, for display).
-    pub last_seen_wall: SystemTime,
+    /// Whether the DCV server was healthy at the last heartbeat (assumed
+    /// healthy from registration until the first heartbeat says otherwise).
+    pub dcv_server_healthy: bool,
     /// The agent deregistered while the server was held; it stays
     /// unreachable until the agent is heard from again (a registration or
     /// a heartbeat).
     pub agent_departed: bool,
+    /// The agent's latest description.
+    pub description: ServerDescription,
+    /// Users logged in at the last heartbeat.
+    pub logged_in_users: Vec<String>,
+    /// When the server first registered.
+    pub registered_at: SystemTime,
+    /// When the agent was last heard from (wall clock, for display).
+    pub last_seen_wall: SystemTime,
 }
 
 impl ServerRecord {

@@ -162,7 +162,9 @@ impl Fleet {
         let mut radius = BlastRadius::default();
         let mut results = Vec::with_capacity(items.len());
         for (item, pre) in items.iter().zip(pre) {
-            judge.count_floors_for(&state, item);
+            if !judge.floors.is_empty() {
+                judge.count_floors_for(&state, item);
+            }
             let server = state.servers.get(item.server_id.as_str());
             let step = judge_close(server.map(|s| &**s), item, pre, &mut judge);
             let (Ok(step), Some(server)) = (&step, server) else {
@@ -211,7 +213,9 @@ impl Fleet {
         let actor: Arc<str> = Arc::from(actor);
         let mut results = Vec::with_capacity(items.len());
         for (item, pre) in items.iter().zip(pre) {
-            judge.count_floors_for(&state, item);
+            if !judge.floors.is_empty() {
+                judge.count_floors_for(&state, item);
+            }
             let version = state.next_state_version();
             let server = state.servers.get_mut(item.server_id.as_str());
             let step = judge_close(server.as_deref().map(|s| &**s), item, pre, &mut judge);
@@ -278,8 +282,8 @@ impl Fleet {
         let mut results = Vec::with_capacity(items.len());
         for (item, pre) in items.iter().zip(pre) {
             let server = state.servers.get(item.server_id.as_str()).map(|s| &**s);
-            let judged = judge_open(server, item, pre);
-            if let Ok(step) | Err((_, Some(step))) = &judged
+            let OpenVerdict { step, result } = judge_open(server, item, pre);
+            if let Some(step) = step
                 && let Some(server) = server
             {
                 let reasons = availability::reasons(server, now, unreachable_after);
@@ -296,7 +300,7 @@ impl Fleet {
                     sessions: Vec::new(),
                 });
             }
-            results.push(judged.map(drop).map_err(|(failure, _)| failure));
+            results.push(result);
         }
         state.count_capacity(&mut radius, tag_key, now, unreachable_after);
         Ok((results, radius))
@@ -317,13 +321,10 @@ impl Fleet {
         for (item, pre) in items.iter().zip(pre) {
             let version = state.next_state_version();
             let server = state.servers.get_mut(item.server_id.as_str());
-            let judged = judge_open(server.as_deref().map(|s| &**s), item, pre);
-            let step = match &judged {
-                Ok(step) | Err((_, Some(step))) => *step,
-                Err((_, None)) => OpenStep::Open,
-            };
-            results.push(judged.map(drop).map_err(|(failure, _)| failure));
-            let (OpenStep::Remove { index, opens }, Some(server)) = (step, server) else {
+            let OpenVerdict { step, result } =
+                judge_open(server.as_deref().map(|s| &**s), item, pre);
+            results.push(result);
+            let (Some(OpenStep::Remove { index, opens }), Some(server)) = (step, server) else {
                 continue;
             };
             if index + 1 == server.holds.len() {
@@ -432,7 +433,7 @@ impl CloseJudge<'_> {
     /// the batch's first in one. Before the item's record is borrowed for
     /// the item itself, since the count walks every record.
     fn count_floors_for(&mut self, state: &State, item: &CloseItem) {
-        if self.floors.is_empty() || self.available.is_some() {
+        if self.available.is_some() {
             return;
         }
         if let Some(server) = state.servers.get(item.server_id.as_str())
@@ -448,6 +449,8 @@ impl CloseJudge<'_> {
 /// earlier items (whose servers are others: ids are unique in a batch).
 /// The real call applies each item as soon as it is judged, while its
 /// record is in the cache; a dry run only judges: both judge alike.
+/// Inlined: it runs once per item of batches of up to 1,000.
+#[inline]
 fn judge_close(
     server: Option<&ServerRecord>,
     item: &CloseItem,
@@ -552,26 +555,54 @@ fn close_precheck(items: &[CloseItem]) -> Result<Vec<Option<ItemFailure>>, Fleet
     Ok(pre)
 }
 
-/// What an OpenServers item would do: a step, or a failure (with the step
-/// still taken when the named hold goes but others remain).
-#[allow(clippy::type_complexity)]
+/// A judged OpenServers item: what it does and what it reports. A
+/// removed hold that leaves others has both a step and a failure.
+struct OpenVerdict {
+    /// What to change, if anything.
+    step: Option<OpenStep>,
+    /// The item's result.
+    result: ItemResult,
+}
+
+impl OpenVerdict {
+    fn ok(step: OpenStep) -> Self {
+        OpenVerdict {
+            step: Some(step),
+            result: Ok(()),
+        }
+    }
+
+    fn failed(failure: ItemFailure) -> Self {
+        OpenVerdict {
+            step: None,
+            result: Err(failure),
+        }
+    }
+}
+
+/// Judges one OpenServers item against `server` (its record, if known).
+#[inline]
 fn judge_open(
     server: Option<&ServerRecord>,
     item: &OpenItem,
     pre: Option<ItemFailure>,
-) -> Result<OpenStep, (ItemFailure, Option<OpenStep>)> {
+) -> OpenVerdict {
     if let Some(failure) = pre {
-        return Err((failure, None));
+        return OpenVerdict::failed(failure);
     }
     if !item.hold_name.is_empty()
         && let Err(why) = holds::validate_hold_name(&item.hold_name)
     {
-        return Err((ItemFailure::new(FailureCode::InvalidHold, why), None));
+        return OpenVerdict::failed(ItemFailure::new(FailureCode::InvalidHold, why));
     }
-    let server = server.ok_or_else(|| (ItemFailure::not_found(), None))?;
-    check_version(server, item.expected_version).map_err(|f| (f, None))?;
+    let Some(server) = server else {
+        return OpenVerdict::failed(ItemFailure::not_found());
+    };
+    if let Err(failure) = check_version(server, item.expected_version) {
+        return OpenVerdict::failed(failure);
+    }
     if !server.is_closed() {
-        return Ok(OpenStep::Open);
+        return OpenVerdict::ok(OpenStep::Open);
     }
     let index = server
         .holds
@@ -581,25 +612,24 @@ fn judge_open(
     if left == 0
         && let Some(index) = index
     {
-        return Ok(OpenStep::Remove { index, opens: true });
+        return OpenVerdict::ok(OpenStep::Remove { index, opens: true });
     }
     let name = hold_name(&item.hold_name);
     let what = match index {
         Some(_) => format!("Hold {name:?} removed, but"),
         None => format!("The server has no hold named {name:?};"),
     };
-    let failure = ItemFailure::new(
-        FailureCode::HoldsRemain,
-        format!(
-            "{what} the server stays closed: {left} other hold(s) remain: {}.",
-            remaining_holds(server, index)
-        ),
-    );
-    Err((
-        failure,
-        index.map(|index| OpenStep::Remove {
+    OpenVerdict {
+        step: index.map(|index| OpenStep::Remove {
             index,
             opens: false,
         }),
-    ))
+        result: Err(ItemFailure::new(
+            FailureCode::HoldsRemain,
+            format!(
+                "{what} the server stays closed: {left} other hold(s) remain: {}.",
+                remaining_holds(server, index)
+            ),
+        )),
+    }
 }

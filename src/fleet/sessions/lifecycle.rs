@@ -20,12 +20,22 @@ impl State {
         event: FleetEvent,
         events: Option<&tokio::sync::broadcast::Sender<SequencedEvent>>,
     ) {
+        self.emit_with(events, || event);
+    }
+
+    /// As [`State::emit`], building the event only if someone listens:
+    /// for the events of every item of a batch.
+    pub(in crate::fleet) fn emit_with(
+        &mut self,
+        events: Option<&tokio::sync::broadcast::Sender<SequencedEvent>>,
+        event: impl FnOnce() -> FleetEvent,
+    ) {
         self.sessions.seq += 1;
         if let Some(events) = events {
             // A receiver may have gone since; that is fine.
             let _ = events.send(SequencedEvent {
                 seq: self.sessions.seq,
-                event,
+                event: event(),
             });
         }
     }
@@ -348,21 +358,15 @@ impl State {
     }
 
     pub(in crate::fleet) fn emit_close(&mut self, server: &ServerId, force: bool, ctx: &Ctx<'_>) {
-        self.emit(
-            FleetEvent::ServerClosed {
-                server: server.clone(),
-                force,
-            },
-            ctx.events,
-        );
+        self.emit_with(ctx.events, || FleetEvent::ServerClosed {
+            server: server.clone(),
+            force,
+        });
     }
 
     pub(in crate::fleet) fn emit_open(&mut self, server: &ServerId, ctx: &Ctx<'_>) {
-        self.emit(
-            FleetEvent::ServerOpened {
-                server: server.clone(),
-            },
-            ctx.events,
-        );
+        self.emit_with(ctx.events, || FleetEvent::ServerOpened {
+            server: server.clone(),
+        });
     }
 }
