@@ -13,7 +13,7 @@
 mod common;
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -45,6 +45,9 @@ struct Recorder {
     changes: Mutex<Vec<Change>>,
     held: Mutex<Option<Vec<Ack>>>,
     waiting: watch::Sender<usize>,
+    /// While set, kept replies never reach `inner`: the broker "crashes"
+    /// between a call's changes and its reply's record.
+    lose_replies: std::sync::atomic::AtomicBool,
 }
 
 impl Recorder {
@@ -54,6 +57,7 @@ impl Recorder {
             changes: Mutex::new(Vec::new()),
             held: Mutex::new(None),
             waiting: watch::channel(0).0,
+            lose_replies: Default::default(),
         })
     }
 
@@ -75,8 +79,14 @@ impl Recorder {
         self.count(|c| matches!(c, Change::PutAudit(r) if r.method == method))
     }
 
+    /// Replies kept under a token.
     fn tokens(&self) -> usize {
-        self.count(|c| matches!(c, Change::PutClientToken(_)))
+        self.count(|c| matches!(c, Change::PutClientToken(t) if !t.reply.is_empty()))
+    }
+
+    /// Tokens claimed (stored without a reply, ahead of the call).
+    fn claims(&self) -> usize {
+        self.count(|c| matches!(c, Change::PutClientToken(t) if t.reply.is_empty()))
     }
 
     fn hold(&self) {
@@ -107,6 +117,14 @@ impl Store for Recorder {
             self.waiting.send_modify(|n| *n += 1);
             return Durable::pending(acked);
         }
+        let changes: Vec<Change> = if self.lose_replies.load(Ordering::SeqCst) {
+            changes
+                .into_iter()
+                .filter(|c| !matches!(c, Change::PutClientToken(t) if !t.reply.is_empty()))
+                .collect()
+        } else {
+            changes
+        };
         match &self.inner {
             Some(store) => store.submit(changes),
             None => Durable::done(),
@@ -529,4 +547,68 @@ async fn rest_takes_the_token_and_request_fields_as_query_parameters() {
         "MaxResults"
     );
     assert_eq!(recorder.server_writes("s2"), 0);
+}
+
+/// The window a crash leaves: the call's changes are durable, its reply's
+/// record is not. After a restart the retry must not run again (a second
+/// session); it is told the outcome is unknown, and its token still names
+/// its request.
+#[tokio::test]
+async fn a_retry_after_a_crash_before_the_reply_was_kept_is_not_applied_again() {
+    let dir = TempDir::new("dcv-client-token-crash");
+    let request = pb::CreateSessionsRequest {
+        client_token: "create-crash".into(),
+        ..create_req(vec![create_item("desk", "alice", pb::SessionType::Virtual)])
+    };
+    let first = {
+        let (fleet, recorder) = open(dir.path());
+        recorder.lose_replies.store(true, Ordering::SeqCst);
+        let mut broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
+        let mut agent = broker.agent().await;
+        register(&mut agent, "s1", "linux", 4).await;
+        let mut sessions = broker.sessions().await;
+        let first = sessions
+            .create_sessions(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(first.successful_list.len(), 1, "{first:?}");
+        assert_eq!((recorder.claims(), recorder.tokens()), (1, 1));
+        broker.stop();
+        (&mut broker.task).await.unwrap().unwrap();
+        first
+    };
+    let (fleet, recorder) = open(dir.path());
+    let broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
+    let mut sessions = broker.sessions().await;
+    let retry = sessions.create_sessions(request.clone()).await.unwrap_err();
+    assert_eq!(retry.code(), Code::FailedPrecondition, "{retry:?}");
+    assert!(
+        retry.message().contains("may or may not have been applied"),
+        "{retry:?}"
+    );
+    let all = sessions
+        .describe_sessions(pb::DescribeSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.sessions.len(), 1, "one session, not two: {all:?}");
+    assert_eq!(all.sessions[0].id, first.successful_list[0].id);
+    assert_eq!(recorder.audits("CreateSessions"), 0, "nothing run again");
+    let other = pb::CreateSessionsRequest {
+        client_token: "create-crash".into(),
+        ..create_req(vec![create_item("other", "bob", pb::SessionType::Virtual)])
+    };
+    let refused = sessions.create_sessions(other).await.unwrap_err();
+    assert_eq!(violations(&refused)[0].0, "ClientToken");
+    // A new token goes through.
+    let fresh = sessions
+        .create_sessions(pb::CreateSessionsRequest {
+            client_token: "create-crash-2".into(),
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fresh.successful_list.len(), 1, "{fresh:?}");
 }

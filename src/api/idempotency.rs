@@ -13,19 +13,20 @@
 //! - the same request again gets that reply, decoded from the bytes kept:
 //!   the same RequestId, nothing applied, nothing audited;
 //! - another request under the same token is INVALID_ARGUMENT, a call
-//!   while the first still runs ABORTED, a full table RESOURCE_EXHAUSTED.
+//!   while the first still runs ABORTED, a full table RESOURCE_EXHAUSTED;
+//! - the same request after the broker stopped while the first call ran
+//!   (a crash, a kill, a lost lease) is FAILED_PRECONDITION: the claim is
+//!   stored, without a reply, ahead of the call's changes, so a restarted
+//!   broker knows the call may have been applied and does not run it again
+//!   (a CreateSessions retry would create its sessions twice). The caller
+//!   describes what the call names and goes on with a new token. A call that
+//!   failed as a whole (an error status) leaves such a claim too: while the
+//!   broker runs, a retry runs it anew; after a restart, the retry is told
+//!   the outcome is unknown, which is never wrong, only cautious.
 //!
 //! A call with a token runs in a task of its own, so that a client that
 //! gives up (a deadline, a dropped connection: the lost reply a retry is
 //! for) does not cancel it between its changes and its record.
-//!
-//! The window that remains: a broker that crashes after a call's changes
-//! are durable and before its record is has applied the call without
-//! remembering it, and a retry after the restart applies it again. For
-//! CloseServers and OpenServers that is harmless (the same holds are
-//! placed or removed again); a CreateSessions retry then creates its
-//! sessions a second time, and a DeleteSessions or UpdateSessionPermissions
-//! retry finds its work done (per-item results may differ from the first).
 //!
 //! In a cluster, writes are forwarded to the leader before this runs, so
 //! the leader's table answers; a new leader loads the records from the

@@ -60,6 +60,13 @@ pub const DIFFERENT_REQUEST: &str = "this ClientToken was used with a different 
      caller within the retention window; a token names one request: send the same request again \
      to get its reply, or use a new token for a new request";
 
+/// Why a retry is refused when the broker stopped while the first call
+/// with its token ran (FAILED_PRECONDITION).
+pub const OUTCOME_UNKNOWN: &str = "the broker stopped while the first call with this ClientToken \
+     ran, so it may or may not have been applied and its reply was not kept; describe the \
+     servers or sessions it names to see what it did, then send what is still needed with a new \
+     ClientToken";
+
 /// The most stored records one prune removes (as the audit log's).
 pub const PRUNE_BATCH: i64 = 10_000;
 
@@ -151,6 +158,10 @@ struct Table {
 enum Entry {
     /// A call is running under this token.
     Running { serial: u64, request_hash: [u8; 32] },
+    /// A call ran under this token when the broker stopped (its record
+    /// was stored as claimed, before the call's changes, and never got
+    /// its reply): whether it was applied is unknown.
+    Unknown { serial: u64, request_hash: [u8; 32] },
     /// Its reply.
     Kept {
         serial: u64,
@@ -169,17 +180,18 @@ impl Table {
             let Some((_, key, serial)) = self.expiries.pop_front() else {
                 break;
             };
-            if let Some(Entry::Kept {
-                serial: kept,
-                reply,
-                ..
-            }) = self.entries.get(&key)
-                && *kept == serial
-            {
-                self.bytes = self.bytes.saturating_sub(reply.len());
-                self.entries.remove(&key);
-                self.stale_in_store += 1;
-            }
+            let bytes = match self.entries.get(&key) {
+                Some(Entry::Kept {
+                    serial: kept,
+                    reply,
+                    ..
+                }) if *kept == serial => reply.len(),
+                Some(Entry::Unknown { serial: kept, .. }) if *kept == serial => 0,
+                _ => continue,
+            };
+            self.bytes = self.bytes.saturating_sub(bytes);
+            self.entries.remove(&key);
+            self.stale_in_store += 1;
         }
     }
 
@@ -228,14 +240,22 @@ impl ClientTokens {
                 key.clone(),
                 serial,
             ));
-            table.entries.insert(
-                key,
+            // No reply: a claim whose call never finished (see
+            // `ClientTokens::claimed`). A reply is never empty (every reply
+            // has a RequestId).
+            let entry = if record.reply.is_empty() {
+                Entry::Unknown {
+                    serial,
+                    request_hash: record.request_hash,
+                }
+            } else {
                 Entry::Kept {
                     serial,
                     request_hash: record.request_hash,
                     reply: Arc::from(record.reply.as_slice()),
-                },
-            );
+                }
+            };
+            table.entries.insert(key, entry);
         }
         ClientTokens(Arc::new(Mutex::new(table)))
     }
@@ -272,6 +292,16 @@ impl ClientTokens {
             }) => {
                 return if *first == request_hash {
                     Ok(Claim::Replay(reply.clone()))
+                } else {
+                    Err(FleetError::invalid(FIELD, DIFFERENT_REQUEST))
+                };
+            }
+            Some(Entry::Unknown {
+                request_hash: first,
+                ..
+            }) => {
+                return if *first == request_hash {
+                    Err(FleetError::FailedPrecondition(OUTCOME_UNKNOWN.into()))
                 } else {
                     Err(FleetError::invalid(FIELD, DIFFERENT_REQUEST))
                 };
@@ -321,6 +351,27 @@ impl ClientTokens {
             serial,
             request_hash,
         }))
+    }
+
+    /// The record to store for `ticket` as soon as it is claimed, created
+    /// `created_at`: no reply yet. Stored before the call's changes (the
+    /// store keeps submissions in order), it is durable whenever they are;
+    /// a broker that stops before the reply is kept then knows, after a
+    /// restart, that the call may have been applied (`Entry::Unknown`)
+    /// rather than run it again.
+    pub(in crate::fleet) fn claimed(
+        ticket: &TokenTicket,
+        created_at: SystemTime,
+    ) -> Option<StoredClientToken> {
+        let key = ticket.key.as_ref()?;
+        Some(StoredClientToken {
+            actor: key.actor.clone(),
+            method: key.method.clone(),
+            token: key.token.clone(),
+            request_hash: ticket.request_hash,
+            reply: Vec::new(),
+            created_at,
+        })
     }
 
     /// Keeps `reply` for `ticket`'s call until `expires`; the record to
@@ -467,5 +518,51 @@ mod tests {
             Ok(Claim::Replay(_))
         ));
         assert!(tokens.expire(now), "the expired record is to be pruned");
+    }
+
+    #[test]
+    fn a_claim_stored_without_a_reply_reloads_as_an_unknown_outcome_until_it_expires() {
+        let wall = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let claimed = StoredClientToken {
+            actor: "a".into(),
+            method: "CloseServers".into(),
+            token: "t".into(),
+            request_hash: [1; 32],
+            reply: Vec::new(),
+            created_at: wall - hour,
+        };
+        let now = Instant::now();
+        let tokens = ClientTokens::load(&[claimed], DEFAULT_RETENTION, now, wall);
+        assert!(matches!(
+            tokens.claim(key("t"), [1; 32], 10, now),
+            Err(FleetError::FailedPrecondition(m)) if m == OUTCOME_UNKNOWN
+        ));
+        assert!(matches!(
+            tokens.claim(key("t"), [2; 32], 10, now),
+            Err(FleetError::InvalidArgument(_))
+        ));
+        // At the end of the retention it goes, and the token is new again.
+        let later = now + DEFAULT_RETENTION;
+        assert!(matches!(
+            tokens.claim(key("t"), [1; 32], 10, later),
+            Ok(Claim::New(_))
+        ));
+    }
+
+    #[test]
+    fn a_new_claim_is_stored_without_a_reply_and_its_reply_replaces_it() {
+        let tokens = ClientTokens::default();
+        let ticket = new(tokens.claim(key("t"), [3; 32], 10, Instant::now()));
+        let wall = SystemTime::now();
+        let claimed = ClientTokens::claimed(&ticket, wall).expect("a claim to store");
+        assert_eq!(
+            (claimed.token.as_str(), claimed.request_hash),
+            ("t", [3; 32])
+        );
+        assert!(claimed.reply.is_empty());
+        let kept = ClientTokens::keep(ticket, b"reply".to_vec(), Instant::now(), wall)
+            .expect("a reply to store");
+        assert_eq!(kept.reply, b"reply");
     }
 }

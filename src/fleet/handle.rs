@@ -298,19 +298,34 @@ impl Fleet {
     /// (see [`client_tokens`](super::client_tokens)): [`Claim::New`] to run
     /// it, or [`Claim::Replay`] of the first reply. Fails with
     /// INVALID_ARGUMENT when the token was used with another request,
-    /// ABORTED while a call with it is still running, and
-    /// RESOURCE_EXHAUSTED when the table is full.
+    /// ABORTED while a call with it is still running, FAILED_PRECONDITION
+    /// when the broker stopped while the first call with it ran, and
+    /// RESOURCE_EXHAUSTED when the table is full. A new claim is stored at
+    /// once, without its reply, ahead of the call's changes.
     pub fn claim_client_token(
         &self,
         key: TokenKey,
         request_hash: [u8; 32],
     ) -> Result<Claim, FleetError> {
-        self.client_tokens.claim(
+        let claim = self.client_tokens.claim(
             key,
             request_hash,
             self.config.client_token_limit,
             Instant::now(),
-        )
+        )?;
+        if let Claim::New(ticket) = &claim
+            && self.is_writable()
+            && self.store.keeps_changes()
+            && let Some(claimed) = ClientTokens::claimed(ticket, persist::wall_clock())
+        {
+            // Not waited for: the call's own changes, submitted after it,
+            // are acknowledged only once it is durable too.
+            drop(
+                self.store
+                    .submit(vec![persist::Change::PutClientToken(claimed)]),
+            );
+        }
+        Ok(claim)
     }
 
     /// Keeps `reply` as the answer to the call `ticket` was claimed for,
