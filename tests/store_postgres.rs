@@ -278,6 +278,8 @@ async fn what_is_put_comes_back_after_a_reopen() {
             Change::PutClientToken(token_record("kept", at(2_000, 1), b"first")),
             Change::PutClientToken(token_record("old", at(1_000, 0), b"old")),
             Change::PutClientToken(token_record("kept", at(3_000, 2), b"\0second")),
+            // Claimed, its call never finished: kept without a reply.
+            Change::PutClientToken(token_record("claimed", at(4_000, 0), b"")),
             Change::PruneClientTokens {
                 before: at(2_500, 0),
             },
@@ -301,7 +303,10 @@ async fn what_is_put_comes_back_after_a_reopen() {
         },
         clients,
         secrets,
-        client_tokens: vec![token_record("kept", at(3_000, 2), b"\0second")],
+        client_tokens: vec![
+            token_record("kept", at(3_000, 2), b"\0second"),
+            token_record("claimed", at(4_000, 0), b""),
+        ],
     };
     for (f, e) in found.sessions.iter().zip(&expected.sessions) {
         assert_eq!(f, e, "session {}", e.id);

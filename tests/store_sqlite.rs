@@ -296,6 +296,8 @@ async fn what_is_put_comes_back_after_a_reopen() {
             Change::PutClientToken(token_record("kept", at(2_000, 1), b"first")),
             Change::PutClientToken(token_record("old", at(1_000, 0), b"old")),
             Change::PutClientToken(token_record("kept", at(3_000, 2), b"\0second")),
+            // Claimed, its call never finished: kept without a reply.
+            Change::PutClientToken(token_record("claimed", at(4_000, 0), b"")),
             Change::PruneClientTokens {
                 before: at(2_500, 0),
             },
@@ -310,7 +312,10 @@ async fn what_is_put_comes_back_after_a_reopen() {
         Snapshot {
             servers,
             sessions,
-            client_tokens: vec![token_record("kept", at(3_000, 2), b"\0second")],
+            client_tokens: vec![
+                token_record("kept", at(3_000, 2), b"\0second"),
+                token_record("claimed", at(4_000, 0), b""),
+            ],
             ..Snapshot::default()
         },
     );
