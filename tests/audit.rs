@@ -879,3 +879,67 @@ async fn the_binary_writes_the_file_and_the_store() {
     let stored = read_sqlite(&data, &AuditFilter::default()).unwrap();
     assert_eq!(stored.iter().map(observed).collect::<Vec<_>>(), expected);
 }
+
+/// The broker's own acts are audited like callers' (issue 19's history
+/// reads them): a server whose agent stays silent past the removal
+/// timeout leaves the fleet with a `ServerRemoved` record by `broker`,
+/// one per sweep, naming each server removed and why.
+#[tokio::test(start_paused = true)]
+async fn a_server_forgotten_for_silence_is_audited_by_the_broker() {
+    let dir = TempDir::new("audit-removed");
+    let fleet_config = dcv_broker::fleet::FleetConfig {
+        unreachable_after: Duration::from_secs(60),
+        remove_after: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let (store, snapshot) = SqliteStore::open(dir.path()).unwrap();
+    let fleet = Fleet::restore(fleet_config.clone(), Arc::new(store), snapshot).unwrap();
+    let mut broker = Broker::start_with(
+        BrokerConfig {
+            fleet: fleet_config,
+            ..quiet_config()
+        },
+        fleet,
+    )
+    .await;
+    let mut agent = broker.agent().await;
+    register(&mut agent, "quiet-1", "linux", 4).await;
+    register(&mut agent, "quiet-2", "linux", 4).await;
+    let mut servers = broker.servers().await;
+    tokio::time::advance(Duration::from_secs(599)).await;
+    let all = servers
+        .describe_servers(pb::DescribeServersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.servers.len(), 2, "not yet: {all:?}");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let all = servers
+        .describe_servers(pb::DescribeServersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.servers.is_empty(), "forgotten: {all:?}");
+    drop((agent, servers));
+    broker.stop();
+    (&mut broker.task).await.unwrap().unwrap();
+    // The fleet, and with it the store, closes with the broker.
+    drop(broker);
+
+    let records = read_sqlite(dir.path(), &AuditFilter::default()).unwrap();
+    let removed: Vec<_> = records
+        .iter()
+        .filter(|r| r.method == "ServerRemoved")
+        .collect();
+    assert_eq!(removed.len(), 1, "{records:?}");
+    assert_eq!(removed[0].actor, "broker");
+    let mut ids: Vec<_> = removed[0].items.iter().map(|i| i.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["quiet-1", "quiet-2"]);
+    assert!(
+        removed[0].items[0].reason.contains("10m"),
+        "{:?}",
+        removed[0].items
+    );
+    assert_eq!(removed[0].items[0].outcome, AuditItem::OK);
+}

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{
     availability,
-    holds::{CapacityFloor, EXPIRY_ACTOR},
+    holds::{BROKER_ACTOR, CapacityFloor},
     model::{Hold, ServerId},
     persist::{AuditItem, AuditRecord},
     state::{Ctx, State},
@@ -98,7 +98,7 @@ impl State {
                 let outcome = if open { "OK" } else { "HOLDS_REMAIN" };
                 self.audit.push(AuditRecord {
                     at: wall,
-                    actor: EXPIRY_ACTOR.to_owned(),
+                    actor: BROKER_ACTOR.to_owned(),
                     request_id: uuid::Uuid::new_v4().to_string(),
                     method: "HoldExpired".to_owned(),
                     peer: None,

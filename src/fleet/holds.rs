@@ -29,8 +29,9 @@ pub const MAX_HOLDS_PER_SERVER: usize = 16;
 /// The longest a hold may last from its placing.
 pub const MAX_HOLD_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// The actor audit records of expiries name.
-pub const EXPIRY_ACTOR: &str = "broker";
+/// The actor of the audit records of what the broker does by itself
+/// (holds that expire, servers it forgets).
+pub const BROKER_ACTOR: &str = "broker";
 
 /// The default hold's name, shared: a DCV-style close allocates nothing
 /// for it.

@@ -261,6 +261,27 @@ impl State {
         for id in &due {
             self.remove_server(id, now, ctx);
         }
+        if self.tracks_audit && !due.is_empty() {
+            // The broker's own act, as an expired hold is: a server's
+            // history shows when and why it left the fleet.
+            let why = format!(
+                "its agent was not heard from for more than {}",
+                humantime::format_duration(remove_after)
+            );
+            self.audit.push(persist::AuditRecord {
+                at: persist::wall_clock(),
+                actor: holds::BROKER_ACTOR.to_owned(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+                method: "ServerRemoved".to_owned(),
+                peer: None,
+                items: due
+                    .iter()
+                    .map(|id| {
+                        persist::AuditItem::new(id, persist::AuditItem::OK.to_owned(), why.clone())
+                    })
+                    .collect(),
+            });
+        }
         self.next_removal = self
             .servers
             .values()
