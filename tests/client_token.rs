@@ -32,7 +32,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use prost::Message as _;
 use tokio::sync::{oneshot, watch};
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 /// A held write's acknowledgement.
 type Ack = oneshot::Sender<Result<(), String>>;
@@ -271,16 +271,8 @@ async fn a_create_sessions_retry_creates_one_session() {
     let (broker, recorder) = recorded(FleetConfig::default()).await;
     let mut agent = TestAgent::connect(&broker, registration("s1", "linux", 4)).await;
     let mut sessions = broker.sessions().await;
-    let request = pb::CreateSessionsRequest {
-        client_token: "create-1".into(),
-        ..create_req(vec![create_item("desk", "alice", pb::SessionType::Virtual)])
-    };
-    let first = sessions
-        .create_sessions(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(first.successful_list.len(), 1, "{first:?}");
+    let request = desk_for_alice("create-1");
+    let first = create_one(&mut sessions, request.clone()).await;
     agent.next_create().await;
     let retry = sessions
         .create_sessions(request)
@@ -288,13 +280,10 @@ async fn a_create_sessions_retry_creates_one_session() {
         .unwrap()
         .into_inner();
     assert_eq!(retry.encode_to_vec(), first.encode_to_vec());
-    let all = sessions
-        .describe_sessions(pb::DescribeSessionsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(all.sessions.len(), 1, "{all:?}");
-    assert_eq!(all.sessions[0].id, first.successful_list[0].id);
+    assert_eq!(
+        only_session(&mut sessions).await,
+        first.successful_list[0].id
+    );
     assert_eq!(recorder.audits("CreateSessions"), 1);
 }
 
@@ -407,20 +396,46 @@ async fn a_full_table_refuses_new_tokens_and_still_replays() {
     assert_eq!(describe_one(&mut servers, "s3").await.holds.len(), 1);
 }
 
-/// A fleet over the SQLite store in `dir`, through a recorder.
-fn open(dir: &std::path::Path) -> (Fleet, Arc<Recorder>) {
+/// A CreateSessions of one virtual session, `desk` for `alice`, under
+/// `token`.
+fn desk_for_alice(token: &str) -> pb::CreateSessionsRequest {
+    pb::CreateSessionsRequest {
+        client_token: token.into(),
+        ..create_req(vec![create_item("desk", "alice", pb::SessionType::Virtual)])
+    }
+}
+
+/// The id of the broker's one session (a retry must not make a second).
+async fn only_session(sessions: &mut pb::sessions_client::SessionsClient<Channel>) -> String {
+    let all = sessions
+        .describe_sessions(pb::DescribeSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.sessions.len(), 1, "one session: {all:?}");
+    all.sessions[0].id.clone()
+}
+
+/// A broker over the SQLite store in `dir`, through a recorder.
+async fn durable(dir: &std::path::Path) -> (Broker, Arc<Recorder>) {
     let (store, snapshot) = SqliteStore::open(dir).unwrap();
     let recorder = Recorder::new(Some(Arc::new(store)));
     let fleet = Fleet::restore(FleetConfig::default(), recorder.clone(), snapshot).unwrap();
-    (fleet, recorder)
+    let broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
+    (broker, recorder)
+}
+
+/// Stops `broker` and waits until it has (its store closes with it).
+async fn stop(mut broker: Broker) {
+    broker.stop();
+    (&mut broker.task).await.unwrap().unwrap();
 }
 
 #[tokio::test]
 async fn tokens_survive_a_restart() {
     let dir = TempDir::new("dcv-client-token");
     let first = {
-        let (fleet, _recorder) = open(dir.path());
-        let mut broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
+        let (broker, _recorder) = durable(dir.path()).await;
         let mut agent = broker.agent().await;
         register(&mut agent, "s1", "linux", 4).await;
         register(&mut agent, "s2", "linux", 4).await;
@@ -430,12 +445,10 @@ async fn tokens_survive_a_restart() {
             .await
             .unwrap()
             .into_inner();
-        broker.stop();
-        (&mut broker.task).await.unwrap().unwrap();
+        stop(broker).await;
         first
     };
-    let (fleet, recorder) = open(dir.path());
-    let broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
+    let (broker, recorder) = durable(dir.path()).await;
     let mut servers = broker.servers().await;
     let retry = servers
         .close_servers(tokened_close(&["s1"], "durable"))
@@ -556,30 +569,19 @@ async fn rest_takes_the_token_and_request_fields_as_query_parameters() {
 #[tokio::test]
 async fn a_retry_after_a_crash_before_the_reply_was_kept_is_not_applied_again() {
     let dir = TempDir::new("dcv-client-token-crash");
-    let request = pb::CreateSessionsRequest {
-        client_token: "create-crash".into(),
-        ..create_req(vec![create_item("desk", "alice", pb::SessionType::Virtual)])
-    };
+    let request = desk_for_alice("create-crash");
     let first = {
-        let (fleet, recorder) = open(dir.path());
+        let (broker, recorder) = durable(dir.path()).await;
         recorder.lose_replies.store(true, Ordering::SeqCst);
-        let mut broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
         let mut agent = broker.agent().await;
         register(&mut agent, "s1", "linux", 4).await;
         let mut sessions = broker.sessions().await;
-        let first = sessions
-            .create_sessions(request.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(first.successful_list.len(), 1, "{first:?}");
+        let first = create_one(&mut sessions, request.clone()).await;
         assert_eq!((recorder.claims(), recorder.tokens()), (1, 1));
-        broker.stop();
-        (&mut broker.task).await.unwrap().unwrap();
+        stop(broker).await;
         first
     };
-    let (fleet, recorder) = open(dir.path());
-    let broker = Broker::start_with(config(FleetConfig::default()), fleet).await;
+    let (broker, recorder) = durable(dir.path()).await;
     let mut sessions = broker.sessions().await;
     let retry = sessions.create_sessions(request.clone()).await.unwrap_err();
     assert_eq!(retry.code(), Code::FailedPrecondition, "{retry:?}");
@@ -587,13 +589,10 @@ async fn a_retry_after_a_crash_before_the_reply_was_kept_is_not_applied_again() 
         retry.message().contains("may or may not have been applied"),
         "{retry:?}"
     );
-    let all = sessions
-        .describe_sessions(pb::DescribeSessionsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(all.sessions.len(), 1, "one session, not two: {all:?}");
-    assert_eq!(all.sessions[0].id, first.successful_list[0].id);
+    assert_eq!(
+        only_session(&mut sessions).await,
+        first.successful_list[0].id
+    );
     assert_eq!(recorder.audits("CreateSessions"), 0, "nothing run again");
     let other = pb::CreateSessionsRequest {
         client_token: "create-crash".into(),
@@ -602,13 +601,5 @@ async fn a_retry_after_a_crash_before_the_reply_was_kept_is_not_applied_again() 
     let refused = sessions.create_sessions(other).await.unwrap_err();
     assert_eq!(violations(&refused)[0].0, "ClientToken");
     // A new token goes through.
-    let fresh = sessions
-        .create_sessions(pb::CreateSessionsRequest {
-            client_token: "create-crash-2".into(),
-            ..request
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(fresh.successful_list.len(), 1, "{fresh:?}");
+    create_one(&mut sessions, desk_for_alice("create-crash-2")).await;
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use common::{
     TestAgent,
     agent_process::TempDir,
-    create_item, create_req,
+    create_item, create_one, create_req,
     process::{BROKER_BIN, BrokerProcess},
     registration,
 };
@@ -93,12 +93,7 @@ async fn create_sessions_is_traced_under_the_callers_trace_and_flushed_on_exit()
         pb::sessions_client::SessionsClient::connect(format!("http://{}", broker.addr))
             .await
             .unwrap();
-    let reply = sessions
-        .create_sessions(request)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.successful_list.len(), 1, "{reply:?}");
+    let reply = create_one(&mut sessions, request).await;
     assert!(reply.unsuccessful_list.is_empty(), "{reply:?}");
 
     // The agent creates the session; a screenshot of it is a round trip

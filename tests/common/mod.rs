@@ -206,6 +206,20 @@ pub fn describe_ids(ids: &[&str]) -> pb::DescribeServersRequest {
     }
 }
 
+/// `request`'s reply, which created its one session.
+pub async fn create_one(
+    sessions: &mut pb::sessions_client::SessionsClient<Channel>,
+    request: impl tonic::IntoRequest<pb::CreateSessionsRequest>,
+) -> pb::CreateSessionsResponse {
+    let reply = sessions
+        .create_sessions(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.successful_list.len(), 1, "{reply:?}");
+    reply
+}
+
 /// Describes one server, which must exist.
 pub async fn describe_one(servers: &mut ServersClient<Channel>, id: &str) -> pb::Server {
     let mut page = servers
