@@ -12,9 +12,9 @@ use tokio::time::Instant;
 
 use super::{
     availability,
-    holds::{BROKER_ACTOR, CapacityFloor},
+    holds::CapacityFloor,
     model::{Hold, ServerId},
-    persist::{AuditItem, AuditRecord},
+    persist::AuditItem,
     state::{Ctx, State},
 };
 
@@ -94,30 +94,23 @@ impl State {
             let id = server.id.clone();
             self.holds_changed(&id);
             tracing::info!(server = %id, hold = %hold.name, actor = %hold.actor, "hold expired");
-            if self.tracks_audit {
+            self.audit_own_act(wall, "HoldExpired", || {
                 let outcome = if open { "OK" } else { "HOLDS_REMAIN" };
-                self.audit.push(AuditRecord {
-                    at: wall,
-                    actor: BROKER_ACTOR.to_owned(),
-                    request_id: uuid::Uuid::new_v4().to_string(),
-                    method: "HoldExpired".to_owned(),
-                    peer: None,
-                    items: vec![AuditItem::new(
-                        &id,
-                        outcome.to_owned(),
-                        format!(
-                            "hold {:?} placed by {} expired{}",
-                            hold.name,
-                            hold.actor,
-                            if hold.reason.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" (reason: {})", hold.reason)
-                            }
-                        ),
-                    )],
-                });
-            }
+                vec![AuditItem::new(
+                    &id,
+                    outcome.to_owned(),
+                    format!(
+                        "hold {:?} placed by {} expired{}",
+                        hold.name,
+                        hold.actor,
+                        if hold.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (reason: {})", hold.reason)
+                        }
+                    ),
+                )]
+            });
             if open {
                 self.note_removable(deadline);
                 self.emit_open(&id, ctx);

@@ -197,6 +197,29 @@ impl State {
         self.audit.clear();
     }
 
+    /// Records an act of the broker's own (an expired hold, a forgotten
+    /// server) for the audit log, as a call is recorded: actor
+    /// [`holds::BROKER_ACTOR`], a fresh request id, no peer. `items` is
+    /// built only when the store keeps audit records.
+    pub(in crate::fleet) fn audit_own_act(
+        &mut self,
+        at: SystemTime,
+        method: &str,
+        items: impl FnOnce() -> Vec<persist::AuditItem>,
+    ) {
+        if !self.tracks_audit {
+            return;
+        }
+        self.audit.push(persist::AuditRecord {
+            at,
+            actor: holds::BROKER_ACTOR.to_owned(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            method: method.to_owned(),
+            peer: None,
+            items: items(),
+        });
+    }
+
     pub(in crate::fleet) fn maintenance_due(&self, now: Instant) -> bool {
         self.removal_due(now) || self.session_deadline_due(now) || self.hold_expiry_due(now)
     }
@@ -261,25 +284,18 @@ impl State {
         for id in &due {
             self.remove_server(id, now, ctx);
         }
-        if self.tracks_audit && !due.is_empty() {
-            // The broker's own act, as an expired hold is: a server's
-            // history shows when and why it left the fleet.
-            let why = format!(
-                "its agent was not heard from for more than {}",
-                humantime::format_duration(remove_after)
-            );
-            self.audit.push(persist::AuditRecord {
-                at: persist::wall_clock(),
-                actor: holds::BROKER_ACTOR.to_owned(),
-                request_id: uuid::Uuid::new_v4().to_string(),
-                method: "ServerRemoved".to_owned(),
-                peer: None,
-                items: due
-                    .iter()
+        if !due.is_empty() {
+            // A server's history shows when and why it left the fleet.
+            self.audit_own_act(persist::wall_clock(), "ServerRemoved", || {
+                let why = format!(
+                    "its agent was not heard from for more than {}",
+                    humantime::format_duration(remove_after)
+                );
+                due.iter()
                     .map(|id| {
                         persist::AuditItem::new(id, persist::AuditItem::OK.to_owned(), why.clone())
                     })
-                    .collect(),
+                    .collect()
             });
         }
         self.next_removal = self
