@@ -125,12 +125,14 @@ pub struct TokenTicket {
     key: Option<TokenKey>,
     serial: u64,
     request_hash: [u8; 32],
+    /// When the claim's record ends if the call is abandoned.
+    expires: Instant,
 }
 
 impl Drop for TokenTicket {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.table.lock().abandon(&key, self.serial);
+            self.table.lock().abandon(key, self.serial, self.expires);
         }
     }
 }
@@ -158,6 +160,11 @@ struct Table {
 enum Entry {
     /// A call is running under this token.
     Running { serial: u64, request_hash: [u8; 32] },
+    /// A call under this token failed as a whole: the token is free again
+    /// for any request, but the claim stored for it stays until it
+    /// expires, so it keeps its place in the table (and its limit) until
+    /// then, and its expiry prunes the row.
+    Abandoned { serial: u64 },
     /// A call ran under this token when the broker stopped (its record
     /// was stored as claimed, before the call's changes, and never got
     /// its reply): whether it was applied is unknown.
@@ -180,28 +187,32 @@ impl Table {
             let Some((_, key, serial)) = self.expiries.pop_front() else {
                 break;
             };
-            let bytes = match self.entries.get(&key) {
-                Some(Entry::Kept {
-                    serial: kept,
-                    reply,
-                    ..
-                }) if *kept == serial => reply.len(),
-                Some(Entry::Unknown { serial: kept, .. }) if *kept == serial => 0,
-                _ => continue,
-            };
+            let bytes =
+                match self.entries.get(&key) {
+                    Some(Entry::Kept {
+                        serial: kept,
+                        reply,
+                        ..
+                    }) if *kept == serial => reply.len(),
+                    Some(
+                        Entry::Unknown { serial: kept, .. } | Entry::Abandoned { serial: kept },
+                    ) if *kept == serial => 0,
+                    _ => continue,
+                };
             self.bytes = self.bytes.saturating_sub(bytes);
             self.entries.remove(&key);
             self.stale_in_store += 1;
         }
     }
 
-    fn abandon(&mut self, key: &TokenKey, serial: u64) {
+    fn abandon(&mut self, key: TokenKey, serial: u64, expires: Instant) {
         if let Some(Entry::Running {
             serial: running, ..
-        }) = self.entries.get(key)
+        }) = self.entries.get(&key)
             && *running == serial
         {
-            self.entries.remove(key);
+            self.expiries.push_back((expires, key.clone(), serial));
+            self.entries.insert(key, Entry::Abandoned { serial });
         }
     }
 
@@ -274,16 +285,19 @@ impl ClientTokens {
     }
 
     /// See [`crate::fleet::Fleet::claim_client_token`]: the table's part,
-    /// at `now`, with at most `limit` records.
+    /// at `now`, with at most `limit` records, each kept for `retention`
+    /// when its call is abandoned.
     pub(in crate::fleet) fn claim(
         &self,
         key: TokenKey,
         request_hash: [u8; 32],
         limit: usize,
         now: Instant,
+        retention: Duration,
     ) -> Result<Claim, FleetError> {
         let mut table = self.0.lock();
         table.expire(now);
+        let reclaimed = matches!(table.entries.get(&key), Some(Entry::Abandoned { .. }));
         match table.entries.get(&key) {
             Some(Entry::Kept {
                 request_hash: first,
@@ -320,9 +334,10 @@ impl ClientTokens {
                     Err(FleetError::invalid(FIELD, DIFFERENT_REQUEST))
                 };
             }
-            None => {}
+            Some(Entry::Abandoned { .. }) | None => {}
         }
-        if table.entries.len() >= limit {
+        // An abandoned claim of the same key gives its place to this one.
+        if !reclaimed && table.entries.len() >= limit {
             return Err(FleetError::ResourceExhausted(format!(
                 "the broker holds {limit} ClientToken records, its limit (--client-token-limit); \
                  a new token is accepted once older ones expire (--client-token-retention), or \
@@ -350,6 +365,7 @@ impl ClientTokens {
             key: Some(key),
             serial,
             request_hash,
+            expires: now + retention,
         }))
     }
 
@@ -458,39 +474,65 @@ mod tests {
     async fn a_kept_reply_is_replayed_until_it_expires() {
         let tokens = ClientTokens::default();
         let now = Instant::now();
-        let ticket = new(tokens.claim(key("t"), [1; 32], 10, now));
+        let ticket = new(tokens.claim(key("t"), [1; 32], 10, now, DEFAULT_RETENTION));
         // Running: the same request is told to retry, another refused.
-        let running = tokens.claim(key("t"), [1; 32], 10, now).unwrap_err();
+        let running = tokens
+            .claim(key("t"), [1; 32], 10, now, DEFAULT_RETENTION)
+            .unwrap_err();
         assert!(matches!(running, FleetError::Aborted(_)), "{running:?}");
-        let other = tokens.claim(key("t"), [2; 32], 10, now).unwrap_err();
+        let other = tokens
+            .claim(key("t"), [2; 32], 10, now, DEFAULT_RETENTION)
+            .unwrap_err();
         assert!(matches!(other, FleetError::InvalidArgument(_)), "{other:?}");
         let expires = now + DEFAULT_RETENTION;
         let stored = ClientTokens::keep(ticket, b"reply".to_vec(), expires, SystemTime::now());
         assert_eq!(stored.map(|s| s.reply), Some(b"reply".to_vec()));
-        let Ok(Claim::Replay(reply)) = tokens.claim(key("t"), [1; 32], 10, now) else {
+        let Ok(Claim::Replay(reply)) = tokens.claim(key("t"), [1; 32], 10, now, DEFAULT_RETENTION)
+        else {
             panic!("a replay")
         };
         assert_eq!(&*reply, b"reply");
         assert!(!tokens.expire(now), "nothing stale yet");
-        let ticket = new(tokens.claim(key("t"), [2; 32], 10, expires));
+        let ticket = new(tokens.claim(key("t"), [2; 32], 10, expires, DEFAULT_RETENTION));
         assert!(
             tokens.expire(expires),
             "the expired record is stale in the store"
         );
         drop(ticket);
+        // Abandoned: its stored claim keeps a place until it expires.
+        assert_eq!(tokens.len(), 1);
+        assert!(tokens.expire(expires + DEFAULT_RETENTION));
         assert_eq!(tokens.len(), 0);
     }
 
+    /// A call that failed as a whole frees its token for any request, but
+    /// its stored claim holds a place in the table until the retention
+    /// ends: failing calls under fresh tokens cannot grow the store past
+    /// the limit.
     #[test]
-    fn a_dropped_ticket_frees_its_token_and_a_full_table_refuses() {
+    fn a_dropped_ticket_frees_its_token_but_keeps_its_place_until_it_expires() {
         let tokens = ClientTokens::default();
         let now = Instant::now();
-        let ticket = new(tokens.claim(key("t"), [1; 32], 1, now));
-        let full = tokens.claim(key("u"), [1; 32], 1, now).unwrap_err();
+        let ticket = new(tokens.claim(key("t"), [1; 32], 1, now, DEFAULT_RETENTION));
+        let full = tokens
+            .claim(key("u"), [1; 32], 1, now, DEFAULT_RETENTION)
+            .unwrap_err();
         assert!(matches!(full, FleetError::ResourceExhausted(_)), "{full:?}");
         drop(ticket);
+        assert_eq!(tokens.len(), 1);
+        let full = tokens
+            .claim(key("u"), [1; 32], 1, now, DEFAULT_RETENTION)
+            .unwrap_err();
+        assert!(matches!(full, FleetError::ResourceExhausted(_)), "{full:?}");
+        // The same token, with another request even, takes its place.
+        let again = new(tokens.claim(key("t"), [2; 32], 1, now, DEFAULT_RETENTION));
+        drop(again);
+        // At the end of the retention the place is free, and the stored
+        // claim is to be pruned.
+        let later = now + DEFAULT_RETENTION;
+        assert!(tokens.expire(later));
         assert_eq!(tokens.len(), 0);
-        new(tokens.claim(key("u"), [1; 32], 1, now));
+        new(tokens.claim(key("u"), [1; 32], 1, later, DEFAULT_RETENTION));
     }
 
     #[test]
@@ -514,7 +556,7 @@ mod tests {
         assert_eq!(tokens.len(), 1);
         let now = Instant::now();
         assert!(matches!(
-            tokens.claim(key("live"), [1; 32], 10, now),
+            tokens.claim(key("live"), [1; 32], 10, now, DEFAULT_RETENTION),
             Ok(Claim::Replay(_))
         ));
         assert!(tokens.expire(now), "the expired record is to be pruned");
@@ -535,17 +577,17 @@ mod tests {
         let now = Instant::now();
         let tokens = ClientTokens::load(&[claimed], DEFAULT_RETENTION, now, wall);
         assert!(matches!(
-            tokens.claim(key("t"), [1; 32], 10, now),
+            tokens.claim(key("t"), [1; 32], 10, now, DEFAULT_RETENTION),
             Err(FleetError::FailedPrecondition(m)) if m == OUTCOME_UNKNOWN
         ));
         assert!(matches!(
-            tokens.claim(key("t"), [2; 32], 10, now),
+            tokens.claim(key("t"), [2; 32], 10, now, DEFAULT_RETENTION),
             Err(FleetError::InvalidArgument(_))
         ));
         // At the end of the retention it goes, and the token is new again.
         let later = now + DEFAULT_RETENTION;
         assert!(matches!(
-            tokens.claim(key("t"), [1; 32], 10, later),
+            tokens.claim(key("t"), [1; 32], 10, later, DEFAULT_RETENTION),
             Ok(Claim::New(_))
         ));
     }
@@ -553,7 +595,7 @@ mod tests {
     #[test]
     fn a_new_claim_is_stored_without_a_reply_and_its_reply_replaces_it() {
         let tokens = ClientTokens::default();
-        let ticket = new(tokens.claim(key("t"), [3; 32], 10, Instant::now()));
+        let ticket = new(tokens.claim(key("t"), [3; 32], 10, Instant::now(), DEFAULT_RETENTION));
         let wall = SystemTime::now();
         let claimed = ClientTokens::claimed(&ticket, wall).expect("a claim to store");
         assert_eq!(

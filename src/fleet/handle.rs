@@ -312,6 +312,7 @@ impl Fleet {
             request_hash,
             self.config.client_token_limit,
             Instant::now(),
+            self.config.client_token_retention,
         )?;
         if let Claim::New(ticket) = &claim
             && self.is_writable()
