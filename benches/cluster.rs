@@ -182,6 +182,13 @@ impl Servers for Echo {
     ) -> Result<Response<pb::DescribeServersResponse>, Status> {
         Err(Status::unimplemented("not benchmarked"))
     }
+
+    async fn describe_server_history(
+        &self,
+        _: Request<pb::DescribeServerHistoryRequest>,
+    ) -> Result<Response<pb::DescribeServerHistoryResponse>, Status> {
+        Err(Status::unimplemented("not benchmarked"))
+    }
 }
 
 /// The `serve-echo` child: one tokio worker, prints `ready ADDR`, serves

@@ -535,6 +535,13 @@ mod child {
             };
             Ok(Response::new(reply))
         }
+
+        async fn describe_server_history(
+            &self,
+            _: Request<pb::DescribeServerHistoryRequest>,
+        ) -> Result<Response<pb::DescribeServerHistoryResponse>, Status> {
+            Err(Status::unimplemented("not benchmarked"))
+        }
     }
 
     #[tonic::async_trait]

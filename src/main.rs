@@ -183,6 +183,13 @@ async fn run(args: Args) -> Result<(), String> {
         // controller points at the leader's fenced writer while this
         // replica leads and which refuses writes otherwise.
         let store = Arc::new(ClusterStore::new());
+        store.set_audit_reader({
+            let db = db.clone();
+            Arc::new(move |filter| {
+                let db = db.clone();
+                Box::pin(async move { db.read_audit(&filter).await.map_err(|e| e.to_string()) })
+            })
+        });
         let audited = AuditedStore::wrap(store.clone(), audit_log.as_ref());
         registry = Auth::restore(args.auth_config(), audited.clone(), &snapshot)
             .await

@@ -52,6 +52,50 @@ fn time_from_pb(
         .ok()
 }
 
+/// A DescribeServerHistory request as the fleet takes it; its times must
+/// be timestamps.
+pub fn history_query_from_pb(
+    r: pb::DescribeServerHistoryRequest,
+) -> Result<fleet::HistoryQuery, fleet::FleetError> {
+    let mut violations = Vec::new();
+    let start_time = time_from_pb("StartTime", r.start_time, &mut violations);
+    let end_time = time_from_pb("EndTime", r.end_time, &mut violations);
+    if !violations.is_empty() {
+        return Err(fleet::FleetError::InvalidArgument(violations));
+    }
+    Ok(fleet::HistoryQuery {
+        server_id: r.server_id,
+        actor: r.actor,
+        start_time,
+        end_time,
+        newest_first: r.newest_first,
+        max_results: r.max_results,
+        next_token: r.next_token,
+    })
+}
+
+/// A history record on the wire.
+pub fn history_record_to_pb(h: fleet::HistoryRecord) -> pb::HistoryRecord {
+    let record = h.record;
+    pb::HistoryRecord {
+        time: Some(Timestamp::from(record.at)),
+        actor: record.actor,
+        request_id: record.request_id,
+        method: record.method,
+        peer: record.peer.unwrap_or_default(),
+        items: record
+            .items
+            .into_iter()
+            .map(|item| pb::HistoryItem {
+                id: item.id,
+                outcome: item.outcome,
+                reason: item.reason,
+            })
+            .collect(),
+        item_count: i32::try_from(h.item_count).unwrap_or(i32::MAX),
+    }
+}
+
 /// A CloseServers item's expiry from its ExpiresAt and ExpiresIn.
 pub fn expiry_from_pb(
     at: Option<Timestamp>,

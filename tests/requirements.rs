@@ -35,6 +35,7 @@ fn record(id: &str, description: ServerDescription) -> ServerRecord {
         last_seen: Instant::now(),
         last_seen_wall: SystemTime::now(),
         agent_departed: false,
+        silence_noted: false,
     }
 }
 

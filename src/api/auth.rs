@@ -87,7 +87,9 @@ pub fn access(path: &str, open: OpenServices) -> Access {
         return Access::Denied;
     };
     let scope = match (service, method) {
-        (SERVERS, "DescribeServers") | (SESSIONS, "DescribeSessions") => Scope::Read,
+        (SERVERS, "DescribeServers" | "DescribeServerHistory") | (SESSIONS, "DescribeSessions") => {
+            Scope::Read
+        }
         (SERVERS, "CloseServers" | "OpenServers") => Scope::OperateServers,
         (
             SESSIONS,
@@ -374,7 +376,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 3 + 6 + 6);
+        assert_eq!(methods, 4 + 6 + 6);
     }
 
     #[test]

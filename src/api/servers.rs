@@ -1,4 +1,5 @@
-//! The `Servers` gRPC service: CloseServers, OpenServers, DescribeServers.
+//! The `Servers` gRPC service: CloseServers, OpenServers, DescribeServers,
+//! DescribeServerHistory.
 
 use tonic::{Request, Response, Status};
 
@@ -100,6 +101,29 @@ impl Servers for ServersApi {
             request_id,
             servers,
             next_token: next_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn describe_server_history(
+        &self,
+        request: Request<pb::DescribeServerHistoryRequest>,
+    ) -> Result<Response<pb::DescribeServerHistoryResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let query = wire::history_query_from_pb(request.into_inner())?;
+        let page = self.fleet.describe_history(query).await?;
+        tracing::debug!(
+            records = page.records.len(),
+            more = page.next_token.is_some(),
+            "history described"
+        );
+        Ok(Response::new(pb::DescribeServerHistoryResponse {
+            request_id,
+            records: page
+                .records
+                .into_iter()
+                .map(wire::history_record_to_pb)
+                .collect(),
+            next_token: page.next_token.unwrap_or_default(),
         }))
     }
 }

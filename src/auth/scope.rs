@@ -6,7 +6,7 @@ use std::fmt;
 /// One permission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// DescribeServers and DescribeSessions.
+    /// DescribeServers, DescribeServerHistory and DescribeSessions.
     Read,
     /// CloseServers and OpenServers.
     OperateServers,

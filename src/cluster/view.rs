@@ -13,7 +13,7 @@ use std::{
 use parking_lot::RwLock;
 use tokio::sync::{oneshot, watch};
 
-use crate::fleet::persist::{Change, Durable, Store};
+use crate::fleet::persist::{AuditFilter, AuditRead, Change, Durable, Store};
 
 /// Where this broker stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,10 +239,24 @@ impl ClusterView {
 /// leader's fenced writer while this replica leads, and a refusal
 /// otherwise (a write that raced a lost lease fails with UNAVAILABLE and
 /// is undone by the reload that follows).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ClusterStore {
     writer: RwLock<Option<Arc<dyn Store>>>,
+    /// Reads the shared audit log: any replica may, whoever leads.
+    audit_reader: RwLock<Option<AuditReader>>,
 }
+
+impl std::fmt::Debug for ClusterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterStore")
+            .field("writer", &*self.writer.read())
+            .field("audit_reader", &self.audit_reader.read().is_some())
+            .finish()
+    }
+}
+
+/// How a replica reads the shared audit log.
+pub type AuditReader = Arc<dyn Fn(AuditFilter) -> AuditRead + Send + Sync>;
 
 impl ClusterStore {
     /// A store with no writer yet.
@@ -253,6 +267,11 @@ impl ClusterStore {
     /// Writes go to `writer` from now on; `None`: refused.
     pub fn set_writer(&self, writer: Option<Arc<dyn Store>>) {
         *self.writer.write() = writer;
+    }
+
+    /// Audit reads go to `reader` (the shared database), on any role.
+    pub fn set_audit_reader(&self, reader: AuditReader) {
+        *self.audit_reader.write() = Some(reader);
     }
 }
 
@@ -270,5 +289,10 @@ impl Store for ClusterStore {
 
     fn keeps_liveness(&self) -> bool {
         true
+    }
+
+    fn read_audit(&self, filter: AuditFilter) -> Option<AuditRead> {
+        let reader = self.audit_reader.read().clone();
+        reader.map(|read| read(filter))
     }
 }

@@ -51,13 +51,13 @@ impl Fleet {
         let ctx = self.ctx();
         let mut state = self.write(now);
         state.texts.description(&mut description);
-        let new = match state.servers.get_mut(id) {
+        let (new, was_silent) = match state.servers.get_mut(id) {
             Some(server) => {
                 server.description = description;
                 server.last_seen = now;
                 server.last_seen_wall = wall;
                 server.agent_departed = false;
-                false
+                (false, std::mem::replace(&mut server.silence_noted, false))
             }
             None => {
                 let id: ServerId = Arc::from(id);
@@ -77,12 +77,17 @@ impl Fleet {
                         last_seen: now,
                         last_seen_wall: wall,
                         agent_departed: false,
+                        silence_noted: false,
                     }),
                 );
-                true
+                (true, true)
             }
         };
         state.note_removable(now + self.config.remove_after);
+        if was_silent && let Some(id) = state.servers.get(id).map(|s| s.id.clone()) {
+            // The registration is audited itself.
+            state.silence_ended(&id, now, &ctx, false);
+        }
         if let Some(id) = state.servers.get(id).map(|s| s.id.clone()) {
             state.server_changed(&id);
             state.after_server_change(&id, now, &ctx);
@@ -339,9 +344,13 @@ impl State {
         server.last_seen = now;
         server.last_seen_wall = persist::wall_clock();
         let returned = std::mem::replace(&mut server.agent_departed, false);
+        let was_silent = std::mem::replace(&mut server.silence_noted, false);
         let id = server.id.clone();
         if returned {
             self.server_state_changed(&id);
+        }
+        if was_silent {
+            self.silence_ended(&id, now, ctx, true);
         }
         self.liveness_changed(&id);
         self.reconcile_report(&id, &old, now, ctx);

@@ -36,6 +36,7 @@ mod connection_token;
 pub mod error;
 mod gauges;
 mod handle;
+pub mod history;
 mod hold_state;
 pub mod holds;
 mod intern;
@@ -59,6 +60,7 @@ pub use self::{
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
     gauges::{FleetGauges, SESSION_STATES},
     handle::Fleet,
+    history::{HistoryPage, HistoryQuery, HistoryRecord},
     holds::{CapacityFloor, Expiry},
     model::*,
     query::DescribeQuery,

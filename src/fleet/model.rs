@@ -380,6 +380,9 @@ pub struct ServerRecord {
     /// unreachable until the agent is heard from again (a registration or
     /// a heartbeat).
     pub agent_departed: bool,
+    /// The broker noted (in the audit log) that the agent went silent
+    /// past the unreachable timeout; cleared when it is heard from again.
+    pub silence_noted: bool,
     /// The agent's latest description.
     pub description: ServerDescription,
     /// Users logged in at the last heartbeat.

@@ -280,6 +280,64 @@ pub struct Snapshot {
     pub client_tokens: Vec<StoredClientToken>,
 }
 
+/// Which audit records to read; every field narrows, `None` does not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Records with an item naming this server, session or client id.
+    pub subject: Option<String>,
+    /// Records of this actor.
+    pub actor: Option<String>,
+    /// Records at or after this time.
+    pub since: Option<SystemTime>,
+    /// Records before this time.
+    pub until: Option<SystemTime>,
+    /// Records strictly after this one in the reading order (a page's
+    /// continuation).
+    pub after: Option<AuditCursor>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
+    /// At most this many (`None`: all).
+    pub limit: Option<u32>,
+    /// Stop before the record that would make the records read hold more
+    /// than this many bytes of items (always at least one record), so that
+    /// a page of large batches stays small.
+    pub item_bytes: Option<usize>,
+}
+
+/// Where a stored audit record stands in the log: its time and its row,
+/// the order records are read in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuditCursor {
+    /// Its time, in microseconds since the epoch, as stored.
+    pub at_micros: i64,
+    /// Its row's id, which breaks ties between records of one microsecond.
+    pub row: i64,
+}
+
+/// An audit record read back, with its place in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAudit {
+    /// Where it stands.
+    pub cursor: AuditCursor,
+    /// The record.
+    pub record: AuditRecord,
+}
+
+/// The records an [`AuditFilter`] selected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditPage {
+    /// The records, in the filter's order.
+    pub records: Vec<StoredAudit>,
+    /// Whether another record followed them (past the filter's limit or
+    /// item budget).
+    pub more: bool,
+}
+
+/// The answer of [`Store::read_audit`]: the records, or why the store
+/// could not read them.
+pub type AuditRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<AuditPage, String>> + Send>>;
+
 /// Where the fleet's changes go to be kept.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Queues `changes` (applied in submission order, each submission
@@ -305,6 +363,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// an audit log says yes too. Nobody builds a record otherwise.
     fn keeps_audit(&self) -> bool {
         self.keeps_changes()
+    }
+
+    /// Reads the audit records `filter` selects, in its order; `None` when
+    /// this store keeps no audit log to read (`--in-memory`).
+    fn read_audit(&self, filter: AuditFilter) -> Option<AuditRead> {
+        let _ = filter;
+        None
     }
 }
 

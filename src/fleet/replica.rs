@@ -169,6 +169,8 @@ impl Fleet {
                 state.put_liveness(l, now, remove_after, &mut settle);
             }
         }
+        // Only a bound for whoever becomes writable without a reload.
+        state.note_silence_watch(now + self.config.unreachable_after);
         for (session, server) in settle {
             state.settle_placement(&session, &server);
         }
@@ -247,6 +249,7 @@ impl State {
                         last_seen: now,
                         last_seen_wall: s.last_seen,
                         agent_departed: s.agent_departed,
+                        silence_noted: false,
                     }),
                 );
             }

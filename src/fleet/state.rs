@@ -37,6 +37,10 @@ pub(in crate::fleet) struct State {
     /// No open server can be due for removal before this (a lower bound,
     /// refreshed by each sweep); `None` when no server is removable.
     pub(in crate::fleet) next_removal: Option<Instant>,
+    /// No server whose silence is not yet noted can pass the unreachable
+    /// timeout before this (a lower bound, refreshed by each walk);
+    /// `None` when every server's silence is noted.
+    pub(in crate::fleet) next_silence: Option<Instant>,
     /// Sessions, the queue, agents' instruction channels.
     pub(in crate::fleet) sessions: Sessions,
     /// Servers changed since the last submission to the store.
@@ -92,6 +96,84 @@ impl State {
         }
     }
 
+    /// Notes that a server whose silence is not noted may pass the
+    /// unreachable timeout at `deadline`.
+    pub(in crate::fleet) fn note_silence_watch(&mut self, deadline: Instant) {
+        self.next_silence = Some(self.next_silence.map_or(deadline, |d| d.min(deadline)));
+    }
+
+    fn silence_due(&self, now: Instant) -> bool {
+        self.next_silence.is_some_and(|at| now > at)
+    }
+
+    /// Notes, for the audit log, every server whose agent has been silent
+    /// past the unreachable timeout since the last walk (one
+    /// `ServerUnreachable` record, an item per server), so that a
+    /// server's history shows when it dropped out, not only when it was
+    /// forgotten.
+    fn note_silences(&mut self, now: Instant, ctx: &Ctx<'_>) {
+        let after = ctx.config.unreachable_after;
+        let mut silent = Vec::new();
+        let mut next = None::<Instant>;
+        for server in self.servers.values_mut() {
+            if server.silence_noted {
+                continue;
+            }
+            if server.agent_departed || now.saturating_duration_since(server.last_seen) > after {
+                server.silence_noted = true;
+                // A departure is its own record (DeregisterServer).
+                if !server.agent_departed {
+                    silent.push(server.id.clone());
+                }
+            } else {
+                let at = server.last_seen + after;
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        self.next_silence = next;
+        if !silent.is_empty() {
+            tracing::info!(
+                servers = silent.len(),
+                "agents went silent: servers unreachable"
+            );
+            self.audit_own_act(persist::wall_clock(), "ServerUnreachable", || {
+                let why = format!(
+                    "its agent was not heard from for more than {}",
+                    humantime::format_duration(after)
+                );
+                silent
+                    .iter()
+                    .map(|id| {
+                        persist::AuditItem::new(id, persist::AuditItem::OK.to_owned(), why.clone())
+                    })
+                    .collect()
+            });
+        }
+    }
+
+    /// The agent of `id`, whose silence was noted, was heard from again:
+    /// its silence is watched for anew and, when `audit` (the call that
+    /// brought it back is not audited itself), the audit log notes that
+    /// it is reachable again (`ServerReachable`).
+    pub(in crate::fleet) fn silence_ended(
+        &mut self,
+        id: &ServerId,
+        now: Instant,
+        ctx: &Ctx<'_>,
+        audit: bool,
+    ) {
+        self.note_silence_watch(now + ctx.config.unreachable_after);
+        if audit {
+            self.audit_own_act(persist::wall_clock(), "ServerReachable", || {
+                vec![persist::AuditItem::new(
+                    id,
+                    persist::AuditItem::OK.to_owned(),
+                    "its agent was heard from again".to_owned(),
+                )]
+            });
+        }
+    }
+
     pub(in crate::fleet) fn note_removable(&mut self, deadline: Instant) {
         self.next_removal = Some(self.next_removal.map_or(deadline, |d| d.min(deadline)));
     }
@@ -130,6 +212,7 @@ impl State {
                     last_seen: now,
                     last_seen_wall: stored.last_seen,
                     agent_departed: stored.agent_departed,
+                    silence_noted: false,
                 }),
             );
         }
@@ -140,6 +223,8 @@ impl State {
             .filter(|s| !s.is_closed())
             .map(|s| s.last_seen + config.remove_after)
             .min();
+        // Every server starts a fresh heartbeat window (`last_seen: now`).
+        state.next_silence = (!state.servers.is_empty()).then(|| now + config.unreachable_after);
         Ok(state)
     }
 
@@ -221,7 +306,10 @@ impl State {
     }
 
     pub(in crate::fleet) fn maintenance_due(&self, now: Instant) -> bool {
-        self.removal_due(now) || self.session_deadline_due(now) || self.hold_expiry_due(now)
+        self.removal_due(now)
+            || self.session_deadline_due(now)
+            || self.hold_expiry_due(now)
+            || (self.tracks_audit && self.silence_due(now))
     }
 
     /// Forgets due servers and processes due session deadlines.
@@ -234,6 +322,9 @@ impl State {
         self.process_session_deadlines(now, ctx);
         if self.hold_expiry_due(now) {
             self.expire_holds(now, ctx);
+        }
+        if self.tracks_audit && self.silence_due(now) {
+            self.note_silences(now, ctx);
         }
         log_removed(&removed);
         removed

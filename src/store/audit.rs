@@ -1,6 +1,6 @@
-//! The audit log as the store keeps it, and how it is read back: the
-//! ground a history API (`DescribeHistory`: by server or session id, by
-//! actor, by time range) will stand on.
+//! The audit log as the store keeps it, and how it is read back: what
+//! DescribeServerHistory answers from (by server, session or client id,
+//! by actor, by time range, a page at a time in either direction).
 //!
 //! One `audit` row per state-changing call (time, actor, request id,
 //! method, peer, its items as a JSON array), indexed by time, by actor and
@@ -11,67 +11,140 @@
 //! (`Change::PutAudit`), and pruned by age (`Change::PruneAudit`, at most
 //! [`PRUNE_BATCH`] records per prune, so a long-neglected log never holds
 //! the writer for long).
+//!
+//! A running SQLite broker reads on its writer thread, between commits
+//! (the store's lock is exclusive, so no other connection can); a page
+//! stops at [`AuditFilter::item_bytes`] of items, so a read never holds
+//! the writer for long either.
 
-use std::{path::Path, time::SystemTime};
+use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, params_from_iter, types::Value};
 
 use super::{FILE_NAME, codec};
-use crate::fleet::persist::AuditRecord;
+use crate::fleet::persist::{AuditCursor, AuditPage, AuditRecord, StoredAudit};
 
 /// The most records one prune removes.
 pub const PRUNE_BATCH: i64 = 10_000;
 
-/// Which records to read; every field narrows, `None` does not.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditFilter {
-    /// Records with an item naming this server, session or client id.
-    pub subject: Option<String>,
-    /// Records of this actor.
-    pub actor: Option<String>,
-    /// Records at or after this time.
-    pub since: Option<SystemTime>,
-    /// Records before this time.
-    pub until: Option<SystemTime>,
-    /// At most this many, oldest first (`None`: all).
-    pub limit: Option<u32>,
+pub use crate::fleet::persist::AuditFilter;
+
+/// The `WHERE`, `ORDER BY` and `LIMIT` clauses over `audit` (aliased `a`)
+/// that `filter` makes, and their parameters, numbered from 1 with
+/// PostgreSQL's `$n` or SQLite's `?n`.
+pub(super) fn clause(filter: &AuditFilter, mark: char) -> (String, Vec<FilterValue>) {
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    let mut add = |sql: &str, new: Vec<FilterValue>| {
+        let mut sql = sql.to_owned();
+        for value in new {
+            values.push(value);
+            sql = sql.replacen('#', &format!("{mark}{}", values.len()), 1);
+        }
+        conditions.push(sql);
+    };
+    if let Some(subject) = &filter.subject {
+        add(
+            "a.id IN (SELECT audit_id FROM audit_subjects WHERE subject = #)",
+            vec![FilterValue::Text(subject.clone())],
+        );
+    }
+    if let Some(actor) = &filter.actor {
+        add("a.actor = #", vec![FilterValue::Text(actor.clone())]);
+    }
+    if let Some(since) = filter.since {
+        add("a.at >= #", vec![FilterValue::Time(codec::micros(since))]);
+    }
+    if let Some(until) = filter.until {
+        add("a.at < #", vec![FilterValue::Time(codec::micros(until))]);
+    }
+    let (after, order) = match filter.newest_first {
+        false => ("(a.at, a.id) > (#, #)", "a.at, a.id"),
+        true => ("(a.at, a.id) < (#, #)", "a.at DESC, a.id DESC"),
+    };
+    if let Some(cursor) = filter.after {
+        add(
+            after,
+            vec![
+                FilterValue::Time(cursor.at_micros),
+                FilterValue::Time(cursor.row),
+            ],
+        );
+    }
+    let mut sql = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    sql.push_str(" ORDER BY ");
+    sql.push_str(order);
+    if let Some(limit) = filter.limit {
+        // One more than asked: whether another follows.
+        sql.push_str(&format!(" LIMIT {}", u64::from(limit) + 1));
+    }
+    (sql, values)
 }
 
-impl AuditFilter {
-    /// The `WHERE` clause over `audit` (aliased `a`) and its parameters,
-    /// numbered from 1 with PostgreSQL's `$n` or SQLite's `?n`.
-    pub(super) fn clause(&self, mark: char) -> (String, Vec<FilterValue>) {
-        let mut conditions = Vec::new();
-        let mut values = Vec::new();
-        let mut add = |sql: &str, value: FilterValue| {
-            values.push(value);
-            conditions.push(sql.replace('#', &format!("{mark}{}", values.len())));
-        };
-        if let Some(subject) = &self.subject {
-            add(
-                "a.id IN (SELECT audit_id FROM audit_subjects WHERE subject = #)",
-                FilterValue::Text(subject.clone()),
-            );
+/// Takes rows while they fit `filter.limit` and `filter.item_bytes`
+/// (always the first), decoding each, and says whether another row
+/// follows them: the common end of both stores' readers.
+pub(super) fn take_rows<E>(
+    filter: &AuditFilter,
+    rows: impl Iterator<Item = Result<RawRecord, E>>,
+    decode_error: impl Fn(String) -> E,
+) -> Result<AuditPage, E> {
+    let limit = filter.limit.map_or(usize::MAX, |l| l as usize);
+    let mut budget = filter.item_bytes.unwrap_or(usize::MAX);
+    let mut records = Vec::new();
+    for row in rows {
+        let raw = row?;
+        if records.len() == limit || (!records.is_empty() && raw.items.len() > budget) {
+            return Ok(AuditPage {
+                records,
+                more: true,
+            });
         }
-        if let Some(actor) = &self.actor {
-            add("a.actor = #", FilterValue::Text(actor.clone()));
-        }
-        if let Some(since) = self.since {
-            add("a.at >= #", FilterValue::Time(codec::micros(since)));
-        }
-        if let Some(until) = self.until {
-            add("a.at < #", FilterValue::Time(codec::micros(until)));
-        }
-        let mut sql = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conditions.join(" AND "))
-        };
-        sql.push_str(" ORDER BY a.at, a.id");
-        if let Some(limit) = self.limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        }
-        (sql, values)
+        budget = budget.saturating_sub(raw.items.len());
+        records.push(raw.decode().map_err(&decode_error)?);
+    }
+    Ok(AuditPage {
+        records,
+        more: false,
+    })
+}
+
+/// An audit row's columns, not yet decoded.
+#[derive(Debug)]
+pub(super) struct RawRecord {
+    pub(super) row: i64,
+    pub(super) at: i64,
+    pub(super) actor: String,
+    pub(super) request_id: String,
+    pub(super) method: String,
+    pub(super) peer: Option<String>,
+    pub(super) items: String,
+}
+
+impl RawRecord {
+    /// The columns a reader selects, in [`RawRecord`]'s order; the items
+    /// as text (PostgreSQL keeps them as JSONB).
+    pub(super) const COLUMNS: &str = "a.id, a.at, a.actor, a.request_id, a.method, a.peer, a.items";
+
+    fn decode(self) -> Result<StoredAudit, String> {
+        Ok(StoredAudit {
+            cursor: AuditCursor {
+                at_micros: self.at,
+                row: self.row,
+            },
+            record: record(
+                self.at,
+                self.actor,
+                self.request_id,
+                self.method,
+                self.peer,
+                &self.items,
+            )?,
+        })
     }
 }
 
@@ -94,38 +167,50 @@ pub enum AuditReadError {
 }
 
 /// The audit records of the SQLite store in `dir` that `filter` selects,
-/// oldest first. Opens the file read-only: a running broker holds the
+/// in its order. Opens the file read-only: a running broker holds the
 /// store's exclusive lock, so this reads a stopped broker's store (or a
-/// backup of a running one's).
+/// backup of a running one's); a running broker answers
+/// DescribeServerHistory through its writer thread instead ([`read`]).
 pub fn read_sqlite(dir: &Path, filter: &AuditFilter) -> Result<Vec<AuditRecord>, AuditReadError> {
     let connection = Connection::open_with_flags(
         dir.join(FILE_NAME),
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    let (clause, values) = filter.clause('?');
-    let sql = format!(
-        "SELECT a.at, a.actor, a.request_id, a.method, a.peer, a.items FROM audit a{clause}"
-    );
+    Ok(read(&connection, filter)?
+        .records
+        .into_iter()
+        .map(|stored| stored.record)
+        .collect())
+}
+
+/// The audit records `filter` selects, read on `connection`.
+pub(super) fn read(
+    connection: &Connection,
+    filter: &AuditFilter,
+) -> Result<AuditPage, AuditReadError> {
+    let (clause, values) = clause(filter, '?');
+    let sql = format!("SELECT {} FROM audit a{clause}", RawRecord::COLUMNS);
     let values = values.into_iter().map(|v| match v {
         FilterValue::Text(t) => Value::Text(t),
         FilterValue::Time(t) => Value::Integer(t),
     });
     let mut statement = connection.prepare(&sql)?;
     let rows = statement.query_map(params_from_iter(values), |row| {
-        Ok((
-            row.get::<_, i64>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, String>(3)?,
-            row.get::<_, Option<String>>(4)?,
-            row.get::<_, String>(5)?,
-        ))
+        Ok(RawRecord {
+            row: row.get(0)?,
+            at: row.get(1)?,
+            actor: row.get(2)?,
+            request_id: row.get(3)?,
+            method: row.get(4)?,
+            peer: row.get(5)?,
+            items: row.get(6)?,
+        })
     })?;
-    rows.map(|row| {
-        let (at, actor, request_id, method, peer, items) = row?;
-        record(at, actor, request_id, method, peer, &items).map_err(AuditReadError::Decode)
-    })
-    .collect()
+    take_rows(
+        filter,
+        rows.map(|r| r.map_err(AuditReadError::from)),
+        AuditReadError::Decode,
+    )
 }
 
 /// A record from its stored columns.

@@ -71,7 +71,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
-use crate::fleet::persist::{Change, Durable, Snapshot, Store};
+use crate::fleet::persist::{AuditFilter, AuditPage, AuditRead, Change, Durable, Snapshot, Store};
 
 pub use backup::{BackupCopy, BackupError};
 pub use open::{MIGRATIONS, SCHEMA_VERSION};
@@ -179,7 +179,13 @@ enum Job {
     Changes(Submission),
     /// Copy the store into a new file (see `backup.rs`).
     Backup(backup::Job),
+    /// Read audit records (see `audit.rs`), once what was submitted
+    /// before is committed.
+    ReadAudit(AuditReadJob),
 }
+
+/// A read of audit records and where its answer goes.
+type AuditReadJob = (AuditFilter, oneshot::Sender<Result<AuditPage, String>>);
 
 /// What the handles and the writer thread share.
 #[derive(Debug)]
@@ -323,5 +329,18 @@ impl Store for SqliteStore {
         // answer and so fails the Durable too.
         let _ = queue.send(Job::Changes((changes, answer)));
         Durable::pending(durable)
+    }
+
+    fn read_audit(&self, filter: AuditFilter) -> Option<AuditRead> {
+        let (answer, read) = oneshot::channel();
+        if let Some(queue) = self.inner.queue.lock().as_ref() {
+            // A send fails only if the writer thread is gone, which drops
+            // the answer and so fails the read too.
+            let _ = queue.send(Job::ReadAudit((filter, answer)));
+        }
+        Some(Box::pin(async move {
+            read.await
+                .unwrap_or_else(|_| Err("the store is closed".into()))
+        }))
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{atomic::Ordering, mpsc};
 
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
-use super::{Job, Shared, Submission, backup, codec};
+use super::{AuditReadJob, Job, Shared, Submission, backup, codec};
 use crate::fleet::persist::{Change, StoredServer, StoredSession};
 
 /// The most submissions one transaction takes. A burst larger than this
@@ -47,9 +47,11 @@ impl Drop for PanicGuard<'_> {
 pub(super) fn run(connection: Connection, jobs: mpsc::Receiver<Job>, shared: &Shared) {
     let _guard = PanicGuard(shared);
     let mut group = Vec::new();
+    let mut reads = Vec::new();
     while let Ok(first) = jobs.recv() {
-        let backup = gather(first, &jobs, &mut group);
+        let backup = gather(first, &jobs, &mut group, &mut reads);
         commit_group(&connection, &mut group, shared);
+        answer_reads(&connection, &mut reads);
         if let Some(backup) = backup {
             let between_steps = |pause| between_steps(&connection, &jobs, shared, pause);
             if backup::run(&connection, backup, shared, between_steps) == backup::After::Stop {
@@ -72,11 +74,12 @@ fn between_steps(
 ) -> backup::After {
     match jobs.recv_timeout(pause) {
         Ok(first) => {
-            let mut group = Vec::new();
-            if let Some(other) = gather(first, jobs, &mut group) {
+            let (mut group, mut reads) = (Vec::new(), Vec::new());
+            if let Some(other) = gather(first, jobs, &mut group, &mut reads) {
                 other.refuse(super::BackupError::Busy.to_string());
             }
             commit_group(connection, &mut group, shared);
+            answer_reads(connection, &mut reads);
             backup::After::Continue
         }
         Err(mpsc::RecvTimeoutError::Timeout) => backup::After::Continue,
@@ -85,25 +88,38 @@ fn between_steps(
 }
 
 /// Puts `first` and the submissions already queued behind it into
-/// `group`, up to [`MAX_GROUP`]. Stops at a backup request and returns it,
-/// so that it starts once the submissions before it are committed.
+/// `group`, up to [`MAX_GROUP`], and the audit reads among them into
+/// `reads` (answered after the commit, so each sees every change submitted
+/// before it). Stops at a backup request and returns it, so that it starts
+/// once the submissions before it are committed.
 fn gather(
     first: Job,
     jobs: &mpsc::Receiver<Job>,
     group: &mut Vec<Submission>,
+    reads: &mut Vec<AuditReadJob>,
 ) -> Option<backup::Job> {
     let mut next = Some(first);
     while let Some(job) = next {
         match job {
             Job::Changes(submission) => group.push(submission),
+            Job::ReadAudit(read) => reads.push(read),
             Job::Backup(backup) => return Some(backup),
         }
-        next = match group.len() < MAX_GROUP {
+        next = match group.len() + reads.len() < MAX_GROUP {
             true => jobs.try_recv().ok(),
             false => None,
         };
     }
     None
+}
+
+/// Answers each read in `reads` from the committed store; empties it.
+fn answer_reads(connection: &Connection, reads: &mut Vec<AuditReadJob>) {
+    for (filter, answer) in reads.drain(..) {
+        let result = super::audit::read(connection, &filter).map_err(|e| e.to_string());
+        // The reader may have stopped waiting; that is its choice.
+        let _ = answer.send(result);
+    }
 }
 
 /// Commits `group` (if any) in one transaction and answers each of its

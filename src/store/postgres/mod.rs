@@ -228,6 +228,8 @@ struct DatabaseInner {
     config: Config,
     target: String,
     control: tokio::sync::Mutex<Option<Client>>,
+    /// Reads of the audit log, apart from the control connection.
+    reader: tokio::sync::Mutex<Option<Client>>,
     last_elected: lease::LastElected,
 }
 
@@ -269,6 +271,7 @@ impl Database {
                 config,
                 target,
                 control: tokio::sync::Mutex::new(Some(client)),
+                reader: tokio::sync::Mutex::new(None),
                 last_elected: parking_lot::Mutex::new(None),
             }),
         })
@@ -354,17 +357,35 @@ impl Database {
             .map_err(|e| e.into_error(self.target()))
     }
 
-    /// The audit records `filter` selects, oldest first (any replica may
+    /// The audit records `filter` selects, in its order (any replica may
     /// read them: the leader writes them).
     pub async fn audit_records(
         &self,
         filter: &crate::store::audit::AuditFilter,
     ) -> Result<Vec<crate::fleet::persist::AuditRecord>, PostgresError> {
-        use crate::store::audit::{FilterValue, record};
-        let (clause, values) = filter.clause('$');
-        let sql = format!(
-            "SELECT a.at, a.actor, a.request_id, a.method, a.peer, a.items::TEXT FROM audit a{clause}"
-        );
+        Ok(self
+            .read_audit(filter)
+            .await?
+            .records
+            .into_iter()
+            .map(|stored| stored.record)
+            .collect())
+    }
+
+    /// The audit records `filter` selects, with their places in the log,
+    /// read on a connection of their own (a slow read never delays an
+    /// election), one read at a time per replica. Rows are streamed and
+    /// the read stops at the filter's item budget.
+    pub async fn read_audit(
+        &self,
+        filter: &crate::store::audit::AuditFilter,
+    ) -> Result<crate::fleet::persist::AuditPage, PostgresError> {
+        use tokio_stream::StreamExt as _;
+
+        use crate::store::audit::{FilterValue, RawRecord, clause, take_rows};
+        let (clause, values) = clause(filter, '$');
+        let columns = RawRecord::COLUMNS.replace("a.items", "a.items::TEXT");
+        let sql = format!("SELECT {columns} FROM audit a{clause}");
         let values: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = values
             .into_iter()
             .map(|v| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
@@ -374,31 +395,55 @@ impl Database {
                 }
             })
             .collect();
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
-            .iter()
-            .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let mut slot = self.control().await?;
-        let Some(client) = slot.as_mut() else {
-            return Err(PostgresError::new(self.target(), "no control connection"));
+        let target = self.target();
+        let mut slot = self.inner.reader.lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = None;
+            *slot = Some(self.connection().await?);
+        }
+        let Some(client) = slot.as_ref() else {
+            return Err(PostgresError::new(target, "no reading connection"));
         };
+        let driver = |e: tokio_postgres::Error| PostgresError::driver(target, &e);
         let rows = client
-            .query(&sql, &params)
+            .query_raw(
+                &sql,
+                values
+                    .iter()
+                    .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)),
+            )
             .await
-            .map_err(|e| PostgresError::driver(self.target(), &e))?;
-        rows.iter()
-            .map(|row| {
-                record(
-                    row.get(0),
-                    row.get(1),
-                    row.get(2),
-                    row.get(3),
-                    row.get(4),
-                    row.get(5),
-                )
-                .map_err(|e| PostgresError::new(self.target(), e))
-            })
-            .collect()
+            .map_err(driver)?;
+        // The stream is read in full or dropped; either way the driver
+        // discards what is left of it.
+        let mut rows = std::pin::pin!(rows);
+        // Read no further than `take_rows` looks: the limit's one more
+        // row, or the row that overflows the item budget.
+        let limit = filter.limit.map_or(usize::MAX, |l| l as usize);
+        let mut raw = Vec::new();
+        let mut budget = filter.item_bytes.unwrap_or(usize::MAX);
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(driver)?;
+            let record = RawRecord {
+                row: row.get(0),
+                at: row.get(1),
+                actor: row.get(2),
+                request_id: row.get(3),
+                method: row.get(4),
+                peer: row.get(5),
+                items: row.get(6),
+            };
+            let size = record.items.len();
+            let last = raw.len() == limit || (!raw.is_empty() && size > budget);
+            raw.push(record);
+            if last {
+                break;
+            }
+            budget = budget.saturating_sub(size);
+        }
+        take_rows(filter, raw.into_iter().map(Ok), |e| {
+            PostgresError::new(target, e)
+        })
     }
 
     /// The leader's fenced group-commit writer for `epoch`, on a connection
