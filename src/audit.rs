@@ -250,6 +250,41 @@ impl Store for AuditedStore {
     }
 }
 
+/// Keeps only the audit log of the store it wraps: a demo fleet's servers,
+/// holds and sessions live in memory and are gone with the process, while
+/// the history of what was done to them stays readable.
+#[derive(Debug)]
+pub struct AuditOnly(Arc<dyn Store>);
+
+impl AuditOnly {
+    /// `inner`'s audit log, and nothing else of the fleet's.
+    pub fn new(inner: Arc<dyn Store>) -> AuditOnly {
+        AuditOnly(inner)
+    }
+}
+
+impl Store for AuditOnly {
+    fn submit(&self, changes: Vec<Change>) -> Durable {
+        let kept: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| matches!(c, Change::PutAudit(_) | Change::PruneAudit { .. }))
+            .collect();
+        self.0.submit(kept)
+    }
+
+    fn keeps_changes(&self) -> bool {
+        false
+    }
+
+    fn keeps_audit(&self) -> bool {
+        true
+    }
+
+    fn read_audit(&self, filter: AuditFilter) -> Option<AuditRead> {
+        self.0.read_audit(filter)
+    }
+}
+
 /// Prunes the store's audit records older than `retention` every `every`
 /// (the first time at once), on whichever replica writes; runs until
 /// aborted.

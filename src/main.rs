@@ -6,7 +6,7 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use dcv_broker::{
     admin::{self, AdminSocket},
-    audit::{self, AuditLog, AuditedStore},
+    audit::{self, AuditLog, AuditOnly, AuditedStore},
     auth::{Auth, ScopeSet},
     cluster::{ClusterStore, ClusterView, Replica},
     config::{self, Args, ClientsCommand, Command, ConfigCommand, LogFormat, TlsCommand},
@@ -230,15 +230,19 @@ async fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("authentication: {e}"))?;
         // Simulated servers must not outlive the process that simulates
         // them (a later run would show them again, silent, for an hour):
-        // a demo's fleet lives in memory. Its clients and bearer-token key
-        // are real and stay in the store.
+        // a demo's fleet lives in memory. Its clients, bearer-token key and
+        // audit log are real and stay in the store.
         let fleet = if config.demo_fleet > 0 {
             tracing::warn!(
                 store = %location,
                 "--demo-fleet: servers, holds and sessions are kept in memory only; \
-                 the store keeps API clients and the token-signing key"
+                 the store keeps API clients, the token-signing key and the audit log"
             );
-            Fleet::new(config.fleet.clone())
+            Fleet::restore(
+                config.fleet.clone(),
+                Arc::new(AuditOnly::new(store)),
+                Snapshot::default(),
+            )
         } else {
             Fleet::restore(config.fleet.clone(), store, snapshot)
         }

@@ -970,6 +970,7 @@ const EXPECTED_SCOPE: &[(&str, Scope)] = &[
     ("Servers/DescribeServers", Scope::Read),
     ("Servers/CloseServers", Scope::OperateServers),
     ("Servers/OpenServers", Scope::OperateServers),
+    ("Servers/DescribeServerHistory", Scope::Read),
     ("Sessions/DescribeSessions", Scope::Read),
     ("Sessions/CreateSessions", Scope::ManageSessions),
     ("Sessions/DeleteSessions", Scope::ManageSessions),

@@ -1707,3 +1707,82 @@ async fn over_tls_authentication_is_on_by_default_and_the_token_comes_over_https
     assert_eq!(out.status.code(), Some(253));
     assert!(stderr(&out).contains("--ca-bundle"), "{}", stderr(&out));
 }
+
+/// `describe-server-history` against a broker with a store: who closed a
+/// server and why, after it was reopened; times as spans ago; the whole
+/// walk, in the order asked for; a bad time refused before any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn describe_server_history_tells_who_closed_a_server_and_why() {
+    use dcv_broker::pb::{agent_client::AgentClient, servers_client::ServersClient};
+    let dir = fresh("dcvsm-history");
+    let data = dir.join("data");
+    let process = BrokerProcess::start_exactly(&["--data-dir", data.to_str().unwrap()]).await;
+    let url = format!("http://{}", process.addr);
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut agent = AgentClient::new(channel.clone());
+    for id in ["h1", "h2"] {
+        agent
+            .register_server(common::registration(id, "linux", 2))
+            .await
+            .unwrap();
+    }
+    let broker = Broker {
+        _process: process,
+        url,
+        admin: None,
+    };
+    broker.json(&[
+        "close-servers",
+        "--server-ids",
+        "h1,h2",
+        "--reason",
+        "firmware update",
+    ]);
+    broker.json(&["open-servers", "--server-ids", "h1"]);
+    let reply = broker.json(&[
+        "describe-server-history",
+        "--server-id",
+        "h1",
+        "--since",
+        "1h",
+        "--max-results",
+        "1",
+    ]);
+    let records = reply["Records"].as_array().unwrap();
+    let methods: Vec<&str> = records
+        .iter()
+        .map(|r| r["Method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["RegisterServer", "CloseServers", "OpenServers"]);
+    assert!(reply.get("NextToken").is_none(), "every page followed");
+    let close = &records[1];
+    assert_eq!(close["Actor"], "anonymous");
+    assert_eq!(close["ItemCount"], 2);
+    assert_eq!(
+        close["Items"],
+        serde_json::json!([{"Id": "h1", "Outcome": "OK", "Reason": "firmware update"}])
+    );
+    // Newest first, across the fleet, in a table.
+    let out = broker.dcvsm(&[
+        "--output-format",
+        "table",
+        "describe-server-history",
+        "--newest-first",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let open = text.find("OpenServers").unwrap();
+    let close = text.find("CloseServers").unwrap();
+    assert!(open < close, "{text}");
+    assert!(text.contains("firmware update"), "{text}");
+    // Nothing in the future.
+    let reply = broker.json(&["describe-server-history", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(reply.get("Records").is_none(), "{reply}");
+    let out = broker.dcvsm(&["describe-server-history", "--since", "last tuesday"]);
+    assert_eq!(out.status.code(), Some(252), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--since"), "{}", stderr(&out));
+}

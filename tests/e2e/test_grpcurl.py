@@ -114,7 +114,10 @@ def test_list_shows_the_services(grpcurl):
 @pytest.mark.parametrize(
     "service, methods",
     [
-        (SERVERS, {"CloseServers", "OpenServers", "DescribeServers"}),
+        (
+            SERVERS,
+            {"CloseServers", "OpenServers", "DescribeServers", "DescribeServerHistory"},
+        ),
         (
             SESSIONS,
             {

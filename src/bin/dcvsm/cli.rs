@@ -96,6 +96,10 @@ pub enum Command {
     OpenServers(OpenServersArgs),
     /// Describe DCV servers; follows every page unless --next-token or --no-paginate.
     DescribeServers(DescribeServersArgs),
+    /// Beyond DCV: who did what to a server (or across the fleet), when, why, with which
+    /// request id and outcome, from the broker's audit log; follows every page unless
+    /// --next-token or --no-paginate.
+    DescribeServerHistory(DescribeServerHistoryArgs),
     /// Create a session.
     CreateSession(CreateSessionArgs),
     /// Describe sessions; follows every page unless --next-token or --no-paginate.
@@ -211,6 +215,34 @@ pub struct DescribeServersArgs {
     /// Filter as KEY=VALUE (repeatable), e.g. tag:team=render.
     #[arg(long = "filter", value_name = "KEY=VALUE")]
     pub filters: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DescribeServerHistoryArgs {
+    /// The server (or a session's or API client's id); the whole fleet's history when absent.
+    #[arg(long)]
+    pub server_id: Option<String>,
+    /// Only this actor's records (an API client id, mtls:SERVER, admin, broker).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Records at or after this time: RFC 3339 (2026-12-01T09:00:00Z) or a span ago (7days, 2h).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Records before this time: RFC 3339 or a span ago.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Newest first (default: oldest first).
+    #[arg(long)]
+    pub newest_first: bool,
+    /// Start from this page token (prints only that page).
+    #[arg(long)]
+    pub next_token: Option<String>,
+    /// Records per page, 1 to 1000 (default 100).
+    #[arg(long)]
+    pub max_results: Option<i32>,
+    /// Print one page, with its NextToken.
+    #[arg(long)]
+    pub no_paginate: bool,
 }
 
 #[derive(Args, Debug)]

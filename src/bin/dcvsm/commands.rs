@@ -18,9 +18,10 @@ use serde_json::Value;
 use crate::{
     Failure,
     cli::{
-        CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeServersArgs,
-        DescribeSessionsArgs, GetSessionConnectionDataArgs, GetSessionScreenshotsArgs,
-        OpenServersArgs, RetryArgs, SessionTypeArg, UpdateSessionPermissionsArgs,
+        CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeServerHistoryArgs,
+        DescribeServersArgs, DescribeSessionsArgs, GetSessionConnectionDataArgs,
+        GetSessionScreenshotsArgs, OpenServersArgs, RetryArgs, SessionTypeArg,
+        UpdateSessionPermissionsArgs,
     },
     exit, fail,
     output::to_json,
@@ -44,6 +45,7 @@ pub async fn execute(
         Command::CloseServers(args) => close_servers(servers, args).await,
         Command::OpenServers(args) => open_servers(servers, args).await,
         Command::DescribeServers(args) => describe_servers(servers, args).await,
+        Command::DescribeServerHistory(args) => describe_server_history(servers, args).await,
         Command::CreateSession(args) => create_session(sessions, args).await,
         Command::DescribeSessions(args) => describe_sessions(sessions, args).await,
         Command::DeleteSession(args) => delete_session(sessions, args).await,
@@ -187,6 +189,64 @@ async fn describe_servers(servers: Servers, args: &DescribeServersArgs) -> Resul
             let r = servers.describe_servers(request).await;
             let r = r.map_err(status_failure)?.into_inner();
             Ok((to_json("DescribeServersResponse", &r)?, r.next_token))
+        }
+    })
+    .await
+}
+
+/// A time given as RFC 3339, or as a span before now (`7days`, `90min`).
+fn parse_time(flag: &str, text: &str) -> Result<prost_types::Timestamp, Failure> {
+    if let Ok(t) = text.parse::<prost_types::Timestamp>() {
+        return Ok(t);
+    }
+    humantime::parse_duration(text)
+        .ok()
+        .and_then(|ago| std::time::SystemTime::now().checked_sub(ago))
+        .map(prost_types::Timestamp::from)
+        .ok_or_else(|| {
+            fail(
+                exit::BAD_PARAMETER,
+                format!(
+                    "{flag} {text:?}: expected an RFC 3339 time such as 2026-12-02T06:00:00Z \
+                     or a span ago such as 7days"
+                ),
+            )
+        })
+}
+
+async fn describe_server_history(
+    servers: Servers,
+    args: &DescribeServerHistoryArgs,
+) -> Result<Value, Failure> {
+    let max_results = args.max_results.map(check_max_results).transpose()?;
+    let start_time = args
+        .since
+        .as_deref()
+        .map(|t| parse_time("--since", t))
+        .transpose()?;
+    let end_time = args
+        .until
+        .as_deref()
+        .map(|t| parse_time("--until", t))
+        .transpose()?;
+    let single = args.no_paginate || args.next_token.is_some();
+    let mut request = pb::DescribeServerHistoryRequest {
+        server_id: args.server_id.clone().unwrap_or_default(),
+        actor: args.actor.clone().unwrap_or_default(),
+        start_time,
+        end_time,
+        newest_first: args.newest_first,
+        max_results,
+        next_token: args.next_token.clone().unwrap_or_default(),
+    };
+    paginate("Records", single, |token| {
+        request.next_token = token.unwrap_or_else(|| request.next_token.clone());
+        let request = request.clone();
+        let mut servers = servers.clone();
+        async move {
+            let r = servers.describe_server_history(request).await;
+            let r = r.map_err(status_failure)?.into_inner();
+            Ok((to_json("DescribeServerHistoryResponse", &r)?, r.next_token))
         }
     })
     .await
