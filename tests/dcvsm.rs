@@ -1713,7 +1713,7 @@ async fn over_tls_authentication_is_on_by_default_and_the_token_comes_over_https
 /// walk, in the order asked for; a bad time refused before any call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn describe_server_history_tells_who_closed_a_server_and_why() {
-    use dcv_broker::pb::{agent_client::AgentClient, servers_client::ServersClient};
+    use dcv_broker::pb::agent_client::AgentClient;
     let dir = fresh("dcvsm-history");
     let data = dir.join("data");
     let process = BrokerProcess::start_exactly(&["--data-dir", data.to_str().unwrap()]).await;
