@@ -189,6 +189,17 @@ impl Servers for Echo {
     ) -> Result<Response<pb::DescribeServerHistoryResponse>, Status> {
         Err(Status::unimplemented("not benchmarked"))
     }
+
+    type WatchServersStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchServersResponse, Status>> + Send>,
+    >;
+
+    async fn watch_servers(
+        &self,
+        _: Request<pb::WatchServersRequest>,
+    ) -> Result<Response<Self::WatchServersStream>, Status> {
+        Err(Status::unimplemented("not benchmarked"))
+    }
 }
 
 /// The `serve-echo` child: one tokio worker, prints `ready ADDR`, serves

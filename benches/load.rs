@@ -542,6 +542,17 @@ mod child {
         ) -> Result<Response<pb::DescribeServerHistoryResponse>, Status> {
             Err(Status::unimplemented("not benchmarked"))
         }
+
+        type WatchServersStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<pb::WatchServersResponse, Status>> + Send>,
+        >;
+
+        async fn watch_servers(
+            &self,
+            _: Request<pb::WatchServersRequest>,
+        ) -> Result<Response<Self::WatchServersStream>, Status> {
+            Err(Status::unimplemented("not benchmarked"))
+        }
     }
 
     #[tonic::async_trait]

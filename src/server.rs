@@ -450,15 +450,18 @@ async fn run(
 
     let limits = &config.limits;
     let forward = forwarder(&config, tls.as_ref())?;
-    let servers =
-        ServersServer::new(ServersApi::new(fleet.clone()).with_forwarder(forward.clone()))
-            .max_decoding_message_size(limits.max_request_bytes)
-            .max_encoding_message_size(limits.max_response_bytes);
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let servers = ServersServer::new(
+        ServersApi::new(fleet.clone())
+            .with_forwarder(forward.clone())
+            .with_stopping(stopping_rx.clone()),
+    )
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_response_bytes);
     let sessions =
         SessionsServer::new(SessionsApi::new(fleet.clone()).with_forwarder(forward.clone()))
             .max_decoding_message_size(limits.max_request_bytes)
             .max_encoding_message_size(limits.max_response_bytes);
-    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let agent = AgentServer::new(
         AgentApi::new(fleet.clone(), stopping_rx.clone()).with_forwarder(forward.clone()),
     )

@@ -114,6 +114,7 @@ impl From<FleetError> for Status {
             }
             FleetError::Aborted(why) => Status::aborted(why),
             FleetError::ResourceExhausted(why) => Status::resource_exhausted(why),
+            FleetError::OutOfRange(why) => Status::out_of_range(why),
             FleetError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the broker's log")

@@ -16,6 +16,7 @@ pub mod rest;
 pub mod servers;
 pub mod sessions;
 pub mod verifier;
+pub mod watch_stream;
 
 pub use agent::AgentApi;
 pub use auth::{AuthLayer, OpenServices};

@@ -1,11 +1,13 @@
 //! The `Servers` gRPC service: CloseServers, OpenServers, DescribeServers,
-//! DescribeServerHistory.
+//! DescribeServerHistory, WatchServers.
 
 use tonic::{Request, Response, Status};
 
-use super::{Forwarder, RequestId, audit::AuditCall, error::truncated, idempotency};
+use tokio::sync::watch;
+
+use super::{Forwarder, RequestId, audit::AuditCall, error::truncated, idempotency, watch_stream};
 use crate::{
-    fleet::{self, CloseItem, DescribeQuery, Fleet, OpenItem, query},
+    fleet::{self, CloseItem, DescribeQuery, Fleet, FleetError, OpenItem, query},
     pb::{self, servers_server::Servers},
     wire,
 };
@@ -38,6 +40,10 @@ pub struct ServersApi {
     fleet: Fleet,
     /// Sends writes to the leader when this replica follows one.
     forward: Forwarder,
+    /// Turns true when the broker shuts down: watch streams then end, so
+    /// that the drain need not wait for streams that never end by
+    /// themselves. `None`: never.
+    stopping: Option<watch::Receiver<bool>>,
 }
 
 impl ServersApi {
@@ -46,7 +52,15 @@ impl ServersApi {
         ServersApi {
             fleet,
             forward: Forwarder::standalone(),
+            stopping: None,
         }
+    }
+
+    /// The same service, its watch streams ending when `stopping` turns
+    /// true.
+    pub fn with_stopping(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// The same service, forwarding writes as `forward` says.
@@ -58,6 +72,47 @@ impl ServersApi {
 
 #[tonic::async_trait]
 impl Servers for ServersApi {
+    type WatchServersStream = watch_stream::WatchServersStream;
+
+    async fn watch_servers(
+        &self,
+        request: Request<pb::WatchServersRequest>,
+    ) -> Result<Response<Self::WatchServersStream>, Status> {
+        let r = request.into_inner();
+        fleet::check_lengths(&[("Filters", r.filters.len(), query::MAX_FILTERS)])?;
+        let progress = watch_stream::progress_interval(r.progress_interval)?;
+        let resume = match (r.from_sequence, r.epoch.is_empty()) {
+            (None, true) => None,
+            (Some(seq), false) => Some((r.epoch, seq)),
+            (Some(_), true) => {
+                return Err(FleetError::invalid("Epoch", "is needed with FromSequence").into());
+            }
+            (None, false) => {
+                return Err(FleetError::invalid("FromSequence", "is needed with Epoch").into());
+            }
+        };
+        if self.fleet.watchers() >= watch_stream::MAX_WATCHERS {
+            return Err(Status::resource_exhausted(format!(
+                "this broker serves {} watchers already; try another replica or later",
+                watch_stream::MAX_WATCHERS
+            )));
+        }
+        let filters: Vec<(String, String)> =
+            r.filters.into_iter().map(|f| (f.key, f.value)).collect();
+        let (watcher, start) = self.fleet.watch_servers(&filters, resume)?;
+        tracing::debug!(
+            epoch = watcher.epoch(),
+            from = watcher.cursor(),
+            "watch started"
+        );
+        Ok(Response::new(watch_stream::stream(
+            watcher,
+            start,
+            progress,
+            self.stopping.clone(),
+        )))
+    }
+
     async fn close_servers(
         &self,
         mut request: Request<pb::CloseServersRequest>,

@@ -36,6 +36,8 @@ pub struct FleetConfig {
     pub connection_token_ttl: Duration,
     /// Fleet events buffered for each slow subscriber before it lags.
     pub event_buffer: usize,
+    /// Server changes kept for watchers to resume from (`--watch-buffer`).
+    pub watch_buffer: usize,
     /// How long GetSessionScreenshots waits for agents' screenshots.
     pub screenshot_timeout: Duration,
     /// The screenshot width when a request gives none (DCV's
@@ -71,6 +73,7 @@ impl Default for FleetConfig {
             deleted_retention: Duration::from_secs(3600),
             connection_token_ttl: Duration::from_secs(3600),
             event_buffer: 4096,
+            watch_buffer: 10_000,
             screenshot_timeout: Duration::from_secs(10),
             screenshot_max_width: 160,
             screenshot_max_height: 100,

@@ -87,6 +87,10 @@ pub enum FleetError {
     /// Something failed inside the broker.
     #[error("internal error: {0}")]
     Internal(String),
+    /// What the request points at is past what the broker keeps (a watch
+    /// resumed from a sequence no longer kept); start over.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
 }
 
 impl FleetError {

@@ -47,6 +47,8 @@ pub struct Fleet {
     /// The `ClientToken` records (idempotent retries), beside the state
     /// with a lock of their own.
     pub(in crate::fleet) client_tokens: ClientTokens,
+    /// The watchers' log of server changes.
+    pub(in crate::fleet) watch: Arc<super::watch::WatchShared>,
 }
 
 /// The stored secret keying page tokens.
@@ -110,6 +112,7 @@ impl Fleet {
         let connection_tokens =
             ConnectionTokens::with_key(stored_key(&snapshot, CONNECTION_TOKEN_KEY, &*store)?);
         let (events, _) = tokio::sync::broadcast::channel(config.event_buffer.max(1));
+        let config_watch_buffer = config.watch_buffer;
         let mut state = State::from_snapshot(snapshot, &config)?;
         state.tracks_changes = store.keeps_changes();
         state.tracks_liveness = state.tracks_changes && store.keeps_liveness();
@@ -125,6 +128,7 @@ impl Fleet {
             screenshots: PendingShots::default(),
             writable: Arc::new(AtomicBool::new(true)),
             client_tokens,
+            watch: super::watch::WatchShared::new(config_watch_buffer),
         })
     }
 
@@ -177,6 +181,9 @@ impl Fleet {
     /// Submits what changed under the lock `state` comes from. Call it
     /// before the lock is released, so the store sees changes in order.
     pub(in crate::fleet) fn commit(&self, state: &mut State) -> persist::Durable {
+        if state.watch.recording {
+            state.publish_watch(&self.watch, Instant::now(), self.config.unreachable_after);
+        }
         if !self.store.keeps_changes() {
             state.forget_changes();
             return persist::Durable::done();

@@ -51,6 +51,7 @@ mod servers;
 pub mod sessions;
 mod state;
 mod validate;
+pub mod watch;
 
 pub use self::{
     availability::{Reason, Reasons},

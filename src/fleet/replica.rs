@@ -93,6 +93,17 @@ impl Fleet {
         fresh.sessions.agents = std::mem::take(&mut state.sessions.agents);
         // Event numbers stay gap-free and increasing for watchers.
         fresh.sessions.seq = state.sessions.seq;
+        // Watchers see the reload as the changes it makes, server by
+        // server, against what they were last told.
+        if state.watch.recording {
+            fresh.watch.recording = true;
+            fresh.watch.take_published_from(&mut state.watch);
+            let ids: Vec<ServerId> = fresh.servers.keys().cloned().collect();
+            for id in ids.iter().chain(fresh.watch.published_ids().iter()) {
+                fresh.watch.touch(id);
+            }
+            fresh.publish_watch(&self.watch, Instant::now(), self.config.unreachable_after);
+        }
         let old = std::mem::replace(&mut *state, fresh);
         self.rekey(&keys);
         // A new leader answers retries of what its predecessor did.
@@ -130,7 +141,12 @@ impl Fleet {
         let mut settle = Vec::new();
         for change in changes {
             match change {
-                Change::PutServer(s) => state.put_replicated_server(s, now, remove_after),
+                Change::PutServer(s) => {
+                    state.put_replicated_server(s, now, remove_after);
+                    if let Some(id) = state.servers.get(s.id.as_str()).map(|r| r.id.clone()) {
+                        state.watch.touch(&id);
+                    }
+                }
                 Change::PutServerState {
                     id,
                     holds,
@@ -141,6 +157,8 @@ impl Fleet {
                         server.holds.clone_from(holds);
                         server.state_version = *state_version;
                         server.agent_departed = *agent_departed;
+                        let id = server.id.clone();
+                        state.watch.touch(&id);
                     }
                     state.schedule_hold_expiries(id, holds);
                 }
@@ -167,12 +185,19 @@ impl Fleet {
         for change in changes {
             if let Change::PutLiveness(l) = change {
                 state.put_liveness(l, now, remove_after, &mut settle);
+                if let Some(id) = state.servers.get(l.id.as_str()).map(|r| r.id.clone()) {
+                    state.watch.touch(&id);
+                }
             }
         }
         // Only a bound for whoever becomes writable without a reload.
         state.note_silence_watch(now + self.config.unreachable_after);
         for (session, server) in settle {
             state.settle_placement(&session, &server);
+            state.watch.touch(&server);
+        }
+        if state.watch.recording {
+            state.publish_watch(&self.watch, now, self.config.unreachable_after);
         }
         self.rekey(&keys);
         Ok(())

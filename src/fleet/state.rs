@@ -67,6 +67,8 @@ pub(in crate::fleet) struct State {
     pub(in crate::fleet) tracks_audit: bool,
     /// Audit records for the next submission.
     pub(in crate::fleet) audit: Vec<persist::AuditRecord>,
+    /// What watchers need (nothing until the first comes).
+    pub(in crate::fleet) watch: super::watch::WatchTracking,
 }
 
 impl State {
@@ -76,6 +78,7 @@ impl State {
 
     /// Notes that `id`'s record changed, for the store.
     pub(in crate::fleet) fn server_changed(&mut self, id: &ServerId) {
+        self.watch.touch(id);
         if self.tracks_changes {
             self.dirty_servers.insert(id.clone());
         }
@@ -84,6 +87,7 @@ impl State {
     /// Notes that what `id`'s heartbeats say changed (its reported
     /// sessions, health, users, load), for replicas.
     pub(in crate::fleet) fn liveness_changed(&mut self, id: &ServerId) {
+        self.watch.touch(id);
         if self.tracks_liveness {
             self.dirty_liveness.insert(id.clone());
         }
@@ -91,6 +95,7 @@ impl State {
 
     /// Notes that only `id`'s holds or departure changed, for the store.
     pub(in crate::fleet) fn server_state_changed(&mut self, id: &ServerId) {
+        self.watch.touch(id);
         if self.tracks_changes {
             self.dirty_server_state.insert(id.clone());
         }
@@ -121,6 +126,7 @@ impl State {
             }
             if server.agent_departed || now.saturating_duration_since(server.last_seen) > after {
                 server.silence_noted = true;
+                self.watch.touch(&server.id);
                 // A departure is its own record (DeregisterServer).
                 if !server.agent_departed {
                     silent.push(server.id.clone());
@@ -309,7 +315,7 @@ impl State {
         self.removal_due(now)
             || self.session_deadline_due(now)
             || self.hold_expiry_due(now)
-            || (self.tracks_audit && self.silence_due(now))
+            || ((self.tracks_audit || self.watch.recording) && self.silence_due(now))
     }
 
     /// Forgets due servers and processes due session deadlines.
@@ -323,7 +329,7 @@ impl State {
         if self.hold_expiry_due(now) {
             self.expire_holds(now, ctx);
         }
-        if self.tracks_audit && self.silence_due(now) {
+        if (self.tracks_audit || self.watch.recording) && self.silence_due(now) {
             self.note_silences(now, ctx);
         }
         log_removed(&removed);
@@ -348,6 +354,7 @@ impl State {
     /// server leaves the state.
     pub(in crate::fleet) fn take_server(&mut self, id: &str) -> Option<Box<ServerRecord>> {
         let server = self.servers.remove(id)?;
+        self.watch.touch(&server.id);
         self.order.remove(id);
         self.by_load
             .remove(load_index::load_of(&server), &server.id);

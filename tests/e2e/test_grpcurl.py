@@ -116,7 +116,13 @@ def test_list_shows_the_services(grpcurl):
     [
         (
             SERVERS,
-            {"CloseServers", "OpenServers", "DescribeServers", "DescribeServerHistory"},
+            {
+                "CloseServers",
+                "OpenServers",
+                "DescribeServers",
+                "DescribeServerHistory",
+                "WatchServers",
+            },
         ),
         (
             SESSIONS,

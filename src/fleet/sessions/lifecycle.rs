@@ -31,11 +31,17 @@ impl State {
         event: impl FnOnce() -> FleetEvent,
     ) {
         self.sessions.seq += 1;
+        if events.is_none() && !self.watch.recording {
+            return;
+        }
+        let event = event();
+        // A session placed or gone changes its server's counts.
+        self.watch.touch(event.server());
         if let Some(events) = events {
             // A receiver may have gone since; that is fine.
             let _ = events.send(SequencedEvent {
                 seq: self.sessions.seq,
-                event: event(),
+                event,
             });
         }
     }

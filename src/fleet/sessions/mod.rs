@@ -456,6 +456,19 @@ pub enum FleetEvent {
     },
 }
 
+impl FleetEvent {
+    /// The server it is about.
+    pub fn server(&self) -> &ServerId {
+        match self {
+            FleetEvent::ServerClosed { server, .. }
+            | FleetEvent::ServerOpened { server }
+            | FleetEvent::SessionPlaced { server, .. }
+            | FleetEvent::SessionAppeared { server, .. }
+            | FleetEvent::SessionLeft { server, .. } => server,
+        }
+    }
+}
+
 /// A [`FleetEvent`] with its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SequencedEvent {

@@ -1,0 +1,537 @@
+//! WatchServers: the fleet's servers as a snapshot, then every change to
+//! them, numbered, from a bounded log a watcher can resume from.
+//!
+//! How it works. Nothing is recorded until the first watcher comes (a
+//! broker nobody watches pays nothing); from then on, for the life of the
+//! process, every write section notes the servers it touched, and when it
+//! commits (still under the fleet's write lock, so in the order things
+//! happened) each touched server's watched state is compared with the last
+//! one published: a difference becomes a [`ServerEvent`] with the next
+//! sequence number and the state before and after, shared (`Arc`) by every
+//! watcher. Events go into a log of at most `watch_buffer` events, behind a
+//! lock of its own; watchers read it outside the fleet's lock and apply
+//! their filters there, so a thousand watchers cost the write path one
+//! event each, not one per watcher.
+//!
+//! What counts as a change: a server registered (ADDED), forgotten or
+//! deregistered (REMOVED), or a change of what DescribeServers shows of it
+//! beyond host metrics: holds (its state version), availability and its
+//! reasons, session counts, health, and its registration's facts (address,
+//! endpoints, versions, tags, capacity). A heartbeat that only refreshes
+//! load or memory figures is not a change.
+//!
+//! A watcher whose filter matched a server before a change and does not
+//! after sees it REMOVED (it left the watcher's view), and ADDED in the
+//! opposite case, so a filtered view stays exact.
+//!
+//! Each log has an epoch (random, per process): sequence numbers mean
+//! something only within it, so a resume names both, and one against
+//! another epoch (a restarted broker, another replica) is refused with
+//! [`WatchError::Expired`] like one from past the log's start: the client
+//! lists again.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use tokio::{sync::watch, time::Instant};
+
+use super::{
+    FieldViolation, Fleet, FleetError, Reasons, ServerId, ServerRecord, ServerView, availability,
+    model::FastMap, query::Filters, state::State,
+};
+
+/// A server's state as a change left it.
+#[derive(Debug, Clone)]
+pub struct ServerSnapshot {
+    /// Its record, copied.
+    pub record: ServerRecord,
+    /// Why it was unavailable then, if it was.
+    pub reasons: Reasons,
+}
+
+impl ServerSnapshot {
+    /// As DescribeServers shows a server.
+    pub fn view(&self) -> ServerView<'_> {
+        ServerView {
+            record: &self.record,
+            reasons: self.reasons,
+        }
+    }
+}
+
+/// One change to one server, as the log keeps it.
+#[derive(Debug)]
+pub struct ServerEvent {
+    /// Its sequence number within the log's epoch.
+    pub seq: u64,
+    /// The server.
+    pub id: ServerId,
+    /// Its state before (`None`: it was added).
+    pub before: Option<Arc<ServerSnapshot>>,
+    /// Its state after (`None`: it was removed).
+    pub after: Option<Arc<ServerSnapshot>>,
+}
+
+/// What a change is to one watcher, seen through its filters.
+#[derive(Debug, Clone)]
+pub enum ServerChange {
+    /// The server entered the watcher's view (registered, or now matches).
+    Added(Arc<ServerSnapshot>),
+    /// The server changed and is still in view.
+    Modified(Arc<ServerSnapshot>),
+    /// The server left the watcher's view (forgotten, or no longer
+    /// matches); its last state in view.
+    Removed(Arc<ServerSnapshot>),
+}
+
+/// The most events a watcher takes from the log at a time.
+pub const MAX_BATCH: usize = 256;
+
+/// Why a watch could not start or go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchError {
+    /// The sequence to resume from is not in the log any more (or never
+    /// was: another epoch); list again.
+    #[error(
+        "sequence {seq} of epoch {epoch:?} is no longer kept (this broker's log holds epoch {current:?} from sequence {oldest}); watch again without FromSequence, which starts with a snapshot"
+    )]
+    Expired {
+        /// What the watcher asked for.
+        seq: u64,
+        /// Its epoch.
+        epoch: String,
+        /// This log's epoch.
+        current: String,
+        /// The oldest sequence one may resume from now.
+        oldest: u64,
+    },
+    /// The watcher fell too far behind; it may resume from `seq`.
+    #[error(
+        "this watcher fell {behind} changes behind (the broker keeps {kept}); resume with FromSequence {seq} and Epoch {epoch:?} while it is kept"
+    )]
+    TooSlow {
+        /// How far behind it was.
+        behind: u64,
+        /// The log's size.
+        kept: usize,
+        /// Where to resume.
+        seq: u64,
+        /// The epoch.
+        epoch: String,
+    },
+}
+
+/// The log, shared by the fleet's clones and its watchers.
+#[derive(Debug)]
+pub(in crate::fleet) struct WatchShared {
+    log: Mutex<WatchLog>,
+    /// The last sequence published; watchers wait on it.
+    latest: watch::Sender<u64>,
+    /// Watchers now connected.
+    watchers: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct WatchLog {
+    epoch: String,
+    events: VecDeque<Arc<ServerEvent>>,
+    /// The sequence of the last event published (0: none yet).
+    last: u64,
+    capacity: usize,
+}
+
+impl WatchLog {
+    /// The oldest sequence a watcher may resume after.
+    fn oldest_resumable(&self) -> u64 {
+        self.events
+            .front()
+            .map_or(self.last, |first| first.seq.saturating_sub(1))
+    }
+}
+
+impl WatchShared {
+    pub(in crate::fleet) fn new(capacity: usize) -> Arc<WatchShared> {
+        Arc::new(WatchShared {
+            log: Mutex::new(WatchLog {
+                epoch: uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+                events: VecDeque::new(),
+                last: 0,
+                capacity: capacity.max(1),
+            }),
+            latest: watch::channel(0).0,
+            watchers: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// What the fleet's state keeps for watchers (all empty until the first).
+#[derive(Debug, Default)]
+pub(in crate::fleet) struct WatchTracking {
+    /// Whether changes are recorded at all.
+    pub(in crate::fleet) recording: bool,
+    /// Servers touched since the last publication.
+    touched: Vec<ServerId>,
+    /// The last published state of every server.
+    last: FastMap<ServerId, Arc<ServerSnapshot>>,
+}
+
+impl WatchTracking {
+    /// Takes over `old`'s published states (a reload replaces the state).
+    pub(in crate::fleet) fn take_published_from(&mut self, old: &mut WatchTracking) {
+        self.last = std::mem::take(&mut old.last);
+    }
+
+    /// The servers whose state was published.
+    pub(in crate::fleet) fn published_ids(&self) -> Vec<ServerId> {
+        self.last.keys().cloned().collect()
+    }
+
+    /// Notes that `id` may have changed.
+    #[inline]
+    pub(in crate::fleet) fn touch(&mut self, id: &ServerId) {
+        if self.recording {
+            self.touched.push(id.clone());
+        }
+    }
+}
+
+/// Whether a watcher would see a difference between two states of a
+/// server: everything DescribeServers shows but the host's metrics.
+fn differs(a: &ServerSnapshot, b: &ServerRecord, reasons: Reasons) -> bool {
+    let r = &a.record;
+    let (da, db) = (&r.description, &b.description);
+    a.reasons != reasons
+        || r.state_version != b.state_version
+        || r.session_counts() != b.session_counts()
+        || r.dcv_server_healthy != b.dcv_server_healthy
+        || r.agent_departed != b.agent_departed
+        || r.registered_at != b.registered_at
+        || da.ip != db.ip
+        || da.hostname != db.hostname
+        || da.default_dns_name != db.default_dns_name
+        || da.endpoints != db.endpoints
+        || da.version != db.version
+        || da.agent_version != db.agent_version
+        || da.tags != db.tags
+        || da.max_virtual_sessions != db.max_virtual_sessions
+        || da.max_concurrent_sessions_per_user != db.max_concurrent_sessions_per_user
+        || da.host.os != db.host.os
+}
+
+impl State {
+    /// Publishes, as events, what the touched servers' changes are, in
+    /// the order touched. Called under the write lock, before it is
+    /// released.
+    pub(in crate::fleet) fn publish_watch(
+        &mut self,
+        shared: &WatchShared,
+        now: Instant,
+        unreachable_after: Duration,
+    ) {
+        if self.watch.touched.is_empty() {
+            return;
+        }
+        let mut touched = std::mem::take(&mut self.watch.touched);
+        let mut seen = FastMap::default();
+        touched.retain(|id| seen.insert(id.clone(), ()).is_none());
+        let mut log = shared.log.lock();
+        let before_last = log.last;
+        for id in touched {
+            let current = self.servers.get(&id);
+            let previous = self.watch.last.get(&id);
+            let after = match (current, previous) {
+                (None, None) => continue,
+                (Some(server), previous) => {
+                    let reasons = availability::reasons(server, now, unreachable_after);
+                    if previous.is_some_and(|p| !differs(p, server, reasons)) {
+                        continue;
+                    }
+                    Some(Arc::new(ServerSnapshot {
+                        record: (**server).clone(),
+                        reasons,
+                    }))
+                }
+                (None, Some(_)) => None,
+            };
+            let before = match &after {
+                Some(after) => self.watch.last.insert(id.clone(), after.clone()),
+                None => self.watch.last.remove(&id),
+            };
+            log.last += 1;
+            let event = Arc::new(ServerEvent {
+                seq: log.last,
+                id,
+                before,
+                after,
+            });
+            if log.events.len() == log.capacity {
+                log.events.pop_front();
+            }
+            log.events.push_back(event);
+        }
+        let last = log.last;
+        drop(log);
+        if last != before_last {
+            shared.latest.send_replace(last);
+        }
+    }
+}
+
+/// A watcher's place in the log and its view.
+#[derive(Debug)]
+pub struct ServerWatcher {
+    shared: Arc<WatchShared>,
+    filters: Filters,
+    epoch: String,
+    /// The last sequence delivered.
+    cursor: u64,
+    /// How far behind the log's end it may fall before it is ended:
+    /// half the log, or, for a watcher that resumed further behind, a
+    /// quarter of the log more than it started.
+    lag_limit: u64,
+    latest: watch::Receiver<u64>,
+}
+
+impl Drop for ServerWatcher {
+    fn drop(&mut self) {
+        self.shared.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a watch starts.
+#[derive(Debug)]
+pub enum WatchStart {
+    /// With the servers that match, in id order, as of `seq`.
+    Snapshot {
+        /// The servers.
+        servers: Vec<Arc<ServerSnapshot>>,
+    },
+    /// With the changes after the sequence asked for.
+    Resume,
+}
+
+/// What a watcher gets next.
+#[derive(Debug)]
+pub enum WatchNext {
+    /// Changes in its view, in order; `seq` is the last event read (resume
+    /// after it).
+    Changes {
+        /// The last event read.
+        seq: u64,
+        /// The changes.
+        changes: Vec<(u64, ServerChange)>,
+    },
+    /// Nothing in its view happened up to `seq` for a progress interval.
+    Progress {
+        /// The last event read.
+        seq: u64,
+    },
+}
+
+impl ServerWatcher {
+    /// The log's epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The last sequence delivered (or read past).
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Waits for the next changes in view, or `progress` of quiet.
+    pub async fn next(&mut self, progress: Duration) -> Result<WatchNext, WatchError> {
+        let deadline = Instant::now() + progress;
+        loop {
+            let changes = self.read()?;
+            if !changes.is_empty() {
+                return Ok(WatchNext::Changes {
+                    seq: self.cursor,
+                    changes,
+                });
+            }
+            // Nothing new in view; wait for more, or say so at the deadline.
+            let cursor = self.cursor;
+            let woke = tokio::time::timeout_at(deadline, self.latest.wait_for(|&l| l > cursor))
+                .await
+                .map(|published| published.is_ok());
+            match woke {
+                Ok(true) => continue,
+                // The fleet is gone; the stream ends when the server does.
+                Ok(false) => std::future::pending::<()>().await,
+                Err(_) => return Ok(WatchNext::Progress { seq: self.cursor }),
+            }
+        }
+    }
+
+    /// Takes up to [`MAX_BATCH`] events past the cursor, keeping those in
+    /// view.
+    fn read(&mut self) -> Result<Vec<(u64, ServerChange)>, WatchError> {
+        let events: Vec<Arc<ServerEvent>> = {
+            let log = self.shared.log.lock();
+            if self.cursor < log.oldest_resumable() {
+                return Err(WatchError::TooSlow {
+                    behind: log.last - self.cursor,
+                    kept: log.capacity,
+                    seq: self.cursor,
+                    epoch: self.epoch.clone(),
+                });
+            }
+            let behind = log.last - self.cursor;
+            // Ended while it can still resume (see `lag_limit`).
+            if behind > self.lag_limit {
+                return Err(WatchError::TooSlow {
+                    behind,
+                    kept: log.capacity,
+                    seq: self.cursor,
+                    epoch: self.epoch.clone(),
+                });
+            }
+            let skip = log.events.front().map_or(0, |first| {
+                (self.cursor + 1).saturating_sub(first.seq) as usize
+            });
+            log.events
+                .iter()
+                .skip(skip)
+                .take(MAX_BATCH)
+                .cloned()
+                .collect()
+        };
+        let mut changes = Vec::new();
+        for event in events {
+            self.cursor = event.seq;
+            let matches = |s: &Option<Arc<ServerSnapshot>>| {
+                s.as_ref()
+                    .filter(|s| self.filters.matches(&s.record, s.reasons))
+                    .cloned()
+            };
+            let change = match (matches(&event.before), matches(&event.after)) {
+                (None, Some(after)) => ServerChange::Added(after),
+                (Some(_), Some(after)) => ServerChange::Modified(after),
+                (Some(before), None) => ServerChange::Removed(before),
+                (None, None) => continue,
+            };
+            changes.push((event.seq, change));
+        }
+        Ok(changes)
+    }
+}
+
+impl Fleet {
+    /// Starts watching the servers `filters` select: from a snapshot, or,
+    /// with `resume` (an epoch and the last sequence delivered), from the
+    /// changes after it. INVALID_ARGUMENT for bad filters;
+    /// [`WatchError::Expired`] (as FleetError::OutOfRange) for a resume
+    /// the log no longer covers.
+    pub fn watch_servers(
+        &self,
+        filters: &[(String, String)],
+        resume: Option<(String, u64)>,
+    ) -> Result<(ServerWatcher, WatchStart), FleetError> {
+        let mut violations: Vec<FieldViolation> = Vec::new();
+        let filters = Filters::parse(filters, &mut violations);
+        if !violations.is_empty() {
+            return Err(FleetError::InvalidArgument(violations));
+        }
+        self.start_recording();
+        let make = |epoch: String, cursor: u64, last: u64, capacity: usize| {
+            self.watch.watchers.fetch_add(1, Ordering::Relaxed);
+            let capacity = capacity as u64;
+            ServerWatcher {
+                shared: self.watch.clone(),
+                filters: filters.clone(),
+                epoch,
+                cursor,
+                lag_limit: (capacity / 2).max(last - cursor + capacity / 4).max(1),
+                latest: self.watch.latest.subscribe(),
+            }
+        };
+        if let Some((epoch, seq)) = resume {
+            let log = self.watch.log.lock();
+            if epoch != log.epoch || seq < log.oldest_resumable() || seq > log.last {
+                return Err(FleetError::OutOfRange(
+                    WatchError::Expired {
+                        seq,
+                        epoch,
+                        current: log.epoch.clone(),
+                        oldest: log.oldest_resumable(),
+                    }
+                    .to_string(),
+                ));
+            }
+            let (epoch, last, capacity) = (log.epoch.clone(), log.last, log.capacity);
+            drop(log);
+            return Ok((make(epoch, seq, last, capacity), WatchStart::Resume));
+        }
+        // The snapshot and its sequence under one read lock: every change
+        // after it is published later, with a greater sequence.
+        let state = self.read(Instant::now());
+        let (epoch, seq, capacity) = {
+            let log = self.watch.log.lock();
+            (log.epoch.clone(), log.last, log.capacity)
+        };
+        let servers: Vec<Arc<ServerSnapshot>> = state
+            .order
+            .iter()
+            .filter_map(|id| state.watch.last.get(id))
+            .filter(|s| filters.matches(&s.record, s.reasons))
+            .cloned()
+            .collect();
+        drop(state);
+        Ok((
+            make(epoch, seq, seq, capacity),
+            WatchStart::Snapshot { servers },
+        ))
+    }
+
+    /// How many changes the log keeps now (at most `watch_buffer`).
+    pub fn watch_kept(&self) -> usize {
+        self.watch.log.lock().events.len()
+    }
+
+    /// How many watchers are connected.
+    pub fn watchers(&self) -> usize {
+        self.watch.watchers.load(Ordering::Relaxed)
+    }
+
+    /// Turns recording on (once): every server's state is published as
+    /// it is, without events, so that later changes compare against it.
+    fn start_recording(&self) {
+        if self.state.read().watch.recording {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = self.write(now);
+        if state.watch.recording {
+            return;
+        }
+        let unreachable_after = self.config.unreachable_after;
+        let last: FastMap<ServerId, Arc<ServerSnapshot>> = state
+            .servers
+            .iter()
+            .map(|(id, server)| {
+                let reasons = availability::reasons(server, now, unreachable_after);
+                (
+                    id.clone(),
+                    Arc::new(ServerSnapshot {
+                        record: (**server).clone(),
+                        reasons,
+                    }),
+                )
+            })
+            .collect();
+        state.watch.last = last;
+        state.watch.recording = true;
+        tracing::info!(
+            servers = state.servers.len(),
+            "watchers: recording server changes from now on"
+        );
+    }
+}
