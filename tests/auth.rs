@@ -971,6 +971,7 @@ const EXPECTED_SCOPE: &[(&str, Scope)] = &[
     ("Servers/CloseServers", Scope::OperateServers),
     ("Servers/OpenServers", Scope::OperateServers),
     ("Servers/DescribeServerHistory", Scope::Read),
+    ("Servers/WatchServers", Scope::Read),
     ("Sessions/DescribeSessions", Scope::Read),
     ("Sessions/CreateSessions", Scope::ManageSessions),
     ("Sessions/DeleteSessions", Scope::ManageSessions),

@@ -87,9 +87,8 @@ pub fn access(path: &str, open: OpenServices) -> Access {
         return Access::Denied;
     };
     let scope = match (service, method) {
-        (SERVERS, "DescribeServers" | "DescribeServerHistory") | (SESSIONS, "DescribeSessions") => {
-            Scope::Read
-        }
+        (SERVERS, "DescribeServers" | "DescribeServerHistory" | "WatchServers")
+        | (SESSIONS, "DescribeSessions") => Scope::Read,
         (SERVERS, "CloseServers" | "OpenServers") => Scope::OperateServers,
         (
             SESSIONS,
@@ -376,7 +375,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 4 + 6 + 6);
+        assert_eq!(methods, 5 + 6 + 6);
     }
 
     #[test]

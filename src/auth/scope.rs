@@ -6,7 +6,8 @@ use std::fmt;
 /// One permission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// DescribeServers, DescribeServerHistory and DescribeSessions.
+    /// DescribeServers, DescribeServerHistory, WatchServers and
+    /// DescribeSessions.
     Read,
     /// CloseServers and OpenServers.
     OperateServers,

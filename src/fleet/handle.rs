@@ -182,7 +182,9 @@ impl Fleet {
     /// before the lock is released, so the store sees changes in order.
     pub(in crate::fleet) fn commit(&self, state: &mut State) -> persist::Durable {
         if state.watch.recording {
-            state.publish_watch(&self.watch, Instant::now(), self.config.unreachable_after);
+            let now = Instant::now();
+            let after = self.config.unreachable_after;
+            state.watch.publish(&state.servers, &self.watch, now, after);
         }
         if !self.store.keeps_changes() {
             state.forget_changes();

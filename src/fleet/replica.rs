@@ -102,7 +102,10 @@ impl Fleet {
             for id in ids.iter().chain(fresh.watch.published_ids().iter()) {
                 fresh.watch.touch(id);
             }
-            fresh.publish_watch(&self.watch, Instant::now(), self.config.unreachable_after);
+            let after = self.config.unreachable_after;
+            fresh
+                .watch
+                .publish(&fresh.servers, &self.watch, Instant::now(), after);
         }
         let old = std::mem::replace(&mut *state, fresh);
         self.rekey(&keys);
@@ -197,7 +200,9 @@ impl Fleet {
             state.watch.touch(&server);
         }
         if state.watch.recording {
-            state.publish_watch(&self.watch, now, self.config.unreachable_after);
+            let after = self.config.unreachable_after;
+            let state = &mut *state;
+            state.watch.publish(&state.servers, &self.watch, now, after);
         }
         self.rekey(&keys);
         Ok(())

@@ -44,7 +44,8 @@ use tokio::{sync::watch, time::Instant};
 
 use super::{
     FieldViolation, Fleet, FleetError, Reasons, ServerId, ServerRecord, ServerView, availability,
-    model::FastMap, query::Filters, state::State,
+    model::{FastMap, ServerMap},
+    query::Filters,
 };
 
 /// A server's state as a change left it.
@@ -225,27 +226,28 @@ fn differs(a: &ServerSnapshot, b: &ServerRecord, reasons: Reasons) -> bool {
         || da.host.os != db.host.os
 }
 
-impl State {
+impl WatchTracking {
     /// Publishes, as events, what the touched servers' changes are, in
-    /// the order touched. Called under the write lock, before it is
-    /// released.
-    pub(in crate::fleet) fn publish_watch(
+    /// the order touched (`servers`: the state's). Called under the write
+    /// lock, before it is released.
+    pub(in crate::fleet) fn publish(
         &mut self,
+        servers: &ServerMap,
         shared: &WatchShared,
         now: Instant,
         unreachable_after: Duration,
     ) {
-        if self.watch.touched.is_empty() {
+        if self.touched.is_empty() {
             return;
         }
-        let mut touched = std::mem::take(&mut self.watch.touched);
+        let mut touched = std::mem::take(&mut self.touched);
         let mut seen = FastMap::default();
         touched.retain(|id| seen.insert(id.clone(), ()).is_none());
         let mut log = shared.log.lock();
         let before_last = log.last;
         for id in touched {
-            let current = self.servers.get(&id);
-            let previous = self.watch.last.get(&id);
+            let current = servers.get(&id);
+            let previous = self.last.get(&id);
             let after = match (current, previous) {
                 (None, None) => continue,
                 (Some(server), previous) => {
@@ -261,8 +263,8 @@ impl State {
                 (None, Some(_)) => None,
             };
             let before = match &after {
-                Some(after) => self.watch.last.insert(id.clone(), after.clone()),
-                None => self.watch.last.remove(&id),
+                Some(after) => self.last.insert(id.clone(), after.clone()),
+                None => self.last.remove(&id),
             };
             log.last += 1;
             let event = Arc::new(ServerEvent {
