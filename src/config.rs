@@ -475,6 +475,14 @@ pub struct Args {
               clap::value_parser!(u64).range(1..=100_000_000), |n| n as usize))]
     pub client_token_limit: usize,
 
+    /// Server changes kept for WatchServers watchers to resume from. A
+    /// resume from before them fails with OUT_OF_RANGE (the watcher lists
+    /// again); a watcher half this far behind is ended.
+    #[arg(long, env = "DCV_BROKER_WATCH_BUFFER", default_value_t = 10_000,
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::value_parser!(u64).range(16..=10_000_000), |n| n as usize))]
+    pub watch_buffer: usize,
+
     /// Take every setting not given as a flag or environment variable from
     /// this TOML file: each key is a flag's name, `-` written `_`
     /// (`dcv-broker config defaults` prints one with every key).
@@ -815,6 +823,7 @@ impl Args {
                 connection_token_ttl: self.connection_token_ttl,
                 client_token_retention: self.client_token_retention,
                 client_token_limit: self.client_token_limit,
+                watch_buffer: self.watch_buffer,
                 screenshot_timeout: self.screenshot_timeout,
                 screenshot_max_width: self.screenshot_max_width,
                 screenshot_max_height: self.screenshot_max_height,

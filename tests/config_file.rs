@@ -214,6 +214,7 @@ audit_log = "/var/log/dcv-broker/audit.jsonl"
 audit_retention = "30days"
 client_token_retention = "2h"
 client_token_limit = 500
+watch_buffer = 2048
 max_request_bytes = 65536
 max_concurrent_requests = 99
 client_rate = 40

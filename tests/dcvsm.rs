@@ -1786,3 +1786,74 @@ async fn describe_server_history_tells_who_closed_a_server_and_why() {
     assert_eq!(out.status.code(), Some(252), "{}", stderr(&out));
     assert!(stderr(&out).contains("--since"), "{}", stderr(&out));
 }
+
+/// `watch-servers`: the snapshot, then a line per change, in a filtered
+/// view (a server closed enters `closed=true`, opened leaves it); JSON: one
+/// message per line; `--max-changes` ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn watch_servers_prints_a_line_per_change() {
+    use tokio::io::AsyncBufReadExt as _;
+    let broker = Broker::start(3).await;
+    let start = |format: &str| {
+        let mut command = tokio::process::Command::from(dcvsm_cmd());
+        command
+            .args(["--broker-url", &broker.url, "--output-format", format])
+            .args([
+                "watch-servers",
+                "--filter",
+                "closed=true",
+                "--max-changes",
+                "2",
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    };
+    let (mut table, mut table_lines) = start("table");
+    let (mut json, mut json_lines) = start("json");
+    // Both have their (empty) snapshot before anything changes.
+    let first = table_lines.next_line().await.unwrap().unwrap();
+    assert!(first.ends_with("SNAPSHOT (no servers)"), "{first}");
+    let first: Value =
+        serde_json::from_str(&json_lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(first["Type"], "SNAPSHOT");
+    assert_eq!(first["SnapshotEnd"], true);
+    broker.json(&[
+        "close-servers",
+        "--server-ids",
+        "serverId1",
+        "--reason",
+        "kernel patch",
+    ]);
+    broker.json(&["open-servers", "--server-ids", "serverId1"]);
+
+    let added = table_lines.next_line().await.unwrap().unwrap();
+    let parts: Vec<&str> = added.split(' ').collect();
+    assert_eq!(
+        &parts[1..5],
+        ["ADDED", "serverId1", "UNAVAILABLE", "[SERVER_CLOSED]"],
+        "{added}"
+    );
+    assert!(
+        added.ends_with("holds=default(anonymous: kernel patch)"),
+        "{added}"
+    );
+    let removed = table_lines.next_line().await.unwrap().unwrap();
+    assert!(removed.contains(" REMOVED serverId1 "), "{removed}");
+    assert!(table.wait().await.unwrap().success());
+
+    let mut types = Vec::new();
+    while let Some(line) = json_lines.next_line().await.unwrap() {
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["Type"] == "CHANGES" {
+            for change in message["Changes"].as_array().unwrap() {
+                assert_eq!(change["ServerId"], "serverId1");
+                types.push(change["Type"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert_eq!(types, ["ADDED", "REMOVED"]);
+    assert!(json.wait().await.unwrap().success());
+}

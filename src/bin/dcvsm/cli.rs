@@ -100,6 +100,9 @@ pub enum Command {
     /// request id and outcome, from the broker's audit log; follows every page unless
     /// --next-token or --no-paginate.
     DescribeServerHistory(DescribeServerHistoryArgs),
+    /// Beyond DCV: the servers, then one line per change as it happens (JSON: one message
+    /// per line); reconnects and resumes by itself; runs until interrupted or --max-changes.
+    WatchServers(WatchServersArgs),
     /// Create a session.
     CreateSession(CreateSessionArgs),
     /// Describe sessions; follows every page unless --next-token or --no-paginate.
@@ -243,6 +246,25 @@ pub struct DescribeServerHistoryArgs {
     /// Print one page, with its NextToken.
     #[arg(long)]
     pub no_paginate: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchServersArgs {
+    /// Filter as KEY=VALUE (repeatable), as describe-servers.
+    #[arg(long = "filter", value_name = "KEY=VALUE")]
+    pub filters: Vec<String>,
+    /// Resume after this sequence number (needs --epoch): no snapshot.
+    #[arg(long, requires = "epoch")]
+    pub from_sequence: Option<u64>,
+    /// The epoch of the stream to resume (printed with every sequence).
+    #[arg(long, requires = "from_sequence")]
+    pub epoch: Option<String>,
+    /// How long the broker waits before a progress mark on a quiet stream (1s to 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub progress_interval: Option<String>,
+    /// Stop after this many changes (the snapshot's servers not counted).
+    #[arg(long)]
+    pub max_changes: Option<u64>,
 }
 
 #[derive(Args, Debug)]

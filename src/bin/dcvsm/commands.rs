@@ -55,6 +55,7 @@ pub async fn execute(
         Command::UpdateSessionPermissions(args) => update_session_permissions(sessions, args).await,
         Command::GetSessionScreenshots(args) => get_session_screenshots(sessions, args).await,
         Command::Completion { .. } => unreachable!("handled before connecting"),
+        Command::WatchServers(_) => unreachable!("a stream, run by watch::run"),
     }
 }
 
@@ -554,7 +555,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 /// refused); one tonic made up from a transport
 /// failure (it carries the error as its source) is 255, like an unreachable
 /// broker.
-fn status_failure(status: tonic::Status) -> Failure {
+pub fn status_failure(status: tonic::Status) -> Failure {
     if let Some(source) = std::error::Error::source(&status) {
         return fail(
             exit::OTHER,
@@ -603,7 +604,7 @@ fn check_max_results(n: i32) -> Result<i32, Failure> {
     }
 }
 
-fn parse_filter(f: &str) -> Result<pb::KeyValuePair, Failure> {
+pub fn parse_filter(f: &str) -> Result<pb::KeyValuePair, Failure> {
     match f.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok(pb::KeyValuePair {
             key: key.to_owned(),

@@ -32,6 +32,7 @@ mod cli;
 mod commands;
 mod output;
 mod settings;
+mod watch;
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -124,6 +125,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         settings.ca_bundle.clone(),
         auth::Cache::from_env(),
     );
+    if let Command::WatchServers(args) = &cli.command {
+        return watch::run(&broker, &tokens, args, settings.output).await;
+    }
     let mut token = tokens.get().await?;
     let mut renewed = false;
     let reply = loop {
