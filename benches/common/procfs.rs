@@ -16,6 +16,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// `pid`'s resident memory (VmRSS), in bytes (0 if it is gone).
+#[allow(dead_code)] // Not every benchmark asks.
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
