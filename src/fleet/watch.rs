@@ -9,9 +9,12 @@
 //! one published: a difference becomes a [`ServerEvent`] with the next
 //! sequence number and the state before and after, shared (`Arc`) by every
 //! watcher. Events go into a log of at most `watch_buffer` events, behind a
-//! lock of its own; watchers read it outside the fleet's lock and apply
-//! their filters there, so a thousand watchers cost the write path one
-//! event each, not one per watcher.
+//! lock of its own, and a dispatcher task (outside the fleet's lock) hands
+//! each event to the watchers whose view it touches: into each one's
+//! bounded queue, waking only those. A thousand watchers cost the write
+//! path one event per change, and a change costs one filter pass over the
+//! watchers plus a wake-up per watcher concerned (waking all of them on
+//! every change cost 75 µs of CPU per delivery in the benchmark).
 //!
 //! What counts as a change: a server registered (ADDED), forgotten or
 //! deregistered (REMOVED), or a change of what DescribeServers shows of it
@@ -33,14 +36,17 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use parking_lot::Mutex;
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
 
 use super::{
     FieldViolation, Fleet, FleetError, Reasons, ServerId, ServerRecord, ServerView, availability,
@@ -133,10 +139,132 @@ pub enum WatchError {
 #[derive(Debug)]
 pub(in crate::fleet) struct WatchShared {
     log: Mutex<WatchLog>,
-    /// The last sequence published; watchers wait on it.
+    /// The last sequence published; the dispatcher waits on it.
     latest: watch::Sender<u64>,
+    /// The watchers, and how far the dispatcher has handed events out.
+    fanout: Mutex<Fanout>,
     /// Watchers now connected.
     watchers: AtomicUsize,
+}
+
+/// The dispatcher's side: who watches, and what it has handed out.
+#[derive(Debug, Default)]
+struct Fanout {
+    subscribers: Vec<Weak<Subscriber>>,
+    /// Every event up to this one has been judged for every subscriber.
+    dispatched: u64,
+}
+
+/// One watcher's share of the fan-out: the changes in its view, queued by
+/// the dispatcher, which wakes it only when it queued something.
+#[derive(Debug)]
+struct Subscriber {
+    filters: Filters,
+    inbox: Mutex<Inbox>,
+    notify: Notify,
+}
+
+#[derive(Debug)]
+struct Inbox {
+    /// Changes in view not yet taken, in order.
+    queue: VecDeque<(u64, ServerChange)>,
+    /// Every event up to this one has been judged for this watcher.
+    through: u64,
+    /// The most changes `queue` may hold; past it the watcher is ended.
+    limit: usize,
+    /// The queue overflowed (or the dispatcher lost events): ended.
+    overflowed: bool,
+}
+
+impl Subscriber {
+    /// Queues `event` if it is in view; false once the queue is full.
+    fn offer(&self, inbox: &mut Inbox, event: &ServerEvent) -> bool {
+        if event.seq <= inbox.through || inbox.overflowed {
+            return true;
+        }
+        if let Some(change) = judge(&self.filters, event) {
+            if inbox.queue.len() >= inbox.limit {
+                inbox.overflowed = true;
+                return false;
+            }
+            inbox.queue.push_back((event.seq, change));
+        }
+        inbox.through = event.seq;
+        true
+    }
+}
+
+/// What `event` is to a watcher with `filters`, if anything.
+fn judge(filters: &Filters, event: &ServerEvent) -> Option<ServerChange> {
+    let matches = |s: &Option<Arc<ServerSnapshot>>| {
+        s.as_ref()
+            .filter(|s| filters.matches(&s.record, s.reasons))
+            .cloned()
+    };
+    match (matches(&event.before), matches(&event.after)) {
+        (None, Some(after)) => Some(ServerChange::Added(after)),
+        (Some(_), Some(after)) => Some(ServerChange::Modified(after)),
+        (Some(before), None) => Some(ServerChange::Removed(before)),
+        (None, None) => None,
+    }
+}
+
+/// The most changes a watcher's queue holds before it is ended (or half
+/// the log, if that is less).
+pub const MAX_QUEUED: usize = 4096;
+
+impl WatchShared {
+    /// Hands the events published since the last pass to every watcher
+    /// whose view they touch, waking only those. Runs on the dispatcher
+    /// task, outside the fleet's lock: filtering costs a pass over the
+    /// watchers per event, and a wake-up only per watcher concerned.
+    fn dispatch(&self) {
+        let mut fanout = self.fanout.lock();
+        let (events, lost) = {
+            let log = self.log.lock();
+            let lost = log.oldest_resumable() > fanout.dispatched;
+            let events: Vec<Arc<ServerEvent>> = log
+                .events
+                .iter()
+                .filter(|e| e.seq > fanout.dispatched)
+                .cloned()
+                .collect();
+            (events, lost)
+        };
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return;
+        };
+        fanout.subscribers.retain(|s| s.strong_count() > 0);
+        for subscriber in fanout.subscribers.iter().filter_map(Weak::upgrade) {
+            let mut inbox = subscriber.inbox.lock();
+            let queued = inbox.queue.len();
+            if lost && inbox.through < last {
+                inbox.overflowed = true;
+            }
+            for event in &events {
+                if !subscriber.offer(&mut inbox, event) {
+                    break;
+                }
+            }
+            let wake = inbox.queue.len() > queued || inbox.overflowed;
+            drop(inbox);
+            if wake {
+                subscriber.notify.notify_one();
+            }
+        }
+        fanout.dispatched = last;
+    }
+}
+
+/// The dispatcher: a pass whenever something is published, until the
+/// fleet is gone.
+async fn dispatcher(shared: Weak<WatchShared>, mut latest: watch::Receiver<u64>) {
+    while latest.changed().await.is_ok() {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.dispatch();
+    }
 }
 
 #[derive(Debug)]
@@ -167,6 +295,7 @@ impl WatchShared {
                 capacity: capacity.max(1),
             }),
             latest: watch::channel(0).0,
+            fanout: Mutex::new(Fanout::default()),
             watchers: AtomicUsize::new(0),
         })
     }
@@ -286,19 +415,14 @@ impl WatchTracking {
     }
 }
 
-/// A watcher's place in the log and its view.
+/// A watcher: its share of the fan-out, and what it was last told.
 #[derive(Debug)]
 pub struct ServerWatcher {
     shared: Arc<WatchShared>,
-    filters: Filters,
+    subscriber: Arc<Subscriber>,
     epoch: String,
-    /// The last sequence delivered.
+    /// The last sequence delivered (or judged, at a progress mark).
     cursor: u64,
-    /// How far behind the log's end it may fall before it is ended:
-    /// half the log, or, for a watcher that resumed further behind, a
-    /// quarter of the log more than it started.
-    lag_limit: u64,
-    latest: watch::Receiver<u64>,
 }
 
 impl Drop for ServerWatcher {
@@ -310,7 +434,8 @@ impl Drop for ServerWatcher {
 /// How a watch starts.
 #[derive(Debug)]
 pub enum WatchStart {
-    /// With the servers that match, in id order, as of `seq`.
+    /// With the servers that match, in id order, as of the watcher's
+    /// cursor.
     Snapshot {
         /// The servers.
         servers: Vec<Arc<ServerSnapshot>>,
@@ -322,17 +447,16 @@ pub enum WatchStart {
 /// What a watcher gets next.
 #[derive(Debug)]
 pub enum WatchNext {
-    /// Changes in its view, in order; `seq` is the last event read (resume
-    /// after it).
+    /// Changes in its view, in order; `seq`: resume after it.
     Changes {
-        /// The last event read.
+        /// Everything up to it is delivered.
         seq: u64,
         /// The changes.
         changes: Vec<(u64, ServerChange)>,
     },
     /// Nothing in its view happened up to `seq` for a progress interval.
     Progress {
-        /// The last event read.
+        /// Everything up to it is delivered.
         seq: u64,
     },
 }
@@ -343,95 +467,60 @@ impl ServerWatcher {
         &self.epoch
     }
 
-    /// The last sequence delivered (or read past).
+    /// The last sequence delivered.
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
 
-    /// Waits for the next changes in view, or `progress` of quiet.
+    /// Waits for the next changes in view (at most [`MAX_BATCH`]), or
+    /// `progress` of quiet.
     pub async fn next(&mut self, progress: Duration) -> Result<WatchNext, WatchError> {
         let deadline = Instant::now() + progress;
         loop {
-            let changes = self.read()?;
-            if !changes.is_empty() {
-                return Ok(WatchNext::Changes {
-                    seq: self.cursor,
-                    changes,
-                });
+            // Registered before looking, so a change queued meanwhile
+            // still wakes it.
+            let notified = self.subscriber.notify.notified();
+            {
+                let mut inbox = self.subscriber.inbox.lock();
+                if inbox.overflowed {
+                    let (last, capacity) = {
+                        let log = self.shared.log.lock();
+                        (log.last, log.capacity)
+                    };
+                    return Err(WatchError::TooSlow {
+                        behind: last.saturating_sub(self.cursor),
+                        kept: capacity,
+                        seq: self.cursor,
+                        epoch: self.epoch.clone(),
+                    });
+                }
+                if !inbox.queue.is_empty() {
+                    let take = inbox.queue.len().min(MAX_BATCH);
+                    let changes: Vec<(u64, ServerChange)> = inbox.queue.drain(..take).collect();
+                    self.cursor = match inbox.queue.front() {
+                        // More queued: this batch ends at its own last.
+                        Some(_) => changes.last().map_or(self.cursor, |c| c.0),
+                        None => inbox.through,
+                    };
+                    return Ok(WatchNext::Changes {
+                        seq: self.cursor,
+                        changes,
+                    });
+                }
             }
-            // Nothing new in view; wait for more, or say so at the deadline.
-            let cursor = self.cursor;
-            let woke = tokio::time::timeout_at(deadline, self.latest.wait_for(|&l| l > cursor))
-                .await
-                .map(|published| published.is_ok());
-            match woke {
-                Ok(true) => continue,
-                // The fleet is gone; the stream ends when the server does.
-                Ok(false) => std::future::pending::<()>().await,
-                Err(_) => return Ok(WatchNext::Progress { seq: self.cursor }),
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.cursor = self.cursor.max(self.subscriber.inbox.lock().through);
+                return Ok(WatchNext::Progress { seq: self.cursor });
             }
         }
-    }
-
-    /// Takes up to [`MAX_BATCH`] events past the cursor, keeping those in
-    /// view.
-    fn read(&mut self) -> Result<Vec<(u64, ServerChange)>, WatchError> {
-        let events: Vec<Arc<ServerEvent>> = {
-            let log = self.shared.log.lock();
-            if self.cursor < log.oldest_resumable() {
-                return Err(WatchError::TooSlow {
-                    behind: log.last - self.cursor,
-                    kept: log.capacity,
-                    seq: self.cursor,
-                    epoch: self.epoch.clone(),
-                });
-            }
-            let behind = log.last - self.cursor;
-            // Ended while it can still resume (see `lag_limit`).
-            if behind > self.lag_limit {
-                return Err(WatchError::TooSlow {
-                    behind,
-                    kept: log.capacity,
-                    seq: self.cursor,
-                    epoch: self.epoch.clone(),
-                });
-            }
-            let skip = log.events.front().map_or(0, |first| {
-                (self.cursor + 1).saturating_sub(first.seq) as usize
-            });
-            log.events
-                .iter()
-                .skip(skip)
-                .take(MAX_BATCH)
-                .cloned()
-                .collect()
-        };
-        let mut changes = Vec::new();
-        for event in events {
-            self.cursor = event.seq;
-            let matches = |s: &Option<Arc<ServerSnapshot>>| {
-                s.as_ref()
-                    .filter(|s| self.filters.matches(&s.record, s.reasons))
-                    .cloned()
-            };
-            let change = match (matches(&event.before), matches(&event.after)) {
-                (None, Some(after)) => ServerChange::Added(after),
-                (Some(_), Some(after)) => ServerChange::Modified(after),
-                (Some(before), None) => ServerChange::Removed(before),
-                (None, None) => continue,
-            };
-            changes.push((event.seq, change));
-        }
-        Ok(changes)
     }
 }
 
 impl Fleet {
     /// Starts watching the servers `filters` select: from a snapshot, or,
     /// with `resume` (an epoch and the last sequence delivered), from the
-    /// changes after it. INVALID_ARGUMENT for bad filters;
-    /// [`WatchError::Expired`] (as FleetError::OutOfRange) for a resume
-    /// the log no longer covers.
+    /// changes after it. INVALID_ARGUMENT for bad filters; OUT_OF_RANGE
+    /// ([`WatchError::Expired`]) for a resume the log no longer covers.
     pub fn watch_servers(
         &self,
         filters: &[(String, String)],
@@ -443,53 +532,88 @@ impl Fleet {
             return Err(FleetError::InvalidArgument(violations));
         }
         self.start_recording();
-        let make = |epoch: String, cursor: u64, last: u64, capacity: usize| {
-            self.watch.watchers.fetch_add(1, Ordering::Relaxed);
-            let capacity = capacity as u64;
+        let (from, start) = match resume {
+            Some((epoch, seq)) => {
+                let log = self.watch.log.lock();
+                if epoch != log.epoch || seq < log.oldest_resumable() || seq > log.last {
+                    return Err(FleetError::OutOfRange(
+                        WatchError::Expired {
+                            seq,
+                            epoch,
+                            current: log.epoch.clone(),
+                            oldest: log.oldest_resumable(),
+                        }
+                        .to_string(),
+                    ));
+                }
+                (seq, WatchStart::Resume)
+            }
+            None => {
+                // The snapshot and its sequence under one read lock: every
+                // change after it is published later, with a greater one.
+                let state = self.read(Instant::now());
+                let seq = self.watch.log.lock().last;
+                let servers: Vec<Arc<ServerSnapshot>> = state
+                    .order
+                    .iter()
+                    .filter_map(|id| state.watch.last.get(id))
+                    .filter(|s| filters.matches(&s.record, s.reasons))
+                    .cloned()
+                    .collect();
+                drop(state);
+                (seq, WatchStart::Snapshot { servers })
+            }
+        };
+        let subscriber = Arc::new(Subscriber {
+            filters,
+            inbox: Mutex::new(Inbox {
+                queue: VecDeque::new(),
+                through: from,
+                limit: 0,
+                overflowed: false,
+            }),
+            notify: Notify::new(),
+        });
+        // Under the fan-out's lock: the events the dispatcher handed out
+        // already (after `from`) are queued here, the later ones by it.
+        let mut fanout = self.watch.fanout.lock();
+        let log = self.watch.log.lock();
+        if from < log.oldest_resumable() {
+            // Evicted between the check (or the snapshot) and now.
+            return Err(FleetError::OutOfRange(
+                WatchError::Expired {
+                    seq: from,
+                    epoch: log.epoch.clone(),
+                    current: log.epoch.clone(),
+                    oldest: log.oldest_resumable(),
+                }
+                .to_string(),
+            ));
+        }
+        let epoch = log.epoch.clone();
+        let base = (log.capacity / 2).clamp(1, MAX_QUEUED);
+        {
+            let mut inbox = subscriber.inbox.lock();
+            inbox.limit = usize::MAX;
+            for event in log.events.iter().filter(|e| e.seq <= fanout.dispatched) {
+                subscriber.offer(&mut inbox, event);
+            }
+            // A watcher that resumed far behind may catch up on what it
+            // starts with, and half the usual room more.
+            inbox.limit = base + inbox.queue.len();
+        }
+        drop(log);
+        fanout.subscribers.push(Arc::downgrade(&subscriber));
+        drop(fanout);
+        self.watch.watchers.fetch_add(1, Ordering::Relaxed);
+        Ok((
             ServerWatcher {
                 shared: self.watch.clone(),
-                filters: filters.clone(),
+                subscriber,
                 epoch,
-                cursor,
-                lag_limit: (capacity / 2).max(last - cursor + capacity / 4).max(1),
-                latest: self.watch.latest.subscribe(),
-            }
-        };
-        if let Some((epoch, seq)) = resume {
-            let log = self.watch.log.lock();
-            if epoch != log.epoch || seq < log.oldest_resumable() || seq > log.last {
-                return Err(FleetError::OutOfRange(
-                    WatchError::Expired {
-                        seq,
-                        epoch,
-                        current: log.epoch.clone(),
-                        oldest: log.oldest_resumable(),
-                    }
-                    .to_string(),
-                ));
-            }
-            let (epoch, last, capacity) = (log.epoch.clone(), log.last, log.capacity);
-            drop(log);
-            return Ok((make(epoch, seq, last, capacity), WatchStart::Resume));
-        }
-        // The snapshot and its sequence under one read lock: every change
-        // after it is published later, with a greater sequence.
-        let state = self.read(Instant::now());
-        let (epoch, seq, capacity) = {
-            let log = self.watch.log.lock();
-            (log.epoch.clone(), log.last, log.capacity)
-        };
-        let servers: Vec<Arc<ServerSnapshot>> = state
-            .order
-            .iter()
-            .filter_map(|id| state.watch.last.get(id))
-            .filter(|s| filters.matches(&s.record, s.reasons))
-            .cloned()
-            .collect();
-        drop(state);
-        Ok((
-            make(epoch, seq, seq, capacity),
-            WatchStart::Snapshot { servers },
+                cursor: from,
+            },
+            start,
         ))
     }
 
@@ -503,8 +627,9 @@ impl Fleet {
         self.watch.watchers.load(Ordering::Relaxed)
     }
 
-    /// Turns recording on (once): every server's state is published as
-    /// it is, without events, so that later changes compare against it.
+    /// Turns recording on (once), with its dispatcher: every server's
+    /// state is published as it is, without events, so that later changes
+    /// compare against it.
     fn start_recording(&self) {
         if self.state.read().watch.recording {
             return;
@@ -531,6 +656,10 @@ impl Fleet {
             .collect();
         state.watch.last = last;
         state.watch.recording = true;
+        tokio::spawn(dispatcher(
+            Arc::downgrade(&self.watch),
+            self.watch.latest.subscribe(),
+        ));
         tracing::info!(
             servers = state.servers.len(),
             "watchers: recording server changes from now on"
