@@ -22,6 +22,7 @@ use dcv_broker::{
         Instruction, InstructionKind, InstructionOutcome, OpenItem, OsFamily, ReportedDetails,
         ReportedSession, SessionKind, SessionQuery, SessionState,
         persist::{Change, Durable, Snapshot, Store, StoredLiveness},
+        watch::{ServerChange, ServerWatcher, WatchNext, WatchStart},
     },
     pb, sample, wire,
 };
@@ -234,6 +235,70 @@ fn as_a_reload_knows(
 
 fn describe(fleet: &Fleet) -> (Vec<pb::Server>, Vec<pb::Session>) {
     (servers(fleet), sessions(fleet))
+}
+
+/// A WatchServers watcher in process, and its view of the fleet.
+struct Watched {
+    watcher: ServerWatcher,
+    view: BTreeMap<String, pb::Server>,
+}
+
+impl Watched {
+    fn start(fleet: &Fleet) -> Watched {
+        let (watcher, start) = fleet.watch_servers(&[], None).unwrap();
+        let WatchStart::Snapshot { servers } = start else {
+            panic!("a new watch starts with a snapshot");
+        };
+        let view = servers
+            .iter()
+            .map(|s| (s.record.id.to_string(), wire::server_to_pb(s.view())))
+            .collect();
+        Watched { watcher, view }
+    }
+
+    /// Takes every change published so far (the clock is paused: the
+    /// progress mark comes as soon as nothing is left).
+    async fn catch_up(&mut self) {
+        loop {
+            match self.watcher.next(Duration::from_millis(1)).await.unwrap() {
+                WatchNext::Progress { .. } => return,
+                WatchNext::Changes { changes, .. } => {
+                    for (_, change) in changes {
+                        match change {
+                            ServerChange::Added(s) | ServerChange::Modified(s) => {
+                                self.view
+                                    .insert(s.record.id.to_string(), wire::server_to_pb(s.view()));
+                            }
+                            ServerChange::Removed(s) => {
+                                self.view.remove(&*s.record.id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a watcher's view and a describe must agree on (a watched state's
+/// host metrics and heartbeat time are as of its change).
+fn essentials(servers: impl IntoIterator<Item = pb::Server>) -> Vec<String> {
+    servers
+        .into_iter()
+        .map(|s| {
+            format!(
+                "{} {:?} {:?} {:?} v{} c{} v{} {:?}",
+                s.id,
+                s.availability(),
+                s.unavailability_reasons,
+                s.holds,
+                s.state_version,
+                s.console_session_count,
+                s.virtual_session_count,
+                s.tags,
+            )
+        })
+        .collect()
 }
 
 /// A reproducible stream of numbers (xorshift).
@@ -569,6 +634,9 @@ async fn replay(seed: u64, steps: usize) {
     batched.set_writable(false);
     let mut group = Vec::new();
     let mut group_ends = 1 + rng.below(4) as usize;
+    let mut leader_watch = Watched::start(&leader);
+    let mut follower_watch = Watched::start(&follower);
+    let mut batched_watch = Watched::start(&batched);
     for n in 0..steps {
         // A group commit spans no time: the batch goes out before time
         // passes (a follower's heartbeat ages count from when it applied
@@ -635,6 +703,24 @@ async fn replay(seed: u64, steps: usize) {
                 history.join("\n")
             );
         }
+    }
+    // Each replica's watcher, having seen every change its replica
+    // published, shows what that replica describes.
+    for (name, fleet, watcher) in [
+        ("leader", &leader, &mut leader_watch),
+        ("follower", &follower, &mut follower_watch),
+        ("batched follower", &batched, &mut batched_watch),
+    ] {
+        // A follower notes silences for its watchers on its sweep.
+        fleet.sweep();
+        let described = servers(fleet);
+        watcher.catch_up().await;
+        assert_eq!(
+            essentials(watcher.view.values().cloned()),
+            essentials(described),
+            "seed {seed}: the {name}'s watcher differs; steps:\n{}",
+            history.join("\n")
+        );
     }
     assert!(liveness_seen > 0, "heartbeats were passed on");
     assert!(

@@ -272,6 +272,7 @@ impl Fleet {
     /// session deadlines. The server runs it periodically.
     pub fn sweep(&self) -> Vec<ServerId> {
         if !self.is_writable() {
+            self.note_silences_for_watchers();
             return Vec::new();
         }
         let now = Instant::now();

@@ -107,7 +107,7 @@ impl State {
         self.next_silence = Some(self.next_silence.map_or(deadline, |d| d.min(deadline)));
     }
 
-    fn silence_due(&self, now: Instant) -> bool {
+    pub(in crate::fleet) fn silence_due(&self, now: Instant) -> bool {
         self.next_silence.is_some_and(|at| now > at)
     }
 
@@ -116,7 +116,7 @@ impl State {
     /// `ServerUnreachable` record, an item per server), so that a
     /// server's history shows when it dropped out, not only when it was
     /// forgotten.
-    fn note_silences(&mut self, now: Instant, ctx: &Ctx<'_>) {
+    pub(in crate::fleet) fn note_silences(&mut self, now: Instant, ctx: &Ctx<'_>) {
         let after = ctx.config.unreachable_after;
         let mut silent = Vec::new();
         let mut next = None::<Instant>;

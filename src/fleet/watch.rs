@@ -617,6 +617,23 @@ impl Fleet {
         ))
     }
 
+    /// On a follower (which runs no maintenance of its own): publishes,
+    /// for watchers, the agents that went silent past the unreachable
+    /// timeout, as the leader's maintenance does for its own watchers.
+    /// What it notes is the follower's alone: nothing is submitted.
+    pub(in crate::fleet) fn note_silences_for_watchers(&self) {
+        let now = Instant::now();
+        {
+            let state = self.state.read();
+            if !state.watch.recording || !state.silence_due(now) {
+                return;
+            }
+        }
+        let mut state = self.lock_write();
+        state.note_silences(now, &self.ctx());
+        drop(self.commit(&mut state));
+    }
+
     /// How many changes the log keeps now (at most `watch_buffer`).
     pub fn watch_kept(&self) -> usize {
         self.watch.log.lock().events.len()
