@@ -96,6 +96,11 @@ fn main() {
         pick(|r| r.cpu_per_delivery_us)
     );
     println!(
+        "| broker CPU per change made (µs; all work, closes, heartbeats, probe) | {:.1} | {:.1} |",
+        pick(|r| r.cpu_per_change_without_us),
+        pick(|r| r.cpu_per_change_with_us)
+    );
+    println!(
         "| broker CPU (s per s) | {:.3} | {:.3} |",
         pick(|r| r.cpu_without),
         pick(|r| r.cpu_with)
@@ -122,6 +127,8 @@ struct Row {
     delay_p50_ms: f64,
     delay_p99_ms: f64,
     cpu_per_delivery_us: f64,
+    cpu_per_change_without_us: f64,
+    cpu_per_change_with_us: f64,
     cpu_without: f64,
     cpu_with: f64,
     describe_p99_without_ms: f64,
@@ -230,12 +237,14 @@ async fn register_fleet(url: &str, opts: &Opts) {
 /// When each close was sent, by its Reason.
 type Sent = Arc<Mutex<HashMap<String, Instant>>>;
 
-/// Closes and opens servers at `rate` changes a second for `phase`: a
-/// server is closed (Reason `c<n>`, its key in `sent`) then opened, in
-/// turn across the fleet. Heartbeats for every server every 30 s run
-/// beside it. Returns the changes made.
-async fn make_changes(url: &str, opts: &Opts, sent: Sent, phase: Duration) -> u64 {
-    let mut servers = ServersClient::new(channel(url).await);
+/// Closes and opens servers at `rate` changes a second for `phase`, from
+/// CALLERS tasks (each its share of the rate and of the fleet, so that no
+/// reply's latency slows the rate): a server is closed (Reason
+/// `c<task>-<n>`, its key in `sent`) then opened, in turn. Heartbeats for
+/// every server every 30 s run beside them. Returns the closes made, by
+/// server index.
+async fn make_changes(url: &str, opts: &Opts, sent: Sent, phase: Duration) -> Vec<(usize, String)> {
+    const CALLERS: usize = 4;
     let mut agent = AgentClient::new(channel(url).await);
     let heartbeats = tokio::spawn({
         let fleet = opts.fleet;
@@ -258,40 +267,65 @@ async fn make_changes(url: &str, opts: &Opts, sent: Sent, phase: Duration) -> u6
             }
         }
     });
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / opts.rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut n: u64 = 0;
-    while started.elapsed() < phase {
-        tick.tick().await;
-        let server = server_id((n / 2) as usize % opts.fleet);
-        if n.is_multiple_of(2) {
-            let reason = format!("c{n}");
-            sent.lock().unwrap().insert(reason.clone(), Instant::now());
-            let close = pb::CloseServersRequest {
-                servers: vec![pb::CloseServerRequestData {
-                    server_id: server,
-                    reason,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            servers.close_servers(close).await.unwrap();
-        } else {
-            let open = pb::OpenServersRequest {
-                servers: vec![pb::OpenServerRequestData {
-                    server_id: server,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            servers.open_servers(open).await.unwrap();
-        }
-        n += 1;
+    let mut callers = Vec::new();
+    for task in 0..CALLERS {
+        let url = url.to_owned();
+        let sent = sent.clone();
+        let (fleet, rate) = (opts.fleet, opts.rate);
+        callers.push(tokio::spawn(async move {
+            let mut servers = ServersClient::new(channel(&url).await);
+            let started = Instant::now();
+            let every = Duration::from_micros(1_000_000 * CALLERS as u64 / rate);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut closes = Vec::new();
+            let mut n: usize = 0;
+            while started.elapsed() < phase {
+                tick.tick().await;
+                let index = (task + CALLERS * (n / 2)) % fleet;
+                let server = server_id(index);
+                if n.is_multiple_of(2) {
+                    let reason = format!("c{task}-{n}");
+                    sent.lock().unwrap().insert(reason.clone(), Instant::now());
+                    let close = pb::CloseServersRequest {
+                        servers: vec![pb::CloseServerRequestData {
+                            server_id: server,
+                            reason: reason.clone(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    };
+                    servers.close_servers(close).await.unwrap();
+                    closes.push((index, reason));
+                } else {
+                    let open = pb::OpenServersRequest {
+                        servers: vec![pb::OpenServerRequestData {
+                            server_id: server,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    };
+                    servers.open_servers(open).await.unwrap();
+                }
+                n += 1;
+            }
+            (closes, n)
+        }));
+    }
+    let mut closes = Vec::new();
+    let mut made = 0;
+    for caller in callers {
+        let (mine, n) = caller.await.unwrap();
+        closes.extend(mine);
+        made += n;
     }
     heartbeats.abort();
-    n
+    MADE.store(made as u64, std::sync::atomic::Ordering::Relaxed);
+    closes
 }
+
+/// The changes (closes and opens) the last `make_changes` made.
+static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Probes DescribeServers (one server, by id) at 200 calls a second (4
 /// callers, 50 each) for `phase`: its latency histogram, in
@@ -413,13 +447,15 @@ async fn repetition(opts: &Opts) -> Row {
     let cpu0 = cpu_seconds(pid);
     let started = Instant::now();
     let sent: Sent = Arc::default();
-    let (made, describe) = tokio::join!(
+    let (_, describe) = tokio::join!(
         make_changes(&broker.url, opts, sent.clone(), opts.phase),
         probe_describe(&broker.url, opts, opts.phase)
     );
+    let made = MADE.load(std::sync::atomic::Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     row.rate_without = made as f64 / elapsed;
     row.cpu_without = (cpu_seconds(pid) - cpu0) / elapsed;
+    row.cpu_per_change_without_us = (cpu_seconds(pid) - cpu0) / made.max(1) as f64 * 1e6;
     row.describe_p99_without_ms = describe.value_at_quantile(0.99) as f64 / 1000.0;
 
     // With watchers: 20 streams a connection.
@@ -451,10 +487,11 @@ async fn repetition(opts: &Opts) -> Row {
     }
     let cpu0 = cpu_seconds(pid);
     let started = Instant::now();
-    let (made, describe) = tokio::join!(
+    let (closes, describe) = tokio::join!(
         make_changes(&broker.url, opts, sent.clone(), opts.phase),
         probe_describe(&broker.url, opts, opts.phase)
     );
+    let made = MADE.load(std::sync::atomic::Ordering::Relaxed);
     // Let the last changes arrive (the delay target is 50 ms).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -462,18 +499,22 @@ async fn repetition(opts: &Opts) -> Row {
     stop_tx.send_replace(true);
     let mut deliveries = 0;
     let mut complete = true;
-    // Which closes each pool should have seen, in the order made.
+    // Which closes each pool should have seen (callers run concurrently:
+    // the order is the broker's, checked by sequence).
     let mut by_pool: HashMap<String, Vec<String>> = HashMap::new();
-    for n in (0..made).step_by(2) {
-        let i = (n / 2) as usize % opts.fleet;
+    for (index, reason) in closes {
         by_pool
-            .entry(pool_of(i, opts.pools))
+            .entry(pool_of(index, opts.pools))
             .or_default()
-            .push(format!("c{n}"));
+            .push(reason);
+    }
+    for expected in by_pool.values_mut() {
+        expected.sort();
     }
     for (pool, watcher) in watchers {
-        let seen = watcher.await.unwrap();
+        let mut seen = watcher.await.unwrap();
         deliveries += seen.deliveries;
+        seen.closes.sort();
         let expected = by_pool.get(&pool).cloned().unwrap_or_default();
         complete &= seen.in_order && seen.closes == expected;
     }
@@ -481,6 +522,7 @@ async fn repetition(opts: &Opts) -> Row {
     row.deliveries_per_s = deliveries as f64 / elapsed;
     row.cpu_with = cpu / elapsed;
     row.cpu_per_delivery_us = cpu / deliveries.max(1) as f64 * 1e6;
+    row.cpu_per_change_with_us = cpu / made.max(1) as f64 * 1e6;
     let delays = delays.lock().unwrap();
     row.delay_p50_ms = delays.value_at_quantile(0.5) as f64 / 1000.0;
     row.delay_p99_ms = delays.value_at_quantile(0.99) as f64 / 1000.0;
