@@ -309,6 +309,20 @@ async fn make_changes(url: &str, opts: &Opts, sent: Sent, phase: Duration) -> Ve
                 }
                 n += 1;
             }
+            // A server left closed would make the next phase's close of
+            // it a no-op (its hold is kept), a change nobody sees.
+            if !n.is_multiple_of(2) {
+                let index = (task + CALLERS * (n / 2)) % fleet;
+                let open = pb::OpenServersRequest {
+                    servers: vec![pb::OpenServerRequestData {
+                        server_id: server_id(index),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                servers.open_servers(open).await.unwrap();
+                n += 1;
+            }
             (closes, n)
         }));
     }
