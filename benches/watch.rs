@@ -92,8 +92,12 @@ fn main() {
     println!("| delay p50 (ms) | — | {:.2} |", pick(|r| r.delay_p50_ms));
     println!("| delay p99 (ms) | — | {:.2} |", pick(|r| r.delay_p99_ms));
     println!(
-        "| broker CPU per change delivered (µs) | — | {:.2} |",
+        "| broker CPU per change delivered (µs; all work) | — | {:.2} |",
         pick(|r| r.cpu_per_delivery_us)
+    );
+    println!(
+        "| extra broker CPU per change delivered (µs; with minus without) | — | {:.2} |",
+        pick(|r| r.extra_cpu_per_delivery_us)
     );
     println!(
         "| broker CPU per change made (µs; all work, closes, heartbeats, probe) | {:.1} | {:.1} |",
@@ -127,6 +131,7 @@ struct Row {
     delay_p50_ms: f64,
     delay_p99_ms: f64,
     cpu_per_delivery_us: f64,
+    extra_cpu_per_delivery_us: f64,
     cpu_per_change_without_us: f64,
     cpu_per_change_with_us: f64,
     cpu_without: f64,
@@ -532,10 +537,12 @@ async fn repetition(opts: &Opts) -> Row {
         let expected = by_pool.get(&pool).cloned().unwrap_or_default();
         complete &= seen.in_order && seen.closes == expected;
     }
-    row.rate_with = made as f64 / elapsed;
+    row.rate_with = made as f64 / opts.phase.as_secs_f64();
     row.deliveries_per_s = deliveries as f64 / elapsed;
     row.cpu_with = cpu / elapsed;
     row.cpu_per_delivery_us = cpu / deliveries.max(1) as f64 * 1e6;
+    row.extra_cpu_per_delivery_us =
+        (row.cpu_with - row.cpu_without).max(0.0) / row.deliveries_per_s.max(1.0) * 1e6;
     row.cpu_per_change_with_us = cpu / made.max(1) as f64 * 1e6;
     let delays = delays.lock().unwrap();
     row.delay_p50_ms = delays.value_at_quantile(0.5) as f64 / 1000.0;

@@ -37,7 +37,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Weak,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -143,6 +143,9 @@ pub(in crate::fleet) struct WatchShared {
     latest: watch::Sender<u64>,
     /// The watchers, and how far the dispatcher has handed events out.
     fanout: Mutex<Fanout>,
+    /// `fanout.dispatched`, for watchers to read without that lock: every
+    /// change up to it in a watcher's view is in its queue.
+    dispatched: AtomicU64,
     /// Watchers now connected.
     watchers: AtomicUsize,
 }
@@ -150,9 +153,20 @@ pub(in crate::fleet) struct WatchShared {
 /// The dispatcher's side: who watches, and what it has handed out.
 #[derive(Debug, Default)]
 struct Fanout {
-    subscribers: Vec<Weak<Subscriber>>,
+    /// Watchers grouped by their filters: each event is judged once per
+    /// distinct filter (portals of one pool watch with the same one).
+    groups: Vec<Group>,
     /// Every event up to this one has been judged for every subscriber.
     dispatched: u64,
+}
+
+/// The watchers with one filter.
+#[derive(Debug)]
+struct Group {
+    /// The filter's pairs, sorted: what makes two filters the same.
+    key: Vec<(String, String)>,
+    filters: Filters,
+    subscribers: Vec<Weak<Subscriber>>,
 }
 
 /// One watcher's share of the fan-out: the changes in its view, queued by
@@ -177,19 +191,20 @@ struct Inbox {
 }
 
 impl Subscriber {
-    /// Queues `event` if it is in view; false once the queue is full.
-    fn offer(&self, inbox: &mut Inbox, event: &ServerEvent) -> bool {
-        if event.seq <= inbox.through || inbox.overflowed {
+    /// Queues event `seq`'s `change` (what it is in this watcher's view,
+    /// if anything); false once the queue is full.
+    fn offer(inbox: &mut Inbox, seq: u64, change: Option<&ServerChange>) -> bool {
+        if seq <= inbox.through || inbox.overflowed {
             return true;
         }
-        if let Some(change) = judge(&self.filters, event) {
+        if let Some(change) = change {
             if inbox.queue.len() >= inbox.limit {
                 inbox.overflowed = true;
                 return false;
             }
-            inbox.queue.push_back((event.seq, change));
+            inbox.queue.push_back((seq, change.clone()));
         }
-        inbox.through = event.seq;
+        inbox.through = seq;
         true
     }
 }
@@ -234,25 +249,42 @@ impl WatchShared {
         let Some(last) = events.last().map(|e| e.seq) else {
             return;
         };
-        fanout.subscribers.retain(|s| s.strong_count() > 0);
-        for subscriber in fanout.subscribers.iter().filter_map(Weak::upgrade) {
-            let mut inbox = subscriber.inbox.lock();
-            let queued = inbox.queue.len();
-            if lost && inbox.through < last {
-                inbox.overflowed = true;
+        for group in &mut fanout.groups {
+            group.subscribers.retain(|s| s.strong_count() > 0);
+        }
+        fanout.groups.retain(|g| !g.subscribers.is_empty());
+        for group in &fanout.groups {
+            let judged: Vec<(u64, Option<ServerChange>)> = events
+                .iter()
+                .map(|e| (e.seq, judge(&group.filters, e)))
+                .collect();
+            if !lost && judged.iter().all(|(_, c)| c.is_none()) {
+                // Nothing in view: the watchers' `through` moves on when
+                // they next look (see `ServerWatcher::next`).
+                continue;
             }
-            for event in &events {
-                if !subscriber.offer(&mut inbox, event) {
-                    break;
+            for subscriber in group.subscribers.iter().filter_map(Weak::upgrade) {
+                let mut inbox = subscriber.inbox.lock();
+                let queued = inbox.queue.len();
+                if lost && inbox.through < last {
+                    inbox.overflowed = true;
                 }
-            }
-            let wake = inbox.queue.len() > queued || inbox.overflowed;
-            drop(inbox);
-            if wake {
-                subscriber.notify.notify_one();
+                for (seq, change) in &judged {
+                    if !Subscriber::offer(&mut inbox, *seq, change.as_ref()) {
+                        break;
+                    }
+                }
+                let wake = inbox.queue.len() > queued || inbox.overflowed;
+                drop(inbox);
+                if wake {
+                    subscriber.notify.notify_one();
+                }
             }
         }
         fanout.dispatched = last;
+        // After every inbox has what it needs up to `last` (see
+        // `ServerWatcher::next`, which reads it under its inbox's lock).
+        self.dispatched.store(last, Ordering::Release);
     }
 }
 
@@ -296,6 +328,7 @@ impl WatchShared {
             }),
             latest: watch::channel(0).0,
             fanout: Mutex::new(Fanout::default()),
+            dispatched: AtomicU64::new(0),
             watchers: AtomicUsize::new(0),
         })
     }
@@ -494,13 +527,17 @@ impl ServerWatcher {
                         epoch: self.epoch.clone(),
                     });
                 }
+                // Under the inbox's lock: see `WatchShared::dispatch`.
+                let through = inbox
+                    .through
+                    .max(self.shared.dispatched.load(Ordering::Acquire));
                 if !inbox.queue.is_empty() {
                     let take = inbox.queue.len().min(MAX_BATCH);
                     let changes: Vec<(u64, ServerChange)> = inbox.queue.drain(..take).collect();
                     self.cursor = match inbox.queue.front() {
                         // More queued: this batch ends at its own last.
                         Some(_) => changes.last().map_or(self.cursor, |c| c.0),
-                        None => inbox.through,
+                        None => through,
                     };
                     return Ok(WatchNext::Changes {
                         seq: self.cursor,
@@ -509,8 +546,15 @@ impl ServerWatcher {
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                self.cursor = self.cursor.max(self.subscriber.inbox.lock().through);
-                return Ok(WatchNext::Progress { seq: self.cursor });
+                let inbox = self.subscriber.inbox.lock();
+                if inbox.queue.is_empty() && !inbox.overflowed {
+                    let through = inbox
+                        .through
+                        .max(self.shared.dispatched.load(Ordering::Acquire));
+                    self.cursor = self.cursor.max(through);
+                    return Ok(WatchNext::Progress { seq: self.cursor });
+                }
+                // Queued just now: deliver it rather than a mark.
             }
         }
     }
@@ -527,6 +571,9 @@ impl Fleet {
         resume: Option<(String, u64)>,
     ) -> Result<(ServerWatcher, WatchStart), FleetError> {
         let mut violations: Vec<FieldViolation> = Vec::new();
+        let mut key = filters.to_vec();
+        key.sort_unstable();
+        key.dedup();
         let filters = Filters::parse(filters, &mut violations);
         if !violations.is_empty() {
             return Err(FleetError::InvalidArgument(violations));
@@ -596,14 +643,23 @@ impl Fleet {
             let mut inbox = subscriber.inbox.lock();
             inbox.limit = usize::MAX;
             for event in log.events.iter().filter(|e| e.seq <= fanout.dispatched) {
-                subscriber.offer(&mut inbox, event);
+                let change = judge(&subscriber.filters, event);
+                Subscriber::offer(&mut inbox, event.seq, change.as_ref());
             }
             // A watcher that resumed far behind may catch up on what it
             // starts with, and half the usual room more.
             inbox.limit = base + inbox.queue.len();
         }
         drop(log);
-        fanout.subscribers.push(Arc::downgrade(&subscriber));
+        let weak = Arc::downgrade(&subscriber);
+        match fanout.groups.iter_mut().find(|g| g.key == key) {
+            Some(group) => group.subscribers.push(weak),
+            None => fanout.groups.push(Group {
+                key,
+                filters: subscriber.filters.clone(),
+                subscribers: vec![weak],
+            }),
+        }
         drop(fanout);
         self.watch.watchers.fetch_add(1, Ordering::Relaxed);
         Ok((
