@@ -906,3 +906,98 @@ def test_a_screenshot_comes_back_in_dcvs_json_shape(call):
     assert failed["GetSessionScreenshotRequestData"] == {"SessionId": "no-such-session"}
     assert failed["FailureCode"] == "SESSION_NOT_FOUND"
     assert failed["FailureReason"] == "Dcv session not found."
+
+
+# --- history and watching (issue 19) ---------------------------------------
+
+
+def test_history_tells_who_closed_a_server_and_why(call):
+    """A demo broker keeps its audit log in its store: the close is in the
+    server's history after it was reopened, under the JSON names DCV users
+    expect."""
+    server_id = all_servers(call)[0]["Id"]
+    closed = call(
+        f"{SERVERS}/CloseServers",
+        {"Servers": [{"ServerId": server_id, "Reason": "grpcurl maintenance", "Force": True}]},
+    )
+    assert [s["ServerId"] for s in closed["SuccessfulList"]] == [server_id]
+    call(f"{SERVERS}/OpenServers", {"Servers": [{"ServerId": server_id}]})
+    out = call(
+        f"{SERVERS}/DescribeServerHistory",
+        {"ServerId": server_id, "NewestFirst": True, "MaxResults": 5},
+    )
+    assert_request_id(out)
+    records = out["Records"]
+    assert [r["Method"] for r in records[:2]] == ["OpenServers", "CloseServers"], records
+    close = records[1]
+    assert close["RequestId"] == closed["RequestId"]
+    assert close["Actor"] == "anonymous"
+    assert close["ItemCount"] == 1
+    assert close["Items"] == [
+        {"Id": server_id, "Outcome": "OK", "Reason": "grpcurl maintenance"}
+    ]
+    parse_time(close["Time"])
+
+
+def test_history_refuses_a_bad_query_with_bad_request_details(grpcurl):
+    for data, field in [
+        ({"MaxResults": 5000}, "MaxResults"),
+        ({"NextToken": "forged"}, "NextToken"),
+    ]:
+        res = grpcurl(f"{SERVERS}/DescribeServerHistory", data=data, flags=["-format-error"])
+        assert res.returncode == GRPCURL_STATUS_BASE + INVALID_ARGUMENT, res.stderr
+        status = json.loads(res.stderr)
+        [detail] = status["details"]
+        assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        assert [v["field"] for v in detail["fieldViolations"]] == [field], status
+
+
+def test_watch_servers_streams_a_snapshot_then_changes(grpcurl_bin, broker, call, tmp_path):
+    """grpcurl 1.8.6 (reflection v1alpha) follows the server stream: the
+    snapshot of a filtered view, then a close made meanwhile as an ADDED
+    change with the server's new state."""
+    cmd = [
+        grpcurl_bin,
+        "-plaintext",
+        "-max-time",
+        "3",
+        "-d",
+        json.dumps({"Filters": [{"Key": "closed", "Value": "true"}]}),
+        broker,
+        f"{SERVERS}/WatchServers",
+    ]
+    watcher = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        first = ""
+        # grpcurl prints each message as an indented JSON object; the first
+        # ends with a line holding only "}".
+        assert watcher.stdout is not None
+        for line in watcher.stdout:
+            first += line
+            if line == "}\n":
+                break
+        snapshot = json.loads(first)
+        assert snapshot["Type"] == "SNAPSHOT" and snapshot["SnapshotEnd"] is True, snapshot
+        server_id = all_servers(call)[1]["Id"]
+        call(
+            f"{SERVERS}/CloseServers",
+            {"Servers": [{"ServerId": server_id, "Reason": "watched", "Force": True}]},
+        )
+        rest, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    # -max-time ends the stream: DEADLINE_EXCEEDED after the messages.
+    assert "DeadlineExceeded" in err, err
+    decoder = json.JSONDecoder()
+    messages, text = [], rest.strip()
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    changes = [c for m in messages if m["Type"] == "CHANGES" for c in m["Changes"]]
+    assert [(c["Type"], c["ServerId"]) for c in changes] == [("ADDED", server_id)], messages
+    assert changes[0]["Server"]["Holds"][0]["Reason"] == "watched"
+    assert all(m["Epoch"] == snapshot["Epoch"] for m in messages)
