@@ -1568,18 +1568,6 @@ fn print_row(row: &Row) {
 
 // --------------------------------------------------------------- harness
 
-fn pin_self(cpu: usize) {
-    let pid = std::process::id().to_string();
-    let ok = Command::new("taskset")
-        .args(["-a", "-p", "-c", &cpu.to_string(), &pid])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("warning: could not pin the generator to CPU {cpu}");
-    }
-}
-
 fn harness(opts: Opts) {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut opts = opts;
@@ -1587,7 +1575,7 @@ fn harness(opts: Opts) {
         opts.pin = false;
     }
     if opts.pin {
-        pin_self(1);
+        common::pin_self(1);
     }
     let run_h2load = opts.h2load && h2load_installed();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -65,7 +65,7 @@ fn opts() -> Opts {
 
 fn main() {
     let opts = opts();
-    pin(1);
+    common::pin_self(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -184,18 +184,6 @@ fn start_broker() -> Broker {
     Broker {
         child,
         url: format!("http://{addr}"),
-    }
-}
-
-fn pin(cpu: usize) {
-    let pid = std::process::id().to_string();
-    let ok = Command::new("taskset")
-        .args(["-a", "-p", "-c", &cpu.to_string(), &pid])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("warning: could not pin the generator to CPU {cpu}");
     }
 }
 

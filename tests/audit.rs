@@ -37,17 +37,6 @@ use dcv_broker::{
 };
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use tonic::metadata::MetadataValue;
-
-/// `message` with `authorization: Bearer <token>`.
-fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
-    request
-}
 
 /// One call the table made, and the record it must have left.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,18 +124,6 @@ async fn rest(
     serde_json::from_slice(&body).unwrap()
 }
 
-/// A client with `scopes` registered in `auth`: its id and a token.
-async fn client(auth: &Auth, scopes: &str, server_id: Option<&str>) -> (String, String) {
-    let scopes = ScopeSet::parse(scopes).unwrap();
-    let registered = auth.register("test", scopes, server_id).await.unwrap();
-    let token = auth
-        .issue_token(&registered.client.id, &registered.secret, None)
-        .await
-        .unwrap()
-        .access_token;
-    (registered.client.id, token)
-}
-
 #[tokio::test]
 async fn every_state_changing_call_leaves_one_record_in_the_file_and_the_store() {
     let dir = TempDir::new("dcv-broker-audit");
@@ -165,8 +142,8 @@ async fn every_state_changing_call_leaves_one_record_in_the_file_and_the_store()
     let mut broker = Broker::start_with(config, fleet).await;
 
     // Two callers: an operator, and the agent of server s1.
-    let (actor, token) = client(&auth, "read servers:operate sessions:manage", None).await;
-    let (agent_actor, agent_token) = client(&auth, "agent", Some("s1")).await;
+    let (actor, token) = api_client(&auth, "read servers:operate sessions:manage", None).await;
+    let (agent_actor, agent_token) = api_client(&auth, "agent", Some("s1")).await;
     let mut agent = broker.agent().await;
     let mut servers = broker.servers().await;
     let mut sessions = broker.sessions().await;
@@ -659,8 +636,8 @@ async fn a_forwarded_write_is_audited_once_on_the_leader() {
     });
     while follower_submitted.try_recv().is_ok() {}
 
-    let (agent_actor, agent_token) = client(&auth, "agent", Some("srv")).await;
-    let (actor, token) = client(&auth, "servers:operate", None).await;
+    let (agent_actor, agent_token) = api_client(&auth, "agent", Some("srv")).await;
+    let (actor, token) = api_client(&auth, "servers:operate", None).await;
     let mut agent = follower.agent().await;
     let registered = agent
         .register_server(bearer(registration("srv", "linux", 2), &agent_token))

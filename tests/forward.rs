@@ -25,7 +25,7 @@ use std::{
 
 use bytes::Bytes;
 use common::{
-    Broker, Instr, TestAgent, close_item, close_req, create_item, create_req, describe_ids,
+    Broker, Instr, TestAgent, bearer, close_item, close_req, create_item, create_req, describe_ids,
     open_req, quiet_config, registration, violations,
 };
 use dcv_broker::{
@@ -572,14 +572,6 @@ async fn token(
         .unwrap()
         .access_token;
     (registered.client.id, token)
-}
-
-fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 /// With authentication, the caller's scopes are checked on the forwarded

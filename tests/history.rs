@@ -19,7 +19,7 @@ use std::{
 use common::{agent_process::TempDir, *};
 use dcv_broker::{
     BrokerConfig,
-    auth::{Auth, AuthConfig, ScopeSet},
+    auth::{Auth, AuthConfig},
     fleet::{
         Fleet, FleetConfig,
         persist::{AuditFilter, AuditItem, AuditPage, AuditRecord, Change, Store},
@@ -27,29 +27,7 @@ use dcv_broker::{
     pb,
     store::SqliteStore,
 };
-use tonic::{Code, metadata::MetadataValue};
-
-/// `message` with `authorization: Bearer <token>`.
-fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
-    request
-}
-
-/// A client with `scopes` registered in `auth`: its id and a token.
-async fn client(auth: &Auth, scopes: &str, server_id: Option<&str>) -> (String, String) {
-    let scopes = ScopeSet::parse(scopes).unwrap();
-    let registered = auth.register("test", scopes, server_id).await.unwrap();
-    let token = auth
-        .issue_token(&registered.client.id, &registered.secret, None)
-        .await
-        .unwrap()
-        .access_token;
-    (registered.client.id, token)
-}
+use tonic::Code;
 
 /// A broker with authentication over the SQLite store in `dir`, as a
 /// restart finds it.
@@ -125,10 +103,10 @@ fn time(record: &pb::HistoryRecord) -> SystemTime {
 async fn who_closed_a_server_is_answered_after_it_reopened_and_after_a_restart() {
     let dir = TempDir::new("history-who");
     let (broker, auth) = durable_broker(dir.path(), FleetConfig::default()).await;
-    let (alice, alice_token) = client(&auth, "read servers:operate", None).await;
-    let (bob, bob_token) = client(&auth, "read servers:operate", None).await;
-    let (_, agent_token) = client(&auth, "agent", Some("s1")).await;
-    let (_, agent2_token) = client(&auth, "agent", Some("s2")).await;
+    let (alice, alice_token) = api_client(&auth, "read servers:operate", None).await;
+    let (bob, bob_token) = api_client(&auth, "read servers:operate", None).await;
+    let (_, agent_token) = api_client(&auth, "agent", Some("s1")).await;
+    let (_, agent2_token) = api_client(&auth, "agent", Some("s2")).await;
     let mut agent = broker.agent().await;
     for (id, token) in [("s1", &agent_token), ("s2", &agent2_token)] {
         agent
@@ -227,11 +205,11 @@ async fn who_closed_a_server_is_answered_after_it_reopened_and_after_a_restart()
 async fn history_pages_both_ways_and_filters_by_time() {
     let dir = TempDir::new("history-pages");
     let (broker, auth) = durable_broker(dir.path(), FleetConfig::default()).await;
-    let (_, token) = client(&auth, "read servers:operate", None).await;
+    let (_, token) = api_client(&auth, "read servers:operate", None).await;
     let mut agent = broker.agent().await;
     let mut servers = broker.servers().await;
     for id in ["p1", "p2", "p3"] {
-        let (_, agent_token) = client(&auth, "agent", Some(id)).await;
+        let (_, agent_token) = api_client(&auth, "agent", Some(id)).await;
         agent
             .register_server(bearer(registration(id, "linux", 2), &agent_token))
             .await
@@ -410,14 +388,14 @@ async fn reading_history_takes_the_read_scope() {
         ("agent", Some("s1")),
         ("sessions:manage", None),
     ] {
-        let (_, token) = client(&auth, scopes, server).await;
+        let (_, token) = api_client(&auth, scopes, server).await;
         let refused = servers
             .describe_server_history(bearer(history_of("s1"), &token))
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{scopes}");
     }
-    let (_, token) = client(&auth, "read", None).await;
+    let (_, token) = api_client(&auth, "read", None).await;
     servers
         .describe_server_history(bearer(history_of("s1"), &token))
         .await

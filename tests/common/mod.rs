@@ -429,3 +429,30 @@ impl Broker {
         pb::sessions_client::SessionsClient::new(self.channel().await)
     }
 }
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    request
+}
+
+/// A client with `scopes` (as `--scopes` spells them) registered in
+/// `auth`, acting for `server_id` if it is an agent: its id and a token.
+pub async fn api_client(
+    auth: &dcv_broker::auth::Auth,
+    scopes: &str,
+    server_id: Option<&str>,
+) -> (String, String) {
+    let scopes = dcv_broker::auth::ScopeSet::parse(scopes).unwrap();
+    let registered = auth.register("test", scopes, server_id).await.unwrap();
+    let token = auth
+        .issue_token(&registered.client.id, &registered.secret, None)
+        .await
+        .unwrap()
+        .access_token;
+    (registered.client.id, token)
+}
