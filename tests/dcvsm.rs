@@ -1857,3 +1857,66 @@ async fn watch_servers_prints_a_line_per_change() {
     assert_eq!(types, ["ADDED", "REMOVED"]);
     assert!(json.wait().await.unwrap().success());
 }
+
+/// `watch-servers` outlives its broker: when the broker restarts (on the
+/// same address, a new epoch), it reconnects, is told its sequence is no
+/// longer kept, says so, lists again, and goes on with the new broker's
+/// changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn watch_servers_lists_again_after_the_broker_restarts() {
+    use tokio::io::AsyncBufReadExt as _;
+    let args = ["--in-memory", "--demo-fleet", "3"];
+    let first = BrokerProcess::start_exactly(&args).await;
+    let addr = first.addr;
+    let url = format!("http://{addr}");
+    let mut command = tokio::process::Command::from(dcvsm_cmd());
+    command
+        .args(["--broker-url", &url, "--output-format", "json"])
+        .args([
+            "watch-servers",
+            "--filter",
+            "closed=true",
+            "--max-changes",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut watcher = command.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let snapshot: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(snapshot["Type"], "SNAPSHOT");
+    first.terminate().await;
+    let second = BrokerProcess::start_on(addr, &args).await;
+    // The watcher re-lists from the new broker: a snapshot of its epoch.
+    let again: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(again["Type"], "SNAPSHOT", "{again}");
+    assert_ne!(again["Epoch"], snapshot["Epoch"]);
+    let broker = Broker {
+        _process: second,
+        url,
+        admin: None,
+    };
+    let closed = broker.json(&[
+        "close-servers",
+        "--server-ids",
+        "serverId1",
+        "--reason",
+        "after",
+    ]);
+    assert_eq!(
+        closed["SuccessfulList"][0]["ServerId"], "serverId1",
+        "{closed}"
+    );
+    let change: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(change["Changes"][0]["Type"], "ADDED", "{change}");
+    assert_eq!(change["Changes"][0]["ServerId"], "serverId1");
+    let out = watcher.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    assert!(
+        stderr.contains("starting again from a snapshot"),
+        "{stderr}"
+    );
+}
