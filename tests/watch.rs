@@ -502,6 +502,16 @@ async fn a_watcher_that_does_not_read_is_ended_and_the_others_are_not_held_back(
     }
     assert_eq!(steady.view.len(), rounds);
     assert!(broker.fleet.watch_kept() <= 64, "the log is bounded");
+    // Operators see it in /metrics: two watchers, the last change.
+    let metrics =
+        dcv_broker::metrics::Metrics::new(broker.fleet.clone(), Default::default()).encode(false);
+    assert!(metrics.contains("\ndcv_broker_watchers 2\n"), "{metrics}");
+    let published = format!(
+        "\ndcv_broker_watch_sequence {}\n",
+        broker.fleet.watch_sequence()
+    );
+    assert!(metrics.contains(&published), "{metrics}");
+    assert!(broker.fleet.watch_sequence() >= 2 * rounds as u64);
     // The slow one reads what was already on its way, then learns why
     // the rest will not come.
     let ended = loop {
@@ -513,6 +523,7 @@ async fn a_watcher_that_does_not_read_is_ended_and_the_others_are_not_held_back(
     };
     assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
     assert!(ended.message().contains("FromSequence"), "{ended:?}");
+    assert_eq!(dcv_broker::metrics::COUNTERS.watchers_too_slow.get(), 1);
 }
 
 #[tokio::test]

@@ -171,6 +171,7 @@ impl State {
                             self.phase = Phase::Live(converted, seq);
                         }
                         Err(e @ WatchError::TooSlow { .. }) => {
+                            crate::metrics::COUNTERS.watchers_too_slow.inc();
                             self.phase = Phase::Done;
                             return Some(Err(Status::resource_exhausted(e.to_string())));
                         }

@@ -695,6 +695,11 @@ impl Fleet {
         self.watch.log.lock().events.len()
     }
 
+    /// The sequence number of the last change published (0: none yet).
+    pub fn watch_sequence(&self) -> u64 {
+        *self.watch.latest.borrow()
+    }
+
     /// How many watchers are connected.
     pub fn watchers(&self) -> usize {
         self.watch.watchers.load(Ordering::Relaxed)

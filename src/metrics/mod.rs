@@ -120,6 +120,8 @@ pub struct Counters {
     pub tokens_issued: Counter,
     /// Token requests refused, by [`TokenRefusal`] in its `ALL` order.
     tokens_refused: [Counter; 5],
+    /// WatchServers streams ended because the watcher fell behind.
+    pub watchers_too_slow: Counter,
 }
 
 impl Counters {
@@ -142,6 +144,7 @@ pub static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
     store_commit_failures: Counter::default(),
     tokens_issued: Counter::default(),
     tokens_refused: Default::default(),
+    watchers_too_slow: Counter::default(),
 });
 
 /// Every in-flight limit's slots (the main port's and the agents'), read
@@ -214,6 +217,11 @@ impl Metrics {
             "dcv_broker_tokens_issued",
             "Bearer tokens issued by POST /oauth2/token",
             c.tokens_issued.clone(),
+        );
+        registry.register(
+            "dcv_broker_watchers_too_slow",
+            "WatchServers streams ended RESOURCE_EXHAUSTED because the watcher fell behind",
+            c.watchers_too_slow.clone(),
         );
         registry.register_collector(Box::new(Scraped {
             fleet,
@@ -400,6 +408,18 @@ impl Collector for Scraped {
             "dcv_broker_agents_connected",
             "Agents with an open instruction stream",
             saturating(fleet.agents_connected),
+        )?;
+        gauge(
+            &mut encoder,
+            "dcv_broker_watchers",
+            "WatchServers streams open",
+            saturating(self.fleet.watchers() as u64),
+        )?;
+        gauge(
+            &mut encoder,
+            "dcv_broker_watch_sequence",
+            "The sequence number of the last server change published to watchers (0 before the first watcher)",
+            saturating(self.fleet.watch_sequence()),
         )?;
         gauge(
             &mut encoder,
