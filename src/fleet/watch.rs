@@ -309,6 +309,20 @@ struct WatchLog {
 }
 
 impl WatchLog {
+    /// OUT_OF_RANGE: this log does not cover a resume after `seq` of
+    /// `epoch`.
+    fn expired(&self, seq: u64, epoch: String) -> FleetError {
+        FleetError::OutOfRange(
+            WatchError::Expired {
+                seq,
+                epoch,
+                current: self.epoch.clone(),
+                oldest: self.oldest_resumable(),
+            }
+            .to_string(),
+        )
+    }
+
     /// The oldest sequence a watcher may resume after.
     fn oldest_resumable(&self) -> u64 {
         self.events
@@ -583,15 +597,7 @@ impl Fleet {
             Some((epoch, seq)) => {
                 let log = self.watch.log.lock();
                 if epoch != log.epoch || seq < log.oldest_resumable() || seq > log.last {
-                    return Err(FleetError::OutOfRange(
-                        WatchError::Expired {
-                            seq,
-                            epoch,
-                            current: log.epoch.clone(),
-                            oldest: log.oldest_resumable(),
-                        }
-                        .to_string(),
-                    ));
+                    return Err(log.expired(seq, epoch));
                 }
                 (seq, WatchStart::Resume)
             }
@@ -627,15 +633,7 @@ impl Fleet {
         let log = self.watch.log.lock();
         if from < log.oldest_resumable() {
             // Evicted between the check (or the snapshot) and now.
-            return Err(FleetError::OutOfRange(
-                WatchError::Expired {
-                    seq: from,
-                    epoch: log.epoch.clone(),
-                    current: log.epoch.clone(),
-                    oldest: log.oldest_resumable(),
-                }
-                .to_string(),
-            ));
+            return Err(log.expired(from, log.epoch.clone()));
         }
         let epoch = log.epoch.clone();
         let base = (log.capacity / 2).clamp(1, MAX_QUEUED);

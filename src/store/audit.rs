@@ -85,32 +85,41 @@ pub(super) fn clause(filter: &AuditFilter, mark: char) -> (String, Vec<FilterVal
     (sql, values)
 }
 
-/// Takes rows while they fit `filter.limit` and `filter.item_bytes`
-/// (always the first), decoding each, and says whether another row
-/// follows them: the common end of both stores' readers.
-pub(super) fn take_rows<E>(
-    filter: &AuditFilter,
-    rows: impl Iterator<Item = Result<RawRecord, E>>,
-    decode_error: impl Fn(String) -> E,
-) -> Result<AuditPage, E> {
-    let limit = filter.limit.map_or(usize::MAX, |l| l as usize);
-    let mut budget = filter.item_bytes.unwrap_or(usize::MAX);
-    let mut records = Vec::new();
-    for row in rows {
-        let raw = row?;
-        if records.len() == limit || (!records.is_empty() && raw.items.len() > budget) {
-            return Ok(AuditPage {
-                records,
-                more: true,
-            });
+/// A page being filled from rows in the reading order: takes rows while
+/// they fit `filter.limit` and `filter.item_bytes` (always the first), and
+/// notes whether another row followed them. The one stopping rule of both
+/// stores' readers (PostgreSQL's stops reading its stream there).
+pub(super) struct PageFill {
+    limit: usize,
+    budget: usize,
+    page: AuditPage,
+}
+
+impl PageFill {
+    pub(super) fn new(filter: &AuditFilter) -> PageFill {
+        PageFill {
+            limit: filter.limit.map_or(usize::MAX, |l| l as usize),
+            budget: filter.item_bytes.unwrap_or(usize::MAX),
+            page: AuditPage::default(),
         }
-        budget = budget.saturating_sub(raw.items.len());
-        records.push(raw.decode().map_err(&decode_error)?);
     }
-    Ok(AuditPage {
-        records,
-        more: false,
-    })
+
+    /// Takes `raw`, decoded, if the page has room; `Ok(false)` when it is
+    /// full (the page then says more follow, and no later row is wanted).
+    pub(super) fn offer(&mut self, raw: RawRecord) -> Result<bool, String> {
+        let records = &self.page.records;
+        if records.len() == self.limit || (!records.is_empty() && raw.items.len() > self.budget) {
+            self.page.more = true;
+            return Ok(false);
+        }
+        self.budget = self.budget.saturating_sub(raw.items.len());
+        self.page.records.push(raw.decode()?);
+        Ok(true)
+    }
+
+    pub(super) fn finish(self) -> AuditPage {
+        self.page
+    }
 }
 
 /// An audit row's columns, not yet decoded.
@@ -206,11 +215,13 @@ pub(super) fn read(
             items: row.get(6)?,
         })
     })?;
-    take_rows(
-        filter,
-        rows.map(|r| r.map_err(AuditReadError::from)),
-        AuditReadError::Decode,
-    )
+    let mut page = PageFill::new(filter);
+    for row in rows {
+        if !page.offer(row?).map_err(AuditReadError::Decode)? {
+            break;
+        }
+    }
+    Ok(page.finish())
 }
 
 /// A record from its stored columns.

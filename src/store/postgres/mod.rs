@@ -382,7 +382,7 @@ impl Database {
     ) -> Result<crate::fleet::persist::AuditPage, PostgresError> {
         use tokio_stream::StreamExt as _;
 
-        use crate::store::audit::{FilterValue, RawRecord, clause, take_rows};
+        use crate::store::audit::{FilterValue, PageFill, RawRecord, clause};
         let (clause, values) = clause(filter, '$');
         let columns = RawRecord::COLUMNS.replace("a.items", "a.items::TEXT");
         let sql = format!("SELECT {columns} FROM audit a{clause}");
@@ -417,11 +417,7 @@ impl Database {
         // The stream is read in full or dropped; either way the driver
         // discards what is left of it.
         let mut rows = std::pin::pin!(rows);
-        // Read no further than `take_rows` looks: the limit's one more
-        // row, or the row that overflows the item budget.
-        let limit = filter.limit.map_or(usize::MAX, |l| l as usize);
-        let mut raw = Vec::new();
-        let mut budget = filter.item_bytes.unwrap_or(usize::MAX);
+        let mut page = PageFill::new(filter);
         while let Some(row) = rows.next().await {
             let row = row.map_err(driver)?;
             let record = RawRecord {
@@ -433,17 +429,14 @@ impl Database {
                 peer: row.get(5),
                 items: row.get(6),
             };
-            let size = record.items.len();
-            let last = raw.len() == limit || (!raw.is_empty() && size > budget);
-            raw.push(record);
-            if last {
+            if !page
+                .offer(record)
+                .map_err(|e| PostgresError::new(target, e))?
+            {
                 break;
             }
-            budget = budget.saturating_sub(size);
         }
-        take_rows(filter, raw.into_iter().map(Ok), |e| {
-            PostgresError::new(target, e)
-        })
+        Ok(page.finish())
     }
 
     /// The leader's fenced group-commit writer for `epoch`, on a connection
