@@ -190,6 +190,20 @@ impl Servers for Echo {
         Err(Status::unimplemented("not benchmarked"))
     }
 
+    async fn drain_servers(
+        &self,
+        _: Request<pb::DrainServersRequest>,
+    ) -> Result<Response<pb::DrainServersResponse>, Status> {
+        Err(Status::unimplemented("not benchmarked"))
+    }
+
+    async fn describe_drains(
+        &self,
+        _: Request<pb::DescribeDrainsRequest>,
+    ) -> Result<Response<pb::DescribeDrainsResponse>, Status> {
+        Err(Status::unimplemented("not benchmarked"))
+    }
+
     type WatchServersStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::WatchServersResponse, Status>> + Send>,
     >;

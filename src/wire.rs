@@ -52,6 +52,86 @@ fn time_from_pb(
         .ok()
 }
 
+/// A DrainServers request as the fleet takes it: its deadline one of
+/// Deadline and DeadlineIn, its OnDeadline a known value.
+pub fn drain_request_from_pb(
+    r: pb::DrainServersRequest,
+) -> Result<fleet::DrainRequest, FleetError> {
+    let mut violations = Vec::new();
+    let deadline = match (r.deadline, r.deadline_in) {
+        (None, None) => fleet::DrainDeadline::None,
+        (Some(_), Some(_)) => {
+            violations.push(FieldViolation::new(
+                "DeadlineIn",
+                "give Deadline or DeadlineIn, not both",
+            ));
+            fleet::DrainDeadline::None
+        }
+        (Some(t), None) => time_from_pb("Deadline", Some(t), &mut violations)
+            .map_or(fleet::DrainDeadline::None, fleet::DrainDeadline::At),
+        (None, Some(d)) => match std::time::Duration::try_from(d) {
+            Ok(d) => fleet::DrainDeadline::In(d),
+            Err(_) => {
+                violations.push(FieldViolation::new("DeadlineIn", "must be positive"));
+                fleet::DrainDeadline::None
+            }
+        },
+    };
+    let on_deadline = match pb::OnDeadline::try_from(r.on_deadline) {
+        Ok(pb::OnDeadline::Unspecified | pb::OnDeadline::Report) => fleet::OnDeadline::Report,
+        Ok(pb::OnDeadline::DeleteSessions) => fleet::OnDeadline::DeleteSessions,
+        Err(_) => {
+            violations.push(FieldViolation::new(
+                "OnDeadline",
+                format!("unknown value {}", r.on_deadline),
+            ));
+            fleet::OnDeadline::Report
+        }
+    };
+    if !violations.is_empty() {
+        return Err(FleetError::InvalidArgument(violations));
+    }
+    Ok(fleet::DrainRequest {
+        server_ids: r.servers.into_iter().map(|s| s.server_id).collect(),
+        reason: r.reason,
+        hold_name: r.hold_name.unwrap_or_default(),
+        deadline,
+        on_deadline,
+        override_floor: r.override_capacity_floor,
+    })
+}
+
+/// A drain on the wire.
+pub fn drain_to_pb(d: fleet::DrainView) -> pb::Drain {
+    pb::Drain {
+        drain_id: d.id,
+        state: match d.state {
+            fleet::DrainState::Draining => pb::DrainState::Draining,
+            fleet::DrainState::Drained => pb::DrainState::Drained,
+            fleet::DrainState::DeadlinePassed => pb::DrainState::DeadlinePassed,
+        } as i32,
+        hold_name: d.hold_name,
+        actor: d.actor,
+        reason: d.reason,
+        start_time: Some(Timestamp::from(d.started)),
+        deadline: d.deadline.map(Timestamp::from),
+        on_deadline: match d.on_deadline {
+            fleet::OnDeadline::Report => pb::OnDeadline::Report,
+            fleet::OnDeadline::DeleteSessions => pb::OnDeadline::DeleteSessions,
+        } as i32,
+        servers: d
+            .servers
+            .into_iter()
+            .map(|(server_id, left)| pb::DrainServer {
+                server_id,
+                sessions_left: saturating_i32(left),
+            })
+            .collect(),
+        sessions_left: saturating_i32(d.sessions_left),
+        busy_servers: saturating_i32(d.busy_servers),
+    }
+}
+
 /// A DescribeServerHistory request as the fleet takes it; its times must
 /// be timestamps.
 pub fn history_query_from_pb(
@@ -406,6 +486,7 @@ pub fn failure_code_to_pb(code: fleet::FailureCode) -> pb::FailureCode {
         fleet::FailureCode::StateVersionMismatch => pb::FailureCode::StateVersionMismatch,
         fleet::FailureCode::CapacityFloor => pb::FailureCode::CapacityFloor,
         fleet::FailureCode::InvalidHold => pb::FailureCode::InvalidHold,
+        fleet::FailureCode::AlreadyDraining => pb::FailureCode::AlreadyDraining,
     }
 }
 
@@ -580,6 +661,11 @@ pub fn server_to_pb(view: ServerView<'_>) -> pb::Server {
                 reason: hold.reason.clone(),
                 name: String::from(&*hold.name),
                 expiration_time: hold.expires_at.map(Timestamp::from),
+                drain_id: hold
+                    .drain
+                    .as_ref()
+                    .map(|d| d.id.to_string())
+                    .unwrap_or_default(),
             })
             .collect(),
         state_version: r.state_version,

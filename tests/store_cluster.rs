@@ -154,6 +154,7 @@ fn two_holds() -> Vec<Hold> {
         Hold {
             name: "team:db-7".into(),
             expires_at: Some(at(1_800_000_000)),
+            drain: None,
             ..closed("dba")
         },
     ]
@@ -164,6 +165,7 @@ fn closed(actor: &str) -> Hold {
         kind: HoldKind::Closed,
         name: dcv_broker::fleet::DEFAULT_HOLD_NAME.into(),
         expires_at: None,
+        drain: None,
         actor: actor.into(),
         since: at(1_700_000_900),
         reason: "maintenance".into(),

@@ -87,9 +87,12 @@ pub fn access(path: &str, open: OpenServices) -> Access {
         return Access::Denied;
     };
     let scope = match (service, method) {
-        (SERVERS, "DescribeServers" | "DescribeServerHistory" | "WatchServers")
+        (
+            SERVERS,
+            "DescribeServers" | "DescribeServerHistory" | "WatchServers" | "DescribeDrains",
+        )
         | (SESSIONS, "DescribeSessions") => Scope::Read,
-        (SERVERS, "CloseServers" | "OpenServers") => Scope::OperateServers,
+        (SERVERS, "CloseServers" | "OpenServers" | "DrainServers") => Scope::OperateServers,
         (
             SESSIONS,
             "CreateSessions"
@@ -375,7 +378,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 5 + 6 + 6);
+        assert_eq!(methods, 7 + 6 + 6);
     }
 
     #[test]

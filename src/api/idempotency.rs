@@ -1,5 +1,5 @@
-//! Idempotent retries at the API's edge: the `ClientToken` of the five
-//! mutating calls (CloseServers, OpenServers, CreateSessions,
+//! Idempotent retries at the API's edge: the `ClientToken` of the six
+//! mutating calls (CloseServers, OpenServers, DrainServers, CreateSessions,
 //! DeleteSessions, UpdateSessionPermissions), over gRPC and REST alike.
 //!
 //! Without a token nothing here runs beyond one emptiness check. With one:
@@ -113,6 +113,13 @@ impl Tokened for pb::OpenServersRequest {
     }
     fn is_dry_run(&self) -> bool {
         self.dry_run
+    }
+}
+
+impl Tokened for pb::DrainServersRequest {
+    const METHOD: &'static str = "DrainServers";
+    fn client_token_mut(&mut self) -> &mut String {
+        &mut self.client_token
     }
 }
 

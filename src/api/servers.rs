@@ -1,5 +1,5 @@
 //! The `Servers` gRPC service: CloseServers, OpenServers, DescribeServers,
-//! DescribeServerHistory, WatchServers.
+//! DescribeServerHistory, WatchServers, DrainServers, DescribeDrains.
 
 use tonic::{Request, Response, Status};
 
@@ -159,6 +159,32 @@ impl Servers for ServersApi {
         }))
     }
 
+    async fn drain_servers(
+        &self,
+        mut request: Request<pb::DrainServersRequest>,
+    ) -> Result<Response<pb::DrainServersResponse>, Status> {
+        idempotency::mutating!(self, request, servers, drain_servers, drain_servers_here)
+    }
+
+    async fn describe_drains(
+        &self,
+        request: Request<pb::DescribeDrainsRequest>,
+    ) -> Result<Response<pb::DescribeDrainsResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let r = request.into_inner();
+        fleet::check_lengths(&[("DrainIds", r.drain_ids.len(), query::MAX_DESCRIBE_IDS)])?;
+        let page = self.fleet.describe_drains(&fleet::DrainQuery {
+            drain_ids: r.drain_ids,
+            next_token: r.next_token,
+            max_results: r.max_results,
+        })?;
+        Ok(Response::new(pb::DescribeDrainsResponse {
+            request_id,
+            drains: page.drains.into_iter().map(wire::drain_to_pb).collect(),
+            next_token: page.next_token.unwrap_or_default(),
+        }))
+    }
+
     async fn describe_server_history(
         &self,
         request: Request<pb::DescribeServerHistoryRequest>,
@@ -290,6 +316,64 @@ impl ServersApi {
             failed = response.unsuccessful_list.len(),
             dry_run,
             "servers closed"
+        );
+        Ok(self.forward.stamped(response))
+    }
+
+    /// DrainServers, served here.
+    async fn drain_servers_here(
+        &self,
+        request: Request<pb::DrainServersRequest>,
+    ) -> Result<Response<pb::DrainServersResponse>, Status> {
+        let request_id = RequestId::of(&request);
+        let actor = super::auth::actor(&request);
+        let audit = AuditCall::begin(&self.fleet, &request, "DrainServers");
+        let r = request.into_inner();
+        fleet::validate_batch_size("Servers", r.servers.len())?;
+        let drain = wire::drain_request_from_pb(r)?;
+        let outcome = self.fleet.drain_servers(&drain, &actor).await?;
+        // Each item's audited reason names the drain, so that a server's
+        // history leads to it.
+        let why = match &outcome.drain_id {
+            Some(id) if drain.reason.is_empty() => format!("drain {id}"),
+            Some(id) => format!("drain {id}: {}", drain.reason),
+            None => String::new(),
+        };
+        let audited = drain.server_ids.iter().zip(&outcome.results);
+        AuditCall::finish(
+            audit,
+            &self.fleet,
+            audited.map(|(id, r)| (id.as_str(), r, why.as_str())),
+        )
+        .await;
+        let mut response = pb::DrainServersResponse {
+            request_id,
+            drain_id: outcome.drain_id.unwrap_or_default(),
+            ..Default::default()
+        };
+        for (server_id, result) in drain.server_ids.into_iter().zip(outcome.results) {
+            match result {
+                Ok(()) => response
+                    .successful_list
+                    .push(pb::DrainServerSuccessfulResponse { server_id }),
+                Err(failure) => {
+                    response
+                        .unsuccessful_list
+                        .push(pb::DrainServerUnsuccessfulResponse {
+                            drain_server_request_data: Some(pb::DrainServerRequestData {
+                                server_id,
+                            }),
+                            failure_code: wire::failure_code_to_pb(failure.code) as i32,
+                            failure_reason: failure.reason,
+                        })
+                }
+            }
+        }
+        tracing::debug!(
+            drain = %response.drain_id,
+            succeeded = response.successful_list.len(),
+            failed = response.unsuccessful_list.len(),
+            "servers drained"
         );
         Ok(self.forward.stamped(response))
     }

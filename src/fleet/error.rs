@@ -150,6 +150,8 @@ pub enum FailureCode {
     CapacityFloor,
     /// The hold's name or expiry is malformed.
     InvalidHold,
+    /// DrainServers: the server already has a hold of the drain's name.
+    AlreadyDraining,
 }
 
 /// A failed batch item: a code for programs and a reason for people.

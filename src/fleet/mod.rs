@@ -33,6 +33,7 @@ pub mod blast;
 pub mod client_tokens;
 mod config;
 mod connection_token;
+pub mod drains;
 pub mod error;
 mod gauges;
 mod handle;
@@ -58,6 +59,9 @@ pub use self::{
     blast::{AffectedServer, AffectedSession, BlastRadius, PoolCapacity},
     client_tokens::{Claim, TokenKey, TokenTicket},
     config::FleetConfig,
+    drains::{
+        DrainDeadline, DrainOutcome, DrainPage, DrainQuery, DrainRequest, DrainState, DrainView,
+    },
     error::{AgentStep, FailureCode, FieldViolation, FleetError, ItemFailure, ItemResult},
     gauges::{FleetGauges, SESSION_STATES},
     handle::Fleet,

@@ -346,6 +346,33 @@ pub struct Hold {
     pub reason: String,
     /// When it ends by itself, if it does.
     pub expires_at: Option<SystemTime>,
+    /// The drain that placed it, if one did (DrainServers): shared by the
+    /// drain's holds.
+    pub drain: Option<Arc<DrainSpec>>,
+}
+
+/// What a drain is, beyond its holds (which say who, when and why): its
+/// id and what happens at its deadline. Stored with each of its holds, so
+/// that a drain lives exactly as long as a hold of it does, survives a
+/// restart and reaches replicas with the holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainSpec {
+    /// Its id (a UUID).
+    pub id: Arc<str>,
+    /// When the broker stops waiting for its sessions to end.
+    pub deadline: Option<SystemTime>,
+    /// What the broker does then.
+    pub on_deadline: OnDeadline,
+}
+
+/// What a drain does at its deadline with the sessions still running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnDeadline {
+    /// Nothing: it reports the servers still busy.
+    #[default]
+    Report,
+    /// Asks each remaining session's agent to delete it.
+    DeleteSessions,
 }
 
 /// Everything the broker keeps about one server.

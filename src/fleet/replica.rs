@@ -22,7 +22,7 @@ use super::{
     client_tokens::ClientTokens,
     error::FleetError,
     handle::{CONNECTION_TOKEN_KEY, Fleet, PAGE_TOKEN_KEY},
-    model::{Placement, ServerId, ServerRecord, SessionState, Substate},
+    model::{DrainSpec, Hold, Placement, ServerId, ServerRecord, SessionState, Substate},
     persist::{self, Change, Snapshot, StoredLiveness, StoredServer, StoredSession},
     sessions::{Order, SessionId, SessionRecord, validate::validate_create},
     state::State,
@@ -157,10 +157,12 @@ impl Fleet {
                     agent_departed,
                 } => {
                     if let Some(server) = state.servers.get_mut(id.as_str()) {
+                        let before = drains_of(&server.holds);
                         server.holds.clone_from(holds);
                         server.state_version = *state_version;
                         server.agent_departed = *agent_departed;
                         let id = server.id.clone();
+                        state.drain_holds_replaced(&id, &before, holds);
                         state.watch.touch(&id);
                     }
                     state.schedule_hold_expiries(id, holds);
@@ -241,6 +243,16 @@ impl State {
         {
             self.take_server(&s.id);
         }
+        let id: ServerId = match self.servers.get(s.id.as_str()) {
+            Some(server) => server.id.clone(),
+            None => Arc::from(s.id.as_str()),
+        };
+        let before = self
+            .servers
+            .get(s.id.as_str())
+            .map(|server| drains_of(&server.holds))
+            .unwrap_or_default();
+        self.drain_holds_replaced(&id, &before, &s.holds);
         match self.servers.get_mut(s.id.as_str()) {
             Some(server) => {
                 if s.last_seen < server.last_seen_wall {
@@ -263,7 +275,6 @@ impl State {
                 }
             }
             None => {
-                let id: ServerId = Arc::from(s.id.as_str());
                 self.insert_server(
                     id.clone(),
                     Box::new(ServerRecord {
@@ -512,4 +523,9 @@ impl Fleet {
         }
         out
     }
+}
+
+/// The drains `holds` belong to.
+fn drains_of(holds: &[Hold]) -> Vec<Arc<DrainSpec>> {
+    holds.iter().filter_map(|h| h.drain.clone()).collect()
 }

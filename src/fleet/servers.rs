@@ -58,7 +58,7 @@ pub struct ServerView<'a> {
 
 /// What a judged CloseServers item would do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CloseStep {
+pub(super) enum CloseStep {
     /// The server already has a hold of that name: nothing.
     Held,
     /// Place the hold, ending at the given time; `closes` when the server
@@ -187,7 +187,7 @@ impl Fleet {
     }
 
     /// What judging a batch's items carries from one item to the next.
-    fn close_judge(&self, state: &State, now: Instant) -> CloseJudge<'_> {
+    pub(super) fn close_judge(&self, state: &State, now: Instant) -> CloseJudge<'_> {
         CloseJudge {
             wall: state.hold_expiries.wall(now),
             now,
@@ -239,6 +239,7 @@ impl Fleet {
                 since: wall,
                 reason: item.reason.clone(),
                 expires_at,
+                drain: None,
             });
             server.state_version = version;
             let id = server.id.clone();
@@ -323,15 +324,18 @@ impl Fleet {
             let (Some(OpenStep::Remove { index, opens }), Some(server)) = (step, server) else {
                 continue;
             };
-            if index + 1 == server.holds.len() {
+            let removed = if index + 1 == server.holds.len() {
                 // The usual case (one hold): no shifting.
-                server.holds.pop();
+                server.holds.pop()
             } else {
-                server.holds.remove(index);
-            }
+                Some(server.holds.remove(index))
+            };
             server.state_version = version;
             let deadline = server.last_seen + remove_after;
             let id = server.id.clone();
+            if let Some(hold) = removed {
+                state.hold_removed(&id, &hold);
+            }
             state.server_state_changed(&id);
             if opens {
                 state.note_removable(deadline);
@@ -412,7 +416,7 @@ impl Fleet {
 }
 
 /// What judging a CloseServers batch carries from item to item.
-struct CloseJudge<'a> {
+pub(super) struct CloseJudge<'a> {
     /// The broker's clock now, for expiries.
     wall: SystemTime,
     now: Instant,
@@ -430,7 +434,7 @@ impl CloseJudge<'_> {
     /// the item itself, since the count walks every record.
     /// Inlined: without floors (the usual case) it is one test per item.
     #[inline]
-    fn count_floors_for(&mut self, state: &State, item: &CloseItem) {
+    pub(super) fn count_floors_for(&mut self, state: &State, item: &CloseItem) {
         if self.floors.is_empty() || self.available.is_some() {
             return;
         }
@@ -453,7 +457,7 @@ impl CloseJudge<'_> {
 /// record is in the cache; a dry run only judges: both judge alike.
 /// Inlined: it runs once per item of batches of up to 1,000.
 #[inline]
-fn judge_close(
+pub(super) fn judge_close(
     server: Option<&ServerRecord>,
     item: &CloseItem,
     pre: Option<ItemFailure>,

@@ -69,6 +69,8 @@ pub(in crate::fleet) struct State {
     pub(in crate::fleet) audit: Vec<persist::AuditRecord>,
     /// What watchers need (nothing until the first comes).
     pub(in crate::fleet) watch: super::watch::WatchTracking,
+    /// Drains by id, and their deadlines.
+    pub(in crate::fleet) drains: super::drains::DrainIndex,
 }
 
 impl State {
@@ -200,6 +202,7 @@ impl State {
         for stored in snapshot.servers {
             let id: ServerId = Arc::from(stored.id.as_str());
             state.schedule_hold_expiries(&stored.id, &stored.holds);
+            state.drain_holds_replaced(&id, &[], &stored.holds);
             state.last_state_version = state.last_state_version.max(stored.state_version);
             let mut description = stored.description;
             state.texts.description(&mut description);
@@ -315,6 +318,7 @@ impl State {
         self.removal_due(now)
             || self.session_deadline_due(now)
             || self.hold_expiry_due(now)
+            || self.drain_deadline_due(now)
             || ((self.tracks_audit || self.watch.recording) && self.silence_due(now))
     }
 
@@ -328,6 +332,9 @@ impl State {
         self.process_session_deadlines(now, ctx);
         if self.hold_expiry_due(now) {
             self.expire_holds(now, ctx);
+        }
+        if self.drain_deadline_due(now) {
+            self.process_drain_deadlines(now);
         }
         if (self.tracks_audit || self.watch.recording) && self.silence_due(now) {
             self.note_silences(now, ctx);
@@ -355,6 +362,9 @@ impl State {
     pub(in crate::fleet) fn take_server(&mut self, id: &str) -> Option<Box<ServerRecord>> {
         let server = self.servers.remove(id)?;
         self.watch.touch(&server.id);
+        for hold in &server.holds {
+            self.hold_removed(id, hold);
+        }
         self.order.remove(id);
         self.by_load
             .remove(load_index::load_of(&server), &server.id);

@@ -20,8 +20,8 @@ use prost::Message as _;
 
 use crate::{
     fleet::{
-        CreateSpec, Heartbeat, HoldKind, MemoryUsage, ServerDescription, SessionKind, SessionState,
-        Substate, holds,
+        CreateSpec, DrainSpec, Heartbeat, HoldKind, MemoryUsage, OnDeadline, ServerDescription,
+        SessionKind, SessionState, Substate, holds,
         persist::{AuditItem, StoredLiveness},
     },
     pb, wire,
@@ -77,6 +77,62 @@ pub(super) fn decode_audit_items(text: &str) -> Result<Vec<AuditItem>, String> {
             })
         })
         .collect()
+}
+
+/// A hold's drain as stored: a JSON object (`id`, `deadline` in unix
+/// microseconds or null, `on_deadline` by its name), one nullable column
+/// that both stores read alike.
+pub(super) fn encode_drain(drain: &DrainSpec) -> String {
+    serde_json::json!({
+        "id": &*drain.id,
+        "deadline": drain.deadline.map(micros),
+        "on_deadline": on_deadline_name(drain.on_deadline),
+    })
+    .to_string()
+}
+
+/// The drain of a stored hold, checked: its id a UUID, its deadline a
+/// time, its action a known name.
+pub(super) fn decode_drain(text: &str) -> Result<DrainSpec, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("drain: {e}"))?;
+    let id = value
+        .get("id")
+        .and_then(serde_json::Value::as_str)
+        .filter(|id| uuid::Uuid::try_parse(id).is_ok())
+        .ok_or("drain: no UUID id")?;
+    let deadline = match value.get("deadline") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .and_then(time_from_micros)
+                .ok_or("drain: deadline is not a time")?,
+        ),
+    };
+    let on_deadline = value
+        .get("on_deadline")
+        .and_then(serde_json::Value::as_str)
+        .and_then(on_deadline_from_name)
+        .ok_or("drain: unknown on_deadline")?;
+    Ok(DrainSpec {
+        id: Arc::from(id),
+        deadline,
+        on_deadline,
+    })
+}
+
+fn on_deadline_name(on: OnDeadline) -> &'static str {
+    match on {
+        OnDeadline::Report => "REPORT",
+        OnDeadline::DeleteSessions => "DELETE_SESSIONS",
+    }
+}
+
+fn on_deadline_from_name(name: &str) -> Option<OnDeadline> {
+    match name {
+        "REPORT" => Some(OnDeadline::Report),
+        "DELETE_SESSIONS" => Some(OnDeadline::DeleteSessions),
+        _ => None,
+    }
 }
 
 pub(super) fn hold_kind_name(kind: HoldKind) -> &'static str {

@@ -186,7 +186,7 @@ impl Fields<'_, '_> {
 
 fn read_holds(connection: &Connection) -> Result<HashMap<String, Vec<Hold>>, LoadError> {
     let mut statement = connection.prepare(
-        "SELECT server_id, kind, name, actor, since, reason, expires_at
+        "SELECT server_id, kind, name, actor, since, reason, expires_at, drain
          FROM holds ORDER BY server_id, rowid",
     )?;
     let mut rows = statement.query([])?;
@@ -206,6 +206,11 @@ fn read_holds(connection: &Connection) -> Result<HashMap<String, Vec<Hold>>, Loa
             since: f.time(4, "since")?,
             reason: f.get(5, "reason")?,
             expires_at: f.optional_time(6, "expires_at")?,
+            drain: f
+                .get::<Option<String>>(7, "drain")?
+                .map(|text| codec::decode_drain(&text).map(std::sync::Arc::new))
+                .transpose()
+                .map_err(|e| f.bad("drain", e))?,
         };
         holds.entry(server).or_default().push(hold);
     }

@@ -150,6 +150,9 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (actor, method, token)
     ) STRICT;
     CREATE INDEX client_tokens_created_at ON client_tokens (created_at);",
+    // 7: the drain a hold belongs to (DrainServers), as a JSON object
+    // (`codec::encode_drain`); NULL for a hold an ordinary close placed.
+    "ALTER TABLE holds ADD COLUMN drain TEXT;",
 ];
 
 /// The schema version this build writes.

@@ -341,8 +341,8 @@ fn put_holds(
     tx.prepare_cached("DELETE FROM holds WHERE server_id = ?1")?
         .execute([id])?;
     let mut insert = tx.prepare_cached(
-        "INSERT INTO holds (server_id, kind, name, actor, since, reason, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO holds (server_id, kind, name, actor, since, reason, expires_at, drain)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     for hold in holds {
         insert.execute(params![
@@ -353,6 +353,7 @@ fn put_holds(
             codec::micros(hold.since),
             hold.reason,
             hold.expires_at.map(codec::micros),
+            hold.drain.as_deref().map(codec::encode_drain),
         ])?;
     }
     Ok(())

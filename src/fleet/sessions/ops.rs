@@ -84,6 +84,32 @@ fn judge_delete(
     })
 }
 
+impl State {
+    /// Marks session `id` DELETING and asks its server's agent to delete
+    /// it (again, with the same instruction id, if it was asked already).
+    pub(in crate::fleet) fn ask_to_delete(&mut self, id: &SessionId, server: ServerId) {
+        let mut instruction_id = None;
+        if let Some(record) = self.sessions.record_mut(id) {
+            if record.state != SessionState::Deleting {
+                // A new attempt (a repeat of a pending one keeps its id).
+                record.deletions = record.deletions.saturating_add(1);
+            }
+            record.state = SessionState::Deleting;
+            record.substate = None;
+            record.state_reason.clear();
+            instruction_id = Some(record.delete_id());
+        }
+        self.set_deadline(id, None);
+        if let Some(instruction_id) = instruction_id {
+            self.send(Instruction::Delete {
+                server,
+                session: id.clone(),
+                id: instruction_id,
+            });
+        }
+    }
+}
+
 impl Fleet {
     /// Deletes sessions; one result per item (the state the session is in
     /// afterwards), in order.
@@ -205,28 +231,7 @@ impl Fleet {
                         freed.push(server);
                     }
                 }
-                DeleteStep::Ask(server) => {
-                    let mut instruction_id = None;
-                    if let Some(record) = state.sessions.record_mut(&id) {
-                        if record.state != SessionState::Deleting {
-                            // A new attempt (a repeat of a pending one
-                            // keeps its id).
-                            record.deletions = record.deletions.saturating_add(1);
-                        }
-                        record.state = SessionState::Deleting;
-                        record.substate = None;
-                        record.state_reason.clear();
-                        instruction_id = Some(record.delete_id());
-                    }
-                    state.set_deadline(&id, None);
-                    if let Some(instruction_id) = instruction_id {
-                        state.send(Instruction::Delete {
-                            server,
-                            session: id.clone(),
-                            id: instruction_id,
-                        });
-                    }
-                }
+                DeleteStep::Ask(server) => state.ask_to_delete(&id, server),
             }
         }
         // The freed room goes to the queue, oldest first, before any newer

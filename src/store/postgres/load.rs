@@ -264,7 +264,7 @@ async fn read_holds(
 ) -> Result<HashMap<String, Vec<Hold>>, LoadError> {
     let rows = rows(
         tx,
-        "SELECT server_id, kind, name, actor, since, reason, expires_at FROM holds",
+        "SELECT server_id, kind, name, actor, since, reason, expires_at, drain FROM holds",
         "server_id",
         "server_id COLLATE \"C\", position",
         ids,
@@ -285,6 +285,11 @@ async fn read_holds(
             since: f.time(4, "since")?,
             reason: f.get(5, "reason")?,
             expires_at: f.optional_time(6, "expires_at")?,
+            drain: f
+                .get::<Option<String>>(7, "drain")?
+                .map(|text| codec::decode_drain(&text).map(std::sync::Arc::new))
+                .transpose()
+                .map_err(|e| f.bad("drain", e))?,
         };
         holds.entry(server).or_default().push(hold);
     }

@@ -146,6 +146,10 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (actor, method, token)
     );
     CREATE INDEX client_tokens_created_at ON client_tokens (created_at);",
+    // 6: the drain a hold belongs to, as the SQLite store's version 7.
+    // Nullable: a broker of the previous version still leading while a
+    // newer one migrates writes holds without a drain (it knows none).
+    "ALTER TABLE holds ADD COLUMN drain TEXT;",
 ];
 
 /// The schema version this build writes.

@@ -185,8 +185,9 @@ impl Statements {
             insert_hold: client
                 .prepare(
                     "INSERT INTO holds
-                         (server_id, position, kind, name, actor, since, reason, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                         (server_id, position, kind, name, actor, since, reason, expires_at,
+                          drain)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .await?,
             delete_server: client.prepare("DELETE FROM servers WHERE id = $1").await?,
@@ -628,6 +629,7 @@ async fn put_holds(
                 &codec::micros(hold.since),
                 &hold.reason,
                 &hold.expires_at.map(codec::micros),
+                &hold.drain.as_deref().map(codec::encode_drain),
             ],
         )
         .await?;
