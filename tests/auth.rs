@@ -972,6 +972,8 @@ const EXPECTED_SCOPE: &[(&str, Scope)] = &[
     ("Servers/OpenServers", Scope::OperateServers),
     ("Servers/DescribeServerHistory", Scope::Read),
     ("Servers/WatchServers", Scope::Read),
+    ("Servers/DrainServers", Scope::OperateServers),
+    ("Servers/DescribeDrains", Scope::Read),
     ("Sessions/DescribeSessions", Scope::Read),
     ("Sessions/CreateSessions", Scope::ManageSessions),
     ("Sessions/DeleteSessions", Scope::ManageSessions),

@@ -122,6 +122,8 @@ def test_list_shows_the_services(grpcurl):
                 "DescribeServers",
                 "DescribeServerHistory",
                 "WatchServers",
+                "DrainServers",
+                "DescribeDrains",
             },
         ),
         (
