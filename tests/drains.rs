@@ -61,13 +61,13 @@ fn drain_req(ids: &[&str], reason: &str) -> pb::DrainServersRequest {
 }
 
 fn within(seconds: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds,
-        nanos: 0,
-    })
+    Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
-async fn drain(servers: &mut Servers, request: pb::DrainServersRequest) -> pb::DrainServersResponse {
+async fn drain(
+    servers: &mut Servers,
+    request: pb::DrainServersRequest,
+) -> pb::DrainServersResponse {
     servers.drain_servers(request).await.unwrap().into_inner()
 }
 
@@ -152,7 +152,11 @@ async fn a_drain_ends_when_the_last_session_ends_and_survives_a_restart() {
         .iter()
         .map(|f| {
             (
-                f.drain_server_request_data.as_ref().unwrap().server_id.as_str(),
+                f.drain_server_request_data
+                    .as_ref()
+                    .unwrap()
+                    .server_id
+                    .as_str(),
                 f.failure_code,
             )
         })
@@ -388,7 +392,10 @@ async fn malformed_drains_are_refused_whole() {
     assert_eq!(refused(&mut servers, drain_req(&[], "")).await, ["Servers"]);
     let many: Vec<String> = (0..1001).map(|i| format!("s{i}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    assert_eq!(refused(&mut servers, drain_req(&many, "")).await, ["Servers"]);
+    assert_eq!(
+        refused(&mut servers, drain_req(&many, "")).await,
+        ["Servers"]
+    );
     assert_eq!(
         refused(&mut servers, drain_req(&["m1"], "bad\u{202e}reason")).await,
         ["Reason"]
@@ -509,7 +516,11 @@ async fn drains_page_in_id_order_and_a_token_binds_its_query() {
     for i in 0..7 {
         let server = format!("p{i}");
         register(&mut agent, &server, "linux", 2).await;
-        ids.push(drain(&mut servers, drain_req(&[&server], "")).await.drain_id);
+        ids.push(
+            drain(&mut servers, drain_req(&[&server], ""))
+                .await
+                .drain_id,
+        );
     }
     ids.sort();
     let mut seen = Vec::new();

@@ -21,7 +21,8 @@ use common::{postgres::TestDatabase, process::BrokerProcess};
 use dcv_broker::{
     demo,
     fleet::{
-        CreateSpec, Hold, HoldKind, SessionKind, SessionState, Substate, Tag,
+        CreateSpec, DrainSpec, Hold, HoldKind, OnDeadline, SessionKind, SessionState, Substate,
+        Tag,
         persist::{
             Change, Snapshot, Store as _, StoredClient, StoredClientToken, StoredServer,
             StoredSession,
@@ -102,6 +103,16 @@ fn closed(actor: &str, since: SystemTime, reason: &str) -> Hold {
         since,
         reason: reason.into(),
     }
+}
+
+/// `hold`, placed by drain `id`.
+fn in_drain(mut hold: Hold, id: &str, deadline: Option<SystemTime>, on: OnDeadline) -> Hold {
+    hold.drain = Some(std::sync::Arc::new(DrainSpec {
+        id: id.into(),
+        deadline,
+        on_deadline: on,
+    }));
+    hold
 }
 
 /// A named hold, ending at `expires_at` if given.
@@ -384,7 +395,13 @@ async fn named_holds_with_expiries_and_state_versions_come_back_exactly() {
         0,
         vec![
             // Not in name order: the order placed is the order kept.
-            named("zeta", "alice", since, None),
+            // A drain's hold carries the drain.
+            in_drain(
+                named("zeta", "alice", since, None),
+                "5f0c51a2-6c3e-4a47-9a1e-0d1d5a3f7b21",
+                Some(at(1_800_000_000, 7)),
+                OnDeadline::Report,
+            ),
             named("team:ops-1", "bob", since, Some(at(1_800_000_000, 999_999))),
             named(default, "dcv", since, None),
         ],
@@ -421,6 +438,12 @@ async fn named_holds_with_expiries_and_state_versions_come_back_exactly() {
     open_server.holds = vec![
         named(default, "dcv", since, None),
         named("@x", "carol", since, Some(at(1_700_000_200, 0))),
+        in_drain(
+            named("drain", "carol", since, None),
+            "0b6a3c0e-1f53-4c8e-8d9a-2a8f0f7f3e10",
+            None,
+            OnDeadline::DeleteSessions,
+        ),
     ];
     open_server.state_version = 9;
     open_server.agent_departed = true;

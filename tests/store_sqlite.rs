@@ -21,7 +21,8 @@ use std::{
 use dcv_broker::{
     demo,
     fleet::{
-        CreateSpec, Hold, HoldKind, SessionKind, SessionState, Substate, Tag,
+        CreateSpec, DrainSpec, Hold, HoldKind, OnDeadline, SessionKind, SessionState, Substate,
+        Tag,
         persist::{
             Change, Snapshot, Store as _, StoredClient, StoredClientToken, StoredServer,
             StoredSession,
@@ -114,6 +115,16 @@ fn closed(actor: &str, since: SystemTime, reason: &str) -> Hold {
         since,
         reason: reason.into(),
     }
+}
+
+/// `hold`, placed by drain `id`.
+fn in_drain(mut hold: Hold, id: &str, deadline: Option<SystemTime>, on: OnDeadline) -> Hold {
+    hold.drain = Some(std::sync::Arc::new(DrainSpec {
+        id: id.into(),
+        deadline,
+        on_deadline: on,
+    }));
+    hold
 }
 
 /// A named hold, ending at `expires_at` if given.
@@ -339,7 +350,13 @@ async fn named_holds_with_expiries_and_state_versions_come_back_exactly() {
         0,
         vec![
             // Not in name order: the order placed is the order kept.
-            named("zeta", "alice", since, None),
+            // A drain's hold carries the drain.
+            in_drain(
+                named("zeta", "alice", since, None),
+                "5f0c51a2-6c3e-4a47-9a1e-0d1d5a3f7b21",
+                Some(at(1_800_000_000, 7)),
+                OnDeadline::Report,
+            ),
             named("team:ops-1", "bob", since, Some(at(1_800_000_000, 999_999))),
             named(dcv_broker::fleet::DEFAULT_HOLD_NAME, "dcv", since, None),
         ],
@@ -377,6 +394,12 @@ async fn named_holds_with_expiries_and_state_versions_come_back_exactly() {
     open_server.holds = vec![
         named(dcv_broker::fleet::DEFAULT_HOLD_NAME, "dcv", since, None),
         named("@x", "carol", since, Some(at(1_700_000_200, 0))),
+        in_drain(
+            named("drain", "carol", since, None),
+            "0b6a3c0e-1f53-4c8e-8d9a-2a8f0f7f3e10",
+            None,
+            OnDeadline::DeleteSessions,
+        ),
     ];
     open_server.state_version = 9;
     open_server.agent_departed = true;
@@ -727,7 +750,10 @@ fn a_newer_schema_is_refused() {
         .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
         .unwrap();
     connection
-        .execute_batch("PRAGMA locking_mode = EXCLUSIVE; PRAGMA user_version = 7;")
+        .execute_batch(&format!(
+            "PRAGMA locking_mode = EXCLUSIVE; PRAGMA user_version = {};",
+            SCHEMA_VERSION + 1
+        ))
         .unwrap();
     connection.close().unwrap();
     let wal = dir.path().join(format!("{FILE_NAME}-wal"));
@@ -737,7 +763,7 @@ fn a_newer_schema_is_refused() {
     );
     let err = refused_unchanged(&dir);
     assert!(
-        matches!(err, StoreOpenError::NewerSchema { found: 7, .. }),
+        matches!(err, StoreOpenError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
         "{err:?}"
     );
 }
