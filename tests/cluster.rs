@@ -309,6 +309,61 @@ async fn three_replicas_answer_every_rpc_and_followers_apply_within_100ms() {
         }
     }
 
+    // A drain through a follower: every replica describes it (the holds
+    // carry it), and an open through another ends it everywhere.
+    let drain = ServersClient::new(f2.channel())
+        .drain_servers(pb::DrainServersRequest {
+            servers: vec![pb::DrainServerRequestData {
+                server_id: ids[0].clone(),
+            }],
+            reason: "through a follower".into(),
+            deadline_in: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("DrainServers through a follower")
+        .into_inner();
+    assert_eq!(drain.successful_list.len(), 1, "{drain:?}");
+    let expected = BTreeMap::from([(ids[0].clone(), Some("through a follower".to_owned()))]);
+    for r in &replicas {
+        wait_shows(r, &expected).await;
+        let drains = ServersClient::new(r.channel())
+            .describe_drains(pb::DescribeDrainsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .drains;
+        assert_eq!(drains.len(), 1, "{} describes {drains:?}", r.node);
+        assert_eq!(drains[0].drain_id, drain.drain_id);
+        assert_eq!(drains[0].state, pb::DrainState::Drained as i32);
+        assert!(drains[0].deadline.is_some());
+    }
+    ServersClient::new(f1.channel())
+        .open_servers(pb::OpenServersRequest {
+            servers: vec![pb::OpenServerRequestData {
+                server_id: ids[0].clone(),
+                hold_name: Some("drain".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let expected = BTreeMap::from([(ids[0].clone(), None)]);
+    for r in &replicas {
+        wait_shows(r, &expected).await;
+        let drains = ServersClient::new(r.channel())
+            .describe_drains(pb::DescribeDrainsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .drains;
+        assert!(drains.is_empty(), "{} still describes {drains:?}", r.node);
+    }
+
     // Every RPC through a follower. An agent registers and heartbeats
     // through f1 and holds its instruction stream there; a client works
     // through f2 (and reads its own writes there).
