@@ -1920,3 +1920,134 @@ async fn watch_servers_lists_again_after_the_broker_restarts() {
         "{stderr}"
     );
 }
+
+/// `drain-servers` waits, with a progress line on stderr, until the last
+/// session ends (exit 0; the reply carries the drain's final state), or
+/// until the deadline passes (exit 4); `describe-drains` lists the drains;
+/// bad flags are refused before any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn drain_servers_waits_until_the_sessions_end_or_the_deadline_passes() {
+    use dcv_broker::pb::{self, agent_client::AgentClient};
+    use tokio::io::AsyncBufReadExt as _;
+    let process = BrokerProcess::start_exactly(&["--in-memory"]).await;
+    let url = format!("http://{}", process.addr);
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut agent = AgentClient::new(channel.clone());
+    for id in ["dr1", "dr2", "dr3"] {
+        agent
+            .register_server(common::registration(id, "linux", 2))
+            .await
+            .unwrap();
+    }
+    let busy = |id: &str, session: &str| {
+        common::beat(
+            id,
+            vec![common::session(
+                session,
+                pb::SessionType::Virtual,
+                pb::SessionState::Ready,
+            )],
+        )
+    };
+    agent.heartbeat(busy("dr1", "busy-1")).await.unwrap();
+    agent.heartbeat(busy("dr3", "busy-3")).await.unwrap();
+    let broker = Broker {
+        _process: process,
+        url,
+        admin: None,
+    };
+
+    let mut command = tokio::process::Command::from(dcvsm_cmd());
+    command
+        .args(["--broker-url", &broker.url])
+        .args([
+            "drain-servers",
+            "--server-ids",
+            "dr1,dr2",
+            "--reason",
+            "bios update",
+            "--poll-interval",
+            "20ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let mut progress = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(line) = progress.next_line().await.unwrap() {
+        seen.push(line.clone());
+        if line.contains("1 session(s) left on 1 of 2 server(s)") {
+            break;
+        }
+    }
+    assert!(
+        seen.last()
+            .is_some_and(|l| l.contains("1 session(s) left on 1 of 2 server(s)")),
+        "{seen:?}"
+    );
+    // The simulated agent ends the last session: the wait ends.
+    agent.heartbeat(common::beat("dr1", vec![])).await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(line) = progress.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{rest:?}");
+    assert!(rest.iter().any(|l| l.ends_with(": drained")), "{rest:?}");
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = reply["DrainId"].as_str().unwrap().to_owned();
+    assert_eq!(reply["SuccessfulList"].as_array().unwrap().len(), 2);
+    assert_eq!(reply["Drain"]["DrainId"], id.as_str());
+    assert_eq!(reply["Drain"]["State"], "DRAINED");
+    assert_eq!(reply["Drain"]["Reason"], "bios update");
+
+    // A deadline that passes with a session left: exit 4.
+    let out = broker.dcvsm(&[
+        "drain-servers",
+        "--server-ids",
+        "dr3",
+        "--deadline-in",
+        "300ms",
+        "--poll-interval",
+        "20ms",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the deadline passed with 1 session(s) left"),
+        "{}",
+        stderr(&out)
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["Drain"]["State"], "DEADLINE_PASSED");
+    assert_eq!(reply["Drain"]["OnDeadline"], "REPORT");
+
+    // Both drains are described; one page of one drain at a time, walked.
+    let listed = broker.json(&["describe-drains", "--max-results", "1"]);
+    let drains = listed["Drains"].as_array().unwrap();
+    assert_eq!(drains.len(), 2, "{listed}");
+    assert!(drains.iter().any(|d| d["DrainId"] == id.as_str()));
+    // A server already drained under the hold name is refused (exit 3)
+    // without waiting; --no-wait returns at once.
+    let out = broker.dcvsm(&["drain-servers", "--server-ids", "dr1", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        reply["UnsuccessfulList"][0]["FailureCode"],
+        "ALREADY_DRAINING"
+    );
+    for bad in [
+        ["--deadline-in", "soon"],
+        ["--deadline", "tomorrow"],
+        ["--poll-interval", "0s"],
+    ] {
+        let mut args = vec!["drain-servers", "--server-ids", "dr2"];
+        args.extend(bad);
+        let out = broker.dcvsm(&args);
+        assert_eq!(out.status.code(), Some(252), "{bad:?}: {}", stderr(&out));
+    }
+}

@@ -12,6 +12,8 @@ Exit codes:
   1    the configuration file is missing or corrupt
   2    the command line could not be parsed
   3    the call succeeded but UnsuccessfulList is not empty (0 with --compat-exit-codes)
+  4    drain-servers: the drain's deadline passed with sessions left
+  5    drain-servers: the drain ended before its sessions did (its holds were opened)
   130  interrupted (Ctrl-C)
   252  a parameter value is invalid (checked before calling the broker)
   253  the environment, configuration or credentials are invalid: an unreadable CA bundle,
@@ -103,6 +105,13 @@ pub enum Command {
     /// Beyond DCV: the servers, then one line per change as it happens (JSON: one message
     /// per line); reconnects and resumes by itself; runs until interrupted or --max-changes.
     WatchServers(WatchServersArgs),
+    /// Beyond DCV: close servers for maintenance and wait, with a progress line on stderr,
+    /// until their sessions have ended (exit 0) or the deadline passes (exit 4); prints the
+    /// reply with the drain's final state.
+    DrainServers(DrainServersArgs),
+    /// Beyond DCV: the drains and their progress; follows every page unless --next-token or
+    /// --no-paginate.
+    DescribeDrains(DescribeDrainsArgs),
     /// Create a session.
     CreateSession(CreateSessionArgs),
     /// Describe sessions; follows every page unless --next-token or --no-paginate.
@@ -265,6 +274,64 @@ pub struct WatchServersArgs {
     /// Stop after this many changes (the snapshot's servers not counted).
     #[arg(long)]
     pub max_changes: Option<u64>,
+}
+
+/// What a drain does at its deadline.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDeadlineArg {
+    /// Report the servers still busy (exit 4).
+    Report,
+    /// Ask the agents to delete the sessions left (exit 4 too: the deadline passed).
+    DeleteSessions,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainServersArgs {
+    /// Comma-separated server ids.
+    #[arg(long, required = true)]
+    pub server_ids: String,
+    /// Why the servers are drained (shown with their holds).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// The name of the holds to place (default `drain`).
+    #[arg(long, value_name = "NAME")]
+    pub hold: Option<String>,
+    /// Stop waiting after this long, e.g. 2h, 90m; at most a year.
+    #[arg(long, value_name = "DURATION", conflicts_with = "deadline")]
+    pub deadline_in: Option<String>,
+    /// Stop waiting at this time, RFC 3339, e.g. 2026-12-02T06:00:00Z.
+    #[arg(long, value_name = "RFC3339")]
+    pub deadline: Option<String>,
+    /// What the broker does at the deadline with the sessions left.
+    #[arg(long, value_enum, default_value = "report")]
+    pub on_deadline: OnDeadlineArg,
+    /// Close even if that leaves a pool below its capacity floor.
+    #[arg(long)]
+    pub override_capacity_floor: bool,
+    /// Print the reply and return at once, without waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How often to ask the broker how the drain is going.
+    #[arg(long, value_name = "DURATION", default_value = "2s")]
+    pub poll_interval: String,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DescribeDrainsArgs {
+    /// Comma-separated drain ids (all drains when absent).
+    #[arg(long)]
+    pub drain_ids: Option<String>,
+    /// Start from this page token (prints only that page).
+    #[arg(long)]
+    pub next_token: Option<String>,
+    /// Drains per page, 1 to 100.
+    #[arg(long)]
+    pub max_results: Option<i32>,
+    /// Print one page, with its NextToken.
+    #[arg(long)]
+    pub no_paginate: bool,
 }
 
 #[derive(Args, Debug)]

@@ -18,10 +18,10 @@ use serde_json::Value;
 use crate::{
     Failure,
     cli::{
-        CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeServerHistoryArgs,
-        DescribeServersArgs, DescribeSessionsArgs, GetSessionConnectionDataArgs,
-        GetSessionScreenshotsArgs, OpenServersArgs, RetryArgs, SessionTypeArg,
-        UpdateSessionPermissionsArgs,
+        CloseServersArgs, Command, CreateSessionArgs, DeleteSessionArgs, DescribeDrainsArgs,
+        DescribeServerHistoryArgs, DescribeServersArgs, DescribeSessionsArgs,
+        GetSessionConnectionDataArgs, GetSessionScreenshotsArgs, OpenServersArgs, RetryArgs,
+        SessionTypeArg, UpdateSessionPermissionsArgs,
     },
     exit, fail,
     output::to_json,
@@ -56,6 +56,8 @@ pub async fn execute(
         Command::GetSessionScreenshots(args) => get_session_screenshots(sessions, args).await,
         Command::Completion { .. } => unreachable!("handled before connecting"),
         Command::WatchServers(_) => unreachable!("a stream, run by watch::run"),
+        Command::DrainServers(_) => unreachable!("a wait, run by drain::run"),
+        Command::DescribeDrains(args) => describe_drains(servers, args).await,
     }
 }
 
@@ -124,7 +126,7 @@ async fn open_servers(mut servers: Servers, args: &OpenServersArgs) -> Result<Va
 const MAX_CLIENT_TOKEN_CHARS: usize = 64;
 
 /// --client-token, checked as the broker documents it (empty: none).
-fn client_token(args: &RetryArgs) -> Result<String, Failure> {
+pub fn client_token(args: &RetryArgs) -> Result<String, Failure> {
     let Some(token) = &args.client_token else {
         return Ok(String::new());
     };
@@ -190,6 +192,31 @@ async fn describe_servers(servers: Servers, args: &DescribeServersArgs) -> Resul
             let r = servers.describe_servers(request).await;
             let r = r.map_err(status_failure)?.into_inner();
             Ok((to_json("DescribeServersResponse", &r)?, r.next_token))
+        }
+    })
+    .await
+}
+
+async fn describe_drains(servers: Servers, args: &DescribeDrainsArgs) -> Result<Value, Failure> {
+    let drain_ids = match &args.drain_ids {
+        Some(ids) => split_ids("--drain-ids", ids)?,
+        None => Vec::new(),
+    };
+    let max_results = args.max_results.map(check_max_results).transpose()?;
+    let single = args.no_paginate || args.next_token.is_some();
+    let mut request = pb::DescribeDrainsRequest {
+        drain_ids,
+        next_token: args.next_token.clone().unwrap_or_default(),
+        max_results,
+    };
+    paginate("Drains", single, |token| {
+        request.next_token = token.unwrap_or_else(|| request.next_token.clone());
+        let request = request.clone();
+        let mut servers = servers.clone();
+        async move {
+            let r = servers.describe_drains(request).await;
+            let r = r.map_err(status_failure)?.into_inner();
+            Ok((to_json("DescribeDrainsResponse", &r)?, r.next_token))
         }
     })
     .await
@@ -580,7 +607,7 @@ pub fn status_failure(status: tonic::Status) -> Failure {
     }
 }
 
-fn split_ids(flag: &str, ids: &str) -> Result<Vec<String>, Failure> {
+pub fn split_ids(flag: &str, ids: &str) -> Result<Vec<String>, Failure> {
     let ids: Vec<String> = ids
         .split(',')
         .map(str::trim)

@@ -24,12 +24,14 @@
 //!
 //! Layout: [`cli`] (the flags, clap), [`settings`] (flags > environment >
 //! file > defaults), [`commands`] (one function per command, over
-//! `dcv_broker::client`), [`output`] (JSON and tables), [`auth`] (tokens);
-//! this file runs a command and maps failures to exit codes.
+//! `dcv_broker::client`), [`output`] (JSON and tables), [`auth`] (tokens),
+//! [`watch`] and [`drain`] (the commands that follow the broker over
+//! time); this file runs a command and maps failures to exit codes.
 
 mod auth;
 mod cli;
 mod commands;
+mod drain;
 mod output;
 mod settings;
 mod watch;
@@ -48,6 +50,8 @@ mod exit {
     pub const OK: u8 = 0;
     pub const CONFIG: u8 = 1;
     pub const PARTIAL: u8 = 3;
+    pub const DEADLINE_PASSED: u8 = 4;
+    pub const DRAIN_ENDED: u8 = 5;
     pub const INTERRUPTED: u8 = 130;
     pub const BAD_PARAMETER: u8 = 252;
     pub const BAD_ENVIRONMENT: u8 = 253;
@@ -127,6 +131,18 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     );
     if let Command::WatchServers(args) = &cli.command {
         return watch::run(&broker, &tokens, args, settings.output).await;
+    }
+    if let Command::DrainServers(args) = &cli.command {
+        let compat = cli.compat_exit_codes;
+        return drain::run(
+            &broker,
+            &tokens,
+            args,
+            settings.output,
+            &cli.command,
+            compat,
+        )
+        .await;
     }
     let mut token = tokens.get().await?;
     let mut renewed = false;
