@@ -578,3 +578,41 @@ async fn drains_page_in_id_order_and_a_token_binds_its_query() {
     assert_eq!(second.drains[0].drain_id, ids[1]);
     assert!(second.next_token.is_empty());
 }
+
+#[tokio::test]
+async fn a_drains_progress_shows_on_the_watch_stream() {
+    let broker = Broker::quiet().await;
+    let mut agent = broker.agent().await;
+    let mut servers = broker.servers().await;
+    register(&mut agent, "w1", "linux", 4).await;
+    agent
+        .heartbeat(beat("w1", vec![virtual_session("s-1")]))
+        .await
+        .unwrap();
+    let mut stream = servers
+        .watch_servers(pb::WatchServersRequest {
+            filters: vec![pb::KeyValuePair {
+                key: "closed".into(),
+                value: "true".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = stream.message().await.unwrap().unwrap();
+    assert!(snapshot.snapshot_end && snapshot.servers.is_empty());
+    let id = drain(&mut servers, drain_req(&["w1"], "")).await.drain_id;
+    agent.heartbeat(beat("w1", vec![])).await.unwrap();
+    let mut changes = Vec::new();
+    while changes.len() < 2 {
+        let message = stream.message().await.unwrap().unwrap();
+        changes.extend(message.changes);
+    }
+    assert_eq!(changes[0].r#type, pb::ChangeType::Added as i32);
+    let added = changes[0].server.as_ref().unwrap();
+    assert_eq!(added.holds[0].drain_id, id);
+    assert_eq!(added.virtual_session_count, 1);
+    assert_eq!(changes[1].r#type, pb::ChangeType::Modified as i32);
+    assert_eq!(changes[1].server.as_ref().unwrap().virtual_session_count, 0);
+}
