@@ -954,6 +954,47 @@ def test_history_refuses_a_bad_query_with_bad_request_details(grpcurl):
         assert [v["field"] for v in detail["fieldViolations"]] == [field], status
 
 
+def test_drain_servers_and_describe_drains_speak_dcvs_json_names(call):
+    """A drain made with grpcurl: its reply, its progress in DescribeDrains
+    and its id on the server's hold, under the JSON names DCV users
+    expect; reopened afterwards, so the shared demo fleet is as before."""
+    server_id = all_servers(call)[2]["Id"]
+    out = call(
+        f"{SERVERS}/DrainServers",
+        {
+            "Servers": [{"ServerId": server_id}, {"ServerId": "no-such-server"}],
+            "Reason": "grpcurl drain",
+            "DeadlineIn": "3600s",
+        },
+    )
+    assert_request_id(out)
+    drain_id = out["DrainId"]
+    try:
+        assert out["SuccessfulList"] == [{"ServerId": server_id}], out
+        [failed] = out["UnsuccessfulList"]
+        assert failed["DrainServerRequestData"] == {"ServerId": "no-such-server"}
+        assert failed["FailureCode"] == "DCV_SERVER_NOT_FOUND"
+        drains = call(f"{SERVERS}/DescribeDrains", {"DrainIds": [drain_id]})
+        assert_request_id(drains)
+        [drain] = drains["Drains"]
+        assert drain["DrainId"] == drain_id
+        assert drain["State"] in ("DRAINING", "DRAINED"), drain
+        assert drain["OnDeadline"] == "REPORT"
+        assert drain["Reason"] == "grpcurl drain"
+        assert drain["HoldName"] == "drain"
+        assert [s["ServerId"] for s in drain["Servers"]] == [server_id]
+        parse_time(drain["StartTime"])
+        parse_time(drain["Deadline"])
+        [server] = call(f"{SERVERS}/DescribeServers", {"ServerIds": [server_id]})["Servers"]
+        assert [h["DrainId"] for h in server["Holds"]] == [drain_id], server
+    finally:
+        call(
+            f"{SERVERS}/OpenServers",
+            {"Servers": [{"ServerId": server_id, "HoldName": "drain"}]},
+        )
+    assert "Drains" not in call(f"{SERVERS}/DescribeDrains", {"DrainIds": [drain_id]})
+
+
 def test_watch_servers_streams_a_snapshot_then_changes(grpcurl_bin, broker, call, tmp_path):
     """grpcurl 1.8.6 (reflection v1alpha) follows the server stream: the
     snapshot of a filtered view, then a close made meanwhile as an ADDED
