@@ -571,6 +571,17 @@ mod child {
 
     #[tonic::async_trait]
     impl Sessions for Echo {
+        type WatchSessionsStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<pb::WatchSessionsResponse, Status>> + Send>,
+        >;
+
+        async fn watch_sessions(
+            &self,
+            _: Request<pb::WatchSessionsRequest>,
+        ) -> Result<Response<Self::WatchSessionsStream>, Status> {
+            Err(Status::unimplemented("not benchmarked"))
+        }
+
         async fn create_sessions(
             &self,
             _: Request<pb::CreateSessionsRequest>,

@@ -458,10 +458,13 @@ async fn run(
     )
     .max_decoding_message_size(limits.max_request_bytes)
     .max_encoding_message_size(limits.max_response_bytes);
-    let sessions =
-        SessionsServer::new(SessionsApi::new(fleet.clone()).with_forwarder(forward.clone()))
-            .max_decoding_message_size(limits.max_request_bytes)
-            .max_encoding_message_size(limits.max_response_bytes);
+    let sessions = SessionsServer::new(
+        SessionsApi::new(fleet.clone())
+            .with_forwarder(forward.clone())
+            .with_stopping(stopping_rx.clone()),
+    )
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_response_bytes);
     let agent = AgentServer::new(
         AgentApi::new(fleet.clone(), stopping_rx.clone()).with_forwarder(forward.clone()),
     )

@@ -975,6 +975,7 @@ const EXPECTED_SCOPE: &[(&str, Scope)] = &[
     ("Servers/DrainServers", Scope::OperateServers),
     ("Servers/DescribeDrains", Scope::Read),
     ("Sessions/DescribeSessions", Scope::Read),
+    ("Sessions/WatchSessions", Scope::Read),
     ("Sessions/CreateSessions", Scope::ManageSessions),
     ("Sessions/DeleteSessions", Scope::ManageSessions),
     ("Sessions/GetSessionConnectionData", Scope::ManageSessions),

@@ -246,7 +246,7 @@ struct Watched {
 impl Watched {
     fn start(fleet: &Fleet) -> Watched {
         let (watcher, start) = fleet.watch_servers(&[], None).unwrap();
-        let WatchStart::Snapshot { servers } = start else {
+        let WatchStart::Snapshot { items: servers } = start else {
             panic!("a new watch starts with a snapshot");
         };
         let view = servers

@@ -91,7 +91,7 @@ pub fn access(path: &str, open: OpenServices) -> Access {
             SERVERS,
             "DescribeServers" | "DescribeServerHistory" | "WatchServers" | "DescribeDrains",
         )
-        | (SESSIONS, "DescribeSessions") => Scope::Read,
+        | (SESSIONS, "DescribeSessions" | "WatchSessions") => Scope::Read,
         (SERVERS, "CloseServers" | "OpenServers" | "DrainServers") => Scope::OperateServers,
         (
             SESSIONS,
@@ -378,7 +378,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 7 + 6 + 6);
+        assert_eq!(methods, 7 + 7 + 6);
     }
 
     #[test]

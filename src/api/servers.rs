@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 use super::{Forwarder, RequestId, audit::AuditCall, error::truncated, idempotency, watch_stream};
 use crate::{
-    fleet::{self, CloseItem, DescribeQuery, Fleet, FleetError, OpenItem, query},
+    fleet::{self, CloseItem, DescribeQuery, Fleet, OpenItem, query},
     pb::{self, servers_server::Servers},
     wire,
 };
@@ -79,27 +79,14 @@ impl Servers for ServersApi {
         request: Request<pb::WatchServersRequest>,
     ) -> Result<Response<Self::WatchServersStream>, Status> {
         let r = request.into_inner();
-        fleet::check_lengths(&[("Filters", r.filters.len(), query::MAX_FILTERS)])?;
-        let progress = watch_stream::progress_interval(r.progress_interval)?;
-        let resume = match (r.from_sequence, r.epoch.is_empty()) {
-            (None, true) => None,
-            (Some(seq), false) => Some((r.epoch, seq)),
-            (Some(_), true) => {
-                return Err(FleetError::invalid("Epoch", "is needed with FromSequence").into());
-            }
-            (None, false) => {
-                return Err(FleetError::invalid("FromSequence", "is needed with Epoch").into());
-            }
-        };
-        if self.fleet.watchers() >= watch_stream::MAX_WATCHERS {
-            return Err(Status::resource_exhausted(format!(
-                "this broker serves {} watchers already; try another replica or later",
-                watch_stream::MAX_WATCHERS
-            )));
-        }
-        let filters: Vec<(String, String)> =
-            r.filters.into_iter().map(|f| (f.key, f.value)).collect();
-        let (watcher, start) = self.fleet.watch_servers(&filters, resume)?;
+        let asked = watch_stream::WatchRequest::check(
+            &self.fleet,
+            r.filters,
+            r.from_sequence,
+            r.epoch,
+            r.progress_interval,
+        )?;
+        let (watcher, start) = self.fleet.watch_servers(&asked.filters, asked.resume)?;
         tracing::debug!(
             epoch = watcher.epoch(),
             from = watcher.cursor(),
@@ -108,7 +95,7 @@ impl Servers for ServersApi {
         Ok(Response::new(watch_stream::stream(
             watcher,
             start,
-            progress,
+            asked.progress,
             self.stopping.clone(),
         )))
     }

@@ -1,10 +1,12 @@
 //! The `Sessions` gRPC service: CreateSessions, DescribeSessions,
 //! DeleteSessions, GetSessionConnectionData, UpdateSessionPermissions,
-//! GetSessionScreenshots.
+//! GetSessionScreenshots, WatchSessions.
 
 use tonic::{Request, Response, Status};
 
-use super::{Forwarder, RequestId, audit::AuditCall, idempotency};
+use tokio::sync::watch;
+
+use super::{Forwarder, RequestId, audit::AuditCall, idempotency, watch_stream};
 use crate::{
     fleet::{
         self, DeleteItem, Fleet, PermissionsItem, SessionQuery, query,
@@ -20,6 +22,8 @@ pub struct SessionsApi {
     fleet: Fleet,
     /// Sends writes to the leader when this replica follows one.
     forward: Forwarder,
+    /// Turns true when the broker shuts down: watch streams then end.
+    stopping: Option<watch::Receiver<bool>>,
 }
 
 impl SessionsApi {
@@ -28,7 +32,15 @@ impl SessionsApi {
         SessionsApi {
             fleet,
             forward: Forwarder::standalone(),
+            stopping: None,
         }
+    }
+
+    /// The same service, its watch streams ending when `stopping` turns
+    /// true.
+    pub fn with_stopping(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// The same service, forwarding writes as `forward` says.
@@ -40,6 +52,34 @@ impl SessionsApi {
 
 #[tonic::async_trait]
 impl Sessions for SessionsApi {
+    type WatchSessionsStream = watch_stream::WatchSessionsStream;
+
+    async fn watch_sessions(
+        &self,
+        request: Request<pb::WatchSessionsRequest>,
+    ) -> Result<Response<Self::WatchSessionsStream>, Status> {
+        let r = request.into_inner();
+        let asked = watch_stream::WatchRequest::check(
+            &self.fleet,
+            r.filters,
+            r.from_sequence,
+            r.epoch,
+            r.progress_interval,
+        )?;
+        let (watcher, start) = self.fleet.watch_sessions(&asked.filters, asked.resume)?;
+        tracing::debug!(
+            epoch = watcher.epoch(),
+            from = watcher.cursor(),
+            "session watch started"
+        );
+        Ok(Response::new(watch_stream::stream(
+            watcher,
+            start,
+            asked.progress,
+            self.stopping.clone(),
+        )))
+    }
+
     async fn create_sessions(
         &self,
         mut request: Request<pb::CreateSessionsRequest>,

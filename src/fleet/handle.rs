@@ -48,7 +48,10 @@ pub struct Fleet {
     /// with a lock of their own.
     pub(in crate::fleet) client_tokens: ClientTokens,
     /// The watchers' log of server changes.
-    pub(in crate::fleet) watch: Arc<super::watch::WatchShared>,
+    pub(in crate::fleet) watch: Arc<super::watch::WatchShared<super::watch::ServersWatched>>,
+    /// Session watchers' log.
+    pub(in crate::fleet) session_watch:
+        Arc<super::watch::WatchShared<super::watch_sessions::SessionsWatched>>,
 }
 
 /// The stored secret keying page tokens.
@@ -129,6 +132,7 @@ impl Fleet {
             writable: Arc::new(AtomicBool::new(true)),
             client_tokens,
             watch: super::watch::WatchShared::new(config_watch_buffer),
+            session_watch: super::watch::WatchShared::new(config_watch_buffer),
         })
     }
 
@@ -182,9 +186,7 @@ impl Fleet {
     /// before the lock is released, so the store sees changes in order.
     pub(in crate::fleet) fn commit(&self, state: &mut State) -> persist::Durable {
         if state.watch.recording {
-            let now = Instant::now();
-            let after = self.config.unreachable_after;
-            state.watch.publish(&state.servers, &self.watch, now, after);
+            self.publish_watched(state, Instant::now());
         }
         if !self.store.keeps_changes() {
             state.forget_changes();
@@ -210,6 +212,20 @@ impl Fleet {
         } else {
             self.store.submit(changes)
         }
+    }
+
+    /// Publishes, for watchers, what the write section changed: servers,
+    /// then the sessions whose records or servers changed.
+    pub(in crate::fleet) fn publish_watched(&self, state: &mut State, now: Instant) {
+        let after = self.config.unreachable_after;
+        let touched = state.watch.publish(&state.servers, &self.watch, now, after);
+        state.session_watch.publish(
+            &state.sessions,
+            &state.servers,
+            &state.watch.last,
+            &touched,
+            &self.session_watch,
+        );
     }
 
     /// Whether audit records are wanted (see [`persist::Store::keeps_audit`]):

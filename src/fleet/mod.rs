@@ -53,6 +53,7 @@ pub mod sessions;
 mod state;
 mod validate;
 pub mod watch;
+pub mod watch_sessions;
 
 pub use self::{
     availability::{Reason, Reasons},

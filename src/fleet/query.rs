@@ -292,11 +292,14 @@ pub fn paginate<T, K>(
     if items.next().is_some() { last } else { None }
 }
 
-/// One DescribeSessions filter predicate.
-#[derive(Debug)]
-pub(in crate::fleet) enum SessionPredicate {
+/// One DescribeSessions (and WatchSessions) filter predicate.
+#[derive(Debug, Clone)]
+pub enum SessionPredicate {
+    /// `owner`.
     Owner(String),
+    /// `tag:KEY` of the session's server.
     Tag(String, String),
+    /// `state`, as shown.
     State(SessionState),
 }
 

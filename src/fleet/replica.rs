@@ -102,10 +102,10 @@ impl Fleet {
             for id in ids.iter().chain(fresh.watch.published_ids().iter()) {
                 fresh.watch.touch(id);
             }
-            let after = self.config.unreachable_after;
             fresh
-                .watch
-                .publish(&fresh.servers, &self.watch, Instant::now(), after);
+                .session_watch
+                .take_published_from(&mut state.session_watch, &fresh.sessions);
+            self.publish_watched(&mut fresh, Instant::now());
         }
         let old = std::mem::replace(&mut *state, fresh);
         self.rekey(&keys);
@@ -202,9 +202,7 @@ impl Fleet {
             state.watch.touch(&server);
         }
         if state.watch.recording {
-            let after = self.config.unreachable_after;
-            let state = &mut *state;
-            state.watch.publish(&state.servers, &self.watch, now, after);
+            self.publish_watched(&mut state, now);
         }
         self.rekey(&keys);
         Ok(())
@@ -315,6 +313,7 @@ impl State {
         let id: SessionId = old
             .as_ref()
             .map_or_else(|| Arc::from(s.id.as_str()), |o| o.id.clone());
+        self.session_watch.touch(&id);
         let server = s
             .server
             .as_deref()
@@ -388,6 +387,7 @@ impl State {
         settle: &mut Vec<(SessionId, ServerId)>,
     ) -> Option<SessionRecord> {
         let old = self.sessions.records.remove(id)?;
+        self.session_watch.touch(&old.id);
         if let Some(at) = old.deadline {
             self.sessions.deadlines.remove(&(at, old.id.clone()));
         }

@@ -69,6 +69,8 @@ pub(in crate::fleet) struct State {
     pub(in crate::fleet) audit: Vec<persist::AuditRecord>,
     /// What watchers need (nothing until the first comes).
     pub(in crate::fleet) watch: super::watch::WatchTracking,
+    /// What session watchers need (nothing until the first comes).
+    pub(in crate::fleet) session_watch: super::watch_sessions::SessionTracking,
     /// Drains by id, and their deadlines.
     pub(in crate::fleet) drains: super::drains::DrainIndex,
 }

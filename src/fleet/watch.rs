@@ -1,5 +1,8 @@
-//! WatchServers: the fleet's servers as a snapshot, then every change to
-//! them, numbered, from a bounded log a watcher can resume from.
+//! WatchServers and WatchSessions: the fleet's servers (or sessions) as a
+//! snapshot, then every change to them, numbered, from a bounded log a
+//! watcher can resume from. The log, its dispatcher and the watchers are
+//! the same for both kinds ([`Watched`]); servers are recorded here,
+//! sessions in `watch_sessions.rs`.
 //!
 //! How it works. Nothing is recorded until the first watcher comes (a
 //! broker nobody watches pays nothing); from then on, for the life of the
@@ -73,30 +76,76 @@ impl ServerSnapshot {
     }
 }
 
-/// One change to one server, as the log keeps it.
+/// A kind of object watchers follow: what its published state is, and
+/// how a watcher's filters select it.
+pub trait Watched: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// An object's state as a change left it.
+    type Snapshot: std::fmt::Debug + Send + Sync;
+    /// A watcher's parsed filters.
+    type Filters: Clone + std::fmt::Debug + Send + Sync;
+    /// Whether `snapshot` is in the view `filters` select.
+    fn matches(filters: &Self::Filters, snapshot: &Self::Snapshot) -> bool;
+}
+
+/// Servers, as WatchServers follows them.
+#[derive(Debug, Clone, Copy)]
+pub struct ServersWatched;
+
+impl Watched for ServersWatched {
+    type Snapshot = ServerSnapshot;
+    type Filters = Filters;
+    fn matches(filters: &Filters, s: &ServerSnapshot) -> bool {
+        filters.matches(&s.record, s.reasons)
+    }
+}
+
+/// One change to one object, as the log keeps it.
 #[derive(Debug)]
-pub struct ServerEvent {
+pub struct Event<K: Watched> {
     /// Its sequence number within the log's epoch.
     pub seq: u64,
-    /// The server.
-    pub id: ServerId,
+    /// The object's id.
+    pub id: Arc<str>,
     /// Its state before (`None`: it was added).
-    pub before: Option<Arc<ServerSnapshot>>,
+    pub before: Option<Arc<K::Snapshot>>,
     /// Its state after (`None`: it was removed).
-    pub after: Option<Arc<ServerSnapshot>>,
+    pub after: Option<Arc<K::Snapshot>>,
 }
 
 /// What a change is to one watcher, seen through its filters.
-#[derive(Debug, Clone)]
-pub enum ServerChange {
-    /// The server entered the watcher's view (registered, or now matches).
-    Added(Arc<ServerSnapshot>),
-    /// The server changed and is still in view.
-    Modified(Arc<ServerSnapshot>),
-    /// The server left the watcher's view (forgotten, or no longer
-    /// matches); its last state in view.
-    Removed(Arc<ServerSnapshot>),
+#[derive(Debug)]
+pub enum Change<K: Watched> {
+    /// The object entered the watcher's view (new, or now matches).
+    Added(Arc<K::Snapshot>),
+    /// The object changed and is still in view.
+    Modified(Arc<K::Snapshot>),
+    /// The object left the watcher's view (gone, or no longer matches);
+    /// its last state in view.
+    Removed(Arc<K::Snapshot>),
 }
+
+impl<K: Watched> Clone for Change<K> {
+    fn clone(&self) -> Self {
+        match self {
+            Change::Added(s) => Change::Added(s.clone()),
+            Change::Modified(s) => Change::Modified(s.clone()),
+            Change::Removed(s) => Change::Removed(s.clone()),
+        }
+    }
+}
+
+/// An event to publish: the object's id, its state before and after.
+pub(in crate::fleet) type Published<K> = (
+    Arc<str>,
+    Option<Arc<<K as Watched>::Snapshot>>,
+    Option<Arc<<K as Watched>::Snapshot>>,
+);
+
+/// A change to a server, in a watcher's view.
+pub type ServerChange = Change<ServersWatched>;
+
+/// A server watcher.
+pub type ServerWatcher = Watcher<ServersWatched>;
 
 /// The most events a watcher takes from the log at a time.
 pub const MAX_BATCH: usize = 256;
@@ -137,12 +186,12 @@ pub enum WatchError {
 
 /// The log, shared by the fleet's clones and its watchers.
 #[derive(Debug)]
-pub(in crate::fleet) struct WatchShared {
-    log: Mutex<WatchLog>,
+pub(in crate::fleet) struct WatchShared<K: Watched> {
+    log: Mutex<WatchLog<K>>,
     /// The last sequence published; the dispatcher waits on it.
     latest: watch::Sender<u64>,
     /// The watchers, and how far the dispatcher has handed events out.
-    fanout: Mutex<Fanout>,
+    fanout: Mutex<Fanout<K>>,
     /// `fanout.dispatched`, for watchers to read without that lock: every
     /// change up to it in a watcher's view is in its queue.
     dispatched: AtomicU64,
@@ -151,37 +200,46 @@ pub(in crate::fleet) struct WatchShared {
 }
 
 /// The dispatcher's side: who watches, and what it has handed out.
-#[derive(Debug, Default)]
-struct Fanout {
+#[derive(Debug)]
+struct Fanout<K: Watched> {
     /// Watchers grouped by their filters: each event is judged once per
     /// distinct filter (portals of one pool watch with the same one).
-    groups: Vec<Group>,
+    groups: Vec<Group<K>>,
     /// Every event up to this one has been judged for every subscriber.
     dispatched: u64,
 }
 
+impl<K: Watched> Default for Fanout<K> {
+    fn default() -> Self {
+        Fanout {
+            groups: Vec::new(),
+            dispatched: 0,
+        }
+    }
+}
+
 /// The watchers with one filter.
 #[derive(Debug)]
-struct Group {
+struct Group<K: Watched> {
     /// The filter's pairs, sorted: what makes two filters the same.
     key: Vec<(String, String)>,
-    filters: Filters,
-    subscribers: Vec<Weak<Subscriber>>,
+    filters: K::Filters,
+    subscribers: Vec<Weak<Subscriber<K>>>,
 }
 
 /// One watcher's share of the fan-out: the changes in its view, queued by
 /// the dispatcher, which wakes it only when it queued something.
 #[derive(Debug)]
-struct Subscriber {
-    filters: Filters,
-    inbox: Mutex<Inbox>,
+struct Subscriber<K: Watched> {
+    filters: K::Filters,
+    inbox: Mutex<Inbox<K>>,
     notify: Notify,
 }
 
 #[derive(Debug)]
-struct Inbox {
+struct Inbox<K: Watched> {
     /// Changes in view not yet taken, in order.
-    queue: VecDeque<(u64, ServerChange)>,
+    queue: VecDeque<(u64, Change<K>)>,
     /// Every event up to this one has been judged for this watcher.
     through: u64,
     /// The most changes `queue` may hold; past it the watcher is ended.
@@ -190,10 +248,10 @@ struct Inbox {
     overflowed: bool,
 }
 
-impl Subscriber {
+impl<K: Watched> Subscriber<K> {
     /// Queues event `seq`'s `change` (what it is in this watcher's view,
     /// if anything); false once the queue is full.
-    fn offer(inbox: &mut Inbox, seq: u64, change: Option<&ServerChange>) -> bool {
+    fn offer(inbox: &mut Inbox<K>, seq: u64, change: Option<&Change<K>>) -> bool {
         if seq <= inbox.through || inbox.overflowed {
             return true;
         }
@@ -210,16 +268,13 @@ impl Subscriber {
 }
 
 /// What `event` is to a watcher with `filters`, if anything.
-fn judge(filters: &Filters, event: &ServerEvent) -> Option<ServerChange> {
-    let matches = |s: &Option<Arc<ServerSnapshot>>| {
-        s.as_ref()
-            .filter(|s| filters.matches(&s.record, s.reasons))
-            .cloned()
-    };
+fn judge<K: Watched>(filters: &K::Filters, event: &Event<K>) -> Option<Change<K>> {
+    let matches =
+        |s: &Option<Arc<K::Snapshot>>| s.as_ref().filter(|s| K::matches(filters, s)).cloned();
     match (matches(&event.before), matches(&event.after)) {
-        (None, Some(after)) => Some(ServerChange::Added(after)),
-        (Some(_), Some(after)) => Some(ServerChange::Modified(after)),
-        (Some(before), None) => Some(ServerChange::Removed(before)),
+        (None, Some(after)) => Some(Change::Added(after)),
+        (Some(_), Some(after)) => Some(Change::Modified(after)),
+        (Some(before), None) => Some(Change::Removed(before)),
         (None, None) => None,
     }
 }
@@ -228,7 +283,7 @@ fn judge(filters: &Filters, event: &ServerEvent) -> Option<ServerChange> {
 /// the log, if that is less).
 pub const MAX_QUEUED: usize = 4096;
 
-impl WatchShared {
+impl<K: Watched> WatchShared<K> {
     /// Hands the events published since the last pass to every watcher
     /// whose view they touch, waking only those. Runs on the dispatcher
     /// task, outside the fleet's lock: filtering costs a pass over the
@@ -238,7 +293,7 @@ impl WatchShared {
         let (events, lost) = {
             let log = self.log.lock();
             let lost = log.oldest_resumable() > fanout.dispatched;
-            let events: Vec<Arc<ServerEvent>> = log
+            let events: Vec<Arc<Event<K>>> = log
                 .events
                 .iter()
                 .filter(|e| e.seq > fanout.dispatched)
@@ -254,7 +309,7 @@ impl WatchShared {
         }
         fanout.groups.retain(|g| !g.subscribers.is_empty());
         for group in &fanout.groups {
-            let judged: Vec<(u64, Option<ServerChange>)> = events
+            let judged: Vec<(u64, Option<Change<K>>)> = events
                 .iter()
                 .map(|e| (e.seq, judge(&group.filters, e)))
                 .collect();
@@ -290,7 +345,7 @@ impl WatchShared {
 
 /// The dispatcher: a pass whenever something is published, until the
 /// fleet is gone.
-async fn dispatcher(shared: Weak<WatchShared>, mut latest: watch::Receiver<u64>) {
+async fn dispatcher<K: Watched>(shared: Weak<WatchShared<K>>, mut latest: watch::Receiver<u64>) {
     while latest.changed().await.is_ok() {
         let Some(shared) = shared.upgrade() else {
             return;
@@ -300,15 +355,15 @@ async fn dispatcher(shared: Weak<WatchShared>, mut latest: watch::Receiver<u64>)
 }
 
 #[derive(Debug)]
-struct WatchLog {
+struct WatchLog<K: Watched> {
     epoch: String,
-    events: VecDeque<Arc<ServerEvent>>,
+    events: VecDeque<Arc<Event<K>>>,
     /// The sequence of the last event published (0: none yet).
     last: u64,
     capacity: usize,
 }
 
-impl WatchLog {
+impl<K: Watched> WatchLog<K> {
     /// OUT_OF_RANGE: this log does not cover a resume after `seq` of
     /// `epoch`.
     fn expired(&self, seq: u64, epoch: String) -> FleetError {
@@ -331,8 +386,8 @@ impl WatchLog {
     }
 }
 
-impl WatchShared {
-    pub(in crate::fleet) fn new(capacity: usize) -> Arc<WatchShared> {
+impl<K: Watched> WatchShared<K> {
+    pub(in crate::fleet) fn new(capacity: usize) -> Arc<WatchShared<K>> {
         Arc::new(WatchShared {
             log: Mutex::new(WatchLog {
                 epoch: uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
@@ -356,7 +411,7 @@ pub(in crate::fleet) struct WatchTracking {
     /// Servers touched since the last publication.
     touched: Vec<ServerId>,
     /// The last published state of every server.
-    last: FastMap<ServerId, Arc<ServerSnapshot>>,
+    pub(in crate::fleet) last: FastMap<ServerId, Arc<ServerSnapshot>>,
 }
 
 impl WatchTracking {
@@ -406,22 +461,25 @@ impl WatchTracking {
     /// Publishes, as events, what the touched servers' changes are, in
     /// the order touched (`servers`: the state's). Called under the write
     /// lock, before it is released.
+    ///
+    /// Returns the servers touched (each once), for the sessions on them.
     pub(in crate::fleet) fn publish(
         &mut self,
         servers: &ServerMap,
-        shared: &WatchShared,
+        shared: &WatchShared<ServersWatched>,
         now: Instant,
         unreachable_after: Duration,
-    ) {
+    ) -> Vec<ServerId> {
         if self.touched.is_empty() {
-            return;
+            return Vec::new();
         }
         let mut touched = std::mem::take(&mut self.touched);
         let mut seen = FastMap::default();
         touched.retain(|id| seen.insert(id.clone(), ()).is_none());
         let mut log = shared.log.lock();
         let before_last = log.last;
-        for id in touched {
+        for id in &touched {
+            let id = id.clone();
             let current = servers.get(&id);
             let previous = self.last.get(&id);
             let after = match (current, previous) {
@@ -442,37 +500,82 @@ impl WatchTracking {
                 Some(after) => self.last.insert(id.clone(), after.clone()),
                 None => self.last.remove(&id),
             };
-            log.last += 1;
-            let event = Arc::new(ServerEvent {
-                seq: log.last,
-                id,
-                before,
-                after,
-            });
-            if log.events.len() == log.capacity {
-                log.events.pop_front();
-            }
-            log.events.push_back(event);
+            log.append(id, before, after);
         }
         let last = log.last;
         drop(log);
         if last != before_last {
             shared.latest.send_replace(last);
         }
+        touched
+    }
+}
+
+impl<K: Watched> WatchLog<K> {
+    /// Appends the next event, dropping the oldest past the capacity.
+    fn append(
+        &mut self,
+        id: Arc<str>,
+        before: Option<Arc<K::Snapshot>>,
+        after: Option<Arc<K::Snapshot>>,
+    ) {
+        self.last += 1;
+        let event = Arc::new(Event {
+            seq: self.last,
+            id,
+            before,
+            after,
+        });
+        if self.events.len() == self.capacity {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+}
+
+impl<K: Watched> WatchShared<K> {
+    /// Publishes `events` (id, before, after), in order, under the
+    /// fleet's write lock; wakes the dispatcher once.
+    pub(in crate::fleet) fn publish_events(&self, events: Vec<Published<K>>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut log = self.log.lock();
+        for (id, before, after) in events {
+            log.append(id, before, after);
+        }
+        let last = log.last;
+        drop(log);
+        self.latest.send_replace(last);
+    }
+
+    /// The sequence of the last event published.
+    pub(in crate::fleet) fn last_sequence(&self) -> u64 {
+        self.log.lock().last
+    }
+
+    /// Starts the dispatcher (once recording starts).
+    pub(in crate::fleet) fn spawn_dispatcher(self: &Arc<Self>) {
+        tokio::spawn(dispatcher(Arc::downgrade(self), self.latest.subscribe()));
+    }
+
+    /// How many watchers are connected.
+    pub(in crate::fleet) fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
     }
 }
 
 /// A watcher: its share of the fan-out, and what it was last told.
 #[derive(Debug)]
-pub struct ServerWatcher {
-    shared: Arc<WatchShared>,
-    subscriber: Arc<Subscriber>,
+pub struct Watcher<K: Watched> {
+    shared: Arc<WatchShared<K>>,
+    subscriber: Arc<Subscriber<K>>,
     epoch: String,
     /// The last sequence delivered (or judged, at a progress mark).
     cursor: u64,
 }
 
-impl Drop for ServerWatcher {
+impl<K: Watched> Drop for Watcher<K> {
     fn drop(&mut self) {
         self.shared.watchers.fetch_sub(1, Ordering::Relaxed);
     }
@@ -480,12 +583,12 @@ impl Drop for ServerWatcher {
 
 /// How a watch starts.
 #[derive(Debug)]
-pub enum WatchStart {
-    /// With the servers that match, in id order, as of the watcher's
+pub enum WatchStart<K: Watched> {
+    /// With the objects that match, in id order, as of the watcher's
     /// cursor.
     Snapshot {
-        /// The servers.
-        servers: Vec<Arc<ServerSnapshot>>,
+        /// The objects.
+        items: Vec<Arc<K::Snapshot>>,
     },
     /// With the changes after the sequence asked for.
     Resume,
@@ -493,13 +596,13 @@ pub enum WatchStart {
 
 /// What a watcher gets next.
 #[derive(Debug)]
-pub enum WatchNext {
+pub enum WatchNext<K: Watched> {
     /// Changes in its view, in order; `seq`: resume after it.
     Changes {
         /// Everything up to it is delivered.
         seq: u64,
         /// The changes.
-        changes: Vec<(u64, ServerChange)>,
+        changes: Vec<(u64, Change<K>)>,
     },
     /// Nothing in its view happened up to `seq` for a progress interval.
     Progress {
@@ -508,7 +611,7 @@ pub enum WatchNext {
     },
 }
 
-impl ServerWatcher {
+impl<K: Watched> Watcher<K> {
     /// The log's epoch.
     pub fn epoch(&self) -> &str {
         &self.epoch
@@ -521,7 +624,7 @@ impl ServerWatcher {
 
     /// Waits for the next changes in view (at most [`MAX_BATCH`]), or
     /// `progress` of quiet.
-    pub async fn next(&mut self, progress: Duration) -> Result<WatchNext, WatchError> {
+    pub async fn next(&mut self, progress: Duration) -> Result<WatchNext<K>, WatchError> {
         let deadline = Instant::now() + progress;
         loop {
             // Registered before looking, so a change queued meanwhile
@@ -547,7 +650,7 @@ impl ServerWatcher {
                     .max(self.shared.dispatched.load(Ordering::Acquire));
                 if !inbox.queue.is_empty() {
                     let take = inbox.queue.len().min(MAX_BATCH);
-                    let changes: Vec<(u64, ServerChange)> = inbox.queue.drain(..take).collect();
+                    let changes: Vec<(u64, Change<K>)> = inbox.queue.drain(..take).collect();
                     self.cursor = match inbox.queue.front() {
                         // More queued: this batch ends at its own last.
                         Some(_) => changes.last().map_or(self.cursor, |c| c.0),
@@ -583,94 +686,111 @@ impl Fleet {
         &self,
         filters: &[(String, String)],
         resume: Option<(String, u64)>,
-    ) -> Result<(ServerWatcher, WatchStart), FleetError> {
+    ) -> Result<(ServerWatcher, WatchStart<ServersWatched>), FleetError> {
         let mut violations: Vec<FieldViolation> = Vec::new();
-        let mut key = filters.to_vec();
-        key.sort_unstable();
-        key.dedup();
-        let filters = Filters::parse(filters, &mut violations);
+        let parsed = Filters::parse(filters, &mut violations);
         if !violations.is_empty() {
             return Err(FleetError::InvalidArgument(violations));
         }
         self.start_recording();
-        let (from, start) = match resume {
-            Some((epoch, seq)) => {
-                let log = self.watch.log.lock();
-                if epoch != log.epoch || seq < log.oldest_resumable() || seq > log.last {
-                    return Err(log.expired(seq, epoch));
-                }
-                (seq, WatchStart::Resume)
-            }
-            None => {
-                // The snapshot and its sequence under one read lock: every
-                // change after it is published later, with a greater one.
-                let state = self.read(Instant::now());
-                let seq = self.watch.log.lock().last;
-                let servers: Vec<Arc<ServerSnapshot>> = state
-                    .order
-                    .iter()
-                    .filter_map(|id| state.watch.last.get(id))
-                    .filter(|s| filters.matches(&s.record, s.reasons))
-                    .cloned()
-                    .collect();
-                drop(state);
-                (seq, WatchStart::Snapshot { servers })
-            }
-        };
-        let subscriber = Arc::new(Subscriber {
-            filters,
-            inbox: Mutex::new(Inbox {
-                queue: VecDeque::new(),
-                through: from,
-                limit: 0,
-                overflowed: false,
-            }),
-            notify: Notify::new(),
-        });
-        // Under the fan-out's lock: the events the dispatcher handed out
-        // already (after `from`) are queued here, the later ones by it.
-        let mut fanout = self.watch.fanout.lock();
-        let log = self.watch.log.lock();
-        if from < log.oldest_resumable() {
-            // Evicted between the check (or the snapshot) and now.
-            return Err(log.expired(from, log.epoch.clone()));
-        }
-        let epoch = log.epoch.clone();
-        let base = (log.capacity / 2).clamp(1, MAX_QUEUED);
-        {
-            let mut inbox = subscriber.inbox.lock();
-            inbox.limit = usize::MAX;
-            for event in log.events.iter().filter(|e| e.seq <= fanout.dispatched) {
-                let change = judge(&subscriber.filters, event);
-                Subscriber::offer(&mut inbox, event.seq, change.as_ref());
-            }
-            // A watcher that resumed far behind may catch up on what it
-            // starts with, and half the usual room more.
-            inbox.limit = base + inbox.queue.len();
-        }
-        drop(log);
-        let weak = Arc::downgrade(&subscriber);
-        match fanout.groups.iter_mut().find(|g| g.key == key) {
-            Some(group) => group.subscribers.push(weak),
-            None => fanout.groups.push(Group {
-                key,
-                filters: subscriber.filters.clone(),
-                subscribers: vec![weak],
-            }),
-        }
-        drop(fanout);
-        self.watch.watchers.fetch_add(1, Ordering::Relaxed);
-        Ok((
-            ServerWatcher {
-                shared: self.watch.clone(),
-                subscriber,
-                epoch,
-                cursor: from,
-            },
-            start,
-        ))
+        subscribe(&self.watch, filters, parsed, resume, || {
+            // The snapshot and its sequence under one read lock: every
+            // change after it is published later, with a greater one.
+            let state = self.read(Instant::now());
+            let seq = self.watch.last_sequence();
+            let servers = state
+                .order
+                .iter()
+                .filter_map(|id| state.watch.last.get(id))
+                .cloned()
+                .collect::<Vec<_>>();
+            (seq, servers)
+        })
     }
+}
 
+/// Subscribes a watcher with `filters` (`pairs` as given) to `shared`'s
+/// log: from `snapshot` (its sequence and every object, in id order,
+/// filtered here), or from `resume`.
+pub(in crate::fleet) fn subscribe<K: Watched>(
+    shared: &Arc<WatchShared<K>>,
+    pairs: &[(String, String)],
+    filters: K::Filters,
+    resume: Option<(String, u64)>,
+    snapshot: impl FnOnce() -> (u64, Vec<Arc<K::Snapshot>>),
+) -> Result<(Watcher<K>, WatchStart<K>), FleetError> {
+    let mut key = pairs.to_vec();
+    key.sort_unstable();
+    key.dedup();
+    let (from, start) = match resume {
+        Some((epoch, seq)) => {
+            let log = shared.log.lock();
+            if epoch != log.epoch || seq < log.oldest_resumable() || seq > log.last {
+                return Err(log.expired(seq, epoch));
+            }
+            (seq, WatchStart::Resume)
+        }
+        None => {
+            let (seq, mut items) = snapshot();
+            items.retain(|s| K::matches(&filters, s));
+            (seq, WatchStart::Snapshot { items })
+        }
+    };
+    let subscriber = Arc::new(Subscriber {
+        filters,
+        inbox: Mutex::new(Inbox {
+            queue: VecDeque::new(),
+            through: from,
+            limit: 0,
+            overflowed: false,
+        }),
+        notify: Notify::new(),
+    });
+    // Under the fan-out's lock: the events the dispatcher handed out
+    // already (after `from`) are queued here, the later ones by it.
+    let mut fanout = shared.fanout.lock();
+    let log = shared.log.lock();
+    if from < log.oldest_resumable() {
+        // Evicted between the check (or the snapshot) and now.
+        return Err(log.expired(from, log.epoch.clone()));
+    }
+    let epoch = log.epoch.clone();
+    let base = (log.capacity / 2).clamp(1, MAX_QUEUED);
+    {
+        let mut inbox = subscriber.inbox.lock();
+        inbox.limit = usize::MAX;
+        for event in log.events.iter().filter(|e| e.seq <= fanout.dispatched) {
+            let change = judge(&subscriber.filters, event);
+            Subscriber::offer(&mut inbox, event.seq, change.as_ref());
+        }
+        // A watcher that resumed far behind may catch up on what it
+        // starts with, and half the usual room more.
+        inbox.limit = base + inbox.queue.len();
+    }
+    drop(log);
+    let weak = Arc::downgrade(&subscriber);
+    match fanout.groups.iter_mut().find(|g| g.key == key) {
+        Some(group) => group.subscribers.push(weak),
+        None => fanout.groups.push(Group {
+            key,
+            filters: subscriber.filters.clone(),
+            subscribers: vec![weak],
+        }),
+    }
+    drop(fanout);
+    shared.watchers.fetch_add(1, Ordering::Relaxed);
+    Ok((
+        Watcher {
+            shared: shared.clone(),
+            subscriber,
+            epoch,
+            cursor: from,
+        },
+        start,
+    ))
+}
+
+impl Fleet {
     /// On a follower (which runs no maintenance of its own): publishes,
     /// for watchers, the agents that went silent past the unreachable
     /// timeout, as the leader's maintenance does for its own watchers.
@@ -698,15 +818,15 @@ impl Fleet {
         *self.watch.latest.borrow()
     }
 
-    /// How many watchers are connected.
+    /// How many watchers are connected (servers' and sessions').
     pub fn watchers(&self) -> usize {
-        self.watch.watchers.load(Ordering::Relaxed)
+        self.watch.watchers() + self.session_watch.watchers()
     }
 
     /// Turns recording on (once), with its dispatcher: every server's
     /// state is published as it is, without events, so that later changes
     /// compare against it.
-    fn start_recording(&self) {
+    pub(in crate::fleet) fn start_recording(&self) {
         if self.state.read().watch.recording {
             return;
         }
@@ -732,10 +852,7 @@ impl Fleet {
             .collect();
         state.watch.last = last;
         state.watch.recording = true;
-        tokio::spawn(dispatcher(
-            Arc::downgrade(&self.watch),
-            self.watch.latest.subscribe(),
-        ));
+        self.watch.spawn_dispatcher();
         tracing::info!(
             servers = state.servers.len(),
             "watchers: recording server changes from now on"

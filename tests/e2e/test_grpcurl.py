@@ -135,6 +135,7 @@ def test_list_shows_the_services(grpcurl):
                 "GetSessionConnectionData",
                 "UpdateSessionPermissions",
                 "GetSessionScreenshots",
+                "WatchSessions",
             },
         ),
         (
