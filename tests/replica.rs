@@ -22,7 +22,8 @@ use dcv_broker::{
         Instruction, InstructionKind, InstructionOutcome, OpenItem, OsFamily, ReportedDetails,
         ReportedSession, SessionKind, SessionQuery, SessionState,
         persist::{Change, Durable, Snapshot, Store, StoredLiveness},
-        watch::{ServerChange, ServerWatcher, WatchNext, WatchStart},
+        watch::{Change as WatchChange, ServerChange, ServerWatcher, WatchNext, WatchStart},
+        watch_sessions::SessionWatcher,
     },
     pb, sample, wire,
 };
@@ -270,6 +271,47 @@ impl Watched {
                                     .insert(s.record.id.to_string(), wire::server_to_pb(s.view()));
                             }
                             ServerChange::Removed(s) => {
+                                self.view.remove(&*s.record.id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A WatchSessions watcher in process, and its view of the sessions.
+struct SessionsSeen {
+    watcher: SessionWatcher,
+    view: BTreeMap<String, pb::Session>,
+}
+
+impl SessionsSeen {
+    fn start(fleet: &Fleet) -> SessionsSeen {
+        let (watcher, start) = fleet.watch_sessions(&[], None).unwrap();
+        let WatchStart::Snapshot { items } = start else {
+            panic!("a new watch starts with a snapshot");
+        };
+        let view = items
+            .iter()
+            .map(|s| (s.record.id.to_string(), wire::session_to_pb(s.view())))
+            .collect();
+        SessionsSeen { watcher, view }
+    }
+
+    async fn catch_up(&mut self) {
+        loop {
+            match self.watcher.next(Duration::from_millis(1)).await.unwrap() {
+                WatchNext::Progress { .. } => return,
+                WatchNext::Changes { changes, .. } => {
+                    for (_, change) in changes {
+                        match change {
+                            WatchChange::Added(s) | WatchChange::Modified(s) => {
+                                self.view
+                                    .insert(s.record.id.to_string(), wire::session_to_pb(s.view()));
+                            }
+                            WatchChange::Removed(s) => {
                                 self.view.remove(&*s.record.id);
                             }
                         }
@@ -637,6 +679,9 @@ async fn replay(seed: u64, steps: usize) {
     let mut leader_watch = Watched::start(&leader);
     let mut follower_watch = Watched::start(&follower);
     let mut batched_watch = Watched::start(&batched);
+    let mut leader_sessions = SessionsSeen::start(&leader);
+    let mut follower_sessions = SessionsSeen::start(&follower);
+    let mut batched_sessions = SessionsSeen::start(&batched);
     for n in 0..steps {
         // A group commit spans no time: the batch goes out before time
         // passes (a follower's heartbeat ages count from when it applied
@@ -719,6 +764,24 @@ async fn replay(seed: u64, steps: usize) {
             essentials(watcher.view.values().cloned()),
             essentials(described),
             "seed {seed}: the {name}'s watcher differs; steps:\n{}",
+            history.join("\n")
+        );
+    }
+    // Likewise each replica's session watcher, field for field.
+    for (name, fleet, watcher) in [
+        ("leader", &leader, &mut leader_sessions),
+        ("follower", &follower, &mut follower_sessions),
+        ("batched follower", &batched, &mut batched_sessions),
+    ] {
+        let described: BTreeMap<String, pb::Session> = sessions(fleet)
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        watcher.catch_up().await;
+        assert_eq!(
+            watcher.view,
+            described,
+            "seed {seed}: the {name}'s session watcher differs; steps:\n{}",
             history.join("\n")
         );
     }

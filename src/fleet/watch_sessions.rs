@@ -6,7 +6,9 @@
 //! address and tags in `Server`; UNKNOWN while the agent is unreachable),
 //! so a commit re-judges the sessions whose records changed (the set the
 //! store is told about), the sessions replicated to a follower, and the
-//! sessions on every server that changed in a watched way. A session's
+//! sessions on every server touched: those its agent reports or the broker
+//! is placing there, and those last published as on it (an index kept
+//! here, so a server that goes takes its sessions' `Server` with it). A session's
 //! published state shares its server's published state (`Arc`), so
 //! recording sessions turns on recording servers.
 //!
@@ -78,6 +80,9 @@ pub(in crate::fleet) struct SessionTracking {
     touched: Vec<SessionId>,
     /// The last published state of every session.
     last: FastMap<SessionId, Arc<SessionSnapshot>>,
+    /// The sessions published as on each server: a server that changes
+    /// (or goes) re-judges them, whether or not its agent reports them.
+    by_server: FastMap<ServerId, FastSet<SessionId>>,
 }
 
 /// Whether a watcher would see a difference between a session's published
@@ -130,6 +135,7 @@ impl SessionTracking {
     ) {
         self.recording = old.recording;
         self.last = std::mem::take(&mut old.last);
+        self.by_server = std::mem::take(&mut old.by_server);
         self.touched = self.last.keys().cloned().collect();
         self.touched.extend(sessions.records.keys().cloned());
     }
@@ -152,6 +158,9 @@ impl SessionTracking {
         let mut candidates: Vec<SessionId> = std::mem::take(&mut self.touched);
         candidates.extend(sessions.dirty.iter().cloned());
         for id in servers_touched {
+            if let Some(published) = self.by_server.get(id) {
+                candidates.extend(published.iter().cloned());
+            }
             let Some(server) = servers.get(id) else {
                 continue;
             };
@@ -193,9 +202,38 @@ impl SessionTracking {
                 Some(after) => self.last.insert(id.clone(), after.clone()),
                 None => self.last.remove(&id),
             };
+            self.index(&id, before.as_deref(), after.as_deref());
             events.push((id, before, after));
         }
         shared.publish_events(events);
+    }
+}
+
+impl SessionTracking {
+    /// Moves `id` in the by-server index from its `before` state's server
+    /// to its `after` state's.
+    fn index(
+        &mut self,
+        id: &SessionId,
+        before: Option<&SessionSnapshot>,
+        after: Option<&SessionSnapshot>,
+    ) {
+        let server = |s: Option<&SessionSnapshot>| s.and_then(|s| s.record.server.clone());
+        let (from, to) = (server(before), server(after));
+        if from == to {
+            return;
+        }
+        if let Some(from) = from
+            && let Some(set) = self.by_server.get_mut(&from)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_server.remove(&from);
+            }
+        }
+        if let Some(to) = to {
+            self.by_server.entry(to).or_default().insert(id.clone());
+        }
     }
 }
 
@@ -259,7 +297,17 @@ impl Fleet {
                 )
             })
             .collect();
+        let mut by_server: FastMap<ServerId, FastSet<SessionId>> = FastMap::default();
+        for (id, snapshot) in &last {
+            if let Some(server) = &snapshot.record.server {
+                by_server
+                    .entry(server.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+        }
         state.session_watch.last = last;
+        state.session_watch.by_server = by_server;
         state.session_watch.recording = true;
         self.session_watch.spawn_dispatcher();
         tracing::info!(
