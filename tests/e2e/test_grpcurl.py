@@ -955,6 +955,39 @@ def test_history_refuses_a_bad_query_with_bad_request_details(grpcurl):
         assert [v["field"] for v in detail["fieldViolations"]] == [field], status
 
 
+def test_watch_sessions_streams_a_snapshot_of_sessions(grpcurl_bin, broker, call, tmp_path):
+    """grpcurl follows WatchSessions: its first message is the snapshot of
+    the demo fleet's sessions, in id order, as DescribeSessions shows
+    them, under DCV's JSON names."""
+    cmd = [
+        grpcurl_bin,
+        "-plaintext",
+        "-max-time",
+        "3",
+        broker,
+        f"{SESSIONS}/WatchSessions",
+    ]
+    watcher = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        first = ""
+        assert watcher.stdout is not None
+        for line in watcher.stdout:
+            first += line
+            if line == "}\n":
+                break
+        snapshot = json.loads(first)
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert snapshot["Type"] == "SNAPSHOT", snapshot
+    assert snapshot["SnapshotEnd"] is True, snapshot
+    assert snapshot["Epoch"]
+    described = call(f"{SESSIONS}/DescribeSessions", {}).get("Sessions", [])
+    assert [s["Id"] for s in snapshot.get("Sessions", [])] == [s["Id"] for s in described]
+
+
 def test_drain_servers_and_describe_drains_speak_dcvs_json_names(call):
     """A drain made with grpcurl: its reply, its progress in DescribeDrains
     and its id on the server's hold, under the JSON names DCV users
