@@ -517,6 +517,7 @@ async fn run(
             config.request_timeout,
             config.rest_additions,
             forward,
+            stopping_rx.clone(),
         ))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -474,6 +474,17 @@ impl Shared {
                 Refusal::method_not_allowed(path, "GET, HEAD")
             });
         }
+        if let Some(route) = super::rest::WATCH_ROUTES.iter().find(|r| r.path == path) {
+            return Some(if method == Method::GET {
+                Route::Rest(RestCall {
+                    route,
+                    params: Vec::new(),
+                    query: request.uri().query().map(str::to_owned),
+                })
+            } else {
+                Refusal::method_not_allowed(path, "GET")
+            });
+        }
         let (route, params) = match rest::find(method, path) {
             Match::Route(route, params) => (route, params),
             Match::WrongMethod(allow) => return Some(Refusal::method_not_allowed(path, allow)),

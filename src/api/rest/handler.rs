@@ -26,7 +26,7 @@ use tonic_types::StatusExt as _;
 
 use super::{
     json,
-    routes::{ROUTES, RequestBody, Route},
+    routes::{ROUTES, RequestBody, Route, WATCH_ROUTES},
 };
 use crate::{
     api::{Forwarder, RequestId, ServersApi, SessionsApi},
@@ -261,18 +261,24 @@ impl RestLayer {
     /// `max_request_bytes` (as gRPC messages), calls for at most
     /// `request_timeout`; replies with our fields beyond DCV's only with
     /// `additions` (see [`json::is_addition`]); writes go to the leader as
-    /// `forward` says, as gRPC calls' do.
+    /// `forward` says, as gRPC calls' do; its event streams (`sse`) end
+    /// when `stopping` turns true.
     pub fn new(
         fleet: Fleet,
         max_request_bytes: usize,
         request_timeout: Option<Duration>,
         additions: bool,
         forward: Forwarder,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> RestLayer {
         PolicyLayer::of(RestPolicy {
             shared: Arc::new(Shared {
-                servers: ServersApi::new(fleet.clone()).with_forwarder(forward.clone()),
-                sessions: SessionsApi::new(fleet).with_forwarder(forward),
+                servers: ServersApi::new(fleet.clone())
+                    .with_forwarder(forward.clone())
+                    .with_stopping(stopping.clone()),
+                sessions: SessionsApi::new(fleet)
+                    .with_forwarder(forward)
+                    .with_stopping(stopping),
                 max_request_bytes,
                 deadline: request_timeout.map(|t| t.checked_sub(TIMEOUT_MARGIN).unwrap_or(t)),
                 additions,
@@ -294,6 +300,32 @@ where
         };
         let shared = self.shared.clone();
         let call_path = call.route.path;
+        if WATCH_ROUTES.iter().any(|r| r.path == call.route.path) {
+            return Verdict::Later(Box::pin(async move {
+                let request_id = request
+                    .extensions()
+                    .get::<RequestId>()
+                    .map(|id| id.0.to_string());
+                let token = request.headers().contains_key(header::AUTHORIZATION);
+                // No request timeout: the stream is meant to last.
+                let served = super::sse::serve(
+                    &shared.servers,
+                    &shared.sessions,
+                    shared.additions,
+                    call.route,
+                    call.query.as_deref(),
+                    request,
+                )
+                .await;
+                Ok(match served {
+                    Ok(response) => {
+                        tracing::debug!(route = call_path, "REST watch started");
+                        response
+                    }
+                    Err(status) => status_reply(&status, request_id.as_deref(), token),
+                })
+            }));
+        }
         Verdict::Later(Box::pin(async move {
             let request_id = request
                 .extensions()

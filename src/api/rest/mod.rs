@@ -5,6 +5,7 @@ pub mod handler;
 pub mod json;
 pub mod openapi;
 pub mod routes;
+pub mod sse;
 
 pub use handler::RestLayer;
-pub use routes::{ROUTES, RequestBody, Route};
+pub use routes::{ROUTES, RequestBody, Route, WATCH_ROUTES};

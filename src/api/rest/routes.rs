@@ -52,6 +52,26 @@ macro_rules! grpc {
     };
 }
 
+/// Beyond DCV: the watch streams as server-sent events (`api::rest::sse`),
+/// `GET` with query parameters. Not DCV's, so not in [`ROUTES`] (nor in
+/// the OpenAPI document built from it); routed like them otherwise.
+pub static WATCH_ROUTES: &[Route] = &[
+    Route {
+        method: Method::GET,
+        path: "/watchServers",
+        operation_id: "watchServers",
+        grpc_path: grpc!(Servers, "WatchServers"),
+        body: RequestBody::OptionalObject,
+    },
+    Route {
+        method: Method::GET,
+        path: "/watchSessions",
+        operation_id: "watchSessions",
+        grpc_path: grpc!(Sessions, "WatchSessions"),
+        body: RequestBody::OptionalObject,
+    },
+];
+
 /// Every REST route, in the order of DCV's API reference.
 pub const ROUTES: &[Route] = &[
     Route {
