@@ -13,7 +13,7 @@
 //! is only skipped.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     ops::Bound,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -151,41 +151,6 @@ pub struct DrainPage {
     pub drains: Vec<DrainView>,
     /// The next page's token, if more may follow.
     pub next_token: Option<String>,
-}
-
-/// Drains by id, and their deadlines.
-#[derive(Debug, Default)]
-pub(in crate::fleet) struct DrainIndex {
-    /// Each drain's servers: those given its hold (a few may have lost it
-    /// since; readers check).
-    members: BTreeMap<Arc<str>, BTreeSet<ServerId>>,
-    /// The deadlines still to act on, earliest first.
-    deadlines: BTreeSet<(SystemTime, Arc<str>)>,
-}
-
-impl DrainIndex {
-    fn join(&mut self, spec: &DrainSpec, server: &ServerId) {
-        let deadlines = &mut self.deadlines;
-        self.members
-            .entry(spec.id.clone())
-            .or_insert_with(|| {
-                if let Some(at) = spec.deadline {
-                    deadlines.insert((at, spec.id.clone()));
-                }
-                BTreeSet::new()
-            })
-            .insert(server.clone());
-    }
-
-    fn leave(&mut self, drain: &str, server: &str) {
-        if let Some(members) = self.members.get_mut(drain) {
-            members.remove(server);
-            if members.is_empty() {
-                // Its deadline entry stays, and is skipped when due.
-                self.members.remove(drain);
-            }
-        }
-    }
 }
 
 /// `server`'s hold of drain `id`, if it has one.

@@ -220,7 +220,8 @@ impl Fleet {
         let after = self.config.unreachable_after;
         let touched = state.watch.publish(&state.servers, &self.watch, now, after);
         state.session_watch.publish(
-            &state.sessions,
+            &state.sessions.records,
+            &state.sessions.dirty,
             &state.servers,
             &state.watch.last,
             &touched,

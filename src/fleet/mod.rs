@@ -33,6 +33,7 @@ pub mod blast;
 pub mod client_tokens;
 mod config;
 mod connection_token;
+mod drain_index;
 pub mod drains;
 pub mod error;
 mod gauges;

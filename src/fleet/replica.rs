@@ -104,7 +104,7 @@ impl Fleet {
             }
             fresh
                 .session_watch
-                .take_published_from(&mut state.session_watch, &fresh.sessions);
+                .take_published_from(&mut state.session_watch, &fresh.sessions.records);
             self.publish_watched(&mut fresh, Instant::now());
         }
         let old = std::mem::replace(&mut *state, fresh);

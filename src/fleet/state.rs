@@ -72,7 +72,7 @@ pub(in crate::fleet) struct State {
     /// What session watchers need (nothing until the first comes).
     pub(in crate::fleet) session_watch: super::watch_sessions::SessionTracking,
     /// Drains by id, and their deadlines.
-    pub(in crate::fleet) drains: super::drains::DrainIndex,
+    pub(in crate::fleet) drains: super::drain_index::DrainIndex,
 }
 
 impl State {

@@ -16,7 +16,10 @@
 //! (as shown), substate and reason, server, name, owner, connections and
 //! last disconnection, and its server's address, endpoints and tags.
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use tokio::time::Instant;
 
@@ -26,7 +29,6 @@ use super::{
     model::{FastMap, FastSet, ServerMap},
     query::{self, FilterGroups, SessionPredicate},
     sessions::{SessionId, SessionRecord, SessionView},
-    state::Sessions,
     watch::{self, Published, ServerSnapshot, WatchShared, WatchStart, Watched, Watcher},
 };
 
@@ -131,22 +133,23 @@ impl SessionTracking {
     pub(in crate::fleet) fn take_published_from(
         &mut self,
         old: &mut SessionTracking,
-        sessions: &Sessions,
+        records: &HashMap<SessionId, SessionRecord>,
     ) {
         self.recording = old.recording;
         self.last = std::mem::take(&mut old.last);
         self.by_server = std::mem::take(&mut old.by_server);
         self.touched = self.last.keys().cloned().collect();
-        self.touched.extend(sessions.records.keys().cloned());
+        self.touched.extend(records.keys().cloned());
     }
 
-    /// Publishes the changes of the sessions touched: those in `sessions`'
-    /// dirty set, those noted here, and those on `servers_touched`.
+    /// Publishes the changes of the sessions touched: those in the store's
+    /// `dirty` set, those noted here, and those on `servers_touched`.
     /// Called under the write lock, after the servers' publication (whose
     /// states `published` holds), before the dirty set is cleared.
     pub(in crate::fleet) fn publish(
         &mut self,
-        sessions: &Sessions,
+        records: &HashMap<SessionId, SessionRecord>,
+        dirty: &HashSet<SessionId>,
         servers: &ServerMap,
         published: &FastMap<ServerId, Arc<ServerSnapshot>>,
         servers_touched: &[ServerId],
@@ -156,7 +159,7 @@ impl SessionTracking {
             return;
         }
         let mut candidates: Vec<SessionId> = std::mem::take(&mut self.touched);
-        candidates.extend(sessions.dirty.iter().cloned());
+        candidates.extend(dirty.iter().cloned());
         for id in servers_touched {
             if let Some(published) = self.by_server.get(id) {
                 candidates.extend(published.iter().cloned());
@@ -170,7 +173,7 @@ impl SessionTracking {
                 .map(|s| &*s.id)
                 .chain(server.placing.iter().map(|p| &*p.session));
             for session in on {
-                if let Some((id, _)) = sessions.records.get_key_value(session) {
+                if let Some((id, _)) = records.get_key_value(session) {
                     candidates.push(id.clone());
                 }
             }
@@ -182,7 +185,7 @@ impl SessionTracking {
         candidates.retain(|id| seen.insert(id.clone()));
         let mut events: Vec<Published<SessionsWatched>> = Vec::new();
         for id in candidates {
-            let current = sessions.records.get(&id);
+            let current = records.get(&id);
             let previous = self.last.get(&id);
             let after = match (current, previous) {
                 (None, None) => continue,
