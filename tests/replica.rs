@@ -22,8 +22,8 @@ use dcv_broker::{
         Instruction, InstructionKind, InstructionOutcome, OpenItem, OsFamily, ReportedDetails,
         ReportedSession, SessionKind, SessionQuery, SessionState,
         persist::{Change, Durable, Snapshot, Store, StoredLiveness},
-        watch::{Change as WatchChange, ServerChange, ServerWatcher, WatchNext, WatchStart},
-        watch_sessions::SessionWatcher,
+        watch::{Change as WatchChange, ServerSnapshot, WatchNext, WatchStart, Watched, Watcher},
+        watch_sessions::SessionSnapshot,
     },
     pb, sample, wire,
 };
@@ -238,23 +238,28 @@ fn describe(fleet: &Fleet) -> (Vec<pb::Server>, Vec<pb::Session>) {
     (servers(fleet), sessions(fleet))
 }
 
-/// A WatchServers watcher in process, and its view of the fleet.
-struct Watched {
-    watcher: ServerWatcher,
-    view: BTreeMap<String, pb::Server>,
+/// A watcher in process (of servers or of sessions) and its view, each
+/// object as `render` shows it.
+struct Seen<K: Watched, P> {
+    watcher: Watcher<K>,
+    view: BTreeMap<String, P>,
+    render: fn(&K::Snapshot) -> (String, P),
 }
 
-impl Watched {
-    fn start(fleet: &Fleet) -> Watched {
-        let (watcher, start) = fleet.watch_servers(&[], None).unwrap();
-        let WatchStart::Snapshot { items: servers } = start else {
+impl<K: Watched, P> Seen<K, P> {
+    fn new(
+        (watcher, start): (Watcher<K>, WatchStart<K>),
+        render: fn(&K::Snapshot) -> (String, P),
+    ) -> Self {
+        let WatchStart::Snapshot { items } = start else {
             panic!("a new watch starts with a snapshot");
         };
-        let view = servers
-            .iter()
-            .map(|s| (s.record.id.to_string(), wire::server_to_pb(s.view())))
-            .collect();
-        Watched { watcher, view }
+        let view = items.iter().map(|s| render(s)).collect();
+        Seen {
+            watcher,
+            view,
+            render,
+        }
     }
 
     /// Takes every change published so far (the clock is paused: the
@@ -266,53 +271,13 @@ impl Watched {
                 WatchNext::Changes { changes, .. } => {
                     for (_, change) in changes {
                         match change {
-                            ServerChange::Added(s) | ServerChange::Modified(s) => {
-                                self.view
-                                    .insert(s.record.id.to_string(), wire::server_to_pb(s.view()));
-                            }
-                            ServerChange::Removed(s) => {
-                                self.view.remove(&*s.record.id);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A WatchSessions watcher in process, and its view of the sessions.
-struct SessionsSeen {
-    watcher: SessionWatcher,
-    view: BTreeMap<String, pb::Session>,
-}
-
-impl SessionsSeen {
-    fn start(fleet: &Fleet) -> SessionsSeen {
-        let (watcher, start) = fleet.watch_sessions(&[], None).unwrap();
-        let WatchStart::Snapshot { items } = start else {
-            panic!("a new watch starts with a snapshot");
-        };
-        let view = items
-            .iter()
-            .map(|s| (s.record.id.to_string(), wire::session_to_pb(s.view())))
-            .collect();
-        SessionsSeen { watcher, view }
-    }
-
-    async fn catch_up(&mut self) {
-        loop {
-            match self.watcher.next(Duration::from_millis(1)).await.unwrap() {
-                WatchNext::Progress { .. } => return,
-                WatchNext::Changes { changes, .. } => {
-                    for (_, change) in changes {
-                        match change {
                             WatchChange::Added(s) | WatchChange::Modified(s) => {
-                                self.view
-                                    .insert(s.record.id.to_string(), wire::session_to_pb(s.view()));
+                                let (id, shown) = (self.render)(&s);
+                                self.view.insert(id, shown);
                             }
                             WatchChange::Removed(s) => {
-                                self.view.remove(&*s.record.id);
+                                let (id, _) = (self.render)(&s);
+                                self.view.remove(&id);
                             }
                         }
                     }
@@ -320,6 +285,14 @@ impl SessionsSeen {
             }
         }
     }
+}
+
+fn server_shown(s: &ServerSnapshot) -> (String, pb::Server) {
+    (s.record.id.to_string(), wire::server_to_pb(s.view()))
+}
+
+fn session_shown(s: &SessionSnapshot) -> (String, pb::Session) {
+    (s.record.id.to_string(), wire::session_to_pb(s.view()))
 }
 
 /// What a watcher's view and a describe must agree on (a watched state's
@@ -676,12 +649,13 @@ async fn replay(seed: u64, steps: usize) {
     batched.set_writable(false);
     let mut group = Vec::new();
     let mut group_ends = 1 + rng.below(4) as usize;
-    let mut leader_watch = Watched::start(&leader);
-    let mut follower_watch = Watched::start(&follower);
-    let mut batched_watch = Watched::start(&batched);
-    let mut leader_sessions = SessionsSeen::start(&leader);
-    let mut follower_sessions = SessionsSeen::start(&follower);
-    let mut batched_sessions = SessionsSeen::start(&batched);
+    let mut leader_watch = Seen::new(leader.watch_servers(&[], None).unwrap(), server_shown);
+    let mut follower_watch = Seen::new(follower.watch_servers(&[], None).unwrap(), server_shown);
+    let mut batched_watch = Seen::new(batched.watch_servers(&[], None).unwrap(), server_shown);
+    let mut leader_sessions = Seen::new(leader.watch_sessions(&[], None).unwrap(), session_shown);
+    let mut follower_sessions =
+        Seen::new(follower.watch_sessions(&[], None).unwrap(), session_shown);
+    let mut batched_sessions = Seen::new(batched.watch_sessions(&[], None).unwrap(), session_shown);
     for n in 0..steps {
         // A group commit spans no time: the batch goes out before time
         // passes (a follower's heartbeat ages count from when it applied

@@ -86,18 +86,10 @@ impl Servers for ServersApi {
             r.epoch,
             r.progress_interval,
         )?;
-        let (watcher, start) = self.fleet.watch_servers(&asked.filters, asked.resume)?;
-        tracing::debug!(
-            epoch = watcher.epoch(),
-            from = watcher.cursor(),
-            "watch started"
-        );
-        Ok(Response::new(watch_stream::stream(
-            watcher,
-            start,
-            asked.progress,
-            self.stopping.clone(),
-        )))
+        let stream = watch_stream::open(asked, self.stopping.clone(), |filters, resume| {
+            self.fleet.watch_servers(filters, resume)
+        })?;
+        Ok(Response::new(stream))
     }
 
     async fn close_servers(

@@ -66,18 +66,10 @@ impl Sessions for SessionsApi {
             r.epoch,
             r.progress_interval,
         )?;
-        let (watcher, start) = self.fleet.watch_sessions(&asked.filters, asked.resume)?;
-        tracing::debug!(
-            epoch = watcher.epoch(),
-            from = watcher.cursor(),
-            "session watch started"
-        );
-        Ok(Response::new(watch_stream::stream(
-            watcher,
-            start,
-            asked.progress,
-            self.stopping.clone(),
-        )))
+        let stream = watch_stream::open(asked, self.stopping.clone(), |filters, resume| {
+            self.fleet.watch_sessions(filters, resume)
+        })?;
+        Ok(Response::new(stream))
     }
 
     async fn create_sessions(

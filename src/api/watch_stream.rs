@@ -204,6 +204,26 @@ impl WatchRequest {
     }
 }
 
+/// Starts a watch `asked` for with `subscribe` (the fleet's
+/// `watch_servers` or `watch_sessions`): its stream, ending when
+/// `stopping` turns true.
+pub fn open<K: Streamed>(
+    asked: WatchRequest,
+    stopping: Option<watch::Receiver<bool>>,
+    subscribe: impl FnOnce(
+        &[(String, String)],
+        Option<(String, u64)>,
+    ) -> Result<(Watcher<K>, WatchStart<K>), FleetError>,
+) -> Result<WatchStream<K::Response>, Status> {
+    let (watcher, start) = subscribe(&asked.filters, asked.resume)?;
+    tracing::debug!(
+        epoch = watcher.epoch(),
+        from = watcher.cursor(),
+        "watch started"
+    );
+    Ok(stream(watcher, start, asked.progress, stopping))
+}
+
 enum Phase<K: Streamed> {
     /// Snapshot messages left to send, and the sequence they stand at.
     Snapshot(std::vec::IntoIter<Arc<K::Snapshot>>, u64),

@@ -150,3 +150,54 @@ def test_every_rest_route_as_a_dcv_sdk_user(broker_bin, secure_broker, tls_dir):
     ) as health:
         assert health.status == 200
         assert json.load(health) == {"status": "SERVING"}
+
+
+def _first_event(reply) -> dict:
+    """The first server-sent event of an open reply: its fields, with
+    `data` parsed as JSON."""
+    fields: dict = {}
+    while True:
+        line = reply.readline().decode()
+        if line in ("\n", ""):
+            break
+        name, _, value = line.rstrip("\n").partition(": ")
+        fields[name] = value
+    fields["data"] = json.loads(fields["data"])
+    return fields
+
+
+def test_watch_servers_as_server_sent_events_over_tls(broker_bin, secure_broker, tls_dir):  # noqa: F811
+    """The watch stream over HTTPS with a bearer token, as a portal reads
+    it without gRPC: the snapshot event with its EPOCH:SEQUENCE id; the
+    `read` scope is needed, as for the gRPC method."""
+    reader = register(broker_bin, secure_broker, "watcher", "read")
+    operator = register(broker_bin, secure_broker, "operator", "servers:operate")
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    url = f"https://127.0.0.1:{secure_broker.port}/watchServers?progressInterval=60"
+
+    def open_stream(token: str | None):
+        headers = {"Accept": "text/event-stream"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(url, headers=headers)
+        return urllib.request.urlopen(request, context=context, timeout=30)
+
+    for token, status in [
+        (None, 401),
+        (fetch_token(secure_broker, tls_dir, *operator)["access_token"], 403),
+    ]:
+        try:
+            open_stream(token).close()
+            raise AssertionError(f"expected HTTP {status}")
+        except urllib.error.HTTPError as e:
+            assert e.code == status, e.read()
+
+    token = fetch_token(secure_broker, tls_dir, *reader)["access_token"]
+    with open_stream(token) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == "text/event-stream"
+        event = _first_event(reply)
+    assert event["event"] == "SNAPSHOT", event
+    data = event["data"]
+    assert data["Type"] == "SNAPSHOT" and data["SnapshotEnd"] is True, data
+    assert event["id"] == f"{data['Epoch']}:{data.get('Sequence', 0)}", event

@@ -215,6 +215,39 @@ fn reply(body: Body) -> http::Response<Body> {
     response
 }
 
+/// Starts the watch `asked` for through `call`, its request built by
+/// `make` and carrying `parts`' headers and extensions (the caller's
+/// identity, request id); once more from a snapshot when a reconnection's
+/// point is gone.
+async fn start<M, R, Fut>(
+    asked: Asked,
+    parts: &http::request::Parts,
+    make: impl Fn(&Asked) -> M,
+    call: impl Fn(tonic::Request<M>) -> Fut,
+) -> Result<WatchStream<R>, Status>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<WatchStream<R>>, Status>>,
+{
+    let request = |asked: &Asked| {
+        let mut request = http::Request::new(make(asked));
+        *request.headers_mut() = parts.headers.clone();
+        *request.extensions_mut() = parts.extensions.clone();
+        tonic::Request::from_http(request)
+    };
+    let started = match call(request(&asked)).await {
+        Err(s) if s.code() == Code::OutOfRange && asked.reconnect => {
+            let fresh = Asked {
+                from_sequence: None,
+                epoch: String::new(),
+                ..asked
+            };
+            call(request(&fresh)).await?
+        }
+        other => other?,
+    };
+    Ok(started.into_inner())
+}
+
 /// Serves a watch route: the stream, or the status that refused it.
 pub async fn serve<B>(
     servers: &ServersApi,
@@ -228,72 +261,24 @@ pub async fn serve<B>(
     let (_, output) = json::method_types(route)
         .ok_or_else(|| Status::internal(format!("{} has no method", route.path)))?;
     let (parts, _) = request.into_parts();
-    // Asked twice at most: once as asked, once from a snapshot when a
-    // reconnection's point is gone.
-    let call = |asked: &Asked, parts: &http::request::Parts| {
-        let mut request = http::Request::new(());
-        *request.headers_mut() = parts.headers.clone();
-        *request.extensions_mut() = parts.extensions.clone();
-        (
-            request,
-            asked.filters.clone(),
-            asked.from_sequence,
-            asked.epoch.clone(),
-            asked.progress_interval,
-        )
-    };
     let body = if route.grpc_path.ends_with("/WatchSessions") {
-        let started = |asked: &Asked| {
-            let (request, filters, from_sequence, epoch, progress_interval) = call(asked, &parts);
-            let (parts, ()) = request.into_parts();
-            sessions.watch_sessions(tonic::Request::from_http(http::Request::from_parts(
-                parts,
-                pb::WatchSessionsRequest {
-                    filters,
-                    from_sequence,
-                    epoch,
-                    progress_interval,
-                },
-            )))
+        let make = |a: &Asked| pb::WatchSessionsRequest {
+            filters: a.filters.clone(),
+            from_sequence: a.from_sequence,
+            epoch: a.epoch.clone(),
+            progress_interval: a.progress_interval,
         };
-        let stream = match started(&asked).await {
-            Err(s) if s.code() == Code::OutOfRange && asked.reconnect => {
-                started(&Asked {
-                    from_sequence: None,
-                    epoch: String::new(),
-                    ..asked
-                })
-                .await?
-            }
-            other => other?,
-        };
-        events(stream.into_inner(), output, additions)
+        let stream = start(asked, &parts, make, |r| sessions.watch_sessions(r)).await?;
+        events(stream, output, additions)
     } else {
-        let started = |asked: &Asked| {
-            let (request, filters, from_sequence, epoch, progress_interval) = call(asked, &parts);
-            let (parts, ()) = request.into_parts();
-            servers.watch_servers(tonic::Request::from_http(http::Request::from_parts(
-                parts,
-                pb::WatchServersRequest {
-                    filters,
-                    from_sequence,
-                    epoch,
-                    progress_interval,
-                },
-            )))
+        let make = |a: &Asked| pb::WatchServersRequest {
+            filters: a.filters.clone(),
+            from_sequence: a.from_sequence,
+            epoch: a.epoch.clone(),
+            progress_interval: a.progress_interval,
         };
-        let stream = match started(&asked).await {
-            Err(s) if s.code() == Code::OutOfRange && asked.reconnect => {
-                started(&Asked {
-                    from_sequence: None,
-                    epoch: String::new(),
-                    ..asked
-                })
-                .await?
-            }
-            other => other?,
-        };
-        events(stream.into_inner(), output, additions)
+        let stream = start(asked, &parts, make, |r| servers.watch_servers(r)).await?;
+        events(stream, output, additions)
     };
     Ok(reply(body))
 }
